@@ -1,0 +1,1 @@
+"""fieldid edge_demo."""

@@ -1,0 +1,1 @@
+"""fieldid export."""

@@ -1,0 +1,33 @@
+"""fieldid training: ImageFolder dataset -> fine-tuned, calibrated model in a run directory.
+
+Names are re-exported lazily so that torch-free users (the edge demo, the CLI parser) can
+import ``training.records`` without pulling in torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "TrainConfig", "AugmentConfig", "load_config", "ConfigError",
+    "RunRecord", "PreprocessSpec", "load_record", "RecordError",
+    "BackboneSpec", "create_model", "get_backbone", "list_backbones", "example_input", "ModelError",
+    "train", "evaluate", "load_run_model", "RunError", "CheckpointError",
+    "DataError", "ImageError", "make_split",
+]
+
+_WHERE = {
+    "TrainConfig": "config", "AugmentConfig": "config", "load_config": "config", "ConfigError": "config",
+    "RunRecord": "records", "PreprocessSpec": "records", "load_record": "records", "RecordError": "records",
+    "BackboneSpec": "models", "create_model": "models", "get_backbone": "models", "list_backbones": "models",
+    "example_input": "models", "ModelError": "models",
+    "train": "train", "evaluate": "train", "load_run_model": "train", "RunError": "train",
+    "CheckpointError": "train",
+    "DataError": "images", "ImageError": "images", "make_split": "data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,149 @@
+"""Training configuration: one typed record, loadable from YAML, validated, written into the run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .records import RecordError, atomic_write_text
+
+__all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config file or value that fieldid cannot use."""
+
+
+@dataclass
+class AugmentConfig:
+    """Field-photo augmentations. Set ``hue: 0`` where colour is the signal (salmon)."""
+
+    scale_min: float = 0.35  # RandomResizedCrop lower area bound
+    hflip: bool = True
+    vflip: bool = False
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.2
+    hue: float = 0.03
+    blur_prob: float = 0.2  # Gaussian blur: underwater haze, out-of-focus phones
+    rotate_degrees: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``fieldid train``; the resolved copy is written to ``RUN/config.yaml``.
+
+    Example:
+        >>> TrainConfig(epochs=3).model
+        'mobilenet_v2'
+    """
+
+    model: str = "mobilenet_v2"
+    pretrained: bool = True
+    weights: str | None = None  # local state dict overriding the default weight source
+    image_size: int | None = None  # crop size; None -> backbone's native size
+    epochs: int = 8  # total, including the head-only epochs
+    head_epochs: int = 1  # backbone frozen, only the new head trains
+    batch_size: int = 32
+    lr: float = 1e-3  # full fine-tuning peak learning rate
+    head_lr: float = 5e-3  # head-only phase peak learning rate
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    warmup_frac: float = 0.1  # fraction of each phase spent in linear warmup
+    dropout: float | None = 0.2
+    imbalance: str = "auto"  # auto | loss | sampler | none
+    imbalance_auto_ratio: float = 2.0  # "auto" turns weighting on above this largest/smallest ratio
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    early_stopping_patience: int = 4
+    cache: bool = True  # decode + resize once into an in-memory uint8 cache
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: str = "1"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | None = None  # None -> 16-mixed on CUDA, 32 on CPU
+    fallback_target_accuracy: float = 0.97
+    min_fallback_threshold: float = 0.5
+    limit_train_batches: float | int = 1.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (0 <= self.head_epochs <= self.epochs, "head_epochs must be in [0, epochs]"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.imbalance in ("auto", "loss", "sampler", "none"), "imbalance must be auto|loss|sampler|none"),
+            (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+             and self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction must be < 1"),
+            (self.image_size is None or 32 <= self.image_size <= 1024, "image_size must be in [32, 1024]"),
+            (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
+            (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of keys to values")
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+        aug = d.pop("augment", None) or {}
+        if not isinstance(aug, dict):
+            raise ConfigError(f"{source}: augment must be a mapping")
+        aug_names = {f.name for f in dataclasses.fields(AugmentConfig)}
+        bad = sorted(set(aug) - aug_names)
+        if bad:
+            raise ConfigError(f"{source}: unknown augment key(s) {', '.join(bad)}; valid: {', '.join(sorted(aug_names))}")
+        try:
+            cfg = cls(**d, augment=AugmentConfig(**aug))
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        cfg.devices = str(cfg.devices)
+        cfg.validate()
+        return cfg
+
+    def to_yaml(self, path: str | Path) -> Path:
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with ``overrides`` (``None`` values are ignored, as from unset CLI flags)."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k.startswith("augment."):
+                d["augment"][k.split(".", 1)[1]] = v
+            else:
+                d[k] = v
+        return TrainConfig.from_dict(d)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Load a YAML config; unknown keys and bad values raise :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return TrainConfig.from_dict(d, source=str(path))
+    except RecordError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,158 @@
+"""Metrics, plots and ``fieldid evaluate``."""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .calibrate import expected_calibration_error
+from .records import atomic_write_bytes
+
+__all__ = ["predict_logits", "compute_metrics", "plot_confusion", "plot_curves"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: Dataset, *, batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for every item of ``dataset`` (model in eval mode)."""
+    model = model.eval().to(device)
+    outs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        outs.append(model(x.to(device)).float().cpu())
+        ys.append(torch.as_tensor(y))
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys).long()
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str], *,
+                    temperature: float = 1.0) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class P/R/F1, top-k, confusion matrix and ECE (raw and calibrated).
+
+    Example:
+        >>> m = compute_metrics(torch.eye(2) * 5, torch.tensor([0, 1]), ["a", "b"])
+        >>> m["accuracy"], m["macro_f1"]
+        (1.0, 1.0)
+    """
+    k = len(labels)
+    n = int(targets.numel())
+    pred = logits.argmax(1)
+    cm = torch.zeros(k, k, dtype=torch.long)
+    for t, p in zip(targets.tolist(), pred.tolist()):
+        cm[t, p] += 1
+    per_class: dict[str, dict[str, float]] = {}
+    f1s = []
+    for i, name in enumerate(labels):
+        tp = int(cm[i, i])
+        support = int(cm[i].sum())
+        predicted = int(cm[:, i].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        if support:
+            f1s.append(f1)  # macro over classes present in this split
+    top_k = {}
+    for kk in sorted({1, min(3, k), min(5, k)}):
+        topk = logits.topk(kk, dim=1).indices
+        top_k[f"top{kk}"] = float((topk == targets[:, None]).any(1).float().mean()) if n else 0.0
+    probs_raw = logits.softmax(1)
+    probs_cal = (logits / temperature).softmax(1)
+    return {
+        "num_images": n,
+        "accuracy": float((pred == targets).float().mean()) if n else 0.0,
+        "macro_f1": float(sum(f1s) / len(f1s)) if f1s else 0.0,
+        "top_k": top_k,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "labels": list(labels),
+        "temperature": temperature,
+        "ece_raw": expected_calibration_error(probs_raw, targets) if n else 0.0,
+        "ece_calibrated": expected_calibration_error(probs_cal, targets) if n else 0.0,
+        "nll_raw": float(nn.functional.cross_entropy(logits, targets)) if n else 0.0,
+        "nll_calibrated": float(nn.functional.cross_entropy(logits / temperature, targets)) if n else 0.0,
+    }
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix with counts, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = torch.tensor(metrics["confusion_matrix"], dtype=torch.float)
+    labels = metrics["labels"]
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j] > 0:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    out = _save_fig(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
+def plot_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
+    """Training curves (loss, val accuracy / macro-F1) from Lightning's CSV log."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(metrics_csv) as fh:
+        for row in csv.DictReader(fh):
+            epoch = row.get("epoch")
+            if epoch in (None, ""):
+                continue
+            for key in ("train_loss", "val_loss", "val_acc", "val_macro_f1"):
+                if row.get(key) not in (None, ""):
+                    series.setdefault(key, []).append((float(epoch), float(row[key])))
+    if not series:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        if key in series:
+            xs, ys = zip(*series[key])
+            a1.plot(xs, ys, marker="o", label=key)
+    for key in ("val_acc", "val_macro_f1"):
+        if key in series:
+            xs, ys = zip(*series[key])
+            a2.plot(xs, ys, marker="o", label=key)
+    for ax, title in ((a1, "loss"), (a2, "validation")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    out = _save_fig(fig, Path(path))
+    plt.close(fig)
+    return out

