@@ -1,1 +1,39 @@
-"""fieldid edge_demo."""
+"""fieldid edge_demo: a Gradio field app that behaves like the phone app it imitates.
+
+The bundle's ONNX model runs on the device (ONNX Runtime + ``export.phone`` preprocessing;
+this package never imports torch); only when the device is unsure does the photo go to the
+TorchServe server. Names are re-exported lazily: importing the package (as ``fieldid --help``
+does) loads neither Gradio nor ONNX Runtime.
+
+Example:
+    >>> from edge_demo import DemoMode, build_app, launch_app  # doctest: +SKIP
+    >>> app = build_app([DemoMode("dive", "runs/reef"), DemoMode("shop", "runs/salmon")])  # doctest: +SKIP
+    >>> launch_app(app, port=7860)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "DemoError", "OnDeviceModel", "DeviceAnswer", "select_artifact", "bundle_dir_of",
+    "ServerReply", "ask_server", "read_inference_key",
+    "Example", "example_images", "data_origin",
+    "DemoMode", "Outcome", "MODES",
+    "build_app", "launch_app",
+]
+
+_WHERE = {
+    "DemoError": "device", "OnDeviceModel": "device", "DeviceAnswer": "device", "select_artifact": "device",
+    "bundle_dir_of": "device",
+    "ServerReply": "fallback", "ask_server": "fallback", "read_inference_key": "fallback",
+    "Example": "examples", "example_images": "examples", "data_origin": "examples",
+    "DemoMode": "modes", "Outcome": "modes", "MODES": "modes",
+    "build_app": "app", "launch_app": "app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Tests never download: make the hub clients fail fast instead of waiting on a closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_shapes_dataset  # noqa: E402
+
+# Fixture modules contributed by the export/serve/demo test suites are imported here.
 
 
 @pytest.fixture(scope="session")
@@ -17,10 +24,20 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
-    """A real (tiny, fast) fine-tuned MobileNetV2 run used by export/serve/demo tests."""
-    from training import TrainConfig, train
+    """A real (tiny, fast) fine-tuned MobileNetV2 run shared by export/serve/demo tests."""
+    from training import TrainConfig
+    from training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "shapes"
     cfg = TrainConfig(epochs=3, head_epochs=1, image_size=64, batch_size=16, seed=0)
     train(shapes_dir, out, cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path) -> Path:
+    """The tiny run exported to the pytorch + ONNX formats (what serve/ and edge_demo/ read)."""
+    from export import export_run
+
+    export_run(tiny_run, formats=["onnx"])
+    return tiny_run / "export"

@@ -1,5 +1,7 @@
 """fieldid training: ImageFolder dataset -> fine-tuned, calibrated model in a run directory.
 
+The entry points are ``training.train.train`` and ``training.train.evaluate`` (the module
+``training.train`` shadows any package-level ``train`` name, so it is not re-exported here).
 Names are re-exported lazily so that torch-free users (the edge demo, the CLI parser) can
 import ``training.records`` without pulling in torch.
 """
@@ -12,7 +14,7 @@ __all__ = [
     "TrainConfig", "AugmentConfig", "load_config", "ConfigError",
     "RunRecord", "PreprocessSpec", "load_record", "RecordError",
     "BackboneSpec", "create_model", "get_backbone", "list_backbones", "example_input", "ModelError",
-    "train", "evaluate", "load_run_model", "RunError", "CheckpointError",
+    "load_run_model", "RunError", "CheckpointError",
     "DataError", "ImageError", "make_split",
 ]
 
@@ -21,7 +23,7 @@ _WHERE = {
     "RunRecord": "records", "PreprocessSpec": "records", "load_record": "records", "RecordError": "records",
     "BackboneSpec": "models", "create_model": "models", "get_backbone": "models", "list_backbones": "models",
     "example_input": "models", "ModelError": "models",
-    "train": "train", "evaluate": "train", "load_run_model": "train", "RunError": "train",
+    "load_run_model": "train", "RunError": "train",
     "CheckpointError": "train",
     "DataError": "images", "ImageError": "images", "make_split": "data",
 }

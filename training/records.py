@@ -69,7 +69,8 @@ class _Record:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[arg-type]
         d["schema_version"] = self.SCHEMA_VERSION
-        return d
+        # JSON-normalise (tuples -> lists) so an in-memory dict equals its reloaded copy.
+        return json.loads(json.dumps(d))
 
     def to_json(self, path: str | os.PathLike) -> Path:
         return atomic_write_json(path, self.to_dict())

@@ -228,7 +228,12 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         split = make_split(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            seed=cfg.seed)
         spec = backbone.preprocess(cfg.image_size)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
+        except OSError as e:
+            raise RunError(f"{out}: output location is not writable ({e.strerror})") from None
         cfg.to_yaml(out / "config.yaml")
         split.to_json(out / "split.json")
         atomic_write_json(out / "labels.json", split.labels)
@@ -316,7 +321,7 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     logits, y = (val_logits, val_y) if eval_name == cal_name else predict_logits(model, datasets[eval_name])
     metrics = compute_metrics(logits, y, split.labels, temperature=temperature)
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
-                    "training": {"seconds": round(seconds, 1), "epochs": epochs_run + 1,
+                    "training": {"seconds": round(seconds, 1), "epochs": epochs_run,
                                  "skipped_unreadable": skipped, "imbalance": imbalance,
                                  "best_checkpoint": Path(best_path).name}})
     atomic_write_json(out / record.metrics, metrics)

@@ -1,0 +1,205 @@
+"""The Gradio field app: one tab per :class:`~edge_demo.modes.DemoMode`, phone-sized layout.
+
+Rendering only; the work is in :mod:`edge_demo.modes`. Offline by construction: analytics
+off, system fonts (no font downloads), no share link, server-side rendering off.
+API endpoints (for ``gradio_client``): ``/<mode>_identify`` and ``/<mode>_ask_server``, each
+taking ``(photo, precision)`` and returning ``(device label, device text, server label,
+server text, raw answers)``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+# Gradio reads this on import; the app must not phone home (analytics, version check).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from .modes import DemoMode, Outcome, pretty_label  # noqa: E402
+
+__all__ = ["PhotoInput", "build_app", "launch_app", "DEFAULT_PORT", "THEME", "CSS"]
+
+DEFAULT_PORT = 7860
+
+# System fonts: a phone-like look that needs no font download.
+_SYSTEM_FONTS = ["system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
+THEME = gr.themes.Soft(primary_hue="teal", secondary_hue="orange", neutral_hue="slate",
+                       font=_SYSTEM_FONTS, font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+CSS = """
+.gradio-container { max-width: 760px !important; margin: 0 auto !important; }
+#fieldid-header h1 { margin-bottom: 0.1em; }
+#fieldid-header p { margin-top: 0; opacity: 0.85; }
+.fieldid-answer { min-height: 3em; }
+.fieldid-error { color: #b45309; font-weight: 600; }
+@media (max-width: 480px) {
+  .gradio-container { padding: 6px !important; }
+  #fieldid-header h1 { font-size: 1.4em; }
+}
+"""
+_HEADER = ("# fieldid field ID\n"
+           "The model runs **on this device** (ONNX Runtime, no PyTorch, like a phone); "
+           "it asks the server only when it is unsure.")
+
+
+class PhotoInput(gr.Image):
+    """``gr.Image`` (upload + camera) that hands the handler the photo's *bytes*, undecoded.
+
+    Gradio's own image preprocessing decodes with Pillow and fails with a generic error on a
+    non-image; here the bytes go to :func:`export.phone.decode_image`, the same allow-list and
+    pixel limit a phone or the server applies, so bad input gets a friendly message.
+    """
+
+    is_template = True  # use the stock Image front-end
+
+    def preprocess(self, payload: Any) -> bytes | None:  # type: ignore[override]
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None)
+        if url and url.startswith("data:"):
+            import base64
+
+            return base64.b64decode(url.split(",", 1)[1])
+        if getattr(payload, "path", None) is None:
+            return b""
+        return Path(payload.path).read_bytes()
+
+
+def _label_value(response: dict | None) -> dict[str, float] | None:
+    if not response:
+        return None
+    return {pretty_label(t["label"]): float(t["probability"]) for t in response["top_k"]}
+
+
+def _device_text(mode: DemoMode, out: Outcome) -> str:
+    if out.error:
+        return f"<span class='fieldid-error'>⚠️ {out.error}</span>"
+    assert out.device is not None
+    d = out.device
+    r, t = d.response, d.timings_ms
+    line = (f"**{r['latency_ms']:.1f} ms** on this device · {d.precision} ONNX · "
+            f"{d.size_bytes / 1e6:.1f} MB  \n"
+            f"<small>decode {t['decode']:.1f} + preprocess {t['preprocess']:.1f} + model {t['model']:.1f} ms</small>")
+    conf, thr = r["confidence"], r["fallback_threshold"]
+    if r["needs_fallback"]:
+        verdict = f"Unsure: confidence {conf:.0%} is below this model's threshold {thr:.0%}."
+        if not out.server:
+            verdict += " No server configured to ask."
+    else:
+        verdict = f"Confident: {conf:.0%} ≥ threshold {thr:.0%}, no need to ask the server."
+    return line + "  \n" + verdict
+
+
+def _server_text(mode: DemoMode, out: Outcome) -> str:
+    if out.error:
+        return ""
+    s = out.server
+    if s is None:
+        return ("Not asked: the device was sure enough. Press **Ask the server** to compare."
+                if mode.server else "No server configured (start with `--server URL`).")
+    why = f"Asked because {out.asked_because}. " if out.asked_because else ""
+    if not s.ok:
+        return (f"<span class='fieldid-error'>⚠️ Server unavailable: {s.message}.</span>  \n"
+                f"{why}The on-device answer stands.")
+    r = s.response or {}
+    dev_top = out.device.response["top_k"][0]["label"] if out.device else None
+    srv_top = r["top_k"][0]["label"]
+    agree = "✅ agrees with the device" if srv_top == dev_top else "⚠️ differs from the device"
+    server_ms = r.get("latency_ms")
+    inner = f" (model {server_ms:.1f} ms on the server)" if isinstance(server_ms, (int, float)) else ""
+    return (f"**{s.round_trip_ms:.1f} ms** round trip{inner} · model `{r.get('model', '?')}` "
+            f"v{r.get('version', '?')}  \n{why}{agree}.")
+
+
+def _render(mode: DemoMode, out: Outcome) -> tuple[Any, str, Any, str, dict]:
+    server_response = out.server.response if out.server and out.server.ok else None
+    return (_label_value(out.device.response if out.device else None), _device_text(mode, out),
+            _label_value(server_response), _server_text(mode, out), out.to_dict())
+
+
+def _blank(mode: DemoMode) -> tuple[Any, str, Any, str, dict]:
+    hint = "Take a photo or upload one, or tap an example below."
+    return None, hint, None, "", Outcome().to_dict()
+
+
+def _mode_tab(mode: DemoMode) -> None:
+    key = mode.key
+    gr.Markdown(mode.info.tagline if not mode.origin.synthetic else
+                f"{mode.info.tagline}  \n<small>⚠️ Demo model trained on synthetic pictures, "
+                f"not real photos (see *About this mode*).</small>", elem_id=f"{key}-tagline")
+    photo = PhotoInput(sources=["upload", "webcam"], type="filepath", image_mode=None, label="Photo",
+                       height=300, elem_id=f"{key}-photo", webcam_options=gr.WebcamOptions(mirror=False))
+    choices = [(f"{p} · {mode.manifest.find('onnx', p).size_bytes / 1e6:.1f} MB", p) for p in mode.precisions]
+    precision = gr.Radio(choices=choices, value=mode.default_precision, label="On-device model",
+                         elem_id=f"{key}-precision", interactive=len(choices) > 1)
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=280):
+            device_label = gr.Label(num_top_classes=mode.top_k, label="📱 On this device",
+                                    elem_id=f"{key}-device-label")
+            device_md = gr.Markdown(_blank(mode)[1], elem_id=f"{key}-device-info",
+                                    elem_classes=["fieldid-answer"])
+        with gr.Column(min_width=280):
+            server_label = gr.Label(num_top_classes=mode.top_k, label="🖥️ Server (TorchServe)",
+                                    elem_id=f"{key}-server-label")
+            server_md = gr.Markdown("", elem_id=f"{key}-server-info", elem_classes=["fieldid-answer"])
+    ask = gr.Button("Ask the server", variant="secondary", elem_id=f"{key}-ask")
+    if mode.examples:
+        gr.Examples(examples=[[str(e.path)] for e in mode.examples], inputs=[photo],
+                    example_labels=[pretty_label(e.label) for e in mode.examples],
+                    label="Held-out examples (true class shown)", examples_per_page=12)
+    with gr.Accordion("About this mode", open=False, elem_id=f"{key}-about"):
+        gr.Markdown(mode.explanation_markdown())
+    with gr.Accordion("Model details and raw answers", open=False):
+        gr.Markdown(mode.model_card_markdown())
+        raw = gr.JSON(label="Raw answers (shared response schema)", elem_id=f"{key}-raw")
+    outputs = [device_label, device_md, server_label, server_md, raw]
+
+    def identify(image: bytes | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+        if image is None:
+            return _blank(mode)
+        return _render(mode, mode.identify(image, prec))
+
+    def ask_server(image: bytes | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+        if image is None:
+            return _render(mode, Outcome(error="Take or upload a photo first, then ask the server."))
+        return _render(mode, mode.identify(image, prec, force_server=True))
+
+    photo.change(identify, [photo, precision], outputs, api_name=f"{key}_identify", show_progress="minimal")
+    precision.change(identify, [photo, precision], outputs, api_visibility="private", show_progress="minimal")
+    ask.click(ask_server, [photo, precision], outputs, api_name=f"{key}_ask_server")
+
+
+def build_app(modes: Sequence[DemoMode]) -> gr.Blocks:
+    """The Blocks app with one tab per mode (in the given order).
+
+    Example:
+        >>> app = build_app([DemoMode("dive", "runs/reef")])  # doctest: +SKIP
+        >>> launch_app(app, port=7860, block=False)  # doctest: +SKIP
+    """
+    if not modes:
+        raise ValueError("the demo needs at least one mode")
+    with gr.Blocks(title="fieldid field ID", analytics_enabled=False) as app:
+        gr.Markdown(_HEADER, elem_id="fieldid-header")
+        with gr.Tabs():
+            for mode in modes:
+                with gr.Tab(mode.info.title, id=mode.key, elem_id=f"tab-{mode.key}"):
+                    _mode_tab(mode)
+    app.fieldid_modes = list(modes)  # type: ignore[attr-defined]
+    return app
+
+
+def launch_app(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, block: bool = True,
+               quiet: bool = False) -> str:
+    """Serve ``app`` on ``host:port``; returns the local URL.
+
+    Args:
+        block: wait until Ctrl-C (the CLI) or return at once (tests; call ``app.close()``).
+    """
+    files = [str(e.path) for m in getattr(app, "fieldid_modes", []) for e in m.examples]
+    app.queue(default_concurrency_limit=2)
+    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
+                           share=False, inbrowser=False, quiet=quiet, ssr_mode=False, allowed_paths=files,
+                           footer_links=["api", "settings"], max_file_size=None, theme=THEME, css=CSS,
+                           show_error=True)
+    return url

@@ -1,0 +1,116 @@
+"""CLI for edge_demo/: ``fieldid demo``. Torch-free, and Gradio is imported only when run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.cli import HelpFormatter
+
+__all__ = ["register", "assign_modes"]
+
+_MODE_ORDER = ("dive", "shop")
+_DEFAULT_SERVER = "http://127.0.0.1:8080"  # = edge_demo.fallback.DEFAULT_SERVER (not imported: keep --help fast)
+_DEFAULT_PORT = 7860  # = edge_demo.app.DEFAULT_PORT (importing app imports Gradio)
+
+
+class _SourceAction(argparse.Action):
+    """``--run`` and ``--bundle`` append ``(kind, value)`` to one list, keeping command-line order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((self.const, str(values)))
+        setattr(namespace, self.dest, items)
+
+
+def assign_modes(sources: list[tuple[str, str]]) -> dict[str, Path]:
+    """``[("run", "dive=runs/reef"), ("run", "runs/salmon")]`` -> ``{"dive": ..., "shop": ...}``.
+
+    A ``MODE=`` prefix names the mode; unnamed sources fill the free modes in order Dive, Shop.
+    A run folder means its ``export/`` bundle.
+
+    Raises:
+        ValueError: no source, more sources than modes, a mode given twice.
+
+    Example:
+        >>> assign_modes([("run", "runs/reef"), ("run", "shop=runs/salmon")])
+        {'dive': PosixPath('runs/reef'), 'shop': PosixPath('runs/salmon')}
+    """
+    if not sources:
+        raise ValueError("give a model: --run RUN or --bundle DIR (e.g. --run runs/reef --run runs/salmon)")
+    named: dict[str, Path] = {}
+    unnamed: list[Path] = []
+    for kind, value in sources:
+        mode, sep, path = value.partition("=")
+        if sep and mode.lower() in _MODE_ORDER:
+            mode = mode.lower()
+            if mode in named:
+                raise ValueError(f"mode {mode!r} is given twice (--{kind} {value})")
+            named[mode] = Path(path)
+        else:
+            unnamed.append(Path(value))
+    free = [m for m in _MODE_ORDER if m not in named]
+    if len(unnamed) > len(free):
+        raise ValueError(f"{len(sources)} models given but there are only {len(_MODE_ORDER)} modes "
+                         f"({', '.join(_MODE_ORDER)})")
+    named.update(zip(free, unnamed))
+    return {m: named[m] for m in _MODE_ORDER if m in named}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .modes import DemoMode
+
+    server = None if args.no_server else args.server
+    modes = [DemoMode(key, path, precision=args.precision, server=server, key_file=args.key_file,
+                      timeout=args.timeout, threads=args.threads, top_k=args.top_k)
+             for key, path in assign_modes(args.sources or []).items()]
+    from .app import build_app, launch_app  # Gradio: seconds to import, so only now
+
+    app = build_app(modes)
+    summary = {m.key: {"bundle": str(m.bundle_dir), "precision": m.default_precision,
+                       "size_mb": round(m.model().size_bytes / 1e6, 2), "examples": len(m.examples),
+                       "notice": m.notice} for m in modes}
+    print(json.dumps({"modes": summary, "server": server}), flush=True)
+    for m in modes:
+        if m.notice:
+            print(f"note: {m.notice}", file=sys.stderr, flush=True)
+    url = launch_app(app, host=args.host, port=args.port, block=False, quiet=True)
+    print(f"fieldid demo running at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", formatter_class=HelpFormatter,
+        help="Gradio field app (Dive: reef fish, Shop: salmon): on-device ONNX, server fallback",
+        description=("Field app imitating a phone: the bundle's ONNX model runs on this machine "
+                     "(ONNX Runtime, no PyTorch) and the photo goes to TorchServe only when the "
+                     "device is unsure. Modes: the first model given is Dive, the second Shop, "
+                     "unless named: --run dive=runs/reef --run shop=runs/salmon."),
+    )
+    p.add_argument("--run", dest="sources", action=_SourceAction, const="run", metavar="[MODE=]RUN",
+                   help="run folder whose export/ bundle feeds a mode; MODE is dive or shop "
+                        "(default: Dive first, then Shop); repeatable")
+    p.add_argument("--bundle", dest="sources", action=_SourceAction, const="bundle", metavar="[MODE=]DIR",
+                   help="export bundle folder (with manifest.json) feeding a mode; same rules as --run")
+    p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
+                   help="on-device ONNX model; auto = int8 when the bundle has it, else fp32 "
+                        "(switchable in the app)")
+    p.add_argument("--server", default=_DEFAULT_SERVER, metavar="URL",
+                   help="TorchServe inference URL asked when the device is unsure")
+    p.add_argument("--no-server", action="store_true", help="never ask a server (on-device answers only)")
+    p.add_argument("--key-file", type=Path, default=Path("key_file.json"),
+                   help="TorchServe key_file.json with the inference token (not needed if the server "
+                        "runs without token auth)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+    p.add_argument("--host", default="127.0.0.1", help="address the app listens on")
+    p.add_argument("--port", type=int, default=_DEFAULT_PORT, help="port the app listens on")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (a phone uses few)")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per answer")
+    p.set_defaults(func=_cmd_demo, sources=[])

@@ -1,0 +1,249 @@
+"""One demo mode (Dive or Shop): a bundle, its on-device models, its examples and its words.
+
+:class:`DemoMode` holds everything a tab of the app needs and does the work without any UI:
+photo bytes in, an :class:`Outcome` out (on-device answer, and the server's when the device
+was unsure or the user asked). ``edge_demo.app`` only renders outcomes. Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.manifest import Manifest
+from export.phone import DEFAULT_MAX_PIXELS, ImageInputError
+
+from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
+from .examples import DataOrigin, Example, data_origin, example_images
+from .fallback import DEFAULT_TIMEOUT_S, ServerReply, ask_server
+
+__all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error"]
+
+MAX_FILE_BYTES = 30_000_000  # larger than any phone photo; refused before decoding
+
+
+@dataclass(frozen=True)
+class ModeInfo:
+    """The fixed words of a mode; class lists and data provenance come from the bundle."""
+
+    key: str
+    title: str
+    tagline: str
+    cue: str  # what the model looks at, honestly
+    class_notes: dict[str, str] = field(default_factory=dict)  # label -> field marks
+
+
+MODES: dict[str, ModeInfo] = {
+    "dive": ModeInfo(
+        key="dive",
+        title="🤿 Dive",
+        tagline="Reef fish ID for divers and snorkellers: photograph a fish, get the species.",
+        cue=("The model looks at body shape, colour pattern and fins. Murky water, blur and a fish "
+             "seen head-on make it unsure; then it asks the server."),
+        class_notes={
+            "sergeant_major": "yellow back, five dark vertical bars",
+            "blue_tang": "all blue, oval body, yellow tail spine",
+            "yellowtail_snapper": "yellow stripe along the side, bright yellow forked tail",
+            "stoplight_parrotfish": "green body with a yellow spot, beak-like mouth",
+            "foureye_butterflyfish": "pale disc-shaped body, dark eye-spot near the tail",
+            "french_angelfish": "black with yellow-rimmed scales",
+            "queen_angelfish": "blue-yellow with a blue 'crown' spot on the forehead",
+            "lionfish": "red-white stripes and long spines (invasive in the Caribbean)",
+            "spotted_drum": "black-white stripes, tall first dorsal fin, white spots",
+        },
+    ),
+    "shop": ModeInfo(
+        key="shop",
+        title="🛒 Shop",
+        tagline="Wild or farmed salmon? Photograph the fillet at the counter.",
+        cue=("Colour is the cue, together with the fat lines: wild flesh is deep red-orange with thin, "
+             "widely spaced fat lines; farmed flesh is paler with thick, dense white fat bands. Shop "
+             "lighting and white balance shift colours, and farmed salmon is often fed pigment, so a "
+             "photo can never prove origin: treat a low-confidence answer as \"don't know\" and check "
+             "the label."),
+        class_notes={
+            "wild": "deep red-orange, thin widely spaced fat lines",
+            "farmed": "paler orange, thick dense white fat bands",
+        },
+    ),
+}
+
+
+def pretty_label(label: str) -> str:
+    """``"sergeant_major"`` -> ``"Sergeant major"`` (what the user reads).
+
+    Example:
+        >>> pretty_label("yellowtail_snapper")
+        'Yellowtail snapper'
+    """
+    s = label.replace("_", " ").strip()
+    return s[:1].upper() + s[1:]
+
+
+def friendly_image_error(e: ImageInputError) -> str:
+    """A sentence for the user about a photo the app cannot use (the app keeps working)."""
+    if e.status == 400:
+        return "No photo received. Take a photo or upload one."
+    if e.status == 413:
+        return f"That photo is too large ({e}). Use your camera's normal resolution or a smaller copy."
+    return "That file is not a photo this app can read. Use a JPEG, PNG or WEBP image."
+
+
+@dataclass
+class Outcome:
+    """Everything one tap produced; ``error`` is set (and answers empty) for unusable input."""
+
+    device: DeviceAnswer | None = None
+    server: ServerReply | None = None
+    asked_because: str = ""  # "low confidence" | "you asked" | "" (server not asked)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready view (the app's raw-answer panel and the API tests read this)."""
+        return {
+            "device": self.device.response if self.device else None,
+            "device_timings_ms": self.device.timings_ms if self.device else None,
+            "server": self.server.response if self.server and self.server.ok else None,
+            "server_message": self.server.message if self.server else "",
+            "server_round_trip_ms": self.server.round_trip_ms if self.server else None,
+            "asked_server_because": self.asked_because,
+            "error": self.error,
+        }
+
+
+class DemoMode:
+    """One tab: a bundle run on the device, with the server as fallback.
+
+    Args:
+        key: ``"dive"`` or ``"shop"`` (selects the words in :data:`MODES`).
+        source: a run folder (its ``export/`` bundle is used) or a bundle folder.
+        precision: default on-device precision, ``auto`` | ``int8`` | ``fp32``.
+        server: TorchServe inference URL, or None to never ask a server.
+        key_file: TorchServe ``key_file.json`` holding the inference token.
+        timeout: seconds to wait for the server.
+        threads: ONNX Runtime intra-op threads.
+        top_k: classes shown per answer.
+
+    Example:
+        >>> mode = DemoMode("dive", "runs/reef", server=None)  # doctest: +SKIP
+        >>> mode.identify(open("fish.jpg", "rb").read()).device.response["top_k"][0]["label"]  # doctest: +SKIP
+        'blue_tang'
+    """
+
+    def __init__(self, key: str, source: str | Path, *, precision: str = "auto", server: str | None = None,
+                 key_file: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1,
+                 top_k: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if key not in MODES:
+            raise DemoError(f"unknown mode {key!r}; valid: {', '.join(MODES)}")
+        self.info = MODES[key]
+        self.source = Path(source)
+        self.bundle_dir = bundle_dir_of(source)
+        self.server, self.key_file, self.timeout = server, key_file, timeout
+        self.threads, self.top_k, self.max_pixels = threads, top_k, max_pixels
+        self._models: dict[str, OnDeviceModel] = {}
+        # Load the default model now: a broken bundle must fail at start, not at the first photo.
+        first = self._load(precision)
+        self.manifest: Manifest = first.manifest
+        self.default_precision = first.precision
+        self.notice = first.notice
+        self.precisions = onnx_precisions(self.manifest)
+        self.examples: list[Example] = example_images(self.source, self.manifest)
+        self.origin: DataOrigin = data_origin(self.source, self.manifest)
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    def _load(self, precision: str) -> OnDeviceModel:
+        m = OnDeviceModel(self.bundle_dir, precision, threads=self.threads, max_pixels=self.max_pixels)
+        self._models[m.precision] = m
+        return m
+
+    def model(self, precision: str | None = None) -> OnDeviceModel:
+        """The on-device model of ``precision`` (default: the mode's), loaded once."""
+        precision = precision or self.default_precision
+        if precision not in self._models:
+            select_artifact(self.manifest, precision)  # clear error before any loading
+            self._load(precision)
+        return self._models[precision]
+
+    def identify(self, image_bytes: bytes | None, precision: str | None = None, *,
+                 force_server: bool = False) -> Outcome:
+        """Run the photo on the device; ask the server when unsure or when ``force_server``.
+
+        Never raises for bad photos or server trouble: the outcome says what happened.
+        """
+        if not image_bytes:
+            return Outcome(error=friendly_image_error(ImageInputError("empty", 400)))
+        if len(image_bytes) > MAX_FILE_BYTES:
+            return Outcome(error=friendly_image_error(ImageInputError(
+                f"{len(image_bytes) / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB", 413)))
+        try:
+            answer = self.model(precision).predict(image_bytes, k=self.top_k)
+        except ImageInputError as e:
+            return Outcome(error=friendly_image_error(e))
+        out = Outcome(device=answer)
+        if force_server:
+            out.asked_because = "you asked"
+        elif answer.response["needs_fallback"] and self.server:
+            out.asked_because = "low confidence"
+        if out.asked_because:
+            out.server = self.ask_server(image_bytes)
+        return out
+
+    def ask_server(self, image_bytes: bytes) -> ServerReply:
+        """The server's answer for this mode's model (never raises; see :func:`ask_server`)."""
+        if not self.server:
+            return ServerReply(ok=False, message="no server is configured (start the demo with --server URL)")
+        return ask_server(self.server, self.manifest.name, image_bytes, key_file=self.key_file, timeout=self.timeout)
+
+    # ---- words ----------------------------------------------------------------------------
+
+    def explanation_markdown(self) -> str:
+        """What this mode does, what the classes mean and where the training data came from."""
+        notes = self.info.class_notes
+        lines = [f"**{self.info.tagline}**", "",
+                 f"This model knows {len(self.manifest.labels)} classes:"]
+        for label in self.manifest.labels:
+            note = notes.get(label)
+            lines.append(f"- **{pretty_label(label)}**" + (f": {note}" if note else ""))
+        if not set(self.manifest.labels) <= set(notes):
+            lines.append("")
+            lines.append("(These classes come from the bundle, not from the built-in demo set.)")
+        else:
+            lines += ["", self.info.cue]
+        lines += ["", self._origin_sentence(), "", self._fallback_sentence()]
+        return "\n".join(lines)
+
+    def _origin_sentence(self) -> str:
+        if self.origin.synthetic:
+            return ("⚠️ The built-in training data is **synthetic**: pictures drawn by a program "
+                    "(`fieldid data demo`), not photographs. The model shows how the pipeline works; "
+                    "it is not a field guide and will do poorly on real photos.")
+        if self.origin.root is not None:
+            return f"Trained on the photos in `{self.origin.root}`."
+        return "The training data of this bundle is not on this machine."
+
+    def _fallback_sentence(self) -> str:
+        t = self.manifest.fallback_threshold
+        where = f"the server at {self.server}" if self.server else "a server (none configured)"
+        return (f"The model runs **on this device**. When its calibrated confidence is below "
+                f"**{t:.0%}** it asks {where}; you can also press *Ask the server*.")
+
+    def model_card_markdown(self) -> str:
+        """Sizes, verification and calibration of the on-device models, as a table."""
+        m = self.manifest
+        rows = ["| model | size | verified against PyTorch |", "|---|---|---|"]
+        for p in self.precisions:
+            a = m.find("onnx", p)
+            v = a.verification or {}
+            agree = v.get("top1_agreement")
+            detail = v.get("status", "unknown") + (f", top-1 agreement {agree:.1%}" if isinstance(agree, float) else "")
+            rows.append(f"| {p} ONNX (`{a.file}`) | {a.size_bytes / 1e6:.2f} MB | {detail} |")
+        acc = m.metrics.get("accuracy")
+        extra = [f"Bundle **{m.name}** ({m.backbone}, {m.preprocess_spec.crop_size} px input), "
+                 f"temperature {m.temperature:.3g}, fallback below {m.fallback_threshold:.0%}."]
+        if isinstance(acc, (int, float)):
+            extra.append(f"Held-out accuracy of the run: {acc:.1%} on {m.metrics.get('num_images', '?')} images.")
+        if self.notice:
+            extra.append(f"ℹ️ {self.notice}")
+        return "\n".join(rows) + "\n\n" + " ".join(extra)

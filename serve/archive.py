@@ -1,0 +1,128 @@
+"""Bundle -> TorchServe model archive (``<name>.mar``) with torch-model-archiver. Torch-free.
+
+The archive holds only what the handler needs: the fp32 state dict, a manifest reduced to
+that one artifact, and the thin TorchServe adapter ``fieldid_handler.py``. The inference code
+itself (:mod:`serve.engine`) is imported from the installed fieldid package, so the workers
+must run with the Python that has fieldid installed (``fieldid serve start`` sees to that).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from export.manifest import Manifest, ManifestError, load_manifest
+
+__all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "HANDLER_FILE"]
+
+log = logging.getLogger("fieldid.serve")
+
+HANDLER_FILE = Path(__file__).with_name("fieldid_handler.py")
+# TorchServe puts the name in URLs (/predictions/<name>) and file names.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ServeError(ValueError):
+    """Serving cannot be done as asked (bad bundle, no Java, server not running, ...)."""
+
+
+def bundle_dir_of(path: str | Path) -> Path:
+    """A bundle folder, or a run folder -> its ``export/`` bundle.
+
+    Raises:
+        ServeError: neither holds a ``manifest.json``.
+    """
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / "export" / "manifest.json").is_file():
+        return path / "export"
+    raise ServeError(f"{path}: no manifest.json here or in {path / 'export'}; run `fieldid export --run RUN` first")
+
+
+def bundle_version(manifest: Manifest) -> str:
+    """The model version reported in answers: the first 12 hex digits of the fp32 weights' sha256.
+
+    It changes exactly when the served weights change, and it is the same on every machine.
+
+    Example:
+        >>> bundle_version(load_manifest("runs/reef"))  # doctest: +SKIP
+        'd03c1bc17670'
+    """
+    return manifest.find("pytorch", "fp32").sha256[:12]
+
+
+def _archiver() -> list[str]:
+    exe = Path(sys.executable).with_name("torch-model-archiver")
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("torch-model-archiver")
+    if found is None:
+        raise ServeError("torch-model-archiver not found: pip install 'fieldid[serve]' (torch-model-archiver==0.12.0)")
+    return [found]
+
+
+def archive_bundle(bundle: str | Path, store: str | Path) -> Path:
+    """Write ``STORE/<name>.mar`` for one bundle (replacing an older one atomically).
+
+    Args:
+        bundle: export bundle folder (or a run folder).
+        store: model-store folder (created if missing).
+
+    Returns:
+        Path of the ``.mar`` file.
+
+    Example:
+        >>> archive_bundle("runs/reef", "runs/reef/serve/model-store")  # doctest: +SKIP
+        PosixPath('runs/reef/serve/model-store/reef.mar')
+    """
+    bundle = bundle_dir_of(bundle)
+    try:
+        m = load_manifest(bundle)
+        art = m.find("pytorch", "fp32")
+    except ManifestError as e:
+        raise ServeError(str(e)) from None
+    if not _NAME_RE.match(m.name):
+        raise ServeError(f"bundle name {m.name!r} cannot be a TorchServe model name (letters, digits, _ . -)")
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
+        staging = Path(tmp)
+        # The archive carries only the weights it serves: the reduced manifest names just them.
+        small = Manifest.from_dict({**m.to_dict(), "artifacts": [a for a in m.artifacts if a["file"] == art.file]})
+        small.to_json(staging / "manifest.json")
+        out = staging / "out"
+        out.mkdir()
+        cmd = _archiver() + [
+            "--model-name", m.name, "--version", bundle_version(m), "--handler", str(HANDLER_FILE),
+            "--serialized-file", str(bundle / art.file), "--extra-files", str(staging / "manifest.json"),
+            "--export-path", str(out), "--force",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            raise ServeError(f"torch-model-archiver failed for {m.name}: {last}")
+        target = store / f"{m.name}.mar"
+        os.replace(out / f"{m.name}.mar", target)
+    log.info("archived %s -> %s", bundle, target)
+    return target
+
+
+def build_model_store(bundles: list[str | Path], store: str | Path) -> dict[str, Path]:
+    """Archive several bundles into one model store; names must be unique.
+
+    Returns:
+        ``{model name: .mar path}`` in the given order.
+    """
+    out: dict[str, Path] = {}
+    for b in bundles:
+        name = load_manifest(bundle_dir_of(b)).name
+        if name in out:
+            raise ServeError(f"two bundles are both named {name!r}; serve models with distinct names")
+        out[name] = archive_bundle(b, store)
+    return out

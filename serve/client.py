@@ -1,0 +1,154 @@
+"""A tiny torch-free client for a fieldid TorchServe server (stdlib only).
+
+Always sends an explicit ``Content-Type`` (``image/jpeg|png|webp`` from the bytes, else
+``application/octet-stream``): TorchServe's frontend parses a POST *without* one as a form and
+answers 500 before the handler ever sees the image.
+
+Example:
+    >>> from serve.client import predict, read_token
+    >>> ans = predict("http://127.0.0.1:8080/predictions/reef", open("fish.jpg", "rb").read(),
+    ...               token=read_token("runs/reef/serve/key_file.json"))  # doctest: +SKIP
+    >>> ans["top_k"][0]["label"], ans["source"]  # doctest: +SKIP
+    ('parrotfish', 'server')
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PredictionError", "ServeClient", "predict", "read_token", "image_content_type", "http_json"]
+
+
+class PredictionError(ValueError):
+    """The server answered with an error status; ``status`` and ``body`` (parsed JSON or text) say why."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        msg = body.get("error") or body.get("message") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {msg}")
+        self.status = status
+        self.body = body
+
+
+def image_content_type(data: bytes) -> str:
+    """MIME type from the first bytes (JPEG, PNG, WEBP), else ``application/octet-stream``."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def read_token(key_file: str | Path, kind: str = "inference") -> str:
+    """The ``inference`` (or ``management`` / ``API``) key from TorchServe's ``key_file.json``."""
+    keys = json.loads(Path(key_file).read_text())
+    try:
+        return str(keys[kind]["key"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{key_file}: no {kind!r} key (has: {', '.join(keys)})") from None
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()
+
+
+class ServeClient:
+    """Keeps one HTTP/1.1 connection to ``url`` open across calls (not thread-safe: one per thread).
+
+    Args:
+        url: the prediction URL, e.g. ``http://127.0.0.1:8080/predictions/reef``.
+        token: the inference key (``None`` when the server runs with ``--no-auth``).
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        self.url, self.token, self.timeout = url, token, timeout
+        self._conn_args = (u.hostname, u.port or (443 if u.scheme == "https" else 80))
+        self._https = u.scheme == "https"
+        self._path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(*self._conn_args, timeout=self.timeout)
+        return self._conn
+
+    def request(self, data: bytes, content_type: str | None = None) -> tuple[int, Any]:
+        """POST ``data``; returns ``(status, parsed body)`` without raising for HTTP errors."""
+        headers = {"Content-Type": content_type or image_content_type(data)}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in (0, 1):
+            conn = self._connection()
+            try:
+                conn.request("POST", self._path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, _parse(resp.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()  # the server closed an idle keep-alive connection: retry once on a new one
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def predict(self, data: bytes) -> dict[str, Any]:
+        """One image's answer (the shared response schema). Raises :class:`PredictionError` on 4xx/5xx."""
+        status, body = self.request(data)
+        if status != 200:
+            raise PredictionError(status, body)
+        return body
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "ServeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """Classify one image on the server.
+
+    Args:
+        url: prediction URL, e.g. ``http://127.0.0.1:8080/predictions/reef``.
+        image_bytes: a JPEG, PNG or WEBP file's bytes.
+        token: inference key (see :func:`read_token`); ``None`` for a ``--no-auth`` server.
+        timeout: seconds.
+
+    Returns:
+        The answer: ``top_k`` labels with calibrated probabilities, ``model``, ``version``,
+        ``latency_ms`` (server side), ``needs_fallback`` ... (``export.phone.prediction``).
+
+    Raises:
+        PredictionError: the server refused (400 empty, 413 too large, 415 not an image, 4xx auth ...).
+        OSError: the server cannot be reached.
+    """
+    with ServeClient(url, token, timeout) as c:
+        return c.predict(image_bytes)
+
+
+def http_json(method: str, url: str, *, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    """A body-less request (management/status calls); returns ``(status, parsed body)``."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request(method, (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, _parse(resp.read())
+    finally:
+        conn.close()

@@ -1,0 +1,569 @@
+"""Start, stop and inspect a TorchServe server for one or more bundles. Torch-free.
+
+What this hides from a user (each one a known TorchServe trap):
+
+* **Java**: checked up front; a missing or old Java is one clear line saying what to install.
+* **Token authorization** (on by default, kept on): TorchServe writes ``key_file.json`` to its
+  working directory, so the server runs with ``cwd`` = the state directory and the path is
+  printed; the file is made owner-only. ``--no-auth`` is for local development.
+* **Readiness**: ``/ping`` says Healthy before any model is loaded; :func:`start_server`
+  returns only when every model's workers report READY on the management API.
+* **Exposure**: every listener (inference, management, metrics, gRPC) binds 127.0.0.1 unless
+  asked otherwise; only the inference API can be moved to another address. The model
+  register/delete API stays off and ``allowed_urls`` is limited to the model store.
+* **One server per machine temp dir**: TorchServe keeps its pid file and worker sockets in
+  the temp dir; each server gets its own (``TEMP``/``TMPDIR`` under its state directory), so
+  several servers - and the tests - run side by side.
+* **Leftover processes**: the server runs in its own process group; :func:`stop_server`
+  ends the group and verifies that no Java frontend or Python worker remains.
+
+Everything a server owns lives in its state directory (default ``RUN/serve``): ``server.json``,
+``config.properties``, ``model-store/``, ``logs/``, ``key_file.json`` and ``tmp/``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.manifest import load_manifest
+from export.phone import DEFAULT_MAX_PIXELS
+from training.records import _Record, atomic_write_text
+
+from .archive import ServeError, build_model_store, bundle_dir_of, bundle_version
+from .client import http_json, read_token
+
+__all__ = [
+    "ServeOptions",
+    "ServerState",
+    "start_server",
+    "stop_server",
+    "server_status",
+    "load_state",
+    "default_state_dir",
+    "find_java",
+    "config_properties",
+    "free_port",
+    "server_processes",
+]
+
+log = logging.getLogger("fieldid.serve")
+
+MIN_JAVA = 17
+STATE_FILE = "server.json"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Markers of processes that belong to a TorchServe server (launcher, Java frontend, workers).
+_TS_MARKERS = ("ts.model_server", "org.pytorch.serve.ModelServer", "model_service_worker")
+
+
+@dataclass
+class ServeOptions:
+    """Server settings (``fieldid serve start`` flags). Defaults are the safe, local ones.
+
+    Example:
+        >>> ServeOptions(batch_size=8, max_batch_delay_ms=5).batch_size
+        8
+    """
+
+    host: str = "127.0.0.1"  # inference API only; management/metrics/gRPC always stay on loopback
+    port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    auth: bool = True
+    token_expiry_min: float = 1440.0
+    workers: int = 1
+    threads: int = 1  # CPU threads per worker; more than one per core collapses under contention
+    batch_size: int = 1
+    max_batch_delay_ms: int = 5
+    max_request_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    precision: str = "auto"  # fp16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto (GPU when present) | cpu
+    response_timeout_s: int = 60
+    job_queue_size: int = 100
+    startup_timeout_s: float = 180.0
+
+    def validate(self) -> None:
+        for name in ("port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ServeError(f"{name} {getattr(self, name)} is not a TCP port")
+        ports = self.ports()
+        if len(set(ports.values())) != len(ports):
+            raise ServeError(f"ports must differ: {ports}")
+        if self.workers < 1 or self.threads < 1 or self.batch_size < 1 or self.max_batch_delay_ms < 0:
+            raise ServeError("workers, threads and batch size must be >= 1, batch delay >= 0")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ServeError(f"precision {self.precision!r}: use auto, fp32, fp16 or bf16")
+        if self.device not in ("auto", "cpu"):
+            raise ServeError(f"device {self.device!r}: use auto (GPU when present) or cpu")
+        if not self.max_request_mb > 0 or self.max_pixels < 1 or self.token_expiry_min <= 0:
+            raise ServeError("max request size, pixel limit and token expiry must be positive")
+
+    def ports(self) -> dict[str, int]:
+        return {"inference": self.port, "management": self.management_port, "metrics": self.metrics_port,
+                "grpc_inference": self.grpc_inference_port, "grpc_management": self.grpc_management_port}
+
+
+@dataclass
+class ServerState(_Record):
+    """``STATE_DIR/server.json``: what a running server is and how to reach it."""
+
+    pid: int  # the launcher: leader of the server's process group
+    create_time: float  # the launcher's start time (guards against a reused pid)
+    state_dir: str
+    host: str
+    ports: dict[str, int]
+    models: dict[str, dict[str, str]]  # name -> {"version", "bundle"}
+    auth: bool
+    key_file: str  # "" when auth is off
+    config: str
+    log_dir: str
+    started: str
+    options: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"  # running | stopped
+
+    SCHEMA_VERSION = 1
+
+    @property
+    def inference_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{_url_host(host)}:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}"
+
+    def prediction_url(self, model: str) -> str:
+        """``http://HOST:PORT/predictions/<model>``."""
+        return f"{self.inference_url}/predictions/{model}"
+
+    def token(self, kind: str = "inference") -> str | None:
+        """The current key of ``kind`` (``None`` without auth)."""
+        return read_token(self.key_file, kind) if self.auth else None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------- helpers
+def default_state_dir(bundle: str | Path) -> Path:
+    """``RUN/serve`` for a run's ``export/`` bundle, else ``<bundle>-serve`` next to the bundle."""
+    b = bundle_dir_of(bundle).resolve()
+    return b.parent / "serve" if b.name == "export" else b.parent / f"{b.name}-serve"
+
+
+def find_java(env: dict[str, str] | None = None) -> str:
+    """The ``java`` TorchServe will run (``JAVA_HOME/bin/java`` or ``PATH``), checked to be >= 17.
+
+    Raises:
+        ServeError: one line saying what to install.
+    """
+    env = dict(os.environ if env is None else env)
+    install = (f"TorchServe needs Java {MIN_JAVA}+: install it (Debian/Ubuntu: sudo apt-get install "
+               f"openjdk-17-jre-headless) or set JAVA_HOME")
+    home = env.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java", path=env.get("PATH", ""))
+    if not java or not os.access(java, os.X_OK):
+        where = f"JAVA_HOME={home}" if home else "PATH"
+        raise ServeError(f"java not found ({where}); {install}")
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ServeError(f"cannot run {java} ({e}); {install}") from None
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    major = int(m.group(1)) if m else 0
+    if major == 1 and m and m.group(2):  # "1.8.0" style
+        major = int(m.group(2))
+    if major < MIN_JAVA:
+        raise ServeError(f"{java} is Java {major or 'unknown'}; {install}")
+    return java
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host`` (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Netty does: TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError:
+            flag = {"inference": "--port", "management": "--management-port", "metrics": "--metrics-port",
+                    "grpc_inference": "--grpc-port", "grpc_management": "--grpc-port"}[what]
+            raise ServeError(f"{what} port {host}:{port} is in use; pick another with {flag}") from None
+
+
+def _prop(value: str) -> str:
+    """A value escaped for Java's ``Properties.load`` (backslashes are escapes there)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -> str:
+    """The ``config.properties`` text for ``models`` (name -> version) in ``store``.
+
+    Example:
+        >>> "enable_model_api=false" in config_properties(Path("/s"), {"reef": "abc"}, ServeOptions())
+        True
+    """
+    store = store.resolve()
+    lo = "127.0.0.1"
+    model_cfg = {
+        name: {version: {"defaultVersion": True, "marName": f"{name}.mar", "minWorkers": opts.workers,
+                         "maxWorkers": opts.workers, "batchSize": opts.batch_size,
+                         "maxBatchDelay": opts.max_batch_delay_ms, "responseTimeout": opts.response_timeout_s}}
+        for name, version in models.items()
+    }
+    # Only files in the model store may ever be loaded, even if the register API were turned on.
+    allowed = "file://" + re.escape(store.as_posix()) + "/.*"
+    lines = {
+        "inference_address": f"http://{_url_host(opts.host)}:{opts.port}",
+        "management_address": f"http://{lo}:{opts.management_port}",
+        "metrics_address": f"http://{lo}:{opts.metrics_port}",
+        "grpc_inference_address": lo,
+        "grpc_inference_port": str(opts.grpc_inference_port),
+        "grpc_management_address": lo,
+        "grpc_management_port": str(opts.grpc_management_port),
+        "model_store": store.as_posix(),
+        "load_models": ",".join(f"{n}.mar" for n in models),
+        "models": json.dumps(model_cfg, separators=(",", ":")),
+        "enable_model_api": "false",
+        "allowed_urls": allowed,
+        "disable_token_authorization": "false" if opts.auth else "true",
+        "token_expiration_min": repr(float(opts.token_expiry_min)),
+        "max_request_size": str(int(opts.max_request_mb * 1024 * 1024)),
+        "max_response_size": str(1024 * 1024),
+        "default_workers_per_model": str(opts.workers),
+        "job_queue_size": str(opts.job_queue_size),
+        "default_response_timeout": str(opts.response_timeout_s),
+        "install_py_dep_per_model": "false",
+        "disable_system_metrics": "true",  # a psutil subprocess per minute we do not need
+        "enable_envvars_config": "false",  # TS_* variables in a user's shell must not loosen this file
+    }
+    if opts.device == "cpu":
+        lines["number_of_gpu"] = "0"
+    header = "# Written by `fieldid serve start`; regenerated on every start.\n"
+    return header + "".join(f"{k}={_prop(v)}\n" for k, v in lines.items())
+
+
+def _log_config() -> str:
+    """log4j2 config: TorchServe's files, rolled at 20 MB (5 kept), and only warnings on the
+    console (the stock config copies every request's DEBUG lines to stdout, unbounded)."""
+    files = {"access_log": "access_log", "model_log": "model_log", "model_metrics": "model_metrics",
+             "ts_log": "ts_log", "ts_metrics": "ts_metrics"}
+    appenders = "".join(
+        f'<RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{f}.log" '
+        f'filePattern="${{env:LOG_LOCATION:-logs}}/{f}.%i.log.gz"><PatternLayout pattern="%d{{ISO8601}} '
+        f'[%-5p] %t %c - %m%n"/><Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>'
+        f'<DefaultRolloverStrategy max="5"/></RollingFile>\n'
+        for name, f in files.items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n<Appenders>\n'
+        '<Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>'
+        '</Console>\n' + appenders + '</Appenders>\n<Loggers>\n'
+        '<Logger name="ACCESS_LOG" level="info"><AppenderRef ref="access_log"/></Logger>\n'
+        '<Logger name="io.netty" level="error"/>\n'
+        '<Logger name="MODEL_LOG" level="info"><AppenderRef ref="model_log"/></Logger>\n'
+        '<Logger name="MODEL_METRICS" level="info"><AppenderRef ref="model_metrics"/></Logger>\n'
+        '<Logger name="org.apache" level="off"/>\n'
+        '<Logger name="org.pytorch.serve" level="info"/>\n'
+        '<Logger name="TS_METRICS" level="info"><AppenderRef ref="ts_metrics"/></Logger>\n'
+        '<Root level="info"><AppenderRef ref="STDOUT" level="warn"/><AppenderRef ref="ts_log"/></Root>\n'
+        '</Loggers>\n</Configuration>\n'
+    )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- processes
+def _is_ts_process(p: Any) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # psutil.Error: gone or not ours to read
+        return False
+    return any(m in cmd for m in _TS_MARKERS)
+
+
+def server_processes(state: ServerState) -> list[Any]:
+    """Live TorchServe processes of this server: its process group, filtered to TorchServe
+    command lines started no earlier than the server (a reused group id is never touched)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(p.pid) != state.pid:
+                continue
+        except OSError:
+            continue
+        if p.info["create_time"] + 1.0 >= state.create_time and _is_ts_process(p):
+            out.append(p)
+    return out
+
+
+def _launcher_alive(state: ServerState) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(state.pid)
+        return abs(p.create_time() - state.create_time) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def load_state(state_dir: str | Path) -> ServerState:
+    """Read ``STATE_DIR/server.json``.
+
+    Raises:
+        ServeError: no server was ever started there.
+    """
+    path = Path(state_dir) / STATE_FILE
+    if not path.is_file():
+        raise ServeError(f"no server state in {state_dir} (start one with `fieldid serve start`)")
+    return ServerState.from_json(path)
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+# --------------------------------------------------------------------------- readiness
+def model_workers(state: ServerState, model: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The management API's worker list for ``model`` (``[]`` while the server is not answering)."""
+    token = state.token("management") if state.auth and Path(state.key_file).is_file() else None
+    if state.auth and token is None:
+        return []
+    try:
+        status, body = http_json("GET", f"{state.management_url}/models/{model}", token=token, timeout=timeout)
+    except OSError:
+        return []
+    if status != 200 or not isinstance(body, list):
+        return []
+    return [w for entry in body for w in entry.get("workers", [])]
+
+
+def _all_ready(state: ServerState, workers: int) -> bool:
+    for name in state.models:
+        ws = model_workers(state, name)
+        if len([w for w in ws if w.get("status") == "READY"]) < workers:
+            return False
+    return True
+
+
+def wait_ready(state: ServerState, timeout: float, poll_s: float = 0.25) -> None:
+    """Block until every model has its workers READY (not merely ``/ping`` Healthy).
+
+    Raises:
+        ServeError: the server exited or the timeout passed; the message quotes its log.
+    """
+    workers = int(state.options.get("workers", 1))
+    deadline = time.monotonic() + timeout
+    console, ts_log = Path(state.log_dir) / "console.log", Path(state.log_dir) / "ts_log.log"
+    while time.monotonic() < deadline:
+        if not _launcher_alive(state):
+            raise ServeError(f"TorchServe exited during start-up: {_tail(console) or _tail(ts_log) or 'no output'} "
+                             f"(logs: {state.log_dir})")
+        if _all_ready(state, workers):
+            return
+        time.sleep(poll_s)
+    raise ServeError(f"models not READY after {timeout:.0f} s: {_tail(Path(state.log_dir) / 'model_log.log')} "
+                     f"(logs: {state.log_dir})")
+
+
+# --------------------------------------------------------------------------- start / stop / status
+def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
+                 opts: ServeOptions | None = None) -> ServerState:
+    """Archive ``bundles``, start TorchServe on them, return when every worker is READY.
+
+    Args:
+        bundles: export bundles or run folders (several models at once, distinct names).
+        state_dir: where this server keeps everything (default: ``RUN/serve`` of the first).
+        opts: settings; default :class:`ServeOptions` (loopback, token auth on, 1 worker).
+
+    Returns:
+        The :class:`ServerState` (also in ``STATE_DIR/server.json``).
+
+    Raises:
+        ServeError: no Java, port taken, a server already running there, start-up failure.
+
+    Example:
+        >>> st = start_server(["runs/reef", "runs/salmon"])  # doctest: +SKIP
+        >>> st.prediction_url("reef"), st.key_file  # doctest: +SKIP
+        ('http://127.0.0.1:8080/predictions/reef', '/.../runs/reef/serve/key_file.json')
+    """
+    opts = opts or ServeOptions()
+    opts.validate()
+    if not bundles:
+        raise ServeError("nothing to serve: pass --run RUN (or --bundle DIR) at least once")
+    bundles = [bundle_dir_of(b) for b in bundles]
+    state_dir = Path(state_dir or default_state_dir(bundles[0])).resolve()
+    if (state_dir / STATE_FILE).is_file():
+        old = load_state(state_dir)
+        if old.status == "running" and (_launcher_alive(old) or server_processes(old)):
+            raise ServeError(f"a server is already running from {state_dir} (pid {old.pid}); "
+                             f"stop it first: fieldid serve stop --state-dir {state_dir}")
+    java = find_java()
+    if opts.host not in _LOOPBACK:
+        log.warning("binding the inference API to %s: it is reachable from other machines%s", opts.host,
+                    "" if opts.auth else " WITHOUT token authorization")
+    for what, port in opts.ports().items():
+        _check_port(opts.host if what == "inference" else "127.0.0.1", port, what)
+
+    store = state_dir / "model-store"
+    shutil.rmtree(store, ignore_errors=True)  # only the requested models, freshly archived
+    mars = build_model_store(bundles, store)
+    versions = {name: {"version": bundle_version(load_manifest(b)), "bundle": str(b.resolve())}
+                for name, b in zip(mars, bundles)}
+    log_dir, tmp = state_dir / "logs", state_dir / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in (log_dir, tmp):
+        d.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)  # key file, sockets and config are this user's business only
+    key_file = state_dir / "key_file.json"
+    key_file.unlink(missing_ok=True)
+    cfg_path = state_dir / "config.properties"
+    atomic_write_text(cfg_path, config_properties(store, {n: v["version"] for n, v in versions.items()}, opts))
+    log_cfg = atomic_write_text(state_dir / "log4j2.xml", _log_config())
+
+    env = dict(os.environ)
+    for k in [k for k in env if k.startswith("TS_")]:
+        del env[k]  # e.g. TS_DISABLE_TOKEN_AUTHORIZATION must not override this server's config
+    env.update({
+        "TEMP": str(tmp), "TMPDIR": str(tmp),  # own pid file, worker sockets and unpacked archives
+        "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir),
+        "JAVA_HOME": str(Path(java).resolve().parent.parent),
+        "FIELDID_SERVE_THREADS": str(opts.threads), "FIELDID_SERVE_MAX_PIXELS": str(opts.max_pixels),
+        "FIELDID_SERVE_PRECISION": opts.precision, "FIELDID_SERVE_TOP_K": "5",
+        "OMP_NUM_THREADS": str(opts.threads),
+    })
+    if opts.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    # The launcher, run by *this* Python, passes its interpreter to the workers, so they import
+    # the fieldid installed here. --foreground keeps it as the leader of a fresh process group.
+    cmd = [sys.executable, "-c", "import sys; from ts.model_server import start; sys.exit(start())",
+           "--start", "--foreground", "--ts-config", str(cfg_path), "--model-store", str(store), "--ncs",
+           "--log-config", str(log_cfg)]
+    if not opts.auth:
+        cmd.append("--disable-token-auth")
+    console = open(log_dir / "console.log", "ab")
+    try:
+        proc = subprocess.Popen(cmd, cwd=state_dir, env=env, stdin=subprocess.DEVNULL, stdout=console,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        console.close()
+    import psutil
+
+    state = ServerState(
+        pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), state_dir=str(state_dir),
+        host=opts.host, ports=opts.ports(), models=versions, auth=opts.auth,
+        key_file=str(key_file) if opts.auth else "", config=str(cfg_path), log_dir=str(log_dir),
+        started=_now(), options=asdict(opts),
+    )
+    state.to_json(state_dir / STATE_FILE)
+    log.info("starting TorchServe (pid %d) for %s; logs in %s", proc.pid, ", ".join(versions), log_dir)
+    try:
+        wait_ready(state, opts.startup_timeout_s)
+    except BaseException:
+        stop_server(state_dir)
+        raise
+    if opts.auth:
+        os.chmod(key_file, 0o600)
+    return state
+
+
+def stop_server(state_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop the server of ``state_dir``: its whole process group, verified gone.
+
+    Returns:
+        ``{"state_dir", "was_running", "stopped_pids"}``.
+
+    Raises:
+        ServeError: no server state there, or a process survived SIGKILL.
+    """
+    import psutil
+
+    state = load_state(state_dir)
+    procs = server_processes(state)
+    was_running = bool(procs)
+    if procs:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)  # Java's shutdown hook stops its workers cleanly
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+    # Workers spawned while we were stopping would show up here too.
+    left = server_processes(state)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=10)
+    left = server_processes(state)
+    if left:
+        raise ServeError(f"processes {', '.join(str(p.pid) for p in left)} of the server in {state_dir} survived SIGKILL")
+    sd = Path(state.state_dir)
+    (sd / "key_file.json").unlink(missing_ok=True)  # its keys died with the server
+    shutil.rmtree(sd / "tmp", ignore_errors=True)
+    state.status = "stopped"
+    state.to_json(sd / STATE_FILE)
+    return {"state_dir": str(sd), "was_running": was_running, "stopped_pids": sorted(p.pid for p in procs)}
+
+
+def server_status(state_dir: str | Path) -> dict[str, Any]:
+    """Is the server of ``state_dir`` running; its URLs, key file and each model's workers.
+
+    Example:
+        >>> server_status("runs/reef/serve")["models"]["reef"]["workers"]  # doctest: +SKIP
+        ['READY']
+    """
+    state = load_state(state_dir)
+    running = state.status == "running" and _launcher_alive(state)
+    models = {}
+    for name, info in state.models.items():
+        ws = model_workers(state, name) if running else []
+        models[name] = {**info, "url": state.prediction_url(name), "workers": [w.get("status") for w in ws]}
+    out: dict[str, Any] = {
+        "state_dir": state.state_dir, "running": running, "pid": state.pid if running else None,
+        "started": state.started, "inference_url": state.inference_url, "management_url": state.management_url,
+        "auth": state.auth, "key_file": state.key_file or None, "log_dir": state.log_dir, "models": models,
+    }
+    if running and state.auth and Path(state.key_file).is_file():
+        keys = json.loads(Path(state.key_file).read_text())
+        out["inference_key_expires"] = keys.get("inference", {}).get("expiration time")
+    return out

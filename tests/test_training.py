@@ -1,0 +1,329 @@
+"""Training: registry, data handling, calibration, run directory, CLI — with real training steps."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_shapes_dataset
+from training import TrainConfig, create_model, get_backbone, list_backbones
+from training.train import train
+from training.calibrate import choose_fallback_threshold, expected_calibration_error, fit_temperature
+from training.config import ConfigError, load_config
+from training.data import (CachedImageDataset, ImageCache, class_weights, eval_transform, make_split,
+                           train_transform)
+from training.images import DataError, load_rgb
+from training.models import ModelError, _load_state_dict, imagenet_labels
+from training.records import PreprocessSpec, RecordError, RunRecord
+
+FIELDID = [sys.executable, "-m", "fieldid"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*FIELDID, *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT,
+                          timeout=timeout)
+
+
+# --------------------------------------------------------------------------- registry
+CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_pretrained_weights_really_loaded(name: str) -> None:
+    """Real photos through the ImageNet head: chelsea is a cat, coffee is espresso."""
+    from skimage import data
+
+    model = create_model(name)  # ImageNet head kept
+    spec = get_backbone(name).preprocess()
+    tf = eval_transform(spec, from_cache=False)
+    labels = imagenet_labels()
+    with torch.no_grad():
+        cat = labels[int(model(tf(Image.fromarray(data.chelsea()))[None]).argmax())]
+        cup = labels[int(model(tf(Image.fromarray(data.coffee()))[None]).argmax())]
+    assert cat in CAT_CLASSES
+    assert cup == "espresso"
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_registry_records_are_complete(name: str) -> None:
+    spec = get_backbone(name)
+    assert spec.input_size > 0 and 0 < spec.crop_pct <= 1
+    assert spec.interpolation in ("bilinear", "bicubic")
+    assert len(spec.mean) == 3 and len(spec.std) == 3
+    assert spec.weight_source and spec.license
+    model = create_model(name, pretrained=False)
+    assert sum(p.numel() for p in model.parameters()) == spec.num_params
+    head = create_model(name, num_classes=4, pretrained=False)
+    assert head(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(ModelError, match="mobilenet_v2.*efficientnet_lite0|efficientnet_lite0.*mobilenet_v2"):
+        get_backbone("resnet9000")
+    with pytest.raises(ModelError, match="unknown timm model"):
+        get_backbone("timm/not_a_model_at_all")
+
+
+def test_timm_model_from_local_weights_file(tmp_path: Path) -> None:
+    import timm
+
+    src = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    model = create_model("timm/mobilenetv3_small_050", num_classes=3, weights_file=str(tmp_path / "w.pth"))
+    conv = "conv_stem.weight"
+    assert torch.equal(model.state_dict()[conv], src.state_dict()[conv])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_timm_model_without_weights_offline_says_how_to_fix() -> None:
+    # conftest sets HF_HUB_OFFLINE=1 before anything imports huggingface_hub: tests never download.
+    with pytest.raises(ModelError, match="--weights FILE"):
+        create_model("timm/mobilenetv3_small_050", num_classes=3)
+
+
+def test_weights_sha256_is_checked(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pth")
+    with pytest.raises(ModelError, match="expected deadbeef"):
+        _load_state_dict(tmp_path / "w.pth", sha256_prefix="deadbeef")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot load"):
+        _load_state_dict(tmp_path / "bad.pth")
+
+
+def test_golden_logits_of_seeded_tiny_model() -> None:
+    """Catches silent drift in architecture, head replacement or example input.
+
+    Regenerate only on purpose: FIELDID_REGEN_GOLDEN=1 pytest tests/test_training.py -k golden
+    """
+    golden = Path(__file__).parent / "golden" / "mobilenet_v2_seed0.json"
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=3, pretrained=False)
+    from training.models import example_input
+
+    with torch.no_grad():
+        out = model(example_input("mobilenet_v2", 64)).tolist()
+    if os.environ.get("FIELDID_REGEN_GOLDEN") == "1" or not golden.exists():
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(json.dumps(out))
+    np.testing.assert_allclose(np.array(out), np.array(json.loads(golden.read_text())), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- data
+def test_split_is_stratified_and_deterministic(shapes_dir: Path) -> None:
+    a = make_split(shapes_dir, val_fraction=0.2, test_fraction=0.2, seed=1)
+    b = make_split(shapes_dir, val_fraction=0.2, test_fraction=0.2, seed=1)
+    c = make_split(shapes_dir, val_fraction=0.2, test_fraction=0.2, seed=2)
+    assert a.files == b.files
+    assert a.files != c.files
+    for split in ("train", "val", "test"):
+        assert all(n > 0 for n in a.counts(split)), split
+    all_files = [p for s in a.files.values() for p, _ in s]
+    assert len(all_files) == len(set(all_files)) == 72
+
+
+def test_presplit_tree_is_used_as_is(tmp_path: Path) -> None:
+    make_shapes_dataset(tmp_path / "d" / "train", {"circle": 10, "square": 10})
+    make_shapes_dataset(tmp_path / "d" / "test", {"circle": 3, "square": 3}, seed=9)
+    s = make_split(tmp_path / "d", val_fraction=0.2, seed=0)
+    assert s.presplit and s.counts("test") == [3, 3]
+    assert s.counts("val") == [2, 2] and s.counts("train") == [8, 8]
+
+
+def test_exif_orientation_applied_on_load(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_rgb(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_cache_equals_decoding_from_disk(shapes_dir: Path) -> None:
+    spec = PreprocessSpec.for_crop(56, 0.875)
+    paths = sorted((shapes_dir / "circle").glob("*.png"))[:4]
+    cached = CachedImageDataset(ImageCache(paths, [0] * 4, resize_size=spec.resize_size,
+                                           interpolation="bilinear"), eval_transform(spec))
+    tf = eval_transform(spec, from_cache=False)
+    for i, p in enumerate(paths):
+        assert torch.equal(cached[i][0], tf(load_rgb(p)))
+
+
+def test_hue_jitter_can_be_switched_off() -> None:
+    from torchvision import transforms as T
+
+    spec = PreprocessSpec.for_crop(64, 0.875)
+    cfg = TrainConfig().replace(**{"augment.hue": 0.0})
+    jitter = [t for t in train_transform(spec, cfg.augment).transforms if isinstance(t, T.ColorJitter)]
+    assert jitter and jitter[0].hue is None
+    with_hue = [t for t in train_transform(spec, TrainConfig().augment).transforms if isinstance(t, T.ColorJitter)]
+    assert with_hue[0].hue is not None
+
+
+def test_class_weights_favour_rare_classes() -> None:
+    w = class_weights([100, 10])
+    assert w[1] / w[0] == pytest.approx(10.0)
+    assert float(w.mean()) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- config / records
+def test_config_yaml_round_trip_and_validation(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=5, image_size=96).replace(**{"augment.hue": 0.0})
+    cfg.to_yaml(tmp_path / "c.yaml")
+    back = load_config(tmp_path / "c.yaml")
+    assert back.to_dict() == cfg.to_dict()
+    (tmp_path / "bad.yaml").write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown key.*learning_rate"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("augment: {hue_jitter: 0}\n")
+    with pytest.raises(ConfigError, match="hue_jitter"):
+        load_config(tmp_path / "bad2.yaml")
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig.from_dict({"epochs": 0})
+
+
+def test_run_record_every_field_round_trips(tmp_path: Path) -> None:
+    import dataclasses
+
+    rec = RunRecord(name="r", backbone="mobilenet_v2", num_classes=2, labels=["a", "b"],
+                    preprocess=PreprocessSpec.for_crop(64, 0.875).to_dict(), temperature=1.5,
+                    fallback_threshold=0.6, fallback_rule="x", created="now", extra={"k": 1})
+    rec.to_json(tmp_path / "run.json")
+    back = RunRecord.from_json(tmp_path / "run.json")
+    for f in dataclasses.fields(RunRecord):
+        assert getattr(back, f.name) == getattr(rec, f.name), f.name
+    d = json.loads((tmp_path / "run.json").read_text())
+    d["schema_version"] = 99
+    with pytest.raises(RecordError, match="schema_version"):
+        RunRecord.from_dict(d)
+    d["schema_version"] = 1
+    d["labels"] = ["a", "a"]
+    with pytest.raises(RecordError, match="duplicate"):
+        RunRecord.from_dict(d)
+
+
+# --------------------------------------------------------------------------- calibration
+def test_temperature_scaling_fixes_overconfidence() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (2000,), generator=g)
+    clean = torch.randn(2000, 4, generator=g)
+    clean[torch.arange(2000), y] += 1.5
+    overconfident = clean * 4
+    t = fit_temperature(overconfident, y)
+    assert t > 2.0  # the logits were inflated 4x, so T must undo most of that
+    before = expected_calibration_error(overconfident.softmax(1), y)
+    after = expected_calibration_error((overconfident / t).softmax(1), y)
+    assert after < before / 3
+
+
+def test_fallback_threshold_meets_target_on_accepted() -> None:
+    probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.55, 0.45]])
+    y = torch.tensor([0, 0, 1, 0])  # the 0.6 one is wrong
+    c = choose_fallback_threshold(probs, y, target_accuracy=0.99, min_threshold=0.5)
+    assert 0.6 < c.threshold <= 0.9 and c.accepted_accuracy == 1.0 and c.accepted_fraction == 0.5
+
+
+# --------------------------------------------------------------------------- end to end
+def test_train_writes_complete_run(tiny_run: Path) -> None:
+    rec = RunRecord.from_json(tiny_run / "run.json")
+    assert rec.status == "trained" and rec.labels == ["circle", "square", "triangle"]
+    for f in ("config.yaml", "labels.json", "preprocess.json", "split.json", "model.pth", "calibration.json",
+              "metrics.json", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "plots/confusion_matrix.png",
+              "plots/curves.png", "logs/metrics.csv"):
+        assert (tiny_run / f).is_file(), f
+    assert json.loads((tiny_run / "labels.json").read_text()) == rec.labels
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert m["split"] == "test" and m["accuracy"] >= 0.6
+    assert set(m["per_class"]) == set(rec.labels) and len(m["confusion_matrix"]) == 3
+    assert m["training"]["epochs"] == 3
+    sd = torch.load(tiny_run / "model.pth", weights_only=True)
+    assert any(k.startswith("classifier") for k in sd)
+
+
+def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 30, "square": 8}, size=48)
+    (data / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (data / "square" / "notes.txt").write_text("ignored: not an image extension")
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=1, head_epochs=1, image_size=32, batch_size=16,
+                                                    val_fraction=0.2, test_fraction=0.2))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["training"]["skipped_unreadable"] == 1
+    assert m["training"]["imbalance"]["mode"] == "loss" and m["training"]["imbalance"]["ratio"] > 2
+    assert rec.status == "trained"
+
+
+def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
+    out = tmp_path / "cli-run"
+    r = run_cli("train", "--data", shapes_dir, "--out", out, "--epochs", "2", "--image-size", "48",
+                "--batch-size", "16", "--no-hue")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["test_accuracy"] is not None
+    r = run_cli("evaluate", "--run", out, "--data", shapes_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"accuracy", "macro_f1"} <= set(line) and line["split"] == "test"
+    assert load_config(out / "config.yaml").augment.hue == 0.0
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "single_class", "unknown_model",
+                                  "bad_config", "unwritable", "existing_run", "bad_number"])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The real CLI entry point, in-process (one subprocess per case would cost ~10 s of imports)."""
+    from fieldid import main
+
+    data, out, extra = shapes_dir, tmp_path / "out", []
+    if case == "missing":
+        data = tmp_path / "nope"
+    elif case == "empty":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif case == "empty_class":
+        data = tmp_path / "d"
+        shutil.copytree(shapes_dir, data)
+        (data / "hexagon").mkdir()
+    elif case == "single_class":
+        data = tmp_path / "d"
+        shutil.copytree(shapes_dir / "circle", data / "circle")
+    elif case == "unknown_model":
+        extra = ["--model", "resnet9000"]
+    elif case == "bad_config":
+        (tmp_path / "c.yaml").write_text("epochs: 2\nbogus_key: 1\n")
+        extra = ["--config", tmp_path / "c.yaml"]
+    elif case == "unwritable":
+        if os.geteuid() == 0:
+            out = Path("/proc/fieldid-run")  # even root cannot create directories in /proc
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+            out = tmp_path / "ro" / "run"
+    elif case == "existing_run":
+        out.mkdir()
+        (out / "run.json").write_text('{"keep": "me"}')
+    elif case == "bad_number":
+        extra = ["--epochs", "0"]
+    code = main(["train", "--data", str(data), "--out", str(out), *map(str, extra)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    if case == "existing_run":
+        assert (out / "run.json").read_text() == '{"keep": "me"}'  # nothing previously written destroyed
+    if case not in ("existing_run",):
+        assert not (out / "run.json").exists()
+
+
+def test_cli_help_lists_every_command() -> None:
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "evaluate", "data"):
+        assert cmd in r.stdout
+    r = run_cli("train", "--help")
+    assert r.returncode == 0 and "--resume" in r.stdout and "--no-hue" in r.stdout
