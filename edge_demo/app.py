@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from .modes import DemoMode, Outcome, pretty_label  # noqa: E402
 
-__all__ = ["PhotoInput", "build_app", "launch_app", "DEFAULT_PORT", "THEME", "CSS"]
+__all__ = ["photo_bytes", "build_app", "launch_app", "DEFAULT_PORT", "THEME", "CSS"]
 
 DEFAULT_PORT = 7860
 
@@ -43,27 +43,25 @@ _HEADER = ("# fieldid field ID\n"
            "it asks the server only when it is unsure.")
 
 
-class PhotoInput(gr.Image):
-    """``gr.Image`` (upload + camera) that hands the handler the photo's *bytes*, undecoded.
+def photo_bytes(payload: Any) -> bytes | None:
+    """The photo's bytes from an un-preprocessed ``gr.Image`` payload; None when there is none.
 
-    Gradio's own image preprocessing decodes with Pillow and fails with a generic error on a
-    non-image; here the bytes go to :func:`export.phone.decode_image`, the same allow-list and
-    pixel limit a phone or the server applies, so bad input gets a friendly message.
+    The app's events run with ``preprocess=False``: Gradio's own image preprocessing decodes
+    with Pillow and fails with a generic error on a non-image. The bytes go instead to
+    :func:`export.phone.decode_image`, the allow-list and pixel limit a phone or the server
+    applies, so bad input gets a friendly message. Gradio has already checked that the file
+    is one of its uploads before the handler runs.
     """
+    if not payload:
+        return None
+    url = payload.get("url") or ""
+    if url.startswith("data:"):
+        import base64
 
-    is_template = True  # use the stock Image front-end
-
-    def preprocess(self, payload: Any) -> bytes | None:  # type: ignore[override]
-        if payload is None:
-            return None
-        url = getattr(payload, "url", None)
-        if url and url.startswith("data:"):
-            import base64
-
-            return base64.b64decode(url.split(",", 1)[1])
-        if getattr(payload, "path", None) is None:
-            return b""
-        return Path(payload.path).read_bytes()
+        return base64.b64decode(url.split(",", 1)[1])
+    if not payload.get("path"):
+        return b""
+    return Path(payload["path"]).read_bytes()
 
 
 def _label_value(response: dict | None) -> dict[str, float] | None:
@@ -74,7 +72,7 @@ def _label_value(response: dict | None) -> dict[str, float] | None:
 
 def _device_text(mode: DemoMode, out: Outcome) -> str:
     if out.error:
-        return f"<span class='fieldid-error'>⚠️ {out.error}</span>"
+        return f"<span class='fieldid-error'>⚠ {out.error}</span>"
     assert out.device is not None
     d = out.device
     r, t = d.response, d.timings_ms
@@ -88,7 +86,12 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
             verdict += " No server configured to ask."
     else:
         verdict = f"Confident: {conf:.0%} ≥ threshold {thr:.0%}, no need to ask the server."
-    return line + "  \n" + verdict
+    text = line + "  \n" + verdict
+    if out.true_label:
+        top = r["top_k"][0]["label"]
+        mark = "✓ the device is right" if top == out.true_label else "✗ the device is wrong"
+        text += f"  \nHeld-out example of **{pretty_label(out.true_label)}**: {mark}."
+    return text
 
 
 def _server_text(mode: DemoMode, out: Outcome) -> str:
@@ -97,15 +100,15 @@ def _server_text(mode: DemoMode, out: Outcome) -> str:
     s = out.server
     if s is None:
         return ("Not asked: the device was sure enough. Press **Ask the server** to compare."
-                if mode.server else "No server configured (start with `--server URL`).")
+                if mode.server else "No server configured: on-device answers only.")
     why = f"Asked because {out.asked_because}. " if out.asked_because else ""
     if not s.ok:
-        return (f"<span class='fieldid-error'>⚠️ Server unavailable: {s.message}.</span>  \n"
+        return (f"<span class='fieldid-error'>⚠ Server unavailable: {s.message}.</span>  \n"
                 f"{why}The on-device answer stands.")
     r = s.response or {}
     dev_top = out.device.response["top_k"][0]["label"] if out.device else None
     srv_top = r["top_k"][0]["label"]
-    agree = "✅ agrees with the device" if srv_top == dev_top else "⚠️ differs from the device"
+    agree = "✓ agrees with the device" if srv_top == dev_top else "⚠ differs from the device"
     server_ms = r.get("latency_ms")
     inner = f" (model {server_ms:.1f} ms on the server)" if isinstance(server_ms, (int, float)) else ""
     return (f"**{s.round_trip_ms:.1f} ms** round trip{inner} · model `{r.get('model', '?')}` "
@@ -125,49 +128,51 @@ def _blank(mode: DemoMode) -> tuple[Any, str, Any, str, dict]:
 
 def _mode_tab(mode: DemoMode) -> None:
     key = mode.key
-    gr.Markdown(mode.info.tagline if not mode.origin.synthetic else
-                f"{mode.info.tagline}  \n<small>⚠️ Demo model trained on synthetic pictures, "
-                f"not real photos (see *About this mode*).</small>", elem_id=f"{key}-tagline")
-    photo = PhotoInput(sources=["upload", "webcam"], type="filepath", image_mode=None, label="Photo",
+    gr.Markdown(mode.summary_markdown(), elem_id=f"{key}-summary")
+    with gr.Accordion("About this mode", open=False, elem_id=f"{key}-about"):
+        gr.Markdown(mode.explanation_markdown())
+    photo = gr.Image(sources=["upload", "webcam"], type="filepath", image_mode=None, label="Photo",
                        height=300, elem_id=f"{key}-photo", webcam_options=gr.WebcamOptions(mirror=False))
     choices = [(f"{p} · {mode.manifest.find('onnx', p).size_bytes / 1e6:.1f} MB", p) for p in mode.precisions]
     precision = gr.Radio(choices=choices, value=mode.default_precision, label="On-device model",
                          elem_id=f"{key}-precision", interactive=len(choices) > 1)
     with gr.Row(equal_height=False):
         with gr.Column(min_width=280):
-            device_label = gr.Label(num_top_classes=mode.top_k, label="📱 On this device",
+            device_label = gr.Label(num_top_classes=mode.top_k, label="On this device",
                                     elem_id=f"{key}-device-label")
             device_md = gr.Markdown(_blank(mode)[1], elem_id=f"{key}-device-info",
                                     elem_classes=["fieldid-answer"])
         with gr.Column(min_width=280):
-            server_label = gr.Label(num_top_classes=mode.top_k, label="🖥️ Server (TorchServe)",
+            server_label = gr.Label(num_top_classes=mode.top_k, label="Server (TorchServe)",
                                     elem_id=f"{key}-server-label")
             server_md = gr.Markdown("", elem_id=f"{key}-server-info", elem_classes=["fieldid-answer"])
-    ask = gr.Button("Ask the server", variant="secondary", elem_id=f"{key}-ask")
+            ask = gr.Button("Ask the server", variant="secondary", size="md", elem_id=f"{key}-ask")
     if mode.examples:
         gr.Examples(examples=[[str(e.path)] for e in mode.examples], inputs=[photo],
-                    example_labels=[pretty_label(e.label) for e in mode.examples],
-                    label="Held-out examples (true class shown)", examples_per_page=12)
-    with gr.Accordion("About this mode", open=False, elem_id=f"{key}-about"):
-        gr.Markdown(mode.explanation_markdown())
+                    label="Held-out examples: tap one (its true class is shown with the answer)",
+                    examples_per_page=12)
     with gr.Accordion("Model details and raw answers", open=False):
         gr.Markdown(mode.model_card_markdown())
         raw = gr.JSON(label="Raw answers (shared response schema)", elem_id=f"{key}-raw")
     outputs = [device_label, device_md, server_label, server_md, raw]
 
-    def identify(image: bytes | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+    def identify(payload: dict | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+        image = photo_bytes(payload)
         if image is None:
             return _blank(mode)
         return _render(mode, mode.identify(image, prec))
 
-    def ask_server(image: bytes | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+    def ask_server(payload: dict | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
+        image = photo_bytes(payload)
         if image is None:
             return _render(mode, Outcome(error="Take or upload a photo first, then ask the server."))
         return _render(mode, mode.identify(image, prec, force_server=True))
 
-    photo.change(identify, [photo, precision], outputs, api_name=f"{key}_identify", show_progress="minimal")
-    precision.change(identify, [photo, precision], outputs, api_visibility="private", show_progress="minimal")
-    ask.click(ask_server, [photo, precision], outputs, api_name=f"{key}_ask_server")
+    # preprocess=False: the handlers get the upload's payload, see photo_bytes.
+    common = dict(inputs=[photo, precision], outputs=outputs, preprocess=False)
+    photo.change(identify, api_name=f"{key}_identify", show_progress="minimal", **common)
+    precision.change(identify, api_visibility="private", show_progress="minimal", **common)
+    ask.click(ask_server, api_name=f"{key}_ask_server", **common)
 
 
 def build_app(modes: Sequence[DemoMode]) -> gr.Blocks:

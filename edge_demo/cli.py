@@ -59,20 +59,53 @@ def assign_modes(sources: list[tuple[str, str]]) -> dict[str, Path]:
     return {m: named[m] for m in _MODE_ORDER if m in named}
 
 
+def _state_dirs(args: argparse.Namespace, sources: dict[str, Path]) -> list[Path]:
+    """Where ``fieldid serve start`` may have left a ``server.json`` for these models."""
+    if args.serve_state is not None:
+        return [args.serve_state]
+    from serve.server import default_state_dir
+
+    dirs = []
+    for path in sources.values():
+        try:
+            dirs.append(default_state_dir(path))
+        except ValueError:
+            pass  # not a bundle: DemoMode reports that
+    return dirs
+
+
+def _server_for(model: str, args: argparse.Namespace, state_dirs: list[Path]):  # -> ServerConfig | None
+    """--server/--key-file when given, else the server found in a state dir, else the default URL."""
+    from .fallback import DEFAULT_SERVER, ServerConfig, find_server
+
+    if args.no_server:
+        return None
+    found = None if args.server and args.key_file else find_server(model, state_dirs)
+    url = args.server or (found.url if found else DEFAULT_SERVER)
+    key_file = args.key_file or (found.key_file if found else None)
+    if key_file is None and Path("key_file.json").is_file():
+        key_file = Path("key_file.json")  # TorchServe started by hand writes it to its cwd
+    return ServerConfig(url, key_file)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .modes import DemoMode
 
-    server = None if args.no_server else args.server
-    modes = [DemoMode(key, path, precision=args.precision, server=server, key_file=args.key_file,
-                      timeout=args.timeout, threads=args.threads, top_k=args.top_k)
-             for key, path in assign_modes(args.sources or []).items()]
+    sources = assign_modes(args.sources or [])
+    modes = [DemoMode(key, path, precision=args.precision, timeout=args.timeout, threads=args.threads,
+                      top_k=args.top_k) for key, path in sources.items()]
+    state_dirs = [] if args.no_server else _state_dirs(args, sources)
+    for m in modes:  # the server's model name is the manifest's, known once the bundle is loaded
+        m.server = _server_for(m.manifest.name, args, state_dirs)
     from .app import build_app, launch_app  # Gradio: seconds to import, so only now
 
     app = build_app(modes)
     summary = {m.key: {"bundle": str(m.bundle_dir), "precision": m.default_precision,
                        "size_mb": round(m.model().size_bytes / 1e6, 2), "examples": len(m.examples),
-                       "notice": m.notice} for m in modes}
-    print(json.dumps({"modes": summary, "server": server}), flush=True)
+                       "server": m.server.url if m.server else None,
+                       "key_file": str(m.server.key_file) if m.server and m.server.key_file else None}
+               for m in modes}
+    print(json.dumps({"modes": summary}), flush=True)
     for m in modes:
         if m.notice:
             print(f"note: {m.notice}", file=sys.stderr, flush=True)
@@ -94,23 +127,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "device is unsure. Modes: the first model given is Dive, the second Shop, "
                      "unless named: --run dive=runs/reef --run shop=runs/salmon."),
     )
-    p.add_argument("--run", dest="sources", action=_SourceAction, const="run", metavar="[MODE=]RUN",
+    p.add_argument("--run", dest="sources", action=_SourceAction, const="run", metavar="[MODE=]RUN", default=None,
                    help="run folder whose export/ bundle feeds a mode; MODE is dive or shop "
                         "(default: Dive first, then Shop); repeatable")
-    p.add_argument("--bundle", dest="sources", action=_SourceAction, const="bundle", metavar="[MODE=]DIR",
+    p.add_argument("--bundle", dest="sources", action=_SourceAction, const="bundle", metavar="[MODE=]DIR", default=None,
                    help="export bundle folder (with manifest.json) feeding a mode; same rules as --run")
     p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                    help="on-device ONNX model; auto = int8 when the bundle has it, else fp32 "
                         "(switchable in the app)")
-    p.add_argument("--server", default=_DEFAULT_SERVER, metavar="URL",
-                   help="TorchServe inference URL asked when the device is unsure")
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="TorchServe inference URL asked when the device is unsure (default: the server "
+                        f"`fieldid serve start` recorded in RUN/serve, else {_DEFAULT_SERVER})")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="TorchServe key_file.json with the inference token (default: the recorded "
+                        "server's, else ./key_file.json if present)")
+    p.add_argument("--serve-state", type=Path, default=None, metavar="DIR",
+                   help="state directory of a `fieldid serve start` server to use (default: each "
+                        "mode's RUN/serve)")
     p.add_argument("--no-server", action="store_true", help="never ask a server (on-device answers only)")
-    p.add_argument("--key-file", type=Path, default=Path("key_file.json"),
-                   help="TorchServe key_file.json with the inference token (not needed if the server "
-                        "runs without token auth)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
     p.add_argument("--host", default="127.0.0.1", help="address the app listens on")
     p.add_argument("--port", type=int, default=_DEFAULT_PORT, help="port the app listens on")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (a phone uses few)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per answer")
-    p.set_defaults(func=_cmd_demo, sources=[])
+    p.set_defaults(func=_cmd_demo)

@@ -7,12 +7,14 @@ has one; fp32 is the fallback (and selectable for comparison).
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from export.manifest import Artifact, Manifest, ManifestError, load_manifest
 from export.phone import DEFAULT_MAX_PIXELS, decode_image, prediction, preprocess
@@ -36,7 +38,7 @@ class DemoError(ValueError):
 
 
 def bundle_dir_of(path: str | Path) -> Path:
-    """A bundle folder, or a run folder -> its ``export/`` bundle.
+    """A bundle folder, or a run folder -> its ``export/`` bundle (serve/ resolves it the same way).
 
     Raises:
         DemoError: neither holds a ``manifest.json``.
@@ -45,13 +47,12 @@ def bundle_dir_of(path: str | Path) -> Path:
         >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
         PosixPath('runs/reef/export')
     """
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
-    if (path / "export" / "manifest.json").is_file():
-        return path / "export"
-    raise DemoError(f"{path}: no export bundle (no manifest.json here or in {path / 'export'}); "
-                    f"run `fieldid export --run {path}` first")
+    from serve.archive import bundle_dir_of as find_bundle  # torch-free
+
+    try:
+        return find_bundle(path)
+    except ValueError as e:
+        raise DemoError(str(e)) from None
 
 
 def onnx_precisions(manifest: Manifest) -> list[str]:
@@ -152,6 +153,14 @@ class OnDeviceModel:
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._input = self.artifact.input_name
         self._output = self.artifact.output_name
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throw-away prediction, as apps do at start: Pillow's decoder registry and ORT's
+        first run cost tens of milliseconds that would otherwise land on the user's first photo."""
+        buf = io.BytesIO()
+        Image.new("RGB", (self.spec.resize_size, self.spec.resize_size), (90, 120, 140)).save(buf, "PNG")
+        self.predict(buf.getvalue())
 
     @property
     def precision(self) -> str:

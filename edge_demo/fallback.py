@@ -2,17 +2,20 @@
 
 A phone must never hang or crash because the server is away: :func:`ask_server` never raises
 for network or HTTP trouble; it returns a :class:`ServerReply` whose ``message`` says what
-happened, and the app keeps showing the on-device answer.
+happened, and the app keeps showing the on-device answer. The HTTP call is
+:func:`serve.client.predict` (stdlib only, torch-free); :func:`find_server` reads the state a
+``fieldid serve start`` left behind, so the demo finds the server's URL and key file itself.
 """
 from __future__ import annotations
 
-import json
+import http.client
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT_S", "ServerReply", "ask_server", "read_inference_key"]
+__all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT_S", "ServerReply", "ServerConfig", "ask_server", "find_server"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"  # TorchServe's default inference address
 DEFAULT_TIMEOUT_S = 5.0
@@ -33,98 +36,104 @@ class ServerReply:
     round_trip_ms: float | None = None
 
 
-def read_inference_key(key_file: str | Path | None) -> str | None:
-    """The inference token from TorchServe's ``key_file.json``; None when there is no file.
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where a mode's fallback goes: inference API root and the key file (None: no token)."""
 
-    Read on every request because TorchServe writes a new key on each start.
+    url: str
+    key_file: Path | None = None
 
-    Raises:
-        ValueError: the file exists but holds no inference key.
+
+def find_server(model: str, state_dirs: Iterable[str | Path]) -> ServerConfig | None:
+    """The server started by ``fieldid serve start`` that serves ``model``, from its ``server.json``.
+
+    Args:
+        model: the model name on the server (the bundle's manifest name).
+        state_dirs: server state directories to look in, first match wins.
+
+    Returns:
+        URL and key file of the first state directory whose server serves ``model``, or None.
+        The server need not be running now: a stopped one is reported when asked.
 
     Example:
-        >>> read_inference_key(None) is None
-        True
+        >>> find_server("reef", ["runs/reef/serve"])  # doctest: +SKIP
+        ServerConfig(url='http://127.0.0.1:8080', key_file=PosixPath('runs/reef/serve/key_file.json'))
     """
-    if key_file is None or not Path(key_file).is_file():
-        return None
-    try:
-        key = json.loads(Path(key_file).read_text())["inference"]["key"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{key_file}: not a TorchServe key file (no inference.key)") from None
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"{key_file}: empty inference key")
-    return key
+    from serve.server import STATE_FILE, load_state
+
+    for d in state_dirs:
+        if not (Path(d) / STATE_FILE).is_file():
+            continue
+        try:
+            state = load_state(d)
+        except ValueError:
+            continue
+        if model in state.models:
+            return ServerConfig(state.inference_url, Path(state.key_file) if state.auth and state.key_file else None)
+    return None
 
 
-def _error_text(body: bytes) -> str:
-    try:
-        d = json.loads(body)
-    except ValueError:
-        return body.decode("utf-8", "replace").strip()[:200]
-    if isinstance(d, dict):
-        return str(d.get("error") or d.get("message") or d)[:200]
-    return str(d)[:200]
-
-
-def _explain(status: int, detail: str, model: str, key_file: str | Path | None) -> str:
-    if status == 400 and "token" in detail.lower():
-        return f"the server refused the token (HTTP 400); check the key file {key_file or '(none given)'}"
-    if status == 404:
+def _explain(e: Any, model: str, key_file: Path | None) -> str:
+    body = e.body if isinstance(e.body, dict) else {}
+    detail = str(body.get("error") or body.get("message") or e.body)[:200]
+    if e.status in (400, 401, 403) and "token" in detail.lower():
+        return f"the server refused the token (HTTP {e.status}); check the key file {key_file or '(none given)'}"
+    if e.status == 404:
         return f"the server has no model named {model!r} (HTTP 404)"
-    return f"the server answered HTTP {status}: {detail}"
+    return f"the server answered HTTP {e.status}: {detail}"
 
 
 def _valid_response(d: Any) -> bool:
     return isinstance(d, dict) and isinstance(d.get("top_k"), list) and bool(d["top_k"]) and "confidence" in d
 
 
-def ask_server(server: str, model: str, image_bytes: bytes, *, key_file: str | Path | None = None,
+def ask_server(server: ServerConfig, model: str, image_bytes: bytes, *,
                timeout: float = DEFAULT_TIMEOUT_S) -> ServerReply:
-    """POST the photo to ``{server}/predictions/{model}`` and return what happened.
+    """POST the photo to ``{server.url}/predictions/{model}`` and say what happened.
 
     Args:
-        server: base URL of the TorchServe inference API, e.g. ``http://127.0.0.1:8080``.
+        server: inference API root and key file (its inference key is read on every call:
+            TorchServe writes new keys whenever it starts).
         model: the model name on the server (the bundle's manifest name).
         image_bytes: the photo as the user gave it (the server decodes it itself).
-        key_file: TorchServe's ``key_file.json``; its inference key is sent as a Bearer token.
         timeout: seconds to wait for connect and for the answer.
 
     Returns:
         A :class:`ServerReply`; never raises for an unreachable, slow or failing server.
 
     Example:
-        >>> r = ask_server("http://127.0.0.1:9", "reef", b"...", timeout=0.5)  # doctest: +SKIP
+        >>> r = ask_server(ServerConfig("http://127.0.0.1:9"), "reef", b"...", timeout=0.5)  # doctest: +SKIP
         >>> r.ok, r.message
         (False, 'the server at http://127.0.0.1:9 is not reachable (connection refused)')
     """
-    import requests  # only needed when the fallback is really used
+    from serve.client import PredictionError, predict, read_token
 
-    try:
-        token = read_inference_key(key_file)
-    except ValueError as e:
-        return ServerReply(ok=False, message=str(e))
-    url = f"{server.rstrip('/')}/predictions/{model}"
-    headers = {"Content-Type": "application/octet-stream"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    token = None
+    if server.key_file is not None and server.key_file.is_file():
+        try:
+            token = read_token(server.key_file)
+        except (ValueError, OSError) as e:
+            return ServerReply(ok=False, message=f"cannot read the key file: {e}")
+    url = f"{server.url.rstrip('/')}/predictions/{model}"
     t0 = time.perf_counter()
     try:
-        r = requests.post(url, data=image_bytes, headers=headers, timeout=timeout)
-    except requests.exceptions.Timeout:
-        return ServerReply(ok=False, message=f"the server at {server} did not answer within {timeout:g} s")
-    except requests.exceptions.ConnectionError as e:
-        why = "connection refused" if "refused" in str(e).lower() else "cannot connect"
-        return ServerReply(ok=False, message=f"the server at {server} is not reachable ({why})")
-    except requests.exceptions.RequestException as e:
-        return ServerReply(ok=False, message=f"request to {server} failed ({type(e).__name__})")
-    rtt = round((time.perf_counter() - t0) * 1e3, 3)
-    if r.status_code != 200:
-        return ServerReply(ok=False, status=r.status_code, round_trip_ms=rtt,
-                           message=_explain(r.status_code, _error_text(r.content), model, key_file))
-    try:
-        d = r.json()
-    except ValueError:
-        d = None
+        d = predict(url, image_bytes, token=token, timeout=timeout)
+    except PredictionError as e:
+        return ServerReply(ok=False, status=e.status, round_trip_ms=_ms_since(t0),
+                           message=_explain(e, model, server.key_file))
+    except (socket.timeout, TimeoutError):
+        return ServerReply(ok=False, message=f"the server at {server.url} did not answer within {timeout:g} s")
+    except ConnectionRefusedError:
+        return ServerReply(ok=False, message=f"the server at {server.url} is not reachable (connection refused)")
+    except (OSError, http.client.HTTPException) as e:
+        return ServerReply(ok=False, message=f"the server at {server.url} is not reachable ({type(e).__name__})")
+    except ValueError as e:  # not an http(s) URL
+        return ServerReply(ok=False, message=str(e))
     if not _valid_response(d):
-        return ServerReply(ok=False, status=200, round_trip_ms=rtt, message="the server's answer is not a fieldid prediction")
-    return ServerReply(ok=True, status=200, round_trip_ms=rtt, response=d, message="")
+        return ServerReply(ok=False, status=200, round_trip_ms=_ms_since(t0),
+                           message="the server's answer is not a fieldid prediction")
+    return ServerReply(ok=True, status=200, round_trip_ms=_ms_since(t0), response=d, message="")
+
+
+def _ms_since(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1e3, 3)

@@ -6,6 +6,7 @@ was unsure or the user asked). ``edge_demo.app`` only renders outcomes. Torch-fr
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from export.phone import DEFAULT_MAX_PIXELS, ImageInputError
 
 from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
 from .examples import DataOrigin, Example, data_origin, example_images
-from .fallback import DEFAULT_TIMEOUT_S, ServerReply, ask_server
+from .fallback import DEFAULT_TIMEOUT_S, ServerConfig, ServerReply, ask_server
 
 __all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error"]
 
@@ -28,15 +29,17 @@ class ModeInfo:
     key: str
     title: str
     tagline: str
-    cue: str  # what the model looks at, honestly
+    summary: str  # one visible line: what the model looks at
+    cue: str  # the longer, honest version
     class_notes: dict[str, str] = field(default_factory=dict)  # label -> field marks
 
 
 MODES: dict[str, ModeInfo] = {
     "dive": ModeInfo(
         key="dive",
-        title="🤿 Dive",
+        title="Dive",
         tagline="Reef fish ID for divers and snorkellers: photograph a fish, get the species.",
+        summary="Looks at body shape, colour pattern and fins; murky water or a head-on fish makes it unsure.",
         cue=("The model looks at body shape, colour pattern and fins. Murky water, blur and a fish "
              "seen head-on make it unsure; then it asks the server."),
         class_notes={
@@ -53,8 +56,10 @@ MODES: dict[str, ModeInfo] = {
     ),
     "shop": ModeInfo(
         key="shop",
-        title="🛒 Shop",
+        title="Shop",
         tagline="Wild or farmed salmon? Photograph the fillet at the counter.",
+        summary=("Colour is the cue: wild is deep red-orange with thin fat lines, farmed is paler with thick "
+                 "white fat bands. A photo cannot prove origin; check the label."),
         cue=("Colour is the cue, together with the fat lines: wild flesh is deep red-orange with thin, "
              "widely spaced fat lines; farmed flesh is paler with thick, dense white fat bands. Shop "
              "lighting and white balance shift colours, and farmed salmon is often fed pigment, so a "
@@ -96,6 +101,7 @@ class Outcome:
     server: ServerReply | None = None
     asked_because: str = ""  # "low confidence" | "you asked" | "" (server not asked)
     error: str = ""
+    true_label: str = ""  # set when the photo is one of the held-out examples
 
     def to_dict(self) -> dict:
         """JSON-ready view (the app's raw-answer panel and the API tests read this)."""
@@ -107,6 +113,7 @@ class Outcome:
             "server_round_trip_ms": self.server.round_trip_ms if self.server else None,
             "asked_server_because": self.asked_because,
             "error": self.error,
+            "true_label": self.true_label or None,
         }
 
 
@@ -117,27 +124,26 @@ class DemoMode:
         key: ``"dive"`` or ``"shop"`` (selects the words in :data:`MODES`).
         source: a run folder (its ``export/`` bundle is used) or a bundle folder.
         precision: default on-device precision, ``auto`` | ``int8`` | ``fp32``.
-        server: TorchServe inference URL, or None to never ask a server.
-        key_file: TorchServe ``key_file.json`` holding the inference token.
+        server: the TorchServe to ask (URL and key file), or None to never ask a server.
         timeout: seconds to wait for the server.
         threads: ONNX Runtime intra-op threads.
         top_k: classes shown per answer.
 
     Example:
-        >>> mode = DemoMode("dive", "runs/reef", server=None)  # doctest: +SKIP
+        >>> mode = DemoMode("dive", "runs/reef", server=ServerConfig("http://127.0.0.1:8080"))  # doctest: +SKIP
         >>> mode.identify(open("fish.jpg", "rb").read()).device.response["top_k"][0]["label"]  # doctest: +SKIP
         'blue_tang'
     """
 
-    def __init__(self, key: str, source: str | Path, *, precision: str = "auto", server: str | None = None,
-                 key_file: str | Path | None = None, timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1,
-                 top_k: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, key: str, source: str | Path, *, precision: str = "auto", server: ServerConfig | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, threads: int = 1, top_k: int = 3,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if key not in MODES:
             raise DemoError(f"unknown mode {key!r}; valid: {', '.join(MODES)}")
         self.info = MODES[key]
         self.source = Path(source)
         self.bundle_dir = bundle_dir_of(source)
-        self.server, self.key_file, self.timeout = server, key_file, timeout
+        self.server, self.timeout = server, timeout
         self.threads, self.top_k, self.max_pixels = threads, top_k, max_pixels
         self._models: dict[str, OnDeviceModel] = {}
         # Load the default model now: a broken bundle must fail at start, not at the first photo.
@@ -148,6 +154,8 @@ class DemoMode:
         self.precisions = onnx_precisions(self.manifest)
         self.examples: list[Example] = example_images(self.source, self.manifest)
         self.origin: DataOrigin = data_origin(self.source, self.manifest)
+        # Recognise a clicked example by its bytes, to show its true class beside the answer.
+        self._truth = {hashlib.sha256(e.path.read_bytes()).hexdigest(): e.label for e in self.examples}
 
     @property
     def key(self) -> str:
@@ -181,7 +189,9 @@ class DemoMode:
             answer = self.model(precision).predict(image_bytes, k=self.top_k)
         except ImageInputError as e:
             return Outcome(error=friendly_image_error(e))
-        out = Outcome(device=answer)
+        except DemoError as e:  # e.g. a precision this bundle does not have
+            return Outcome(error=str(e))
+        out = Outcome(device=answer, true_label=self._truth.get(hashlib.sha256(image_bytes).hexdigest(), ""))
         if force_server:
             out.asked_because = "you asked"
         elif answer.response["needs_fallback"] and self.server:
@@ -194,9 +204,23 @@ class DemoMode:
         """The server's answer for this mode's model (never raises; see :func:`ask_server`)."""
         if not self.server:
             return ServerReply(ok=False, message="no server is configured (start the demo with --server URL)")
-        return ask_server(self.server, self.manifest.name, image_bytes, key_file=self.key_file, timeout=self.timeout)
+        return ask_server(self.server, self.manifest.name, image_bytes, timeout=self.timeout)
 
     # ---- words ----------------------------------------------------------------------------
+
+    @property
+    def knows_demo_classes(self) -> bool:
+        """True when the bundle's classes are the ones this mode's words describe."""
+        return set(self.manifest.labels) <= set(self.info.class_notes)
+
+    def summary_markdown(self) -> str:
+        """The always-visible lines under the tab: what it does, its cue, and the data caveat."""
+        what = (self.info.summary if self.knows_demo_classes else
+                "This bundle's classes: " + ", ".join(pretty_label(x) for x in self.manifest.labels) + ".")
+        text = f"**{self.info.tagline}** {what}"
+        if self.origin.synthetic:
+            text += "  \n<small>⚠ Trained on synthetic pictures, not photographs: see *About this mode*.</small>"
+        return text
 
     def explanation_markdown(self) -> str:
         """What this mode does, what the classes mean and where the training data came from."""
@@ -206,7 +230,7 @@ class DemoMode:
         for label in self.manifest.labels:
             note = notes.get(label)
             lines.append(f"- **{pretty_label(label)}**" + (f": {note}" if note else ""))
-        if not set(self.manifest.labels) <= set(notes):
+        if not self.knows_demo_classes:
             lines.append("")
             lines.append("(These classes come from the bundle, not from the built-in demo set.)")
         else:
@@ -216,7 +240,7 @@ class DemoMode:
 
     def _origin_sentence(self) -> str:
         if self.origin.synthetic:
-            return ("⚠️ The built-in training data is **synthetic**: pictures drawn by a program "
+            return ("⚠ The built-in training data is **synthetic**: pictures drawn by a program "
                     "(`fieldid data demo`), not photographs. The model shows how the pipeline works; "
                     "it is not a field guide and will do poorly on real photos.")
         if self.origin.root is not None:
@@ -225,7 +249,7 @@ class DemoMode:
 
     def _fallback_sentence(self) -> str:
         t = self.manifest.fallback_threshold
-        where = f"the server at {self.server}" if self.server else "a server (none configured)"
+        where = f"the server at {self.server.url}" if self.server else "a server (none configured)"
         return (f"The model runs **on this device**. When its calibrated confidence is below "
                 f"**{t:.0%}** it asks {where}; you can also press *Ask the server*.")
 
@@ -245,5 +269,5 @@ class DemoMode:
         if isinstance(acc, (int, float)):
             extra.append(f"Held-out accuracy of the run: {acc:.1%} on {m.metrics.get('num_images', '?')} images.")
         if self.notice:
-            extra.append(f"ℹ️ {self.notice}")
+            extra.append(f"Note: {self.notice}")
         return "\n".join(rows) + "\n\n" + " ".join(extra)

@@ -1,17 +1,23 @@
 """fieldid export: run directory -> verified phone artifacts + manifest.json.
 
 Torch-free names (``Manifest``, ``load_manifest``, the numpy preprocessing in ``export.phone``)
-can be imported without torch; ``export_run`` imports the exporters lazily.
+can be imported without torch; ``export_run`` and ``bench_run`` import the exporters lazily.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-__all__ = ["export_run", "ExportError", "Manifest", "Artifact", "load_manifest", "ManifestError"]
+__all__ = ["export_run", "ExportError", "bench_run", "BenchError", "Manifest", "Artifact", "load_manifest",
+           "ManifestError"]
 
-# Exporter modules register themselves in bundle.EXPORTERS when imported.
-_EXPORTER_MODULES = ("onnx_export",)
+# Exporter modules register themselves in bundle.EXPORTERS / RUNTIMES / LABEL_READERS when imported.
+_EXPORTER_MODULES = ("onnx_export", "executorch_export", "torchscript_export", "coreml_export")
+
+
+def _import_exporters() -> None:
+    for mod in _EXPORTER_MODULES:
+        importlib.import_module(f".{mod}", __name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -19,7 +25,8 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(".manifest", __name__), name)
     if name in ("export_run", "ExportError"):
         bundle = importlib.import_module(".bundle", __name__)
-        for mod in _EXPORTER_MODULES:
-            importlib.import_module(f".{mod}", __name__)
+        _import_exporters()
         return getattr(bundle, name)
+    if name in ("bench_run", "BenchError"):
+        return getattr(importlib.import_module(".bench", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,21 +4,29 @@ Each format is one exporter function registered in ``EXPORTERS``. An exporter wr
 files into a staging folder and returns :class:`Artifact` records; verification against the
 PyTorch model on the held-out split is part of every export. The staging folder replaces the
 old bundle only when everything succeeded, so a failed export never destroys a good one.
+
+Formats with a runtime on this machine also register a loader in ``RUNTIMES`` (used by the
+verification here and by ``fieldid bench``) and a label reader in ``LABEL_READERS``, which
+reads the class labels back out of the written file so their order can be checked.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib.metadata
 import io
+import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,9 +34,10 @@ from torch import nn
 
 from training.data import load_split
 from training.images import ImageError, load_rgb
-from training.records import RecordError, RunRecord, atomic_write_bytes, load_record
+from training.records import RecordError, RunRecord, load_record
 from training.train import load_run_model
 
+from .formats import FORMAT_NAMES
 from .manifest import Artifact, Manifest, ManifestError
 from .phone import preprocess
 
@@ -36,11 +45,23 @@ __all__ = [
     "ExportError",
     "ExportContext",
     "EXPORTERS",
+    "RUNTIMES",
+    "LABEL_READERS",
     "ALL_FORMATS",
     "register_exporter",
+    "register_runtime",
+    "register_label_reader",
+    "load_runtime",
+    "run_batched",
     "export_run",
     "verify_logits",
+    "verify_artifact",
+    "check_labels",
+    "converting",
+    "input_spec",
+    "make_artifact",
     "file_sha256",
+    "quiet_third_party",
     "FP32_MAX_ABS_DIFF",
     "INT8_MIN_AGREEMENT",
     "INT8_MAX_ACCURACY_DROP",
@@ -84,10 +105,23 @@ class ExportContext:
     reference_logits: np.ndarray  # fp32 PyTorch logits on ``heldout``
     allow_drop: bool = False
     failures: list[str] = field(default_factory=list)
+    # Images that are neither held out nor used for calibration: int8 recipes are *chosen* on
+    # these (agreement with fp32 needs no labels), so the held-out verification stays unbiased.
+    selection: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
+    selection_source: str = ""
 
     @property
     def example(self) -> torch.Tensor:
         return torch.from_numpy(self.heldout[:1].copy())
+
+    def example_batch(self, n: int = 2) -> torch.Tensor:
+        """``n`` real inputs; ``torch.export`` needs batch > 1 to keep the batch dimension dynamic."""
+        idx = np.arange(n) % len(self.heldout)
+        return torch.from_numpy(self.heldout[idx].copy())
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.record.labels)
 
     @property
     def reference_accuracy(self) -> float:
@@ -95,14 +129,64 @@ class ExportContext:
 
 
 Exporter = Callable[[ExportContext], list[Artifact]]
+Runner = Callable[[np.ndarray], np.ndarray]
+Loader = Callable[[Path, int], Runner]
+LabelReader = Callable[[Path], list[str]]
 EXPORTERS: dict[str, Exporter] = {}
+RUNTIMES: dict[str, Loader] = {}  # artifact format -> loader(path, threads) -> runner(x) -> logits
+LABEL_READERS: dict[str, LabelReader] = {}  # artifact format -> labels stored inside the file
 
 
 def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
+    """Register ``fn(ctx) -> [Artifact, ...]`` as the exporter for the ``--formats`` name ``name``."""
     def deco(fn: Exporter) -> Exporter:
         EXPORTERS[name] = fn
         return fn
     return deco
+
+
+def register_runtime(format: str) -> Callable[[Loader], Loader]:
+    """Register ``loader(path, threads) -> runner`` for artifacts of ``format`` (0 threads = all)."""
+    def deco(fn: Loader) -> Loader:
+        RUNTIMES[format] = fn
+        return fn
+    return deco
+
+
+def register_label_reader(format: str) -> Callable[[LabelReader], LabelReader]:
+    """Register ``reader(path) -> labels`` that reads the class labels out of a ``format`` file."""
+    def deco(fn: LabelReader) -> LabelReader:
+        LABEL_READERS[format] = fn
+        return fn
+    return deco
+
+
+def load_runtime(path: str | Path, format: str, *, threads: int = 0) -> Runner:
+    """Load an artifact with its runtime on this machine.
+
+    Args:
+        path: the artifact file (or folder).
+        format: its manifest format (``onnx``, ``executorch``, ``torchscript``, ...).
+        threads: intra-op threads; 0 = the runtime's default (all cores).
+
+    Returns:
+        ``runner(x: float32 (N, 3, H, W)) -> logits (N, C)``.
+
+    Example:
+        >>> run = load_runtime("runs/salmon/export/model.onnx", "onnx", threads=1)  # doctest: +SKIP
+        >>> run(x).shape
+        (8, 2)
+    """
+    if format not in RUNTIMES:
+        have = ", ".join(sorted(RUNTIMES)) or "none"
+        raise ExportError(f"no runtime for {format} artifacts on this machine (have: {have})")
+    return RUNTIMES[format](Path(path), threads)
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+    """``fn`` over ``x`` in chunks of at most ``batch`` (runtimes have a maximum batch size)."""
+    return np.concatenate([np.asarray(fn(np.ascontiguousarray(x[i:i + batch])), dtype=np.float32)
+                           for i in range(0, len(x), batch)])
 
 
 def file_sha256(path: Path) -> str:
@@ -121,6 +205,31 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def input_spec(ctx: ExportContext, *, batch: int | None = None, normalization: str = "caller",
+               name: str = "input") -> dict[str, Any]:
+    """The artifact's input, spelled out for an app developer.
+
+    Args:
+        ctx: export context (preprocessing comes from the run).
+        batch: fixed batch size, or ``None`` for a dynamic batch dimension (-1).
+        normalization: ``"caller"`` (float tensor, the app applies mean/std) or ``"in_model"``
+            (RGB image with 0-255 pixels; the exact mean/std is inside the model).
+        name: input name in the file.
+    """
+    spec = ctx.record.preprocess_spec
+    size = spec.crop_size
+    d: dict[str, Any] = {
+        "name": name, "shape": [batch if batch else -1, 3, size, size], "layout": spec.layout, "color": spec.color,
+        "resize_size": spec.resize_size, "crop_size": size, "resize": "shorter side", "crop": "center",
+        "interpolation": spec.interpolation, "mean": list(spec.mean), "std": list(spec.std),
+    }
+    if normalization == "caller":
+        d.update(dtype="float32", value="(pixel / 255 - mean) / std, computed by the app")
+    else:
+        d.update(dtype="image", value="RGB pixels 0-255; (pixel / 255 - mean) / std is inside the model")
+    return d
+
+
 def make_artifact(ctx: ExportContext, file: str, format: str, precision: str, **kw: Any) -> Artifact:
     path = ctx.stage / file
     return Artifact(file=file, format=format, precision=precision, sha256=file_sha256(path),
@@ -135,24 +244,124 @@ def verify_logits(ctx: ExportContext, logits: np.ndarray, *, precision: str, nam
     agree = float((logits.argmax(1) == ref.argmax(1)).mean())
     acc = float((logits.argmax(1) == y).mean())
     diff = float(np.abs(logits - ref).max())
+    drop = ctx.reference_accuracy - acc
     if precision == "fp32":
         passed = diff <= FP32_MAX_ABS_DIFF and agree == 1.0
         bar = f"max|diff| <= {FP32_MAX_ABS_DIFF:g} and 100% top-1 agreement"
+        miss = f"max|diff| {diff:.2e} (bar {FP32_MAX_ABS_DIFF:g}), agreement {agree:.2%} (bar 100%)"
     else:
-        drop = ctx.reference_accuracy - acc
         passed = agree >= INT8_MIN_AGREEMENT and drop <= INT8_MAX_ACCURACY_DROP + 1e-9
         bar = f"top-1 agreement >= {INT8_MIN_AGREEMENT:.0%} and accuracy drop <= {INT8_MAX_ACCURACY_DROP * 100:.0f} pt"
+        miss = (f"agreement {agree:.2%} (bar {INT8_MIN_AGREEMENT:.0%}), accuracy drop {drop * 100:.2f} pt "
+                f"(bar {INT8_MAX_ACCURACY_DROP * 100:.0f} pt)")
     result = {
         "status": "passed" if passed else "failed", "bar": bar, "split": ctx.heldout_split,
         "num_images": int(len(y)), "max_abs_logit_diff": diff, "top1_agreement": agree,
-        "accuracy": acc, "reference_accuracy": ctx.reference_accuracy,
+        "accuracy": acc, "reference_accuracy": ctx.reference_accuracy, "accuracy_drop": drop,
     }
     if not passed:
-        ctx.failures.append(f"{name}: agreement {agree:.4f}, accuracy {acc:.4f} vs {ctx.reference_accuracy:.4f}, "
-                            f"max|diff| {diff:.2e} (bar: {bar})")
+        ctx.failures.append(f"{name} missed its bar: {miss}")
     log.info("verified %-22s agreement %.4f  acc %.4f (ref %.4f)  max|diff| %.2e  %s", name, agree, acc,
              ctx.reference_accuracy, diff, result["status"])
     return result
+
+
+def check_labels(ctx: ExportContext, file: str, format: str, labels: list[str] | None = None) -> dict[str, Any]:
+    """Read the labels back out of the written file and compare them (and their order) with the run's.
+
+    Args:
+        ctx: export context.
+        file: artifact file name inside the staging folder.
+        format: manifest format; its ``LABEL_READERS`` entry reads the file.
+        labels: labels already read by the caller (skips the reader).
+
+    Returns:
+        ``{"status": "passed"|"failed", "labels": [...], ...}``; a mismatch is an export failure.
+    """
+    if labels is None:
+        labels = LABEL_READERS[format](ctx.stage / file)
+    ok = list(labels) == ctx.labels
+    res: dict[str, Any] = {"status": "passed" if ok else "failed", "read_from_file": True}
+    if not ok:
+        res["found"] = list(labels)
+        ctx.failures.append(f"{file}: label order {labels} differs from the run's {ctx.labels}")
+    return res
+
+
+def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, *,
+                    check_label_order: bool = True) -> dict[str, Any]:
+    """Reload a written artifact with its runtime, run the held-out split, apply the bars.
+
+    Returns:
+        The verification dict for the manifest (``verify_logits`` + ``labels`` + timings).
+    """
+    t0 = time.perf_counter()
+    runner = load_runtime(ctx.stage / file, format)
+    load_s = time.perf_counter() - t0
+    logits = runner(ctx.heldout)
+    ver = verify_logits(ctx, logits, precision=precision, name=file)
+    ver["runtime"] = _runtime_name(format)
+    ver["reloaded_from_file"] = True
+    ver["load_seconds"] = round(load_s, 3)
+    if check_label_order:
+        ver["labels"] = check_labels(ctx, file, format)
+    return ver
+
+
+def _runtime_name(format: str) -> str:
+    return {"onnx": "onnxruntime (CPUExecutionProvider)", "executorch": "executorch.runtime (XNNPACK)",
+            "torchscript": "torch.jit.load", "torchscript_lite": "torch.jit.mobile lite interpreter",
+            "pytorch": "torch eager"}.get(format, format)
+
+
+# --------------------------------------------------------------------------- conversion errors
+_OP_PATTERNS = (
+    re.compile(r"convert function for op '([\w.:]+)'"),  # coremltools
+    re.compile(r"Unsupported FX nodes: \{'call_function': \['([\w.:]+)'"),  # torch.onnx dynamo
+    re.compile(r"\b(aten[.:]{1,2}\w+(?:\.\w+)?)"),  # torch.export / executorch / onnx
+    re.compile(r"[Oo]perator ['\"]?([\w.:]+)['\"]? (?:is )?not (?:supported|implemented)"),
+)
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The operator named in a converter's error message, if it names one."""
+    text = f"{exc}"
+    for pat in _OP_PATTERNS:
+        m = pat.search(text)
+        if m:
+            return m.group(1)
+    return None
+
+
+@contextlib.contextmanager
+def converting(fmt: str) -> Iterator[None]:
+    """Turn a converter's exception into one clear :class:`ExportError` that names the op.
+
+    Only wrap the third-party conversion call: a bug in our own code should stay a traceback.
+    """
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - converters raise anything from RuntimeError to AssertionError
+        op = unsupported_op(e)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        what = f"op {op} is not supported" if op else f"{type(e).__name__}: {first[:300]}"
+        raise ExportError(f"{fmt}: this model cannot be expressed in {fmt}: {what}") from e
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Hide converters' progress bars and chatter on stderr unless debug logging is on.
+
+    Errors still surface: exceptions propagate and are reported by the caller.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        yield
 
 
 # --------------------------------------------------------------------------- data for verification
@@ -182,34 +391,64 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
     targets = np.asarray(split.targets(which), dtype=np.int64)[kept]
     train_paths = split.paths("train")
     rng = np.random.default_rng(0)
-    pick = sorted(rng.choice(len(train_paths), size=min(calibration_size, len(train_paths)), replace=False))
+    order = rng.permutation(len(train_paths))
+    pick = sorted(order[:calibration_size])
     calib, _ = _load_arrays([train_paths[i] for i in pick], spec)
+    if which == "test" and split.paths("val"):
+        sel_paths, sel_source = split.paths("val")[:calibration_size], "val split"
+    else:
+        rest = sorted(order[calibration_size:2 * calibration_size]) or pick
+        sel_paths, sel_source = [train_paths[i] for i in rest], "training images not used for calibration"
+    selection, _ = _load_arrays(sel_paths, spec)
     model = LogitsModel(load_run_model(run_dir, record)).eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]).numpy()
+    log.info("held-out %s: %d images; calibration: %d training images; recipe selection: %d (%s)", which,
+             len(heldout), len(calib), len(selection), sel_source)
     return ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
                          heldout_targets=targets, heldout_split=which, calibration=calib,
-                         reference_logits=ref, allow_drop=allow_drop)
+                         reference_logits=ref, allow_drop=allow_drop, selection=selection,
+                         selection_source=sel_source)
 
 
 # --------------------------------------------------------------------------- built-in exporters
+def _load_pytorch(path: Path, threads: int, *, backbone: str, num_classes: int) -> Runner:
+    from training.models import create_model
+
+    model = create_model(backbone, num_classes, pretrained=False)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    if threads:
+        torch.set_num_threads(threads)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return lambda x: run_batched(run, x, 64)
+
+
+def load_pytorch(path: str | Path, threads: int = 0, *, backbone: str, num_classes: int) -> Runner:
+    """Eager PyTorch on the bundle's ``model.pth`` (the fp32 reference; needs the backbone name)."""
+    return _load_pytorch(Path(path), threads, backbone=backbone, num_classes=num_classes)
+
+
 @register_exporter("pytorch")
 def export_pytorch(ctx: ExportContext) -> list[Artifact]:
     """The fp32 state dict that the TorchServe handler loads (``weights_only=True``)."""
     shutil.copyfile(ctx.run_dir / ctx.record.weights, ctx.stage / "model.pth")
-    model = load_run_model(ctx.run_dir, ctx.record)
-    model.load_state_dict(torch.load(ctx.stage / "model.pth", map_location="cpu", weights_only=True))
-    with torch.no_grad():
-        logits = model(torch.from_numpy(ctx.heldout)).numpy()
-    ver = verify_logits(ctx, logits, precision="fp32", name="model.pth")
+    runner = load_pytorch(ctx.stage / "model.pth", backbone=ctx.record.backbone, num_classes=ctx.record.num_classes)
+    ver = verify_logits(ctx, runner(ctx.heldout), precision="fp32", name="model.pth")
+    ver.update(runtime=_runtime_name("pytorch"), reloaded_from_file=True,
+               labels={"status": "not_in_file", "note": "a state dict carries no labels; use the manifest's"})
     return [make_artifact(ctx, "model.pth", "pytorch", "fp32", method="state dict of the best checkpoint",
-                          verification=ver)]
+                          input=input_spec(ctx), verification=ver)]
 
 
 def _tool_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("fieldid", "torch", "torchvision", "timm", "onnx", "onnxruntime", "executorch", "torchao",
-                 "coremltools", "numpy", "pillow"):
+    out = {"python": sys.version.split()[0]}
+    for dist in ("fieldid", "torch", "torchvision", "timm", "onnx", "onnxscript", "onnxruntime", "executorch",
+                 "torchao", "coremltools", "numpy", "pillow"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -217,7 +456,7 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-ALL_FORMATS = ("pytorch", "onnx", "executorch", "torchscript", "coreml")
+ALL_FORMATS = FORMAT_NAMES
 
 
 def _swap_in(stage: Path, out: Path) -> None:
@@ -231,7 +470,45 @@ def _swap_in(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run_dir: str | Path, *, formats: list[str] | None = None, out: str | Path | None = None,
+def parse_formats(formats: list[str] | str | None) -> list[str]:
+    """Validate ``--formats`` (list or comma-separated); ``pytorch`` is always included first.
+
+    Raises:
+        ExportError: an unknown name, listing the valid ones.
+    """
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    wanted = list(dict.fromkeys(["pytorch"] + [f.strip().lower() for f in (formats or ALL_FORMATS)]))
+    unknown = [f for f in wanted if f not in ALL_FORMATS]
+    if unknown:
+        raise ExportError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(ALL_FORMATS)}")
+    return wanted
+
+
+def _check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{out}: output location is not writable")
+
+
+def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
+    path = run_dir / record.metrics
+    if not path.is_file():
+        return {}
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")}
+
+
+def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
                allow_drop: bool = False, calibration_size: int = 200) -> Manifest:
     """Export a finished run to every requested format, verify each, write ``manifest.json``.
 
@@ -245,31 +522,31 @@ def export_run(run_dir: str | Path, *, formats: list[str] | None = None, out: st
     Returns:
         The written :class:`Manifest`.
 
+    Raises:
+        ExportError: bad run, unknown format, unwritable output, a model a format cannot
+            express, or (without ``allow_drop``) an artifact that missed its bar. The
+            previous bundle is untouched in every case.
+
     Example:
         >>> m = export_run("runs/salmon", formats=["onnx"])  # doctest: +SKIP
         >>> [a["file"] for a in m.artifacts]
         ['model.pth', 'model.onnx', 'model.int8.onnx']
     """
+    from . import _import_exporters
+
+    _import_exporters()
     run_dir = Path(run_dir)
+    wanted = parse_formats(formats)
     try:
         record = load_record(run_dir)
     except RecordError as e:
         raise ExportError(str(e)) from None
-    wanted = list(dict.fromkeys(["pytorch"] + list(formats or ALL_FORMATS)))
-    unknown = [f for f in wanted if f not in EXPORTERS]
-    if unknown:
-        raise ExportError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(EXPORTERS)}")
     out = Path(out) if out else run_dir / "export"
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ExportError(f"{out}: output location is not writable")
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=parent))
+    _check_writable(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     os.chmod(stage, 0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
     try:
+        t_start = time.time()
         ctx = _context(run_dir, record, stage, calibration_size=calibration_size, allow_drop=allow_drop)
         artifacts: list[Artifact] = []
         timings = {}
@@ -278,29 +555,35 @@ def export_run(run_dir: str | Path, *, formats: list[str] | None = None, out: st
             log.info("exporting %s ...", fmt)
             artifacts += EXPORTERS[fmt](ctx)
             timings[fmt] = round(time.time() - t0, 1)
-        metrics_path = run_dir / record.metrics
-        metrics = {}
-        if metrics_path.is_file():
-            import json
-
-            m = json.loads(metrics_path.read_text())
-            metrics = {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")}
         manifest = Manifest(
             name=record.name, labels=record.labels, preprocess=record.preprocess, temperature=record.temperature,
             fallback_threshold=record.fallback_threshold, fallback_rule=record.fallback_rule,
             backbone=record.backbone, num_classes=record.num_classes, source_run=str(run_dir.resolve()),
             source_checkpoint=record.best_checkpoint, artifacts=[],
             tool_versions=_tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            metrics=metrics, notes=[f"export seconds per format: {timings}"],
+            metrics=_run_metrics(run_dir, record),
+            notes=[f"export seconds per format: {timings} (total {time.time() - t_start:.0f} s)",
+                   f"verification: every artifact with a runtime here was reloaded from its file and run on the "
+                   f"{ctx.heldout_split} split ({len(ctx.heldout)} images, phone preprocessing) against the PyTorch "
+                   f"fp32 model; int8 recipes were chosen on {len(ctx.selection)} images from the "
+                   f"{ctx.selection_source}, never on the held-out split"],
+            verification_summary={"status": "failed" if ctx.failures else "passed", "failures": list(ctx.failures),
+                                  "allow_drop": allow_drop},
         )
         for a in artifacts:
             manifest.set_artifact(a)
+        if any(a.verification.get("status") == "structure_only" for a in artifacts):
+            manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
+                                  "(spec type, input, labels and order, outputs, op set); see each verification")
         manifest.validate()
         manifest.to_json(stage / "manifest.json")
         if ctx.failures and not allow_drop:
-            raise ExportError("verification failed: " + "; ".join(ctx.failures) + " (use --allow-drop to keep them)")
+            raise ExportError("verification failed: " + "; ".join(ctx.failures)
+                              + " (use --allow-drop to keep them anyway)")
         _swap_in(stage, out)
+        log.info("bundle %s: %d artifacts in %.0f s", out, len(artifacts), time.time() - t_start)
         return manifest
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+

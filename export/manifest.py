@@ -48,6 +48,11 @@ class Artifact:
     output_name: str = "logits"
     outputs: str = "logits"  # logits | probabilities | classifier (Core ML label dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    # Added in the full export (defaults keep older manifests readable):
+    input: dict[str, Any] = field(default_factory=dict)  # shape, dtype, layout, colour, resize/crop, mean/std
+    labels_in_file: str = ""  # where the class labels live inside the file ("" = only in this manifest)
+    temperature_in_model: bool = False  # True when the file already outputs softmax(logits / T)
+    quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -73,6 +78,7 @@ class Manifest(_Record):
     created: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
     notes: list[str] = field(default_factory=list)
+    verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 
@@ -83,7 +89,12 @@ class Manifest(_Record):
             raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
         for a in self.artifacts:
-            Artifact(**a)
+            if not isinstance(a, dict):
+                raise ManifestError(f"{source}: every artifact must be a JSON object")
+            try:
+                Artifact(**a)
+            except TypeError as e:  # unknown or missing artifact keys
+                raise ManifestError(f"{source}: artifact {a.get('file', '?')}: {e}") from None
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

@@ -1,1 +1,33 @@
-"""fieldid serve."""
+"""fieldid serve: the full-precision fallback server (TorchServe) for export bundles.
+
+* :mod:`serve.engine` - ``ClassifierEngine``: bytes -> answer, independent of TorchServe (torch).
+* :mod:`serve.fieldid_handler` - the thin TorchServe adapter packed into every ``.mar``.
+* :mod:`serve.archive` - bundle -> ``<name>.mar`` (torch-free).
+* :mod:`serve.server` - start/stop/status with safe defaults (torch-free).
+* :mod:`serve.client` - ``predict(url, image_bytes, token=...)`` (stdlib only).
+
+Names are imported lazily, so ``import serve`` never pulls in torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "ClassifierEngine", "archive_bundle", "build_model_store", "ServeError", "ServeOptions", "ServerState",
+    "start_server", "stop_server", "server_status", "predict", "PredictionError", "ServeClient", "read_token",
+]
+
+_WHERE = {
+    "ClassifierEngine": "engine",
+    "archive_bundle": "archive", "build_model_store": "archive", "ServeError": "archive",
+    "ServeOptions": "server", "ServerState": "server", "start_server": "server", "stop_server": "server",
+    "server_status": "server",
+    "predict": "client", "PredictionError": "client", "ServeClient": "client", "read_token": "client",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

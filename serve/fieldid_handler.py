@@ -77,6 +77,8 @@ class FieldidHandler:
         except Exception as e:  # a model/runtime failure, not bad input: say so, per request
             log.exception("inference failed")
             replies = [Reply(500, error_body(500, f"inference failed: {type(e).__name__}"))] * len(requests)
+        # One line per batch: how batching behaves and which requests were refused, in model_log.
+        log.info("batch of %d: statuses %s", len(replies), [r.status for r in replies])
         out = []
         for i, reply in enumerate(replies):
             context.set_response_content_type(i, "application/json")

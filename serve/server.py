@@ -271,14 +271,12 @@ def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -
 def _log_config() -> str:
     """log4j2 config: TorchServe's files, rolled at 20 MB (5 kept), and only warnings on the
     console (the stock config copies every request's DEBUG lines to stdout, unbounded)."""
-    files = {"access_log": "access_log", "model_log": "model_log", "model_metrics": "model_metrics",
-             "ts_log": "ts_log", "ts_metrics": "ts_metrics"}
     appenders = "".join(
-        f'<RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{f}.log" '
+        f'<RollingFile name="{f}" fileName="${{env:LOG_LOCATION:-logs}}/{f}.log" '
         f'filePattern="${{env:LOG_LOCATION:-logs}}/{f}.%i.log.gz"><PatternLayout pattern="%d{{ISO8601}} '
         f'[%-5p] %t %c - %m%n"/><Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>'
         f'<DefaultRolloverStrategy max="5"/></RollingFile>\n'
-        for name, f in files.items())
+        for f in ("access_log", "model_log", "model_metrics", "ts_log", "ts_metrics"))
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n<Appenders>\n'
         '<Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>'

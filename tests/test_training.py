@@ -327,3 +327,11 @@ def test_cli_help_lists_every_command() -> None:
         assert cmd in r.stdout
     r = run_cli("train", "--help")
     assert r.returncode == 0 and "--resume" in r.stdout and "--no-hue" in r.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    get_backbone(cfg.model)
+    if path.stem == "salmon":
+        assert cfg.augment.hue == 0.0  # colour is the signal

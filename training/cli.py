@@ -66,6 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config) if args.config else TrainConfig()
         cfg = cfg.replace(**train_overrides(args))
         rec = train(args.data, args.out, cfg)
+    if rec.status != "trained":
+        return 0  # a DDP rank other than 0: rank 0 finalises the run and prints the summary
     print(json.dumps({"run": str(args.resume or args.out), "test_accuracy": rec.extra.get("test_accuracy"),
                       "test_macro_f1": rec.extra.get("test_macro_f1"), "temperature": rec.temperature,
                       "fallback_threshold": rec.fallback_threshold}))

@@ -159,6 +159,38 @@ def _devices(cfg: TrainConfig) -> Any:
     return int(d) if d.isdigit() else d
 
 
+def _strategy(cfg: TrainConfig) -> str:
+    """Lightning strategy name, with DDP told that the head-only epochs leave parameters unused.
+
+    DDP registers every parameter when it wraps the model; freezing the backbone afterwards
+    (head-only epochs) makes it fail at the next step unless it looks for unused parameters.
+    """
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    name = cfg.strategy
+    devices = _devices(cfg)
+    if isinstance(devices, str):
+        devices = len(devices.strip(",").split(",")) if "," in devices else (
+            torch.cuda.device_count() if devices in ("-1", "auto") and cfg.accelerator != "cpu" else 1)
+    if name == "auto" and (devices > 1 or cfg.num_nodes > 1):
+        name = "ddp_notebook" if _IS_INTERACTIVE else "ddp"  # what Lightning's "auto" would pick
+    if cfg.head_epochs > 0 and name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        return f"{name}_find_unused_parameters_true"
+    return name
+
+
+def _launch_rank() -> int:
+    """Global rank given by a launcher (Lightning's DDP re-exec, torchrun, SLURM); 0 when alone.
+
+    Known before the Trainer exists, so only the first process creates the run directory.
+    """
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(var, "0")
+        if value.isdigit() and int(value) != 0:
+            return int(value)
+    return 0
+
+
 def _write_state_dict(model: torch.nn.Module, path: Path) -> None:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
@@ -177,7 +209,7 @@ def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torc
 
 # --------------------------------------------------------------------------- train
 def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainConfig | None = None, *,
-          resume: str | Path | None = None) -> RunRecord:
+          resume: str | Path | None = None, callbacks: list[Any] | None = None) -> RunRecord:
     """Fine-tune a backbone on an ImageFolder dataset and write a complete run directory.
 
     Args:
@@ -186,6 +218,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         cfg: training configuration (defaults: :class:`TrainConfig`).
         resume: an interrupted run directory to continue from its last checkpoint; then
             ``data_dir``/``out_dir``/``cfg`` come from that run.
+        callbacks: extra Lightning callbacks (``fieldid tune`` adds its pruning callback).
 
     Returns:
         The run's :class:`RunRecord` (also in ``RUN/run.json``).
@@ -223,24 +256,27 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         cfg = cfg or TrainConfig()
         cfg.validate()
         out = Path(out_dir)
-        _check_out_dir(out)
+        writer = _launch_rank() == 0  # DDP: the other ranks (re-executed by the launcher) only read
+        if writer:
+            _check_out_dir(out)
         backbone = get_backbone(cfg.model)  # unknown model: fail before touching disk
         split = make_split(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            seed=cfg.seed)
         spec = backbone.preprocess(cfg.image_size)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write-test").touch()
-            (out / ".write-test").unlink()
-        except OSError as e:
-            raise RunError(f"{out}: output location is not writable ({e.strerror})") from None
-        cfg.to_yaml(out / "config.yaml")
-        split.to_json(out / "split.json")
-        atomic_write_json(out / "labels.json", split.labels)
-        spec.to_json(out / "preprocess.json")
         record = RunRecord(name=out.name, backbone=cfg.model, num_classes=len(split.labels),
                            labels=split.labels, preprocess=spec.to_dict(), status="training", created=_now())
-        record.to_json(out / "run.json")
+        if writer:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / ".write-test").touch()
+                (out / ".write-test").unlink()
+            except OSError as e:
+                raise RunError(f"{out}: output location is not writable ({e.strerror})") from None
+            cfg.to_yaml(out / "config.yaml")
+            split.to_json(out / "split.json")
+            atomic_write_json(out / "labels.json", split.labels)
+            spec.to_json(out / "preprocess.json")
+            record.to_json(out / "run.json")
         ckpt_path = None
 
     spec = record.preprocess_spec
@@ -279,8 +315,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
     trainer = L.Trainer(
         max_epochs=cfg.epochs, min_epochs=min(cfg.epochs, cfg.head_epochs + 1),
-        accelerator=cfg.accelerator, devices=_devices(cfg), strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-        precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, early],
+        accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(cfg), num_nodes=cfg.num_nodes,
+        precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, early, *(callbacks or [])],
         plugins=[_atomic_checkpoint_io()], deterministic=False, log_every_n_steps=1,
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),

@@ -1,0 +1,140 @@
+"""CLI for serve/: ``fieldid serve archive|start|stop|status``. Torch-free at import time."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from training.cli import HelpFormatter
+
+__all__ = ["register"]
+
+
+def _bundles(args: argparse.Namespace) -> list[Path]:
+    items = list(args.run or []) + list(args.bundle or [])
+    if not items:
+        raise ValueError("pass --run RUN (or --bundle DIR) at least once")
+    return items
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from .server import default_state_dir
+
+    return args.state_dir or default_state_dir(_bundles(args)[0])
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from .archive import build_model_store
+
+    store = args.out or Path(_state_dir(args)) / "model-store"
+    mars = build_model_store(_bundles(args), store)
+    for name, path in mars.items():
+        print(f"{name}: {path}")
+    print(json.dumps({"model_store": str(store), "models": {k: str(v) for k, v in mars.items()}}))
+    return 0
+
+
+def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
+    from .server import ServeOptions
+
+    return ServeOptions(
+        host=args.host, port=args.port, management_port=args.management_port, metrics_port=args.metrics_port,
+        grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1, auth=not args.no_auth,
+        token_expiry_min=args.token_expiry_min, workers=args.workers, threads=args.threads,
+        batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms, max_request_mb=args.max_request_mb,
+        max_pixels=args.max_pixels, precision=args.precision, device=args.device,
+        response_timeout_s=args.response_timeout, startup_timeout_s=args.timeout,
+    )
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from .server import start_server
+
+    st = start_server(_bundles(args), args.state_dir, _options(args))  # warns itself about --host
+    for name, info in st.models.items():
+        print(f"serving {name} (version {info['version']}): {st.prediction_url(name)}")
+    if st.auth:
+        print(f"key file: {st.key_file}  (send 'Authorization: Bearer <inference.key>'; keep it private)")
+    else:
+        print("token authorization is OFF (--no-auth): local development only")
+    first = next(iter(st.models))
+    auth = ' -H "Authorization: Bearer $KEY"' if st.auth else ""
+    print(f"try: curl{auth} -H 'Content-Type: image/jpeg' --data-binary @photo.jpg {st.prediction_url(first)}")
+    print(f"logs: {st.log_dir}")
+    print(f"stop: fieldid serve stop --state-dir {st.state_dir}")
+    print(json.dumps({"state_dir": st.state_dir, "pid": st.pid, "key_file": st.key_file or None,
+                      "urls": {n: st.prediction_url(n) for n in st.models}}))
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from .server import stop_server
+
+    res = stop_server(_state_dir(args), timeout=args.timeout)
+    print("stopped" if res["was_running"] else "was not running", f"({res['state_dir']})")
+    print(json.dumps(res))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .server import server_status
+
+    st = server_status(_state_dir(args))
+    print(json.dumps(st, indent=2))
+    return 0 if st["running"] else 3
+
+
+def _add_targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", type=Path, action="append", help="run directory whose export/ bundle to serve (repeatable)")
+    p.add_argument("--bundle", type=Path, action="append", help="export bundle directory (repeatable)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the server keeps config, model store, logs, key file (default: RUN/serve of the first run)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .server import ServeOptions  # torch-free; its defaults are the flags' defaults
+
+    d = ServeOptions()
+    p = sub.add_parser("serve", help="full-precision fallback server (TorchServe): archive, start, stop, status",
+                       formatter_class=HelpFormatter)
+    ssub = p.add_subparsers(dest="serve_command", required=True, metavar="ACTION")
+
+    a = ssub.add_parser("archive", help="build <name>.mar files (torch-model-archiver) into a model store",
+                        formatter_class=HelpFormatter)
+    _add_targets(a)
+    a.add_argument("--out", type=Path, default=None, help="model store folder (default: STATE_DIR/model-store)")
+    a.set_defaults(func=_cmd_archive)
+
+    s = ssub.add_parser("start", help="start TorchServe; returns when every model's workers are READY",
+                        formatter_class=HelpFormatter)
+    _add_targets(s)
+    s.add_argument("--host", default=d.host,
+                   help="address of the inference API (management, metrics and gRPC always stay on 127.0.0.1)")
+    s.add_argument("--port", type=int, default=d.port, help="inference API port")
+    s.add_argument("--management-port", type=int, default=d.management_port, help="management API port (loopback)")
+    s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="metrics API port (loopback)")
+    s.add_argument("--grpc-port", type=int, default=d.grpc_inference_port, help="gRPC inference port; management uses the next one (loopback)")
+    s.add_argument("--no-auth", action="store_true", help="turn token authorization off (local development only)")
+    s.add_argument("--token-expiry-min", type=float, default=d.token_expiry_min, help="minutes until the keys in key_file.json expire")
+    s.add_argument("--workers", type=int, default=d.workers, help="Python workers per model")
+    s.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker (1 is robust on shared CPUs)")
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="server-side batch size (1 = batching off)")
+    s.add_argument("--max-batch-delay-ms", type=int, default=d.max_batch_delay_ms, help="how long a batch waits to fill up")
+    s.add_argument("--max-request-mb", type=float, default=d.max_request_mb, help="larger request bodies are refused (413)")
+    s.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger decoded images are refused (413)")
+    s.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"),
+                   help="autocast precision on GPU (auto = fp16 on GPU; CPU always runs fp32)")
+    s.add_argument("--device", default=d.device, choices=("auto", "cpu"), help="auto uses GPUs when present")
+    s.add_argument("--response-timeout", type=int, default=d.response_timeout_s, help="seconds before a stuck worker is restarted")
+    s.add_argument("--timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the workers to be READY")
+    s.set_defaults(func=_cmd_start)
+
+    t = ssub.add_parser("stop", help="stop the server and every process it started", formatter_class=HelpFormatter)
+    _add_targets(t)
+    t.add_argument("--timeout", type=float, default=30.0, help="seconds of graceful shutdown before SIGKILL")
+    t.set_defaults(func=_cmd_stop)
+
+    u = ssub.add_parser("status", help="running?, URLs, key file, worker states (exit 3 when not running)",
+                        formatter_class=HelpFormatter)
+    _add_targets(u)
+    u.set_defaults(func=_cmd_status)

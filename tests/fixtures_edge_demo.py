@@ -1,0 +1,56 @@
+"""Fixtures for the edge demo tests: a launched Gradio app fed by ``tiny_bundle`` in both modes.
+
+``demo_app`` (session-scoped) serves Dive from ``tiny_bundle`` (a bundle folder) and Shop from
+``tiny_run`` (a run folder, to cover both ways of naming a bundle) on a free loopback port.
+Its fallback server is a loopback port nobody listens on, i.e. the "server down" case; tests
+that need a real TorchServe use ``served_tiny`` from fixtures_serve. The app is closed at the
+end of the session.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+__all__ = ["DemoApp", "demo_app", "unused_port", "demo_client"]
+
+
+def unused_port() -> int:
+    """A loopback port with nothing listening (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DemoApp:
+    app: Any  # gradio.Blocks
+    url: str
+    modes: dict[str, Any]  # key -> edge_demo.modes.DemoMode
+
+
+def demo_client(url: str) -> Any:
+    """A ``gradio_client.Client`` for a local app: no analytics, no file downloads."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+@pytest.fixture(scope="session")
+def demo_app(tiny_bundle: Path, tiny_run: Path) -> Iterator[DemoApp]:
+    from edge_demo.app import build_app, launch_app
+    from edge_demo.fallback import ServerConfig
+    from edge_demo.modes import DemoMode
+
+    down = ServerConfig(f"http://127.0.0.1:{unused_port()}")
+    modes = {"dive": DemoMode("dive", tiny_bundle, server=down, timeout=2.0),
+             "shop": DemoMode("shop", tiny_run, server=down, timeout=2.0)}
+    app = build_app(list(modes.values()))
+    url = launch_app(app, port=unused_port(), block=False, quiet=True)
+    try:
+        yield DemoApp(app=app, url=url, modes=modes)
+    finally:
+        app.close()

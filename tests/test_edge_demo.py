@@ -1,0 +1,390 @@
+"""edge_demo: on-device path, fallback (real TorchServe and server down), app API, CLI, torch-free.
+
+Everything runs for real: the tiny run's exported ONNX model in ONNX Runtime, a launched
+Gradio app driven over HTTP with ``gradio_client``, TorchServe from ``served_tiny``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures_edge_demo import demo_client, unused_port
+
+from edge_demo.cli import assign_modes
+from edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
+from edge_demo.examples import data_origin, example_images
+from edge_demo.fallback import ServerConfig, ask_server, find_server
+from edge_demo.modes import MAX_FILE_BYTES, DemoMode, pretty_label
+from export.manifest import Artifact, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(size: tuple[int, int] = (80, 60), colour: tuple[int, int, int] = (40, 90, 160)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_assign_modes_positional_and_named() -> None:
+    assert assign_modes([("run", "runs/reef"), ("run", "runs/salmon")]) == {
+        "dive": Path("runs/reef"), "shop": Path("runs/salmon")}
+    # A named mode takes its slot; an unnamed one fills the free slot, whatever the order.
+    assert assign_modes([("run", "shop=runs/salmon"), ("bundle", "b/reef")]) == {
+        "dive": Path("b/reef"), "shop": Path("runs/salmon")}
+    assert assign_modes([("run", "SHOP=x")]) == {"shop": Path("x")}
+    # "=" in a path that does not start with a mode name is part of the path.
+    assert assign_modes([("run", "runs/a=b")]) == {"dive": Path("runs/a=b")}
+
+
+@pytest.mark.parametrize("sources, message", [
+    ([], "give a model"),
+    ([("run", "a"), ("run", "b"), ("run", "c")], "only 2 modes"),
+    ([("run", "dive=a"), ("bundle", "dive=b")], "given twice"),
+])
+def test_assign_modes_errors(sources: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        assign_modes(sources)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid import main
+
+    for argv in (["demo", "--run", str(tmp_path / "missing")], ["demo"],
+                 ["demo", "--run", "a", "--run", "b", "--bundle", "c"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--run", "--bundle", "--precision", "--server", "--key-file", "--serve-state", "--no-server",
+                 "--timeout", "--host", "--port", "--threads", "--top-k"):
+        assert flag in out
+    assert "dive=runs/reef" in out and "Dive" in out and "Shop" in out  # how modes are assigned
+    sub = build_parser()._subparsers._group_actions[0].choices["demo"]
+    assert all(a.help for a in sub._actions), [a.dest for a in sub._actions if not a.help]
+
+
+# --------------------------------------------------------------------------- on-device path
+
+
+def test_select_artifact_prefers_int8_and_says_when_it_cannot(tiny_bundle: Path) -> None:
+    m = load_manifest(tiny_bundle)
+    fp32 = m.find("onnx", "fp32")
+    if "int8" not in onnx_precisions(m):
+        art, notice = select_artifact(m, "auto")
+        assert art.precision == "fp32" and "no int8" in notice
+        with pytest.raises(DemoError, match="no int8 ONNX"):
+            select_artifact(m, "int8")
+        # The same manifest once it lists an int8 artifact: auto now picks it, silently.
+        m.set_artifact(Artifact(file="model.int8.onnx", format="onnx", precision="int8", sha256="0" * 64,
+                                size_bytes=fp32.size_bytes // 4))
+    art, notice = select_artifact(m, "auto")
+    assert (art.precision, notice) == ("int8", "")
+    assert select_artifact(m, "fp32")[0].file == fp32.file
+    with pytest.raises(DemoError, match="not one of"):
+        select_artifact(m, "fp16")
+
+
+def test_damaged_artifact_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    onnx = bundle / load_manifest(bundle).find("onnx", "fp32").file
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(DemoError, match="sha256 differs"):
+        OnDeviceModel(bundle, "fp32")
+
+
+@pytest.fixture(scope="module")
+def dive(tiny_bundle: Path) -> DemoMode:
+    return DemoMode("dive", tiny_bundle, server=None)
+
+
+def test_examples_are_held_out_and_interleaved(dive: DemoMode, tiny_run: Path) -> None:
+    split = json.loads((tiny_run / "split.json").read_text())
+    held_out = {str(Path(split["root"]) / rel) for rel, _ in split["files"]["test"]}
+    ex = dive.examples
+    labels = dive.manifest.labels
+    assert len(ex) == 2 * len(labels)
+    assert {str(e.path) for e in ex} <= held_out
+    assert [e.label for e in ex[:len(labels)]] == labels  # one of each class first
+    for e in ex:
+        assert e.path.parent.name == e.label  # ImageFolder: the folder is the class
+    # A bare bundle finds its examples through the manifest's source run.
+    assert example_images(tiny_run, dive.manifest) == ex
+
+
+def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path) -> None:
+    from training.demo_data import make_demo_dataset
+
+    assert data_origin(dive.source, dive.manifest).synthetic is False
+    assert "synthetic" not in dive.summary_markdown()
+    data = make_demo_dataset("salmon", tmp_path / "salmon", scale=0.01, progress=False).out
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"root": str(data), "labels": ["wild", "farmed"],
+                                                "files": {"test": []}}))
+    origin = data_origin(run, dive.manifest)
+    assert origin.synthetic and origin.root == data
+
+
+def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> None:
+    """decode -> manifest preprocessing -> ORT -> temperature softmax == the trained torch model."""
+    import torch
+
+    from training.data import eval_transform
+    from training.train import load_run_model
+
+    model = load_run_model(tiny_run)
+    spec = dive.manifest.preprocess_spec
+    tf = eval_transform(spec, from_cache=False)
+    for e in dive.examples:
+        ans = dive.model("fp32").predict(e.path.read_bytes(), k=3).response
+        with torch.no_grad():
+            logits = model(tf(Image.open(e.path).convert("RGB"))[None])[0].numpy()
+        ref = np.exp(logits / dive.manifest.temperature - (logits / dive.manifest.temperature).max())
+        ref /= ref.sum()
+        got = {t["index"]: t["probability"] for t in ans["top_k"]}
+        assert max(abs(got[i] - ref[i]) for i in got) < 1e-3
+        assert ans["top_k"][0]["index"] == int(ref.argmax())
+        assert ans["source"] == "device" and ans["latency_ms"] > 0
+        assert ans["needs_fallback"] == (ans["confidence"] < dive.manifest.fallback_threshold)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_every_onnx_precision_runs_and_agrees(dive: DemoMode, precision: str) -> None:
+    if precision not in dive.precisions:
+        pytest.skip(f"tiny_bundle has no {precision} ONNX artifact (export does not build it yet)")
+    truth = [e.label for e in dive.examples]
+    got = [dive.identify(e.path.read_bytes(), precision).device.response["top_k"][0]["label"]
+           for e in dive.examples]
+    fp32 = [dive.identify(e.path.read_bytes(), "fp32").device.response["top_k"][0]["label"]
+            for e in dive.examples]
+    assert np.mean([a == b for a, b in zip(got, fp32)]) >= 0.8
+    assert np.mean([a == b for a, b in zip(got, truth)]) >= 0.5
+    assert dive.model(precision).precision == precision
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buf, "GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "No photo received"),
+    (b"definitely not an image", "not a photo this app can read"),
+    (_gif(), "not a photo this app can read"),  # a real image, but not an allowed format
+    (_png()[:60], "not a photo this app can read"),  # truncated
+    (_png((8000, 5001), (0, 0, 0)), "too large"),  # 40 MP + 8000 px: decoded size over the limit
+    (b"\xff\xd8\xff" + b"\0" * MAX_FILE_BYTES, "too large"),  # file size over the limit
+])
+def test_bad_photos_get_a_friendly_message_and_the_mode_keeps_working(dive: DemoMode, data: bytes,
+                                                                      message: str) -> None:
+    out = dive.identify(data)
+    assert message in out.error and out.device is None and out.server is None
+    assert dive.identify(dive.examples[0].path.read_bytes()).device is not None
+
+
+def test_unknown_precision_is_a_message_not_a_crash(dive: DemoMode) -> None:
+    assert "not one of" in dive.identify(_png(), "fp16").error
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_server_down_keeps_the_device_answer(tiny_bundle: Path) -> None:
+    mode = DemoMode("dive", tiny_bundle, server=ServerConfig(f"http://127.0.0.1:{unused_port()}"), timeout=2)
+    out = mode.identify(mode.examples[0].path.read_bytes(), force_server=True)
+    assert out.device is not None and out.asked_because == "you asked"
+    assert not out.server.ok and "not reachable (connection refused)" in out.server.message
+    assert out.to_dict()["server"] is None and out.to_dict()["device"]["top_k"]
+
+
+def test_slow_server_times_out_with_a_clear_message(tiny_bundle: Path) -> None:
+    with socket.socket() as listener:  # accepts connections, never answers: a hung server
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        reply = ask_server(ServerConfig(url), "shapes", _png(), timeout=0.5)
+    assert not reply.ok and reply.message == f"the server at {url} did not answer within 0.5 s"
+
+
+def test_find_server_reads_the_serve_state(served_tiny, tmp_path: Path) -> None:
+    found = find_server(served_tiny.model, [tmp_path, served_tiny.state_dir])
+    assert found == ServerConfig(served_tiny.base_url, served_tiny.key_file)
+    assert find_server("no_such_model", [served_tiny.state_dir]) is None
+
+
+def test_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
+    mode = DemoMode("dive", tiny_bundle, server=ServerConfig(served_tiny.base_url, served_tiny.key_file))
+    m = load_manifest(tiny_bundle)
+    for e in mode.examples:
+        out = mode.identify(e.path.read_bytes(), force_server=True)
+        assert out.server.ok, out.server.message
+        dev, srv = out.device.response, out.server.response
+        assert srv["source"] != "device" and srv["model"] == m.name == dev["model"]
+        assert srv["version"] == m.find("pytorch", "fp32").sha256[:12]
+        # Same photo, same preprocessing recipe, fp32 on both sides: the same answer.
+        assert srv["top_k"][0]["label"] == dev["top_k"][0]["label"]
+        assert abs(srv["confidence"] - dev["confidence"]) < 1e-3
+        assert out.server.round_trip_ms > 0
+
+
+def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
+    """A bundle whose fallback threshold is 1.0: every answer is "unsure", so the server is asked."""
+    bundle = tmp_path / "strict"
+    bundle.mkdir()
+    for f in tiny_bundle.iterdir():
+        if f.name != "manifest.json":
+            (bundle / f.name).symlink_to(f)
+    d = json.loads((tiny_bundle / "manifest.json").read_text())
+    d["fallback_threshold"] = 1.0
+    (bundle / "manifest.json").write_text(json.dumps(d))
+    server = ServerConfig(served_tiny.base_url, served_tiny.key_file)
+    out = DemoMode("shop", bundle, server=server).identify(_png())
+    assert out.device.response["needs_fallback"] and out.asked_because == "low confidence"
+    assert out.server.ok and out.server.response["top_k"]
+    # The same photo with the shipped threshold and no server: nothing is asked.
+    assert DemoMode("shop", tiny_bundle).identify(_png()).server is None
+
+
+def test_wrong_token_is_explained(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "wrong"}}))
+    reply = ask_server(ServerConfig(served_tiny.base_url, key_file), served_tiny.model, _png())
+    assert not reply.ok and reply.status == 400 and "refused the token" in reply.message
+    reply = ask_server(ServerConfig(served_tiny.base_url, served_tiny.key_file), "no_such_model", _png())
+    assert not reply.ok and reply.status == 404 and "no model named" in reply.message
+
+
+# --------------------------------------------------------------------------- the app over HTTP
+
+
+def _call(client, endpoint: str, path: Path | None, precision: str | None = None) -> tuple:
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)) if path else None, precision, api_name=endpoint)
+
+
+@pytest.mark.parametrize("key", ["dive", "shop"])
+def test_app_identifies_in_each_mode(demo_app, key: str) -> None:
+    client = demo_client(demo_app.url)
+    mode = demo_app.modes[key]
+    for e in mode.examples[:3]:
+        label, device_text, server_label, server_text, raw = _call(client, f"/{key}_identify", e.path, "fp32")
+        expected = mode.identify(e.path.read_bytes(), "fp32").device.response
+        assert raw["device"]["top_k"] == expected["top_k"]
+        assert label["label"] == pretty_label(expected["top_k"][0]["label"])
+        assert "ms on this device" in device_text and "fp32 ONNX" in device_text and "MB" in device_text
+        assert raw["true_label"] == e.label and "Held-out example" in device_text
+        if expected["needs_fallback"]:  # the fixture's server is down
+            assert "Server unavailable" in server_text and raw["asked_server_because"] == "low confidence"
+        else:
+            assert "Not asked" in server_text and raw["server"] is None
+
+
+def test_app_ask_server_with_server_down(demo_app) -> None:
+    client = demo_client(demo_app.url)
+    e = demo_app.modes["shop"].examples[0]
+    label, device_text, server_label, server_text, raw = _call(client, "/shop_ask_server", e.path)
+    assert raw["device"]["top_k"] and label["label"]  # the on-device answer stands
+    assert "Server unavailable" in server_text and "connection refused" in server_text
+    assert raw["server"] is None and raw["asked_server_because"] == "you asked"
+    assert not server_label or not server_label.get("label")
+
+
+def test_app_bad_input_is_friendly_and_app_keeps_working(demo_app, tmp_path: Path) -> None:
+    client = demo_client(demo_app.url)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a photo")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png((8000, 5001), (0, 0, 0)))
+    for path, message in ((text, "not a photo this app can read"), (huge, "too large")):
+        label, device_text, _, server_text, raw = _call(client, "/dive_identify", path)
+        assert message in device_text and message in raw["error"] and not (label or {}).get("label")
+    _, device_text, *_ = _call(client, "/dive_identify", None)
+    assert "Take a photo" in device_text
+    _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path, "int8")
+    if "int8" not in demo_app.modes["dive"].precisions:
+        assert "no int8 ONNX model" in device_text
+    _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path)
+    assert "ms on this device" in device_text
+
+
+def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
+    from edge_demo.app import build_app, launch_app
+
+    mode = DemoMode("dive", tiny_bundle, server=ServerConfig(served_tiny.base_url, served_tiny.key_file))
+    app = build_app([mode])
+    url = launch_app(app, port=unused_port(), block=False, quiet=True)
+    try:
+        e = mode.examples[1]
+        label, device_text, server_label, server_text, raw = _call(demo_client(url), "/dive_ask_server", e.path)
+    finally:
+        app.close()
+    assert raw["server"]["top_k"][0]["label"] == raw["device"]["top_k"][0]["label"]
+    assert server_label["label"] == label["label"]
+    assert "round trip" in server_text and "agrees with the device" in server_text
+
+
+# --------------------------------------------------------------------------- torch-free
+
+
+_TORCH_FREE_SCRIPT = textwrap.dedent("""
+    import json, sys, threading, time
+    import fieldid
+
+    argv = ["demo", "--run", sys.argv[1], "--port", sys.argv[2], "--server", sys.argv[3], "--timeout", "2"]
+    threading.Thread(target=fieldid.main, args=(argv,), daemon=True).start()
+    from gradio_client import Client, handle_file
+
+    for _ in range(600):
+        try:
+            client = Client(f"http://127.0.0.1:{sys.argv[2]}/", verbose=False, analytics_enabled=False,
+                            download_files=False)
+            break
+        except Exception:
+            time.sleep(0.1)
+    out = client.predict(handle_file(sys.argv[4]), None, api_name="/dive_ask_server")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "lightning"))
+    print(json.dumps({"raw": out[4], "torch_modules": loaded,
+                      "onnxruntime": "onnxruntime" in sys.modules, "gradio": "gradio" in sys.modules}))
+    sys.stdout.flush()
+    import os
+    os._exit(0)
+""")
+
+
+def test_fieldid_demo_never_imports_torch(tiny_run: Path, tmp_path: Path) -> None:
+    """The real CLI serves a real prediction (and a fallback attempt); torch stays out of the process."""
+    script = tmp_path / "probe.py"
+    script.write_text(_TORCH_FREE_SCRIPT)
+    example = example_images(tiny_run, load_manifest(tiny_run))[0].path
+    server = f"http://127.0.0.1:{unused_port()}"
+    proc = subprocess.run([sys.executable, str(script), str(tiny_run), str(unused_port()), server, str(example)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raw"]["device"]["top_k"] and "not reachable" in result["raw"]["server_message"]
+    assert result["onnxruntime"] and result["gradio"]
+    assert result["torch_modules"] == []

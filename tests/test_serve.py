@@ -1,0 +1,334 @@
+"""serve/ against real TorchServe processes started by the tests (``served_tiny`` + one CLI server)."""
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.manifest import Manifest, load_manifest
+from export.phone import decode_image, preprocess, softmax
+from serve.archive import bundle_version
+from serve.client import ServeClient, http_json
+from serve.server import load_state, model_workers, server_processes
+
+REPO = Path(__file__).resolve().parents[1]
+# Server answers vs the exported fp32 model (ONNX Runtime) and vs in-process PyTorch on the same
+# bytes: calibrated probabilities within this absolute tolerance, identical top-1.
+PROB_ATOL = 1e-4
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    """Real photos (scikit-image's bundled data) in each allowed format."""
+    from skimage import data
+
+    return {
+        "chelsea.jpg": _encode(Image.fromarray(data.chelsea()), "JPEG", quality=90),
+        "coffee.png": _encode(Image.fromarray(data.coffee()), "PNG"),
+        "astronaut.webp": _encode(Image.fromarray(data.astronaut()), "WEBP", quality=90),
+        "rocket.jpg": _encode(Image.fromarray(data.rocket()), "JPEG", quality=90),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path):
+    from serve.engine import ClassifierEngine
+
+    return ClassifierEngine.from_bundle(tiny_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def shape_files(shapes_dir: Path) -> list[bytes]:
+    return [p.read_bytes() for d in sorted(shapes_dir.iterdir()) for p in sorted(d.iterdir())[:3]]
+
+
+def _probs(answer: dict) -> dict[str, float]:
+    return {t["label"]: t["probability"] for t in answer["top_k"]}
+
+
+def _assert_same(answer: dict, ref: dict[str, float], atol: float = PROB_ATOL) -> None:
+    got = _probs(answer)
+    assert max(got, key=got.get) == max(ref, key=ref.get)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert abs(got[k] - ref[k]) <= atol, (k, got[k], ref[k])
+
+
+def _batch_lines(served) -> list[list[int]]:
+    text = (served.state_dir / "logs" / "model_log.log").read_text(errors="replace")
+    return [json.loads(m) for m in re.findall(r"batch of \d+: statuses (\[[\d, ]+\])", text)]
+
+
+# --------------------------------------------------------------------------- correctness
+def test_predictions_equal_exported_fp32_on_real_photos(served_tiny, tiny_bundle: Path, photos, engine) -> None:
+    import onnxruntime as ort
+
+    m = load_manifest(tiny_bundle)
+    sess = ort.InferenceSession(str(tiny_bundle / m.find("onnx", "fp32").file), providers=["CPUExecutionProvider"])
+    for name, data in photos.items():
+        ans = served_tiny.predict(data)
+        x = preprocess(decode_image(data), m.preprocess_spec)
+        p = softmax(sess.run(None, {"input": x})[0], m.temperature)[0]
+        _assert_same(ans, dict(zip(m.labels, map(float, p))))  # exported ONNX fp32
+        _assert_same(ans, _probs(engine.predict(data)))  # in-process PyTorch, same code path
+        assert ans["model"] == m.name and ans["version"] == bundle_version(m) and ans["source"] == "server"
+        assert ans["latency_ms"] > 0 and isinstance(ans["needs_fallback"], bool), name
+
+
+def _log_dist(a: dict[str, float], b: dict[str, float]) -> float:
+    """Max |log p| difference: sees changes even where probabilities saturate near 1."""
+    return max(abs(np.log(a[k]) - np.log(b[k])) for k in a)
+
+
+def test_exif_orientation_is_applied(served_tiny, engine) -> None:
+    from skimage import data
+
+    img = Image.fromarray(data.chelsea())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    with_exif = _encode(img, "PNG", exif=exif.tobytes())  # lossless, so pixels match exactly
+    by_hand = _probs(engine.predict(_encode(img.transpose(Image.Transpose.ROTATE_270), "PNG")))
+    ignored = _probs(engine.predict(_encode(img, "PNG")))
+    ans = _probs(served_tiny.predict(with_exif))
+    assert _log_dist(ans, by_hand) < 1e-3
+    assert _log_dist(by_hand, ignored) > 0.1  # the test could tell if orientation were ignored
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_inputs() -> list[tuple[str, bytes, str | None, int]]:
+    gif = _encode(Image.new("RGB", (40, 40), (9, 9, 9)), "GIF")
+    bmp = _encode(Image.new("RGB", (40, 40), (9, 9, 9)), "BMP")
+    too_many_pixels = _encode(Image.new("RGB", (1100, 1000), (30, 90, 30)), "PNG")  # 1.1 MP > 1 MP limit
+    too_big = b"\xff\xd8\xff" + os.urandom(int(2.5 * 1024 * 1024))  # body > the 2 MB request limit
+    truncated_jpeg = _encode(Image.new("RGB", (64, 64), (200, 0, 0)), "JPEG")[:60]
+    return [
+        ("empty", b"", "application/octet-stream", 400),
+        ("garbage", os.urandom(2000), "application/octet-stream", 415),
+        ("truncated jpeg", truncated_jpeg, "image/jpeg", 415),
+        ("gif", gif, "image/gif", 415),
+        ("bmp", bmp, "application/octet-stream", 415),
+        ("text", b"hello", "text/plain", 415),
+        ("json", b'{"image": "x"}', "application/json", 415),
+        ("too many pixels", too_many_pixels, "image/png", 413),
+        ("body over the request limit", too_big, "image/jpeg", 413),
+    ]
+
+
+@pytest.mark.parametrize("what, data, content_type, status", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
+def test_bad_input_gets_its_4xx(served_tiny, what: str, data: bytes, content_type: str, status: int) -> None:
+    got, body = served_tiny.request(data, content_type=content_type)
+    assert got == status, (what, body)
+    if status != 413 or what == "too many pixels":  # the frontend's own 413 has no body
+        assert body["status"] == status and body["error"], body
+
+
+def test_bad_image_never_fails_its_batch_mates(served_tiny, shape_files, engine) -> None:
+    """Fire good and bad requests together until one batch held both; each got its own status."""
+    good = shape_files[:3]
+    refs = [_probs(engine.predict(g)) for g in good]
+    bad = [(b"", 400), (os.urandom(500), 415), (_encode(Image.new("RGB", (1100, 1000)), "PNG"), 413)]
+    for _ in range(10):
+        barrier = threading.Barrier(6)
+
+        def send(item):
+            data, expect = item
+            with ServeClient(served_tiny.url, served_tiny.token, timeout=60) as c:
+                barrier.wait()
+                return c.request(data, "application/octet-stream"), expect
+
+        items = [(g, (200, i)) for i, g in enumerate(good)] + list(bad)
+        with ThreadPoolExecutor(6) as ex:
+            results = list(ex.map(send, items))
+        for (status, body), expect in results:
+            if isinstance(expect, tuple):
+                assert status == 200, body
+                _assert_same(body, refs[expect[1]])
+            else:
+                assert status == expect and body["status"] == expect, body
+        if any(200 in b and len(set(b)) > 1 for b in _batch_lines(served_tiny)):
+            return
+    pytest.fail(f"no batch mixed good and bad requests; batches seen: {_batch_lines(served_tiny)[-10:]}")
+
+
+# --------------------------------------------------------------------------- security
+def test_token_is_required(served_tiny, photos) -> None:
+    data = photos["coffee.png"]
+    for token in (None, "not-the-key", served_tiny.management_token):
+        with ServeClient(served_tiny.url, token, timeout=60) as c:
+            status, body = c.request(data)
+        # TorchServe answers auth failures with 400 InvalidKeyException.
+        assert status == 400 and "Token Authorization failed" in body["message"], (token, body)
+    assert served_tiny.key_file.stat().st_mode & 0o077 == 0  # owner-only key file
+    status, _ = http_json("GET", f"{served_tiny.base_url}/ping")
+    assert status == 400
+    with ServeClient(served_tiny.url, served_tiny.token, timeout=60) as c:
+        assert c.request(data)[0] == 200
+
+
+def test_register_and_delete_are_refused(served_tiny) -> None:
+    tok = served_tiny.management_token
+    store = served_tiny.state_dir / "model-store"
+    for method, path in (("POST", f"/models?url={store}/{served_tiny.model}.mar&model_name=evil"),
+                         ("POST", "/models?url=https://example.com/evil.mar"),
+                         ("DELETE", f"/models/{served_tiny.model}")):
+        status, body = http_json(method, served_tiny.management_url + path, token=tok)
+        assert status == 405, (method, path, body)
+    status, body = http_json("GET", f"{served_tiny.management_url}/models", token=tok)
+    assert status == 200 and [m["modelName"] for m in body["models"]] == [served_tiny.model]
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def test_only_loopback_is_listening(served_tiny) -> None:
+    state = served_tiny.state
+    listening = []
+    for p in server_processes(state):
+        listening += [c for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+    ports = {c.laddr.port for c in listening}
+    assert set(state.ports.values()) <= ports  # inference, management, metrics and both gRPC ports
+    assert all(_is_loopback(c.laddr.ip) for c in listening), [c.laddr for c in listening]
+
+
+# --------------------------------------------------------------------------- documented usage
+def test_documented_client_usage_works(served_tiny, photos, tmp_path: Path) -> None:
+    from serve.client import predict, read_token
+
+    token = read_token(served_tiny.key_file)
+    ans = predict(served_tiny.url, photos["chelsea.jpg"], token=token)
+    assert ans["model"] == served_tiny.model
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(photos["chelsea.jpg"])
+    auth = ["-H", f"Authorization: Bearer {token}"]
+    documented = {
+        "raw body": ["-H", "Content-Type: image/jpeg", "--data-binary", f"@{photo}"],
+        "multipart": ["-F", f"data=@{photo}"],
+        "upload (-T)": ["-T", str(photo)],
+    }
+    for what, args in documented.items():
+        out = subprocess.run([curl, "-sS", *auth, *args, "-w", "\n%{http_code}", served_tiny.url],
+                             capture_output=True, text=True, timeout=60)
+        body, code = out.stdout.rsplit("\n", 1)
+        assert code == "200", (what, out.stdout, out.stderr)
+        _assert_same(json.loads(body), _probs(ans))
+    # The trap the docs warn about: curl's --data-binary without -H sends a *form* content type,
+    # which TorchServe's frontend tries to parse and fails with 500 before our handler runs.
+    out = subprocess.run([curl, "-sS", *auth, "--data-binary", f"@{photo}", "-w", "\n%{http_code}", served_tiny.url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.rsplit("\n", 1)[1] == "500"
+
+
+# --------------------------------------------------------------------------- load, batching, recovery
+def test_load_300_requests_at_concurrency_8(served_tiny, shape_files, engine) -> None:
+    refs = [_probs(engine.predict(f)) for f in shape_files]
+    jobs = [i % len(shape_files) for i in range(300)]
+    local = threading.local()
+
+    def one(i: int):
+        c = getattr(local, "client", None) or ServeClient(served_tiny.url, served_tiny.token, timeout=60)
+        local.client = c
+        return i, c.request(shape_files[i], "application/octet-stream")
+
+    before = len(_batch_lines(served_tiny))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, jobs))
+    secs = time.perf_counter() - t0
+    errors = [(i, s, b) for i, (s, b) in results if s != 200]
+    assert not errors, errors[:3]
+    for i, (_, body) in results:  # batching returned each caller its own answer
+        _assert_same(body, refs[i])
+    batches = _batch_lines(served_tiny)[before:]
+    assert max(len(b) for b in batches) > 1, "batching never formed a batch"
+    print(f"300 requests, concurrency 8: {300 / secs:.1f} req/s, {len(batches)} batches, "
+          f"mean batch {300 / len(batches):.2f}")
+
+
+def test_killed_worker_recovers(served_tiny, photos) -> None:
+    state = served_tiny.state
+    (w,) = model_workers(state, served_tiny.model)
+    os.kill(int(w["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ws = model_workers(state, served_tiny.model)
+        if ws and ws[0]["status"] == "READY" and ws[0]["pid"] != w["pid"]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"worker not replaced within 120 s: {model_workers(state, served_tiny.model)}")
+    ans = served_tiny.predict(photos["coffee.png"])
+    assert ans["model"] == served_tiny.model
+
+
+# --------------------------------------------------------------------------- CLI: two models, no auth, stop
+def _fieldid(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fieldid", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_serves_two_models_and_stop_leaves_nothing(served_tiny, tiny_bundle: Path, tmp_path: Path, photos) -> None:
+    from serve.server import free_port
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_bundle, second)
+    m = Manifest.from_json(second / "manifest.json")
+    m.name = "shapes_b"
+    m.to_json(second / "manifest.json")
+    state_dir = tmp_path / "state"
+    ports = sorted({free_port() for _ in range(8)})[:5]
+    start = _fieldid("serve", "start", "--bundle", str(tiny_bundle), "--bundle", str(second), "--state-dir",
+                     str(state_dir), "--no-auth", "--port", str(ports[0]), "--management-port", str(ports[1]),
+                     "--metrics-port", str(ports[2]), "--grpc-port", str(ports[3]))
+    try:
+        assert start.returncode == 0, start.stderr
+        state = load_state(state_dir)
+        assert set(state.models) == {served_tiny.model, "shapes_b"} and not state.auth
+        # start returned only now: every worker is READY and answers at once, without a token.
+        for name in state.models:
+            assert [w["status"] for w in model_workers(state, name)] == ["READY"]
+            with ServeClient(state.prediction_url(name), None, timeout=60) as c:
+                status, body = c.request(photos["rocket.jpg"])
+            assert status == 200 and body["model"] == name
+        assert "key file" not in start.stdout and not (state_dir / "key_file.json").exists()
+        # Two servers side by side: each has its own pid file and sockets under its own tmp dir.
+        assert (state_dir / "tmp" / ".model_server.pid").is_file()
+        assert served_tiny.predict(photos["rocket.jpg"])["model"] == served_tiny.model
+        status = _fieldid("serve", "status", "--state-dir", str(state_dir))
+        assert status.returncode == 0 and json.loads(status.stdout)["running"]
+        procs = server_processes(state)
+        assert len(procs) >= 4  # launcher, Java frontend, one worker per model
+    finally:
+        stop = _fieldid("serve", "stop", "--state-dir", str(state_dir))
+    assert stop.returncode == 0, stop.stderr
+    assert json.loads(stop.stdout.splitlines()[-1])["was_running"]
+    import psutil
+
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not server_processes(load_state(state_dir)) and not (state_dir / "tmp").exists()
+    assert _fieldid("serve", "status", "--state-dir", str(state_dir)).returncode == 3

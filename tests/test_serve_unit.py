@@ -1,0 +1,205 @@
+"""serve/ without a running server: engine, TorchServe adapter, archive, config, CLI, Java check."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.manifest import load_manifest
+from export.phone import ImageInputError
+from serve.archive import ServeError, archive_bundle, bundle_version
+from serve.server import ServeOptions, config_properties, find_java
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(size: tuple[int, int] = (96, 72), color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path):
+    from serve.engine import ClassifierEngine
+
+    return ClassifierEngine.from_bundle(tiny_bundle, threads=1, max_pixels=1_000_000)
+
+
+def test_engine_gives_each_request_its_own_status(engine, shapes_dir: Path) -> None:
+    good = (sorted((shapes_dir / "circle").iterdir())[0]).read_bytes()
+    big = _png((1100, 1000))  # 1.1 MP > the 1 MP limit, but a tiny file
+    gif = _encode(Image.new("RGB", (32, 32)), "GIF")
+    bodies = [good, b"", os.urandom(300), gif, big, ImageInputError("no body", 400), good]
+    replies = engine.handle(bodies)
+    assert [r.status for r in replies] == [200, 400, 415, 415, 413, 400, 200]
+    for r in replies[1:6]:
+        assert set(r.body) == {"error", "status"} and r.body["status"] == r.status
+    single = engine.predict(good)
+    for r in (replies[0], replies[-1]):
+        for a, b in zip(r.body["top_k"], single["top_k"]):
+            assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+
+def test_engine_answer_is_the_shared_schema(engine, shapes_dir: Path) -> None:
+    from export.phone import prediction
+
+    m = engine.manifest
+    ans = engine.predict((sorted((shapes_dir / "square").iterdir())[0]).read_bytes())
+    ref = prediction(np.zeros(m.num_classes), m.labels, temperature=m.temperature,
+                     fallback_threshold=m.fallback_threshold, model=m.name, version="v", source="device",
+                     latency_ms=0.0)
+    assert set(ans) == set(ref)
+    assert ans["source"] == "server" and ans["model"] == m.name and ans["version"] == bundle_version(m)
+    assert sum(t["probability"] for t in ans["top_k"]) == pytest.approx(1.0, abs=1e-6)
+    assert ans["latency_ms"] > 0
+
+
+def test_engine_refuses_weights_that_do_not_match_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from export.manifest import ManifestError
+    from serve.engine import ClassifierEngine
+
+    b = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, b)
+    with open(b / "model.pth", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="sha256"):
+        ClassifierEngine.from_bundle(b, warmup=False)
+
+
+@pytest.mark.parametrize("request_dict, expected", [
+    ({"body": bytearray(b"abc")}, b"abc"),
+    ({"data": b"abc"}, b"abc"),
+    ({"photo": bytearray(b"abc")}, b"abc"),
+    ({}, 400),
+    ({"body": ""}, 400),
+    ({"body": "some text"}, 415),
+    ({"body": {"a": 1}}, 415),
+    ({"a": b"x", "b": b"y"}, 415),
+])
+def test_adapter_maps_torchserve_requests(request_dict: dict, expected) -> None:
+    from serve.fieldid_handler import request_bytes
+
+    got = request_bytes(request_dict)
+    if isinstance(expected, bytes):
+        assert got == expected
+    else:
+        assert isinstance(got, ImageInputError) and got.status == expected
+
+
+def test_archive_holds_handler_weights_and_reduced_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
+    mar = archive_bundle(tiny_bundle, tmp_path / "store")
+    m = load_manifest(tiny_bundle)
+    assert mar == tmp_path / "store" / f"{m.name}.mar"
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        assert {"fieldid_handler.py", "model.pth", "manifest.json", "MAR-INF/MANIFEST.json"} <= names
+        inner = json.loads(z.read("manifest.json"))
+        meta = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    assert [a["format"] for a in inner["artifacts"]] == ["pytorch"]  # only what the server loads
+    assert inner["labels"] == m.labels and inner["temperature"] == m.temperature
+    assert meta["model"]["modelVersion"] == bundle_version(m) and meta["model"]["handler"] == "fieldid_handler.py"
+    assert not list((tmp_path / "store").glob(".archive-*"))  # staging cleaned up
+
+
+def _java_props(text: str) -> dict[str, str]:
+    """Enough of java.util.Properties.load for our file: key=value, backslash escapes."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k] = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), v)
+    return out
+
+
+def test_config_is_loopback_and_locked_down(tmp_path: Path) -> None:
+    store = tmp_path / "model-store"
+    props = _java_props(config_properties(store, {"reef": "abc123"}, ServeOptions()))
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["enable_model_api"] == "false" and props["disable_token_authorization"] == "false"
+    assert props["enable_envvars_config"] == "false"
+    allowed = re.compile(props["allowed_urls"])
+    assert allowed.fullmatch(f"file://{store.resolve().as_posix()}/reef.mar")
+    for bad in ("file:///etc/passwd", "https://example.com/x.mar", f"file://{tmp_path.resolve().as_posix()}/x.mar"):
+        assert not allowed.fullmatch(bad)
+    models = json.loads(props["models"])
+    assert models["reef"]["abc123"]["batchSize"] == 1 and models["reef"]["abc123"]["minWorkers"] == 1
+
+    other = _java_props(config_properties(store, {"reef": "abc"}, ServeOptions(host="0.0.0.0", auth=False, batch_size=8)))
+    assert other["inference_address"].startswith("http://0.0.0.0:")
+    assert other["management_address"].startswith("http://127.0.0.1:")  # only inference moves
+    assert other["disable_token_authorization"] == "true"
+    assert json.loads(other["models"])["reef"]["abc"]["batchSize"] == 8
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ServeError, match="ports must differ"):
+        ServeOptions(port=9000, management_port=9000).validate()
+    with pytest.raises(ServeError, match="precision"):
+        ServeOptions(precision="int4").validate()
+
+
+def test_missing_java_is_one_clear_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match="openjdk-17"):
+        find_java({"PATH": str(tmp_path)})
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(tmp_path)  # no java anywhere; Python itself is started by absolute path
+    proc = subprocess.run([sys.executable, "-m", "fieldid", "serve", "start", "--bundle", str(tiny_bundle),
+                           "--state-dir", str(tmp_path / "state")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: java not found"), proc.stderr
+    assert "apt-get install openjdk-17-jre-headless" in lines[0]
+    assert not (tmp_path / "state").exists()
+
+
+def test_java_here_is_recent_enough() -> None:
+    assert Path(find_java()).name == "java"
+
+
+def test_cli_help_and_torch_free_import() -> None:
+    code = ("import sys, fieldid; p = fieldid.build_parser(); import serve, serve.cli, serve.server, "
+            "serve.client, serve.archive; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+    for action in ("archive", "start", "stop", "status"):
+        out = subprocess.run([sys.executable, "-m", "fieldid", "serve", action, "--help"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "--run" in out.stdout and "--state-dir" in out.stdout
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_matches_cpu(tiny_bundle: Path, shapes_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from serve.engine import ClassifierEngine
+
+    cpu = ClassifierEngine.from_bundle(tiny_bundle, device="cpu")
+    gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # fp16 autocast, channels-last
+    assert gpu.device.type == "cuda" and gpu.precision == "fp16"
+    files = [sorted(d.iterdir())[0].read_bytes() for d in sorted(shapes_dir.iterdir())]
+    for a, b in zip(cpu.handle(files), gpu.handle(files)):
+        assert a.body["top_k"][0]["label"] == b.body["top_k"][0]["label"]
+        pa = {t["label"]: t["probability"] for t in a.body["top_k"]}
+        pb = {t["label"]: t["probability"] for t in b.body["top_k"]}
+        assert all(abs(pa[k] - pb[k]) < 2e-2 for k in pa)
