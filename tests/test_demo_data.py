@@ -18,6 +18,7 @@ from training.demo_data import (
 from training.images import scan_image_folder
 
 TINY = 0.01  # every class gets the minimum of 3 images
+FAST = {"scale": TINY, "image_size": 96, "progress": False}  # for tests about files, not pictures
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -52,10 +53,15 @@ def global_stats(path: Path) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("name", DEMO_DATASETS)
-def test_generates_imagefolder(tmp_path: Path, name: str) -> None:
-    out = tmp_path / name
-    s = make_demo_dataset(name, out, scale=0.1, progress=False)
+@pytest.fixture(scope="module", params=DEMO_DATASETS)
+def small_demo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> DemoSummary:
+    """Each demo at scale 0.1, seed 0 (generated once per module: the reef takes a few seconds)."""
+    name = request.param
+    return make_demo_dataset(name, tmp_path_factory.mktemp("demo") / name, scale=0.1, progress=False)
+
+
+def test_generates_imagefolder(small_demo: DemoSummary) -> None:
+    s, name, out = small_demo, small_demo.name, small_demo.out
     assert isinstance(s, DemoSummary) and s.name == name and s.out == out and s.seed == 0
     assert s.counts == demo_counts(name, 0.1)
     assert all(n >= 3 for n in s.counts.values())
@@ -92,12 +98,18 @@ def test_image_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", DEMO_DATASETS)
 def test_deterministic(tmp_path: Path, name: str) -> None:
-    a = files(make_demo_dataset(name, tmp_path / "a", seed=3, scale=TINY, progress=False).out)
-    b = files(make_demo_dataset(name, tmp_path / "b", seed=3, scale=TINY, progress=False).out)
-    c = files(make_demo_dataset(name, tmp_path / "c", seed=4, scale=TINY, progress=False).out)
-    assert a == b
+    a = files(make_demo_dataset(name, tmp_path / "a", seed=3, **FAST).out)
+    b = files(make_demo_dataset(name, tmp_path / "b", seed=3, **FAST).out)
+    c = files(make_demo_dataset(name, tmp_path / "c", seed=4, **FAST).out)
+    assert a and a == b
     assert a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a)
+
+
+def test_smaller_scale_is_a_prefix(small_demo: DemoSummary, tmp_path: Path) -> None:
+    tiny = files(make_demo_dataset(small_demo.name, tmp_path / "tiny", scale=TINY, progress=False).out)
+    big = files(small_demo.out)
+    assert tiny and all(big[k] == v for k, v in tiny.items())
 
 
 def test_refuses_user_folder(tmp_path: Path) -> None:
@@ -105,45 +117,45 @@ def test_refuses_user_folder(tmp_path: Path) -> None:
     (user / "cats").mkdir(parents=True)
     (user / "cats" / "mine.jpg").write_bytes(b"precious")
     with pytest.raises(ValueError, match="refusing"):
-        make_demo_dataset("reef", user, scale=TINY, progress=False)
+        make_demo_dataset("reef", user, **FAST)
     assert (user / "cats" / "mine.jpg").read_bytes() == b"precious"
     assert not (user / MARKER_NAME).exists()
 
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
-        make_demo_dataset("reef", not_a_dir, scale=TINY, progress=False)
+        make_demo_dataset("reef", not_a_dir, **FAST)
 
 
 def test_idempotent_and_replaces_own_output(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    make_demo_dataset("salmon", out, scale=TINY, progress=False)
+    make_demo_dataset("salmon", out, **FAST)
     first = out / "wild" / "wild_0000.jpg"
     mtime = first.stat().st_mtime_ns
-    again = make_demo_dataset("salmon", out, scale=TINY, progress=False)
+    again = make_demo_dataset("salmon", out, **FAST)
     assert again.counts == {"wild": 3, "farmed": 3}
     assert first.stat().st_mtime_ns == mtime  # nothing rewritten
 
     # Other arguments: the old demo output is ours, so it is replaced (old extra files go).
-    make_demo_dataset("reef", out, scale=TINY, progress=False)
+    make_demo_dataset("reef", out, **FAST)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(demo_counts("reef", TINY))
     assert json.loads((out / MARKER_NAME).read_text())["name"] == "reef"
 
     # A user's file added to a demo folder is not ours to delete.
     (out / "lionfish" / "my_photo.jpg").write_bytes(b"mine")
     with pytest.raises(ValueError, match="my_photo"):
-        make_demo_dataset("salmon", out, scale=TINY, progress=False)
+        make_demo_dataset("salmon", out, **FAST)
     assert (out / "lionfish" / "my_photo.jpg").exists()
 
 
 def test_interrupted_run_is_redone(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    make_demo_dataset("salmon", out, scale=TINY, progress=False)
+    make_demo_dataset("salmon", out, **FAST)
     marker = json.loads((out / MARKER_NAME).read_text())
     (out / MARKER_NAME).write_text(json.dumps({**marker, "complete": False}))
     (out / "farmed" / "farmed_0002.jpg").unlink()
     (out / "farmed" / ".farmed_0002.jpg.abc123.tmp").write_bytes(b"half")
-    make_demo_dataset("salmon", out, scale=TINY, progress=False)
+    make_demo_dataset("salmon", out, **FAST)
     assert (out / "farmed" / "farmed_0002.jpg").exists()
     assert not list(out.rglob("*.tmp"))
     assert json.loads((out / MARKER_NAME).read_text())["complete"] is True
