@@ -335,3 +335,18 @@ def test_shipped_configs_load(path: Path) -> None:
     get_backbone(cfg.model)
     if path.stem == "salmon":
         assert cfg.augment.hue == 0.0  # colour is the signal
+
+
+def test_cli_data_check_and_demo(tmp_path: Path, shapes_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid import main
+
+    data = tmp_path / "d"
+    shutil.copytree(shapes_dir, data)
+    shutil.copy(data / "circle" / "circle_000.png", data / "square" / "copy.png")  # planted duplicate
+    assert main(["data", "check", str(data), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert any("square/copy.png" in g for group in report["exact_duplicates"] for g in group)
+    assert main(["data", "demo", "salmon", str(tmp_path / "salmon"), "--scale", "0.02"]) == 0
+    assert len(list((tmp_path / "salmon").rglob("*.jpg"))) == 12  # 6 wild + 6 farmed
+    assert main(["data", "check", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
