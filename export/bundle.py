@@ -38,7 +38,7 @@ from training.records import RecordError, RunRecord, load_record
 from training.train import load_run_model
 
 from .formats import FORMAT_NAMES
-from .manifest import Artifact, Manifest, ManifestError
+from .manifest import Artifact, Manifest
 from .phone import preprocess
 
 __all__ = [
@@ -57,6 +57,9 @@ __all__ = [
     "verify_logits",
     "verify_artifact",
     "check_labels",
+    "fidelity",
+    "RecipeSearch",
+    "load_arrays",
     "converting",
     "input_spec",
     "make_artifact",
@@ -105,8 +108,9 @@ class ExportContext:
     reference_logits: np.ndarray  # fp32 PyTorch logits on ``heldout``
     allow_drop: bool = False
     failures: list[str] = field(default_factory=list)
-    # Images that are neither held out nor used for calibration: int8 recipes are *chosen* on
-    # these (agreement with fp32 needs no labels), so the held-out verification stays unbiased.
+    # Images int8 recipes are *chosen* on (agreement with fp32 needs no labels): the val split
+    # when the held-out split is test, else unused training images; topped up with calibration
+    # images when there are few. Never the held-out split, so its verification stays unbiased.
     selection: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
     selection_source: str = ""
 
@@ -266,6 +270,64 @@ def verify_logits(ctx: ExportContext, logits: np.ndarray, *, precision: str, nam
     return result
 
 
+def fidelity(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """How faithfully ``logits`` (e.g. int8) follow ``ref`` (fp32) on the same images.
+
+    Returns:
+        ``selection_agreement`` (top-1) and ``relative_logit_error`` (mean |diff| divided by
+        the mean per-image standard deviation of ``ref``, so it is comparable across models).
+    """
+    logits = np.asarray(logits, np.float32)
+    ref = np.asarray(ref, np.float32)
+    spread = float(ref.std(axis=1).mean()) or 1.0
+    return {"selection_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+            "relative_logit_error": float(np.abs(logits - ref).mean() / spread)}
+
+
+class RecipeSearch:
+    """Keeps the most faithful int8 candidate: highest top-1 agreement, then lowest relative error.
+
+    Top-1 agreement alone is too coarse on a few hundred images (two recipes can both reach
+    100% there and still differ on the test split), so ties go to :func:`fidelity`'s error.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tried: list[dict[str, Any]] = []
+        self._best: tuple[tuple[float, float], Any, Any] | None = None
+
+    def add(self, recipe: Any, logits: np.ndarray, ref: np.ndarray, started: float, result: Any) -> float:
+        """Score one candidate (``recipe.describe()``); ``result`` is kept if it is the best. Returns its agreement."""
+        fid = fidelity(logits, ref)
+        self.tried.append({"recipe": recipe.describe(), **fid, "seconds": round(time.time() - started, 1)})
+        log.info("%s candidate %-62s selection agreement %.4f, relative logit error %.4f", self.name,
+                 recipe.describe(), fid["selection_agreement"], fid["relative_logit_error"])
+        score = (fid["selection_agreement"], -fid["relative_logit_error"])
+        if self._best is None or score > self._best[0]:
+            self._best = (score, recipe, result)
+        return fid["selection_agreement"]
+
+    @property
+    def best(self) -> tuple[Any, Any]:
+        """``(recipe, result)`` of the best candidate so far."""
+        if self._best is None:
+            raise ExportError(f"{self.name}: no quantization candidate was tried")
+        return self._best[1], self._best[2]
+
+    @property
+    def best_agreement(self) -> float:
+        return self._best[0][0] if self._best else 0.0
+
+    def manifest_record(self, ctx: "ExportContext", recipe: Any, target: float) -> dict[str, Any]:
+        """The ``quantization`` entry of the manifest for the chosen recipe."""
+        from dataclasses import asdict
+
+        return {**asdict(recipe), "method": recipe.describe(), "calibration_images": int(len(ctx.calibration)),
+                "calibration_source": "training split, eval preprocessing", "selection_source": ctx.selection_source,
+                "selection_images": int(len(ctx.selection)), "selection_target_agreement": target,
+                "candidates_tried": self.tried}
+
+
 def check_labels(ctx: ExportContext, file: str, format: str, labels: list[str] | None = None) -> dict[str, Any]:
     """Read the labels back out of the written file and compare them (and their order) with the run's.
 
@@ -317,6 +379,7 @@ def _runtime_name(format: str) -> str:
 # --------------------------------------------------------------------------- conversion errors
 _OP_PATTERNS = (
     re.compile(r"convert function for op '([\w.:]+)'"),  # coremltools
+    re.compile(r"OpOverload\(op='([\w.]+)', overload='(?:\w+)'\)"),  # torch.onnx dispatch
     re.compile(r"Unsupported FX nodes: \{'call_function': \['([\w.:]+)'"),  # torch.onnx dynamo
     re.compile(r"\b(aten[.:]{1,2}\w+(?:\.\w+)?)"),  # torch.export / executorch / onnx
     re.compile(r"[Oo]perator ['\"]?([\w.:]+)['\"]? (?:is )?not (?:supported|implemented)"),
@@ -352,20 +415,27 @@ def converting(fmt: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_third_party() -> Iterator[None]:
-    """Hide converters' progress bars and chatter on stderr unless debug logging is on.
+    """Hide converters' progress bars and prints (stdout/stderr) unless debug logging is on.
 
     Errors still surface: exceptions propagate and are reported by the caller.
     """
     if log.isEnabledFor(logging.DEBUG):
         yield
         return
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         yield
 
 
 # --------------------------------------------------------------------------- data for verification
-def _load_arrays(paths: list[Path], spec: Any) -> tuple[np.ndarray, list[int]]:
+_MIN_SELECTION = 100  # images to choose int8 recipes on
+
+
+def load_arrays(paths: list[Path], spec: Any) -> tuple[np.ndarray, list[int]]:
+    """Image files -> ``(N, 3, H, W)`` float32 through the *phone* preprocessing, skipping unreadable ones.
+
+    Returns:
+        The array and the indices of ``paths`` that were kept.
+    """
     arrays, kept = [], []
     for i, p in enumerate(paths):
         try:
@@ -385,7 +455,7 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
     split = load_split(split_path)
     which = "test" if split.files.get("test") else "val"
     spec = record.preprocess_spec
-    heldout, kept = _load_arrays(split.paths(which), spec)
+    heldout, kept = load_arrays(split.paths(which), spec)
     if len(heldout) == 0:
         raise ExportError(f"{run_dir}: no readable held-out images under {split.root} to verify against")
     targets = np.asarray(split.targets(which), dtype=np.int64)[kept]
@@ -393,13 +463,21 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
     rng = np.random.default_rng(0)
     order = rng.permutation(len(train_paths))
     pick = sorted(order[:calibration_size])
-    calib, _ = _load_arrays([train_paths[i] for i in pick], spec)
+    calib, _ = load_arrays([train_paths[i] for i in pick], spec)
+    if len(calib) == 0:
+        raise ExportError(f"{run_dir}: no readable training images under {split.root} to calibrate int8 with")
     if which == "test" and split.paths("val"):
         sel_paths, sel_source = split.paths("val")[:calibration_size], "val split"
     else:
         rest = sorted(order[calibration_size:2 * calibration_size]) or pick
         sel_paths, sel_source = [train_paths[i] for i in rest], "training images not used for calibration"
-    selection, _ = _load_arrays(sel_paths, spec)
+    selection, _ = load_arrays(sel_paths, spec)
+    if len(selection) < _MIN_SELECTION and len(calib):
+        # Too few to tell recipes apart (one image = several points of agreement): top up with
+        # calibration images. Every recipe calibrates on them alike, so the comparison stays fair.
+        extra = calib[: _MIN_SELECTION - len(selection)]
+        selection = np.concatenate([selection, extra]) if len(selection) else extra
+        sel_source += f" + {len(extra)} calibration images"
     model = LogitsModel(load_run_model(run_dir, record)).eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]).numpy()
@@ -488,6 +566,9 @@ def parse_formats(formats: list[str] | str | None) -> list[str]:
 def _check_writable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        # The finished bundle *replaces* the folder: never do that to a folder of someone's files.
+        raise ExportError(f"{out}: exists, is not empty and is not a fieldid bundle; choose another --out")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -537,6 +618,8 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     _import_exporters()
     run_dir = Path(run_dir)
     wanted = parse_formats(formats)
+    if calibration_size < 1:
+        raise ExportError(f"calibration size must be >= 1 (got {calibration_size})")
     try:
         record = load_record(run_dir)
     except RecordError as e:

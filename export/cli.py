@@ -13,24 +13,70 @@ __all__ = ["register"]
 def _cmd_export(args: argparse.Namespace) -> int:
     from . import export_run
 
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
-    m = export_run(args.run, formats=formats, out=args.out, allow_drop=args.allow_drop)
-    rows = [{"file": a.file, "precision": a.precision, "size_mb": round(a.size_bytes / 1e6, 2),
-             "verification": a.verification.get("status")} for a in m.artifact_list()]
-    for r in rows:
-        print(f"{r['file']:<24} {r['precision']:<14} {r['size_mb']:>8.2f} MB  {r['verification']}")
-    print(json.dumps({"bundle": str(args.out or Path(args.run) / "export"), "artifacts": len(rows)}))
+    m = export_run(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
+                   calibration_size=args.calibration_size)
+    for a in m.artifact_list():
+        v = a.verification
+        detail = ""
+        if "top1_agreement" in v:
+            detail = (f"agreement {v['top1_agreement']:.2%}  acc {v['accuracy']:.2%}  "
+                      f"max|diff| {v['max_abs_logit_diff']:.1e}")
+        print(f"{a.file:<24} {a.format:<17} {a.precision:<13} {a.size_bytes / 1e6:>7.2f} MB  "
+              f"{v.get('status', '?'):<15} {detail}")
+    print(json.dumps({"bundle": str(args.out or Path(args.run) / "export"), "artifacts": len(m.artifacts),
+                      "verification": m.verification_summary.get("status")}))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench_run
+
+    r = bench_run(args.run, data=args.data, bundle=args.bundle, out=args.out, iters=args.iters,
+                  batch=args.batch, batches=args.batches, limit=args.limit, settle_s=args.settle)
+    print(r["table"])
+    out = args.out or Path(args.run) / "bench"
+    print(json.dumps({"bench": str(out), "files": ["bench.json", "bench.md", "bench.png"],
+                      "images": r["meta"]["images"]}))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .formats import FORMAT_NAMES
+    from .formats import BENCH_SETTLE_S, FORMAT_NAMES
 
-    p = sub.add_parser("export", help="verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML)",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "export", help="verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML)",
+        formatter_class=HelpFormatter,
+        description="Write RUN/export (or --out): model.onnx + model.int8.onnx, model.pte + model.int8.pte, "
+                    "model.pt + model.ptl, model.mlpackage + model.int8.mlpackage and manifest.json. Every "
+                    "artifact with a runtime here is reloaded and checked on the held-out split against PyTorch "
+                    "(fp32: max |logit diff| <= 1e-3 and 100% top-1 agreement; int8: >= 99% agreement and <= 1 "
+                    "point accuracy drop); a miss exits 2 and leaves the previous bundle untouched.")
     p.add_argument("--run", type=Path, required=True, help="finished run directory")
     p.add_argument("--formats", default=None,
                    help=f"comma-separated subset of: {', '.join(FORMAT_NAMES)} (default: all)")
     p.add_argument("--out", type=Path, default=None, help="bundle folder (default: RUN/export)")
-    p.add_argument("--allow-drop", action="store_true", help="keep artifacts that miss a verification bar")
+    p.add_argument("--allow-drop", action="store_true",
+                   help="keep artifacts that miss a verification bar (recorded as failed in the manifest)")
+    p.add_argument("--calibration-size", type=int, default=200,
+                   help="training images used to calibrate the int8 models")
     p.set_defaults(func=_cmd_export)
+
+    b = sub.add_parser(
+        "bench", help="size, accuracy, latency and throughput of every exported artifact",
+        formatter_class=HelpFormatter,
+        description="One row per artifact, eager PyTorch fp32 first: size, accuracy, agreement with eager, "
+                    "batch-1 latency p50/p95 with 1 thread and all threads, batch-32 throughput, load time. "
+                    "Prints the table and writes bench.json, bench.md and bench.png.")
+    b.add_argument("--run", type=Path, required=True, help="run directory whose bundle is benchmarked")
+    b.add_argument("--data", type=Path, default=None,
+                   help="ImageFolder to measure accuracy on (default: the run's held-out split)")
+    b.add_argument("--bundle", type=Path, default=None, help="export bundle (default: RUN/export)")
+    b.add_argument("--out", type=Path, default=None, help="folder for bench.json/.md/.png (default: RUN/bench)")
+    b.add_argument("--iters", type=int, default=50, help="timed batch-1 runs per thread setting")
+    b.add_argument("--batch", type=int, default=32, help="batch size for the throughput column")
+    b.add_argument("--batches", type=int, default=3, help="timed batches for the throughput column")
+    b.add_argument("--limit", type=int, default=None, help="use at most this many images for accuracy")
+    b.add_argument("--settle", type=float, default=BENCH_SETTLE_S,
+                   help="seconds to pause before each timed block so one runtime's spinning threads "
+                        "do not slow the next (0 for a quick smoke run)")
+    b.set_defaults(func=_cmd_bench)

@@ -1,0 +1,272 @@
+"""ExecuTorch (PyTorch's on-device runtime): ``model.pte`` fp32 and ``model.int8.pte``, XNNPACK.
+
+* fp32: ``torch.export`` -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner.
+* int8: PT2E (``prepare_pt2e`` / ``convert_pt2e`` from torchao) with ExecuTorch's XNNPACK
+  quantizer: symmetric int8, per-channel weights, histogram-calibrated activations. As for
+  ONNX, candidate recipes are compared on the selection images with the *converted* PT2E
+  model (fast, and numerically what XNNPACK runs); only the chosen one is lowered.
+
+A ``.pte`` has no metadata map, so labels, preprocessing and temperature are stored as
+constant methods (``fieldid_labels`` etc. return JSON strings / floats): an app reads them
+with ``module.execute("fieldid_labels")`` and they cannot drift from the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec, make_artifact, quiet_third_party,
+                     register_exporter, register_label_reader, register_runtime, run_batched, verify_artifact)
+from .manifest import Artifact
+from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
+
+__all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_threads", "PteInt8Recipe", "MAX_BATCH"]
+
+log = logging.getLogger("fieldid.export")
+# Batch 1, fixed: what an app runs. A dynamic batch dimension makes lowering the int8 graph
+# ~1.7x slower (symbolic shapes through every pass) and plans memory for the largest batch.
+MAX_BATCH = 1
+_EVAL_BATCH = 32  # calibration / selection batches of the (dynamic) PT2E graph in PyTorch
+_CONSTANTS = ("fieldid_labels", "fieldid_preprocess", "fieldid_temperature", "fieldid_fallback_threshold")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Known, non-actionable noise from the ExecuTorch / torchao stack (deprecations, pytree enums)."""
+    with warnings.catch_warnings(), quiet_third_party():
+        stack = r"(executorch|torchao|torch|importlib)(\..*)?"  # raised from their own code, not ours
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=stack)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=stack)
+        warnings.filterwarnings("ignore", message=r".*(Enum subclass|_check_ir_validity|is not supported yet).*")
+        pytree = logging.getLogger("torch.utils._pytree")  # "Enum subclass ... register_constant" at import
+        level = pytree.level
+        pytree.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            pytree.setLevel(level)
+
+
+def _constant_methods(ctx: ExportContext) -> dict[str, Any]:
+    r = ctx.record
+    return {"fieldid_labels": json.dumps(r.labels), "fieldid_preprocess": json.dumps(r.preprocess),
+            "fieldid_temperature": float(r.temperature), "fieldid_fallback_threshold": float(r.fallback_threshold)}
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """XNNPACK's cpuinfo prints "[cpuinfo_utils.cpp] ..." lines from C++ on first use; hide them.
+
+    Works on file descriptor 2 (C++ does not go through ``sys.stderr``). Failures still raise
+    Python exceptions, so nothing actionable is lost; debug logging keeps everything.
+    """
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _program(path: Path):
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(Path(path))
+
+
+def read_pte_constants(path: str | Path) -> dict[str, Any]:
+    """The fieldid constant methods of a ``.pte`` (labels and preprocess decoded from JSON)."""
+    out: dict[str, Any] = {}
+    with _quiet(), _native_stderr_silenced():
+        prog = _program(Path(path))
+        for name in _CONSTANTS:
+            if name in prog.method_names:
+                value = prog.load_method(name).execute([])[0]
+                out[name] = json.loads(value) if name in ("fieldid_labels", "fieldid_preprocess") else value
+    return out
+
+
+@register_label_reader("executorch")
+def _pte_labels(path: Path) -> list[str]:
+    return read_pte_constants(path).get("fieldid_labels", [])
+
+
+def set_threads(threads: int) -> None:
+    """Resize ExecuTorch's process-wide XNNPACK threadpool (0 = leave it as it is).
+
+    The pool is replaced, not resized: methods loaded before must not run afterwards (they
+    would use the old pool, which crashes), so set threads first, then load.
+    """
+    if threads:
+        with _quiet(), _native_stderr_silenced():  # "[threadpool.cpp] Resetting threadpool to N threads."
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
+
+
+@register_runtime("executorch")
+def load_executorch(path: Path, threads: int = 0) -> Runner:
+    """``executorch.runtime`` on a ``.pte``; ``threads`` resizes the (process-wide) XNNPACK pool."""
+    with _quiet(), _native_stderr_silenced():
+        set_threads(threads)
+        method = _program(path).load_method("forward")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return method.execute([torch.from_numpy(x)])[0].numpy()
+
+    return lambda x: run_batched(run, x, MAX_BATCH)
+
+
+def _export(model: torch.nn.Module, ctx: ExportContext) -> torch.export.ExportedProgram:
+    """The program that is lowered: static batch ``MAX_BATCH``."""
+    return torch.export.export(model, (ctx.example_batch(MAX_BATCH),))
+
+
+def _export_for_quantization(model: torch.nn.Module, ctx: ExportContext) -> torch.fx.GraphModule:
+    """A dynamic-batch graph, so calibration and recipe selection run in batches of 32.
+
+    The converted model is re-exported with a static batch for lowering (:func:`_export`);
+    shapes are symbolic in the graph, so it specialises cleanly.
+    """
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return torch.export.export(model, (ctx.example_batch(2),), dynamic_shapes=({0: batch},)).module()
+
+
+def _lower(ep: torch.export.ExportedProgram, ctx: ExportContext, path: Path) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    t0 = time.time()
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                       constant_methods=_constant_methods(ctx)).to_executorch()
+    with open(path, "wb") as fh:  # the whole staging folder is swapped in atomically later
+        prog.write_to_file(fh)
+    log.info("lowered %s to XNNPACK in %.0f s", path.name, time.time() - t0)
+
+
+def _pte_artifact(ctx: ExportContext, file: str, precision: str, method: str, **kw: Any) -> Artifact:
+    ver = verify_artifact(ctx, file, "executorch", precision)
+    return make_artifact(ctx, file, "executorch", precision, method=method, input=input_spec(ctx, batch=MAX_BATCH),
+                         labels_in_file="constant method fieldid_labels (JSON string)", verification=ver, **kw)
+
+
+# --------------------------------------------------------------------------- int8
+@dataclass
+class PteInt8Recipe:
+    """A PT2E + XNNPACKQuantizer recipe (what the manifest records)."""
+
+    float_layers: list[str] = field(default_factory=list)  # module paths of conv/linear left in fp32
+    float_nodes: list[str] = field(default_factory=list)  # their graph node names (the quantizer filter)
+    weights: str = "int8 symmetric, per output channel (PerChannelMinMaxObserver)"
+    activations: str = "int8 per tensor (HistogramObserver)"
+
+    def describe(self) -> str:
+        excl = f", {', '.join(self.float_layers)} kept in fp32" if self.float_layers else ""
+        return f"PT2E static int8, XNNPACKQuantizer per-channel symmetric{excl}"
+
+
+def _weighted_nodes(gm: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """(graph node name, module path) of every conv / linear, in graph order."""
+    targets = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in targets:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else n.name
+            out.append((n.name, str(path)))
+    return out
+
+
+def _weight_count(model: torch.nn.Module, path: str) -> int:
+    try:
+        return int(model.get_submodule(path).weight.numel())
+    except (AttributeError, KeyError):
+        return 0
+
+
+def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recipe) -> torch.fx.GraphModule:
+    """Prepare a copy of the exported graph, calibrate on the training images, convert."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                        get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    gm = copy.deepcopy(gm)  # prepare_pt2e rewrites the graph in place
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if recipe.float_nodes:
+        skip = set(recipe.float_nodes)
+        quantizer.set_filter_function(lambda node: node.name not in skip)
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for i in range(0, len(ctx.calibration), _EVAL_BATCH):
+            prepared(torch.from_numpy(ctx.calibration[i:i + _EVAL_BATCH]))
+    return convert_pt2e(prepared)
+
+
+def _logits(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return run_batched(lambda b: fn(torch.from_numpy(b)).numpy(), x, _EVAL_BATCH)
+
+
+def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recipe, RecipeSearch]:
+    """Fully int8 first (fastest); if it is not faithful enough, keep the stem / classifier in fp32."""
+    sel = ctx.selection if len(ctx.selection) else ctx.calibration
+    ref = _logits(ctx.model, sel)
+    gm = _export_for_quantization(ctx.model, ctx)
+    layers = _weighted_nodes(gm)
+
+    sizes = [_weight_count(ctx.model, path) for _, path in layers]
+    budget = FLOAT_PARAM_BUDGET * sum(sizes)
+
+    def keep(*idx: int) -> PteInt8Recipe | None:
+        if sum(sizes[i] for i in idx) > budget:
+            return None  # too much fp32: the int8 file would not be small any more
+        chosen = [layers[i] for i in idx]
+        return PteInt8Recipe(float_layers=[p for _, p in chosen], float_nodes=[n for n, _ in chosen])
+
+    # The stem conv sees raw normalised pixels and the classifier decides the label: the usual
+    # places where int8 error concentrates in MobileNet-style networks.
+    candidates = [r for r in (PteInt8Recipe(), keep(-1), keep(0, -1), keep(0, 1, -1)) if r is not None]
+    search = RecipeSearch("pte int8")
+    for recipe in candidates:
+        t0 = time.time()
+        with converting("executorch int8"):
+            q = _quantize(gm, ctx, recipe)
+        if search.add(recipe, _logits(q, sel), ref, t0, q) >= SELECTION_TARGET:
+            break
+    recipe, q = search.best
+    return q, recipe, search
+
+
+@register_exporter("executorch")
+def export_executorch(ctx: ExportContext) -> list[Artifact]:
+    """``model.pte`` (fp32, XNNPACK) and ``model.int8.pte`` (PT2E int8, XNNPACK)."""
+    with _quiet():
+        with converting("executorch"):
+            _lower(_export(ctx.model, ctx), ctx, ctx.stage / "model.pte")
+        fp32 = _pte_artifact(ctx, "model.pte", "fp32", "torch.export + to_edge_transform_and_lower, XNNPACK delegate")
+        q, recipe, search = _choose_int8(ctx)
+        with converting("executorch int8"):
+            _lower(_export(q, ctx), ctx, ctx.stage / "model.int8.pte")
+        int8 = _pte_artifact(ctx, "model.int8.pte", "int8", recipe.describe() + ", XNNPACK delegate",
+                             quantization=search.manifest_record(ctx, recipe, SELECTION_TARGET))
+    return [fp32, int8]

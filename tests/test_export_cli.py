@@ -1,0 +1,230 @@
+"""``fieldid export`` / ``fieldid bench`` end to end, and every bad input: one line, exit 2, old bundle intact."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fieldid
+from export import bundle as B
+from fixtures_export import copy_run
+from training.models import _REGISTRY, BackboneSpec, create_model, register_backbone
+
+FIELDID = [sys.executable, "-c", "import sys, fieldid; sys.exit(fieldid.main())"]
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = fieldid.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle made through the real CLI in a subprocess (what a user runs)."""
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    # TorchScript keeps it quick; every other format is exported (in-process) by ``full_bundle``.
+    proc = subprocess.run(FIELDID + ["export", "--run", str(tiny_run), "--formats", "torchscript",
+                                     "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary == {"bundle": str(out), "artifacts": 3, "verification": "passed"}
+    for f in ("model.pth", "model.pt", "model.ptl"):
+        assert f in proc.stdout and (out / f).is_file()
+    assert not list(out.parent.glob(".bundle.staging-*"))
+    return out
+
+
+def test_cli_export_end_to_end(small_bundle: Path) -> None:
+    m = json.loads((small_bundle / "manifest.json").read_text())
+    assert [a["file"] for a in m["artifacts"]] == ["model.pth", "model.pt", "model.ptl"]
+    assert all(a["verification"]["status"] == "passed" for a in m["artifacts"])
+
+
+def test_cli_bench_end_to_end(tiny_run: Path, small_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(FIELDID + ["bench", "--run", str(tiny_run), "--bundle", str(small_bundle), "--out", str(out),
+                                     "--iters", "3", "--batches", "1", "--settle", "0"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:2] == ["artifact", "MB"] and table[2].startswith("eager pytorch fp32")
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["file"] for r in rows] == ["model.pth", "model.pt", "model.ptl"]
+    assert rows[0]["agreement"] == 1.0 and rows[0]["speedup_1t"] == pytest.approx(1.0)
+    for r in rows:
+        for key in ("accuracy", "agreement", "p50_ms_1t", "p95_ms_1t", "p50_ms_all", "p95_ms_all",
+                    "throughput_b32", "load_s", "size_mb"):
+            assert r[key] is not None and r[key] > 0, (r["file"], key)
+        assert r["p95_ms_1t"] >= r["p50_ms_1t"]
+    assert "| artifact |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_includes_size_only_rows_and_other_data(tiny_run: Path, full_bundle: Path, shapes_dir: Path,
+                                                     tmp_path: Path) -> None:
+    from export import bench_run
+
+    r = bench_run(tiny_run, bundle=full_bundle, data=shapes_dir, out=tmp_path, iters=2, batches=1, limit=16,
+                  settle_s=0)
+    rows = {row["file"]: row for row in r["rows"]}
+    assert r["rows"][0]["format"] == "pytorch" and r["meta"]["images"] == 16
+    assert rows["model.mlpackage"]["p50_ms_1t"] is None and "macOS" in rows["model.mlpackage"]["note"]
+    assert rows["model.int8.pte"]["agreement"] >= 0.8 and rows["model.pte"]["agreement"] == 1.0
+
+
+# --------------------------------------------------------------------------- bad input
+def test_unknown_format_lists_the_valid_ones(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "onnx,tflite", "--out", str(tmp_path / "b"))
+    line = _one_error_line(err)
+    assert code == 2 and "tflite" in line and all(f in line for f in ("onnx", "executorch", "torchscript", "coreml"))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "incomplete", "no_weights"])
+def test_missing_or_incomplete_run(capsys, tiny_run: Path, tmp_path: Path, case: str) -> None:
+    run = tmp_path / "run"
+    if case == "not_a_run":
+        run.mkdir()
+    elif case == "incomplete":
+        copy_run(tiny_run, run, status="training")
+    elif case == "no_weights":
+        copy_run(tiny_run, run)
+        (run / "model.pth").unlink()
+    code, _, err = _main(capsys, "export", "--run", str(run), "--formats", "onnx")
+    line = _one_error_line(err)
+    assert code == 2 and str(run) in line
+    assert {"missing": "no such run", "not_a_run": "run.json", "incomplete": "incomplete",
+            "no_weights": "model.pth"}[case] in line
+    assert not (run / "export").exists()
+
+
+def test_calibration_size_must_be_positive(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--calibration-size", "0", "--out", str(tmp_path / "b"))
+    assert code == 2 and "calibration size must be >= 1" in _one_error_line(err)
+
+
+def test_unwritable_output(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "onnx", "--out", str(blocker / "bundle"))
+    assert code == 2 and "not writable" in _one_error_line(err)
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_bundle(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    keep = tmp_path / "documents"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("precious")
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(keep))
+    assert code == 2 and "not a fieldid bundle" in _one_error_line(err)
+    assert [p.name for p in keep.iterdir()] == ["thesis.txt"]
+
+
+def test_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, tiny_run: Path, small_bundle: Path,
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "bundle"
+    import shutil
+
+    shutil.copytree(small_bundle, out)
+    before = _snapshot(out)
+    # An impossible fp32 bar (|diff| <= 0): real exported files, which differ from eager by
+    # ~1e-6, must now "miss" it. TorchScript keeps this test fast.
+    monkeypatch.setattr(B, "FP32_MAX_ABS_DIFF", 0.0)
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out))
+    line = _one_error_line(err)
+    assert code == 2 and "model.pt missed its bar: max|diff|" in line and "(bar 0)" in line and "--allow-drop" in line
+    assert _snapshot(out) == before  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
+    # --allow-drop keeps them, recorded as failed (model.pth is bit-identical to eager: passes).
+    code, out_text, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out),
+                                "--allow-drop")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    status = {a["file"]: a["verification"]["status"] for a in m["artifacts"]}
+    assert status == {"model.pth": "passed", "model.pt": "failed", "model.ptl": "failed"}
+    assert m["verification_summary"]["status"] == "failed" and m["verification_summary"]["allow_drop"] is True
+
+
+def test_label_order_mismatch_in_a_file_is_caught(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from export import torchscript_export
+
+    real = torchscript_export._extra_files
+
+    def swapped(ctx):
+        files = real(ctx)
+        files["fieldid/labels.json"] = json.dumps(list(reversed(ctx.labels)))
+        return files
+
+    monkeypatch.setattr(torchscript_export, "_extra_files", swapped)
+    with pytest.raises(B.ExportError, match=r"model\.pt: label order .* differs from the run's"):
+        B.export_run(tiny_run, formats=["torchscript"], out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+class _ErfinvNet(nn.Module):
+    """A model that uses an op ONNX has no function for (``erfinv``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 8, 3, stride=2)
+        self.classifier = nn.Linear(8, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.special.erfinv(torch.tanh(self.features(x).mean((2, 3))) * 0.5)
+        return self.classifier(h)
+
+
+@pytest.fixture
+def erfinv_backbone():
+    name = "test_erfinv_net"
+    register_backbone(BackboneSpec(
+        name=name, architecture="tests._ErfinvNet", input_size=64, crop_pct=0.875, interpolation="bilinear",
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), weight_source="random", license="test",
+        num_params=0, builder=lambda pretrained, weights_file: _ErfinvNet()))
+    yield name
+    _REGISTRY.pop(name, None)  # never leak into tests that iterate over the registry
+
+
+def test_a_model_the_format_cannot_express(capsys, tiny_run: Path, tmp_path: Path, erfinv_backbone: str) -> None:
+    run = copy_run(tiny_run, tmp_path / "run", backbone=erfinv_backbone)
+    torch.save(create_model(erfinv_backbone, 3, pretrained=False).state_dict(), run / "model.pth")
+    code, _, err = _main(capsys, "export", "--run", str(run), "--formats", "onnx")
+    line = _one_error_line(err)
+    assert code == 2 and "cannot be expressed in onnx" in line and "erf_inv" in line
+    assert not (run / "export").exists()
+
+
+def test_bench_without_a_bundle(capsys, tiny_run: Path, tmp_path: Path) -> None:
+    code, _, err = _main(capsys, "bench", "--run", str(tiny_run), "--bundle", str(tmp_path / "nope"))
+    assert code == 2 and "fieldid export" in _one_error_line(err)
+
+
+def test_help_lists_formats_and_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        fieldid.main(["export", "--help"])
+    text = capsys.readouterr().out
+    assert all(f in text for f in ("onnx", "executorch", "torchscript", "coreml", "--allow-drop", "default: 200"))
+    with pytest.raises(SystemExit):
+        fieldid.main(["bench", "--help"])
+    assert "--data" in capsys.readouterr().out
+
+
+def test_cli_module_is_torch_free() -> None:
+    code = "import sys, export.cli, export.formats, export.manifest; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})

@@ -1,0 +1,202 @@
+"""Every export format on the tiny (really fine-tuned) run: round trip, manifest, labels, int8 bars."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import _import_exporters
+from export import bundle as B
+from export.formats import FORMAT_NAMES
+from export.manifest import FORMATS, MANIFEST_SCHEMA_VERSION, Artifact, Manifest, ManifestError, load_manifest
+from training.records import RecordError
+
+_import_exporters()  # fills the EXPORTERS / RUNTIMES / LABEL_READERS registries
+
+
+def _heldout(run: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_split
+    from training.records import load_record
+
+    rec = load_record(run)
+    split = load_split(run / rec.split)
+    x, kept = B.load_arrays(split.paths("test"), manifest.preprocess_spec)
+    return x, np.asarray(split.targets("test"))[kept]
+
+
+@pytest.fixture(scope="module")
+def manifest(full_bundle: Path) -> Manifest:
+    return load_manifest(full_bundle)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_run: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out inputs, targets and the eager PyTorch logits computed here, independently of the export."""
+    import torch
+
+    from training.train import load_run_model
+
+    x, y = _heldout(tiny_run, manifest)
+    with torch.no_grad():
+        logits = load_run_model(tiny_run)(torch.from_numpy(x)).numpy()
+    return x, y, logits
+
+
+def test_every_format_produced_its_artifacts(manifest: Manifest) -> None:
+    have = {(a.format, a.precision) for a in manifest.artifact_list()}
+    assert have == {("pytorch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"), ("executorch", "fp32"),
+                    ("executorch", "int8"), ("torchscript", "fp32"), ("torchscript_lite", "fp32"),
+                    ("coreml", "fp16"), ("coreml", "int8_weights")}
+    # Every --formats name is covered by the registry and produced something.
+    assert set(B.EXPORTERS) == set(FORMAT_NAMES)
+    for name in FORMAT_NAMES:
+        assert any(a.format.startswith(name) for a in manifest.artifact_list()), name
+    assert manifest.verification_summary["status"] == "passed"
+
+
+def _runnable(manifest: Manifest) -> list[Artifact]:
+    return [a for a in manifest.artifact_list() if a.format in B.RUNTIMES]
+
+
+def test_round_trip_eager_vs_exported_vs_reloaded(full_bundle: Path, manifest: Manifest, eager) -> None:
+    """Reload each file with its own runtime now and compare with eager PyTorch computed in this test."""
+    x, y, ref = eager
+    runnable = _runnable(manifest)
+    assert {a.format for a in runnable} == {"onnx", "executorch", "torchscript", "torchscript_lite"}
+    for art in runnable:
+        logits = B.load_runtime(full_bundle / art.file, art.format, threads=1)(x)
+        assert logits.shape == ref.shape, art.file
+        agree = float((logits.argmax(1) == ref.argmax(1)).mean())
+        if art.precision == "fp32":
+            np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=0, err_msg=art.file)
+            assert agree == 1.0, art.file
+        else:
+            assert agree >= 0.99, art.file
+        # What the export recorded is what the file does now (reloaded == exported).
+        v = art.verification
+        assert v["status"] == "passed" and v["reloaded_from_file"] is True, art.file
+        assert v["top1_agreement"] == pytest.approx(agree), art.file
+        assert v["num_images"] == len(y) and v["split"] == "test"
+
+
+def test_batch_one_and_dynamic_batch(full_bundle: Path, manifest: Manifest, eager) -> None:
+    """Apps run batch 1; verification and throughput use bigger batches: both must work."""
+    x, _, ref = eager
+    for art in _runnable(manifest):
+        run = B.load_runtime(full_bundle / art.file, art.format)
+        one = run(x[:1])
+        assert one.shape == (1, ref.shape[1]), art.file
+        if art.precision == "fp32":
+            np.testing.assert_allclose(one, ref[:1], atol=1e-3, rtol=0, err_msg=art.file)
+        assert run(np.concatenate([x] * 3)[:33]).shape == (33, ref.shape[1]), art.file
+
+
+def test_int8_artifacts_meet_the_bars_on_a_real_fine_tuned_run(full_bundle: Path, manifest: Manifest, eager) -> None:
+    x, y, ref = eager
+    ref_acc = float((ref.argmax(1) == y).mean())
+    assert ref_acc >= 0.75  # the tiny run really learned something, so agreement is meaningful
+    int8 = [a for a in manifest.artifact_list() if a.precision == "int8"]
+    assert {a.file for a in int8} == {"model.int8.onnx", "model.int8.pte"}
+    for art in int8:
+        logits = B.load_runtime(full_bundle / art.file, art.format)(x)
+        acc = float((logits.argmax(1) == y).mean())
+        assert float((logits.argmax(1) == ref.argmax(1)).mean()) >= B.INT8_MIN_AGREEMENT, art.file
+        assert ref_acc - acc <= B.INT8_MAX_ACCURACY_DROP + 1e-9, art.file
+        q = art.quantization
+        assert q["method"] and q["calibration_images"] > 0 and q["candidates_tried"], art.file
+        assert "per-channel" in art.method, art.file
+        # The int8 file really is int8: far smaller than its fp32 sibling.
+        fp32 = manifest.find(art.format, "fp32")
+        assert art.size_bytes <= 0.30 * fp32.size_bytes, (art.file, art.size_bytes, fp32.size_bytes)
+
+
+def test_label_order_read_back_from_every_file(full_bundle: Path, manifest: Manifest, tiny_run: Path) -> None:
+    run_labels = json.loads((tiny_run / "labels.json").read_text())
+    assert manifest.labels == run_labels
+    for art in manifest.artifact_list():
+        if art.format == "pytorch":
+            continue  # a state dict has no place for labels; the manifest carries them
+        assert art.format in B.LABEL_READERS, art.file
+        assert B.LABEL_READERS[art.format](full_bundle / art.file) == run_labels, art.file
+        assert art.verification["labels"]["status"] == "passed", art.file
+        assert art.labels_in_file, art.file
+
+
+def test_extra_metadata_travels_inside_the_files(full_bundle: Path, manifest: Manifest) -> None:
+    from export.executorch_export import read_pte_constants
+    from export.onnx_export import read_onnx_metadata
+    from export.torchscript_export import read_extra_files
+
+    for f in ("model.onnx", "model.int8.onnx"):
+        meta = read_onnx_metadata(full_bundle / f)
+        assert json.loads(meta["fieldid.preprocess"]) == manifest.preprocess
+        assert float(meta["fieldid.temperature"]) == pytest.approx(manifest.temperature)
+    for f in ("model.pte", "model.int8.pte"):
+        c = read_pte_constants(full_bundle / f)
+        assert c["fieldid_preprocess"] == manifest.preprocess
+        assert c["fieldid_temperature"] == pytest.approx(manifest.temperature)
+    for f in ("model.pt", "model.ptl"):
+        extra = read_extra_files(full_bundle / f)
+        assert json.loads(extra["fieldid/preprocess.json"]) == manifest.preprocess
+        assert json.loads(extra["fieldid/meta.json"])["temperature"] == pytest.approx(manifest.temperature)
+
+
+def test_coreml_structure_is_verified_and_said_so(full_bundle: Path, manifest: Manifest) -> None:
+    from export.coreml_export import inspect_mlpackage
+
+    size = manifest.preprocess["crop_size"]
+    for art in (manifest.find("coreml", "fp16"), manifest.find("coreml", "int8_weights")):
+        v = art.verification
+        assert v["status"] == "structure_only" and "macOS" in v["reason"]
+        assert all(v["checks"].values()), v["checks"]
+        assert v["converted_program_check"]["status"] == "passed"
+        info = inspect_mlpackage(full_bundle / art.file)
+        assert info["spec_type"] == "mlProgram" and info["specification_version"] == 7
+        assert info["input"] == {"name": "image", "type": "imageType", "width": size, "height": size, "color": "RGB"}
+        assert info["outputs"] == ["classLabel", "classLabel_probs"]
+        assert info["labels"] == manifest.labels and not info["ops_missing_in_ios16"]
+        assert art.outputs == "classifier" and art.temperature_in_model
+        assert art.input["dtype"] == "image" and art.input["value"].startswith("RGB pixels 0-255")
+    assert manifest.find("coreml", "int8_weights").size_bytes <= 0.30 * manifest.find("onnx", "fp32").size_bytes
+    assert any("Core ML cannot run on Linux" in n for n in manifest.notes)
+
+
+# --------------------------------------------------------------------------- manifest
+def test_manifest_schema_sha256_and_sizes(full_bundle: Path, manifest: Manifest, tiny_run: Path) -> None:
+    raw = json.loads((full_bundle / "manifest.json").read_text())
+    assert raw["schema_version"] == MANIFEST_SCHEMA_VERSION
+    rec = json.loads((tiny_run / "run.json").read_text())
+    assert manifest.source_run == str(tiny_run.resolve()) and manifest.source_checkpoint == rec["best_checkpoint"]
+    assert manifest.temperature == rec["temperature"] and manifest.fallback_threshold == rec["fallback_threshold"]
+    assert {"torch", "onnxruntime", "executorch", "coremltools", "numpy"} <= set(manifest.tool_versions)
+    for art in manifest.artifact_list():
+        path = full_bundle / art.file
+        assert art.sha256 == B.file_sha256(path), art.file
+        assert len(art.sha256) == 64 and art.size_bytes > 0
+        assert path.suffix == FORMATS[art.format] or art.file.endswith(FORMATS[art.format]), art.file
+        spec = art.input
+        assert spec["crop_size"] == manifest.preprocess["crop_size"] and spec["mean"] == list(manifest.preprocess["mean"])
+        assert spec["resize_size"] == manifest.preprocess["resize_size"] and spec["layout"] == "NCHW"
+        assert art.verification["status"] in ("passed", "structure_only")
+    # A round trip through JSON keeps every field.
+    again = Manifest.from_dict(raw, source="test")
+    assert again == manifest
+
+
+def test_manifest_rejects_tampering(full_bundle: Path, tmp_path: Path) -> None:
+    raw = json.loads((full_bundle / "manifest.json").read_text())
+    bad_version = {**raw, "schema_version": 99}
+    with pytest.raises(RecordError):  # RecordError: unsupported schema version
+        Manifest.from_dict(bad_version)
+    with pytest.raises(RecordError, match="unknown field"):
+        Manifest.from_dict({**raw, "surprise": 1})
+    art = dict(raw["artifacts"][0], surprise=1)
+    with pytest.raises(ManifestError, match="surprise"):
+        Manifest.from_dict({**raw, "artifacts": [art]})
+    with pytest.raises(ManifestError, match="unknown format"):
+        Manifest.from_dict({**raw, "artifacts": [dict(raw["artifacts"][0], format="tflite")]})
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="missing"):
+        load_manifest(tmp_path)  # names files that are not there
