@@ -1,4 +1,4 @@
-"""CLI for serve/: ``fieldid serve archive|start|stop|status``. Torch-free at import time."""
+"""CLI for serve/: ``fieldid serve archive|start|stop|status|rotate-key``. Torch-free at import time."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,8 @@ def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
 
     return ServeOptions(
         host=args.host, port=args.port, management_port=args.management_port, metrics_port=args.metrics_port,
-        grpc_inference_port=args.grpc_port, grpc_management_port=args.grpc_port + 1, auth=not args.no_auth,
+        grpc_inference_port=args.grpc_port,
+        grpc_management_port=args.grpc_management_port or args.grpc_port + 1, auth=not args.no_auth,
         token_expiry_min=args.token_expiry_min, workers=args.workers, threads=args.threads,
         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms, max_request_mb=args.max_request_mb,
         max_pixels=args.max_pixels, precision=args.precision, device=args.device,
@@ -84,6 +85,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if st["running"] else 3
 
 
+def _cmd_key(args: argparse.Namespace) -> int:
+    from .server import rotate_key
+
+    path = rotate_key(_state_dir(args), args.kind)
+    print(f"new {args.kind} key written to {path}")
+    return 0
+
+
 def _add_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, action="append", help="run directory whose export/ bundle to serve (repeatable)")
     p.add_argument("--bundle", type=Path, action="append", help="export bundle directory (repeatable)")
@@ -95,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .server import ServeOptions  # torch-free; its defaults are the flags' defaults
 
     d = ServeOptions()
-    p = sub.add_parser("serve", help="full-precision fallback server (TorchServe): archive, start, stop, status",
+    p = sub.add_parser("serve", help="full-precision fallback server (TorchServe): archive, start, stop, status, rotate-key",
                        formatter_class=HelpFormatter)
     ssub = p.add_subparsers(dest="serve_command", required=True, metavar="ACTION")
 
@@ -113,9 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=d.port, help="inference API port")
     s.add_argument("--management-port", type=int, default=d.management_port, help="management API port (loopback)")
     s.add_argument("--metrics-port", type=int, default=d.metrics_port, help="metrics API port (loopback)")
-    s.add_argument("--grpc-port", type=int, default=d.grpc_inference_port, help="gRPC inference port; management uses the next one (loopback)")
+    s.add_argument("--grpc-port", type=int, default=d.grpc_inference_port, help="gRPC inference port (loopback)")
+    s.add_argument("--grpc-management-port", type=int, default=None,
+                   help="gRPC management port (loopback; default: --grpc-port + 1)")
     s.add_argument("--no-auth", action="store_true", help="turn token authorization off (local development only)")
-    s.add_argument("--token-expiry-min", type=float, default=d.token_expiry_min, help="minutes until the keys in key_file.json expire")
+    s.add_argument("--token-expiry-min", type=float, default=d.token_expiry_min, help="minutes until the keys in key_file.json expire (renew: fieldid serve rotate-key)")
     s.add_argument("--workers", type=int, default=d.workers, help="Python workers per model")
     s.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker (1 is robust on shared CPUs)")
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="server-side batch size (1 = batching off)")
@@ -138,3 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         formatter_class=HelpFormatter)
     _add_targets(u)
     u.set_defaults(func=_cmd_status)
+
+    k = ssub.add_parser("rotate-key", help="replace an expiring key of a running server (rewrites key_file.json)",
+                        formatter_class=HelpFormatter)
+    _add_targets(k)
+    k.add_argument("--kind", default="inference", choices=("inference", "management"), help="which key")
+    k.set_defaults(func=_cmd_key)

@@ -26,7 +26,7 @@ class PredictionError(ValueError):
     """The server answered with an error status; ``status`` and ``body`` (parsed JSON or text) say why."""
 
     def __init__(self, status: int, body: Any) -> None:
-        msg = body.get("error") or body.get("message") if isinstance(body, dict) else str(body)
+        msg = (body.get("error") or body.get("message")) if isinstance(body, dict) else str(body)
         super().__init__(f"HTTP {status}: {msg}")
         self.status = status
         self.body = body

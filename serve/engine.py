@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from export.manifest import Manifest, ManifestError, load_manifest
 from export.phone import DEFAULT_MAX_PIXELS, ImageInputError, decode_image, prediction, preprocess
 
-from .archive import bundle_version
+from .archive import bundle_dir_of, bundle_version
 
 __all__ = ["ClassifierEngine", "Reply", "error_body", "resolve_device", "PRECISIONS"]
 
@@ -118,10 +119,8 @@ class ClassifierEngine:
         """
         from training.models import create_model
 
-        bundle_dir = Path(bundle_dir)
+        bundle_dir = bundle_dir_of(bundle_dir)
         manifest = load_manifest(bundle_dir)
-        if (bundle_dir / "export" / "manifest.json").is_file() and not (bundle_dir / "manifest.json").is_file():
-            bundle_dir = bundle_dir / "export"
         art = manifest.find("pytorch", "fp32")
         weights = bundle_dir / art.file
         _check_sha256(weights, art.sha256)
@@ -150,6 +149,12 @@ class ClassifierEngine:
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
         img = decode_image(bytes(data), max_pixels=self.max_pixels)
+        w, h = img.size
+        # Resizing the shorter side to resize_size scales the longer one up too: a 1x1,000,000
+        # strip would become a multi-gigabyte intermediate image. Refuse before allocating it.
+        r = self.spec.resize_size
+        if r * math.ceil(r * max(w, h) / min(w, h)) > self.max_pixels:
+            raise ImageInputError(f"image is {w}x{h}: too elongated to resize (pixel limit {self.max_pixels})", 413)
         return preprocess(img, self.spec)[0]
 
     @torch.inference_mode()
@@ -192,6 +197,10 @@ class ClassifierEngine:
                 index.append(i)
             except ImageInputError as e:
                 replies[i] = Reply(e.status, error_body(e.status, str(e)))
+            except Exception as e:  # an image that breaks decoding/preprocessing fails alone
+                log.exception("cannot process request %d of the batch", i)
+                status = 413 if isinstance(e, MemoryError) else 415
+                replies[i] = Reply(status, error_body(status, f"cannot process this image ({type(e).__name__})"))
         if arrays:
             logits = self.logits(np.stack(arrays))
             ms = (time.perf_counter() - t0) * 1000.0

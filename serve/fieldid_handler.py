@@ -6,8 +6,8 @@ per-request statuses (``context.set_response_status(code, msg, idx=i)``), so one
 answers 4xx alone instead of turning its whole batch into TorchServe's 503.
 
 Settings come from the server's environment (``fieldid serve start`` sets them):
-``FIELDID_SERVE_THREADS`` (CPU threads per worker), ``FIELDID_SERVE_MAX_PIXELS``,
-``FIELDID_SERVE_PRECISION`` (auto | fp32 | fp16 | bf16) and ``FIELDID_SERVE_TOP_K``.
+``FIELDID_SERVE_THREADS`` (CPU threads per worker), ``FIELDID_SERVE_MAX_PIXELS`` and
+``FIELDID_SERVE_PRECISION`` (auto | fp32 | fp16 | bf16).
 """
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ class FieldidHandler:
             threads=int(env.get("FIELDID_SERVE_THREADS", "1")),
             precision=env.get("FIELDID_SERVE_PRECISION", "auto"),
             max_pixels=int(env.get("FIELDID_SERVE_MAX_PIXELS", str(DEFAULT_MAX_PIXELS))),
-            top_k=int(env.get("FIELDID_SERVE_TOP_K", "5")),
         )
 
     def handle(self, data: list[dict[str, Any]] | None, context: Any) -> list[bytes]:

@@ -4,8 +4,8 @@ What this hides from a user (each one a known TorchServe trap):
 
 * **Java**: checked up front; a missing or old Java is one clear line saying what to install.
 * **Token authorization** (on by default, kept on): TorchServe writes ``key_file.json`` to its
-  working directory, so the server runs with ``cwd`` = the state directory and the path is
-  printed; the file is made owner-only. ``--no-auth`` is for local development.
+  working directory, so the server runs with ``cwd`` = the state directory (and umask 077, so
+  the file is owner-only) and the path is printed. ``--no-auth`` is for local development.
 * **Readiness**: ``/ping`` says Healthy before any model is loaded; :func:`start_server`
   returns only when every model's workers report READY on the management API.
 * **Exposure**: every listener (inference, management, metrics, gRPC) binds 127.0.0.1 unless
@@ -50,12 +50,15 @@ __all__ = [
     "start_server",
     "stop_server",
     "server_status",
+    "rotate_key",
     "load_state",
     "default_state_dir",
     "find_java",
     "config_properties",
     "free_port",
     "server_processes",
+    "model_workers",
+    "wait_ready",
 ]
 
 log = logging.getLogger("fieldid.serve")
@@ -109,8 +112,26 @@ class ServeOptions:
             raise ServeError(f"precision {self.precision!r}: use auto, fp32, fp16 or bf16")
         if self.device not in ("auto", "cpu"):
             raise ServeError(f"device {self.device!r}: use auto (GPU when present) or cpu")
-        if not self.max_request_mb > 0 or self.max_pixels < 1 or self.token_expiry_min <= 0:
-            raise ServeError("max request size, pixel limit and token expiry must be positive")
+        if not self.max_request_mb > 0 or self.max_pixels < 1:
+            raise ServeError("max request size and pixel limit must be positive")
+        if self.token_expiry_min < 5:  # keys must outlive start-up, or start can never see READY
+            raise ServeError("token expiry must be at least 5 minutes")
+
+    @classmethod
+    def on_free_ports(cls, **kw: Any) -> "ServeOptions":
+        """Options whose five ports are free loopback ports right now (tests, benchmarks).
+
+        Example:
+            >>> o = ServeOptions.on_free_ports(batch_size=4)
+            >>> len(set(o.ports().values()))
+            5
+        """
+        ports: set[int] = set()
+        while len(ports) < 5:
+            ports.add(free_port())
+        p = sorted(ports)
+        return cls(**{"port": p[0], "management_port": p[1], "metrics_port": p[2], "grpc_inference_port": p[3],
+                      "grpc_management_port": p[4], **kw})
 
     def ports(self) -> dict[str, int]:
         return {"inference": self.port, "management": self.management_port, "metrics": self.metrics_port,
@@ -212,7 +233,7 @@ def _check_port(host: str, port: int, what: str) -> None:
             s.bind((host, port))
         except OSError:
             flag = {"inference": "--port", "management": "--management-port", "metrics": "--metrics-port",
-                    "grpc_inference": "--grpc-port", "grpc_management": "--grpc-port"}[what]
+                    "grpc_inference": "--grpc-port", "grpc_management": "--grpc-management-port"}[what]
             raise ServeError(f"{what} port {host}:{port} is in use; pick another with {flag}") from None
 
 
@@ -356,8 +377,10 @@ def _tail(path: Path, n: int = 5) -> str:
 # --------------------------------------------------------------------------- readiness
 def model_workers(state: ServerState, model: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The management API's worker list for ``model`` (``[]`` while the server is not answering)."""
-    token = state.token("management") if state.auth and Path(state.key_file).is_file() else None
-    if state.auth and token is None:
+    try:
+        # TorchServe writes key_file.json during start-up: absent or half-written means "not yet".
+        token = state.token("management")
+    except (OSError, ValueError):
         return []
     try:
         status, body = http_json("GET", f"{state.management_url}/models/{model}", token=token, timeout=timeout)
@@ -435,6 +458,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     for what, port in opts.ports().items():
         _check_port(opts.host if what == "inference" else "127.0.0.1", port, what)
 
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # never chmod a folder the user already had
     store = state_dir / "model-store"
     shutil.rmtree(store, ignore_errors=True)  # only the requested models, freshly archived
     mars = build_model_store(bundles, store)
@@ -443,8 +467,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     log_dir, tmp = state_dir / "logs", state_dir / "tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for d in (log_dir, tmp):
-        d.mkdir(parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o700)  # key file, sockets and config are this user's business only
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_file = state_dir / "key_file.json"
     key_file.unlink(missing_ok=True)
     cfg_path = state_dir / "config.properties"
@@ -459,7 +482,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
         "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir),
         "JAVA_HOME": str(Path(java).resolve().parent.parent),
         "FIELDID_SERVE_THREADS": str(opts.threads), "FIELDID_SERVE_MAX_PIXELS": str(opts.max_pixels),
-        "FIELDID_SERVE_PRECISION": opts.precision, "FIELDID_SERVE_TOP_K": "5",
+        "FIELDID_SERVE_PRECISION": opts.precision,
         "OMP_NUM_THREADS": str(opts.threads),
     })
     if opts.device == "cpu":
@@ -473,8 +496,9 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
         cmd.append("--disable-token-auth")
     console = open(log_dir / "console.log", "ab")
     try:
+        # umask 077: the key file, logs and sockets TorchServe creates are readable by this user only.
         proc = subprocess.Popen(cmd, cwd=state_dir, env=env, stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
     finally:
         console.close()
     import psutil
@@ -492,8 +516,6 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     except BaseException:
         stop_server(state_dir)
         raise
-    if opts.auth:
-        os.chmod(key_file, 0o600)
     return state
 
 
@@ -561,7 +583,36 @@ def server_status(state_dir: str | Path) -> dict[str, Any]:
         "started": state.started, "inference_url": state.inference_url, "management_url": state.management_url,
         "auth": state.auth, "key_file": state.key_file or None, "log_dir": state.log_dir, "models": models,
     }
-    if running and state.auth and Path(state.key_file).is_file():
-        keys = json.loads(Path(state.key_file).read_text())
-        out["inference_key_expires"] = keys.get("inference", {}).get("expiration time")
+    if running and state.auth:
+        try:
+            keys = json.loads(Path(state.key_file).read_text())
+        except (OSError, ValueError):
+            keys = {}
+        for kind in ("inference", "management"):
+            out[f"{kind}_key_expires"] = keys.get(kind, {}).get("expiration time")
     return out
+
+
+def rotate_key(state_dir: str | Path, kind: str = "inference") -> str:
+    """Replace the ``inference`` or ``management`` key of a running server (they expire after
+    ``--token-expiry-min``); TorchServe rewrites ``key_file.json`` in place.
+
+    Returns:
+        The key file's path.
+
+    Example:
+        >>> rotate_key("runs/reef/serve")  # doctest: +SKIP
+        '/.../runs/reef/serve/key_file.json'
+    """
+    if kind not in ("inference", "management"):
+        raise ServeError(f"key kind {kind!r}: use inference or management")
+    state = load_state(state_dir)
+    if not state.auth:
+        raise ServeError(f"the server in {state.state_dir} runs without token authorization (--no-auth)")
+    if not (state.status == "running" and _launcher_alive(state)):
+        raise ServeError(f"no server running from {state.state_dir}")
+    # The API key never expires; it is only good for this call.
+    status, body = http_json("POST", f"{state.management_url}/token?type={kind}", token=state.token("API"))
+    if status != 200:
+        raise ServeError(f"TorchServe refused to rotate the {kind} key: HTTP {status} {body}")
+    return state.key_file

@@ -90,17 +90,6 @@ class Served:
             return c.request(data, content_type)
 
 
-def _free_ports() -> dict[str, int]:
-    from serve.server import free_port
-
-    ports: set[int] = set()
-    while len(ports) < 5:
-        ports.add(free_port())
-    p = sorted(ports)
-    return {"port": p[0], "management_port": p[1], "metrics_port": p[2], "grpc_inference_port": p[3],
-            "grpc_management_port": p[4]}
-
-
 @contextlib.contextmanager
 def torchserve_server(bundle_dirs: list[Path], state_dir: Path, **opts: Any) -> Iterator[Served]:
     """Start a real TorchServe for ``bundle_dirs`` on free loopback ports; stop it on exit.
@@ -115,7 +104,7 @@ def torchserve_server(bundle_dirs: list[Path], state_dir: Path, **opts: Any) -> 
     """
     from serve.server import ServeOptions, load_state, server_processes, start_server, stop_server
 
-    options = ServeOptions(**{**_free_ports(), **opts})
+    options = ServeOptions.on_free_ports(**opts)
     state = start_server(list(bundle_dirs), state_dir, options)
     try:
         yield Served(state)

@@ -45,10 +45,12 @@ def test_engine_gives_each_request_its_own_status(engine, shapes_dir: Path) -> N
     good = (sorted((shapes_dir / "circle").iterdir())[0]).read_bytes()
     big = _png((1100, 1000))  # 1.1 MP > the 1 MP limit, but a tiny file
     gif = _encode(Image.new("RGB", (32, 32)), "GIF")
-    bodies = [good, b"", os.urandom(300), gif, big, ImageInputError("no body", 400), good]
+    strip = _png((1, 20_000))  # 20k pixels, but 73 x 1.46M once the short side is resized
+    bodies = [good, b"", os.urandom(300), gif, big, strip, ImageInputError("no body", 400), good]
     replies = engine.handle(bodies)
-    assert [r.status for r in replies] == [200, 400, 415, 415, 413, 400, 200]
-    for r in replies[1:6]:
+    assert [r.status for r in replies] == [200, 400, 415, 415, 413, 413, 400, 200]
+    assert "elongated" in replies[5].body["error"]
+    for r in replies[1:7]:
         assert set(r.body) == {"error", "status"} and r.body["status"] == r.status
     single = engine.predict(good)
     for r in (replies[0], replies[-1]):
@@ -118,6 +120,11 @@ def test_archive_holds_handler_weights_and_reduced_manifest(tiny_bundle: Path, t
     assert meta["model"]["modelVersion"] == bundle_version(m) and meta["model"]["handler"] == "fieldid_handler.py"
     assert not list((tmp_path / "store").glob(".archive-*"))  # staging cleaned up
 
+    cli = subprocess.run([sys.executable, "-m", "fieldid", "serve", "archive", "--bundle", str(tiny_bundle),
+                          "--out", str(tmp_path / "cli-store")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout.splitlines()[-1])["models"] == {m.name: str(tmp_path / "cli-store" / f"{m.name}.mar")}
+
 
 def _java_props(text: str) -> dict[str, str]:
     """Enough of java.util.Properties.load for our file: key=value, backslash escapes."""
@@ -156,6 +163,8 @@ def test_options_are_validated() -> None:
         ServeOptions(port=9000, management_port=9000).validate()
     with pytest.raises(ServeError, match="precision"):
         ServeOptions(precision="int4").validate()
+    with pytest.raises(ServeError, match="5 minutes"):
+        ServeOptions(token_expiry_min=1).validate()
 
 
 def test_missing_java_is_one_clear_line(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -181,7 +190,7 @@ def test_cli_help_and_torch_free_import() -> None:
     code = ("import sys, fieldid; p = fieldid.build_parser(); import serve, serve.cli, serve.server, "
             "serve.client, serve.archive; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
-    for action in ("archive", "start", "stop", "status"):
+    for action in ("archive", "start", "stop", "status", "rotate-key"):
         out = subprocess.run([sys.executable, "-m", "fieldid", "serve", action, "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "--run" in out.stdout and "--state-dir" in out.stdout
@@ -189,7 +198,8 @@ def test_cli_help_and_torch_free_import() -> None:
 
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_cpu(tiny_bundle: Path, shapes_dir: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from serve.engine import ClassifierEngine

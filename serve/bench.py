@@ -1,0 +1,236 @@
+"""``make bench-serve``: TorchServe vs the same model in-process, concurrency 1 and 8, batching off/on.
+
+Every row does the same work per image - decode, preprocess, forward pass, answer JSON - through
+:class:`serve.engine.ClassifierEngine`; the server rows add HTTP, the Java frontend and the
+worker hop. The headline number is the p50 overhead of the server (batching off, concurrency 1)
+over in-process (goal: <= 5 %).
+
+Usage::
+
+    python -m serve.bench --run runs/reef [--requests 200] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from training.records import atomic_write_json
+
+from .archive import bundle_dir_of
+from .client import ServeClient
+from .server import ServeOptions, default_state_dir, start_server, stop_server
+
+__all__ = ["bench_serve", "main", "OVERHEAD_GOAL_PCT"]
+
+OVERHEAD_GOAL_PCT = 5.0
+Call = Callable[[bytes], float]  # image bytes -> server-side latency_ms of its answer
+
+
+def _photos(images: Path | None) -> list[bytes]:
+    """Request bodies: files from ``images``, else scikit-image's real photos, else synthetic JPEGs."""
+    if images is not None:
+        files = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        if not files:
+            raise ValueError(f"{images}: no .jpg/.png/.webp files")
+        return [p.read_bytes() for p in files[:32]]
+    from PIL import Image
+
+    try:
+        from skimage import data
+
+        arrays = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    except ImportError:  # skimage is a test extra; smooth synthetic photos decode like real ones
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:480, 0:640]
+        base = np.stack([xx * 255 / 640, yy * 255 / 480, (xx + yy) * 255 / 1120], -1)
+        arrays = [np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8) for _ in range(4)]
+    out = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _row(lat_ms: list[float], server_ms: list[float], wall_s: float, concurrency: int) -> dict[str, Any]:
+    row = {"requests": len(lat_ms), "concurrency": concurrency, "throughput_rps": round(len(lat_ms) / wall_s, 2),
+           "p50_ms": round(float(np.percentile(lat_ms, 50)), 2), "p95_ms": round(float(np.percentile(lat_ms, 95)), 2)}
+    if server_ms:
+        row["server_p50_ms"] = round(statistics.median(server_ms), 2)
+    return row
+
+
+def _measure(call: Call, photos: list[bytes], requests: int, concurrency: int, warmup: int = 10) -> dict[str, Any]:
+    """Run ``requests`` calls at ``concurrency``; per-call wall latency and throughput."""
+    for i in range(warmup):
+        call(photos[i % len(photos)])
+    lat: list[float] = []
+    server_ms: list[float] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        s = call(photos[i % len(photos)])
+        dt = (time.perf_counter() - t0) * 1000.0
+        with lock:
+            lat.append(dt)
+            server_ms.append(s)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(one, range(requests)))
+    return _row(lat, server_ms, time.perf_counter() - t0, concurrency)
+
+
+def _measure_interleaved(calls: dict[str, Call], photos: list[bytes], requests: int,
+                         warmup: int = 10) -> dict[str, dict[str, Any]]:
+    """Concurrency 1, the modes taking turns request by request, so a shared machine's changing
+    load hits every mode alike (the overhead is a ratio of two such measurements)."""
+    lat: dict[str, list[float]] = {m: [] for m in calls}
+    server_ms: dict[str, list[float]] = {m: [] for m in calls}
+    for i in range(warmup + requests):
+        for mode, call in calls.items():
+            t0 = time.perf_counter()
+            s = call(photos[i % len(photos)])
+            if i >= warmup:
+                lat[mode].append((time.perf_counter() - t0) * 1000.0)
+                server_ms[mode].append(s)
+    return {m: _row(lat[m], server_ms[m], sum(lat[m]) / 1000.0, 1) for m in calls}
+
+
+@contextlib.contextmanager
+def _server(bundle: Path, state_dir: Path, threads: int, batch_size: int, delay_ms: int) -> Iterator[Call]:
+    """A benchmark server on free ports; yields a thread-safe ``call(image) -> server latency``."""
+    opts = ServeOptions.on_free_ports(threads=threads, batch_size=batch_size, max_batch_delay_ms=delay_ms)
+    state = start_server([bundle], state_dir, opts)
+    try:
+        url, token = state.prediction_url(next(iter(state.models))), state.token()
+        local = threading.local()
+
+        def call(data: bytes) -> float:
+            c = getattr(local, "client", None)
+            if c is None:
+                c = local.client = ServeClient(url, token, timeout=120)  # keep-alive, one per thread
+            return float(c.predict(data)["latency_ms"])
+
+        yield call
+    finally:
+        stop_server(state_dir)
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return (f"{row['mode']:<28} c={row['concurrency']:<2} {row['throughput_rps']:>8.1f} req/s  "
+            f"p50 {row['p50_ms']:>7.2f} ms  p95 {row['p95_ms']:>7.2f} ms  (server-side p50 {row['server_p50_ms']:.2f} ms)")
+
+
+def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, batch_size: int = 8,
+                max_batch_delay_ms: int = 5, concurrency: int = 8,
+                images: Path | None = None, state_dir: Path | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Benchmark the server against in-process inference of the same bundle.
+
+    Args:
+        bundle: export bundle or run folder.
+        requests: measured requests per row (after 10 warm-up requests).
+        threads: CPU threads for the in-process engine and for each server worker (same for both).
+        batch_size, max_batch_delay_ms: the "batching on" server setting.
+        concurrency: the concurrent-clients level measured besides 1.
+        images: folder of request images (default: scikit-image's photos, or synthetic JPEGs).
+        state_dir: the benchmark server's state (default ``RUN/serve-bench``; a running
+            ``fieldid serve`` from ``RUN/serve`` is not disturbed).
+        out: results JSON (default ``STATE_DIR/bench.json``).
+
+    Returns:
+        ``{"rows": [...], "overhead_p50_pct": float, "goal_pct": 5.0, "meets_goal": bool, ...}``.
+
+    Example:
+        >>> r = bench_serve("runs/reef", requests=100)  # doctest: +SKIP
+        >>> r["overhead_p50_pct"] <= r["goal_pct"]  # doctest: +SKIP
+        True
+    """
+    import torch
+
+    from .engine import ClassifierEngine
+
+    bundle = bundle_dir_of(bundle)
+    state_dir = Path(state_dir or default_state_dir(bundle).with_name(default_state_dir(bundle).name + "-bench"))
+    photos = _photos(images)
+    load0 = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
+    print(f"bench: {bundle}, {len(photos)} images, {requests} requests per row, {threads} thread(s)", flush=True)
+
+    engine = ClassifierEngine.from_bundle(bundle, threads=threads)
+
+    def in_process(data: bytes) -> float:
+        return float(engine.predict(data)["latency_ms"])
+
+    rows: list[dict[str, Any]] = []
+
+    def add(mode: str, row: dict[str, Any]) -> None:
+        rows.append({"mode": mode, **row})
+        print(_fmt(rows[-1]), flush=True)
+
+    off, on = "torchserve batch off", f"torchserve batch {batch_size} ({max_batch_delay_ms} ms)"
+    with _server(bundle, state_dir, threads, 1, 0) as server:
+        for mode, row in _measure_interleaved({"in-process": in_process, off: server}, photos, requests).items():
+            add(mode, row)
+        add("in-process", _measure(in_process, photos, requests, concurrency))
+        add(off, _measure(server, photos, requests, concurrency))
+    with _server(bundle, state_dir, threads, batch_size, max_batch_delay_ms) as server:
+        for conc in (1, concurrency):
+            add(on, _measure(server, photos, requests, conc))
+    overhead = (rows[1]["p50_ms"] / rows[0]["p50_ms"] - 1.0) * 100.0
+    result = {
+        "bundle": str(bundle), "requests_per_row": requests, "threads": threads, "images": len(photos),
+        "rows": rows, "overhead_p50_pct": round(overhead, 2), "goal_pct": OVERHEAD_GOAL_PCT,
+        "meets_goal": overhead <= OVERHEAD_GOAL_PCT, "load_avg_1m": [load0, round(os.getloadavg()[0], 2)],
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    out = Path(out or state_dir / "bench.json")
+    atomic_write_json(out, result)
+    print(f"p50 overhead of TorchServe over in-process at concurrency 1: {overhead:+.1f}% "
+          f"(goal <= {OVERHEAD_GOAL_PCT:.0f}%: {'met' if result['meets_goal'] else 'NOT met'}); results: {out}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--run", type=Path, default=None, help="run directory (its export/ bundle is served)")
+    p.add_argument("--bundle", type=Path, default=None, help="export bundle directory (instead of --run)")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per row")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads in-process and per server worker")
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients measured besides 1")
+    p.add_argument("--batch-size", type=int, default=8, help="server batch size for the batching-on rows")
+    p.add_argument("--max-batch-delay-ms", type=int, default=5, help="server batch delay for the batching-on rows")
+    p.add_argument("--images", type=Path, default=None, help="folder of request images (default: real sample photos)")
+    p.add_argument("--state-dir", type=Path, default=None, help="benchmark server state (default: RUN/serve-bench)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STATE_DIR/bench.json)")
+    args = p.parse_args(argv)
+    target = args.bundle or args.run
+    if target is None:
+        p.error("pass --run RUN or --bundle DIR")
+    try:
+        bench_serve(target, requests=args.requests, threads=args.threads, concurrency=args.concurrency,
+                    batch_size=args.batch_size,
+                    max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
+                    out=args.out)
+    except ValueError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
