@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = [
     "DemoError", "OnDeviceModel", "DeviceAnswer", "select_artifact", "bundle_dir_of",
-    "ServerReply", "ask_server", "read_inference_key",
+    "ServerConfig", "ServerReply", "ask_server", "find_server",
     "Example", "example_images", "data_origin",
     "DemoMode", "Outcome", "MODES",
     "build_app", "launch_app",
@@ -26,7 +26,7 @@ __all__ = [
 _WHERE = {
     "DemoError": "device", "OnDeviceModel": "device", "DeviceAnswer": "device", "select_artifact": "device",
     "bundle_dir_of": "device",
-    "ServerReply": "fallback", "ask_server": "fallback", "read_inference_key": "fallback",
+    "ServerConfig": "fallback", "ServerReply": "fallback", "ask_server": "fallback", "find_server": "fallback",
     "Example": "examples", "example_images": "examples", "data_origin": "examples",
     "DemoMode": "modes", "Outcome": "modes", "MODES": "modes",
     "build_app": "app", "launch_app": "app",

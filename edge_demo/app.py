@@ -55,10 +55,14 @@ def photo_bytes(payload: Any) -> bytes | None:
     if not payload:
         return None
     url = payload.get("url") or ""
-    if url.startswith("data:"):
+    if url.startswith("data:"):  # a camera capture may arrive inline
         import base64
+        import binascii
 
-        return base64.b64decode(url.split(",", 1)[1])
+        try:
+            return base64.b64decode(url.split(",", 1)[-1], validate=True)
+        except (binascii.Error, ValueError):
+            return url.encode()  # not base64: decode_image will call it "not a photo"
     if not payload.get("path"):
         return b""
     return Path(payload["path"]).read_bytes()
@@ -190,7 +194,6 @@ def build_app(modes: Sequence[DemoMode]) -> gr.Blocks:
             for mode in modes:
                 with gr.Tab(mode.info.title, id=mode.key, elem_id=f"tab-{mode.key}"):
                     _mode_tab(mode)
-    app.fieldid_modes = list(modes)  # type: ignore[attr-defined]
     return app
 
 
@@ -201,10 +204,9 @@ def launch_app(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = DEFAULT_P
     Args:
         block: wait until Ctrl-C (the CLI) or return at once (tests; call ``app.close()``).
     """
-    files = [str(e.path) for m in getattr(app, "fieldid_modes", []) for e in m.examples]
     app.queue(default_concurrency_limit=2)
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
-                           share=False, inbrowser=False, quiet=quiet, ssr_mode=False, allowed_paths=files,
+                           share=False, inbrowser=False, quiet=quiet, ssr_mode=False,
                            footer_links=["api", "settings"], max_file_size=None, theme=THEME, css=CSS,
                            show_error=True)
     return url

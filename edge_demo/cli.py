@@ -109,6 +109,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for m in modes:
         if m.notice:
             print(f"note: {m.notice}", file=sys.stderr, flush=True)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     url = launch_app(app, host=args.host, port=args.port, block=False, quiet=True)
     print(f"fieldid demo running at {url} (Ctrl-C to stop)", flush=True)
     try:

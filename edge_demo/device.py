@@ -70,14 +70,14 @@ def select_artifact(manifest: Manifest, precision: str = "auto") -> tuple[Artifa
 
     Returns:
         ``(artifact, notice)``; ``notice`` is a sentence for the user when ``auto`` had to fall
-        back to fp32, else ``""``.
+        back to fp32 (no int8 file, or one that failed verification), else ``""``.
 
     Raises:
         DemoError: the bundle has no ONNX artifact of that precision.
 
     Example:
         >>> art, notice = select_artifact(load_manifest("runs/reef"))  # doctest: +SKIP
-        >>> art.precision
+        >>> art.precision  # doctest: +SKIP
         'int8'
     """
     if precision not in ("auto", *PRECISIONS):
@@ -87,10 +87,19 @@ def select_artifact(manifest: Manifest, precision: str = "auto") -> tuple[Artifa
         raise DemoError(f"bundle {manifest.name!r} has no ONNX model to run on the device; "
                         f"re-export it with the onnx format")
     if precision == "auto":
-        chosen = have[0]
-        notice = "" if chosen == "int8" else (
-            f"Bundle {manifest.name!r} has no int8 ONNX model yet, so the device runs the fp32 one "
-            f"(larger and slower than a phone would ship).")
+        # A phone ships only a verified model: an int8 file kept despite failing (--allow-drop) is
+        # offered for comparison but not chosen.
+        usable = [p for p in have if manifest.find("onnx", p).verification.get("status") != "failed"] or have
+        chosen, notice = usable[0], ""
+        if chosen != "int8" and "int8" in have:
+            v = manifest.find("onnx", "int8").verification
+            agree = v.get("top1_agreement")
+            detail = f" (top-1 agreement {agree:.1%} with PyTorch)" if isinstance(agree, float) else ""
+            notice = (f"Bundle {manifest.name!r} has an int8 ONNX model, but it failed its verification"
+                      f"{detail}, so the device runs the fp32 one; int8 stays selectable for comparison.")
+        elif chosen != "int8":
+            notice = (f"Bundle {manifest.name!r} has no int8 ONNX model yet, so the device runs the fp32 one "
+                      f"(larger and slower than a phone would ship).")
     elif precision in have:
         chosen, notice = precision, ""
     else:

@@ -103,7 +103,7 @@ def ask_server(server: ServerConfig, model: str, image_bytes: bytes, *,
 
     Example:
         >>> r = ask_server(ServerConfig("http://127.0.0.1:9"), "reef", b"...", timeout=0.5)  # doctest: +SKIP
-        >>> r.ok, r.message
+        >>> r.ok, r.message  # doctest: +SKIP
         (False, 'the server at http://127.0.0.1:9 is not reachable (connection refused)')
     """
     from serve.client import PredictionError, predict, read_token

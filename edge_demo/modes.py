@@ -256,13 +256,13 @@ class DemoMode:
     def model_card_markdown(self) -> str:
         """Sizes, verification and calibration of the on-device models, as a table."""
         m = self.manifest
-        rows = ["| model | size | verified against PyTorch |", "|---|---|---|"]
+        rows = ["| model | size | vs PyTorch |", "|---|---|---|"]
         for p in self.precisions:
             a = m.find("onnx", p)
             v = a.verification or {}
             agree = v.get("top1_agreement")
-            detail = v.get("status", "unknown") + (f", top-1 agreement {agree:.1%}" if isinstance(agree, float) else "")
-            rows.append(f"| {p} ONNX (`{a.file}`) | {a.size_bytes / 1e6:.2f} MB | {detail} |")
+            detail = v.get("status", "unknown") + (f", agrees {agree:.1%}" if isinstance(agree, float) else "")
+            rows.append(f"| {p} ONNX | {a.size_bytes / 1e6:.1f} MB | {detail} |")
         acc = m.metrics.get("accuracy")
         extra = [f"Bundle **{m.name}** ({m.backbone}, {m.preprocess_spec.crop_size} px input), "
                  f"temperature {m.temperature:.3g}, fallback below {m.fallback_threshold:.0%}."]

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def test_select_artifact_prefers_int8_and_says_when_it_cannot(tiny_bundle: Path)
     art, notice = select_artifact(m, "auto")
     assert (art.precision, notice) == ("int8", "")
     assert select_artifact(m, "fp32")[0].file == fp32.file
+    # An int8 file kept despite failing verification (--allow-drop) is not shipped by default.
+    failed = Artifact(**{**asdict(m.find("onnx", "int8")), "verification": {"status": "failed", "top1_agreement": 0.85}})
+    m.set_artifact(failed)
+    art, notice = select_artifact(m, "auto")
+    assert art.precision == "fp32" and "failed its verification" in notice and "85.0%" in notice
+    assert select_artifact(m, "int8")[0].precision == "int8"  # still selectable on purpose
     with pytest.raises(DemoError, match="not one of"):
         select_artifact(m, "fp16")
 
@@ -197,7 +204,7 @@ def _gif() -> bytes:
     (_png()[:60], "not a photo this app can read"),  # truncated
     (_png((8000, 5001), (0, 0, 0)), "too large"),  # 40 MP + 8000 px: decoded size over the limit
     (b"\xff\xd8\xff" + b"\0" * MAX_FILE_BYTES, "too large"),  # file size over the limit
-])
+], ids=["empty", "text", "gif", "truncated_png", "too_many_pixels", "too_many_bytes"])
 def test_bad_photos_get_a_friendly_message_and_the_mode_keeps_working(dive: DemoMode, data: bytes,
                                                                       message: str) -> None:
     out = dive.identify(data)
@@ -235,11 +242,28 @@ def test_find_server_reads_the_serve_state(served_tiny, tmp_path: Path) -> None:
     assert find_server("no_such_model", [served_tiny.state_dir]) is None
 
 
+def test_cli_finds_the_server_of_fieldid_serve_start(served_tiny, tmp_path: Path) -> None:
+    import argparse
+
+    from edge_demo.cli import _server_for
+
+    def args(**kw) -> argparse.Namespace:
+        return argparse.Namespace(**{"no_server": False, "server": None, "key_file": None, **kw})
+
+    state_dirs = [tmp_path, served_tiny.state_dir]
+    assert _server_for(served_tiny.model, args(), state_dirs) == ServerConfig(served_tiny.base_url,
+                                                                             served_tiny.key_file)
+    assert _server_for(served_tiny.model, args(no_server=True), state_dirs) is None
+    given = _server_for(served_tiny.model, args(server="http://h:1", key_file=tmp_path / "k.json"), state_dirs)
+    assert given == ServerConfig("http://h:1", tmp_path / "k.json")
+    assert _server_for("other_model", args(), state_dirs).url == "http://127.0.0.1:8080"
+
+
 def test_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
     mode = DemoMode("dive", tiny_bundle, server=ServerConfig(served_tiny.base_url, served_tiny.key_file))
     m = load_manifest(tiny_bundle)
     for e in mode.examples:
-        out = mode.identify(e.path.read_bytes(), force_server=True)
+        out = mode.identify(e.path.read_bytes(), "fp32", force_server=True)
         assert out.server.ok, out.server.message
         dev, srv = out.device.response, out.server.response
         assert srv["source"] != "device" and srv["model"] == m.name == dev["model"]
@@ -295,7 +319,7 @@ def test_app_identifies_in_each_mode(demo_app, key: str) -> None:
         expected = mode.identify(e.path.read_bytes(), "fp32").device.response
         assert raw["device"]["top_k"] == expected["top_k"]
         assert label["label"] == pretty_label(expected["top_k"][0]["label"])
-        assert "ms on this device" in device_text and "fp32 ONNX" in device_text and "MB" in device_text
+        assert "on this device ·" in device_text and "fp32 ONNX" in device_text and "MB" in device_text
         assert raw["true_label"] == e.label and "Held-out example" in device_text
         if expected["needs_fallback"]:  # the fixture's server is down
             assert "Server unavailable" in server_text and raw["asked_server_because"] == "low confidence"
@@ -328,7 +352,21 @@ def test_app_bad_input_is_friendly_and_app_keeps_working(demo_app, tmp_path: Pat
     if "int8" not in demo_app.modes["dive"].precisions:
         assert "no int8 ONNX model" in device_text
     _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path)
-    assert "ms on this device" in device_text
+    assert "on this device ·" in device_text
+
+
+def test_photo_payloads_inline_or_uploaded(dive: DemoMode, tmp_path: Path) -> None:
+    import base64
+
+    from edge_demo.app import photo_bytes
+
+    png = _png()
+    (tmp_path / "a.png").write_bytes(png)
+    assert photo_bytes(None) is None
+    assert photo_bytes({"path": str(tmp_path / "a.png"), "url": None}) == png
+    assert photo_bytes({"path": None, "url": "data:image/png;base64," + base64.b64encode(png).decode()}) == png
+    garbage = photo_bytes({"path": None, "url": "data:image/png;base64,%%%"})
+    assert "not a photo" in dive.identify(garbage).error
 
 
 def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
