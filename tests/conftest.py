@@ -16,7 +16,9 @@ from helpers import make_shapes_dataset  # noqa: E402
 
 # Fixture modules contributed by the export/serve/demo test suites are imported here.
 from fixtures_serve import *  # noqa: F401,F403,E402
+from fixtures_export import *  # noqa: F401,F403,E402
 from fixtures_edge_demo import *  # noqa: F401,F403,E402
+from fixtures_scaleout import *  # noqa: F401,F403,E402
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the run's own held-out test split)")
     p.set_defaults(func=_cmd_evaluate)
 
+    from .tune import register_tune  # torch-free: optuna and lightning load only when it runs
+
+    register_tune(sub)
+
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
     c = dsub.add_parser("check", help="counts, imbalance, unreadable files, duplicates, leakage", formatter_class=_D)

@@ -16,6 +16,7 @@ Run directory layout (paths relative to RUN/):
 """
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import io
 import logging
@@ -179,6 +180,27 @@ def _strategy(cfg: TrainConfig) -> str:
     return name
 
 
+def _read_log_rows(path: Path, upto_epoch: int) -> list[dict[str, str]]:
+    """CSV-log rows of epochs ``<= upto_epoch`` (Lightning's CSVLogger empties the file on resume)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [r for r in csv.DictReader(fh) if (r.get("epoch") or "").isdigit() and int(r["epoch"]) <= upto_epoch]
+
+
+def _prepend_log_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """Put the epochs logged before a resume back in front of the resumed run's CSV log."""
+    new: list[dict[str, str]] = []
+    if path.is_file():
+        with path.open(newline="") as fh:
+            new = list(csv.DictReader(fh))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows + new for k in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows + new)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
 def _launch_rank() -> int:
     """Global rank given by a launcher (Lightning's DDP re-exec, torchrun, SLURM); 0 when alone.
 
@@ -235,6 +257,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     from .module import Classifier
 
     t0 = time.time()
+    history: list[dict[str, str]] = []  # log rows of the epochs a resumed checkpoint already holds
     if resume is not None:
         out = Path(resume)
         if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
@@ -249,7 +272,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
             ckpt_path = None  # killed before the first epoch ended: start over inside the same run
             log.warning("no last checkpoint in %s; restarting training from epoch 0", out)
         else:
-            load_checkpoint(ckpt_path)  # fail early and clearly on a corrupt file
+            done = load_checkpoint(ckpt_path)["epoch"]  # fail early and clearly on a corrupt file
+            history = _read_log_rows(out / "logs" / "metrics.csv", upto_epoch=done)
     else:
         if data_dir is None or out_dir is None:
             raise RunError("need --data DIR and --out RUN (or --resume RUN)")
@@ -311,12 +335,16 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     except ImportError:
         pass
     ckpt_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val_macro_f1",
-                              mode="max", save_top_k=1, save_last=True, enable_version_counter=False)
+                              mode="max", save_top_k=1, enable_version_counter=False)
+    # Lightning 2.6's save_last writes last.ckpt only in epochs that improve best.ckpt; --resume
+    # must lose at most one epoch, so a monitor-free callback rewrites last.ckpt every epoch.
+    last_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
+                              enable_version_counter=False)
     early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
     trainer = L.Trainer(
         max_epochs=cfg.epochs, min_epochs=min(cfg.epochs, cfg.head_epochs + 1),
         accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(cfg), num_nodes=cfg.num_nodes,
-        precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, early, *(callbacks or [])],
+        precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, last_cb, early, *(callbacks or [])],
         plugins=[_atomic_checkpoint_io()], deterministic=False, log_every_n_steps=1,
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),
@@ -324,6 +352,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     if trainer.global_rank != 0:
         return record  # rank 0 alone finalises the run directory
+    if history:
+        _prepend_log_rows(out / "logs" / "metrics.csv", history)
     return _finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
                      skipped=skipped, imbalance={"ratio": ratio, "mode": mode, "train_counts": counts},
                      seconds=time.time() - t0, epochs_run=trainer.current_epoch)
