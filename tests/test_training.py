@@ -251,8 +251,25 @@ def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
     data = make_shapes_dataset(tmp_path / "d", {"circle": 30, "square": 8}, size=48)
     (data / "circle" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (data / "square" / "notes.txt").write_text("ignored: not an image extension")
-    rec = train(data, tmp_path / "run", TrainConfig(epochs=1, head_epochs=1, image_size=32, batch_size=16,
-                                                    val_fraction=0.2, test_fraction=0.2))
+    import lightning as L
+
+    class ModeSpy(L.Callback):
+        """Records, per training batch, whether the backbone and the head are in train mode."""
+
+        def __init__(self) -> None:
+            self.modes: dict[int, set[tuple[bool, bool]]] = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            head = module.model.get_submodule(module.head_name)
+            self.modes.setdefault(trainer.current_epoch, set()).add((module.model.features.training, head.training))
+
+    spy = ModeSpy()
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=16,
+                                                    val_fraction=0.2, test_fraction=0.2,
+                                                    early_stopping_patience=5), callbacks=[spy])
+    # Head-only epoch: frozen backbone (BatchNorm statistics too), head training; after it, all of
+    # the model trains - also after the validation loop in between has put it in eval mode.
+    assert spy.modes == {0: {(False, True)}, 1: {(True, True)}}
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["training"]["skipped_unreadable"] == 1
     assert m["training"]["imbalance"]["mode"] == "loss" and m["training"]["imbalance"]["ratio"] > 2

@@ -62,6 +62,10 @@ class Classifier(L.LightningModule):
             # Frozen backbone: keep its BatchNorm statistics frozen too.
             self.model.eval()
             self.model.get_submodule(self.head_name).train()
+        else:
+            # Lightning only restores the mode it found around validation and never calls .train()
+            # itself, so the eval() above would otherwise freeze BatchNorm and dropout for good.
+            self.model.train()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
