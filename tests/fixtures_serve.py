@@ -8,8 +8,8 @@ Reuse from any test module (conftest.py imports this file)::
         served_tiny.url, served_tiny.token, served_tiny.key_file, served_tiny.model
 
 ``served_tiny`` is session-scoped (one TorchServe start for the whole run; ~15 s), serves
-``tiny_bundle`` with token auth ON, batching on (batch 4, 20 ms), a 1 MP pixel limit and a
-2 MB request limit, on free loopback ports with its own state directory, and is stopped (all
+``tiny_bundle`` on CPU with token auth ON, batching on (batch 4, 20 ms), a 1 MP pixel limit
+and a 2 MB request limit, on free loopback ports with its own state directory, and is stopped (all
 processes verified gone) at the end of the session. Tests that disturb it (kill a worker)
 must leave it READY again.
 """
@@ -24,9 +24,11 @@ import pytest
 
 __all__ = ["Served", "torchserve_server", "served_tiny", "SERVED_TINY_OPTIONS"]
 
-# Small limits so the bad-input tests need only small files.
+# Small limits so the bad-input tests need only small files. device="cpu": the tests compare
+# answers with fp32 references at 1e-4; on a GPU machine "auto" would serve fp16 (the GPU path
+# has its own test, test_serve_unit.py::test_engine_on_cuda_matches_cpu, at its own tolerance).
 SERVED_TINY_OPTIONS: dict[str, Any] = {"batch_size": 4, "max_batch_delay_ms": 20, "max_pixels": 1_000_000,
-                                       "max_request_mb": 2.0, "workers": 1, "threads": 1}
+                                       "max_request_mb": 2.0, "workers": 1, "threads": 1, "device": "cpu"}
 
 
 @dataclass
