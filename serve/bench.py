@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import statistics
 import sys
 import threading
@@ -109,12 +110,44 @@ def _measure_interleaved(calls: dict[str, Call], photos: list[bytes], requests: 
     return {m: _row(lat[m], server_ms[m], sum(lat[m]) / 1000.0, 1) for m in calls}
 
 
+def _same_settings(device: str, precision: str) -> tuple[str, str]:
+    """The in-process engine's ``(device, precision)`` for the server's ``--device``/``--precision``:
+    what a TorchServe worker picks (first GPU, fp16 under ``auto``; CPU always fp32)."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu", "fp32"
+    return "cuda:0", "fp16" if precision == "auto" else precision
+
+
+_LOADED_RE = re.compile(r"loaded \S+ \(\S+\) on (\S+), (\w+),")
+
+
+def _served_on(state_dir: Path) -> tuple[str, str] | None:
+    """``(device, precision)`` the server's worker reported in ``model_log.log`` (None: no line)."""
+    try:
+        text = (state_dir / "logs" / "model_log.log").read_text(errors="replace")
+    except OSError:
+        return None
+    found = _LOADED_RE.findall(text)
+    return found[-1] if found else None
+
+
 @contextlib.contextmanager
-def _server(bundle: Path, state_dir: Path, threads: int, batch_size: int, delay_ms: int) -> Iterator[Call]:
-    """A benchmark server on free ports; yields a thread-safe ``call(image) -> server latency``."""
-    opts = ServeOptions.on_free_ports(threads=threads, batch_size=batch_size, max_batch_delay_ms=delay_ms)
+def _server(bundle: Path, state_dir: Path, threads: int, batch_size: int, delay_ms: int,
+            device: str = "auto", precision: str = "auto", expect: tuple[str, str] | None = None) -> Iterator[Call]:
+    """A benchmark server on free ports; yields a thread-safe ``call(image) -> server latency``.
+
+    ``expect``: the in-process ``(device, precision)``; a worker that loaded differently is an error
+    (the overhead would compare a GPU with a CPU, or fp16 with fp32)."""
+    opts = ServeOptions.on_free_ports(threads=threads, batch_size=batch_size, max_batch_delay_ms=delay_ms,
+                                      device=device, precision=precision)
     state = start_server([bundle], state_dir, opts)
     try:
+        served = _served_on(state_dir)
+        if expect is not None and served is not None and tuple(served) != tuple(expect):
+            raise ValueError(f"server worker runs on {served[0]} ({served[1]}) but in-process on {expect[0]} "
+                             f"({expect[1]}): pass --device cpu, or make the GPU visible to both")
         url, token = state.prediction_url(next(iter(state.models))), state.token()
         local = threading.local()
 
@@ -135,7 +168,7 @@ def _fmt(row: dict[str, Any]) -> str:
 
 
 def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, batch_size: int = 8,
-                max_batch_delay_ms: int = 5, concurrency: int = 8,
+                max_batch_delay_ms: int = 5, concurrency: int = 8, device: str = "auto", precision: str = "auto",
                 images: Path | None = None, state_dir: Path | None = None, out: Path | None = None) -> dict[str, Any]:
     """Benchmark the server against in-process inference of the same bundle.
 
@@ -145,6 +178,8 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
         threads: CPU threads for the in-process engine and for each server worker (same for both).
         batch_size, max_batch_delay_ms: the "batching on" server setting.
         concurrency: the concurrent-clients level measured besides 1.
+        device, precision: as ``fieldid serve start --device/--precision``; the in-process engine
+            uses the same (first GPU with fp16 under ``auto`` when one is visible, else CPU fp32).
         images: folder of request images (default: scikit-image's photos, or synthetic JPEGs).
         state_dir: the benchmark server's state (default ``RUN/serve-bench``; a running
             ``fieldid serve`` from ``RUN/serve`` is not disturbed).
@@ -158,8 +193,6 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
         >>> r["overhead_p50_pct"] <= r["goal_pct"]  # doctest: +SKIP
         True
     """
-    import torch
-
     from .engine import ClassifierEngine
 
     bundle = bundle_dir_of(bundle)
@@ -168,7 +201,9 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
     load0 = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
     print(f"bench: {bundle}, {len(photos)} images, {requests} requests per row, {threads} thread(s)", flush=True)
 
-    engine = ClassifierEngine.from_bundle(bundle, threads=threads)
+    dev, prec = _same_settings(device, precision)
+    engine = ClassifierEngine.from_bundle(bundle, threads=threads, device=dev, precision=prec)
+    print(f"bench: both sides on {engine.device} ({engine.precision})", flush=True)
 
     def in_process(data: bytes) -> float:
         return float(engine.predict(data)["latency_ms"])
@@ -180,12 +215,13 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
         print(_fmt(rows[-1]), flush=True)
 
     off, on = "torchserve batch off", f"torchserve batch {batch_size} ({max_batch_delay_ms} ms)"
-    with _server(bundle, state_dir, threads, 1, 0) as server:
+    same = {"device": device, "precision": precision, "expect": (str(engine.device), engine.precision)}
+    with _server(bundle, state_dir, threads, 1, 0, **same) as server:
         for mode, row in _measure_interleaved({"in-process": in_process, off: server}, photos, requests).items():
             add(mode, row)
         add("in-process", _measure(in_process, photos, requests, concurrency))
         add(off, _measure(server, photos, requests, concurrency))
-    with _server(bundle, state_dir, threads, batch_size, max_batch_delay_ms) as server:
+    with _server(bundle, state_dir, threads, batch_size, max_batch_delay_ms, **same) as server:
         for conc in (1, concurrency):
             add(on, _measure(server, photos, requests, conc))
     overhead = (rows[1]["p50_ms"] / rows[0]["p50_ms"] - 1.0) * 100.0
@@ -193,7 +229,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
         "bundle": str(bundle), "requests_per_row": requests, "threads": threads, "images": len(photos),
         "rows": rows, "overhead_p50_pct": round(overhead, 2), "goal_pct": OVERHEAD_GOAL_PCT,
         "meets_goal": overhead <= OVERHEAD_GOAL_PCT, "load_avg_1m": [load0, round(os.getloadavg()[0], 2)],
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": str(engine.device), "precision": engine.precision,
     }
     out = Path(out or state_dir / "bench.json")
     atomic_write_json(out, result)
@@ -214,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients measured besides 1")
     p.add_argument("--batch-size", type=int, default=8, help="server batch size for the batching-on rows")
     p.add_argument("--max-batch-delay-ms", type=int, default=5, help="server batch delay for the batching-on rows")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu"),
+                   help="auto: first GPU when present (server and in-process alike), else CPU")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="GPU autocast precision on both sides (auto = fp16 on GPU; CPU always fp32)")
     p.add_argument("--images", type=Path, default=None, help="folder of request images (default: real sample photos)")
     p.add_argument("--state-dir", type=Path, default=None, help="benchmark server state (default: RUN/serve-bench)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STATE_DIR/bench.json)")
@@ -223,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("pass --run RUN or --bundle DIR")
     try:
         bench_serve(target, requests=args.requests, threads=args.threads, concurrency=args.concurrency,
-                    batch_size=args.batch_size,
+                    batch_size=args.batch_size, device=args.device, precision=args.precision,
                     max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
                     out=args.out)
     except ValueError as e:
