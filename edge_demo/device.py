@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from export.manifest import Artifact, Manifest, ManifestError, load_manifest
-from export.phone import DEFAULT_MAX_PIXELS, decode_image, prediction, preprocess
+from export.phone import DEFAULT_MAX_PIXELS, check_resize_fits, decode_image, prediction, preprocess
 
 __all__ = [
     "PRECISIONS",
@@ -192,10 +192,12 @@ class OnDeviceModel:
         """Photo bytes -> calibrated top-``k`` answer (``source="device"``).
 
         Raises:
-            export.phone.ImageInputError: not an allowed image, or too many pixels.
+            export.phone.ImageInputError: not an allowed image, too many pixels, or too
+                elongated to resize (the server's 413 rule).
         """
         t0 = time.perf_counter()
         img = decode_image(image_bytes, max_pixels=self.max_pixels)
+        check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)
         t1 = time.perf_counter()
         x = preprocess(img, self.spec)
         t2 = time.perf_counter()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageInputError",
     "decode_image",
+    "check_resize_fits",
     "preprocess",
     "softmax",
     "prediction",
@@ -77,6 +79,27 @@ def decode_image(data: bytes, *, formats: Sequence[str] = ALLOWED_FORMATS,
         raise ImageInputError(f"not a decodable {', '.join(formats)} image", 415) from None
     im = ImageOps.exif_transpose(im)
     return im.convert("RGB")
+
+
+def check_resize_fits(size: tuple[int, int], resize_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an image whose resized copy (shorter side -> ``resize_size``) would exceed ``max_pixels``.
+
+    Resizing the shorter side scales the longer one up too: a 20000x1 strip passes the pixel
+    limit but would become a gigabyte-sized intermediate image. Call after :func:`decode_image`.
+
+    Raises:
+        ImageInputError: 413, the image is too elongated.
+
+    Example:
+        >>> check_resize_fits((20_000, 1), 256)
+        Traceback (most recent call last):
+        ...
+        export.phone.ImageInputError: image is 20000x1: too elongated to resize (pixel limit 40000000)
+    """
+    w, h = size
+    r = int(resize_size)
+    if r * math.ceil(r * max(w, h) / min(w, h)) > max_pixels:
+        raise ImageInputError(f"image is {w}x{h}: too elongated to resize (pixel limit {max_pixels})", 413)
 
 
 def _resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
