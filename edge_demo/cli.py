@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from training.cli import HelpFormatter
 
@@ -25,11 +26,18 @@ class _SourceAction(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def assign_modes(sources: list[tuple[str, str]]) -> dict[str, Path]:
+def assign_modes(sources: list[tuple[str, str]],
+                 mode_of: Callable[[Path], str | None] | None = None) -> dict[str, Path]:
     """``[("run", "dive=runs/reef"), ("run", "runs/salmon")]`` -> ``{"dive": ..., "shop": ...}``.
 
-    A ``MODE=`` prefix names the mode; unnamed sources fill the free modes in order Dive, Shop.
-    A run folder means its ``export/`` bundle.
+    A ``MODE=`` prefix names the mode. An unnamed source goes to the mode ``mode_of`` gives it
+    (the CLI passes :func:`_mode_by_labels`: salmon's wild/farmed -> Shop) when that mode is
+    free; the rest fill the free modes in order Dive, Shop. A run folder means its ``export/``
+    bundle.
+
+    Args:
+        sources: ``(kind, "[MODE=]PATH")`` pairs in command-line order.
+        mode_of: path -> the mode its model belongs to, or None when it cannot tell.
 
     Raises:
         ValueError: no source, more sources than modes, a mode given twice.
@@ -51,12 +59,31 @@ def assign_modes(sources: list[tuple[str, str]]) -> dict[str, Path]:
             named[mode] = Path(path)
         else:
             unnamed.append(Path(value))
-    free = [m for m in _MODE_ORDER if m not in named]
-    if len(unnamed) > len(free):
+    if len(named) + len(unnamed) > len(_MODE_ORDER):
         raise ValueError(f"{len(sources)} models given but there are only {len(_MODE_ORDER)} modes "
                          f"({', '.join(_MODE_ORDER)})")
-    named.update(zip(free, unnamed))
+    rest = []
+    for path in unnamed:
+        guess = mode_of(path) if mode_of else None
+        if guess in _MODE_ORDER and guess not in named:
+            named[guess] = path
+        else:
+            rest.append(path)
+    named.update(zip([m for m in _MODE_ORDER if m not in named], rest))
     return {m: named[m] for m in _MODE_ORDER if m in named}
+
+
+def _mode_by_labels(path: Path) -> str | None:
+    """The mode whose built-in classes the bundle at ``path`` has; None when unknown or unreadable."""
+    from export.manifest import ManifestError, load_manifest
+
+    from .device import DemoError, bundle_dir_of
+    from .modes import mode_for_labels
+
+    try:
+        return mode_for_labels(load_manifest(bundle_dir_of(path)).labels)
+    except (DemoError, ManifestError, OSError, ValueError):
+        return None  # DemoMode reports a bad source when it loads it
 
 
 def _state_dirs(args: argparse.Namespace, sources: dict[str, Path]) -> list[Path]:
@@ -91,7 +118,9 @@ def _server_for(model: str, args: argparse.Namespace, state_dirs: list[Path]):  
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .modes import DemoMode
 
-    sources = assign_modes(args.sources or [])
+    if args.key_file is not None and not args.key_file.is_file():
+        raise ValueError(f"--key-file {args.key_file} not found")
+    sources = assign_modes(args.sources or [], _mode_by_labels)
     modes = [DemoMode(key, path, precision=args.precision, timeout=args.timeout, threads=args.threads,
                       top_k=args.top_k) for key, path in sources.items()]
     state_dirs = [] if args.no_server else _state_dirs(args, sources)
@@ -127,12 +156,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Gradio field app (Dive: reef fish, Shop: salmon): on-device ONNX, server fallback",
         description=("Field app imitating a phone: the bundle's ONNX model runs on this machine "
                      "(ONNX Runtime, no PyTorch) and the photo goes to TorchServe only when the "
-                     "device is unsure. Modes: the first model given is Dive, the second Shop, "
-                     "unless named: --run dive=runs/reef --run shop=runs/salmon."),
+                     "device is unsure. Modes: a model whose classes are the built-in reef fish goes "
+                     "to Dive, one with wild/farmed to Shop; any other fills Dive first, then Shop; "
+                     "or name them: --run dive=runs/reef --run shop=runs/salmon."),
     )
     p.add_argument("--run", dest="sources", action=_SourceAction, const="run", metavar="[MODE=]RUN", default=None,
                    help="run folder whose export/ bundle feeds a mode; MODE is dive or shop "
-                        "(default: Dive first, then Shop); repeatable")
+                        "(default: chosen by the model's classes, else Dive first, then Shop); "
+                        "repeatable")
     p.add_argument("--bundle", dest="sources", action=_SourceAction, const="bundle", metavar="[MODE=]DIR", default=None,
                    help="export bundle folder (with manifest.json) feeding a mode; same rules as --run")
     p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",

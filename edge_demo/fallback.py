@@ -109,7 +109,10 @@ def ask_server(server: ServerConfig, model: str, image_bytes: bytes, *,
     from serve.client import PredictionError, predict, read_token
 
     token = None
-    if server.key_file is not None and server.key_file.is_file():
+    if server.key_file is not None:
+        if not server.key_file.is_file():  # sending no token would only earn "refused the token"
+            return ServerReply(ok=False, message=f"key file {server.key_file} not found; start the server with "
+                                                 f"`fieldid serve start` or give --key-file")
         try:
             token = read_token(server.key_file)
         except (ValueError, OSError) as e:
