@@ -4,20 +4,23 @@ Rendering only; the work is in :mod:`edge_demo.modes`. Offline by construction: 
 off, system fonts (no font downloads), no share link, server-side rendering off.
 API endpoints (for ``gradio_client``): ``/<mode>_identify`` and ``/<mode>_ask_server``, each
 taking ``(photo, precision)`` and returning ``(device label, device text, server label,
-server text, raw answers)``.
+server text, raw answers)``. Both are generators: when the server is asked, the on-device
+answer is shown first and the server's follows (``Client.predict`` returns the final one).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 # Gradio reads this on import; the app must not phone home (analytics, version check).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from .modes import DemoMode, Outcome, pretty_label  # noqa: E402
+from export.phone import ImageInputError  # noqa: E402
+
+from .modes import MAX_FILE_BYTES, DemoMode, Outcome, file_too_large, friendly_image_error, pretty_label  # noqa: E402
 
 __all__ = ["photo_bytes", "build_app", "launch_app", "DEFAULT_PORT", "THEME", "CSS"]
 
@@ -43,7 +46,7 @@ _HEADER = ("# fieldid field ID\n"
            "it asks the server only when it is unsure.")
 
 
-def photo_bytes(payload: Any) -> bytes | None:
+def photo_bytes(payload: Any, *, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
     """The photo's bytes from an un-preprocessed ``gr.Image`` payload; None when there is none.
 
     The app's events run with ``preprocess=False``: Gradio's own image preprocessing decodes
@@ -51,6 +54,9 @@ def photo_bytes(payload: Any) -> bytes | None:
     :func:`export.phone.decode_image`, the allow-list and pixel limit a phone or the server
     applies, so bad input gets a friendly message. Gradio has already checked that the file
     is one of its uploads before the handler runs.
+
+    Raises:
+        ImageInputError: 413, the file is over ``max_bytes`` (its size is checked before reading).
     """
     if not payload:
         return None
@@ -59,13 +65,19 @@ def photo_bytes(payload: Any) -> bytes | None:
         import base64
         import binascii
 
+        if len(url) * 3 // 4 > max_bytes:  # base64: 4 characters per 3 bytes
+            raise file_too_large(len(url) * 3 // 4, max_bytes)
         try:
             return base64.b64decode(url.split(",", 1)[-1], validate=True)
         except (binascii.Error, ValueError):
             return url.encode()  # not base64: decode_image will call it "not a photo"
     if not payload.get("path"):
         return b""
-    return Path(payload["path"]).read_bytes()
+    path = Path(payload["path"])
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise file_too_large(size, max_bytes)
+    return path.read_bytes()
 
 
 def _label_value(response: dict | None) -> dict[str, float] | None:
@@ -86,7 +98,7 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
     conf, thr = r["confidence"], r["fallback_threshold"]
     if r["needs_fallback"]:
         verdict = f"Unsure: confidence {conf:.0%} is below this model's threshold {thr:.0%}."
-        if not out.server:
+        if not mode.server:
             verdict += " No server configured to ask."
     else:
         verdict = f"Confident: {conf:.0%} ≥ threshold {thr:.0%}, no need to ask the server."
@@ -102,10 +114,12 @@ def _server_text(mode: DemoMode, out: Outcome) -> str:
     if out.error:
         return ""
     s = out.server
-    if s is None:
+    if s is None and not out.asked_because:
         return ("Not asked: the device was sure enough. Press **Ask the server** to compare."
                 if mode.server else "No server configured: on-device answers only.")
     why = f"Asked because {out.asked_because}. " if out.asked_because else ""
+    if s is None:  # asked, answer still on its way
+        return f"Asking the server at {mode.server.url}… {why}" if mode.server else why
     if not s.ok:
         return (f"<span class='fieldid-error'>⚠ Server unavailable: {s.message}.</span>  \n"
                 f"{why}The on-device answer stands.")
@@ -128,6 +142,25 @@ def _render(mode: DemoMode, out: Outcome) -> tuple[Any, str, Any, str, dict]:
 def _blank(mode: DemoMode) -> tuple[Any, str, Any, str, dict]:
     hint = "Take a photo or upload one, or tap an example below."
     return None, hint, None, "", Outcome().to_dict()
+
+
+def _answers(mode: DemoMode, payload: dict | None, prec: str | None, *,
+             force_server: bool) -> Iterator[tuple[Any, str, Any, str, dict]]:
+    """The on-device answer at once; then, when the server is asked, the same with its answer."""
+    try:
+        image = photo_bytes(payload)
+    except ImageInputError as e:
+        yield _render(mode, Outcome(error=friendly_image_error(e)))
+        return
+    if image is None:
+        yield (_render(mode, Outcome(error="Take or upload a photo first, then ask the server."))
+               if force_server else _blank(mode))
+        return
+    out = mode.on_device(image, prec, force_server=force_server)
+    yield _render(mode, out)
+    if out.asked_because:
+        out.server = mode.ask_server(image)
+        yield _render(mode, out)
 
 
 def _mode_tab(mode: DemoMode) -> None:
@@ -160,17 +193,11 @@ def _mode_tab(mode: DemoMode) -> None:
         raw = gr.JSON(label="Raw answers (shared response schema)", elem_id=f"{key}-raw")
     outputs = [device_label, device_md, server_label, server_md, raw]
 
-    def identify(payload: dict | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
-        image = photo_bytes(payload)
-        if image is None:
-            return _blank(mode)
-        return _render(mode, mode.identify(image, prec))
+    def identify(payload: dict | None, prec: str | None) -> Iterator[tuple[Any, str, Any, str, dict]]:
+        yield from _answers(mode, payload, prec, force_server=False)
 
-    def ask_server(payload: dict | None, prec: str | None) -> tuple[Any, str, Any, str, dict]:
-        image = photo_bytes(payload)
-        if image is None:
-            return _render(mode, Outcome(error="Take or upload a photo first, then ask the server."))
-        return _render(mode, mode.identify(image, prec, force_server=True))
+    def ask_server(payload: dict | None, prec: str | None) -> Iterator[tuple[Any, str, Any, str, dict]]:
+        yield from _answers(mode, payload, prec, force_server=True)
 
     # preprocess=False: the handlers get the upload's payload, see photo_bytes.
     common = dict(inputs=[photo, precision], outputs=outputs, preprocess=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from export.manifest import Manifest
 from export.phone import DEFAULT_MAX_PIXELS, ImageInputError
@@ -17,7 +18,8 @@ from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_
 from .examples import DataOrigin, Example, data_origin, example_images
 from .fallback import DEFAULT_TIMEOUT_S, ServerConfig, ServerReply, ask_server
 
-__all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error"]
+__all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error",
+           "file_too_large", "mode_for_labels"]
 
 MAX_FILE_BYTES = 30_000_000  # larger than any phone photo; refused before decoding
 
@@ -73,6 +75,18 @@ MODES: dict[str, ModeInfo] = {
 }
 
 
+def mode_for_labels(labels: Iterable[str]) -> str | None:
+    """The mode whose built-in classes include all of ``labels``, or None when none (or several) do.
+
+    Example:
+        >>> mode_for_labels(["wild", "farmed"]), mode_for_labels(["lionfish"]), mode_for_labels(["cat"])
+        ('shop', 'dive', None)
+    """
+    labels = set(labels)
+    fits = [key for key, info in MODES.items() if labels and labels <= set(info.class_notes)]
+    return fits[0] if len(fits) == 1 else None
+
+
 def pretty_label(label: str) -> str:
     """``"sergeant_major"`` -> ``"Sergeant major"`` (what the user reads).
 
@@ -91,6 +105,11 @@ def friendly_image_error(e: ImageInputError) -> str:
     if e.status == 413:
         return f"That photo is too large ({e}). Use your camera's normal resolution or a smaller copy."
     return "That file is not a photo this app can read. Use a JPEG, PNG or WEBP image."
+
+
+def file_too_large(num_bytes: int, limit: int = MAX_FILE_BYTES) -> ImageInputError:
+    """The 413 error for a file over ``limit`` bytes (checked before reading or decoding it)."""
+    return ImageInputError(f"{num_bytes / 1e6:.0f} MB; the limit is {limit / 1e6:.0f} MB", 413)
 
 
 @dataclass
@@ -180,11 +199,23 @@ class DemoMode:
 
         Never raises for bad photos or server trouble: the outcome says what happened.
         """
+        out = self.on_device(image_bytes, precision, force_server=force_server)
+        if out.asked_because:
+            out.server = self.ask_server(image_bytes)  # type: ignore[arg-type]
+        return out
+
+    def on_device(self, image_bytes: bytes | None, precision: str | None = None, *,
+                  force_server: bool = False) -> Outcome:
+        """The device's half of :meth:`identify`: its answer, and whether the server is to be asked.
+
+        ``asked_because`` is set when the server should be asked (the caller then calls
+        :meth:`ask_server`); ``server`` stays None. The app uses this to show the on-device
+        answer before the server's arrives.
+        """
         if not image_bytes:
             return Outcome(error=friendly_image_error(ImageInputError("empty", 400)))
         if len(image_bytes) > MAX_FILE_BYTES:
-            return Outcome(error=friendly_image_error(ImageInputError(
-                f"{len(image_bytes) / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB", 413)))
+            return Outcome(error=friendly_image_error(file_too_large(len(image_bytes))))
         try:
             answer = self.model(precision).predict(image_bytes, k=self.top_k)
         except ImageInputError as e:
@@ -196,8 +227,6 @@ class DemoMode:
             out.asked_because = "you asked"
         elif answer.response["needs_fallback"] and self.server:
             out.asked_because = "low confidence"
-        if out.asked_because:
-            out.server = self.ask_server(image_bytes)
         return out
 
     def ask_server(self, image_bytes: bytes) -> ServerReply:
