@@ -4,7 +4,8 @@
 ``tiny_run`` (a run folder, to cover both ways of naming a bundle) on a free loopback port.
 Its fallback server is a loopback port nobody listens on, i.e. the "server down" case; tests
 that need a real TorchServe use ``served_tiny`` from fixtures_serve. The app is closed at the
-end of the session.
+end of the session. ``tiny_salmon_run`` is a real two-class run (wild/farmed) on a small copy
+of the synthetic salmon set, for what depends on the Shop classes and on synthetic data.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-__all__ = ["DemoApp", "demo_app", "unused_port", "demo_client"]
+__all__ = ["DemoApp", "demo_app", "unused_port", "demo_client", "tiny_salmon_run"]
 
 
 def unused_port() -> int:
@@ -54,3 +55,19 @@ def demo_app(tiny_bundle: Path, tiny_run: Path) -> Iterator[DemoApp]:
         yield DemoApp(app=app, url=url, modes=modes)
     finally:
         app.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_salmon_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real run (wild/farmed) on ``fieldid data demo salmon`` data, exported to ONNX."""
+    from export import export_run
+    from training import TrainConfig
+    from training.demo_data import make_demo_dataset
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("salmon")
+    data = make_demo_dataset("salmon", root / "data", scale=0.05, image_size=64, progress=False).out
+    run = root / "run"
+    train(data, run, TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, seed=0))
+    export_run(run, formats=["onnx"])
+    return run

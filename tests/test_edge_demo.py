@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from PIL import Image
 
 from fixtures_edge_demo import demo_client, unused_port
 
-from edge_demo.cli import assign_modes
+from edge_demo.cli import _mode_by_labels, assign_modes
 from edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
 from edge_demo.examples import data_origin, example_images
 from edge_demo.fallback import ServerConfig, ask_server, find_server
-from edge_demo.modes import MAX_FILE_BYTES, DemoMode, pretty_label
+from edge_demo.modes import MAX_FILE_BYTES, DemoMode, mode_for_labels, pretty_label
 from export.manifest import Artifact, load_manifest
+from export.phone import ImageInputError, check_resize_fits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,22 @@ def test_assign_modes_positional_and_named() -> None:
     assert assign_modes([("run", "runs/a=b")]) == {"dive": Path("runs/a=b")}
 
 
+def test_an_unnamed_model_goes_to_the_mode_of_its_classes(tiny_salmon_run: Path, tiny_run: Path) -> None:
+    assert mode_for_labels(["wild", "farmed"]) == "shop"
+    assert mode_for_labels(["lionfish", "blue_tang"]) == "dive"
+    assert mode_for_labels(["circle", "square"]) is None and mode_for_labels([]) is None
+    # What `fieldid demo --run runs/salmon` does: the salmon run's manifest says wild/farmed -> Shop.
+    assert _mode_by_labels(tiny_salmon_run) == "shop"
+    assert _mode_by_labels(tiny_run) is None  # shapes: no mode's classes
+    assert _mode_by_labels(tiny_run / "missing") is None
+    assert assign_modes([("run", str(tiny_salmon_run))], _mode_by_labels) == {"shop": tiny_salmon_run}
+    assert assign_modes([("run", str(tiny_salmon_run)), ("run", str(tiny_run))], _mode_by_labels) == {
+        "dive": tiny_run, "shop": tiny_salmon_run}
+    # A named mode still wins; an unknown model keeps the Dive-then-Shop order.
+    assert assign_modes([("run", f"dive={tiny_salmon_run}")], _mode_by_labels) == {"dive": tiny_salmon_run}
+    assert assign_modes([("run", str(tiny_run))], _mode_by_labels) == {"dive": tiny_run}
+
+
 @pytest.mark.parametrize("sources, message", [
     ([], "give a model"),
     ([("run", "a"), ("run", "b"), ("run", "c")], "only 2 modes"),
@@ -69,6 +87,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    missing = tmp_path / "nokey.json"
+    assert main(["demo", "--run", "runs/reef", "--key-file", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --key-file {missing} not found", err
 
 
 def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,14 +113,15 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
 def test_select_artifact_prefers_int8_and_says_when_it_cannot(tiny_bundle: Path) -> None:
     m = load_manifest(tiny_bundle)
     fp32 = m.find("onnx", "fp32")
-    if "int8" not in onnx_precisions(m):
-        art, notice = select_artifact(m, "auto")
-        assert art.precision == "fp32" and "no int8" in notice
-        with pytest.raises(DemoError, match="no int8 ONNX"):
-            select_artifact(m, "int8")
-        # The same manifest once it lists an int8 artifact: auto now picks it, silently.
-        m.set_artifact(Artifact(file="model.int8.onnx", format="onnx", precision="int8", sha256="0" * 64,
-                                size_bytes=fp32.size_bytes // 4))
+    assert onnx_precisions(m) == ["int8", "fp32"]  # export builds model.int8.onnx too
+    int8 = m.find("onnx", "int8")
+    # The same manifest without its int8 artifact: fp32, and a notice saying why.
+    m.artifacts = [a for a in m.artifacts if a["file"] != int8.file]
+    art, notice = select_artifact(m, "auto")
+    assert art.precision == "fp32" and "no int8" in notice
+    with pytest.raises(DemoError, match="no int8 ONNX"):
+        select_artifact(m, "int8")
+    m.set_artifact(int8)
     art, notice = select_artifact(m, "auto")
     assert (art.precision, notice) == ("int8", "")
     assert select_artifact(m, "fp32")[0].file == fp32.file
@@ -136,8 +159,20 @@ def test_examples_are_held_out_and_interleaved(dive: DemoMode, tiny_run: Path) -
     assert [e.label for e in ex[:len(labels)]] == labels  # one of each class first
     for e in ex:
         assert e.path.parent.name == e.label  # ImageFolder: the folder is the class
-    # A bare bundle finds its examples through the manifest's source run.
     assert example_images(tiny_run, dive.manifest) == ex
+
+
+def test_a_copied_bundle_finds_its_examples_through_source_run(dive: DemoMode, tiny_run: Path,
+                                                              tmp_path: Path) -> None:
+    bundle = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(dive.bundle_dir, bundle)
+    assert not (bundle / "split.json").exists() and not (bundle.parent / "split.json").exists()
+    manifest = load_manifest(bundle)
+    assert Path(manifest.source_run) == tiny_run.resolve()
+    assert DemoMode("dive", bundle).examples == dive.examples
+    # Without the source run there is nothing to offer (and no error).
+    manifest.source_run = str(tmp_path / "gone")
+    assert example_images(bundle, manifest) == []
 
 
 def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path) -> None:
@@ -152,6 +187,17 @@ def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path)
                                                 "files": {"test": []}}))
     origin = data_origin(run, dive.manifest)
     assert origin.synthetic and origin.root == data
+
+
+def test_shop_explains_colour_and_says_the_data_is_synthetic(tiny_salmon_run: Path) -> None:
+    mode = DemoMode("shop", tiny_salmon_run)
+    assert sorted(mode.manifest.labels) == ["farmed", "wild"] and mode.knows_demo_classes
+    text = mode.explanation_markdown()
+    assert "Colour is the cue" in text and "**Wild**: deep red-orange" in text and "**Farmed**: paler" in text
+    assert "**synthetic**" in text and "not photographs" in text
+    assert "check the label" in text  # a photo cannot prove origin
+    summary = mode.summary_markdown()
+    assert "Colour is the cue" in summary and "synthetic pictures" in summary
 
 
 def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> None:
@@ -179,8 +225,7 @@ def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> Non
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_every_onnx_precision_runs_and_agrees(dive: DemoMode, precision: str) -> None:
-    if precision not in dive.precisions:
-        pytest.skip(f"tiny_bundle has no {precision} ONNX artifact (export does not build it yet)")
+    assert precision in dive.precisions
     truth = [e.label for e in dive.examples]
     got = [dive.identify(e.path.read_bytes(), precision).device.response["top_k"][0]["label"]
            for e in dive.examples]
@@ -204,12 +249,32 @@ def _gif() -> bytes:
     (_png()[:60], "not a photo this app can read"),  # truncated
     (_png((8000, 5001), (0, 0, 0)), "too large"),  # 40 MP + 8000 px: decoded size over the limit
     (b"\xff\xd8\xff" + b"\0" * MAX_FILE_BYTES, "too large"),  # file size over the limit
-], ids=["empty", "text", "gif", "truncated_png", "too_many_pixels", "too_many_bytes"])
+    (_png((20_000, 1), (0, 0, 0)), "too large"),  # few pixels, but resizing it would need ~1 GB
+], ids=["empty", "text", "gif", "truncated_png", "too_many_pixels", "too_many_bytes", "too_elongated"])
 def test_bad_photos_get_a_friendly_message_and_the_mode_keeps_working(dive: DemoMode, data: bytes,
                                                                       message: str) -> None:
     out = dive.identify(data)
     assert message in out.error and out.device is None and out.server is None
     assert dive.identify(dive.examples[0].path.read_bytes()).device is not None
+
+
+def test_elongated_photo_is_refused_by_the_server_rule(dive: DemoMode, tiny_bundle: Path) -> None:
+    """The device refuses exactly what serve/engine.py refuses with 413, before allocating anything."""
+    from serve.engine import ClassifierEngine
+
+    r = dive.manifest.preprocess_spec.resize_size
+    check_resize_fits((r, 100 * r), r, max_pixels=100 * r * r)  # exactly at the limit: fine
+    with pytest.raises(ImageInputError, match="too elongated") as e:
+        check_resize_fits((r, 100 * r + 1), r, max_pixels=100 * r * r)
+    assert e.value.status == 413
+    strip = _png((20_000, 1), (0, 0, 0))
+    engine = ClassifierEngine.from_bundle(tiny_bundle, warmup=False)
+    with pytest.raises(ImageInputError) as server_error:
+        engine.decode(strip)
+    with pytest.raises(ImageInputError) as device_error:
+        dive.model().predict(strip)
+    assert (device_error.value.status, str(device_error.value)) == (server_error.value.status, str(server_error.value))
+    assert dive.identify(_png((4000, 3000))).device is not None  # an ordinary phone photo still works
 
 
 def test_unknown_precision_is_a_message_not_a_crash(dive: DemoMode) -> None:
@@ -225,6 +290,12 @@ def test_server_down_keeps_the_device_answer(tiny_bundle: Path) -> None:
     assert out.device is not None and out.asked_because == "you asked"
     assert not out.server.ok and "not reachable (connection refused)" in out.server.message
     assert out.to_dict()["server"] is None and out.to_dict()["device"]["top_k"]
+
+
+def test_missing_key_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "key_file.json"
+    reply = ask_server(ServerConfig(f"http://127.0.0.1:{unused_port()}", missing), "shapes", _png())
+    assert not reply.ok and f"key file {missing} not found" in reply.message
 
 
 def test_slow_server_times_out_with_a_clear_message(tiny_bundle: Path) -> None:
@@ -275,21 +346,35 @@ def test_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
 
 
 def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
-    """A bundle whose fallback threshold is 1.0: every answer is "unsure", so the server is asked."""
-    bundle = tmp_path / "strict"
-    bundle.mkdir()
-    for f in tiny_bundle.iterdir():
-        if f.name != "manifest.json":
-            (bundle / f.name).symlink_to(f)
-    d = json.loads((tiny_bundle / "manifest.json").read_text())
-    d["fallback_threshold"] = 1.0
-    (bundle / "manifest.json").write_text(json.dumps(d))
+    """Threshold 1.0: every answer is "unsure", so the server is asked; threshold 0.0: never."""
     server = ServerConfig(served_tiny.base_url, served_tiny.key_file)
-    out = DemoMode("shop", bundle, server=server).identify(_png())
+    strict = _bundle_with_threshold(tiny_bundle, tmp_path / "strict", 1.0)
+    out = DemoMode("shop", strict, server=server).identify(_png())
     assert out.device.response["needs_fallback"] and out.asked_because == "low confidence"
     assert out.server.ok and out.server.response["top_k"]
-    # The same photo with the shipped threshold and no server: nothing is asked.
-    assert DemoMode("shop", tiny_bundle).identify(_png()).server is None
+    # Same photo, same running server, a threshold every answer clears: the server is not asked.
+    lax = _bundle_with_threshold(tiny_bundle, tmp_path / "lax", 0.0)
+    out = DemoMode("shop", lax, server=server).identify(_png())
+    assert not out.device.response["needs_fallback"] and out.asked_because == "" and out.server is None
+    # Unsure but no server configured: nothing is asked, and the user is told why.
+    from edge_demo.app import _device_text
+
+    mode = DemoMode("shop", strict, server=None)
+    out = mode.identify(_png())
+    assert out.device.response["needs_fallback"] and out.asked_because == "" and out.server is None
+    assert "No server configured to ask" in _device_text(mode, out)
+
+
+def _bundle_with_threshold(bundle: Path, dest: Path, threshold: float) -> Path:
+    """A copy of ``bundle`` (files symlinked) whose manifest has another fallback threshold."""
+    dest.mkdir()
+    for f in bundle.iterdir():
+        if f.name != "manifest.json":
+            (dest / f.name).symlink_to(f)
+    d = json.loads((bundle / "manifest.json").read_text())
+    d["fallback_threshold"] = threshold
+    (dest / "manifest.json").write_text(json.dumps(d))
+    return dest
 
 
 def test_wrong_token_is_explained(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
@@ -349,10 +434,19 @@ def test_app_bad_input_is_friendly_and_app_keeps_working(demo_app, tmp_path: Pat
     _, device_text, *_ = _call(client, "/dive_identify", None)
     assert "Take a photo" in device_text
     _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path, "int8")
-    if "int8" not in demo_app.modes["dive"].precisions:
-        assert "no int8 ONNX model" in device_text
+    assert "int8 ONNX" in device_text
     _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path)
-    assert "on this device ·" in device_text
+    assert "on this device ·" in device_text and "int8 ONNX" in device_text  # the default, like a phone
+
+
+def test_app_default_precision_is_int8(demo_app) -> None:
+    client = demo_client(demo_app.url)
+    for key, mode in demo_app.modes.items():
+        assert mode.default_precision == "int8" and mode.notice == ""
+        _, device_text, *_ = _call(client, f"/{key}_identify", mode.examples[0].path)
+        assert "int8 ONNX" in device_text
+        _, device_text, *_ = _call(client, f"/{key}_identify", mode.examples[0].path, "fp32")
+        assert "fp32 ONNX" in device_text
 
 
 def test_photo_payloads_inline_or_uploaded(dive: DemoMode, tmp_path: Path) -> None:
@@ -369,6 +463,62 @@ def test_photo_payloads_inline_or_uploaded(dive: DemoMode, tmp_path: Path) -> No
     assert "not a photo" in dive.identify(garbage).error
 
 
+def test_photo_size_is_checked_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from edge_demo.app import photo_bytes
+
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as fh:  # sparse: MAX_FILE_BYTES + 1 bytes on disk, nothing written
+        fh.truncate(MAX_FILE_BYTES + 1)
+    read: list[Path] = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self) or real_read_bytes(self))
+    with pytest.raises(ImageInputError, match="the limit is 30 MB") as e:
+        photo_bytes({"path": str(big), "url": None})
+    assert e.value.status == 413 and read == []
+    small = tmp_path / "small.png"
+    small.write_bytes(_png())
+    assert photo_bytes({"path": str(small), "url": None}) == _png() and read == [small]
+    inline = "data:image/png;base64," + base64.b64encode(b"\0" * 4_000_000).decode()
+    with pytest.raises(ImageInputError, match="4 MB; the limit is 2 MB"):
+        photo_bytes({"path": None, "url": inline}, max_bytes=2_000_000)
+
+
+def test_slow_server_the_device_answer_comes_first(tiny_bundle: Path) -> None:
+    """The identify handlers are generators: the on-device answer is shown while the server is asked."""
+    from edge_demo.app import build_app, launch_app
+
+    with socket.socket() as listener:  # accepts connections, never answers: a hung server
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        hung = ServerConfig(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        mode = DemoMode("dive", tiny_bundle, server=hung, timeout=4.0)
+        app = build_app([mode])
+        url = launch_app(app, port=unused_port(), block=False, quiet=True)
+        try:
+            from gradio_client import handle_file
+
+            job = demo_client(url).submit(handle_file(str(mode.examples[0].path)), None,
+                                          api_name="/dive_ask_server")
+            for _ in range(600):
+                if job.outputs() or job.done():
+                    break
+                time.sleep(0.05)
+            first_seen_while_waiting = not job.done()
+            final = job.result(timeout=60)
+            steps = job.outputs()
+        finally:
+            app.close()
+    assert first_seen_while_waiting, "the device answer only came with the server's"
+    assert len(steps) == 2
+    label, device_text, _, server_text, raw = steps[0]
+    assert label["label"] and "on this device ·" in device_text and raw["device"]["top_k"]
+    assert "Asking the server" in server_text and raw["server_message"] == "" and raw["server"] is None
+    assert tuple(steps[-1]) == tuple(final)
+    assert "did not answer within 4 s" in final[3] and final[4]["device"] == raw["device"]
+
+
 def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
     from edge_demo.app import build_app, launch_app
 
@@ -377,9 +527,12 @@ def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None
     url = launch_app(app, port=unused_port(), block=False, quiet=True)
     try:
         e = mode.examples[1]
-        label, device_text, server_label, server_text, raw = _call(demo_client(url), "/dive_ask_server", e.path)
+        # fp32 on both sides (the server runs the fp32 PyTorch weights): the answers must agree.
+        label, device_text, server_label, server_text, raw = _call(demo_client(url), "/dive_ask_server",
+                                                                   e.path, "fp32")
     finally:
         app.close()
+    assert "fp32 ONNX" in device_text
     assert raw["server"]["top_k"][0]["label"] == raw["device"]["top_k"][0]["label"]
     assert server_label["label"] == label["label"]
     assert "round trip" in server_text and "agrees with the device" in server_text
