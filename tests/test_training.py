@@ -99,6 +99,72 @@ def test_weights_sha256_is_checked(tmp_path: Path) -> None:
         _load_state_dict(tmp_path / "bad.pth")
 
 
+@pytest.mark.parametrize("name", [*list_backbones(), "timm/mobilenetv3_small_050"])
+def test_weights_file_that_does_not_fit_is_a_model_error(tmp_path: Path, name: str) -> None:
+    sd = create_model(name, pretrained=False).state_dict()
+    key = next(k for k, v in reversed(sd.items()) if v.ndim == 2)  # the ImageNet head's weight
+    sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(ModelError, match=f"do not fit.*{key}"):
+        create_model(name, num_classes=3, weights_file=str(tmp_path / "w.pth"))
+    torch.save({k: v for k, v in sd.items() if k != key}, tmp_path / "missing-key.pth")
+    with pytest.raises(ModelError, match="do not fit.*Missing key"):
+        create_model(name, num_classes=3, weights_file=str(tmp_path / "missing-key.pth"))
+
+
+@pytest.mark.parametrize("name", ["timm/mobilenetv3_small_050", "timm/levit_128s.fb_dist_in1k"])
+def test_timm_spec_counts_parameters_without_weights(name: str) -> None:
+    spec = get_backbone(name)
+    assert spec.num_params == sum(p.numel() for p in create_model(name, pretrained=False).parameters())
+
+
+def test_every_head_of_a_distilled_levit_trains_in_the_head_phase() -> None:
+    """LeViT: get_classifier() is a tuple (head, head_dist) of NormLinear modules without out_features."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from training.models import classifier_modules, model_num_classes
+    from training.module import Classifier
+
+    torch.manual_seed(0)
+    model = create_model("timm/levit_128s.fb_dist_in1k", num_classes=3, pretrained=False)
+    assert [n for n, _ in classifier_modules(model)] == ["head", "head_dist"] and model_num_classes(model) == 3
+    module = Classifier(model, TrainConfig(epochs=2, head_epochs=1, batch_size=4))
+    assert module.val_f1.num_classes == 3
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    class PerEpoch(L.Callback):
+        def __init__(self) -> None:
+            self.params = [snapshot()]
+            self.head_modes: list[tuple[bool, bool, bool]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.head_modes.append((model.head.training, model.head_dist.training, model.stem.training))
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.params.append(snapshot())
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(4, 3, 224, 224, generator=g), torch.tensor([0, 1, 2, 0]))
+    spy = PerEpoch()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[spy])
+    trainer.fit(module, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+
+    def changed(before: dict, after: dict, prefix: tuple[str, ...]) -> set[bool]:
+        return {not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)}
+
+    start, head_phase, full = spy.params
+    backbone = ("stem.", "stages.")
+    assert changed(start, head_phase, ("head.",)) == {True} and changed(start, head_phase, ("head_dist.",)) == {True}
+    assert changed(start, head_phase, backbone) == {False}  # frozen in the head-only epoch
+    assert True in changed(head_phase, full, backbone)
+    assert spy.head_modes == [(True, True, False), (True, True, True)]
+
+
 def test_golden_logits_of_seeded_tiny_model() -> None:
     """Catches silent drift in architecture, head replacement or example input.
 
@@ -258,10 +324,13 @@ def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
 
         def __init__(self) -> None:
             self.modes: dict[int, set[tuple[bool, bool]]] = {}
+            self.loss_weight: torch.Tensor | None = None
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            head = module.model.get_submodule(module.head_name)
+            (head_name,) = module.head_names
+            head = module.model.get_submodule(head_name)
             self.modes.setdefault(trainer.current_epoch, set()).add((module.model.features.training, head.training))
+            self.loss_weight = module.loss_fn.weight.detach().cpu().clone()
 
     spy = ModeSpy()
     rec = train(data, tmp_path / "run", TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=16,

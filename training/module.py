@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .config import TrainConfig
-from .models import classifier_module
+from .models import classifier_modules, model_num_classes
 
 __all__ = ["Classifier", "phase_lr"]
 
@@ -37,15 +37,16 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
-        self.head_name, _ = classifier_module(model)
-        num_classes = classifier_module(model)[1].out_features
+        # Every head module trains in the head-only phase (a distilled LeViT has two).
+        self.head_names = [name for name, _ in classifier_modules(model)]
+        num_classes = model_num_classes(model)
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
         self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=cfg.label_smoothing)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
 
     def _is_head(self, param_name: str) -> bool:
-        return param_name.startswith(f"model.{self.head_name}.")
+        return any(param_name.startswith(f"model.{name}.") for name in self.head_names)
 
     def _set_backbone_trainable(self, trainable: bool) -> None:
         for name, p in self.named_parameters():
@@ -61,7 +62,8 @@ class Classifier(L.LightningModule):
         if head_phase:
             # Frozen backbone: keep its BatchNorm statistics frozen too.
             self.model.eval()
-            self.model.get_submodule(self.head_name).train()
+            for name in self.head_names:
+                self.model.get_submodule(name).train()
         else:
             # Lightning only restores the mode it found around validation and never calls .train()
             # itself, so the eval() above would otherwise freeze BatchNorm and dropout for good.
