@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -18,8 +19,18 @@ __all__ = ["main", "build_parser"]
 _CLI_PACKAGES = ("training", "export", "serve", "edge_demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``fieldid: error: ...`` line and exit code 2, like every other bad input.
+
+    Sub-command parsers are made by ``add_subparsers``, which reuses this class.
+    """
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"fieldid: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fieldid",
         description="From a folder of photos to a verified, phone-ready image classifier (offline).",
     )
@@ -56,6 +67,12 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
 
 
+def _is_misconfiguration(e: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException``, recognised without importing lightning."""
+    return any(c.__name__ == "MisconfigurationException" and c.__module__.startswith("lightning")
+               for c in type(e).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Bad input -> one ``error:`` line on stderr and exit code 2."""
     parser = build_parser()
@@ -67,16 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, LookupError) as e:
-        # Our error types (DataError, ConfigError, ModelError, RunError, ...) are ValueErrors.
+    except Exception as e:
         if verbose:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug, not bad input: still one line, but a distinct exit code
-        if verbose:
-            raise
+        # Our error types (DataError, ConfigError, ModelError, RunError, ...) are ValueErrors.
+        if isinstance(e, (ValueError, OSError, LookupError)) or _is_misconfiguration(e):
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        # A bug, not bad input: still one line, but a distinct exit code.
         print(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(rerun with -v for the traceback)", file=sys.stderr)
         return 1

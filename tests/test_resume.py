@@ -101,5 +101,38 @@ def test_corrupt_checkpoint_is_refused_with_one_line(killed_run: dict, tmp_path:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "last.ckpt" in err[0]
     expected = "not a fieldid/Lightning checkpoint" if damage == "foreign" else "corrupt or half-written"
-    assert expected in err[0]
+    assert expected in err[0] and "delete it and rerun --resume to restart this run from epoch 0" in err[0]
     assert sorted(p.name for p in run.rglob("*")) == before  # refused before touching anything
+
+
+def test_deleting_a_corrupt_last_checkpoint_restarts_from_epoch_0(tiny_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """What the corrupt-checkpoint message tells the user to do really works, and does what it says."""
+    import lightning as L
+
+    from training.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
+    record = RunRecord.from_json(run / "run.json")
+    record.status = "training"  # as a run killed mid-training leaves it
+    record.to_json(run / "run.json")
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert fieldid.main(["train", "--resume", str(run)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "restart this run from epoch 0" in err
+
+    class Stop(Exception):
+        pass
+
+    class FirstEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.epoch, self.step = trainer.current_epoch, trainer.global_step
+            raise Stop
+
+    last.unlink()
+    spy = FirstEpoch()
+    with pytest.raises(Stop):
+        train(None, None, resume=run, callbacks=[spy])
+    assert (spy.epoch, spy.step) == (0, 0)

@@ -359,8 +359,13 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
     assert load_config(out / "config.yaml").augment.hue == 0.0
 
 
+# Cases found only after the data is read: they used to leave a half-made run (status "training").
+LATE_CASES = ["missing_weights", "weights_do_not_fit", "timm_offline", "bad_accelerator", "unavailable_accelerator",
+              "bad_strategy", "bad_precision", "bad_devices", "empty_out_dir"]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "single_class", "unknown_model",
-                                  "bad_config", "unwritable", "existing_run", "bad_number"])
+                                  "bad_config", "unwritable", "existing_run", "bad_number", *LATE_CASES])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The real CLI entry point, in-process (one subprocess per case would cost ~10 s of imports)."""
@@ -395,6 +400,28 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case
         (out / "run.json").write_text('{"keep": "me"}')
     elif case == "bad_number":
         extra = ["--epochs", "0"]
+    elif case == "missing_weights":
+        extra = ["--weights", tmp_path / "nope.pth"]
+    elif case == "weights_do_not_fit":
+        torch.save(create_model("mobilenet_v2", num_classes=10, pretrained=False).state_dict(), tmp_path / "w.pth")
+        extra = ["--weights", tmp_path / "w.pth"]
+    elif case == "timm_offline":
+        extra = ["--model", "timm/mobilenetv3_small_050"]  # no hub (HF_HUB_OFFLINE), no --weights
+    elif case == "bad_accelerator":
+        extra = ["--accelerator", "bogus"]
+    elif case == "unavailable_accelerator":
+        extra = ["--accelerator", "mps"]  # Lightning: MisconfigurationException on Linux
+    elif case == "bad_strategy":
+        extra = ["--strategy", "bogus"]
+    elif case == "bad_precision":
+        extra = ["--precision", "bogus"]
+    elif case == "bad_devices":
+        extra = ["--accelerator", "cpu", "--devices", "abc"]
+    elif case == "empty_out_dir":
+        out.mkdir()  # made by the user before the run: kept, and still empty
+        extra = ["--accelerator", "bogus"]
+    if case in LATE_CASES:
+        extra += ["--image-size", "32"]
     code = main(["train", "--data", str(data), "--out", str(out), *map(str, extra)])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -404,6 +431,66 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case
         assert (out / "run.json").read_text() == '{"keep": "me"}'  # nothing previously written destroyed
     if case not in ("existing_run",):
         assert not (out / "run.json").exists()
+    if case in LATE_CASES:  # nothing written, so the same command with the mistake fixed starts afresh
+        assert (list(out.iterdir()) == []) if case == "empty_out_dir" else not out.exists()
+        assert "internal error" not in err
+
+
+def test_run_failing_before_its_first_step_is_removed(tmp_path: Path, shapes_dir: Path) -> None:
+    """A failure inside fit but before any optimizer step leaves no half-made run; later ones keep it."""
+    import lightning as L
+
+    class Boom(Exception):
+        pass
+
+    class FailAt(L.Callback):
+        def __init__(self, hook: str) -> None:
+            setattr(self, hook, self.fail)
+
+        def fail(self, *args) -> None:
+            raise Boom
+
+    cfg = TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=16)
+    with pytest.raises(Boom):
+        train(shapes_dir, tmp_path / "new", cfg, callbacks=[FailAt("on_train_start")])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(Boom):
+        train(shapes_dir, tmp_path / "mine", cfg, callbacks=[FailAt("on_train_start")])
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+    # After a step the run is kept as it is (what a crash or kill leaves): --resume continues it.
+    with pytest.raises(Boom):
+        train(shapes_dir, tmp_path / "started", cfg, callbacks=[FailAt("on_train_batch_end")])
+    assert RunRecord.from_json(tmp_path / "started" / "run.json").status == "training"
+
+
+def _subcommand_paths(parser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import argparse
+
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += _subcommand_paths(sub, (*prefix, name))
+    return paths
+
+
+def test_every_usage_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid import build_parser, main
+
+    paths = _subcommand_paths(build_parser())
+    assert ("train",) in paths and ("data", "check") in paths
+    cases = [[*path, "--no-such-flag"] for path in paths] + [["train", "--epochs", "abc"], ["no-such-command"]]
+    for argv in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, argv
+        assert len(err.strip().splitlines()) == 1 and err.startswith("fieldid: error: "), (argv, err)
+    main_err = run_cli("train", "--epochs", "abc")
+    assert main_err.returncode == 2
+    assert main_err.stderr.strip().splitlines() == [
+        "fieldid: error: argument --epochs: invalid int value: 'abc' (see `fieldid train --help`)"]
 
 
 def test_cli_help_lists_every_command() -> None:

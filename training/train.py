@@ -21,6 +21,7 @@ import datetime as _dt
 import io
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # loop state needs full unpickling, and the file is one this run wrote itself.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or half-written checkpoint ({type(e).__name__}); "
-                              f"delete it to restart from the previous one") from None
+        raise CheckpointError(f"{path}: corrupt or half-written checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a fieldid/Lightning checkpoint")
     return ckpt
@@ -229,6 +229,56 @@ def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torc
     return model.eval()
 
 
+def _make_trainer(**kwargs: Any) -> Any:
+    """``lightning.Trainer(**kwargs)``, with accelerator/device/strategy/precision mistakes as a ConfigError."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
+        # Lightning's own checks of --accelerator/--devices/--strategy/--precision/--num-nodes;
+        # a missing optional package (deepspeed, transformer_engine) arrives as an ImportError.
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        flags = " ".join(f"--{k.replace('_', '-')} {kwargs.get(k)}"
+                         for k in ("accelerator", "devices", "strategy", "precision", "num_nodes"))
+        raise ConfigError(f"Lightning rejects {flags}: {msg}") from None
+
+
+class _NewRun:
+    """The run directory one ``train`` call creates, and how to take it back when the run fails."""
+
+    def __init__(self, out: Path, *, existed: bool) -> None:
+        self.out = out
+        self.existed = existed  # an empty directory the user made: keep it, remove only what we wrote
+
+    def remove(self) -> None:
+        if not self.out.is_dir():
+            return
+        if not self.existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for child in self.out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def _write_new_run(out: Path, cfg: TrainConfig, split: Split, spec: PreprocessSpec, record: RunRecord) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise RunError(f"{out}: output location is not writable ({e.strerror})") from None
+    cfg.to_yaml(out / "config.yaml")
+    split.to_json(out / "split.json")
+    atomic_write_json(out / "labels.json", split.labels)
+    spec.to_json(out / "preprocess.json")
+    record.to_json(out / "run.json")
+
+
 # --------------------------------------------------------------------------- train
 def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainConfig | None = None, *,
           resume: str | Path | None = None, callbacks: list[Any] | None = None) -> RunRecord:
@@ -258,6 +308,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
 
     t0 = time.time()
     history: list[dict[str, str]] = []  # log rows of the epochs a resumed checkpoint already holds
+    new_run: _NewRun | None = None  # set when this call creates the run directory
     if resume is not None:
         out = Path(resume)
         if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
@@ -272,7 +323,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
             ckpt_path = None  # killed before the first epoch ended: start over inside the same run
             log.warning("no last checkpoint in %s; restarting training from epoch 0", out)
         else:
-            done = load_checkpoint(ckpt_path)["epoch"]  # fail early and clearly on a corrupt file
+            try:  # fail early and clearly on a corrupt file
+                done = load_checkpoint(ckpt_path)["epoch"]
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; delete it and rerun --resume to restart this run from epoch 0") from None
             history = _read_log_rows(out / "logs" / "metrics.csv", upto_epoch=done)
     else:
         if data_dir is None or out_dir is None:
@@ -283,26 +337,17 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         writer = _launch_rank() == 0  # DDP: the other ranks (re-executed by the launcher) only read
         if writer:
             _check_out_dir(out)
+            new_run = _NewRun(out, existed=out.exists())
         backbone = get_backbone(cfg.model)  # unknown model: fail before touching disk
         split = make_split(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            seed=cfg.seed)
         spec = backbone.preprocess(cfg.image_size)
         record = RunRecord(name=out.name, backbone=cfg.model, num_classes=len(split.labels),
                            labels=split.labels, preprocess=spec.to_dict(), status="training", created=_now())
-        if writer:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                (out / ".write-test").touch()
-                (out / ".write-test").unlink()
-            except OSError as e:
-                raise RunError(f"{out}: output location is not writable ({e.strerror})") from None
-            cfg.to_yaml(out / "config.yaml")
-            split.to_json(out / "split.json")
-            atomic_write_json(out / "labels.json", split.labels)
-            spec.to_json(out / "preprocess.json")
-            record.to_json(out / "run.json")
         ckpt_path = None
 
+    # Everything that can reject the input (data, weights, accelerator settings) runs before the
+    # run directory is written, so bad input never leaves a half-made run behind.
     spec = record.preprocess_spec
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datasets, skipped = build_datasets(split, cfg, spec)
@@ -341,7 +386,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     last_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
                               enable_version_counter=False)
     early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
-    trainer = L.Trainer(
+    trainer = _make_trainer(
         max_epochs=cfg.epochs, min_epochs=min(cfg.epochs, cfg.head_epochs + 1),
         accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(cfg), num_nodes=cfg.num_nodes,
         precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, last_cb, early, *(callbacks or [])],
@@ -349,7 +394,16 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),
     )
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    try:
+        if new_run is not None:
+            _write_new_run(out, cfg, split, spec, record)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    except Exception:
+        # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
+        # nothing to resume, and a half-made run would only make the rerun ask for --resume.
+        if new_run is not None and trainer.global_step == 0:
+            new_run.remove()
+        raise
     if trainer.global_rank != 0:
         return record  # rank 0 alone finalises the run directory
     if history:
