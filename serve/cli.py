@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from training.cli import HelpFormatter
@@ -68,28 +69,71 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _servers_per_target(args: argparse.Namespace) -> list[list[Path]]:
+    """For each given run/bundle, the state dirs of the servers started with it (``--state-dir``
+    instead, when given). A model served from another run's folder is found through the
+    ``served_by.json`` that ``start`` left in its own ``RUN/serve``."""
+    from .archive import ServeError
+    from .server import state_dirs_for
+
+    if args.state_dir:
+        return [[args.state_dir]]
+    groups = [(t, state_dirs_for(t)) for t in _bundles(args)]
+    missing = [str(t) for t, dirs in groups if not dirs]
+    if len(missing) == len(groups):
+        raise ServeError(f"no server was started for {', '.join(missing)} (start one with `fieldid serve start`)")
+    for target in missing:
+        print(f"note: no server was started for {target}", file=sys.stderr)
+    return [dirs for _, dirs in groups]  # [] for a run never served
+
+
+def _unique(dirs: list[Path]) -> list[Path]:
+    return list(dict.fromkeys(dirs))
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     from .server import stop_server
 
-    res = stop_server(_state_dir(args), timeout=args.timeout)
-    print("stopped" if res["was_running"] else "was not running", f"({res['state_dir']})")
-    print(json.dumps(res))
+    results = []
+    for state_dir in _unique([d for group in _servers_per_target(args) for d in group]):
+        res = stop_server(state_dir, timeout=args.timeout)
+        print("stopped" if res["was_running"] else "was not running", f"({res['state_dir']})")
+        results.append(res)
+    print(json.dumps(results[0] if len(results) == 1 else results))
     return 0
+
+
+def _running_per_target(args: argparse.Namespace) -> tuple[list[Path], bool]:
+    """Per target its running server(s), else its first (stopped) one; and whether all run."""
+    from .server import server_status
+
+    cache: dict[Path, bool] = {}
+    chosen, all_running = [], True
+    for group in _servers_per_target(args):
+        for d in group:
+            if d not in cache:
+                cache[d] = server_status(d)["running"]
+        running = [d for d in group if cache[d]]
+        all_running &= bool(running)  # a run never served counts as not running
+        chosen += running or group[:1]
+    return _unique(chosen), all_running
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .server import server_status
 
-    st = server_status(_state_dir(args))
-    print(json.dumps(st, indent=2))
-    return 0 if st["running"] else 3
+    dirs, all_running = _running_per_target(args)
+    states = [server_status(d) for d in dirs]
+    print(json.dumps(states[0] if len(states) == 1 else states, indent=2))
+    return 0 if all_running else 3
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
     from .server import rotate_key
 
-    path = rotate_key(_state_dir(args), args.kind)
-    print(f"new {args.kind} key written to {path}")
+    for state_dir in _running_per_target(args)[0]:
+        path = rotate_key(state_dir, args.kind)  # a stopped one: one clear error line
+        print(f"new {args.kind} key written to {path}")
     return 0
 
 
@@ -97,7 +141,8 @@ def _add_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, action="append", help="run directory whose export/ bundle to serve (repeatable)")
     p.add_argument("--bundle", type=Path, action="append", help="export bundle directory (repeatable)")
     p.add_argument("--state-dir", type=Path, default=None,
-                   help="where the server keeps config, model store, logs, key file (default: RUN/serve of the first run)")
+                   help="where the server keeps config, model store, logs, key file (default: RUN/serve of the first "
+                        "run; stop/status/rotate-key without it act on every server started with a given run)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -140,12 +185,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the workers to be READY")
     s.set_defaults(func=_cmd_start)
 
-    t = ssub.add_parser("stop", help="stop the server and every process it started", formatter_class=HelpFormatter)
+    t = ssub.add_parser("stop", help="stop the server(s) of the given runs and every process they started",
+                        formatter_class=HelpFormatter)
     _add_targets(t)
     t.add_argument("--timeout", type=float, default=30.0, help="seconds of graceful shutdown before SIGKILL")
     t.set_defaults(func=_cmd_stop)
 
-    u = ssub.add_parser("status", help="running?, URLs, key file, worker states (exit 3 when not running)",
+    u = ssub.add_parser("status", help="running?, URLs, key file, worker states as JSON (a list when the runs are "
+                        "on several servers; exit 3 when a given run is not served)",
                         formatter_class=HelpFormatter)
     _add_targets(u)
     u.set_defaults(func=_cmd_status)

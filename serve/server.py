@@ -18,7 +18,9 @@ What this hides from a user (each one a known TorchServe trap):
   ends the group and verifies that no Java frontend or Python worker remains.
 
 Everything a server owns lives in its state directory (default ``RUN/serve``): ``server.json``,
-``config.properties``, ``model-store/``, ``logs/``, ``key_file.json`` and ``tmp/``.
+``config.properties``, ``model-store/``, ``logs/``, ``key_file.json`` and ``tmp/``. The only
+thing written elsewhere: ``served_by.json`` in the default state dir of every other model it
+serves, so that ``stop``/``status --run B`` find the server started as ``--run A --run B``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ __all__ = [
     "rotate_key",
     "load_state",
     "default_state_dir",
+    "state_dirs_for",
     "find_java",
     "config_properties",
     "free_port",
@@ -65,6 +68,8 @@ log = logging.getLogger("fieldid.serve")
 
 MIN_JAVA = 17
 STATE_FILE = "server.json"
+# In RUN/serve of every model served from another state dir: {"state_dirs": [...]}.
+POINTER_FILE = "served_by.json"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Markers of processes that belong to a TorchServe server (launcher, Java frontend, workers).
 _TS_MARKERS = ("ts.model_server", "org.pytorch.serve.ModelServer", "model_service_worker")
@@ -189,6 +194,66 @@ def default_state_dir(bundle: str | Path) -> Path:
     """``RUN/serve`` for a run's ``export/`` bundle, else ``<bundle>-serve`` next to the bundle."""
     b = bundle_dir_of(bundle).resolve()
     return b.parent / "serve" if b.name == "export" else b.parent / f"{b.name}-serve"
+
+
+def _pointer_targets(own: Path) -> list[str]:
+    try:
+        dirs = json.loads((own / POINTER_FILE).read_text()).get("state_dirs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [d for d in dirs if isinstance(d, str)]
+
+
+def _serves(state_dir: Path, bundle: Path) -> bool:
+    """Does the server state in ``state_dir`` (running or not) include ``bundle``?"""
+    try:
+        state = load_state(state_dir)
+    except (ServeError, OSError, ValueError, TypeError):
+        return False
+    return any(Path(m.get("bundle", "")) == bundle for m in state.models.values())
+
+
+def _write_pointers(bundles: list[Path], state_dir: Path) -> None:
+    """Record in every other bundle's default state dir that ``state_dir`` serves it, so that
+    ``fieldid serve stop|status --run B`` finds a server started as ``start --run A --run B``."""
+    for b in bundles:
+        own = default_state_dir(b)
+        if own == state_dir:
+            continue
+        b = b.resolve()
+        keep = [d for d in _pointer_targets(own) if d != str(state_dir) and _serves(Path(d), b)]
+        try:
+            own.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_text(own / POINTER_FILE, json.dumps({"state_dirs": keep + [str(state_dir)]}) + "\n")
+        except OSError as e:  # e.g. a read-only bundle: serving still works, only the lookup does not
+            log.warning("cannot record the server in %s (%s); stop it with --state-dir %s", own, e, state_dir)
+
+
+def state_dirs_for(target: str | Path) -> list[Path]:
+    """State directories of every server that was started with ``target`` among its models.
+
+    Its own default state dir (``RUN/serve``) when that server serves it, plus each server
+    recorded in ``RUN/serve/served_by.json`` (written by :func:`start_server` for every model
+    but the one whose folder holds the state). Stopped servers are included; ``[]`` if none.
+
+    Example:
+        >>> start_server(["runs/reef", "runs/salmon"])  # doctest: +SKIP
+        >>> state_dirs_for("runs/salmon")  # doctest: +SKIP
+        [PosixPath('/.../runs/reef/serve')]
+    """
+    b = bundle_dir_of(target).resolve()
+    own = default_state_dir(b)
+    out: list[Path] = []
+    for d in [own, *map(Path, _pointer_targets(own))]:
+        if d not in out and _serves(d, b):
+            out.append(d)
+    return out
+
+
+def _warn_exposure(opts: ServeOptions) -> None:
+    if opts.host not in _LOOPBACK:
+        log.warning("binding the inference API to %s: it is reachable from other machines%s", opts.host,
+                    "" if opts.auth else " WITHOUT token authorization")
 
 
 def find_java(env: dict[str, str] | None = None) -> str:
@@ -354,6 +419,11 @@ def _launcher_alive(state: ServerState) -> bool:
         return False
 
 
+def _is_running(state: ServerState) -> bool:
+    """Launcher alive, or (if it died) the Java frontend / workers it started still are."""
+    return state.status == "running" and (_launcher_alive(state) or bool(server_processes(state)))
+
+
 def load_state(state_dir: str | Path) -> ServerState:
     """Read ``STATE_DIR/server.json``.
 
@@ -442,19 +512,17 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     """
     opts = opts or ServeOptions()
     opts.validate()
+    _warn_exposure(opts)  # first, so it is said even when start-up fails (and testable without Java)
     if not bundles:
         raise ServeError("nothing to serve: pass --run RUN (or --bundle DIR) at least once")
     bundles = [bundle_dir_of(b) for b in bundles]
     state_dir = Path(state_dir or default_state_dir(bundles[0])).resolve()
     if (state_dir / STATE_FILE).is_file():
         old = load_state(state_dir)
-        if old.status == "running" and (_launcher_alive(old) or server_processes(old)):
+        if _is_running(old):
             raise ServeError(f"a server is already running from {state_dir} (pid {old.pid}); "
                              f"stop it first: fieldid serve stop --state-dir {state_dir}")
     java = find_java()
-    if opts.host not in _LOOPBACK:
-        log.warning("binding the inference API to %s: it is reachable from other machines%s", opts.host,
-                    "" if opts.auth else " WITHOUT token authorization")
     for what, port in opts.ports().items():
         _check_port(opts.host if what == "inference" else "127.0.0.1", port, what)
 
@@ -494,6 +562,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
            "--log-config", str(log_cfg)]
     if not opts.auth:
         cmd.append("--disable-token-auth")
+    _write_pointers(bundles, state_dir)
     console = open(log_dir / "console.log", "ab")
     try:
         # umask 077: the key file, logs and sockets TorchServe creates are readable by this user only.
@@ -573,13 +642,17 @@ def server_status(state_dir: str | Path) -> dict[str, Any]:
         ['READY']
     """
     state = load_state(state_dir)
-    running = state.status == "running" and _launcher_alive(state)
+    launcher = _launcher_alive(state)
+    procs = server_processes(state) if state.status == "running" else []
+    # The Java frontend and its workers keep serving if only the launcher died: still running.
+    running = state.status == "running" and (launcher or bool(procs))
     models = {}
     for name, info in state.models.items():
         ws = model_workers(state, name) if running else []
         models[name] = {**info, "url": state.prediction_url(name), "workers": [w.get("status") for w in ws]}
     out: dict[str, Any] = {
         "state_dir": state.state_dir, "running": running, "pid": state.pid if running else None,
+        "launcher_alive": launcher, "process_pids": sorted(p.pid for p in procs),
         "started": state.started, "inference_url": state.inference_url, "management_url": state.management_url,
         "auth": state.auth, "key_file": state.key_file or None, "log_dir": state.log_dir, "models": models,
     }
@@ -609,7 +682,7 @@ def rotate_key(state_dir: str | Path, kind: str = "inference") -> str:
     state = load_state(state_dir)
     if not state.auth:
         raise ServeError(f"the server in {state.state_dir} runs without token authorization (--no-auth)")
-    if not (state.status == "running" and _launcher_alive(state)):
+    if not _is_running(state):
         raise ServeError(f"no server running from {state.state_dir}")
     # The API key never expires; it is only good for this call.
     status, body = http_json("POST", f"{state.management_url}/token?type={kind}", token=state.token("API"))

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import socket
 import re
 import subprocess
 import sys
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from PIL import Image
 from export.manifest import load_manifest
 from export.phone import ImageInputError
 from serve.archive import ServeError, archive_bundle, bundle_version
-from serve.server import ServeOptions, config_properties, find_java
+from serve.server import ServeOptions, config_properties, find_java, start_server, state_dirs_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +76,6 @@ def test_engine_answer_is_the_shared_schema(engine, shapes_dir: Path) -> None:
 
 
 def test_engine_refuses_weights_that_do_not_match_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
-    import shutil
-
     from export.manifest import ManifestError
     from serve.engine import ClassifierEngine
 
@@ -165,6 +166,84 @@ def test_options_are_validated() -> None:
         ServeOptions(precision="int4").validate()
     with pytest.raises(ServeError, match="5 minutes"):
         ServeOptions(token_expiry_min=1).validate()
+
+
+@pytest.mark.parametrize("host, auth, expected", [
+    ("0.0.0.0", True, "binding the inference API to 0.0.0.0: it is reachable from other machines"),
+    ("192.0.2.7", False, "reachable from other machines WITHOUT token authorization"),
+    ("127.0.0.1", True, None),
+    ("::1", False, None),
+])
+def test_non_loopback_host_warns_first(caplog, tmp_path: Path, host: str, auth: bool, expected) -> None:
+    """The warning comes before anything else (Java check, bundles, ports), so it is said even when
+    start-up then fails; here it fails at once on 'nothing to serve' and starts nothing."""
+    with caplog.at_level(logging.WARNING, logger="fieldid.serve"):
+        with pytest.raises(ServeError, match="nothing to serve"):
+            start_server([], tmp_path / "state", ServeOptions(host=host, auth=auth))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fieldid.serve" and r.levelno == logging.WARNING]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and expected in warnings[0], warnings
+        assert auth or "WITHOUT token authorization" in warnings[0]
+        assert not auth or "WITHOUT" not in warnings[0]
+    assert not (tmp_path / "state").exists()
+
+
+def test_cli_warns_about_a_public_host_on_stderr(tiny_bundle: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:  # start then fails on the port, before anything is started
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "fieldid", "serve", "start", "--bundle", str(tiny_bundle),
+                               "--host", "0.0.0.0", "--port", str(port), "--state-dir", str(tmp_path / "state")],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert "reachable from other machines" in lines[0] and "WITHOUT" not in lines[0]
+    assert lines[1] == f"error: inference port 0.0.0.0:{port} is in use; pick another with --port"
+    assert not (tmp_path / "state").exists()
+
+
+def _fake_state(state_dir: Path, bundles: list[Path], status: str = "stopped") -> None:
+    """A ``server.json`` as start_server writes it (the lookup reads only that file)."""
+    from serve.server import ServerState
+
+    models = {b.parent.name: {"version": "v", "bundle": str(b.resolve())} for b in bundles}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ServerState(pid=1, create_time=0.0, state_dir=str(state_dir.resolve()), host="127.0.0.1",
+                ports=ServeOptions().ports(), models=models, auth=False, key_file="", config="", log_dir="",
+                started="2025-01-01T00:00:00+00:00", status=status).to_json(state_dir / "server.json")
+
+
+def test_servers_of_a_run_are_found_from_any_of_its_runs(tiny_bundle: Path, tmp_path: Path) -> None:
+    from serve.server import _write_pointers
+
+    runs = {}
+    for name in ("a", "b", "c"):
+        shutil.copytree(tiny_bundle, tmp_path / name / "export")
+        runs[name] = tmp_path / name / "export"
+    a_serve, b_serve, elsewhere = tmp_path / "a" / "serve", tmp_path / "b" / "serve", tmp_path / "elsewhere"
+    _fake_state(a_serve, [runs["a"], runs["b"]])  # start --run a --run b
+    _write_pointers([runs["a"], runs["b"]], a_serve.resolve())
+    assert not (a_serve / "served_by.json").exists()  # a's own folder holds the state itself
+    assert state_dirs_for(tmp_path / "b") == [a_serve.resolve()]
+    assert state_dirs_for(tmp_path / "a") == [a_serve.resolve()]
+    assert state_dirs_for(tmp_path / "c") == []
+
+    _fake_state(b_serve, [runs["b"]])  # start --run b: its own server, the pointer stays
+    _fake_state(elsewhere, [runs["c"], runs["b"]])  # start --run c --run b --state-dir elsewhere
+    _write_pointers([runs["c"], runs["b"]], elsewhere.resolve())
+    assert state_dirs_for(runs["b"]) == [b_serve.resolve(), a_serve.resolve(), elsewhere.resolve()]
+    assert state_dirs_for(tmp_path / "c") == [elsewhere.resolve()]
+
+    _fake_state(a_serve, [runs["a"]])  # a's folder later served a alone: that pointer is stale now
+    assert state_dirs_for(runs["b"]) == [b_serve.resolve(), elsewhere.resolve()]
+    pointer = json.loads((b_serve / "served_by.json").read_text())
+    _write_pointers([runs["a"], runs["b"]], tmp_path.resolve() / "new")  # no server.json there: dropped
+    assert json.loads((b_serve / "served_by.json").read_text())["state_dirs"] == [
+        str(elsewhere.resolve()), str(tmp_path.resolve() / "new")]
+    assert pointer["state_dirs"] == [str(a_serve.resolve()), str(elsewhere.resolve())]
 
 
 def test_missing_java_is_one_clear_line(tiny_bundle: Path, tmp_path: Path) -> None:
