@@ -106,6 +106,27 @@ def test_pruned_trial_stops_training_cleanly(tmp_path: Path, shapes_dir: Path) -
     assert (out / "search.png").is_file() and (out / "trials.csv").is_file()
 
 
+def test_a_trial_that_raises_model_error_fails_alone(tmp_path: Path, shapes_dir: Path) -> None:
+    """A ModelError in one trial (weights that cannot load) fails that trial; the study goes on."""
+    import optuna
+
+    out = tmp_path / "tune"
+    missing = str(tmp_path / "missing.pth")
+    storage = f"sqlite:///{out.resolve() / 'study.db'}"
+    out.mkdir()
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.enqueue_trial({"weights": missing})
+    study.enqueue_trial({"weights": None})  # None: the base config's (packaged) weights
+    base = TrainConfig(epochs=1, head_epochs=0, image_size=32, batch_size=16, accelerator="cpu")
+    result = tune(shapes_dir, 2, base=base, space={"weights": {"type": "categorical", "choices": [missing, None]}},
+                  out_dir=out, storage=storage, study_name="s", pruner="none", heartbeat=5)
+    assert result.counts == {"fail": 1, "complete": 1}
+    failed, done = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert failed.state.name == "FAIL" and "ModelError" in failed.user_attrs["error"]
+    assert not (out / "trial-0000").exists()  # rejected before its run directory was written
+    assert done.state.name == "COMPLETE" and result.best_trial == done.number
+
+
 def test_search_space_is_validated() -> None:
     base = TrainConfig(epochs=3)
     good = load_space(None, pinned=["model", "image_size"])

@@ -304,6 +304,10 @@ def _run_trial(trial: Any, data_dir: Path, out: Path, base: TrainConfig, space: 
         for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
             ckpt.unlink()
         raise
+    except Exception as e:  # the study records the failed trial; keep its reason for the report
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        trial.set_user_attr("error", f"{type(e).__name__}: {first}")
+        raise
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return float(metrics["val"]["macro_f1"])
 
@@ -523,10 +527,16 @@ def tune(data_dir: str | Path, trials: int, *, base: TrainConfig | None = None,
                  ", ".join(f"{k}={_short(v)}" for k, v in sorted(frozen.params.items())))
 
     if finished < trials:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         states = tuple(getattr(optuna.trial.TrialState, s) for s in _FINISHED)
+        # What one trial's parameters can break (CUDA OOM, weights that do not fit the sampled
+        # backbone, a corrupt checkpoint of a retried trial) fails that trial, not the study.
+        # ModelError/CheckpointError/DataError/ConfigError are ValueErrors.
+        trial_errors = (RuntimeError, ValueError, OSError, MisconfigurationException)
         with _no_experimental_notices():  # the heartbeat machinery warns on every trial
             study.optimize(lambda tr: _run_trial(tr, data_dir, out, base, space), n_trials=trials,
-                           catch=(RuntimeError,), gc_after_trial=True,
+                           catch=trial_errors, gc_after_trial=True,
                            callbacks=[optuna.study.MaxTrialsCallback(trials, states=states), progress])
     return _report(study, base, space, out, storage)
 
@@ -553,7 +563,9 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
     try:
         study.best_trial
     except ValueError:
-        raise TuneError(f"study {study.study_name!r}: no trial completed ({counts}); see {out}") from None
+        errors = [t for t in study.get_trials(deepcopy=False) if "error" in t.user_attrs]
+        last = f"; trial {errors[-1].number} failed with {errors[-1].user_attrs['error']}" if errors else ""
+        raise TuneError(f"study {study.study_name!r}: no trial completed ({counts}){last}; see {out}") from None
     _, best = _write_best_config(study, base, space, out / "best.yaml")
     return TuneResult(study=study.study_name, storage=storage, out=out, best_value=float(best.value),
                       best_params=dict(best.params), best_trial=best.number, best_run=best.user_attrs.get("run", ""),
