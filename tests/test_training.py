@@ -177,9 +177,11 @@ def test_golden_logits_of_seeded_tiny_model() -> None:
 
     with torch.no_grad():
         out = model(example_input("mobilenet_v2", 64)).tolist()
-    if os.environ.get("FIELDID_REGEN_GOLDEN") == "1" or not golden.exists():
+    if os.environ.get("FIELDID_REGEN_GOLDEN") == "1":
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(json.dumps(out))
+        pytest.fail(f"regenerated {golden}: review the diff, then rerun without FIELDID_REGEN_GOLDEN=1")
+    assert golden.is_file(), f"{golden} is missing; regenerate on purpose with FIELDID_REGEN_GOLDEN=1"
     np.testing.assert_allclose(np.array(out), np.array(json.loads(golden.read_text())), rtol=1e-4, atol=1e-5)
 
 
@@ -342,7 +344,35 @@ def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["training"]["skipped_unreadable"] == 1
     assert m["training"]["imbalance"]["mode"] == "loss" and m["training"]["imbalance"]["ratio"] > 2
+    # The weights reach the loss the model trains with: the rare class counts more.
+    counts = m["training"]["imbalance"]["train_counts"]
+    torch.testing.assert_close(spy.loss_weight, class_weights(counts).float())
+    assert spy.loss_weight[1] > 2 * spy.loss_weight[0]
     assert rec.status == "trained"
+
+
+def test_imbalance_sampler_mode_balances_batches_instead_of_the_loss(tmp_path: Path) -> None:
+    import lightning as L
+    from torch.utils.data import WeightedRandomSampler
+
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 30, "square": 8}, size=48)
+
+    class SamplerSpy(L.Callback):
+        def on_train_start(self, trainer, module) -> None:
+            self.sampler = trainer.train_dataloader.sampler
+            self.targets = list(trainer.train_dataloader.dataset.cache.targets)
+            self.loss_weight = module.loss_fn.weight.detach().cpu().clone()
+
+    spy = SamplerSpy()
+    train(data, tmp_path / "run", TrainConfig(epochs=1, head_epochs=0, image_size=32, batch_size=8,
+                                              imbalance="sampler", val_fraction=0.2, test_fraction=0.2),
+          callbacks=[spy])
+    assert isinstance(spy.sampler, WeightedRandomSampler) and spy.sampler.replacement
+    per_class = [float(sum(w for w, y in zip(spy.sampler.weights, spy.targets) if y == c)) for c in (0, 1)]
+    assert per_class == pytest.approx([1.0, 1.0])  # each class is drawn equally often on average
+    assert torch.equal(spy.loss_weight, torch.ones(2))  # and the loss is left unweighted
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["training"]["imbalance"]["mode"] == "sampler"
 
 
 def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
