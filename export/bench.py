@@ -3,8 +3,12 @@
 One row per artifact (eager PyTorch fp32 first, so every ratio is read against it in the
 same process on the same images): size, accuracy, top-1 agreement with eager fp32, batch-1
 latency p50/p95 with 1 thread and with all threads, batch-32 throughput and load time.
-Written as a printed table, ``bench.json``, ``bench.md`` and ``bench.png`` (latency vs
-accuracy, bubble area = file size).
+Written as a printed table, ``bench.json``, ``bench.md`` and ``bench.png`` (three aligned bar
+panels, one bar per artifact: batch-1 latency p50 at 1 and all threads, file size, accuracy).
+
+Under the table, the issue's goals (:func:`bench_goals`, also in ``bench.json`` ``meta.goals``):
+the best on-device artifact's batch-1 speedup over eager fp32 (>= 10x, at 1 thread and at all
+threads) and, per format, its int8 file's size over the format's own fp32 file (<= 30%).
 
 Inputs go through the phone preprocessing (``export.phone``), as an app would feed them.
 """
@@ -26,9 +30,15 @@ from training.records import RecordError, atomic_write_bytes, atomic_write_json,
 from .formats import BENCH_SETTLE_S
 from .manifest import Artifact, Manifest, load_manifest
 
-__all__ = ["bench_run", "BenchError", "BenchRow", "bench_table", "bench_markdown"]
+__all__ = ["bench_run", "BenchError", "BenchRow", "bench_table", "bench_markdown", "bench_goals", "goals_text",
+           "SPEEDUP_GOAL", "INT8_SIZE_GOAL"]
 
 log = logging.getLogger("fieldid.bench")
+
+# The issue's goals: an on-device artifact >= 10x faster than eager fp32 at batch 1, and int8
+# files <= 30% of their own format's fp32 file.
+SPEEDUP_GOAL = 10.0
+INT8_SIZE_GOAL = 0.30
 
 
 class BenchError(ValueError):
@@ -227,6 +237,66 @@ def bench_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 
 
+def bench_goals(rows: list[BenchRow]) -> dict[str, Any]:
+    """The issue's goals, read off the measured rows.
+
+    * speedup: the on-device artifact (any format but eager ``pytorch``) with the largest
+      batch-1 p50 speedup over eager fp32, separately at 1 thread and at all threads;
+      met when >= :data:`SPEEDUP_GOAL`.
+    * int8 size: per format with an int8 artifact, its size over the same format's fp32
+      file (Core ML has no fp32 file: its fp16 file is the float reference, named in
+      ``float_precision``); met when <= :data:`INT8_SIZE_GOAL`.
+
+    Returns:
+        ``{"speedup": {"goal_x", "threads_1": {"artifact", "speedup", "met"}, "threads_all": {...}},
+        "int8_size": {"goal_ratio", "formats": [{"format", "int8", "float", "float_precision", "ratio",
+        "met"}, ...]}}``.
+
+    Example:
+        >>> bench_goals(rows)["speedup"]["threads_1"]  # doctest: +SKIP
+        {'artifact': 'model.int8.pte', 'speedup': 3.1, 'met': False}
+    """
+    def best(key: str) -> dict[str, Any]:
+        measured = [r for r in rows if r.format != "pytorch" and getattr(r, key) is not None]
+        if not measured:
+            return {"artifact": None, "speedup": None, "met": False}
+        top = max(measured, key=lambda r: getattr(r, key))
+        return {"artifact": top.file, "speedup": getattr(top, key), "met": getattr(top, key) >= SPEEDUP_GOAL}
+
+    sizes = []
+    for q in rows:
+        if not q.precision.startswith("int8"):
+            continue
+        ref = next((r for p in ("fp32", "fp16") for r in rows if r.format == q.format and r.precision == p), None)
+        if ref is None:
+            continue
+        ratio = q.size_mb / ref.size_mb
+        sizes.append({"format": q.format, "int8": q.file, "float": ref.file, "float_precision": ref.precision,
+                      "ratio": ratio, "met": ratio <= INT8_SIZE_GOAL})
+    return {"speedup": {"goal_x": SPEEDUP_GOAL, "what": "batch-1 p50 latency of eager fp32 / best on-device artifact",
+                        "threads_1": best("speedup_1t"), "threads_all": best("speedup_all")},
+            "int8_size": {"goal_ratio": INT8_SIZE_GOAL, "what": "int8 file size / the same format's fp32 file size",
+                          "formats": sizes}}
+
+
+def goals_text(goals: dict[str, Any]) -> str:
+    """The goals as the lines printed under the table."""
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    sp = goals["speedup"]
+    lines = [f"goals: batch-1 speedup over eager fp32 >= {sp['goal_x']:g}x (best on-device artifact)"]
+    for key, label in (("threads_1", "1 thread"), ("threads_all", "all threads")):
+        g = sp[key]
+        lines.append(f"  {label}: " + (f"{g['artifact']} {g['speedup']:.1f}x -> {met(g['met'])}" if g["artifact"]
+                                        else "no on-device artifact measured -> NOT met"))
+    sz = goals["int8_size"]
+    lines.append(f"goals: int8 size <= {sz['goal_ratio']:.0%} of the format's own fp32 file")
+    lines += [f"  {f['format']}: {f['int8']} = {f['ratio']:.1%} of {f['float']} ({f['float_precision']}) "
+              f"-> {met(f['met'])}" for f in sz["formats"]] or ["  no int8 artifact in this bundle"]
+    return "\n".join(lines)
+
+
 def bench_markdown(rows: list[BenchRow], meta: dict[str, Any]) -> str:
     """Markdown version of the table with the conditions it was measured under."""
     head = [c for c, _, _ in _COLUMNS]
@@ -236,7 +306,8 @@ def bench_markdown(rows: list[BenchRow], meta: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     notes = [f"- **{r.name}**: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    goals = ["", "```", goals_text(meta["goals"]), "```"] if "goals" in meta else []
+    return "\n".join(lines + ([""] + notes if notes else []) + goals) + "\n"
 
 
 def _chart(rows: list[BenchRow], title: str) -> bytes:
@@ -360,7 +431,12 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
                         if art.format == "coreml" else "no runtime on this machine: size only")
         else:
             log.info("bench %s: load, accuracy, throughput ...", name)
-            logits = _load_and_score(row, make, x, y, batch=batch, batches=batches, threads=threads)
+            try:
+                logits = _load_and_score(row, make, x, y, batch=batch, batches=batches, threads=threads)
+            except ImportError as e:  # the format's runtime is an optional install
+                row.note = f"runtime not installed ({e.name or e}; pip install 'fieldid[export]'): size only"
+                rows.append(row)
+                continue
             measured.append((row, make))
             if ref_pred is None:
                 ref_pred = logits.argmax(1)
@@ -386,7 +462,7 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
             "timing": "batch-1 latency interleaved round-robin across artifacts (5 rounds per thread setting)",
             "machine": _machine(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "goals": bench_goals(rows)}
     result = {"schema_version": 1, "meta": meta, "rows": [asdict(r) for r in rows]}
     try:
         atomic_write_json(out / "bench.json", result)
@@ -394,5 +470,5 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
         atomic_write_bytes(out / "bench.png", _chart(rows, manifest.name))
     except OSError as e:
         raise BenchError(f"{out}: cannot write the benchmark results ({e.strerror})") from None
-    result["table"] = bench_table(rows)
+    result["table"] = bench_table(rows) + "\n" + goals_text(meta["goals"])
     return result

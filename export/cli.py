@@ -66,7 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         description="One row per artifact, eager PyTorch fp32 first: size, accuracy, agreement with eager, "
                     "batch-1 latency p50/p95 with 1 thread and all threads, batch-32 throughput, load time. "
-                    "Prints the table and writes bench.json, bench.md and bench.png.")
+                    "Prints the table and, under it, the goals (best on-device batch-1 speedup over eager fp32 "
+                    ">= 10x at 1 and all threads; each int8 file <= 30% of its format's fp32 file, met or not), "
+                    "and writes bench.json, bench.md and bench.png.")
     b.add_argument("--run", type=Path, required=True, help="run directory whose bundle is benchmarked")
     b.add_argument("--data", type=Path, default=None,
                    help="ImageFolder to measure accuracy on (default: the run's held-out split)")
