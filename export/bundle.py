@@ -194,9 +194,14 @@ def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: in
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file; of a folder artifact (``.mlpackage``): over its files sorted by relative
+    POSIX path, each contributing its relative path (UTF-8) followed by its bytes."""
     h = hashlib.sha256()
-    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in paths:  # a directory artifact (.mlpackage) hashes its files in a stable order
+    if path.is_dir():
+        paths = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    else:
+        paths = [path]
+    for p in paths:
         if path.is_dir():
             h.update(p.relative_to(path).as_posix().encode())
         with open(p, "rb") as fh:
@@ -341,7 +346,8 @@ def check_labels(ctx: ExportContext, file: str, format: str, labels: list[str] |
         ``{"status": "passed"|"failed", "labels": [...], ...}``; a mismatch is an export failure.
     """
     if labels is None:
-        labels = LABEL_READERS[format](ctx.stage / file)
+        with converting(format, doing=f"reading the labels back out of {file}"):
+            labels = LABEL_READERS[format](ctx.stage / file)
     ok = list(labels) == ctx.labels
     res: dict[str, Any] = {"status": "passed" if ok else "failed", "read_from_file": True}
     if not ok:
@@ -358,9 +364,11 @@ def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, 
         The verification dict for the manifest (``verify_logits`` + ``labels`` + timings).
     """
     t0 = time.perf_counter()
-    runner = load_runtime(ctx.stage / file, format)
+    with converting(format, doing=f"loading {file} with {_runtime_name(format)}"):
+        runner = load_runtime(ctx.stage / file, format)
     load_s = time.perf_counter() - t0
-    logits = runner(ctx.heldout)
+    with converting(format, doing=f"running {file} with {_runtime_name(format)}"):
+        logits = runner(ctx.heldout)
     ver = verify_logits(ctx, logits, precision=precision, name=file)
     ver["runtime"] = _runtime_name(format)
     ver["reloaded_from_file"] = True
@@ -397,19 +405,32 @@ def unsupported_op(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def converting(fmt: str) -> Iterator[None]:
-    """Turn a converter's exception into one clear :class:`ExportError` that names the op.
+def converting(fmt: str, *, doing: str | None = None) -> Iterator[None]:
+    """Turn a converter's or runtime's exception into one clear :class:`ExportError` that names the op.
 
-    Only wrap the third-party conversion call: a bug in our own code should stay a traceback.
+    Only wrap the third-party call (conversion, quantization, loading or running a written
+    file): a bug in our own code should stay a traceback. A missing package (``ImportError``)
+    passes through, so :func:`export_run` can say which install is missing.
+
+    Args:
+        fmt: the format (or ``"<format> int8"``) being produced.
+        doing: what is being done when it is not the conversion itself, e.g.
+            ``"loading model.pte with executorch.runtime (XNNPACK)"``.
+
+    Example:
+        >>> with converting("onnx"):  # doctest: +SKIP
+        ...     torch.onnx.export(model, args, "model.onnx")
     """
     try:
         yield
-    except ExportError:
+    except (ExportError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001 - converters raise anything from RuntimeError to AssertionError
         op = unsupported_op(e)
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         what = f"op {op} is not supported" if op else f"{type(e).__name__}: {first[:300]}"
+        if doing:
+            raise ExportError(f"{fmt}: {doing} failed: {what}") from e
         raise ExportError(f"{fmt}: this model cannot be expressed in {fmt}: {what}") from e
 
 
@@ -448,6 +469,24 @@ def load_arrays(paths: list[Path], spec: Any) -> tuple[np.ndarray, list[int]]:
     return np.stack(arrays).astype(np.float32), kept
 
 
+def _load_model(run_dir: Path, record: RunRecord) -> nn.Module:
+    """The run's fp32 model; a corrupt ``model.pth`` or one that does not fit the backbone is bad input."""
+    weights = run_dir / record.weights
+    try:
+        return load_run_model(run_dir, record)
+    except ValueError:  # our own errors (unknown backbone, ...) already read as one clear line
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/UnpicklingError/EOFError on bad files
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise ExportError(f"{weights}: does not fit backbone {record.backbone} with {record.num_classes} "
+                              f"classes: {detail[:200]}") from None
+        first = lines[0] if lines else type(e).__name__
+        raise ExportError(f"{weights}: cannot be loaded (corrupt or truncated?): {type(e).__name__}: "
+                          f"{first[:200]}") from None
+
+
 def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, allow_drop: bool) -> ExportContext:
     split_path = run_dir / record.split
     if not split_path.is_file():
@@ -478,7 +517,7 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
         extra = calib[: _MIN_SELECTION - len(selection)]
         selection = np.concatenate([selection, extra]) if len(selection) else extra
         sel_source += f" + {len(extra)} calibration images"
-    model = LogitsModel(load_run_model(run_dir, record)).eval()
+    model = LogitsModel(_load_model(run_dir, record)).eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]).numpy()
     log.info("held-out %s: %d images; calibration: %d training images; recipe selection: %d (%s)", which,
@@ -538,14 +577,58 @@ ALL_FORMATS = FORMAT_NAMES
 
 
 def _swap_in(stage: Path, out: Path) -> None:
-    """Replace ``out`` with the finished ``stage`` folder; the old bundle survives any failure before."""
+    """Replace ``out`` with the finished ``stage`` folder; the old bundle survives any failure.
+
+    Raises:
+        ExportError: the new bundle could not be moved into place (the old one is put back).
+    """
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(stage, out)
+    try:
+        os.replace(stage, out)
+    except OSError as e:
+        if old is not None:
+            os.replace(old, out)  # put the previous bundle back where it was
+        raise ExportError(f"{out}: could not move the new bundle into place ({e.strerror or e}); "
+                          f"the previous bundle is unchanged") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)(?:-.*)?")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove ``.NAME.staging-PID-*`` / ``.NAME.old-PID`` folders left by exports that died (killed, power cut).
+
+    An ``old`` folder whose bundle is missing means the process died between moving the old
+    bundle aside and moving the new one in: the old bundle is put back instead of deleted.
+    Folders of a process that is still running (a concurrent export) are left alone.
+    """
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir()):
+        m = _LEFTOVER.fullmatch(p.name)
+        if not m or m["name"] != out.name or not p.is_dir() or _pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not out.exists():
+            log.warning("restoring the bundle %s left aside by a dead export (pid %s)", out, m["pid"])
+            os.replace(p, out)
+        else:
+            log.info("removing %s, left by a dead export (pid %s)", p, m["pid"])
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def parse_formats(formats: list[str] | str | None) -> list[str]:
@@ -564,18 +647,28 @@ def parse_formats(formats: list[str] | str | None) -> list[str]:
 
 
 def _check_writable(out: Path) -> None:
+    """Bad ``--out`` fails here, before anything is created (the parent is made only after validation)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         # The finished bundle *replaces* the folder: never do that to a folder of someone's files.
         raise ExportError(f"{out}: exists, is not empty and is not a fieldid bundle; choose another --out")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    existing = out.parent.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder mkdir(parents=True) would create the rest in
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ExportError(f"{out}: output location is not writable")
+
+
+def _make_stage(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The pid in the name lets a later export tell a dead process's leftovers from a running one's.
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"{out}: output location is not writable ({e.strerror or e})") from None
+    os.chmod(stage, 0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
+    return stage
 
 
 def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
@@ -626,17 +719,24 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         raise ExportError(str(e)) from None
     out = Path(out) if out else run_dir / "export"
     _check_writable(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    os.chmod(stage, 0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
+    _clean_leftovers(out)
+    t_start = time.time()
+    # Everything that can reject the run (held-out split, images, weights) runs before the
+    # output's parent folder or the staging folder is created.
+    ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, allow_drop=allow_drop)
+    stage = ctx.stage = _make_stage(out)
     try:
-        t_start = time.time()
-        ctx = _context(run_dir, record, stage, calibration_size=calibration_size, allow_drop=allow_drop)
         artifacts: list[Artifact] = []
         timings = {}
         for fmt in wanted:
             t0 = time.time()
             log.info("exporting %s ...", fmt)
-            artifacts += EXPORTERS[fmt](ctx)
+            try:
+                artifacts += EXPORTERS[fmt](ctx)
+            except ImportError as e:  # an optional dependency of this format is not installed
+                missing = e.name or str(e)
+                raise ExportError(f"format {fmt} needs {missing}, which is not installed: "
+                                  f"pip install 'fieldid[export]'") from None
             timings[fmt] = round(time.time() - t0, 1)
         manifest = Manifest(
             name=record.name, labels=record.labels, preprocess=record.preprocess, temperature=record.temperature,

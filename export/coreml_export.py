@@ -239,9 +239,10 @@ def export_coreml(ctx: ExportContext) -> list[Artifact]:
     wrapper = CoreMLClassifier(ctx.model, spec.mean, spec.std, ctx.record.temperature).eval()
     size = spec.crop_size
     example = torch.from_numpy(_pixels(ctx)[:1])
-    with _quiet(), torch.no_grad():
+    with _quiet(), torch.no_grad(), converting("coreml"):
         traced = torch.jit.trace(wrapper, example)
-    program_check = _check_traced(ctx, traced)
+    with converting("coreml", doing="running the traced program on the held-out split"):
+        program_check = _check_traced(ctx, traced)
     with _quiet(), converting("coreml"):
         mlmodel = ct.convert(
             traced, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,

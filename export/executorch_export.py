@@ -31,7 +31,8 @@ from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec
 from .manifest import Artifact
 from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
 
-__all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_threads", "PteInt8Recipe", "MAX_BATCH"]
+__all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_threads", "PteInt8Recipe", "MAX_BATCH",
+           "delegation_counts"]
 
 log = logging.getLogger("fieldid.export")
 # Batch 1, fixed: what an app runs. A dynamic batch dimension makes lowering the int8 graph
@@ -152,20 +153,60 @@ def _export_for_quantization(model: torch.nn.Module, ctx: ExportContext) -> torc
     return torch.export.export(model, (ctx.example_batch(2),), dynamic_shapes=({0: batch},)).module()
 
 
-def _lower(ep: torch.export.ExportedProgram, ctx: ExportContext, path: Path) -> None:
+def delegation_counts(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """How much of a lowered graph runs in XNNPACK: delegated vs non-delegated call nodes.
+
+    Delegated nodes are the ``call_function`` nodes inside each lowered (XNNPACK) submodule;
+    non-delegated ones are the ``call_function`` nodes left in the top graph (portable
+    kernels), not counting the delegate calls themselves and ``getitem`` of their outputs.
+
+    Returns:
+        ``{"delegated_subgraphs", "delegated_nodes", "non_delegated_nodes", "non_delegated_ops": {op: n}}``.
+    """
+    import operator
+
+    subgraphs = delegated = 0
+    left: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.name.startswith("lowered_module_"):
+            subgraphs += 1
+            lowered = getattr(gm, node.target)
+            delegated += sum(n.op == "call_function" for n in lowered.original_module.graph.nodes)
+        elif node.op == "call_function" and node.target is not operator.getitem \
+                and "executorch_call_delegate" not in str(node.target):
+            op = str(getattr(node.target, "__name__", node.target))
+            left[op] = left.get(op, 0) + 1
+    return {"delegate": "XnnpackPartitioner", "delegated_subgraphs": subgraphs, "delegated_nodes": delegated,
+            "non_delegated_nodes": sum(left.values()), "non_delegated_ops": dict(sorted(left.items()))}
+
+
+def _lower(ep: torch.export.ExportedProgram, ctx: ExportContext, path: Path) -> dict[str, Any]:
+    """Lower to XNNPACK, write ``path``; returns :func:`delegation_counts` of the lowered graph."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     t0 = time.time()
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       constant_methods=_constant_methods(ctx)).to_executorch()
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                       constant_methods=_constant_methods(ctx))
+    delegation = delegation_counts(edge.exported_program().graph_module)
+    prog = edge.to_executorch()
     with open(path, "wb") as fh:  # the whole staging folder is swapped in atomically later
         prog.write_to_file(fh)
-    log.info("lowered %s to XNNPACK in %.0f s", path.name, time.time() - t0)
+    log.info("lowered %s to XNNPACK in %.0f s: %d nodes delegated in %d subgraph(s), %d left to portable kernels",
+             path.name, time.time() - t0, delegation["delegated_nodes"], delegation["delegated_subgraphs"],
+             delegation["non_delegated_nodes"])
+    return delegation
 
 
-def _pte_artifact(ctx: ExportContext, file: str, precision: str, method: str, **kw: Any) -> Artifact:
+def _pte_artifact(ctx: ExportContext, file: str, precision: str, method: str, delegation: dict[str, Any],
+                  **kw: Any) -> Artifact:
     ver = verify_artifact(ctx, file, "executorch", precision)
+    ver["delegation"] = delegation
+    if delegation["delegated_nodes"] == 0:
+        # Runs, but on ExecuTorch's portable kernels: many times slower than XNNPACK on a phone.
+        ver["status"] = "failed"
+        ctx.failures.append(f"{file}: nothing was delegated to XNNPACK ({delegation['non_delegated_nodes']} ops "
+                            f"left to portable kernels)")
     return make_artifact(ctx, file, "executorch", precision, method=method, input=input_spec(ctx, batch=MAX_BATCH),
                          labels_in_file="constant method fieldid_labels (JSON string)", verification=ver, **kw)
 
@@ -231,7 +272,8 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
     """Fully int8 first (fastest); if it is not faithful enough, keep the stem / classifier in fp32."""
     sel = ctx.selection if len(ctx.selection) else ctx.calibration
     ref = _logits(ctx.model, sel)
-    gm = _export_for_quantization(ctx.model, ctx)
+    with converting("executorch int8"):
+        gm = _export_for_quantization(ctx.model, ctx)
     layers = _weighted_nodes(gm)
 
     sizes = [_weight_count(ctx.model, path) for _, path in layers]
@@ -251,7 +293,8 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
         t0 = time.time()
         with converting("executorch int8"):
             q = _quantize(gm, ctx, recipe)
-        if search.add(recipe, _logits(q, sel), ref, t0, q) >= SELECTION_TARGET:
+            logits = _logits(q, sel)
+        if search.add(recipe, logits, ref, t0, q) >= SELECTION_TARGET:
             break
     recipe, q = search.best
     return q, recipe, search
@@ -262,11 +305,12 @@ def export_executorch(ctx: ExportContext) -> list[Artifact]:
     """``model.pte`` (fp32, XNNPACK) and ``model.int8.pte`` (PT2E int8, XNNPACK)."""
     with _quiet():
         with converting("executorch"):
-            _lower(_export(ctx.model, ctx), ctx, ctx.stage / "model.pte")
-        fp32 = _pte_artifact(ctx, "model.pte", "fp32", "torch.export + to_edge_transform_and_lower, XNNPACK delegate")
+            delegation = _lower(_export(ctx.model, ctx), ctx, ctx.stage / "model.pte")
+        fp32 = _pte_artifact(ctx, "model.pte", "fp32", "torch.export + to_edge_transform_and_lower, XNNPACK delegate",
+                             delegation)
         q, recipe, search = _choose_int8(ctx)
         with converting("executorch int8"):
-            _lower(_export(q, ctx), ctx, ctx.stage / "model.int8.pte")
-        int8 = _pte_artifact(ctx, "model.int8.pte", "int8", recipe.describe() + ", XNNPACK delegate",
+            delegation = _lower(_export(q, ctx), ctx, ctx.stage / "model.int8.pte")
+        int8 = _pte_artifact(ctx, "model.int8.pte", "int8", recipe.describe() + ", XNNPACK delegate", delegation,
                              quantization=search.manifest_record(ctx, recipe, SELECTION_TARGET))
     return [fp32, int8]

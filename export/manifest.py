@@ -41,7 +41,7 @@ class Artifact:
     file: str
     format: str
     precision: str  # fp32 | fp16 | int8 | int8_weights | palettized
-    sha256: str
+    sha256: str  # a folder artifact (.mlpackage): see bundle.file_sha256 for how its files are hashed
     size_bytes: int
     method: str = ""  # how it was produced (quantization recipe, delegate, ...)
     input_name: str = "input"
