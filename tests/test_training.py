@@ -553,3 +553,14 @@ def test_cli_data_check_and_demo(tmp_path: Path, shapes_dir: Path, capsys: pytes
     assert len(list((tmp_path / "salmon").rglob("*.jpg"))) == 12  # 6 wild + 6 farmed
     assert main(["data", "check", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path) -> None:
+    from training.records import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    atomic_write_text(tmp_path / "atomic.txt", "y")  # replacing keeps it too
+    assert (tmp_path / "atomic.txt").read_text() == "y"
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -33,6 +33,15 @@ class RecordError(ValueError):
     """A record on disk is missing, malformed or of an unsupported schema version."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename.
 
@@ -42,6 +51,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus umask), so a
+        # run directory is as shareable as any other folder the user writes.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
