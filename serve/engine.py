@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 
 from export.manifest import Manifest, ManifestError, load_manifest
-from export.phone import DEFAULT_MAX_PIXELS, ImageInputError, decode_image, prediction, preprocess
+from export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
+                          preprocess)
 
 from .archive import bundle_dir_of, bundle_version
 
@@ -149,12 +149,7 @@ class ClassifierEngine:
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
         img = decode_image(bytes(data), max_pixels=self.max_pixels)
-        w, h = img.size
-        # Resizing the shorter side to resize_size scales the longer one up too: a 1x1,000,000
-        # strip would become a multi-gigabyte intermediate image. Refuse before allocating it.
-        r = self.spec.resize_size
-        if r * math.ceil(r * max(w, h) / min(w, h)) > self.max_pixels:
-            raise ImageInputError(f"image is {w}x{h}: too elongated to resize (pixel limit {self.max_pixels})", 413)
+        check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)  # the phone's rule, same 413
         return preprocess(img, self.spec)[0]
 
     @torch.inference_mode()

@@ -395,7 +395,8 @@ LATE_CASES = ["missing_weights", "weights_do_not_fit", "timm_offline", "bad_acce
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "empty_class", "single_class", "unknown_model",
-                                  "bad_config", "unwritable", "existing_run", "bad_number", *LATE_CASES])
+                                  "bad_config", "unwritable", "existing_run", "bad_number", "fixed_size_model",
+                                  *LATE_CASES])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The real CLI entry point, in-process (one subprocess per case would cost ~10 s of imports)."""
@@ -430,6 +431,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case
         (out / "run.json").write_text('{"keep": "me"}')
     elif case == "bad_number":
         extra = ["--epochs", "0"]
+    elif case == "fixed_size_model":  # LeViT's attention biases are built for 224 px only
+        extra = ["--model", "timm/levit_128s.fb_dist_in1k", "--no-pretrained", "--image-size", "160"]
     elif case == "missing_weights":
         extra = ["--weights", tmp_path / "nope.pth"]
     elif case == "weights_do_not_fit":

@@ -55,12 +55,21 @@ class BackboneSpec:
     license: str
     num_params: int  # with the 1000-class ImageNet head
     sha256_prefix: str | None = None
+    # Position embeddings / attention biases tied to one resolution (ViT, LeViT): no other crop size.
+    fixed_input_size: bool = False
     # builder(pretrained, weights_file) -> (model with ImageNet head)
     builder: Callable[[bool, str | None], nn.Module] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
 
     def preprocess(self, image_size: int | None = None) -> PreprocessSpec:
-        """Eval preprocessing for ``image_size`` (default: the backbone's native size)."""
+        """Eval preprocessing for ``image_size`` (default: the backbone's native size).
+
+        Raises:
+            ModelError: ``image_size`` differs from the size a fixed-size backbone was built for.
+        """
         size = image_size or self.input_size
+        if self.fixed_input_size and size != self.input_size:
+            raise ModelError(f"{self.name} only takes {self.input_size}-px input (fixed size); "
+                             f"drop --image-size or use {self.input_size}")
         return PreprocessSpec.for_crop(size, self.crop_pct, interpolation=self.interpolation,
                                        mean=self.mean, std=self.std)
 
@@ -285,6 +294,7 @@ def _timm_spec(name: str) -> BackboneSpec:
         weight_source="timm / Hugging Face hub (or --weights FILE)",
         license=str(cfgd.get("license", "see model card")),
         num_params=_timm_num_params(arch),
+        fixed_input_size=bool(cfgd.get("fixed_input_size", False)),
         builder=build,
     )
 
