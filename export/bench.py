@@ -417,6 +417,8 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
     out = Path(out) if out else run_dir / "bench"
     _import_exporters()
     threads = _threads_all()
+    from .bundle import ExportError, converting, file_sha256
+
     arts = sorted(manifest.artifact_list(), key=lambda a: a.format != "pytorch")
     rows: list[BenchRow] = []
     ref_pred = None
@@ -426,6 +428,11 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
         name = "eager pytorch fp32" if art.format == "pytorch" else f"{art.file} ({art.format} {art.precision})"
         row = BenchRow(name=name, file=art.file, format=art.format, precision=art.precision,
                        size_mb=art.size_bytes / 1e6)
+        # A file that changed since export (truncated copy, replaced by hand) would give numbers
+        # for a model the manifest does not describe, or crash its runtime: refuse it by name.
+        if file_sha256(bundle / art.file) != art.sha256:
+            raise BenchError(f"{bundle / art.file}: does not match the sha256 in manifest.json (corrupt or "
+                             f"replaced); re-export with `fieldid export --run {run_dir}`")
         make = _loader(bundle, art, manifest)
         if make is None:
             row.note = ("no runtime on this machine (Core ML runs only on macOS/iOS): size only"
@@ -433,7 +440,10 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
         else:
             log.info("bench %s: load, accuracy, throughput ...", name)
             try:
-                logits = _load_and_score(row, make, x, y, batch=batch, batches=batches, threads=threads)
+                with converting(art.format, doing=f"loading and running {art.file}"):
+                    logits = _load_and_score(row, make, x, y, batch=batch, batches=batches, threads=threads)
+            except ExportError as e:
+                raise BenchError(str(e)) from None
             except ImportError as e:  # the format's runtime is an optional install
                 row.note = f"runtime not installed ({e.name or e}; pip install 'fieldid[export]'): size only"
                 rows.append(row)

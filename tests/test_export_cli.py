@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +398,23 @@ def test_help_lists_formats_and_defaults(capsys) -> None:
 def test_cli_module_is_torch_free() -> None:
     code = "import sys, export.cli, export.formats, export.manifest; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+
+
+@pytest.mark.parametrize("manifest_updated", [False, True], ids=["sha256_mismatch", "runtime_cannot_load"])
+def test_bench_refuses_a_corrupt_artifact_in_one_line(capsys, tiny_run: Path, small_bundle: Path, tmp_path: Path,
+                                                      manifest_updated: bool) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    (bundle / "model.ptl").write_bytes((bundle / "model.ptl").read_bytes()[:1000])  # truncated copy
+    if manifest_updated:  # someone "fixed" the manifest by hand: the runtime itself must refuse it
+        m = json.loads((bundle / "manifest.json").read_text())
+        arts = m["artifacts"] if isinstance(m["artifacts"], list) else list(m["artifacts"].values())
+        next(a for a in arts if a["file"] == "model.ptl")["sha256"] = B.file_sha256(bundle / "model.ptl")
+        (bundle / "manifest.json").write_text(json.dumps(m))
+    code, _, err = _main(capsys, "bench", "--run", str(tiny_run), "--bundle", str(bundle), "--out",
+                         str(tmp_path / "out"), "--iters", "1", "--batches", "1", "--settle", "0")
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
+    assert "model.ptl" in lines[0]
+    assert ("loading and running model.ptl failed" if manifest_updated else "sha256") in lines[0], lines[0]
+    assert not (tmp_path / "out" / "bench.json").exists()
