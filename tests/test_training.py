@@ -387,6 +387,20 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"accuracy", "macro_f1"} <= set(line) and line["split"] == "test"
     assert load_config(out / "config.yaml").augment.hue == 0.0
+    # Another folder (new photos, a subset of the classes): every image in it is evaluated.
+    other = make_shapes_dataset(tmp_path / "other", {"circle": 5, "triangle": 4}, size=72, seed=7)
+    r = run_cli("evaluate", "--run", out, "--data", other)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    m = json.loads((out / "metrics.json").read_text())
+    assert line["split"] == "all" and m["num_images"] == 9 and m["data"] == str(other.resolve())
+    assert 0.0 <= line["accuracy"] <= 1.0 and len(m["confusion_matrix"]) == 3  # the run's 3 labels
+    (other / "hexagon").mkdir()
+    make_shapes_dataset(tmp_path / "hex", {"square": 2}, size=72)
+    for f in (tmp_path / "hex" / "square").iterdir():
+        f.rename(other / "hexagon" / f.name)
+    r = run_cli("evaluate", "--run", out, "--data", other)
+    assert r.returncode == 2 and "hexagon" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 # Cases found only after the data is read: they used to leave a half-made run (status "training").
