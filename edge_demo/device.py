@@ -6,7 +6,6 @@ has one; fp32 is the fallback (and selectable for comparison).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from export.manifest import Artifact, Manifest, ManifestError, load_manifest
+from export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
 from export.phone import DEFAULT_MAX_PIXELS, check_resize_fits, decode_image, prediction, preprocess
 
 __all__ = [
@@ -107,14 +106,6 @@ def select_artifact(manifest: Manifest, precision: str = "auto") -> tuple[Artifa
     return manifest.find("onnx", chosen), notice
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class DeviceAnswer:
     """One on-device answer: the shared response dict plus where the time went."""
@@ -148,7 +139,7 @@ class OnDeviceModel:
             raise DemoError(str(e)) from None
         self.artifact, self.notice = select_artifact(self.manifest, precision)
         self.path = self.bundle_dir / self.artifact.file
-        if _sha256(self.path) != self.artifact.sha256:
+        if file_sha256(self.path) != self.artifact.sha256:
             raise DemoError(f"{self.path}: sha256 differs from the manifest; the file is damaged or was "
                             f"replaced, re-export the bundle")
         self.spec = self.manifest.preprocess_spec

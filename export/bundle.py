@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -38,7 +37,7 @@ from training.records import RecordError, RunRecord, load_record
 from training.train import load_run_model
 
 from .formats import FORMAT_NAMES
-from .manifest import Artifact, Manifest
+from .manifest import Artifact, Manifest, file_sha256
 from .phone import preprocess
 
 __all__ = [
@@ -191,23 +190,6 @@ def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: in
     """``fn`` over ``x`` in chunks of at most ``batch`` (runtimes have a maximum batch size)."""
     return np.concatenate([np.asarray(fn(np.ascontiguousarray(x[i:i + batch])), dtype=np.float32)
                            for i in range(0, len(x), batch)])
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file; of a folder artifact (``.mlpackage``): over its files sorted by relative
-    POSIX path, each contributing its relative path (UTF-8) followed by its bytes."""
-    h = hashlib.sha256()
-    if path.is_dir():
-        paths = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-    else:
-        paths = [path]
-    for p in paths:
-        if path.is_dir():
-            h.update(p.relative_to(path).as_posix().encode())
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _size(path: Path) -> int:

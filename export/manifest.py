@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.records import PreprocessSpec, RecordError, _Record
+# file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
+from training.records import PreprocessSpec, RecordError, _Record, file_sha256
 
-__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError"]
+__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256"]
 
 MANIFEST_SCHEMA_VERSION = 1
 # format name -> file suffix. "pytorch" is the fp32 state dict the server loads.

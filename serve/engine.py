@@ -10,7 +10,6 @@ could host the same class.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from export.manifest import Manifest, ManifestError, load_manifest
+from export.manifest import Manifest, ManifestError, file_sha256, load_manifest
 from export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
                           preprocess)
 
@@ -216,7 +215,6 @@ class ClassifierEngine:
 
 
 def _check_sha256(path: Path, expected: str) -> None:
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    digest = file_sha256(path)
     if digest != expected:
         raise ManifestError(f"{path}: sha256 {digest[:12]}... does not match the manifest ({expected[:12]}...)")

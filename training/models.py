@@ -7,7 +7,6 @@ builds it with a fresh classification head; ``num_classes=None`` keeps the Image
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import logging
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .records import PreprocessSpec
+from .records import PreprocessSpec, file_sha256
 
 __all__ = [
     "BackboneSpec",
@@ -103,14 +102,6 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 # --------------------------------------------------------------------------- weight files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _package_file(dist: str, suffix: str) -> Path:
     """Locate a weights file shipped inside an installed distribution (no network)."""
     try:
@@ -131,7 +122,7 @@ def _load_state_dict(path: str | Path, sha256_prefix: str | None = None) -> dict
     if not path.is_file():
         raise ModelError(f"weights file {path} not found")
     if sha256_prefix is not None:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if not digest.startswith(sha256_prefix):
             raise ModelError(f"weights file {path} has sha256 {digest[:12]}..., expected {sha256_prefix}...")
     try:

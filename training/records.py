@@ -6,6 +6,7 @@ records, and the edge demo imitates a phone that has no torch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "file_sha256",
     "load_record",
 ]
 
@@ -31,6 +33,29 @@ T = TypeVar("T", bound="_Record")
 
 class RecordError(ValueError):
     """A record on disk is missing, malformed or of an unsupported schema version."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file; of a folder (a ``.mlpackage``): over its files sorted by relative POSIX
+    path, each contributing its relative path (UTF-8) followed by its bytes.
+
+    Example:
+        >>> file_sha256("runs/reef/model.pth")[:8]  # doctest: +SKIP
+        '3f1c9a0e'
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        paths = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+    else:
+        paths = [path]
+    for p in paths:
+        if path.is_dir():
+            h.update(p.relative_to(path).as_posix().encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _current_umask() -> int:
