@@ -103,27 +103,26 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running_per_target(args: argparse.Namespace) -> tuple[list[Path], bool]:
-    """Per target its running server(s), else its first (stopped) one; and whether all run."""
+def _running_per_target(args: argparse.Namespace) -> tuple[dict[Path, dict], bool]:
+    """Per target its running server(s), else its first (stopped) one, each with its
+    :func:`server_status` (computed once per server); and whether every target is served."""
     from .server import server_status
 
-    cache: dict[Path, bool] = {}
+    status: dict[Path, dict] = {}
     chosen, all_running = [], True
     for group in _servers_per_target(args):
         for d in group:
-            if d not in cache:
-                cache[d] = server_status(d)["running"]
-        running = [d for d in group if cache[d]]
+            if d not in status:
+                status[d] = server_status(d)
+        running = [d for d in group if status[d]["running"]]
         all_running &= bool(running)  # a run never served counts as not running
         chosen += running or group[:1]
-    return _unique(chosen), all_running
+    return {d: status[d] for d in _unique(chosen)}, all_running
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .server import server_status
-
-    dirs, all_running = _running_per_target(args)
-    states = [server_status(d) for d in dirs]
+    chosen, all_running = _running_per_target(args)
+    states = list(chosen.values())
     print(json.dumps(states[0] if len(states) == 1 else states, indent=2))
     return 0 if all_running else 3
 
