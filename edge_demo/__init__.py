@@ -1,12 +1,12 @@
 """fieldid edge_demo: a Gradio field app that behaves like the phone app it imitates.
 
-The bundle's ONNX model runs on the device (ONNX Runtime + ``export.phone`` preprocessing;
+The bundle's ONNX model runs on the device (ONNX Runtime + ``fieldid.export.phone`` preprocessing;
 this package never imports torch); only when the device is unsure does the photo go to the
 TorchServe server. Names are re-exported lazily: importing the package (as ``fieldid --help``
 does) loads neither Gradio nor ONNX Runtime.
 
 Example:
-    >>> from edge_demo import DemoMode, build_app, launch_app  # doctest: +SKIP
+    >>> from fieldid.edge_demo import DemoMode, build_app, launch_app  # doctest: +SKIP
     >>> app = build_app([DemoMode("dive", "runs/reef"), DemoMode("shop", "runs/salmon")])  # doctest: +SKIP
     >>> launch_app(app, port=7860)  # doctest: +SKIP
 """

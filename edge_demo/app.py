@@ -1,6 +1,6 @@
 """The Gradio field app: one tab per :class:`~edge_demo.modes.DemoMode`, phone-sized layout.
 
-Rendering only; the work is in :mod:`edge_demo.modes`. Offline by construction: analytics
+Rendering only; the work is in :mod:`fieldid.edge_demo.modes`. Offline by construction: analytics
 off, system fonts (no font downloads), no share link, server-side rendering off.
 API endpoints (for ``gradio_client``): ``/<mode>_identify`` and ``/<mode>_ask_server``, each
 taking ``(photo, precision)`` and returning ``(device label, device text, server label,
@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from export.phone import ImageInputError  # noqa: E402
+from fieldid.export.phone import ImageInputError  # noqa: E402
 
 from .modes import MAX_FILE_BYTES, DemoMode, Outcome, file_too_large, friendly_image_error, pretty_label  # noqa: E402
 
@@ -51,7 +51,7 @@ def photo_bytes(payload: Any, *, max_bytes: int = MAX_FILE_BYTES) -> bytes | Non
 
     The app's events run with ``preprocess=False``: Gradio's own image preprocessing decodes
     with Pillow and fails with a generic error on a non-image. The bytes go instead to
-    :func:`export.phone.decode_image`, the allow-list and pixel limit a phone or the server
+    :func:`fieldid.export.phone.decode_image`, the allow-list and pixel limit a phone or the server
     applies, so bad input gets a friendly message. Gradio has already checked that the file
     is one of its uploads before the handler runs.
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from training.cli import HelpFormatter
+from fieldid.training.cli import HelpFormatter
 
 __all__ = ["register", "assign_modes"]
 
@@ -75,7 +75,7 @@ def assign_modes(sources: list[tuple[str, str]],
 
 def _mode_by_labels(path: Path) -> str | None:
     """The mode whose built-in classes the bundle at ``path`` has; None when unknown or unreadable."""
-    from export.manifest import ManifestError, load_manifest
+    from fieldid.export.manifest import ManifestError, load_manifest
 
     from .device import DemoError, bundle_dir_of
     from .modes import mode_for_labels
@@ -90,7 +90,7 @@ def _state_dirs(args: argparse.Namespace, sources: dict[str, Path]) -> list[Path
     """Where ``fieldid serve start`` may have left a ``server.json`` for these models."""
     if args.serve_state is not None:
         return [args.serve_state]
-    from serve.server import default_state_dir
+    from fieldid.serve.server import default_state_dir
 
     dirs = []
     for path in sources.values():

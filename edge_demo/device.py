@@ -1,6 +1,6 @@
 """The on-device path: ONNX Runtime on the bundle's ONNX artifact, as a phone app runs it.
 
-Preprocessing is :mod:`export.phone` (numpy + Pillow), read from the bundle's manifest, so this
+Preprocessing is :mod:`fieldid.export.phone` (numpy + Pillow), read from the bundle's manifest, so this
 module -- like a phone -- never imports torch. The int8 artifact is preferred when the bundle
 has one; fp32 is the fallback (and selectable for comparison).
 """
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
-from export.phone import DEFAULT_MAX_PIXELS, check_resize_fits, decode_image, prediction, preprocess
+from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
+from fieldid.export.phone import DEFAULT_MAX_PIXELS, check_resize_fits, decode_image, prediction, preprocess
 
 __all__ = [
     "PRECISIONS",
@@ -46,7 +46,7 @@ def bundle_dir_of(path: str | Path) -> Path:
         >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
         PosixPath('runs/reef/export')
     """
-    from serve.archive import bundle_dir_of as find_bundle  # torch-free
+    from fieldid.serve.archive import bundle_dir_of as find_bundle  # torch-free
 
     try:
         return find_bundle(path)

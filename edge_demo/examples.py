@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.manifest import Manifest
-from training.demo_data import MARKER_NAME
+from fieldid.export.manifest import Manifest
+from fieldid.training.demo_data import MARKER_NAME
 
 __all__ = ["Example", "DataOrigin", "example_images", "data_origin"]
 

@@ -3,7 +3,7 @@
 A phone must never hang or crash because the server is away: :func:`ask_server` never raises
 for network or HTTP trouble; it returns a :class:`ServerReply` whose ``message`` says what
 happened, and the app keeps showing the on-device answer. The HTTP call is
-:func:`serve.client.predict` (stdlib only, torch-free); :func:`find_server` reads the state a
+:func:`fieldid.serve.client.predict` (stdlib only, torch-free); :func:`find_server` reads the state a
 ``fieldid serve start`` left behind, so the demo finds the server's URL and key file itself.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def find_server(model: str, state_dirs: Iterable[str | Path]) -> ServerConfig | 
         >>> find_server("reef", ["runs/reef/serve"])  # doctest: +SKIP
         ServerConfig(url='http://127.0.0.1:8080', key_file=PosixPath('runs/reef/serve/key_file.json'))
     """
-    from serve.server import STATE_FILE, load_state
+    from fieldid.serve.server import STATE_FILE, load_state
 
     for d in state_dirs:
         if not (Path(d) / STATE_FILE).is_file():
@@ -106,7 +106,7 @@ def ask_server(server: ServerConfig, model: str, image_bytes: bytes, *,
         >>> r.ok, r.message  # doctest: +SKIP
         (False, 'the server at http://127.0.0.1:9 is not reachable (connection refused)')
     """
-    from serve.client import PredictionError, predict, read_token
+    from fieldid.serve.client import PredictionError, predict, read_token
 
     token = None
     if server.key_file is not None:

@@ -2,7 +2,7 @@
 
 :class:`DemoMode` holds everything a tab of the app needs and does the work without any UI:
 photo bytes in, an :class:`Outcome` out (on-device answer, and the server's when the device
-was unsure or the user asked). ``edge_demo.app`` only renders outcomes. Torch-free.
+was unsure or the user asked). ``fieldid.edge_demo.app`` only renders outcomes. Torch-free.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from export.manifest import Manifest
-from export.phone import DEFAULT_MAX_PIXELS, ImageInputError
+from fieldid.export.manifest import Manifest
+from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
 
 from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
 from .examples import DataOrigin, Example, data_origin, example_images

@@ -1,6 +1,6 @@
 """fieldid export: run directory -> verified phone artifacts + manifest.json.
 
-Torch-free names (``Manifest``, ``load_manifest``, the numpy preprocessing in ``export.phone``)
+Torch-free names (``Manifest``, ``load_manifest``, the numpy preprocessing in ``fieldid.export.phone``)
 can be imported without torch; ``export_run`` and ``bench_run`` import the exporters lazily.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ Under the table, the issue's goals (:func:`bench_goals`, also in ``bench.json`` 
 the best on-device artifact's batch-1 speedup over eager fp32 (>= 10x, at 1 thread and at all
 threads) and, per format, its int8 file's size over the format's own fp32 file (<= 30%).
 
-Inputs go through the phone preprocessing (``export.phone``), as an app would feed them.
+Inputs go through the phone preprocessing (``fieldid.export.phone``), as an app would feed them.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from training.records import RecordError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_record
+from fieldid.training.records import RecordError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_record
 
 from .formats import BENCH_SETTLE_S
 from .manifest import Artifact, Manifest, load_manifest
@@ -75,7 +75,7 @@ def _threads_all() -> int:
 
 # --------------------------------------------------------------------------- images
 def _folder_images(data: Path, labels: list[str]) -> tuple[list[Path], list[int], str]:
-    from training.images import scan_image_folder
+    from fieldid.training.images import scan_image_folder
 
     listing = scan_image_folder(data)
     part = next((p for p in ("test", "all", "val") if p in listing.splits), None)
@@ -94,7 +94,7 @@ def _folder_images(data: Path, labels: list[str]) -> tuple[list[Path], list[int]
 
 
 def _run_images(run_dir: Path) -> tuple[list[Path], list[int], str]:
-    from training.data import load_split
+    from fieldid.training.data import load_split
 
     record = load_record(run_dir)
     split = load_split(run_dir / record.split)

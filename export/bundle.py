@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.data import load_split
-from training.images import ImageError, load_rgb
-from training.records import RecordError, RunRecord, load_record
-from training.train import load_run_model
+from fieldid.training.data import load_split
+from fieldid.training.images import ImageError, load_rgb
+from fieldid.training.records import RecordError, RunRecord, load_record
+from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
 from .manifest import Artifact, Manifest, file_sha256
@@ -512,7 +512,7 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
 
 # --------------------------------------------------------------------------- built-in exporters
 def _load_pytorch(path: Path, threads: int, *, backbone: str, num_classes: int) -> Runner:
-    from training.models import create_model
+    from fieldid.training.models import create_model
 
     model = create_model(backbone, num_classes, pretrained=False)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

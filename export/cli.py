@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from training.cli import HelpFormatter
+from fieldid.training.cli import HelpFormatter
 
 __all__ = ["register"]
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from training.records import PreprocessSpec
+from fieldid.training.records import PreprocessSpec
 
 __all__ = [
     "ALLOWED_FORMATS",

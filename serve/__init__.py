@@ -1,10 +1,10 @@
 """fieldid serve: the full-precision fallback server (TorchServe) for export bundles.
 
-* :mod:`serve.engine` - ``ClassifierEngine``: bytes -> answer, independent of TorchServe (torch).
-* :mod:`serve.fieldid_handler` - the thin TorchServe adapter packed into every ``.mar``.
-* :mod:`serve.archive` - bundle -> ``<name>.mar`` (torch-free).
-* :mod:`serve.server` - start/stop/status with safe defaults (torch-free).
-* :mod:`serve.client` - ``predict(url, image_bytes, token=...)`` (stdlib only).
+* :mod:`fieldid.serve.engine` - ``ClassifierEngine``: bytes -> answer, independent of TorchServe (torch).
+* :mod:`fieldid.serve.fieldid_handler` - the thin TorchServe adapter packed into every ``.mar``.
+* :mod:`fieldid.serve.archive` - bundle -> ``<name>.mar`` (torch-free).
+* :mod:`fieldid.serve.server` - start/stop/status with safe defaults (torch-free).
+* :mod:`fieldid.serve.client` - ``predict(url, image_bytes, token=...)`` (stdlib only).
 
 Names are imported lazily, so ``import serve`` never pulls in torch.
 """

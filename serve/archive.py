@@ -2,7 +2,7 @@
 
 The archive holds only what the handler needs: the fp32 state dict, a manifest reduced to
 that one artifact, and the thin TorchServe adapter ``fieldid_handler.py``. The inference code
-itself (:mod:`serve.engine`) is imported from the installed fieldid package, so the workers
+itself (:mod:`fieldid.serve.engine`) is imported from the installed fieldid package, so the workers
 must run with the Python that has fieldid installed (``fieldid serve start`` sees to that).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from export.manifest import Manifest, ManifestError, load_manifest
+from fieldid.export.manifest import Manifest, ManifestError, load_manifest
 
 __all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "HANDLER_FILE"]
 

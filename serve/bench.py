@@ -1,13 +1,13 @@
 """``make bench-serve``: TorchServe vs the same model in-process, concurrency 1 and 8, batching off/on.
 
 Every row does the same work per image - decode, preprocess, forward pass, answer JSON - through
-:class:`serve.engine.ClassifierEngine`; the server rows add HTTP, the Java frontend and the
+:class:`fieldid.serve.engine.ClassifierEngine`; the server rows add HTTP, the Java frontend and the
 worker hop. The headline number is the p50 overhead of the server (batching off, concurrency 1)
 over in-process (goal: <= 5 %).
 
 Usage::
 
-    python -m serve.bench --run runs/reef [--requests 200] [--threads 1]
+    python -m fieldid.serve.bench --run runs/reef [--requests 200] [--threads 1]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from training.records import atomic_write_json
+from fieldid.training.records import atomic_write_json
 
 from .archive import bundle_dir_of
 from .client import ServeClient
@@ -239,9 +239,9 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.cli import HelpFormatter
+    from fieldid.training.cli import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m fieldid.serve.bench", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--run", type=Path, default=None, help="run directory (its export/ bundle is served)")
     p.add_argument("--bundle", type=Path, default=None, help="export bundle directory (instead of --run)")

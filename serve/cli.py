@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.cli import HelpFormatter
+from fieldid.training.cli import HelpFormatter
 
 __all__ = ["register"]
 

@@ -5,7 +5,7 @@ Always sends an explicit ``Content-Type`` (``image/jpeg|png|webp`` from the byte
 answers 500 before the handler ever sees the image.
 
 Example:
-    >>> from serve.client import predict, read_token
+    >>> from fieldid.serve.client import predict, read_token
     >>> ans = predict("http://127.0.0.1:8080/predictions/reef", open("fish.jpg", "rb").read(),
     ...               token=read_token("runs/reef/serve/key_file.json"))  # doctest: +SKIP
     >>> ans["top_k"][0]["label"], ans["source"]  # doctest: +SKIP
@@ -131,7 +131,7 @@ def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: 
 
     Returns:
         The answer: ``top_k`` labels with calibrated probabilities, ``model``, ``version``,
-        ``latency_ms`` (server side), ``needs_fallback`` ... (``export.phone.prediction``).
+        ``latency_ms`` (server side), ``needs_fallback`` ... (``fieldid.export.phone.prediction``).
 
     Raises:
         PredictionError: the server refused (400 empty, 413 too large, 415 not an image, 4xx auth ...).

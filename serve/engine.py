@@ -1,8 +1,8 @@
 """The server's inference logic as a plain Python class, independent of TorchServe.
 
-:class:`ClassifierEngine` turns request bodies into answers: decode (``export.phone``
-allow-list, EXIF, pixel limit) -> preprocess (``export.phone``, the phone's exact recipe) ->
-one batched forward pass -> :func:`export.phone.prediction` (the response schema shared with
+:class:`ClassifierEngine` turns request bodies into answers: decode (``fieldid.export.phone``
+allow-list, EXIF, pixel limit) -> preprocess (``fieldid.export.phone``, the phone's exact recipe) ->
+one batched forward pass -> :func:`fieldid.export.phone.prediction` (the response schema shared with
 the on-device path). Every request gets its own :class:`Reply` with an HTTP status, so a bad
 image never fails its batch-mates. TorchServe is only a thin adapter around this class
 (``serve/fieldid_handler.py``): TorchServe is in "Limited Maintenance", and another engine
@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from export.manifest import Manifest, ManifestError, file_sha256, load_manifest
-from export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
+from fieldid.export.manifest import Manifest, ManifestError, file_sha256, load_manifest
+from fieldid.export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
                           preprocess)
 
 from .archive import bundle_dir_of, bundle_version
@@ -116,7 +116,7 @@ class ClassifierEngine:
         Returns:
             The engine.
         """
-        from training.models import create_model
+        from fieldid.training.models import create_model
 
         bundle_dir = bundle_dir_of(bundle_dir)
         manifest = load_manifest(bundle_dir)

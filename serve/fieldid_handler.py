@@ -1,4 +1,4 @@
-"""TorchServe adapter for :class:`serve.engine.ClassifierEngine` (copied into every ``.mar``).
+"""TorchServe adapter for :class:`fieldid.serve.engine.ClassifierEngine` (copied into every ``.mar``).
 
 Kept thin on purpose: TorchServe is in "Limited Maintenance"; all logic lives in the engine.
 This file only maps TorchServe's request dicts to bytes and the engine's replies to
@@ -15,8 +15,8 @@ import logging
 import os
 from typing import Any
 
-from export.phone import DEFAULT_MAX_PIXELS, ImageInputError
-from serve.engine import ClassifierEngine, Reply, error_body
+from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
+from fieldid.serve.engine import ClassifierEngine, Reply, error_body
 
 log = logging.getLogger("fieldid.serve")
 

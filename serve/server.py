@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.manifest import load_manifest
-from export.phone import DEFAULT_MAX_PIXELS
-from training.records import _Record, atomic_write_text
+from fieldid.export.manifest import load_manifest
+from fieldid.export.phone import DEFAULT_MAX_PIXELS
+from fieldid.training.records import _Record, atomic_write_text
 
 from .archive import ServeError, build_model_store, bundle_dir_of, bundle_version
 from .client import http_json, read_token

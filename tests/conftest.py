@@ -29,8 +29,8 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
     """A real (tiny, fast) fine-tuned MobileNetV2 run shared by export/serve/demo tests."""
-    from training import TrainConfig
-    from training.train import train
+    from fieldid.training import TrainConfig
+    from fieldid.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "shapes"
     cfg = TrainConfig(epochs=3, head_epochs=1, image_size=64, batch_size=16, seed=0)
@@ -41,7 +41,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run: Path) -> Path:
     """The tiny run exported to the pytorch + ONNX formats (what serve/ and edge_demo/ read)."""
-    from export import export_run
+    from fieldid.export import export_run
 
     export_run(tiny_run, formats=["onnx"])
     return tiny_run / "export"

@@ -42,9 +42,9 @@ def demo_client(url: str) -> Any:
 
 @pytest.fixture(scope="session")
 def demo_app(tiny_bundle: Path, tiny_run: Path) -> Iterator[DemoApp]:
-    from edge_demo.app import build_app, launch_app
-    from edge_demo.fallback import ServerConfig
-    from edge_demo.modes import DemoMode
+    from fieldid.edge_demo.app import build_app, launch_app
+    from fieldid.edge_demo.fallback import ServerConfig
+    from fieldid.edge_demo.modes import DemoMode
 
     down = ServerConfig(f"http://127.0.0.1:{unused_port()}")
     modes = {"dive": DemoMode("dive", tiny_bundle, server=down, timeout=2.0),
@@ -60,10 +60,10 @@ def demo_app(tiny_bundle: Path, tiny_run: Path) -> Iterator[DemoApp]:
 @pytest.fixture(scope="session")
 def tiny_salmon_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real run (wild/farmed) on ``fieldid data demo salmon`` data, exported to ONNX."""
-    from export import export_run
-    from training import TrainConfig
-    from training.demo_data import make_demo_dataset
-    from training.train import train
+    from fieldid.export import export_run
+    from fieldid.training import TrainConfig
+    from fieldid.training.demo_data import make_demo_dataset
+    from fieldid.training.train import train
 
     root = tmp_path_factory.mktemp("salmon")
     data = make_demo_dataset("salmon", root / "data", scale=0.05, image_size=64, progress=False).out

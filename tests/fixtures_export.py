@@ -30,7 +30,7 @@ def full_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     A separate folder from ``tiny_bundle`` (which serve/edge_demo tests read) so neither
     suite's export can disturb the other's.
     """
-    from export import export_run
+    from fieldid.export import export_run
 
     out = tmp_path_factory.mktemp("bundles") / "full"
     export_run(tiny_run, out=out)

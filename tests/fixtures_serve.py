@@ -81,12 +81,12 @@ class Served:
         return self.state.token("management")
 
     def predict(self, data: bytes, model: str | None = None) -> dict[str, Any]:
-        from serve.client import predict
+        from fieldid.serve.client import predict
 
         return predict(self.url_for(model or self.model), data, token=self.token, timeout=60)
 
     def request(self, data: bytes, model: str | None = None, content_type: str | None = None) -> tuple[int, Any]:
-        from serve.client import ServeClient
+        from fieldid.serve.client import ServeClient
 
         with ServeClient(self.url_for(model or self.model), self.token, timeout=60) as c:
             return c.request(data, content_type)
@@ -99,12 +99,12 @@ def torchserve_server(bundle_dirs: list[Path], state_dir: Path, **opts: Any) -> 
     Args:
         bundle_dirs: export bundles (or run folders) to serve.
         state_dir: the server's own state directory (use a tmp path).
-        **opts: :class:`serve.server.ServeOptions` fields (e.g. ``auth=False``, ``batch_size=8``).
+        **opts: :class:`fieldid.serve.server.ServeOptions` fields (e.g. ``auth=False``, ``batch_size=8``).
 
     Yields:
         :class:`Served`. On exit the server is stopped and no process of it may remain.
     """
-    from serve.server import ServeOptions, load_state, server_processes, start_server, stop_server
+    from fieldid.serve.server import ServeOptions, load_state, server_processes, start_server, stop_server
 
     options = ServeOptions.on_free_ports(**opts)
     state = start_server(list(bundle_dirs), state_dir, options)

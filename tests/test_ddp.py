@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from fixtures_scaleout import log_rows
-from training import TrainConfig
-from training.data import load_split
-from training.train import _launch_rank, _strategy
+from fieldid.training import TrainConfig
+from fieldid.training.data import load_split
+from fieldid.training.train import _launch_rank, _strategy
 
 BATCH = 8
 EPOCHS = 2

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.demo_data import (
+from fieldid.training.demo_data import (
     DEMO_DATASETS,
     MARKER_NAME,
     DemoSummary,
     demo_counts,
     make_demo_dataset,
 )
-from training.images import scan_image_folder
+from fieldid.training.images import scan_image_folder
 
 TINY = 0.01  # every class gets the minimum of 3 images
 FAST = {"scale": TINY, "image_size": 96, "progress": False}  # for tests about files, not pictures

@@ -22,13 +22,13 @@ from PIL import Image
 
 from fixtures_edge_demo import demo_client, unused_port
 
-from edge_demo.cli import _mode_by_labels, assign_modes
-from edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
-from edge_demo.examples import data_origin, example_images
-from edge_demo.fallback import ServerConfig, ask_server, find_server
-from edge_demo.modes import MAX_FILE_BYTES, DemoMode, mode_for_labels, pretty_label
-from export.manifest import Artifact, load_manifest
-from export.phone import ImageInputError, check_resize_fits
+from fieldid.edge_demo.cli import _mode_by_labels, assign_modes
+from fieldid.edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
+from fieldid.edge_demo.examples import data_origin, example_images
+from fieldid.edge_demo.fallback import ServerConfig, ask_server, find_server
+from fieldid.edge_demo.modes import MAX_FILE_BYTES, DemoMode, mode_for_labels, pretty_label
+from fieldid.export.manifest import Artifact, load_manifest
+from fieldid.export.phone import ImageInputError, check_resize_fits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def test_a_copied_bundle_finds_its_examples_through_source_run(dive: DemoMode, t
 
 
 def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path) -> None:
-    from training.demo_data import make_demo_dataset
+    from fieldid.training.demo_data import make_demo_dataset
 
     assert data_origin(dive.source, dive.manifest).synthetic is False
     assert "synthetic" not in dive.summary_markdown()
@@ -204,8 +204,8 @@ def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> Non
     """decode -> manifest preprocessing -> ORT -> temperature softmax == the trained torch model."""
     import torch
 
-    from training.data import eval_transform
-    from training.train import load_run_model
+    from fieldid.training.data import eval_transform
+    from fieldid.training.train import load_run_model
 
     model = load_run_model(tiny_run)
     spec = dive.manifest.preprocess_spec
@@ -260,7 +260,7 @@ def test_bad_photos_get_a_friendly_message_and_the_mode_keeps_working(dive: Demo
 
 def test_elongated_photo_is_refused_by_the_server_rule(dive: DemoMode, tiny_bundle: Path) -> None:
     """The device refuses exactly what serve/engine.py refuses with 413, before allocating anything."""
-    from serve.engine import ClassifierEngine
+    from fieldid.serve.engine import ClassifierEngine
 
     r = dive.manifest.preprocess_spec.resize_size
     check_resize_fits((r, 100 * r), r, max_pixels=100 * r * r)  # exactly at the limit: fine
@@ -316,7 +316,7 @@ def test_find_server_reads_the_serve_state(served_tiny, tmp_path: Path) -> None:
 def test_cli_finds_the_server_of_fieldid_serve_start(served_tiny, tmp_path: Path) -> None:
     import argparse
 
-    from edge_demo.cli import _server_for
+    from fieldid.edge_demo.cli import _server_for
 
     def args(**kw) -> argparse.Namespace:
         return argparse.Namespace(**{"no_server": False, "server": None, "key_file": None, **kw})
@@ -357,7 +357,7 @@ def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path
     out = DemoMode("shop", lax, server=server).identify(_png())
     assert not out.device.response["needs_fallback"] and out.asked_because == "" and out.server is None
     # Unsure but no server configured: nothing is asked, and the user is told why.
-    from edge_demo.app import _device_text
+    from fieldid.edge_demo.app import _device_text
 
     mode = DemoMode("shop", strict, server=None)
     out = mode.identify(_png())
@@ -452,7 +452,7 @@ def test_app_default_precision_is_int8(demo_app) -> None:
 def test_photo_payloads_inline_or_uploaded(dive: DemoMode, tmp_path: Path) -> None:
     import base64
 
-    from edge_demo.app import photo_bytes
+    from fieldid.edge_demo.app import photo_bytes
 
     png = _png()
     (tmp_path / "a.png").write_bytes(png)
@@ -466,7 +466,7 @@ def test_photo_payloads_inline_or_uploaded(dive: DemoMode, tmp_path: Path) -> No
 def test_photo_size_is_checked_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import base64
 
-    from edge_demo.app import photo_bytes
+    from fieldid.edge_demo.app import photo_bytes
 
     big = tmp_path / "big.jpg"
     with open(big, "wb") as fh:  # sparse: MAX_FILE_BYTES + 1 bytes on disk, nothing written
@@ -487,7 +487,7 @@ def test_photo_size_is_checked_before_reading(tmp_path: Path, monkeypatch: pytes
 
 def test_slow_server_the_device_answer_comes_first(tiny_bundle: Path) -> None:
     """The identify handlers are generators: the on-device answer is shown while the server is asked."""
-    from edge_demo.app import build_app, launch_app
+    from fieldid.edge_demo.app import build_app, launch_app
 
     with socket.socket() as listener:  # accepts connections, never answers: a hung server
         listener.bind(("127.0.0.1", 0))
@@ -520,7 +520,7 @@ def test_slow_server_the_device_answer_comes_first(tiny_bundle: Path) -> None:
 
 
 def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
-    from edge_demo.app import build_app, launch_app
+    from fieldid.edge_demo.app import build_app, launch_app
 
     mode = DemoMode("dive", tiny_bundle, server=ServerConfig(served_tiny.base_url, served_tiny.key_file))
     app = build_app([mode])

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from edge_demo.modes import pretty_label
+from fieldid.edge_demo.modes import pretty_label
 
 pytestmark = pytest.mark.browser
 

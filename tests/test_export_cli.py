@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import fieldid
-from export import bundle as B
+from fieldid.export import bundle as B
 from fixtures_export import copy_run
-from training.models import _REGISTRY, BackboneSpec, create_model, register_backbone
+from fieldid.training.models import _REGISTRY, BackboneSpec, create_model, register_backbone
 
 FIELDID = [sys.executable, "-c", "import sys, fieldid; sys.exit(fieldid.main())"]
 
@@ -92,7 +92,7 @@ def test_cli_bench_end_to_end(tiny_run: Path, small_bundle: Path, tmp_path: Path
 
 def test_bench_includes_size_only_rows_and_other_data(tiny_run: Path, full_bundle: Path, shapes_dir: Path,
                                                      tmp_path: Path) -> None:
-    from export import bench_run
+    from fieldid.export import bench_run
 
     r = bench_run(tiny_run, bundle=full_bundle, data=shapes_dir, out=tmp_path, iters=2, batches=1, limit=16,
                   settle_s=0)
@@ -190,7 +190,7 @@ def test_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, ti
 
 
 def test_label_order_mismatch_in_a_file_is_caught(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
-    from export import torchscript_export
+    from fieldid.export import torchscript_export
 
     real = torchscript_export._extra_files
 
@@ -350,9 +350,9 @@ def test_missing_optional_package_says_what_to_install(capsys, tiny_run: Path, s
 def test_a_file_its_runtime_cannot_load_is_one_clear_error(tiny_run: Path, tmp_path: Path, fmt: str,
                                                            file: str) -> None:
     """What verification does when a written file is broken: ExportError naming file and runtime, not a traceback."""
-    from training.records import load_record
+    from fieldid.training.records import load_record
 
-    from export import _import_exporters
+    from fieldid.export import _import_exporters
 
     _import_exporters()
     ctx = B._context(tiny_run, load_record(tiny_run), tmp_path, calibration_size=4, allow_drop=False)

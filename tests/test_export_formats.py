@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import _import_exporters
-from export import bundle as B
-from export.formats import FORMAT_NAMES
-from export.manifest import FORMATS, MANIFEST_SCHEMA_VERSION, Artifact, Manifest, ManifestError, load_manifest
-from training.records import RecordError
+from fieldid.export import _import_exporters
+from fieldid.export import bundle as B
+from fieldid.export.formats import FORMAT_NAMES
+from fieldid.export.manifest import FORMATS, MANIFEST_SCHEMA_VERSION, Artifact, Manifest, ManifestError, load_manifest
+from fieldid.training.records import RecordError
 
 _import_exporters()  # fills the EXPORTERS / RUNTIMES / LABEL_READERS registries
 
 
 def _heldout(run: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    from training.data import load_split
-    from training.records import load_record
+    from fieldid.training.data import load_split
+    from fieldid.training.records import load_record
 
     rec = load_record(run)
     split = load_split(run / rec.split)
@@ -33,7 +33,7 @@ def _sha256(path: Path) -> str:
 
     A file: its bytes. A folder artifact (``.mlpackage``):
     its files sorted by POSIX path relative to the folder, each as that path (UTF-8) then its bytes
-    (the definition in ``export.bundle.file_sha256``).
+    (the definition in ``fieldid.export.bundle.file_sha256``).
     """
     h = hashlib.sha256()
     if not path.is_dir():
@@ -58,7 +58,7 @@ def eager(tiny_run: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, n
     """Held-out inputs, targets and the eager PyTorch logits computed here, independently of the export."""
     import torch
 
-    from training.train import load_run_model
+    from fieldid.training.train import load_run_model
 
     x, y = _heldout(tiny_run, manifest)
     with torch.no_grad():
@@ -147,9 +147,9 @@ def test_label_order_read_back_from_every_file(full_bundle: Path, manifest: Mani
 
 
 def test_extra_metadata_travels_inside_the_files(full_bundle: Path, manifest: Manifest) -> None:
-    from export.executorch_export import read_pte_constants
-    from export.onnx_export import read_onnx_metadata
-    from export.torchscript_export import read_extra_files
+    from fieldid.export.executorch_export import read_pte_constants
+    from fieldid.export.onnx_export import read_onnx_metadata
+    from fieldid.export.torchscript_export import read_extra_files
 
     for f in ("model.onnx", "model.int8.onnx"):
         meta = read_onnx_metadata(full_bundle / f)
@@ -166,7 +166,7 @@ def test_extra_metadata_travels_inside_the_files(full_bundle: Path, manifest: Ma
 
 
 def test_coreml_structure_is_verified_and_said_so(full_bundle: Path, manifest: Manifest) -> None:
-    from export.coreml_export import inspect_mlpackage
+    from fieldid.export.coreml_export import inspect_mlpackage
 
     size = manifest.preprocess["crop_size"]
     for art in (manifest.find("coreml", "fp16"), manifest.find("coreml", "int8_weights")):

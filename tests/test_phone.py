@@ -1,4 +1,4 @@
-"""export.phone: the numpy + Pillow preprocessing an app copies, against training's torchvision pipeline."""
+"""fieldid.export.phone: the numpy + Pillow preprocessing an app copies, against training's torchvision pipeline."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from export.phone import ImageInputError, decode_image, prediction, preprocess, softmax
-from training.data import eval_transform
-from training.records import PreprocessSpec
+from fieldid.export.phone import ImageInputError, decode_image, prediction, preprocess, softmax
+from fieldid.training.data import eval_transform
+from fieldid.training.records import PreprocessSpec
 
 # Real photos bundled with scikit-image (no downloads), incl. a portrait one and an odd size.
 PHOTOS = {

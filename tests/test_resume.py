@@ -12,7 +12,7 @@ import torch
 
 import fieldid
 from fixtures_scaleout import log_rows, wait_for
-from training.records import RunRecord, load_record
+from fieldid.training.records import RunRecord, load_record
 
 EPOCHS = 5
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,7 @@ def test_deleting_a_corrupt_last_checkpoint_restarts_from_epoch_0(tiny_run: Path
     """What the corrupt-checkpoint message tells the user to do really works, and does what it says."""
     import lightning as L
 
-    from training.train import train
+    from fieldid.training.train import train
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))

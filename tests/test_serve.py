@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.manifest import Manifest, load_manifest
-from export.phone import decode_image, preprocess, softmax
-from serve.archive import bundle_version
-from serve.client import ServeClient, http_json
-from serve.server import load_state, model_workers, server_processes
+from fieldid.export.manifest import Manifest, load_manifest
+from fieldid.export.phone import decode_image, preprocess, softmax
+from fieldid.serve.archive import bundle_version
+from fieldid.serve.client import ServeClient, http_json
+from fieldid.serve.server import load_state, model_workers, server_processes
 
 REPO = Path(__file__).resolve().parents[1]
 # Server answers vs the exported fp32 model (ONNX Runtime) and vs in-process PyTorch on the same
@@ -52,7 +52,7 @@ def photos() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_bundle: Path):
-    from serve.engine import ClassifierEngine
+    from fieldid.serve.engine import ClassifierEngine
 
     return ClassifierEngine.from_bundle(tiny_bundle, threads=1)
 
@@ -202,7 +202,7 @@ def test_token_is_required(served_tiny, photos) -> None:
 
 
 def test_rotated_key_replaces_the_old_one(served_tiny, photos) -> None:
-    from serve.server import rotate_key
+    from fieldid.serve.server import rotate_key
 
     old = served_tiny.token
     assert rotate_key(served_tiny.state_dir) == str(served_tiny.key_file)
@@ -244,7 +244,7 @@ def test_only_loopback_is_listening(served_tiny) -> None:
 
 # --------------------------------------------------------------------------- documented usage
 def test_documented_client_usage_works(served_tiny, photos, tmp_path: Path) -> None:
-    from serve.client import predict, read_token
+    from fieldid.serve.client import predict, read_token
 
     token = read_token(served_tiny.key_file)
     ans = predict(served_tiny.url, photos["chelsea.jpg"], token=token)
@@ -279,7 +279,7 @@ def test_documented_client_usage_works(served_tiny, photos, tmp_path: Path) -> N
 def test_bench_compares_like_with_like(served_tiny, engine) -> None:
     """bench-serve's guard reads the device/precision the server's worker reported; here it must
     be what the in-process engine runs (CPU fp32: the test server is pinned to CPU)."""
-    from serve.bench import _same_settings, _served_on
+    from fieldid.serve.bench import _same_settings, _served_on
 
     assert _served_on(served_tiny.state_dir) == (str(engine.device), engine.precision) == _same_settings("cpu", "auto")
 
@@ -383,7 +383,7 @@ def _fieldid(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _cli_start(*targets: str) -> subprocess.CompletedProcess:
-    from serve.server import ServeOptions
+    from fieldid.serve.server import ServeOptions
 
     o = ServeOptions.on_free_ports()
     return _fieldid("serve", "start", *targets, "--no-auth", "--port", str(o.port),
@@ -409,7 +409,7 @@ def test_cli_serves_two_models_and_stop_leaves_nothing(served_tiny, tiny_bundle:
     also beside a second server started for B alone, and also once the launcher process died."""
     import psutil
 
-    from serve.server import _launcher_alive
+    from fieldid.serve.server import _launcher_alive
 
     run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
     shutil.copytree(tiny_bundle, run_a / "export")

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.manifest import load_manifest
-from export.phone import ImageInputError
-from serve.archive import ServeError, archive_bundle, bundle_version
-from serve.server import ServeOptions, config_properties, find_java, start_server, state_dirs_for
+from fieldid.export.manifest import load_manifest
+from fieldid.export.phone import ImageInputError
+from fieldid.serve.archive import ServeError, archive_bundle, bundle_version
+from fieldid.serve.server import ServeOptions, config_properties, find_java, start_server, state_dirs_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def engine(tiny_bundle: Path):
-    from serve.engine import ClassifierEngine
+    from fieldid.serve.engine import ClassifierEngine
 
     return ClassifierEngine.from_bundle(tiny_bundle, threads=1, max_pixels=1_000_000)
 
@@ -62,7 +62,7 @@ def test_engine_gives_each_request_its_own_status(engine, shapes_dir: Path) -> N
 
 
 def test_engine_answer_is_the_shared_schema(engine, shapes_dir: Path) -> None:
-    from export.phone import prediction
+    from fieldid.export.phone import prediction
 
     m = engine.manifest
     ans = engine.predict((sorted((shapes_dir / "square").iterdir())[0]).read_bytes())
@@ -76,8 +76,8 @@ def test_engine_answer_is_the_shared_schema(engine, shapes_dir: Path) -> None:
 
 
 def test_engine_refuses_weights_that_do_not_match_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
-    from export.manifest import ManifestError
-    from serve.engine import ClassifierEngine
+    from fieldid.export.manifest import ManifestError
+    from fieldid.serve.engine import ClassifierEngine
 
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, b)
@@ -98,7 +98,7 @@ def test_engine_refuses_weights_that_do_not_match_the_manifest(tiny_bundle: Path
     ({"a": b"x", "b": b"y"}, 415),
 ])
 def test_adapter_maps_torchserve_requests(request_dict: dict, expected) -> None:
-    from serve.fieldid_handler import request_bytes
+    from fieldid.serve.fieldid_handler import request_bytes
 
     got = request_bytes(request_dict)
     if isinstance(expected, bytes):
@@ -207,7 +207,7 @@ def test_cli_warns_about_a_public_host_on_stderr(tiny_bundle: Path, tmp_path: Pa
 
 def _fake_state(state_dir: Path, bundles: list[Path], status: str = "stopped") -> None:
     """A ``server.json`` as start_server writes it (the lookup reads only that file)."""
-    from serve.server import ServerState
+    from fieldid.serve.server import ServerState
 
     models = {b.parent.name: {"version": "v", "bundle": str(b.resolve())} for b in bundles}
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def _fake_state(state_dir: Path, bundles: list[Path], status: str = "stopped") -
 
 
 def test_servers_of_a_run_are_found_from_any_of_its_runs(tiny_bundle: Path, tmp_path: Path) -> None:
-    from serve.server import _write_pointers
+    from fieldid.serve.server import _write_pointers
 
     runs = {}
     for name in ("a", "b", "c"):
@@ -266,8 +266,8 @@ def test_java_here_is_recent_enough() -> None:
 
 
 def test_cli_help_and_torch_free_import() -> None:
-    code = ("import sys, fieldid; p = fieldid.build_parser(); import serve, serve.cli, serve.server, "
-            "serve.client, serve.archive; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import sys, fieldid; p = fieldid.build_parser(); import fieldid.serve, fieldid.serve.cli, fieldid.serve.server, "
+            "fieldid.serve.client, fieldid.serve.archive; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
     for action in ("archive", "start", "stop", "status", "rotate-key"):
         out = subprocess.run([sys.executable, "-m", "fieldid", "serve", action, "--help"], cwd=REPO,
@@ -281,7 +281,7 @@ def test_engine_on_cuda_matches_cpu(tiny_bundle: Path, shapes_dir: Path) -> None
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from serve.engine import ClassifierEngine
+    from fieldid.serve.engine import ClassifierEngine
 
     cpu = ClassifierEngine.from_bundle(tiny_bundle, device="cpu")
     gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # fp16 autocast, channels-last

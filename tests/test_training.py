@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 from helpers import make_shapes_dataset
-from training import TrainConfig, create_model, get_backbone, list_backbones
-from training.train import train
-from training.calibrate import choose_fallback_threshold, expected_calibration_error, fit_temperature
-from training.config import ConfigError, load_config
-from training.data import (CachedImageDataset, ImageCache, class_weights, eval_transform, make_split,
+from fieldid.training import TrainConfig, create_model, get_backbone, list_backbones
+from fieldid.training.train import train
+from fieldid.training.calibrate import choose_fallback_threshold, expected_calibration_error, fit_temperature
+from fieldid.training.config import ConfigError, load_config
+from fieldid.training.data import (CachedImageDataset, ImageCache, class_weights, eval_transform, make_split,
                            train_transform)
-from training.images import DataError, load_rgb
-from training.models import ModelError, _load_state_dict, imagenet_labels
-from training.records import PreprocessSpec, RecordError, RunRecord
+from fieldid.training.images import DataError, load_rgb
+from fieldid.training.models import ModelError, _load_state_dict, imagenet_labels
+from fieldid.training.records import PreprocessSpec, RecordError, RunRecord
 
 FIELDID = [sys.executable, "-m", "fieldid"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +123,8 @@ def test_every_head_of_a_distilled_levit_trains_in_the_head_phase() -> None:
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from training.models import classifier_modules, model_num_classes
-    from training.module import Classifier
+    from fieldid.training.models import classifier_modules, model_num_classes
+    from fieldid.training.module import Classifier
 
     torch.manual_seed(0)
     model = create_model("timm/levit_128s.fb_dist_in1k", num_classes=3, pretrained=False)
@@ -173,7 +173,7 @@ def test_golden_logits_of_seeded_tiny_model() -> None:
     golden = Path(__file__).parent / "golden" / "mobilenet_v2_seed0.json"
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", num_classes=3, pretrained=False)
-    from training.models import example_input
+    from fieldid.training.models import example_input
 
     with torch.no_grad():
         out = model(example_input("mobilenet_v2", 64)).tolist()
@@ -573,7 +573,7 @@ def test_cli_data_check_and_demo(tmp_path: Path, shapes_dir: Path, capsys: pytes
 
 
 def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path) -> None:
-    from training.records import atomic_write_text
+    from fieldid.training.records import atomic_write_text
 
     (tmp_path / "plain.txt").write_text("x")
     atomic_write_text(tmp_path / "atomic.txt", "x")

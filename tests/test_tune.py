@@ -11,10 +11,10 @@ import pytest
 
 import fieldid
 from fixtures_scaleout import wait_for
-from training.cli import train_overrides
-from training.config import load_config
-from training.tune import TuneError, load_space, tune, validate_space
-from training import TrainConfig
+from fieldid.training.cli import train_overrides
+from fieldid.training.config import load_config
+from fieldid.training.tune import TuneError, load_space, tune, validate_space
+from fieldid.training import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

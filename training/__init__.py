@@ -1,9 +1,9 @@
 """fieldid training: ImageFolder dataset -> fine-tuned, calibrated model in a run directory.
 
-The entry points are ``training.train.train`` and ``training.train.evaluate`` (the module
-``training.train`` shadows any package-level ``train`` name, so it is not re-exported here).
+The entry points are ``fieldid.training.train.train`` and ``fieldid.training.train.evaluate`` (the module
+``fieldid.training.train`` shadows any package-level ``train`` name, so it is not re-exported here).
 Names are re-exported lazily so that torch-free users (the edge demo, the CLI parser) can
-import ``training.records`` without pulling in torch.
+import ``fieldid.training.records`` without pulling in torch.
 """
 from __future__ import annotations
 

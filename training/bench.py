@@ -1,6 +1,6 @@
 """``make bench-train``: training images/s with and without the decode-once uint8 cache.
 
-    python -m training.bench --data data/reef [--model mobilenet_v2] [--image-size 128] [--batches 12]
+    python -m fieldid.training.bench --data data/reef [--model mobilenet_v2] [--image-size 128] [--batches 12]
 
 Each row runs real optimisation steps (forward, backward, AdamW) through the same
 DataLoader settings training uses; only where pixels come from differs. A second column

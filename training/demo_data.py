@@ -154,8 +154,8 @@ def make_demo_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.demo_data NAME OUT [--seed S] [--scale X] [--image-size N]``."""
-    p = argparse.ArgumentParser(prog="python -m training.demo_data", description=__doc__.split("\n")[0])
+    """``python -m fieldid.training.demo_data NAME OUT [--seed S] [--scale X] [--image-size N]``."""
+    p = argparse.ArgumentParser(prog="python -m fieldid.training.demo_data", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=DEMO_DATASETS)
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """``fieldid tune``: Optuna hyperparameter search where every trial is a real fieldid run.
 
-Each trial trains with :func:`training.train.train` into ``OUT/trial-NNNN`` (a complete run
+Each trial trains with :func:`fieldid.training.train.train` into ``OUT/trial-NNNN`` (a complete run
 directory you can evaluate or export), reports its validation macro-F1 after every epoch so
 that bad trials are pruned early, and scores itself by the best checkpoint's validation
 macro-F1 (the test split stays held out).
@@ -594,7 +594,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def register_tune(sub: argparse._SubParsersAction) -> None:
-    """Add ``fieldid tune`` (called from :func:`training.cli.register`)."""
+    """Add ``fieldid tune`` (called from :func:`fieldid.training.cli.register`)."""
     from .cli import HelpFormatter, add_train_args
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",

@@ -1,4 +1,4 @@
-"""``fieldid`` command line: a thin layer over the training/, export/, serve/ and edge_demo/ APIs.
+"""``fieldid`` command line: a thin layer over the fieldid.training, .export, .serve and .edge_demo APIs.
 
 Importing this module must not import torch: ``fieldid demo`` imitates a phone without it.
 Each package contributes its sub-commands through ``<package>.cli.register``.
@@ -12,6 +12,8 @@ import os
 import sys
 import warnings
 from typing import NoReturn
+
+from fieldid import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -34,13 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fieldid",
         description="From a folder of photos to a verified, phone-ready image classifier (offline).",
     )
+    parser.add_argument("--version", action="version", version=f"fieldid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for pkg in _CLI_PACKAGES:
         try:
-            mod = importlib.import_module(f"{pkg}.cli")
+            mod = importlib.import_module(f"fieldid.{pkg}.cli")
         except ModuleNotFoundError as e:
-            if e.name != f"{pkg}.cli":
+            if e.name != f"fieldid.{pkg}.cli":
                 raise
             continue
         mod.register(sub)
