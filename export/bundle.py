@@ -1,44 +1,50 @@
 """``fieldid export``: run directory -> verified bundle of phone artifacts + ``manifest.json``.
 
-Each format is one exporter function registered in ``EXPORTERS``. An exporter writes its
-files into a staging folder and returns :class:`Artifact` records; verification against the
-PyTorch model on the held-out split is part of every export. The staging folder replaces the
-old bundle only when everything succeeded, so a failed export never destroys a good one.
+Each format is one exporter function registered in ``EXPORTERS`` (:mod:`.registry`). An exporter
+writes its files into a staging folder and returns :class:`Artifact` records; verification
+against the PyTorch model on the held-out split is part of every export (:mod:`.verify`), int8
+recipes are chosen by :mod:`.recipes`, and the staging folder replaces the old bundle only when
+everything succeeded (:mod:`.writer`), so a failed export never destroys a good one.
 
-Formats with a runtime on this machine also register a loader in ``RUNTIMES`` (used by the
-verification here and by ``fieldid bench``) and a label reader in ``LABEL_READERS``, which
-reads the class labels back out of the written file so their order can be checked.
+The images come from the run's stored samples (:mod:`.inputs`), or from ``--data DIR``. Each
+format's wall time and peak resident memory are measured (:mod:`.resources`) and written into
+the manifest's ``export_stats``; a format whose estimated memory exceeds what is free is refused
+in one line before it starts.
+
+This module keeps every public name of the package's export API importable from one place.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import importlib.metadata
-import io
 import json
 import logging
-import os
-import re
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fieldid.training.data import load_split
-from fieldid.training.images import ImageError, load_rgb
+from fieldid.training.data import load_split, make_split
+from fieldid.training.images import DataError
 from fieldid.training.records import RecordError, RunRecord, load_record
 from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
+from .inputs import ExportInputs, PhoneImages, folder_inputs, load_arrays, run_inputs, samples_index
 from .manifest import Artifact, Manifest, file_sha256
-from .phone import preprocess
+from .recipes import RecipeSearch, fidelity
+from .registry import (EXPORTERS, LABEL_READERS, RUNTIMES, ExportError, Runner, converting, load_runtime,
+                       quiet_third_party, register_exporter, register_label_reader, register_runtime, run_batched,
+                       runtime_name, unsupported_op)
+from .resources import MemoryRefusal, check_memory, measure
+from .verify import (EVAL_BATCH, FP32_MAX_ABS_DIFF, INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT, ExportContext, LogitsModel,
+                     check_labels, input_spec, make_artifact, verify_artifact, verify_logits)
+from .writer import check_writable, clean_leftovers, make_stage, swap_in
 
 __all__ = [
     "ExportError",
@@ -64,6 +70,9 @@ __all__ = [
     "make_artifact",
     "file_sha256",
     "quiet_third_party",
+    "unsupported_op",
+    "PhoneImages",
+    "MemoryRefusal",
     "FP32_MAX_ABS_DIFF",
     "INT8_MIN_AGREEMENT",
     "INT8_MAX_ACCURACY_DROP",
@@ -71,385 +80,7 @@ __all__ = [
 
 log = logging.getLogger("fieldid.export")
 
-# Verification bars (issue: fp32 <= 1e-3 max |logit diff| and 100% top-1; int8 >= 99% / <= 1 pt).
-FP32_MAX_ABS_DIFF = 1e-3
-INT8_MIN_AGREEMENT = 0.99
-INT8_MAX_ACCURACY_DROP = 0.01
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (bad run, unknown format, missed bar, ...)."""
-
-
-class LogitsModel(nn.Module):
-    """Fixes the forward argument name to ``input`` for every exporter and runtime."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the ONNX input name
-        return self.model(input)
-
-
-@dataclass
-class ExportContext:
-    """What every exporter gets: the fp32 model, data already preprocessed the phone's way."""
-
-    run_dir: Path
-    record: RunRecord
-    model: nn.Module  # fp32, eval, wrapped in LogitsModel
-    stage: Path  # staging folder; final bundle after success
-    heldout: np.ndarray  # (N, 3, H, W) float32, phone preprocessing
-    heldout_targets: np.ndarray  # (N,)
-    heldout_split: str
-    calibration: np.ndarray  # (M, 3, H, W) training images, eval preprocessing
-    reference_logits: np.ndarray  # fp32 PyTorch logits on ``heldout``
-    allow_drop: bool = False
-    failures: list[str] = field(default_factory=list)
-    # Images int8 recipes are *chosen* on (agreement with fp32 needs no labels): the val split
-    # when the held-out split is test, else unused training images; topped up with calibration
-    # images when there are few. Never the held-out split, so its verification stays unbiased.
-    selection: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
-    selection_source: str = ""
-
-    @property
-    def example(self) -> torch.Tensor:
-        return torch.from_numpy(self.heldout[:1].copy())
-
-    def example_batch(self, n: int = 2) -> torch.Tensor:
-        """``n`` real inputs; ``torch.export`` needs batch > 1 to keep the batch dimension dynamic."""
-        idx = np.arange(n) % len(self.heldout)
-        return torch.from_numpy(self.heldout[idx].copy())
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.record.labels)
-
-    @property
-    def reference_accuracy(self) -> float:
-        return float((self.reference_logits.argmax(1) == self.heldout_targets).mean())
-
-
-Exporter = Callable[[ExportContext], list[Artifact]]
-Runner = Callable[[np.ndarray], np.ndarray]
-Loader = Callable[[Path, int], Runner]
-LabelReader = Callable[[Path], list[str]]
-EXPORTERS: dict[str, Exporter] = {}
-RUNTIMES: dict[str, Loader] = {}  # artifact format -> loader(path, threads) -> runner(x) -> logits
-LABEL_READERS: dict[str, LabelReader] = {}  # artifact format -> labels stored inside the file
-
-
-def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
-    """Register ``fn(ctx) -> [Artifact, ...]`` as the exporter for the ``--formats`` name ``name``."""
-    def deco(fn: Exporter) -> Exporter:
-        EXPORTERS[name] = fn
-        return fn
-    return deco
-
-
-def register_runtime(format: str) -> Callable[[Loader], Loader]:
-    """Register ``loader(path, threads) -> runner`` for artifacts of ``format`` (0 threads = all)."""
-    def deco(fn: Loader) -> Loader:
-        RUNTIMES[format] = fn
-        return fn
-    return deco
-
-
-def register_label_reader(format: str) -> Callable[[LabelReader], LabelReader]:
-    """Register ``reader(path) -> labels`` that reads the class labels out of a ``format`` file."""
-    def deco(fn: LabelReader) -> LabelReader:
-        LABEL_READERS[format] = fn
-        return fn
-    return deco
-
-
-def load_runtime(path: str | Path, format: str, *, threads: int = 0) -> Runner:
-    """Load an artifact with its runtime on this machine.
-
-    Args:
-        path: the artifact file (or folder).
-        format: its manifest format (``onnx``, ``executorch``, ``torchscript``, ...).
-        threads: intra-op threads; 0 = the runtime's default (all cores).
-
-    Returns:
-        ``runner(x: float32 (N, 3, H, W)) -> logits (N, C)``.
-
-    Example:
-        >>> run = load_runtime("runs/salmon/export/model.onnx", "onnx", threads=1)  # doctest: +SKIP
-        >>> run(x).shape
-        (8, 2)
-    """
-    if format not in RUNTIMES:
-        have = ", ".join(sorted(RUNTIMES)) or "none"
-        raise ExportError(f"no runtime for {format} artifacts on this machine (have: {have})")
-    return RUNTIMES[format](Path(path), threads)
-
-
-def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
-    """``fn`` over ``x`` in chunks of at most ``batch`` (runtimes have a maximum batch size)."""
-    return np.concatenate([np.asarray(fn(np.ascontiguousarray(x[i:i + batch])), dtype=np.float32)
-                           for i in range(0, len(x), batch)])
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def input_spec(ctx: ExportContext, *, batch: int | None = None, normalization: str = "caller",
-               name: str = "input") -> dict[str, Any]:
-    """The artifact's input, spelled out for an app developer.
-
-    Args:
-        ctx: export context (preprocessing comes from the run).
-        batch: fixed batch size, or ``None`` for a dynamic batch dimension (-1).
-        normalization: ``"caller"`` (float tensor, the app applies mean/std) or ``"in_model"``
-            (RGB image with 0-255 pixels; the exact mean/std is inside the model).
-        name: input name in the file.
-    """
-    spec = ctx.record.preprocess_spec
-    size = spec.crop_size
-    d: dict[str, Any] = {
-        "name": name, "shape": [batch if batch else -1, 3, size, size], "layout": spec.layout, "color": spec.color,
-        "resize_size": spec.resize_size, "crop_size": size, "resize": "shorter side", "crop": "center",
-        "interpolation": spec.interpolation, "mean": list(spec.mean), "std": list(spec.std),
-    }
-    if normalization == "caller":
-        d.update(dtype="float32", value="(pixel / 255 - mean) / std, computed by the app")
-    else:
-        d.update(dtype="image", value="RGB pixels 0-255; (pixel / 255 - mean) / std is inside the model")
-    return d
-
-
-def make_artifact(ctx: ExportContext, file: str, format: str, precision: str, **kw: Any) -> Artifact:
-    path = ctx.stage / file
-    return Artifact(file=file, format=format, precision=precision, sha256=file_sha256(path),
-                    size_bytes=_size(path), **kw)
-
-
-def verify_logits(ctx: ExportContext, logits: np.ndarray, *, precision: str, name: str) -> dict[str, Any]:
-    """Compare an artifact's held-out logits with PyTorch's; record pass/fail against the bars."""
-    ref = ctx.reference_logits
-    y = ctx.heldout_targets
-    logits = np.asarray(logits, dtype=np.float32).reshape(ref.shape)
-    agree = float((logits.argmax(1) == ref.argmax(1)).mean())
-    acc = float((logits.argmax(1) == y).mean())
-    diff = float(np.abs(logits - ref).max())
-    drop = ctx.reference_accuracy - acc
-    if precision == "fp32":
-        passed = diff <= FP32_MAX_ABS_DIFF and agree == 1.0
-        bar = f"max|diff| <= {FP32_MAX_ABS_DIFF:g} and 100% top-1 agreement"
-        miss = f"max|diff| {diff:.2e} (bar {FP32_MAX_ABS_DIFF:g}), agreement {agree:.2%} (bar 100%)"
-    else:
-        passed = agree >= INT8_MIN_AGREEMENT and drop <= INT8_MAX_ACCURACY_DROP + 1e-9
-        bar = f"top-1 agreement >= {INT8_MIN_AGREEMENT:.0%} and accuracy drop <= {INT8_MAX_ACCURACY_DROP * 100:.0f} pt"
-        miss = (f"agreement {agree:.2%} (bar {INT8_MIN_AGREEMENT:.0%}), accuracy drop {drop * 100:.2f} pt "
-                f"(bar {INT8_MAX_ACCURACY_DROP * 100:.0f} pt)")
-    result = {
-        "status": "passed" if passed else "failed", "bar": bar, "split": ctx.heldout_split,
-        "num_images": int(len(y)), "max_abs_logit_diff": diff, "top1_agreement": agree,
-        "accuracy": acc, "reference_accuracy": ctx.reference_accuracy, "accuracy_drop": drop,
-    }
-    if not passed:
-        ctx.failures.append(f"{name} missed its bar: {miss}")
-    log.info("verified %-22s agreement %.4f  acc %.4f (ref %.4f)  max|diff| %.2e  %s", name, agree, acc,
-             ctx.reference_accuracy, diff, result["status"])
-    return result
-
-
-def fidelity(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """How faithfully ``logits`` (e.g. int8) follow ``ref`` (fp32) on the same images.
-
-    Returns:
-        ``selection_agreement`` (top-1) and ``relative_logit_error`` (mean |diff| divided by
-        the mean per-image standard deviation of ``ref``, so it is comparable across models).
-    """
-    logits = np.asarray(logits, np.float32)
-    ref = np.asarray(ref, np.float32)
-    spread = float(ref.std(axis=1).mean()) or 1.0
-    return {"selection_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
-            "relative_logit_error": float(np.abs(logits - ref).mean() / spread)}
-
-
-class RecipeSearch:
-    """Keeps the most faithful int8 candidate: highest top-1 agreement, then lowest relative error.
-
-    Top-1 agreement alone is too coarse on a few hundred images (two recipes can both reach
-    100% there and still differ on the test split), so ties go to :func:`fidelity`'s error.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.tried: list[dict[str, Any]] = []
-        self._best: tuple[tuple[float, float], Any, Any] | None = None
-
-    def add(self, recipe: Any, logits: np.ndarray, ref: np.ndarray, started: float, result: Any) -> float:
-        """Score one candidate (``recipe.describe()``); ``result`` is kept if it is the best. Returns its agreement."""
-        fid = fidelity(logits, ref)
-        self.tried.append({"recipe": recipe.describe(), **fid, "seconds": round(time.time() - started, 1)})
-        log.info("%s candidate %-62s selection agreement %.4f, relative logit error %.4f", self.name,
-                 recipe.describe(), fid["selection_agreement"], fid["relative_logit_error"])
-        score = (fid["selection_agreement"], -fid["relative_logit_error"])
-        if self._best is None or score > self._best[0]:
-            self._best = (score, recipe, result)
-        return fid["selection_agreement"]
-
-    @property
-    def best(self) -> tuple[Any, Any]:
-        """``(recipe, result)`` of the best candidate so far."""
-        if self._best is None:
-            raise ExportError(f"{self.name}: no quantization candidate was tried")
-        return self._best[1], self._best[2]
-
-    @property
-    def best_agreement(self) -> float:
-        return self._best[0][0] if self._best else 0.0
-
-    def manifest_record(self, ctx: "ExportContext", recipe: Any, target: float) -> dict[str, Any]:
-        """The ``quantization`` entry of the manifest for the chosen recipe."""
-        from dataclasses import asdict
-
-        return {**asdict(recipe), "method": recipe.describe(), "calibration_images": int(len(ctx.calibration)),
-                "calibration_source": "training split, eval preprocessing", "selection_source": ctx.selection_source,
-                "selection_images": int(len(ctx.selection)), "selection_target_agreement": target,
-                "candidates_tried": self.tried}
-
-
-def check_labels(ctx: ExportContext, file: str, format: str, labels: list[str] | None = None) -> dict[str, Any]:
-    """Read the labels back out of the written file and compare them (and their order) with the run's.
-
-    Args:
-        ctx: export context.
-        file: artifact file name inside the staging folder.
-        format: manifest format; its ``LABEL_READERS`` entry reads the file.
-        labels: labels already read by the caller (skips the reader).
-
-    Returns:
-        ``{"status": "passed"|"failed", "labels": [...], ...}``; a mismatch is an export failure.
-    """
-    if labels is None:
-        with converting(format, doing=f"reading the labels back out of {file}"):
-            labels = LABEL_READERS[format](ctx.stage / file)
-    ok = list(labels) == ctx.labels
-    res: dict[str, Any] = {"status": "passed" if ok else "failed", "read_from_file": True}
-    if not ok:
-        res["found"] = list(labels)
-        ctx.failures.append(f"{file}: label order {labels} differs from the run's {ctx.labels}")
-    return res
-
-
-def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, *,
-                    check_label_order: bool = True) -> dict[str, Any]:
-    """Reload a written artifact with its runtime, run the held-out split, apply the bars.
-
-    Returns:
-        The verification dict for the manifest (``verify_logits`` + ``labels`` + timings).
-    """
-    t0 = time.perf_counter()
-    with converting(format, doing=f"loading {file} with {_runtime_name(format)}"):
-        runner = load_runtime(ctx.stage / file, format)
-    load_s = time.perf_counter() - t0
-    with converting(format, doing=f"running {file} with {_runtime_name(format)}"):
-        logits = runner(ctx.heldout)
-    ver = verify_logits(ctx, logits, precision=precision, name=file)
-    ver["runtime"] = _runtime_name(format)
-    ver["reloaded_from_file"] = True
-    ver["load_seconds"] = round(load_s, 3)
-    if check_label_order:
-        ver["labels"] = check_labels(ctx, file, format)
-    return ver
-
-
-def _runtime_name(format: str) -> str:
-    return {"onnx": "onnxruntime (CPUExecutionProvider)", "executorch": "executorch.runtime (XNNPACK)",
-            "torchscript": "torch.jit.load", "torchscript_lite": "torch.jit.mobile lite interpreter",
-            "pytorch": "torch eager"}.get(format, format)
-
-
-# --------------------------------------------------------------------------- conversion errors
-_OP_PATTERNS = (
-    re.compile(r"convert function for op '([\w.:]+)'"),  # coremltools
-    re.compile(r"OpOverload\(op='([\w.]+)', overload='(?:\w+)'\)"),  # torch.onnx dispatch
-    re.compile(r"Unsupported FX nodes: \{'call_function': \['([\w.:]+)'"),  # torch.onnx dynamo
-    re.compile(r"\b(aten[.:]{1,2}\w+(?:\.\w+)?)"),  # torch.export / executorch / onnx
-    re.compile(r"[Oo]perator ['\"]?([\w.:]+)['\"]? (?:is )?not (?:supported|implemented)"),
-)
-
-
-def unsupported_op(exc: BaseException) -> str | None:
-    """The operator named in a converter's error message, if it names one."""
-    text = f"{exc}"
-    for pat in _OP_PATTERNS:
-        m = pat.search(text)
-        if m:
-            return m.group(1)
-    return None
-
-
-@contextlib.contextmanager
-def converting(fmt: str, *, doing: str | None = None) -> Iterator[None]:
-    """Turn a converter's or runtime's exception into one clear :class:`ExportError` that names the op.
-
-    Only wrap the third-party call (conversion, quantization, loading or running a written
-    file): a bug in our own code should stay a traceback. A missing package (``ImportError``)
-    passes through, so :func:`export_run` can say which install is missing.
-
-    Args:
-        fmt: the format (or ``"<format> int8"``) being produced.
-        doing: what is being done when it is not the conversion itself, e.g.
-            ``"loading model.pte with executorch.runtime (XNNPACK)"``.
-
-    Example:
-        >>> with converting("onnx"):  # doctest: +SKIP
-        ...     torch.onnx.export(model, args, "model.onnx")
-    """
-    try:
-        yield
-    except (ExportError, ImportError):
-        raise
-    except Exception as e:  # noqa: BLE001 - converters raise anything from RuntimeError to AssertionError
-        op = unsupported_op(e)
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        what = f"op {op} is not supported" if op else f"{type(e).__name__}: {first[:300]}"
-        if doing:
-            raise ExportError(f"{fmt}: {doing} failed: {what}") from e
-        raise ExportError(f"{fmt}: this model cannot be expressed in {fmt}: {what}") from e
-
-
-@contextlib.contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Hide converters' progress bars and prints (stdout/stderr) unless debug logging is on.
-
-    Errors still surface: exceptions propagate and are reported by the caller.
-    """
-    if log.isEnabledFor(logging.DEBUG):
-        yield
-        return
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-# --------------------------------------------------------------------------- data for verification
 _MIN_SELECTION = 100  # images to choose int8 recipes on
-
-
-def load_arrays(paths: list[Path], spec: Any) -> tuple[np.ndarray, list[int]]:
-    """Image files -> ``(N, 3, H, W)`` float32 through the *phone* preprocessing, skipping unreadable ones.
-
-    Returns:
-        The array and the indices of ``paths`` that were kept.
-    """
-    arrays, kept = [], []
-    for i, p in enumerate(paths):
-        try:
-            arrays.append(preprocess(load_rgb(p), spec)[0])
-            kept.append(i)
-        except ImageError as e:
-            log.warning("skipping unreadable image %s", e)
-    if not arrays:
-        return np.zeros((0, 3, spec.crop_size, spec.crop_size), np.float32), kept
-    return np.stack(arrays).astype(np.float32), kept
-
 
 def _load_model(run_dir: Path, record: RunRecord) -> nn.Module:
     """The run's fp32 model; a corrupt ``model.pth`` or one that does not fit the backbone is bad input."""
@@ -469,46 +100,103 @@ def _load_model(run_dir: Path, record: RunRecord) -> nn.Module:
                           f"{first[:200]}") from None
 
 
-def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, allow_drop: bool) -> ExportContext:
-    split_path = run_dir / record.split
-    if not split_path.is_file():
-        raise ExportError(f"{run_dir}: {record.split} missing; cannot verify without the held-out split")
-    split = load_split(split_path)
-    which = "test" if split.files.get("test") else "val"
+def _activation_mb(model: nn.Module, example: torch.Tensor) -> float:
+    """MB of all layer outputs for one image: what a histogram calibration window holds per image."""
+    total = 0
+    hooks = []
+
+    def add(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * 4
+
+    for m in model.modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(add))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total / 1e6
+
+
+def _rebased_split(data: Path, record: RunRecord, run_split: Any | None) -> Any:
+    """The split to read from ``--data``: the run's own split rebased onto ``data`` when its files are there
+    (the dataset moved), else a fresh seeded split of ``data`` mapped onto the run's labels."""
+    if run_split is not None:
+        files = [p for part in run_split.files.values() for p, _ in part]
+        if files and all((data / p).is_file() for p in files):
+            run_split.root = str(data.resolve())
+            return run_split
+    try:
+        split = make_split(data, seed=0)
+    except (DataError, OSError) as e:
+        raise ExportError(f"--data {data}: {e}") from None
+    unknown = sorted(set(split.labels) - set(record.labels))
+    if unknown:
+        raise ExportError(f"--data {data}: class folder(s) {', '.join(unknown)} not among the run's labels "
+                          f"({', '.join(record.labels)})")
+    index = {name: i for i, name in enumerate(record.labels)}
+    split.files = {k: [(p, index[split.labels[y]]) for p, y in v] for k, v in split.files.items()}
+    split.labels = list(record.labels)
+    return split
+
+
+def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int, data: Path | None) -> ExportInputs:
+    """Held-out, calibration and selection images: the run's stored samples unless ``data`` is given."""
     spec = record.preprocess_spec
-    heldout, kept = load_arrays(split.paths(which), spec)
-    if len(heldout) == 0:
-        raise ExportError(f"{run_dir}: no readable held-out images under {split.root} to verify against")
-    targets = np.asarray(split.targets(which), dtype=np.int64)[kept]
-    train_paths = split.paths("train")
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(train_paths))
-    pick = sorted(order[:calibration_size])
-    calib, _ = load_arrays([train_paths[i] for i in pick], spec)
-    if len(calib) == 0:
-        raise ExportError(f"{run_dir}: no readable training images under {split.root} to calibrate int8 with")
-    if which == "test" and split.paths("val"):
-        sel_paths, sel_source = split.paths("val")[:calibration_size], "val split"
+    index = samples_index(run_dir, record) if data is None else None
+    if index is not None:
+        return run_inputs(index, spec, calibration_size)
+    split_path = run_dir / record.split
+    run_split = None
+    if split_path.is_file():
+        try:
+            run_split = load_split(split_path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ExportError(f"{split_path}: malformed split file ({type(e).__name__}: {e})") from None
+    if data is not None:
+        if not Path(data).is_dir():
+            raise ExportError(f"--data {data}: no such folder")
+        split = _rebased_split(Path(data), record, run_split)
+    elif run_split is None:
+        raise ExportError(f"{run_dir}: {record.split} missing and the run kept no samples; cannot verify without "
+                          f"the held-out split (give --data DIR)")
     else:
-        rest = sorted(order[calibration_size:2 * calibration_size]) or pick
-        sel_paths, sel_source = [train_paths[i] for i in rest], "training images not used for calibration"
-    selection, _ = load_arrays(sel_paths, spec)
-    if len(selection) < _MIN_SELECTION and len(calib):
+        split = run_split
+        if not Path(split.root).is_dir():
+            raise ExportError(f"{run_dir}: its dataset {split.root} is gone and the run kept no samples "
+                              f"(trained before fieldid stored them); give --data DIR")
+    return folder_inputs(split, spec, calibration_size, root=split.root)
+
+
+def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, allow_drop: bool,
+             data: Path | None = None) -> ExportContext:
+    inp = _inputs(run_dir, record, calibration_size=calibration_size, data=data)
+    selection, sel_source = inp.selection, inp.selection_source
+    if len(selection) < _MIN_SELECTION and len(inp.calibration):
         # Too few to tell recipes apart (one image = several points of agreement): top up with
         # calibration images. Every recipe calibrates on them alike, so the comparison stays fair.
-        extra = calib[: _MIN_SELECTION - len(selection)]
-        selection = np.concatenate([selection, extra]) if len(selection) else extra
+        extra = inp.calibration.pixels(0, _MIN_SELECTION - len(selection))
+        selection = PhoneImages.from_array(np.concatenate([selection.pixels(0, len(selection)), extra]),
+                                           record.preprocess_spec)
         sel_source += f" + {len(extra)} calibration images"
     model = LogitsModel(_load_model(run_dir, record)).eval()
+    heldout = inp.heldout
     with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]).numpy()
-    log.info("held-out %s: %d images; calibration: %d training images; recipe selection: %d (%s)", which,
-             len(heldout), len(calib), len(selection), sel_source)
-    return ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
-                         heldout_targets=targets, heldout_split=which, calibration=calib,
-                         reference_logits=ref, allow_drop=allow_drop, selection=selection,
-                         selection_source=sel_source)
-
+        ref = torch.cat([model(torch.from_numpy(heldout[i:i + EVAL_BATCH]))
+                         for i in range(0, len(heldout), EVAL_BATCH)]).numpy()
+    log.info("images from %s: held-out %s %d; calibration: %d training images; recipe selection: %d (%s)",
+             inp.source, inp.heldout_split, len(heldout), len(inp.calibration), len(selection), sel_source)
+    ctx = ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
+                        heldout_targets=inp.heldout_targets, heldout_split=inp.heldout_split,
+                        calibration=inp.calibration, reference_logits=ref, allow_drop=allow_drop,
+                        selection=selection, selection_source=sel_source)
+    ctx.activation_mb = _activation_mb(model, ctx.example)
+    ctx.images_source = inp.source
+    return ctx
 
 # --------------------------------------------------------------------------- built-in exporters
 def _load_pytorch(path: Path, threads: int, *, backbone: str, num_classes: int) -> Runner:
@@ -524,7 +212,7 @@ def _load_pytorch(path: Path, threads: int, *, backbone: str, num_classes: int) 
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
 
-    return lambda x: run_batched(run, x, 64)
+    return lambda x: run_batched(run, x, EVAL_BATCH)
 
 
 def load_pytorch(path: str | Path, threads: int = 0, *, backbone: str, num_classes: int) -> Runner:
@@ -538,7 +226,7 @@ def export_pytorch(ctx: ExportContext) -> list[Artifact]:
     shutil.copyfile(ctx.run_dir / ctx.record.weights, ctx.stage / "model.pth")
     runner = load_pytorch(ctx.stage / "model.pth", backbone=ctx.record.backbone, num_classes=ctx.record.num_classes)
     ver = verify_logits(ctx, runner(ctx.heldout), precision="fp32", name="model.pth")
-    ver.update(runtime=_runtime_name("pytorch"), reloaded_from_file=True,
+    ver.update(runtime=runtime_name("pytorch"), reloaded_from_file=True,
                labels={"status": "not_in_file", "note": "a state dict carries no labels; use the manifest's"})
     return [make_artifact(ctx, "model.pth", "pytorch", "fp32", method="state dict of the best checkpoint",
                           input=input_spec(ctx), verification=ver)]
@@ -558,61 +246,6 @@ def _tool_versions() -> dict[str, str]:
 ALL_FORMATS = FORMAT_NAMES
 
 
-def _swap_in(stage: Path, out: Path) -> None:
-    """Replace ``out`` with the finished ``stage`` folder; the old bundle survives any failure.
-
-    Raises:
-        ExportError: the new bundle could not be moved into place (the old one is put back).
-    """
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except OSError as e:
-        if old is not None:
-            os.replace(old, out)  # put the previous bundle back where it was
-        raise ExportError(f"{out}: could not move the new bundle into place ({e.strerror or e}); "
-                          f"the previous bundle is unchanged") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)(?:-.*)?")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Remove ``.NAME.staging-PID-*`` / ``.NAME.old-PID`` folders left by exports that died (killed, power cut).
-
-    An ``old`` folder whose bundle is missing means the process died between moving the old
-    bundle aside and moving the new one in: the old bundle is put back instead of deleted.
-    Folders of a process that is still running (a concurrent export) are left alone.
-    """
-    if not out.parent.is_dir():
-        return
-    for p in sorted(out.parent.iterdir()):
-        m = _LEFTOVER.fullmatch(p.name)
-        if not m or m["name"] != out.name or not p.is_dir() or _pid_alive(int(m["pid"])):
-            continue
-        if m["kind"] == "old" and not out.exists():
-            log.warning("restoring the bundle %s left aside by a dead export (pid %s)", out, m["pid"])
-            os.replace(p, out)
-        else:
-            log.info("removing %s, left by a dead export (pid %s)", p, m["pid"])
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def parse_formats(formats: list[str] | str | None) -> list[str]:
     """Validate ``--formats`` (list or comma-separated); ``pytorch`` is always included first.
 
@@ -628,31 +261,6 @@ def parse_formats(formats: list[str] | str | None) -> list[str]:
     return wanted
 
 
-def _check_writable(out: Path) -> None:
-    """Bad ``--out`` fails here, before anything is created (the parent is made only after validation)."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        # The finished bundle *replaces* the folder: never do that to a folder of someone's files.
-        raise ExportError(f"{out}: exists, is not empty and is not a fieldid bundle; choose another --out")
-    existing = out.parent.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the folder mkdir(parents=True) would create the rest in
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"{out}: output location is not writable")
-
-
-def _make_stage(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # The pid in the name lets a later export tell a dead process's leftovers from a running one's.
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
-    except OSError as e:
-        raise ExportError(f"{out}: output location is not writable ({e.strerror or e})") from None
-    os.chmod(stage, 0o755)  # mkdtemp's 0700 would hide the bundle from a server running as another user
-    return stage
-
-
 def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     path = run_dir / record.metrics
     if not path.is_file():
@@ -664,24 +272,54 @@ def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")}
 
 
+# Extra MB a format's export holds at its peak, above what the process held before it:
+# ``base + per_weight_mb * fp32 weight MB + per_activation_mb * one image's layer outputs (MB)``.
+# Fitted to the per-format peaks `make bench-export` measured (MobileNetV2, 128 and 224 px),
+# rounded up, so the check refuses only what would really not fit.
+_FORMAT_MEMORY = {
+    "pytorch": (150, 2, 64),
+    "onnx": (400, 12, 48),
+    "executorch": (600, 25, 64),
+    "torchscript": (200, 6, 64),
+    "coreml": (500, 20, 16),
+}
+
+
+def _format_need_mb(fmt: str, ctx: ExportContext) -> float:
+    base, per_weight, per_act = _FORMAT_MEMORY.get(fmt, (500, 20, 64))
+    weights_mb = sum(p.numel() * 4 for p in ctx.model.parameters()) / 1e6
+    return base + per_weight * weights_mb + per_act * ctx.activation_mb
+
+
+def _heldout_need_mb(n: int, crop: int) -> float:
+    """float32 held-out images + the reference run over them in batches of ``EVAL_BATCH``."""
+    return n * 3 * crop * crop * 4 / 1e6 * 1.5
+
+
 def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
-               allow_drop: bool = False, calibration_size: int = 200) -> Manifest:
+               allow_drop: bool = False, calibration_size: int = 200, data: str | Path | None = None,
+               memory_limit_mb: float | None = None) -> Manifest:
     """Export a finished run to every requested format, verify each, write ``manifest.json``.
 
     Args:
         run_dir: a finished ``fieldid train`` run directory.
         formats: subset of ``ALL_FORMATS`` (default: all). ``pytorch`` is always included.
-        out: bundle folder (default ``RUN/export``); replaced only when the export succeeds.
+        out: bundle folder (default ``RUN/export``); replaced only when the export succeeds, and
+            only if it is empty or a fieldid bundle.
         allow_drop: keep artifacts that miss a verification bar instead of failing.
-        calibration_size: training images used to calibrate int8 quantization.
+        calibration_size: training images used to calibrate int8 quantization (streamed: memory
+            does not grow with it).
+        data: read the images from this dataset folder instead of the run's stored samples.
+        memory_limit_mb: memory the export may use in all (default: ``FIELDID_MEMORY_LIMIT_MB``, else
+            what the machine has free); a format estimated to need more is refused before it starts.
 
     Returns:
-        The written :class:`Manifest`.
+        The written :class:`Manifest` (``export_stats`` holds seconds and peak RSS per format).
 
     Raises:
         ExportError: bad run, unknown format, unwritable output, a model a format cannot
-            express, or (without ``allow_drop``) an artifact that missed its bar. The
-            previous bundle is untouched in every case.
+            express, not enough memory, or (without ``allow_drop``) an artifact that missed its
+            bar. The previous bundle is untouched in every case.
 
     Example:
         >>> m = export_run("runs/salmon", formats=["onnx"])  # doctest: +SKIP
@@ -700,26 +338,36 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     except RecordError as e:
         raise ExportError(str(e)) from None
     out = Path(out) if out else run_dir / "export"
-    _check_writable(out)
-    _clean_leftovers(out)
+    check_writable(out)
+    clean_leftovers(out)
     t_start = time.time()
+    stats: dict[str, Any] = {}
     # Everything that can reject the run (held-out split, images, weights) runs before the
     # output's parent folder or the staging folder is created.
-    ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, allow_drop=allow_drop)
-    stage = ctx.stage = _make_stage(out)
+    with measure("reading images and the model") as st:
+        ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, allow_drop=allow_drop,
+                       data=Path(data) if data is not None else None)
+    stats["inputs"] = st.to_dict()
+    stage = ctx.stage = make_stage(out)
     try:
         artifacts: list[Artifact] = []
-        timings = {}
         for fmt in wanted:
-            t0 = time.time()
+            need = _format_need_mb(fmt, ctx)
+            _refuse_if_short(f"exporting {fmt}", need, wanted, memory_limit_mb)
             log.info("exporting %s ...", fmt)
-            try:
-                artifacts += EXPORTERS[fmt](ctx)
-            except ImportError as e:  # an optional dependency of this format is not installed
-                missing = e.name or str(e)
-                raise ExportError(f"format {fmt} needs {missing}, which is not installed: "
-                                  f"pip install 'fieldid[export]'") from None
-            timings[fmt] = round(time.time() - t0, 1)
+            with measure(f"export {fmt}") as st:
+                st.estimate_mb = need
+                try:
+                    artifacts += EXPORTERS[fmt](ctx)
+                except ImportError as e:  # an optional dependency of this format is not installed
+                    missing = e.name or str(e)
+                    raise ExportError(f"format {fmt} needs {missing}, which is not installed: "
+                                      f"pip install 'fieldid[export]'") from None
+            stats[fmt] = st.to_dict()
+        total_s = time.time() - t_start
+        stats["total"] = {"seconds": round(total_s, 1),
+                          "peak_rss_mb": max(v["peak_rss_mb"] for v in stats.values() if isinstance(v, dict)),
+                          "calibration_images": len(ctx.calibration), "images_source": ctx.images_source}
         manifest = Manifest(
             name=record.name, labels=record.labels, preprocess=record.preprocess, temperature=record.temperature,
             fallback_threshold=record.fallback_threshold, fallback_rule=record.fallback_rule,
@@ -727,13 +375,14 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             source_checkpoint=record.best_checkpoint, artifacts=[],
             tool_versions=_tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             metrics=_run_metrics(run_dir, record),
-            notes=[f"export seconds per format: {timings} (total {time.time() - t_start:.0f} s)",
+            notes=[f"export seconds per format: { {k: v['seconds'] for k, v in stats.items()} } (total {total_s:.0f} s)",
                    f"verification: every artifact with a runtime here was reloaded from its file and run on the "
                    f"{ctx.heldout_split} split ({len(ctx.heldout)} images, phone preprocessing) against the PyTorch "
                    f"fp32 model; int8 recipes were chosen on {len(ctx.selection)} images from the "
                    f"{ctx.selection_source}, never on the held-out split"],
             verification_summary={"status": "failed" if ctx.failures else "passed", "failures": list(ctx.failures),
                                   "allow_drop": allow_drop},
+            export_stats=stats,
         )
         for a in artifacts:
             manifest.set_artifact(a)
@@ -745,10 +394,24 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         if ctx.failures and not allow_drop:
             raise ExportError("verification failed: " + "; ".join(ctx.failures)
                               + " (use --allow-drop to keep them anyway)")
-        _swap_in(stage, out)
-        log.info("bundle %s: %d artifacts in %.0f s", out, len(artifacts), time.time() - t_start)
+        swap_in(stage, out)
+        log.info("bundle %s: %d artifacts in %.0f s, peak RSS %.0f MB", out, len(artifacts), total_s,
+                 stats["total"]["peak_rss_mb"])
         return manifest
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+        for imgs in (ctx.calibration, ctx.selection):  # temporary row files of images read from --data
+            if isinstance(imgs, PhoneImages):
+                imgs.close()
 
+
+def _refuse_if_short(step: str, need_mb: float, wanted: list[str], limit_mb: float | None) -> None:
+    """One line before a step that would not fit, naming what to lower."""
+    others = [f for f in wanted if f != "pytorch"]
+    lower = ("--formats (export fewer formats per run, e.g. --formats " + others[0] + ")" if len(others) > 1
+             else "--formats or --calibration-size")
+    try:
+        check_memory(step, need_mb, lower=lower, limit_mb=limit_mb)
+    except MemoryRefusal as e:
+        raise ExportError(str(e)) from None

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import ExportContext, converting, input_spec, make_artifact, quiet_third_party, register_exporter
-from .bundle import register_label_reader
+from .registry import converting, quiet_third_party, register_exporter, register_label_reader
+from .verify import ExportContext, input_spec, make_artifact
 from .manifest import Artifact
 
 __all__ = ["export_coreml", "inspect_mlpackage", "CoreMLClassifier", "MIN_TARGET"]

@@ -26,8 +26,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec, make_artifact, quiet_third_party,
-                     register_exporter, register_label_reader, register_runtime, run_batched, verify_artifact)
+from .recipes import RecipeSearch
+from .registry import (Runner, converting, quiet_third_party, register_exporter, register_label_reader,
+                       register_runtime, run_batched)
+from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
 from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
 
@@ -258,8 +260,8 @@ def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recip
         quantizer.set_filter_function(lambda node: node.name not in skip)
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
-        for i in range(0, len(ctx.calibration), _EVAL_BATCH):
-            prepared(torch.from_numpy(ctx.calibration[i:i + _EVAL_BATCH]))
+        for batch in ctx.calibration.batches(_EVAL_BATCH):  # read lazily: observers keep only running min/max
+            prepared(torch.from_numpy(batch))
     return convert_pt2e(prepared)
 
 
@@ -270,7 +272,7 @@ def _logits(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.nda
 
 def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recipe, RecipeSearch]:
     """Fully int8 first (fastest); if it is not faithful enough, keep the stem / classifier in fp32."""
-    sel = ctx.selection if len(ctx.selection) else ctx.calibration
+    sel = ctx.selection if ctx.selection is not None and len(ctx.selection) else ctx.calibration
     ref = _logits(ctx.model, sel)
     with converting("executorch int8"):
         gm = _export_for_quantization(ctx.model, ctx)

@@ -11,7 +11,8 @@ from typing import Any
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
 from fieldid.training.records import PreprocessSpec, RecordError, _Record, file_sha256
 
-__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256"]
+__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256",
+           "check_inside_bundle"]
 
 MANIFEST_SCHEMA_VERSION = 1
 # format name -> file suffix. "pytorch" is the fp32 state dict the server loads.
@@ -27,6 +28,24 @@ FORMATS = {
 
 class ManifestError(RecordError):
     """A bundle whose manifest is missing, malformed, or disagrees with its files."""
+
+
+def check_inside_bundle(name: Any, what: str) -> str:
+    """``name`` as a path relative to the bundle, refusing anything that could point outside it.
+
+    A manifest is read by servers and apps that open the files it names: an absolute path or a
+    ``..`` part would let a crafted manifest make them read (or hash, or serve) any file.
+
+    Raises:
+        ManifestError: not a non-empty string, absolute (POSIX or Windows), or with a ``..`` part.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ManifestError(f"manifest.json: {what}: the file name must be a non-empty string")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        raise ManifestError(f"manifest.json: {what}: {name!r} must stay inside the bundle "
+                            f"(no absolute path, no '..')")
+    return name
 
 
 @dataclass
@@ -56,6 +75,7 @@ class Artifact:
     quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
 
     def __post_init__(self) -> None:
+        check_inside_bundle(self.file, f"artifact {self.file!r}")
         if self.format not in FORMATS:
             raise ManifestError(f"artifact {self.file}: unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
 
@@ -80,6 +100,8 @@ class Manifest(_Record):
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
     notes: list[str] = field(default_factory=list)
     verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
+    # Per step ("inputs", each format, "total"): seconds, peak_rss_mb (that step's own peak), rss before/after.
+    export_stats: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 

@@ -17,16 +17,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec, make_artifact, quiet_third_party,
-                     register_exporter, register_label_reader, register_runtime, run_batched, verify_artifact)
+from .inputs import PhoneImages
 from .manifest import Artifact
+from .recipes import RecipeSearch
+from .registry import (Runner, converting, quiet_third_party, register_exporter, register_label_reader,
+                       register_runtime, run_batched)
+from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 
-__all__ = ["export_onnx", "onnx_metadata", "run_onnx", "read_onnx_metadata", "OnnxInt8Recipe", "OPSET"]
+__all__ = ["export_onnx", "onnx_metadata", "run_onnx", "read_onnx_metadata", "OnnxInt8Recipe", "OPSET",
+           "calibration_ranges", "StreamingReader", "calibration_window"]
 
 log = logging.getLogger("fieldid.export")
 OPSET = 18
@@ -37,6 +41,9 @@ SELECTION_TARGET = 0.995
 # near a quarter of the fp32 one (the goal is <= 30%).
 FLOAT_PARAM_BUDGET = 0.01
 _MAX_BATCH = 64
+# A histogram calibrator holds every layer output of the images of one window, plus a few
+# transient copies per tensor while it bins them: windows are sized to stay under this.
+CALIBRATION_WINDOW_MB = 256
 
 
 def onnx_metadata(ctx: ExportContext) -> dict[str, str]:
@@ -121,34 +128,91 @@ class OnnxInt8Recipe:
         return f"ONNX Runtime static {self.format}, per-channel weights, {cal} calibration{excl}"
 
 
-class _Reader:
-    """ONNX Runtime calibration data reader over preprocessed arrays, in small batches."""
+class StreamingReader:
+    """ONNX Runtime calibration data reader that decodes one image per ``get_next`` (nothing held).
 
-    def __init__(self, x: np.ndarray, batch: int = 1) -> None:
-        # Batch 1: the histogram calibrators stack per-batch arrays and need equal batch sizes.
-        self.x, self.batch = x, batch
-        self.it: Iterator[dict[str, np.ndarray]] = iter(())
-        self.rewind()
+    ``set_range`` + ``len`` let ``quantize_static``'s windowed calibration (``CalibStridedMinMax``)
+    run the calibrator once per window: each window's outputs are reduced (min/max merged,
+    histograms accumulated) and dropped before the next, so peak memory is one window's
+    activations whatever the number of images. Batch 1: the histogram calibrators stack
+    per-call arrays and need equal shapes.
+    """
+
+    def __init__(self, images: PhoneImages | np.ndarray, window: int) -> None:
+        self.images, self.window = images, max(1, window)
+        self.start, self.stop, self.pos = 0, len(images), 0
+
+    def __len__(self) -> int:
+        # Padded to whole windows (the stride must divide it); the last window simply yields fewer images.
+        return -(-len(self.images) // self.window) * self.window
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.stop = start_index, min(end_index, len(self.images))
+        self.pos = self.start
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.it, None)
+        if self.pos >= self.stop:
+            return None
+        x = np.ascontiguousarray(self.images[self.pos:self.pos + 1])
+        self.pos += 1
+        return {"input": x}
 
     def rewind(self) -> None:
-        self.it = iter([{"input": np.ascontiguousarray(self.x[i:i + self.batch])}
-                        for i in range(0, len(self.x), self.batch)])
+        self.set_range(0, len(self.images))
 
 
-def _quantize(pre: Path, out: Path, calib: np.ndarray, recipe: OnnxInt8Recipe) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def calibration_window(activation_mb: float, budget_mb: float = CALIBRATION_WINDOW_MB) -> int:
+    """Images per calibration window so one window's layer outputs (x3 for binning copies) fit ``budget_mb``."""
+    return max(1, int(budget_mb // max(3 * activation_mb, 1e-6)))
 
-    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 32}  # bounds memory on big calibration sets
+
+def _ort_method(recipe: OnnxInt8Recipe) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return getattr(CalibrationMethod, recipe.calibration)
+
+
+def calibration_ranges(pre: Path, images: PhoneImages | np.ndarray, recipe: OnnxInt8Recipe, cache: Path, *,
+                       window: int | None) -> Path:
+    """Compute the activation ranges of ``recipe``'s calibration method once; written to ``cache`` (JSON).
+
+    Args:
+        pre: the pre-processed fp32 model.
+        images: calibration images (lazy :class:`PhoneImages` or an array).
+        recipe: only its calibration method / percentile matter (ranges do not depend on the
+            nodes left in float, so every variant of one method reuses the same file).
+        cache: where ONNX Runtime writes the ranges; a later ``quantize_static`` with
+            ``calibration_cache_path=cache`` skips calibration.
+        window: images per streamed window; ``None`` = all images in one pass (the in-memory
+            way, kept for the test that compares both).
+
+    Returns:
+        ``cache``.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    extra: dict[str, Any] = {}
     if recipe.percentile:
         extra["CalibPercentile"] = recipe.percentile
+    reader = StreamingReader(images, window or len(images))
+    if window:
+        extra["CalibStridedMinMax"] = reader.window  # despite the name: windowed collection for every method
+    out = cache.with_suffix(".calibrated.onnx")
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_ort_method(recipe),
+                    extra_options=extra, calibration_cache_path=str(cache))
+    out.unlink(missing_ok=True)
+    return cache
+
+
+def _quantize(pre: Path, out: Path, recipe: OnnxInt8Recipe, cache: Path) -> None:
+    """Quantize with ranges already computed by :func:`calibration_ranges` (no calibration pass here)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     quantize_static(
-        str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, recipe.calibration),
-        nodes_to_exclude=list(recipe.float_nodes), extra_options=extra,
+        str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_ort_method(recipe),
+        nodes_to_exclude=list(recipe.float_nodes), calibration_cache_path=str(cache),
     )
 
 
@@ -162,7 +226,7 @@ def _weighted_nodes(pre: Path) -> list[tuple[str, int]]:
             if n.op_type in ("Conv", "Gemm", "MatMul")]
 
 
-def _sensitive_nodes(pre: Path, work: Path, calib: np.ndarray, sel: np.ndarray, ref: np.ndarray,
+def _sensitive_nodes(pre: Path, work: Path, cache: Path, sel: PhoneImages, ref: np.ndarray,
                      base: OnnxInt8Recipe) -> list[str]:
     """Small weighted nodes ranked by how much quantizing each one *alone* moves the logits.
 
@@ -181,7 +245,7 @@ def _sensitive_nodes(pre: Path, work: Path, calib: np.ndarray, sel: np.ndarray, 
     for name in probe:
         only = OnnxInt8Recipe(base.calibration, base.percentile, float_nodes=[n for n in names if n != name])
         path = work / "probe.onnx"
-        _quantize(pre, path, calib, only)
+        _quantize(pre, path, only, cache)
         err = float(np.abs(load_onnx(path)(sub) - ref_sub).mean())
         errors.append((err, name))
     errors.sort(reverse=True)
@@ -195,6 +259,7 @@ def _sensitive_nodes(pre: Path, work: Path, calib: np.ndarray, sel: np.ndarray, 
 
 def _candidates() -> list[OnnxInt8Recipe]:
     # MinMax keeps every outlier (coarse steps); Entropy (KL) and a high percentile clip them.
+    # All three stream (windowed collection), so keeping the histogram ones costs time, not memory.
     return [OnnxInt8Recipe("MinMax"), OnnxInt8Recipe("Entropy"), OnnxInt8Recipe("Percentile", 99.999)]
 
 
@@ -205,23 +270,42 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
     pre = work / "pre.onnx"
     with converting("onnx int8"), quiet_third_party():
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    sel = ctx.selection if len(ctx.selection) else ctx.calibration
+    sel = ctx.selection if ctx.selection is not None and len(ctx.selection) else ctx.calibration
     ref = load_onnx(fp32)(sel)
     search = RecipeSearch("onnx int8")
+    window = calibration_window(ctx.activation_mb)
+    caches: dict[tuple[str, float | None], Path] = {}
+
+    def ranges(recipe: OnnxInt8Recipe) -> Path:
+        key = (recipe.calibration, recipe.percentile)
+        if key not in caches:
+            t0 = time.time()
+            with converting("onnx int8", doing=f"{recipe.calibration} calibration"), quiet_third_party():
+                caches[key] = calibration_ranges(pre, ctx.calibration, recipe, work / f"ranges{len(caches)}.json",
+                                                 window=window)
+            log.info("onnx int8: %s ranges from %d images in windows of %d: %.1f s", recipe.calibration,
+                     len(ctx.calibration), window, time.time() - t0)
+        return caches[key]
 
     def attempt(recipe: OnnxInt8Recipe) -> float:
         path = work / f"cand{len(search.tried)}.onnx"
         t0 = time.time()
+        cache = ranges(recipe)
         with converting("onnx int8"), quiet_third_party():
-            _quantize(pre, path, ctx.calibration, recipe)
-        return search.add(recipe, load_onnx(path)(sel), ref, t0, path)
+            _quantize(pre, path, recipe, cache)
+        agreement = search.add(recipe, load_onnx(path)(sel), ref, t0, path)
+        best = search.best[1]
+        for p in work.glob("cand*.onnx"):  # only the best candidate's file is kept
+            if p != best:
+                p.unlink()
+        return agreement
 
     for recipe in _candidates():
         attempt(recipe)
     if search.best_agreement < SELECTION_TARGET:
         # Still short: keep the layers whose quantization hurts most in float (costs a little speed).
         base = search.best[0]
-        ranked = _sensitive_nodes(pre, work, ctx.calibration, sel, ref, base)
+        ranked = _sensitive_nodes(pre, work, ranges(base), sel, ref, base)
         for k in sorted({min(k, len(ranked)) for k in (1, 2, 4)} - {0}):
             if attempt(OnnxInt8Recipe(base.calibration, base.percentile, float_nodes=ranked[:k])) >= SELECTION_TARGET:
                 break

@@ -26,6 +26,8 @@ __all__ = [
     "decode_image",
     "check_resize_fits",
     "preprocess",
+    "center_crop",
+    "normalize",
     "softmax",
     "prediction",
     "RESPONSE_SCHEMA_VERSION",
@@ -112,21 +114,34 @@ def _resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Im
     return img.resize((new_w, new_h), _RESAMPLE[interpolation])
 
 
-def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """RGB image -> float32 ``(1, 3, crop, crop)`` array, as the manifest prescribes.
+def center_crop(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> uint8 ``(crop, crop, 3)``: the manifest's resize (shorter side) and center crop.
 
-    Matches torchvision's ``Resize -> CenterCrop -> ToTensor -> Normalize`` on PIL images
-    (same Pillow resampling, same crop rounding, float32 arithmetic).
+    The first half of :func:`preprocess`; a run stores its export samples in this form.
     """
     img = _resize_shorter(img.convert("RGB"), spec.resize_size, spec.interpolation)
     w, h = img.size
     c = spec.crop_size
     top = int(round((h - c) / 2.0))
     left = int(round((w - c) / 2.0))
-    img = img.crop((left, top, left + c, top + c))
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return np.asarray(img.crop((left, top, left + c, top + c)), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 ``(N, crop, crop, 3)`` -> float32 ``(N, 3, crop, crop)``: scale and mean/std, the second half of
+    :func:`preprocess`."""
+    x = np.asarray(pixels, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def preprocess(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image -> float32 ``(1, 3, crop, crop)`` array, as the manifest prescribes.
+
+    Matches torchvision's ``Resize -> CenterCrop -> ToTensor -> Normalize`` on PIL images
+    (same Pillow resampling, same crop rounding, float32 arithmetic).
+    """
+    return normalize(center_crop(img, spec)[None], spec)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

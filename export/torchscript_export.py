@@ -18,15 +18,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .bundle import (ExportContext, Runner, converting, input_spec, make_artifact, register_exporter,
-                     register_label_reader, register_runtime, run_batched, verify_artifact)
+from .registry import Runner, converting, register_exporter, register_label_reader, register_runtime, run_batched
+from .verify import EVAL_BATCH, ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
 
 __all__ = ["export_torchscript", "load_torchscript", "load_torchscript_lite", "read_extra_files", "EXTRA_FILES"]
 
 log = logging.getLogger("fieldid.export")
 EXTRA_FILES = ("fieldid/labels.json", "fieldid/preprocess.json", "fieldid/meta.json")
-_BATCH = 64
 
 
 @contextlib.contextmanager
@@ -83,7 +82,7 @@ def _runner(module: torch.nn.Module | torch.jit.ScriptModule, threads: int) -> R
         with torch.inference_mode():
             return module(torch.from_numpy(x)).numpy()
 
-    return lambda x: run_batched(run, x, _BATCH)
+    return lambda x: run_batched(run, x, EVAL_BATCH)
 
 
 @register_runtime("torchscript")

@@ -97,23 +97,30 @@ def test_bench_includes_size_only_rows_and_other_data(tiny_run: Path, full_bundl
     r = bench_run(tiny_run, bundle=full_bundle, data=shapes_dir, out=tmp_path, iters=2, batches=1, limit=16,
                   settle_s=0)
     rows = {row["file"]: row for row in r["rows"]}
-    assert r["rows"][0]["format"] == "pytorch" and r["meta"]["images"] == 16
+    # shapes_dir is the run's own dataset: bench measures on its held-out (test) split only (issue 11).
+    n_test = len(json.loads((tiny_run / "split.json").read_text())["files"]["test"])
+    assert r["rows"][0]["format"] == "pytorch" and r["meta"]["images"] == min(16, n_test)
+    assert "the run's own dataset: its test split" in r["meta"]["data"]
     assert rows["model.mlpackage"]["p50_ms_1t"] is None and "macOS" in rows["model.mlpackage"]["note"]
     assert rows["model.int8.pte"]["agreement"] >= B.INT8_MIN_AGREEMENT and rows["model.pte"]["agreement"] == 1.0
     # int8 size goal: each int8 file over its own format's fp32 file, sizes taken from disk here;
-    # Core ML's float model is fp16, so its int8 file is held against the fp32 weights.
+    # Core ML's float model is fp16: its int8 file is held against that fp16 .mlpackage it replaces
+    # (issue 11), and the ratio to the fp32 weights is reported beside it.
     def size(f: str) -> int:
         p = full_bundle / f
         return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
 
     pairs = {"onnx": ("model.int8.onnx", "model.onnx"), "executorch": ("model.int8.pte", "model.pte"),
-             "coreml": ("model.int8.mlpackage", "model.pth")}
+             "coreml": ("model.int8.mlpackage", "model.mlpackage")}
     got = {g["format"]: g for g in r["meta"]["goals"]["int8_size"]["formats"]}
     assert set(got) == set(pairs)
     for fmt, (q, f) in pairs.items():
         ratio = size(q) / size(f)
         assert (got[fmt]["int8"], got[fmt]["float"]) == (q, f)
         assert got[fmt]["ratio"] == pytest.approx(ratio) and got[fmt]["met"] is (ratio <= 0.30), fmt
+    assert got["coreml"]["float_precision"] == "fp16" and got["coreml"]["vs_fp32_weights"] == "model.pth"
+    assert got["coreml"]["ratio_vs_fp32_weights"] == pytest.approx(size("model.int8.mlpackage") / size("model.pth"))
+    assert "of model.pth (fp32)" in r["table"]
     assert "of the format's own fp32 file" in r["table"]
 
 
@@ -173,7 +180,9 @@ def test_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, ti
     before = _snapshot(out)
     # An impossible fp32 bar (|diff| <= 0): real exported files, which differ from eager by
     # ~1e-6, must now "miss" it. TorchScript keeps this test fast.
-    monkeypatch.setattr(B, "FP32_MAX_ABS_DIFF", 0.0)
+    from fieldid.export import verify
+
+    monkeypatch.setattr(verify, "FP32_MAX_ABS_DIFF", 0.0)  # the bars live in fieldid.export.verify
     code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out))
     line = _one_error_line(err)
     assert code == 2 and "model.pt missed its bar: max|diff|" in line and "(bar 0)" in line and "--allow-drop" in line

@@ -32,6 +32,7 @@ from .calibrate import choose_fallback_threshold, fit_temperature
 from .config import ConfigError, TrainConfig, load_config
 from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_transform, imbalance_ratio,
                    load_split, make_split, train_transform)
+from .samples import write_samples
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
 from .models import create_model, get_backbone
@@ -455,6 +456,7 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     record.status = "trained"
     record.extra = {"data_root": split.root, "test_accuracy": metrics["accuracy"],
                     "test_macro_f1": metrics["macro_f1"], "image_size": record.preprocess["crop_size"]}
+    record.extra["samples"] = write_samples(out, split, record.preprocess_spec, datasets)  # export needs no dataset
     record.to_json(out / "run.json")
     log.info("run %s: %s accuracy %.4f macro-F1 %.4f (T=%.3f, fallback below %.2f) in %.0f s", out, eval_name,
              metrics["accuracy"], metrics["macro_f1"], temperature, fallback.threshold, seconds)
