@@ -14,7 +14,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from . import export_run
 
     m = export_run(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
-                   calibration_size=args.calibration_size)
+                   calibration_size=args.calibration_size, data=args.data)
     for a in m.artifact_list():
         v = a.verification
         detail = ""
@@ -23,6 +23,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
                       f"max|diff| {v['max_abs_logit_diff']:.1e}")
         print(f"{a.file:<24} {a.format:<17} {a.precision:<13} {a.size_bytes / 1e6:>7.2f} MB  "
               f"{v.get('status', '?'):<15} {detail}")
+    st = m.export_stats
+    print("time / peak RSS: " + ", ".join(f"{k} {v['seconds']:.0f} s {v['peak_rss_mb']:.0f} MB" for k, v in st.items())
+          + " (manifest.json export_stats)")
     print(json.dumps({"bundle": str(args.out or Path(args.run) / "export"), "artifacts": len(m.artifacts),
                       "verification": m.verification_summary.get("status")}))
     return 0
@@ -58,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-drop", action="store_true",
                    help="keep artifacts that miss a verification bar (recorded as failed in the manifest)")
     p.add_argument("--calibration-size", type=int, default=200,
-                   help="training images used to calibrate the int8 models")
+                   help="training images used to calibrate the int8 models (streamed; the run keeps 400)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="read images from this dataset folder instead of the run's stored samples (RUN/samples)")
     p.set_defaults(func=_cmd_export)
 
     b = sub.add_parser(

@@ -55,22 +55,20 @@ def _photos(n: int):
 
 
 def _ranges(path: Path) -> dict[str, tuple[float, float]]:
-    d = json.loads(path.read_text())
-    data = d.get("data", d)
-    out = {}
-    for name, v in data.items():
-        if isinstance(v, dict) and "lowest" in v:
-            out[name] = (float(np.min(v["lowest"])), float(np.max(v["highest"])))
-    return out
+    """The activation ranges ONNX Runtime wrote (read back with its own loader)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    data = load_tensors_data(path).data
+    return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1]))) for name, t in data.items()}
 
 
-@pytest.mark.parametrize("method, tolerance", [("MinMax", 0.0), ("Entropy", 0.10), ("Percentile", 0.05)])
+@pytest.mark.parametrize("method, tolerance", [("MinMax", 0.0), ("Percentile", 0.0)])
 def test_streamed_calibration_gives_the_in_memory_ranges(tmp_path: Path, method: str, tolerance: float) -> None:
     """Windows of 3 images (streamed) vs all 23 at once (in memory), same real ORT calibrator.
 
-    MinMax merges exactly (min of mins), so the ranges are identical. The histogram methods
-    grow their bins as larger values arrive, so a window's binning can differ slightly from
-    one pass: within ``tolerance`` of the tensor's range width.
+    MinMax merges exactly (min of mins); Percentile's absolute-value histogram grows by whole
+    bins of the first window's width, so its merged histogram, and the ranges, are the one-pass
+    ones too. (Entropy is not a candidate any more because it does not stream this way.)
     """
     from fieldid.export.onnx_export import OnnxInt8Recipe, calibration_ranges
 
