@@ -62,13 +62,16 @@ def _ranges(path: Path) -> dict[str, tuple[float, float]]:
     return {name: (float(np.min(t.range_value[0])), float(np.max(t.range_value[1]))) for name, t in data.items()}
 
 
-@pytest.mark.parametrize("method, tolerance", [("MinMax", 0.0), ("Percentile", 0.0)])
+@pytest.mark.parametrize("method, tolerance", [("MinMax", 1e-4), ("Percentile", 1e-4)])
 def test_streamed_calibration_gives_the_in_memory_ranges(tmp_path: Path, method: str, tolerance: float) -> None:
     """Windows of 3 images (streamed) vs all 23 at once (in memory), same real ORT calibrator.
 
     MinMax merges exactly (min of mins); Percentile's absolute-value histogram grows by whole
     bins of the first window's width, so its merged histogram, and the ranges, are the one-pass
-    ones too. (Entropy is not a candidate any more because it does not stream this way.)
+    ones too. Equal up to float noise (1e-4 of the range width, 40x finer than one uint8 step):
+    two ONNX Runtime sessions over the
+    same image can differ in the last bits (multithreaded kernels). Entropy, which does not stream
+    faithfully (17-43% of the width at windows of 8 to 1 images), is no longer a candidate.
     """
     from fieldid.export.onnx_export import OnnxInt8Recipe, calibration_ranges
 
@@ -81,10 +84,7 @@ def test_streamed_calibration_gives_the_in_memory_ranges(tmp_path: Path, method:
     for name, (lo, hi) in in_memory.items():
         s_lo, s_hi = streamed[name]
         width = max(hi - lo, 1e-6)
-        if tolerance == 0.0:
-            assert (s_lo, s_hi) == (lo, hi), name
-        else:
-            assert abs(s_lo - lo) <= tolerance * width and abs(s_hi - hi) <= tolerance * width, (name, lo, hi, s_lo, s_hi)
+        assert abs(s_lo - lo) <= tolerance * width and abs(s_hi - hi) <= tolerance * width, (name, lo, hi, s_lo, s_hi)
 
 
 def test_calibration_window_is_bounded_by_its_budget() -> None:
