@@ -158,6 +158,17 @@ def _bench_images(run_dir: Path, data: Path | None, manifest: Manifest,
     return x, y, source
 
 
+def _load_images(paths: list[Path], targets: list[int], manifest: Manifest,
+                 limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from .inputs import load_arrays
+
+    paths, targets = paths[:limit], targets[:limit]
+    x, kept = load_arrays(paths, manifest.preprocess_spec)
+    if not kept:
+        raise BenchError("no readable images to benchmark on")
+    return x, np.asarray(targets, np.int64)[kept]
+
+
 # --------------------------------------------------------------------------- runtimes
 def _loader(bundle: Path, art: Artifact, manifest: Manifest) -> Callable[[int], Callable[[np.ndarray], np.ndarray]] | None:
     from .bundle import RUNTIMES, load_pytorch, load_runtime
