@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import io
 import json
-import random
-import struct
 import warnings
-import zlib
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
-from PIL.TiffImagePlugin import IFDRational
+from PIL import Image
 from skimage import data as skdata
 
-from helpers import make_shapes_dataset
+from helpers import make_shapes_dataset, malformed_exif_jpeg, png_header
 
 from fieldid import intake
 from fieldid.export.phone import decode_image, preprocess
@@ -47,51 +43,6 @@ def rotated_exif() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": a phone held upright
     return exif.tobytes()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares ``width x height`` but holds almost no data: a decompression-bomb shape.
-
-    Decoding it would fail (no pixel data); only a check on the header can refuse it as too large.
-    """
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
-def malformed_exif_jpeg() -> bytes:
-    """A JPEG whose EXIF block makes Pillow's own ``exif_transpose`` raise.
-
-    Found by flipping bytes of a real iPhone-like EXIF block (seeded); the test first proves that
-    plain Pillow fails on it, so it cannot pass by testing nothing.
-    """
-    small = chelsea().resize((64, 43))
-    exif = Image.Exif()
-    exif[0x0112], exif[0x010F], exif[0x0110], exif[0x011A] = 6, "Apple", "iPhone 15", IFDRational(72, 1)
-    ifd = exif.get_ifd(0x8769)
-    ifd[0x9003], ifd[0x829A] = "2024:01:01 00:00:00", IFDRational(1, 100)
-    good = encode(small, "JPEG", exif=exif.tobytes())
-    start = good.find(b"Exif\0\0") + 6
-    end = start + int.from_bytes(good[start - 8:start - 6], "big") - 8
-    rng = random.Random(0)
-    for _ in range(20_000):
-        d = bytearray(good)
-        for _ in range(rng.randint(1, 6)):
-            d[rng.randrange(start, end)] = rng.randrange(256)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                im = Image.open(io.BytesIO(bytes(d)))
-                im.load()
-            except Exception:  # noqa: BLE001 - we want one that *loads* but fails in exif_transpose
-                continue
-            try:
-                ImageOps.exif_transpose(im)
-            except Exception:  # noqa: BLE001
-                return bytes(d)
-    raise AssertionError("no malformed EXIF block found; Pillow may have become tolerant of all of them")
 
 
 # --------------------------------------------------------------------------- formats
@@ -181,7 +132,7 @@ def test_a_smaller_limit_is_honoured_by_every_entry_point(tmp_path: Path) -> Non
 
 
 def test_malformed_exif_is_a_415_not_a_crash(tmp_path: Path) -> None:
-    data = malformed_exif_jpeg()
+    data = malformed_exif_jpeg(chelsea())
     with pytest.raises(ImageInputError) as e:
         decode_image(data)
     assert e.value.status == 415 and e.value.reason == "unreadable"
@@ -241,7 +192,7 @@ def test_data_check_counts_heic_and_lists_what_it_skips_and_why(tmp_path: Path) 
     (data / "square" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # system clutter: not reported
     (data / "circle" / "huge.png").write_bytes(png_header(12_000, 9_000))  # 108 MP "hi-res mode"
     (data / "circle" / "broken.jpg").write_bytes(encode(chelsea(), "JPEG")[:400])
-    (data / "circle" / "bad_exif.jpg").write_bytes(malformed_exif_jpeg())
+    (data / "circle" / "bad_exif.jpg").write_bytes(malformed_exif_jpeg(chelsea()))
     report = check_dataset(data, progress=False)
     assert report.counts == {"all": {"circle": 20, "square": 20}}  # the 4 HEIC files count
     skipped = {r["file"]: r["reason"] for r in report.skipped}
