@@ -84,14 +84,15 @@ def check_entries(entries: object, labels: list[str], source: str) -> None:
             raise ValueError(f"{where}.label {e['label']!r} is not one of the bundle's labels")
 
 
-def _pick(files: dict[str, list[tuple[str, int]]], labels: list[str], root: Path) -> list[tuple[Path, str]]:
-    """Up to PER_CLASS held-out photos per class, classes interleaved, at most MAX_TOTAL."""
+def _pick(files: dict[str, list[tuple[str, int]]], split_labels: list[str], labels: list[str],
+          root: Path) -> list[tuple[Path, str]]:
+    """Up to PER_CLASS held-out photos per class (of ``labels``), classes interleaved, at most MAX_TOTAL."""
     by_class: dict[str, list[Path]] = {name: [] for name in labels}
     for split in _SPLITS:
         for i, (rel, y) in enumerate(files.get(split, [])):
-            name = labels[int(y)] if 0 <= int(y) < len(labels) else None
+            name = split_labels[int(y)] if 0 <= int(y) < len(split_labels) else None
             path = inside(root, rel, what=f"split.json: files.{split}[{i}]")
-            if name is not None and len(by_class[name]) < PER_CLASS and path.is_file():
+            if name in by_class and len(by_class[name]) < PER_CLASS and path.is_file():
                 by_class[name].append(path)
         if all(len(v) >= PER_CLASS for v in by_class.values()):
             break
@@ -152,7 +153,7 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
     root = Path(data_root) if data_root is not None else Path(split.root)
     manifest.training_data = {"root": str(root), "synthetic": (root / MARKER_NAME).is_file()}
     entries: list[dict[str, Any]] = []
-    for src, label in _pick(split.files, manifest.labels, root):
+    for src, label in _pick(split.files, split.labels, manifest.labels, root):
         dest = _store(src, Path(stage) / EXAMPLES_DIR / label)
         if dest is not None:
             entries.append({"file": dest.relative_to(stage).as_posix(), "label": label})

@@ -222,6 +222,54 @@ def test_a_symlinked_example_is_not_followed_out_of_the_bundle(tiny_bundle: Path
         [bundle / e["file"] for e in manifest.examples[1:]]
 
 
+def test_export_copies_examples_small_upright_and_browser_ready(tiny_bundle: Path, tmp_path: Path) -> None:
+    """HEIC and big photos become JPEGs of <= MAX_SIDE px, upright; small PNGs are copied as they are."""
+    from fieldid.export.examples import MAX_SIDE, add_examples
+
+    data = tmp_path / "data"
+    for label in ("circle", "square", "triangle"):
+        (data / label).mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # portrait phone photo
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(data / "circle" / "IMG_1.HEIC", "HEIF", exif=exif.tobytes())
+    Image.new("RGB", (3000, 2000), (30, 200, 30)).save(data / "square" / "big.jpg", quality=90)
+    (data / "triangle" / "small.png").write_bytes(_png())
+    run = tmp_path / "run"
+    run.mkdir()
+    files = [["circle/IMG_1.HEIC", 0], ["square/big.jpg", 1], ["triangle/small.png", 2]]
+    split = {"root": str(data), "labels": ["circle", "square", "triangle"], "presplit": False, "seed": 0,
+             "files": {"train": [], "val": [], "test": files}}
+    (run / "split.json").write_text(json.dumps(split))
+    manifest, stage = load_manifest(tiny_bundle), tmp_path / "stage"
+    add_examples(manifest, run, stage)
+    assert manifest.examples == [{"file": "examples/circle/IMG_1.jpg", "label": "circle"},
+                                 {"file": "examples/square/big.jpg", "label": "square"},
+                                 {"file": "examples/triangle/small.png", "label": "triangle"}]
+    heic, big = Image.open(stage / "examples/circle/IMG_1.jpg"), Image.open(stage / "examples/square/big.jpg")
+    assert heic.format == "JPEG" and heic.size == (300, 400)  # upright: a browser shows what the model sees
+    assert big.format == "JPEG" and max(big.size) == MAX_SIDE
+    assert (stage / "examples/triangle/small.png").read_bytes() == _png()
+    assert manifest.training_data == {"root": str(data), "synthetic": False}
+    manifest.validate()
+    # A path in split.json that leaves the dataset is refused, naming the entry.
+    split["files"]["test"][1][0] = "../outside.jpg"
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"split.json: files.test\[1\] '../outside.jpg' must be a relative path"):
+        add_examples(manifest, run, tmp_path / "stage2")
+
+
+def test_a_run_whose_photos_are_gone_exports_no_examples_and_says_so(tiny_bundle: Path, tmp_path: Path) -> None:
+    from fieldid.export.examples import add_examples
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"root": str(tmp_path / "gone"), "labels": ["circle"],
+                                                "presplit": False, "seed": 0, "files": {"test": [["circle/a.png", 0]]}}))
+    manifest = load_manifest(tiny_bundle)
+    add_examples(manifest, run, tmp_path / "stage")
+    assert manifest.examples == [] and "no example photos" in manifest.notes[-1]
+
+
 def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path) -> None:
     from fieldid.training.demo_data import make_demo_dataset
 
