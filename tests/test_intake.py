@@ -205,7 +205,7 @@ def test_data_check_counts_heic_and_lists_what_it_skips_and_why(tmp_path: Path) 
     text = format_report(report)
     assert "skipped files (training will not use them): 5" in text
     assert "circle/huge.png: too large (image is 12000x9000 pixels (108 MP)" in text
-    assert "square/clip.gif: unsupported format (.gif is not a photo format" in text
+    assert "square/clip.gif: unsupported format (.gif files are not read; accepted: JPEG" in text
     json.dumps(report.to_dict(), allow_nan=False)
 
 

@@ -270,7 +270,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
     for path in listing.others:
         kind = path.suffix.lower() or "a file without extension"
         skipped.append({"file": path.relative_to(root_path).as_posix(), "reason": "unsupported format",
-                        "detail": f"{kind} is not a photo format fieldid reads ({ACCEPTED_NAMES})"})
+                        "detail": f"{kind} files are not read; accepted: {ACCEPTED_NAMES}"})
     order_of = {p.relative_to(root_path).as_posix(): k for k, p in
                 enumerate(sorted([f for f, _, _ in files] + listing.others))}
     skipped.sort(key=lambda r: order_of[r["file"]])
