@@ -147,7 +147,7 @@ class ClassifierEngine:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
-        img = decode_image(bytes(data), max_pixels=self.max_pixels)
+        img = decode_image(bytes(data), max_pixels=self.max_pixels, target=self.spec.resize_size)  # JPEG draft
         check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)  # the phone's rule, same 413
         return preprocess(img, self.spec)[0]
 
