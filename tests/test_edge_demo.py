@@ -445,6 +445,14 @@ def test_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
         assert srv["top_k"][0]["label"] == dev["top_k"][0]["label"]
         assert abs(srv["confidence"] - dev["confidence"]) < 1e-3
         assert out.server.round_trip_ms > 0
+    # An iPhone photo (HEIC) and a BMP: the server reads them as the device does (one intake policy).
+    bmp = io.BytesIO()
+    Image.open(mode.examples[0].path).convert("RGB").save(bmp, "BMP")
+    for data in (_heic_of(mode.examples[0].path), bmp.getvalue()):
+        out = mode.identify(data, "fp32", force_server=True)
+        assert out.server.ok, out.server.message
+        assert out.server.response["top_k"][0]["label"] == out.device.response["top_k"][0]["label"]
+        assert abs(out.server.response["confidence"] - out.device.response["confidence"]) < 1e-3
 
 
 def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
