@@ -41,7 +41,7 @@ from typing import Any
 
 from fieldid.export.manifest import load_manifest
 from fieldid.export.phone import DEFAULT_MAX_PIXELS
-from fieldid.training.records import _Record, atomic_write_text
+from fieldid.records import Record, atomic_write_text
 
 from .archive import ServeError, build_model_store, bundle_dir_of, bundle_version
 from .client import http_json, read_token
@@ -71,6 +71,11 @@ STATE_FILE = "server.json"
 # In RUN/serve of every model served from another state dir: {"state_dirs": [...]}.
 POINTER_FILE = "served_by.json"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# One browser origin (RFC 6454 serialisation: scheme://host[:port], no path), or "*".
+_CORS_ORIGIN_RE = re.compile(r"\*|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
+# What the field app sends: a POST of the photo with its bearer token (preflighted by browsers).
+CORS_METHODS = "GET, POST, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
 # Markers of processes that belong to a TorchServe server (launcher, Java frontend, workers).
 _TS_MARKERS = ("ts.model_server", "org.pytorch.serve.ModelServer", "model_service_worker")
 
@@ -98,11 +103,14 @@ class ServeOptions:
     max_batch_delay_ms: int = 5
     max_request_mb: float = 20.0
     max_pixels: int = DEFAULT_MAX_PIXELS
-    precision: str = "auto"  # fp16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # fp16 on CUDA where the bundle verified an fp16 ONNX file, else fp32
     device: str = "auto"  # auto (GPU when present) | cpu
     response_timeout_s: int = 60
     job_queue_size: int = 100
     startup_timeout_s: float = 180.0
+    # Browser origin allowed to call the inference API (e.g. the field app's
+    # ``https://app.example.org``); "" = no CORS headers at all, TorchServe's default.
+    cors_origin: str = ""
 
     def validate(self) -> None:
         for name in ("port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
@@ -113,12 +121,15 @@ class ServeOptions:
             raise ServeError(f"ports must differ: {ports}")
         if self.workers < 1 or self.threads < 1 or self.batch_size < 1 or self.max_batch_delay_ms < 0:
             raise ServeError("workers, threads and batch size must be >= 1, batch delay >= 0")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ServeError(f"precision {self.precision!r}: use auto, fp32, fp16 or bf16")
+        if self.precision not in ("auto", "fp32", "fp16"):
+            raise ServeError(f"precision {self.precision!r}: use auto, fp32 or fp16")
         if self.device not in ("auto", "cpu"):
             raise ServeError(f"device {self.device!r}: use auto (GPU when present) or cpu")
         if not self.max_request_mb > 0 or self.max_pixels < 1:
             raise ServeError("max request size and pixel limit must be positive")
+        if self.cors_origin and not _CORS_ORIGIN_RE.fullmatch(self.cors_origin):
+            raise ServeError(f"--cors-origin {self.cors_origin!r}: give one origin as scheme://host[:port] "
+                             f"(no path), or * for any origin")
         if self.token_expiry_min < 5:  # keys must outlive start-up, or start can never see READY
             raise ServeError("token expiry must be at least 5 minutes")
 
@@ -144,7 +155,7 @@ class ServeOptions:
 
 
 @dataclass
-class ServerState(_Record):
+class ServerState(Record):
     """``STATE_DIR/server.json``: what a running server is and how to reach it."""
 
     pid: int  # the launcher: leader of the server's process group
@@ -254,6 +265,13 @@ def _warn_exposure(opts: ServeOptions) -> None:
     if opts.host not in _LOOPBACK:
         log.warning("binding the inference API to %s: it is reachable from other machines%s", opts.host,
                     "" if opts.auth else " WITHOUT token authorization")
+    if opts.cors_origin and opts.auth:
+        # Measured on TorchServe 0.12: the token check runs before CORS, so a browser's preflight
+        # (OPTIONS, which never carries the Authorization header) gets HTTP 400 and the browser
+        # then refuses to send the real request.
+        log.warning("--cors-origin with token authorization: TorchServe 0.12 answers the browser's CORS "
+                    "preflight with 400 (it wants the token there too), so a browser page on %s cannot reach "
+                    "this server; browser apps need --no-auth (behind a trusted network or proxy)", opts.cors_origin)
 
 
 def find_java(env: dict[str, str] | None = None) -> str:
@@ -303,8 +321,33 @@ def _check_port(host: str, port: int, what: str) -> None:
 
 
 def _prop(value: str) -> str:
-    """A value escaped for Java's ``Properties.load`` (backslashes are escapes there)."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
+    """``value`` escaped for Java's ``Properties.load``, which TorchServe reads as ISO-8859-1.
+
+    Backslashes, line breaks, ``=``, ``:`` and ``,`` are escaped (the last three are harmless to
+    escape and keep a path like ``/data/a=b, c`` readable as one value), leading spaces kept, and
+    every non-ASCII character written as ``\\uXXXX`` (UTF-16 surrogate pairs beyond the BMP), so a
+    state folder named ``Fotos Zoë, 2026`` is the same path to Java as to Python.
+
+    Example:
+        >>> _prop("/srv/Zoë, a=b")
+        '/srv/Zo\\u00eb\\, a\\=b'
+    """
+    out = []
+    for i, ch in enumerate(value):
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch in "=:,#!":
+            out.append("\\" + ch)
+        elif ch == " " and i == 0:
+            out.append("\\ ")  # Properties.load strips leading white space of a value
+        elif ch in "\n\r\t\f":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f"}[ch])
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        else:
+            data = ch.encode("utf-16-be")
+            out.extend(f"\\u{data[j] << 8 | data[j + 1]:04x}" for j in range(0, len(data), 2))
+    return "".join(out)
 
 
 def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -> str:
@@ -323,7 +366,8 @@ def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -
         for name, version in models.items()
     }
     # Only files in the model store may ever be loaded, even if the register API were turned on.
-    allowed = "file://" + re.escape(store.as_posix()) + "/.*"
+    # TorchServe splits allowed_urls on commas: a comma of the path is written as the regex \x2c.
+    allowed = "file://" + re.escape(store.as_posix()).replace(",", "\\x2c") + "/.*"
     lines = {
         "inference_address": f"http://{_url_host(opts.host)}:{opts.port}",
         "management_address": f"http://{lo}:{opts.management_port}",
@@ -350,6 +394,9 @@ def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -
     }
     if opts.device == "cpu":
         lines["number_of_gpu"] = "0"
+    if opts.cors_origin:
+        lines.update({"cors_allowed_origin": opts.cors_origin, "cors_allowed_methods": CORS_METHODS,
+                      "cors_allowed_headers": CORS_HEADERS})
     header = "# Written by `fieldid serve start`; regenerated on every start.\n"
     return header + "".join(f"{k}={_prop(v)}\n" for k, v in lines.items())
 
