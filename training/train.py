@@ -715,7 +715,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     return _finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
                      skipped=skipped, imbalance={"ratio": ratio, "mode": mode, "train_counts": counts},
                      seconds=time.time() - t0, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
-                     head_phase={"on_cached_features": feature_head, "train_loss": head_losses,
+                     head_phase={"head_phase": "cached features" if feature_head else "through the backbone",
                                  "precision": precision, "num_workers": _resolve_num_workers(cfg)})
 
 
