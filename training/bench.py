@@ -115,7 +115,7 @@ def _save(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).convert("RGB").save(path)
 
 
-def _digits(out: Path, per_class: tuple[int, int] = (20, 10)) -> None:
+def _digits(out: Path, per_class: tuple[int, int] = (12, 6)) -> None:
     """scikit-learn's 8x8 handwritten digits (real scans, 16 grey levels), saved as 32-px photos."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -132,7 +132,7 @@ def _digits(out: Path, per_class: tuple[int, int] = (20, 10)) -> None:
                 break
 
 
-def _faces(out: Path, per_class: tuple[int, int] = (70, 30)) -> None:
+def _faces(out: Path, per_class: tuple[int, int] = (40, 20)) -> None:
     """scikit-image's LFW subset: 100 real 25x25 face crops and 100 non-face patches."""
     from skimage import data
 
@@ -143,7 +143,7 @@ def _faces(out: Path, per_class: tuple[int, int] = (70, 30)) -> None:
             _save((img * 255).astype(np.uint8), out / part / cls / f"{cls}_{i:03d}.png")
 
 
-def _textures(out: Path, per_class: tuple[int, int] = (40, 15), size: int = 64, seed: int = 0) -> None:
+def _textures(out: Path, per_class: tuple[int, int] = (20, 10), size: int = 64, seed: int = 0) -> None:
     """Crops of scikit-image's texture photos; train crops from the top 70% of each photo, test from
     the rest, so no test pixel was seen in training."""
     from PIL import Image
@@ -163,7 +163,7 @@ def _textures(out: Path, per_class: tuple[int, int] = (40, 15), size: int = 64, 
                 _save(np.asarray(crop), out / part / cls / f"{cls}_{i:03d}.png")
 
 
-def make_bench_datasets(root: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.25) -> dict[str, Path]:
+def make_bench_datasets(root: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12) -> dict[str, Path]:
     """Build (once) the benchmark's datasets under ``root``; returns name -> folder."""
     from .demo_data import make_demo_dataset
 
@@ -197,7 +197,7 @@ def _timed(cmd: list[str], log_path: Path) -> tuple[float, str]:
     return time.perf_counter() - t0, r.stdout
 
 
-def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.25,
+def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
                   train_args: list[str] | None = None) -> list[dict]:
     """Reference vs ``fieldid train`` (defaults) on each dataset, same split, one after the other."""
     from .data import make_split
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="python -m fieldid.training.bench compare")
         p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
         p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
-        p.add_argument("--demo-scale", type=float, default=0.25, help="size of the demo sets (1.0 = full)")
+        p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
         p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config old.yaml'")
         a = p.parse_args(argv[1:])
         rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,

@@ -666,6 +666,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         raise RunError(f"{out}: the checkpoint already holds {done + 1 + cfg.epochs - fit_cfg.epochs} epochs; "
                        f"--epochs must be more than that to continue")
     module = Classifier(model.train(), fit_cfg, weights)
+    module.epoch_offset = cfg.epochs - fit_cfg.epochs
     train_loader, val_loader = _loaders(datasets, cfg, counts, use_sampler=mode == "sampler")
     precision = _resolve_precision(cfg)
     log.info("speed: precision %s (CPU bf16 support: %s), %d decode worker(s), head phase %s", precision,
@@ -695,12 +696,11 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),
     )
-    head_losses: list[float] = []
     try:
         if new_run is not None:
             _write_new_run(out, cfg, split, spec, record)
         if feature_head and fresh:
-            head_losses = _run_feature_head(model, datasets, cfg, spec, weights, counts, mode)
+            _run_feature_head(model, datasets, cfg, spec, weights, counts, mode)
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     except Exception:
         # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
