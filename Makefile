@@ -74,7 +74,11 @@ bench: $(STAMP)
 	[ -n "$$runs" ] || { echo "make bench: no export bundle in $(RUNS)/; run 'make train export' first" >&2; exit 2; }; \
 	for m in $$runs; do $(FIELDID) bench --run $$(dirname $$(dirname $$m)) || exit $$?; done
 
+# Reference fine-tune vs `fieldid train` defaults on five small datasets, the CPU speed choices,
+# then the decode-cache rows.
 bench-train: $(STAMP)
+	$(PY) -m fieldid.training.bench compare --work $(RUNS)/bench-train
+	$(PY) -m fieldid.training.bench choices
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m fieldid.training.bench --data $(DATA)/reef
 

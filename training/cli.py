@@ -39,7 +39,9 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--devices", default=None, help="devices per node, e.g. 1, 2 or auto (Lightning; default 1)")
     p.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn ... (Lightning; default auto)")
     p.add_argument("--num-nodes", type=int, default=None, help="nodes for multi-node DDP via torchrun/SLURM (default 1)")
-    p.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed (default: AMP on GPU, 32 on CPU)")
+    p.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed (default: AMP on GPU, 32-true on CPU)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decode/augmentation worker processes (default: half the cores on CPU, up to 8 on GPU)")
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -50,7 +52,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
         "pretrained": False if args.no_pretrained else None, "augment.hue": 0.0 if args.no_hue else None,
         "cache": False if args.no_cache else None, "accelerator": args.accelerator,
         "devices": args.devices, "strategy": args.strategy, "num_nodes": args.num_nodes,
-        "precision": args.precision,
+        "precision": args.precision, "num_workers": args.num_workers,
     }
 
 
@@ -59,7 +61,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     if args.resume is not None:
-        rec = train(None, None, resume=args.resume)
+        extra = [f for f, v in (("--data", args.data), ("--out", args.out), ("--config", args.config)) if v is not None]
+        if extra:
+            raise ValueError(f"--resume continues the run with its own {', '.join(extra)}; drop {', '.join(extra)}")
+        rec = train(None, None, resume=args.resume, resume_overrides=train_overrides(args))
     else:
         if args.data is None or args.out is None:
             raise ValueError("need --data DIR and --out RUN (or --resume RUN)")
@@ -77,9 +82,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate
 
-    m = evaluate(args.run, args.data)
+    m = evaluate(args.run, args.data, out=args.out)
     print(json.dumps({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": m["split"],
-                      "num_images": m["num_images"], "ece_calibrated": m["ece_calibrated"]}))
+                      "num_images": m["num_images"], "ece_calibrated": m["ece_calibrated"],
+                      "metrics_file": m["metrics_file"]}))
     return 0
 
 
@@ -104,12 +110,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a backbone on an ImageFolder dataset", formatter_class=_D)
     add_train_args(p)
     p.add_argument("--out", type=Path, default=None, help="new run directory")
-    p.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue an interrupted run directory with its own settings; only --epochs, --num-workers, "
+                        "--no-cache, --accelerator and --precision may change (others are refused)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a run", formatter_class=_D)
     p.add_argument("--run", type=Path, required=True, help="run directory")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the run's own held-out test split)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="metrics file to write (default: RUN/metrics.json for the run's own held-out split, "
+                        "RUN/metrics-<folder>.json for any other folder)")
     p.set_defaults(func=_cmd_evaluate)
 
     from .tune import register_tune  # torch-free: optuna and lightning load only when it runs
