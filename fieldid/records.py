@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "check_field_types",
     "file_sha256",
     "load_record",
 ]
@@ -230,6 +233,7 @@ class Record:
         unknown = sorted(set(d) - names)
         if unknown:
             raise RecordError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        d = check_field_types(cls, d, source)
         try:
             obj = cls(**d)  # type: ignore[call-arg]
         except TypeError as e:
