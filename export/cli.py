@@ -29,6 +29,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.ood is not None:
+        from .ood_bench import ood_bench
+
+        r = ood_bench(args.run, args.ood, bundle=args.bundle, out=args.out)
+        print(r["table"])
+        print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["ood.json", "ood.md"],
+                          "goals_met": r["goals_met"]}))
+        return 0
     from . import bench_run
 
     r = bench_run(args.run, data=args.data, bundle=args.bundle, out=args.out, iters=args.iters,
@@ -81,4 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--settle", type=float, default=BENCH_SETTLE_S,
                    help="seconds to pause before each timed block so one runtime's spinning threads "
                         "do not slow the next (0 for a quick smoke run)")
+    b.add_argument("--ood", type=Path, default=None,
+                   help="instead: the unknown answer of the int8 ONNX artifact on DIR/other/ (other kinds of "
+                        "things, goal >= 95%% flagged) and DIR/unseen/ (same kind, not trained on, >= 80%%) vs the "
+                        "held-out split (>= 95%% answered, >= 99%% accurate); writes ood.json and ood.md")
     b.set_defaults(func=_cmd_bench)

@@ -100,6 +100,14 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_ood(args: argparse.Namespace) -> int:
+    from .negatives import make_ood_set
+
+    counts = make_ood_set(args.out, unseen=args.unseen, other=args.other, generated=args.generated)
+    print(json.dumps({"out": str(args.out), "counts": counts}))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a backbone on an ImageFolder dataset", formatter_class=_D)
     add_train_args(p)
@@ -130,6 +138,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="generator seed")
     d.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts")
     d.set_defaults(func=_cmd_data_demo)
+    o = dsub.add_parser("ood", help="the folder `fieldid bench --ood` measures the unknown answer on",
+                        formatter_class=_D)
+    o.add_argument("out", type=Path, help="output folder (gets other/ and unseen/)")
+    o.add_argument("--unseen", type=Path, nargs="*", default=[],
+                   help="class folders of the same kind that the model was not trained on")
+    o.add_argument("--other", type=Path, nargs="*", default=[], help="folders of other datasets")
+    o.add_argument("--generated", type=int, default=120, help="generated gradient / noise / stripe images")
+    o.set_defaults(func=_cmd_data_ood)
 
 
 if __name__ == "__main__":  # pragma: no cover
