@@ -29,6 +29,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "cascade":
+        from .cascade import cascade_bench
+
+        if args.server_run is None:
+            raise ValueError("bench cascade needs --server-run SERVER_RUN")
+        r = cascade_bench(args.run, args.server_run, device_bundle=args.bundle, server_bundle=args.server_bundle,
+                          out=args.out, limit=args.limit)
+        print(r["table"])
+        print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["cascade.json", "cascade.md"],
+                          "goals": r["goals"]}))
+        return 0
     if args.ood is not None:
         from .ood_bench import ood_bench
 
@@ -77,7 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Prints the table and, under it, the goals (best on-device batch-1 speedup over eager fp32 "
                     ">= 10x at 1 and all threads; each int8 file <= 30% of its format's fp32 file, met or not), "
                     "and writes bench.json, bench.md and bench.png.")
+    b.add_argument("what", nargs="?", choices=["cascade"], default=None,
+                   help="'cascade': device alone vs server alone vs device-then-server on the held-out split "
+                        "(needs --server-run); omit for the per-artifact table")
     b.add_argument("--run", type=Path, required=True, help="run directory whose bundle is benchmarked")
+    b.add_argument("--server-run", type=Path, default=None, help="cascade: the server model's run directory")
+    b.add_argument("--server-bundle", type=Path, default=None, help="cascade: server bundle (default: SERVER_RUN/export)")
     b.add_argument("--data", type=Path, default=None,
                    help="ImageFolder to measure accuracy on (default: the run's held-out split)")
     b.add_argument("--bundle", type=Path, default=None, help="export bundle (default: RUN/export)")

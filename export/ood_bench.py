@@ -27,7 +27,7 @@ from fieldid.training.records import atomic_write_json, atomic_write_text
 from .manifest import ManifestError, load_manifest
 from .phone import preprocess, softmax
 
-__all__ = ["OOD_GOALS", "ood_bench", "auroc", "ood_table"]
+__all__ = ["OOD_GOALS", "ood_bench", "auroc", "ood_table", "onnx_session", "score_images", "OodBenchError"]
 
 log = logging.getLogger("fieldid.bench")
 
@@ -68,31 +68,54 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _EXTS)
 
 
-def _session(path: Path):
+def onnx_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session (``threads`` intra-op threads; 1 = what a phone core gives a model)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _run(sess: Any, paths: list[Path], spec: Any, what: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Logits and unknown scores of every readable image (unreadable ones are counted and skipped)."""
-    logits, scores, kept = [], [], []
+def score_images(sess: Any, paths: list[Path], spec: Any, what: str) -> dict[str, Any]:
+    """Run every readable image through ``sess`` one at a time, as a phone would.
+
+    Returns:
+        ``{"logits" (N, C), "unknown_score" (N,) or None, "kept" [indices of paths], "latency_ms" (N,)}``;
+        latency is the model call alone (decode and preprocessing excluded). Unreadable files are
+        logged and skipped.
+    """
+    import time
+
+    outputs = [o.name for o in sess.get_outputs()]
+    want = ["logits"] + (["unknown_score"] if "unknown_score" in outputs else [])
     name = sess.get_inputs()[0].name
+    logits, scores, kept, lat = [], [], [], []
     for i, p in enumerate(paths):
         try:
             x = preprocess(load_rgb(p), spec)
         except (ImageError, ValueError, OSError) as e:
             log.warning("skipping unreadable %s (%s)", p, e)
             continue
-        lo, sc = sess.run(["logits", "unknown_score"], {name: x})
-        logits.append(lo[0])
-        scores.append(float(np.asarray(sc).reshape(-1)[0]))
+        t0 = time.perf_counter()
+        res = sess.run(want, {name: x})
+        lat.append((time.perf_counter() - t0) * 1e3)
+        logits.append(res[0][0])
+        if len(res) > 1:
+            scores.append(float(np.asarray(res[1]).reshape(-1)[0]))
         kept.append(i)
         if (i + 1) % 50 == 0 or i + 1 == len(paths):
-            log.info("bench --ood: %s %d/%d images", what, i + 1, len(paths))
-    return np.asarray(logits, np.float32).reshape(len(kept), -1), np.asarray(scores, np.float64), kept
+            log.info("bench: %s %d/%d images", what, i + 1, len(paths))
+    return {"logits": np.asarray(logits, np.float32).reshape(len(kept), -1),
+            "unknown_score": np.asarray(scores, np.float64) if len(want) > 1 else None,
+            "kept": kept, "latency_ms": np.asarray(lat, np.float64)}
+
+
+def _run(sess: Any, paths: list[Path], spec: Any, what: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    r = score_images(sess, paths, spec, what)
+    return r["logits"], r["unknown_score"], r["kept"]
 
 
 def _baselines(logits: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
@@ -141,7 +164,7 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
     record = load_record(run_dir)
     split = load_split(run_dir / record.split)
     which = "test" if split.paths("test") else "val"
-    sess = _session((Path(bundle) if bundle else run_dir / "export") / art.file)
+    sess = onnx_session((Path(bundle) if bundle else run_dir / "export") / art.file)
     spec = manifest.preprocess_spec
     in_logits, in_scores, kept = _run(sess, split.paths(which), spec, f"in-distribution ({which})")
     in_y = np.asarray(split.targets(which))[kept]

@@ -219,6 +219,8 @@ class RunRecord(_Record):
     # Identity of the trained weights (sha256 prefix of model.pth + unknown.pth), the same on
     # every artifact of this run and on the server, so answers can be traced to one model.
     model_version: str = ""
+    # Knowledge distillation: teacher run, its backbone, weight and temperature ({} = trained alone).
+    distillation: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = RUN_SCHEMA_VERSION
 

@@ -355,6 +355,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     for y in datasets["train"].cache.targets:
         counts[y] += 1
     ratio = imbalance_ratio(counts)
+    if cfg.teacher:
+        from .distill import with_teacher
+
+        datasets["train"], record.distillation = with_teacher(datasets["train"], cfg, split.labels)
     mode = cfg.imbalance
     if mode == "auto":
         mode = "loss" if ratio > cfg.imbalance_auto_ratio else "none"
