@@ -18,15 +18,17 @@ from fieldid.training.ood import (ScoredModel, UnknownDetector, fit_detector, fi
 
 
 # --------------------------------------------------------------------------- detector maths
-def test_detector_is_the_whitened_distance_to_the_nearest_class_mean() -> None:
+def test_detector_is_the_mahalanobis_distance_to_the_nearest_class_mean() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 6, generator=g, dtype=torch.float64)
-    cov = a @ a.T + 6 * torch.eye(6, dtype=torch.float64)
     means = torch.randn(3, 6, generator=g, dtype=torch.float64)
-    evals, evecs = torch.linalg.eigh(cov)
-    whiten = (evecs * evals.rsqrt()) @ evecs.T
-    det = UnknownDetector(whiten.float(), (means @ whiten).float(), normalize=False)
     x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    # A covariance whose 4 smallest eigenvalues are equal: the low-rank form is then exact.
+    q, _ = torch.linalg.qr(a)
+    evals = torch.tensor([0.5, 0.5, 0.5, 0.5, 2.0, 5.0], dtype=torch.float64)
+    cov = (q * evals) @ q.T
+    rest = torch.tensor(1 / 0.5)
+    det = UnknownDetector(q[:, 4:], 1 / evals[4:] - rest, rest, means, normalize=False)
     inv = torch.linalg.inv(cov)
     expect = torch.tensor([min(float((xi - m) @ inv @ (xi - m)) for m in means) for xi in x]) / 6
     assert torch.allclose(det(x.float()).double(), expect.double(), rtol=1e-4)
@@ -54,7 +56,7 @@ def test_scored_model_keeps_the_logits_and_adds_one_score_per_image() -> None:
     x = example_input("mobilenet_v2", 64, batch_size=3)
     with torch.no_grad():
         ref = model(x)
-        det = UnknownDetector(torch.eye(1280), torch.zeros(4, 1280))
+        det = UnknownDetector(torch.eye(1280)[:, :8], torch.ones(8), torch.tensor(1.0), torch.zeros(4, 1280))
         logits, score = ScoredModel(model, det)(x)
     assert torch.allclose(logits, ref, atol=1e-6) and score.shape == (3,)
 

@@ -50,7 +50,7 @@ def check_same_labels(device: list[str], server: list[str], *, device_name: str 
         LabelsMismatch: naming what differs first.
 
     Example:
-        >>> check_same_labels(["a", "b"], ["b", "a"])
+        >>> check_same_labels(["a", "b"], ["b", "a"])  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         ...
         fieldid.training.distill.LabelsMismatch: device model and server model labels differ: same classes in another order (first difference at index 0: 'a' vs 'b')
