@@ -168,3 +168,15 @@ def test_bench_ood_bad_folder_is_one_line_and_exit_2(tiny_run: Path, tmp_path: P
     res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "--run", str(tiny_run), "--ood",
                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "no such folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_refit_reproduces_the_training_time_detector(tiny_run: Path, tmp_path: Path) -> None:
+    from fieldid.training.ood import refit_run_detector
+    from fieldid.training.records import load_record
+    from fixtures_export import copy_run
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = load_record(run)
+    after = refit_run_detector(run)
+    assert after.unknown["threshold"] == pytest.approx(before.unknown["threshold"], rel=1e-5)
+    assert load_record(run).unknown == after.unknown

@@ -54,6 +54,7 @@ __all__ = [
     "scored_model",
     "baseline_scores",
     "model_version",
+    "refit_run_detector",
 ]
 
 log = logging.getLogger("fieldid.ood")
@@ -340,3 +341,32 @@ def model_version(run_dir: str | Path, record: RunRecord) -> str:
     if record.unknown:
         parts.append(file_sha256(Path(run_dir) / record.unknown.get("file", UNKNOWN_FILE)))
     return hashlib.sha256("+".join(parts).encode()).hexdigest()[:16]
+
+
+def refit_run_detector(run_dir: str | Path, *, quantile: float = ACCEPT_QUANTILE) -> RunRecord:
+    """Fit (or refit) the detector of a finished run from its own split; updates ``run.json``.
+
+    For runs trained before the detector existed, or to refit with another ``quantile``;
+    export the run again afterwards so its artifacts get the ``unknown_score`` output.
+    """
+    from .data import CachedImageDataset, ImageCache, eval_transform, load_split
+    from .records import load_record
+    from .train import load_run_model
+
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    spec = record.preprocess_spec
+    split = load_split(run_dir / record.split)
+    name = "val" if split.paths("val") else "train"
+
+    def dataset(part: str) -> CachedImageDataset:
+        cache = ImageCache(split.paths(part), split.targets(part), resize_size=spec.resize_size,
+                           interpolation=spec.interpolation, desc=part)
+        return CachedImageDataset(cache, eval_transform(spec, from_cache=True))
+
+    model = load_run_model(run_dir, record)
+    record.unknown = fit_run_detector(model, dataset("train"), dataset(name), run_dir, heldout_name=name,
+                                      num_classes=record.num_classes, quantile=quantile)
+    record.model_version = model_version(run_dir, record)
+    record.to_json(run_dir / "run.json")
+    return record
