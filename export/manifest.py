@@ -54,6 +54,8 @@ class Artifact:
     labels_in_file: str = ""  # where the class labels live inside the file ("" = only in this manifest)
     temperature_in_model: bool = False  # True when the file already outputs softmax(logits / T)
     quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
+    # Name of the file's unknown-score output ("" = none): score > manifest.unknown["threshold"] = unknown.
+    unknown_output: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -80,6 +82,9 @@ class Manifest(Record):
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
     notes: list[str] = field(default_factory=list)
     verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
+    # The unknown detector (threshold, method, fitted_on, ...; {} = none) and the run's model identity.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 

@@ -321,6 +321,13 @@ class RunRecord(Record):
     created: str = ""
     fieldid_version: str = "0.1.0"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The unknown-score detector (training/ood.py): threshold, method, how it was fitted; {} = none.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    # Identity of the trained weights (sha256 prefix of model.pth + unknown.pth), the same on
+    # every artifact of this run and on the server, so answers can be traced to one model.
+    model_version: str = ""
+    # Knowledge distillation: teacher run, its backbone, weight and temperature ({} = trained alone).
+    distillation: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = RUN_SCHEMA_VERSION
 

@@ -73,6 +73,10 @@ class TrainConfig:
     fallback_target_accuracy: float = 0.97
     min_fallback_threshold: float = 0.5
     limit_train_batches: float | int = 1.0
+    # Knowledge distillation (training/distill.py): a finished run (the server model) to learn from.
+    teacher: str | None = None
+    distill_weight: float = 0.5  # share of the soft-label term in the loss
+    distill_temperature: float = 2.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -91,6 +95,8 @@ class TrainConfig:
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
             (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
+            (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
+            (self.distill_temperature > 0, "distill_temperature must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -9,6 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .config import TrainConfig
+from .distill import distill_loss
 from .models import classifier_modules, model_num_classes
 
 __all__ = ["Classifier", "phase_lr"]
@@ -74,10 +75,16 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        teacher = None
+        if isinstance(y, (list, tuple)):  # distillation: (targets, the teacher's logits); training/distill.py
+            y, teacher = y
         if x.is_cuda:  # channels-last is the fast layout for convs under CUDA AMP
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self(x)
         loss = self.loss_fn(logits, y)
+        if teacher is not None:
+            loss = distill_loss(loss, logits, teacher, weight=self.cfg.distill_weight,
+                                temperature=self.cfg.distill_temperature)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
         return loss

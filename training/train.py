@@ -645,6 +645,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     for y in datasets["train"].cache.targets:
         counts[y] += 1
     ratio = imbalance_ratio(counts)
+    if cfg.teacher:
+        from .distill import with_teacher
+
+        datasets["train"], record.distillation = with_teacher(datasets["train"], cfg, split.labels)
     mode = cfg.imbalance
     if mode == "auto":
         mode = "loss" if ratio > cfg.imbalance_auto_ratio else "none"
@@ -721,7 +725,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
 
 def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datasets: dict, best_path: str, *,
               skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict) -> RunRecord:
-    """Best weights -> model.pth, temperature + fallback threshold on val, metrics on test, plots."""
+    """Best weights -> model.pth, temperature + fallback threshold + unknown detector on val, metrics on test."""
+    spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
     model = create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout)
     model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
@@ -754,6 +759,12 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     plot_confusion(metrics, out / "plots" / "confusion_matrix.png", title=f"{out.name} ({eval_name})")
     plot_curves(out / "logs" / "metrics.csv", out / "plots" / "curves.png")
 
+    from .ood import fit_run_detector, model_version
+
+    train_eval = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    record.unknown = fit_run_detector(model, train_eval, datasets[cal_name], out, heldout_name=cal_name,
+                                      num_classes=len(split.labels))
+    record.model_version = model_version(out, record)
     record.temperature = temperature
     record.fallback_threshold = fallback.threshold
     record.fallback_rule = fallback.rule
