@@ -101,7 +101,11 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
             f"{d.size_bytes / 1e6:.1f} MB  \n"
             f"<small>decode {t['decode']:.1f} + preprocess {t['preprocess']:.1f} + model {t['model']:.1f} ms</small>")
     conf, thr = r["confidence"], r["fallback_threshold"]
-    if r["needs_fallback"]:
+    if r.get("unknown"):  # the artifact's unknown_score is above the recorded threshold
+        noun = "species" if mode.key == "dive" else "classes"
+        verdict = (f"Not one of the {len(mode.manifest.labels)} {noun} I know"
+                   + (" — asking the server." if mode.server else " (no server configured to ask)."))
+    elif r["needs_fallback"]:
         verdict = f"Unsure: confidence {conf:.0%} is below this model's threshold {thr:.0%}."
         if not mode.server:
             verdict += " No server configured to ask."

@@ -89,9 +89,9 @@ def _pick(files: dict[str, list[tuple[str, int]]], split_labels: list[str], labe
     """Up to PER_CLASS held-out photos per class (of ``labels``), classes interleaved, at most MAX_TOTAL."""
     by_class: dict[str, list[Path]] = {name: [] for name in labels}
     for split in _SPLITS:
-        for i, (rel, y) in enumerate(files.get(split, [])):
+        for rel, y in files.get(split, []):
             name = split_labels[int(y)] if 0 <= int(y) < len(split_labels) else None
-            path = inside(root, rel, what=f"split.json: files.{split}[{i}]")
+            path = root / rel  # load_split refused absolute paths and '..'
             if name in by_class and len(by_class[name]) < PER_CLASS and path.is_file():
                 by_class[name].append(path)
         if all(len(v) >= PER_CLASS for v in by_class.values()):
@@ -144,7 +144,8 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
         data_root: the dataset folder, when it is not where ``split.json`` says (``--data``).
 
     Raises:
-        ValueError: a path in ``split.json`` is absolute or leaves the dataset (``..``).
+        DataError: a malformed ``split.json``, or a path in it that is absolute or leaves the
+            dataset (``..``), from :func:`fieldid.training.data.load_split`.
     """
     from fieldid.training.data import load_split
     from fieldid.training.demo_data import MARKER_NAME

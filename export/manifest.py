@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.training.records import PreprocessSpec, RecordError, _Record, file_sha256
+from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
 from .examples import check_entries
 
@@ -56,6 +56,8 @@ class Artifact:
     labels_in_file: str = ""  # where the class labels live inside the file ("" = only in this manifest)
     temperature_in_model: bool = False  # True when the file already outputs softmax(logits / T)
     quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
+    # Name of the file's unknown-score output ("" = none): score > manifest.unknown["threshold"] = unknown.
+    unknown_output: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -63,7 +65,7 @@ class Artifact:
 
 
 @dataclass
-class Manifest(_Record):
+class Manifest(Record):
     """Everything an app or server needs to use the bundle's models."""
 
     name: str
@@ -82,6 +84,9 @@ class Manifest(_Record):
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
     notes: list[str] = field(default_factory=list)
     verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
+    # The unknown detector (threshold, method, fitted_on, ...; {} = none) and the run's model identity.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
     # Held-out photos copied into the bundle for the demo: [{"file": "examples/<label>/..", "label"}]
     # (export/examples.py), and where the training photos came from ({"root", "synthetic"}).
     examples: list[dict[str, str]] = field(default_factory=list)

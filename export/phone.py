@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from fieldid.intake import ACCEPTED_FORMATS, MAX_PIXELS, ImageInputError, open_image
-from fieldid.training.records import PreprocessSpec
+from fieldid.records import PreprocessSpec
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -39,14 +39,18 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
              "nearest": Image.Resampling.NEAREST}
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None,
+                 draft_side: int | None = None) -> Image.Image:
     """Decode photo bytes to RGB with EXIF orientation applied (:func:`fieldid.intake.open_image`).
 
     Args:
         data: the encoded photo (a request body, an upload).
         max_pixels: pixel limit, checked before decoding.
-        target: the manifest's ``resize_size``; a JPEG then decodes at reduced size (about
-            3x faster on a 24 MP photo, see ``python -m fieldid.intake``).
+        target: the manifest's ``resize_size``; a JPEG then decodes at reduced size, its shorter
+            side still >= ``fieldid.intake.DRAFT_MARGIN x target`` (about 3x faster on a 24 MP
+            photo, see ``python -m fieldid.intake``).
+        draft_side: the shorter side to keep instead (overrides ``target``; 0 = full decode).
+            The pixel limit applies to the file's full size either way.
 
     Raises:
         ImageInputError: 400 empty body, 415 not an accepted format or undecodable (incl. a
@@ -58,7 +62,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: i
         ...
         fieldid.intake.ImageInputError: empty image: send a JPEG, PNG, WEBP, BMP, TIFF, HEIC file
     """
-    return open_image(bytes(data), target=target, max_pixels=max_pixels)
+    return open_image(bytes(data), target=target, draft_side=draft_side, max_pixels=max_pixels)
 
 
 def check_resize_fits(size: tuple[int, int], resize_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -117,27 +121,53 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def prediction(logits: np.ndarray, labels: Sequence[str], *, temperature: float, fallback_threshold: float,
-               model: str, version: str, source: str, latency_ms: float, k: int = 5) -> dict[str, Any]:
-    """One image's answer in the shared response schema.
+               model: str, version: str, source: str, latency_ms: float, k: int = 5,
+               unknown_score: float | None = None, unknown_threshold: float | None = None,
+               model_version: str = "") -> dict[str, Any]:
+    """One image's answer in the shared response schema (device, server and ``predict`` alike).
+
+    Args:
+        logits: the model's class logits for one image.
+        labels: class names in index order.
+        temperature: calibration temperature (probabilities are ``softmax(logits / T)``).
+        fallback_threshold: below this top-1 probability the answer should ask the server.
+        model: the bundle's model name; ``version``: the artifact's own hash.
+        source: ``"device"`` or ``"server"``.
+        latency_ms: time spent on this answer.
+        k: how many classes ``top_k`` lists.
+        unknown_score: the artifact's ``unknown_score`` output (``None``: the artifact has none).
+        unknown_threshold: the manifest's ``unknown["threshold"]``; score > threshold = unknown.
+        model_version: the run's model identity (same on device and server).
+
+    Returns:
+        A dict with ``top_k``, ``confidence``, ``unknown`` (the photo is none of the classes),
+        ``needs_fallback`` (unknown, or confidence below ``fallback_threshold``) and the
+        provenance fields.
 
     Example:
         >>> p = prediction(np.array([2.0, 0.0]), ["wild", "farmed"], temperature=1.0,
         ...                fallback_threshold=0.5, model="salmon", version="1", source="device",
-        ...                latency_ms=1.0)
-        >>> p["top_k"][0]["label"], p["needs_fallback"]
-        ('wild', False)
+        ...                latency_ms=1.0, unknown_score=3.0, unknown_threshold=2.0)
+        >>> p["top_k"][0]["label"], p["unknown"], p["needs_fallback"]
+        ('wild', True, True)
     """
     probs = softmax(np.asarray(logits).reshape(-1), temperature)
     order = np.argsort(-probs, kind="stable")[: min(k, len(labels))]
     top = [{"label": labels[i], "index": int(i), "probability": float(probs[i])} for i in order]
+    score = None if unknown_score is None else float(np.asarray(unknown_score).reshape(-1)[0])
+    unknown = bool(score is not None and unknown_threshold is not None and score > unknown_threshold)
     return {
         "schema_version": RESPONSE_SCHEMA_VERSION,
         "model": model,
         "version": version,
+        "model_version": model_version,
         "source": source,
         "top_k": top,
         "confidence": top[0]["probability"],
-        "needs_fallback": bool(top[0]["probability"] < fallback_threshold),
+        "unknown": unknown,
+        "unknown_score": score,
+        "unknown_threshold": None if unknown_threshold is None else float(unknown_threshold),
+        "needs_fallback": bool(unknown or top[0]["probability"] < fallback_threshold),
         "fallback_threshold": fallback_threshold,
         "latency_ms": round(float(latency_ms), 3),
     }
