@@ -37,6 +37,7 @@ from fieldid.training.records import RecordError, RunRecord, load_record
 from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
+from .examples import add_examples
 from .manifest import Artifact, Manifest, file_sha256
 from .phone import preprocess
 
@@ -764,6 +765,7 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         _add_unknown(manifest, artifacts, run_dir, record)
         for a in artifacts:
             manifest.set_artifact(a)
+        add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
         if any(a.verification.get("status") == "structure_only" for a in artifacts):
             manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
                                   "(spec type, input, labels and order, outputs, op set); see each verification")

@@ -11,6 +11,8 @@ from typing import Any
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
 from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
+from .examples import check_entries
+
 __all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256"]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -85,6 +87,10 @@ class Manifest(Record):
     # The unknown detector (threshold, method, fitted_on, ...; {} = none) and the run's model identity.
     unknown: dict[str, Any] = field(default_factory=dict)
     model_version: str = ""
+    # Held-out photos copied into the bundle for the demo: [{"file": "examples/<label>/..", "label"}]
+    # (export/examples.py), and where the training photos came from ({"root", "synthetic"}).
+    examples: list[dict[str, str]] = field(default_factory=list)
+    training_data: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 
@@ -94,6 +100,10 @@ class Manifest(Record):
         if not self.temperature > 0 or not 0 <= self.fallback_threshold <= 1:
             raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
+        try:
+            check_entries(self.examples, self.labels, source)
+        except ValueError as e:
+            raise ManifestError(str(e)) from None
         for a in self.artifacts:
             if not isinstance(a, dict):
                 raise ManifestError(f"{source}: every artifact must be a JSON object")
