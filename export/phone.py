@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,18 +39,15 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
              "nearest": Image.Resampling.NEAREST}
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None,
-                 draft_side: int | None = None) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None) -> Image.Image:
     """Decode photo bytes to RGB with EXIF orientation applied (:func:`fieldid.intake.open_image`).
 
     Args:
         data: the encoded photo (a request body, an upload).
         max_pixels: pixel limit, checked before decoding.
         target: the manifest's ``resize_size``; a JPEG then decodes at reduced size, its shorter
-            side still >= ``fieldid.intake.DRAFT_MARGIN x target`` (about 3x faster on a 24 MP
-            photo, see ``python -m fieldid.intake``).
-        draft_side: the shorter side to keep instead (overrides ``target``; 0 = full decode).
-            The pixel limit applies to the file's full size either way.
+            side still >= ``fieldid.intake.DRAFT_MARGIN x target`` (2.5x faster on a 24 MP photo,
+            see ``python -m fieldid.intake``). The pixel limit applies to the full size either way.
 
     Raises:
         ImageInputError: 400 empty body, 415 not an accepted format or undecodable (incl. a
@@ -62,7 +59,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: i
         ...
         fieldid.intake.ImageInputError: empty image: send a JPEG, PNG, WEBP, BMP, TIFF, HEIC file
     """
-    return open_image(bytes(data), target=target, draft_side=draft_side, max_pixels=max_pixels)
+    return open_image(bytes(data), target=target, max_pixels=max_pixels)
 
 
 def check_resize_fits(size: tuple[int, int], resize_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:

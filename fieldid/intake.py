@@ -146,14 +146,13 @@ def _decode(fp: IO[bytes], *, target: int | None, max_pixels: int, prefix: str,
 
 
 def open_image(source: bytes | bytearray | memoryview | str | Path, *, target: int | None = None,
-               draft_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode a photo (bytes or a file path) to an RGB image with EXIF orientation applied.
 
     Args:
         source: the encoded bytes (an upload, a request body) or a file's path.
         target: the shorter side the caller will resize to; a JPEG then decodes at reduced
             size (at least ``DRAFT_MARGIN * target`` on its shorter side). None = full size.
-        draft_side: that shorter side given directly (overrides ``target``; 0 = full size).
         max_pixels: pixel limit, checked before decoding.
 
     Returns:
@@ -179,11 +178,7 @@ def open_image(source: bytes | bytearray | memoryview | str | Path, *, target: i
         data, prefix = bytes(source), ""
         if not data:
             raise ImageInputError(f"empty image: send a {ACCEPTED_NAMES} file", 400)
-    if draft_side is not None:
-        target, margin = (draft_side or None), 1
-    else:
-        margin = DRAFT_MARGIN
-    return _decode(io.BytesIO(data), target=target, max_pixels=max_pixels, prefix=prefix, margin=margin)
+    return _decode(io.BytesIO(data), target=target, max_pixels=max_pixels, prefix=prefix)
 
 
 def _bench(argv: list[str] | None = None) -> int:
