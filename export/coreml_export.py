@@ -147,7 +147,9 @@ def inspect_mlpackage(path: str | Path) -> dict[str, Any]:
 
 @register_label_reader("coreml")
 def _coreml_labels(path: Path) -> list[str]:
-    return inspect_mlpackage(path).get("labels", [])
+    info = inspect_mlpackage(path)
+    # A classifier keeps them in its classify op; the two-output program (unknown_score) in its metadata.
+    return info.get("labels") or json.loads(info["metadata"].get("fieldid.labels", "[]"))
 
 
 def _structure_checks(ctx: ExportContext, info: dict[str, Any], *, int8_weights: bool) -> dict[str, Any]:
