@@ -25,7 +25,7 @@ import torch
 from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec, make_artifact, quiet_third_party,
                      register_exporter, register_label_reader, register_runtime, run_batched, verify_artifact)
 from .manifest import Artifact
-from .unknown import manifest_unknown, output_names
+from .unknown import manifest_unknown, output_names, score_only_nodes
 
 __all__ = ["export_onnx", "onnx_metadata", "run_onnx", "read_onnx_metadata", "OnnxInt8Recipe", "OPSET"]
 
@@ -151,7 +151,7 @@ def _quantize(pre: Path, out: Path, calib: np.ndarray, recipe: OnnxInt8Recipe) -
         str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, recipe.calibration),
-        nodes_to_exclude=list(recipe.float_nodes), extra_options=extra,
+        nodes_to_exclude=list(recipe.float_nodes) + score_only_nodes(pre), extra_options=extra,
     )
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "BackboneSpec", "create_model", "get_backbone", "list_backbones", "example_input", "ModelError",
     "load_run_model", "RunError", "CheckpointError",
     "DataError", "ImageError", "make_split",
+    "UnknownDetector", "ScoredModel", "refit_run_detector", "LabelsMismatch", "check_same_labels",
 ]
 
 _WHERE = {
@@ -26,6 +27,8 @@ _WHERE = {
     "load_run_model": "train", "RunError": "train",
     "CheckpointError": "train",
     "DataError": "images", "ImageError": "images", "make_split": "data",
+    "UnknownDetector": "ood", "ScoredModel": "ood", "refit_run_detector": "ood",
+    "LabelsMismatch": "distill", "check_same_labels": "distill",
 }
 
 
