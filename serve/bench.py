@@ -239,7 +239,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fieldid.training.cli import HelpFormatter
+    from fieldid.cli_common import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m fieldid.serve.bench", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)

@@ -574,8 +574,8 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
 
 # --------------------------------------------------------------------------- CLI
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .cli import train_overrides
     from .config import load_config
+    from .train_args import train_overrides
 
     if args.data is None:
         raise TuneError("need --data DIR")
@@ -595,7 +595,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def register_tune(sub: argparse._SubParsersAction) -> None:
     """Add ``fieldid tune`` (called from :func:`fieldid.training.cli.register`)."""
-    from .cli import HelpFormatter, add_train_args
+    from fieldid.cli_common import HelpFormatter
+
+    from .train_args import add_train_args
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",
                        formatter_class=HelpFormatter,
