@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fieldid.api import forward_calls_to
+from fieldid.callable_module import forward_calls_to
 
 __all__ = ["import_exporters", "export_run", "ExportError", "bench_run", "BenchError", "Manifest", "Artifact", "load_manifest",
            "ManifestError"]
@@ -39,5 +39,5 @@ def __getattr__(name: str) -> Any:
 
 
 # `fieldid.export(...)` is the API call and `fieldid.export` this package: make the package callable
-# so both work whatever was imported first (see forward_calls_to for why).
-forward_calls_to(__name__, "export")
+# so both work whatever was imported first (fieldid/callable_module.py says why).
+forward_calls_to(__name__, "fieldid.api:export")

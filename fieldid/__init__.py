@@ -13,7 +13,7 @@ One import name. The stages live in subpackages, in data-flow order:
 
 ``import fieldid`` stays torch-free: every name below is imported on first use.
 ``fieldid.export`` and ``fieldid.serve`` are the subpackages, made callable as the API functions
-(see :func:`fieldid.api.forward_calls_to`).
+(see :mod:`fieldid.callable_module`).
 """
 from __future__ import annotations
 

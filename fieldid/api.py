@@ -17,8 +17,6 @@ imports its stage when it runs.
 from __future__ import annotations
 
 import os
-import sys
-import types
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -28,34 +26,9 @@ if TYPE_CHECKING:  # only for annotations; importing them at run time would pull
     from fieldid.serve.server import ServerState
     from fieldid.training.records import RunRecord
 
-__all__ = ["Run", "Bundle", "train", "evaluate", "export", "predict", "serve", "bundle_dir_of", "forward_calls_to"]
+__all__ = ["Run", "Bundle", "train", "evaluate", "export", "predict", "serve", "bundle_dir_of"]
 
 PathLike = str | os.PathLike
-
-
-def forward_calls_to(module_name: str, function_name: str) -> None:
-    """Make the (sub)package ``module_name`` callable as this module's ``function_name``.
-
-    Why: ``fieldid.export`` and ``fieldid.serve`` are both API functions and subpackages.
-    ``import fieldid.export.phone`` sets the attribute ``fieldid.export`` to the subpackage, so
-    a plain function of that name would be replaced by the module depending on import order.
-    Giving the subpackage a module class with ``__call__`` makes ``fieldid.export(run)`` and
-    ``fieldid.export.phone`` both work, whichever was imported first.
-
-    Example:
-        >>> import fieldid.export.manifest, fieldid
-        >>> callable(fieldid.export), fieldid.export.manifest.MANIFEST_SCHEMA_VERSION
-        (True, 1)
-    """
-    target = globals()[function_name]
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return target(*args, **kwargs)
-
-    _CallableModule.__call__.__doc__ = target.__doc__
-    _CallableModule.__name__ = f"{function_name}_module"
-    sys.modules[module_name].__class__ = _CallableModule
 
 
 def bundle_dir_of(path: PathLike) -> Path:
@@ -68,9 +41,9 @@ def bundle_dir_of(path: PathLike) -> Path:
         >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
         PosixPath('runs/reef/export')
     """
-    from fieldid.serve.archive import bundle_dir_of as _find  # torch-free; serve's rule is the one rule
+    from fieldid.export.manifest import bundle_dir_of as find_bundle  # torch-free: the one rule
 
-    return _find(path)
+    return find_bundle(path)
 
 
 class Run:
@@ -251,12 +224,14 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
                           progress=progress)
 
 
-def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, **options: Any) -> ServerState:
+def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, free_ports: bool = False,
+          **options: Any) -> ServerState:
     """Start the TorchServe fallback server on one or more bundles; returns when it is READY.
 
     Args:
         *models: bundles or runs (distinct model names).
         state_dir: where the server keeps config, logs and ``key_file.json`` (default ``RUN/serve``).
+        free_ports: pick five free loopback ports instead of 8080-8082 / 7070-7071 (notebooks, tests).
         **options: :class:`fieldid.serve.ServeOptions` fields (``port``, ``workers``, ``auth``, ...).
 
     Returns:
@@ -271,7 +246,7 @@ def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, *
     from fieldid.serve.server import ServeOptions, start_server
 
     try:
-        opts = ServeOptions(**options)
+        opts = ServeOptions.on_free_ports(**options) if free_ports else ServeOptions(**options)
     except TypeError as e:  # an unknown option name is bad input, like an unknown CLI flag
         raise ValueError(f"serve: {e}") from None
     return start_server([Bundle(m).path for m in models], state_dir, opts)

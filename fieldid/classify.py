@@ -119,9 +119,8 @@ class DevicePredictor:
     @classmethod
     def load(cls, bundle: str | Path, artifact: str | None = None, *, threads: int = 1) -> "DevicePredictor":
         """Load ``artifact`` (default: the phone's choice) of ``bundle``; its sha256 is checked first."""
-        from fieldid.api import bundle_dir_of
         from fieldid.export.bundle import load_runtime
-        from fieldid.export.manifest import file_sha256, load_manifest
+        from fieldid.export.manifest import bundle_dir_of, file_sha256, load_manifest
 
         bundle = bundle_dir_of(bundle)
         manifest = load_manifest(bundle)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fieldid.api import forward_calls_to
+from fieldid.callable_module import forward_calls_to
 
 __all__ = [
     "ClassifierEngine", "archive_bundle", "build_model_store", "ServeError", "ServeOptions", "ServerState",
@@ -36,5 +36,5 @@ def __getattr__(name: str) -> Any:
 
 
 # `fieldid.serve(...)` is the API call and `fieldid.serve` this package: make the package callable
-# so both work whatever was imported first (see forward_calls_to for why).
-forward_calls_to(__name__, "serve")
+# so both work whatever was imported first (fieldid/callable_module.py says why).
+forward_calls_to(__name__, "fieldid.api:serve")
