@@ -197,7 +197,7 @@ def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: 
 
 
 def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike], *, artifact: str | None = None,
-            server: str | None = None, key_file: PathLike | None = None, k: int = 5,
+            server: str | None = None, key_file: PathLike | None = None, ca_file: PathLike | None = None, k: int = 5,
             progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos with one of the bundle's artifacts, as the phone would.
 
@@ -209,7 +209,8 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
         server: the fallback server's URL (``http://HOST:PORT``); photos the device is unsure
             about (``needs_fallback``) are sent there and its answer is added as ``server``.
         key_file: the server's ``key_file.json`` (default: the one of the server that
-            ``fieldid serve start`` started for this bundle, if it is the server at ``server``).
+            ``fieldid serve start`` started for this bundle); a key goes only to its own server.
+        ca_file: PEM certificate to verify an https server with (default: the system's CAs).
         k: how many classes each answer's ``top_k`` lists.
         progress: ``progress(done, total)`` after each photo.
 
@@ -220,8 +221,8 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
     """
     from fieldid.classify import classify_photos
 
-    return classify_photos(Bundle(model).path, photos, artifact=artifact, server=server, key_file=key_file, k=k,
-                          progress=progress)
+    return classify_photos(Bundle(model).path, photos, artifact=artifact, server=server, key_file=key_file,
+                           ca_file=ca_file, k=k, progress=progress)
 
 
 def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, free_ports: bool = False,

@@ -159,25 +159,27 @@ class DevicePredictor:
 
 
 def _server_token(bundle: Path, url: str, key_file: str | Path | None) -> str | None:
-    """The inference key for ``url``: from ``key_file``, else from the server started for this bundle.
+    """The inference key for the server at ``url``: ``key_file``'s, else that of the server
+    ``fieldid serve start`` started for this bundle -- in both cases only if the key file belongs
+    to the server at ``url`` (:func:`fieldid.serve.client.token_for`): a key must never go to
+    another machine because a URL was typed.
 
-    A key found through the bundle is sent only when that server *is* the one at ``url``: a key
-    must never go to another machine just because a URL was typed.
+    Raises:
+        fieldid.serve.client.KeyFileError: ``key_file`` belongs to another server, or is unreadable.
     """
-    from fieldid.serve.client import read_token
+    from fieldid.serve.client import origin, token_for
 
     if key_file is not None:
-        return read_token(key_file)
+        return token_for(url, key_file)
     from fieldid.serve.server import load_state, state_dirs_for
 
-    want = url.rstrip("/")
     for d in state_dirs_for(bundle):
         try:
             state = load_state(d)
         except ValueError:
             continue
-        if state.auth and state.inference_url.rstrip("/") == want:
-            return state.token()
+        if state.auth and state.key_file and origin(state.inference_url) == origin(url):
+            return token_for(url, state.key_file)
     return None  # a --no-auth server, or one we hold no key for (its 4xx says so, per photo)
 
 
@@ -198,8 +200,8 @@ def _row(path: Path, answer: dict[str, Any] | None, artifact: str, error: str = 
 
 
 def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path], *, artifact: str | None = None,
-                    server: str | None = None, key_file: str | Path | None = None, k: int = 5, threads: int = 1,
-                    progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                    server: str | None = None, key_file: str | Path | None = None, ca_file: str | Path | None = None,
+                    k: int = 5, threads: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos on the device model and, where it is unsure, on the server (see :func:`fieldid.predict`).
 
     Returns:
@@ -216,7 +218,7 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
         from fieldid.serve.client import ServeClient
 
         client = ServeClient(_prediction_url(server, device.manifest.name),
-                             _server_token(device.bundle, server, key_file))
+                             _server_token(device.bundle, server, key_file), ca_file=ca_file)
     rows: list[dict[str, Any]] = []
     try:
         for i, f in enumerate(files, 1):

@@ -36,7 +36,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 1 (got {args.k})")
     bar = Progress("predict", 0, enabled=not args.quiet)
     rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
-                   key_file=args.key_file, k=args.k, progress=bar)
+                   key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
     write_table(rows, args.out)
     errors = sum(1 for r in rows if r["error"])
     sent = [r for r in rows if r["server"] is not None]
@@ -68,6 +68,8 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-file", type=Path, default=None,
                    help="the server's key_file.json (default: the key of the server `fieldid serve start` "
                         "started for this bundle, sent only when it is the server at --server)")
+    p.add_argument("--ca-file", type=Path, default=None,
+                   help="PEM certificate to verify an https --server with (default: the system's CAs)")
     p.add_argument("--top-k", dest="k", type=int, default=5, help="classes listed per photo")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_predict)

@@ -139,6 +139,10 @@ def test_server_answers_the_photos_the_device_sent(served_tiny, tiny_bundle: Pat
     # Without --key-file the key of the server started for this bundle is used -- for that server only.
     assert _server_token(tiny_bundle, served_tiny.base_url, None) == served_tiny.token
     assert _server_token(tiny_bundle, "http://127.0.0.2:9", None) is None
+    # Its key file given for another server: refused before anything is sent (one line, exit 2).
+    rc, _, err = _predict(capsys, "--bundle", str(unsure), "--server", "http://127.0.0.2:9", "--key-file",
+                          str(served_tiny.key_file), str(photos), "--out", str(tmp_path / "never.csv"))
+    assert rc == 2 and "belongs to the server at" in err and not (tmp_path / "never.csv").exists()
     # A wrong key: the server refuses, and each sent photo says so in its row (no crash).
     bad_key = tmp_path / "key_file.json"
     bad_key.write_text(json.dumps({"inference": {"key": "wrong"}}))
