@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fieldid.cli_common import first_line
 from fieldid.records import atomic_write_json
 
 from .archive import bundle_dir_of
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
                     out=args.out)
     except ValueError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fieldid.cli_common import first_line
+
 from .records import PreprocessSpec, file_sha256
 
 __all__ = [
@@ -128,7 +130,7 @@ def _load_state_dict(path: str | Path, sha256_prefix: str | None = None) -> dict
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises a zoo of types for bad files
-        raise ModelError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load weights from {path}: {type(e).__name__}: {first_line(e)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from fieldid.cli_common import first_line
+
 from .calibrate import choose_fallback_threshold, fit_temperature
 from .config import ConfigError, TrainConfig, load_config
 from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_transform, imbalance_ratio,
@@ -239,7 +241,7 @@ def _make_trainer(**kwargs: Any) -> Any:
     except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
         # Lightning's own checks of --accelerator/--devices/--strategy/--precision/--num-nodes;
         # a missing optional package (deepspeed, transformer_engine) arrives as an ImportError.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         flags = " ".join(f"--{k.replace('_', '-')} {kwargs.get(k)}"
                          for k in ("accelerator", "devices", "strategy", "precision", "num_nodes"))
         raise ConfigError(f"Lightning rejects {flags}: {msg}") from None

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from fieldid.cli_common import first_line
+
 from .config import AugmentConfig, ConfigError, TrainConfig
 from .records import atomic_write_bytes, atomic_write_text
 
@@ -181,7 +183,7 @@ def load_space(path: str | Path | None, *, pinned: Iterable[str] = ()) -> dict[s
         try:
             space = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise TuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise TuneError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(space, dict):
             raise TuneError(f"{path}: expected a mapping of config keys to ranges")
     pinned = set(pinned)
@@ -232,10 +234,10 @@ def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
                               grace_period=2 * heartbeat,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
     except (ImportError, optuna.exceptions.StorageInternalError, ValueError) as e:
-        raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+        raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
     except Exception as e:  # sqlalchemy errors (bad URL, server down) are not ours to type
         if type(e).__module__.startswith("sqlalchemy"):
-            raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+            raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
         raise
 
 
@@ -305,8 +307,7 @@ def _run_trial(trial: Any, data_dir: Path, out: Path, base: TrainConfig, space: 
             ckpt.unlink()
         raise
     except Exception as e:  # the study records the failed trial; keep its reason for the report
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        trial.set_user_attr("error", f"{type(e).__name__}: {first}")
+        trial.set_user_attr("error", f"{type(e).__name__}: {first_line(e, '')}")
         raise
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return float(metrics["val"]["macro_f1"])
