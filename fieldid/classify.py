@@ -275,7 +275,7 @@ def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
     Raises:
         ValueError: ``out`` has another suffix.
     """
-    from fieldid.training.records import atomic_write_text
+    from fieldid.records import atomic_write_text
 
     out = Path(out)
     if out.suffix.lower() == ".json":

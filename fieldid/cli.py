@@ -32,6 +32,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --run RUN or --bundle DIR")
     if args.out.suffix.lower() not in TABLE_FORMATS:  # before any work: a typo must not cost a whole run
         raise ValueError(f"{args.out}: --out must end in {' or '.join(TABLE_FORMATS)}")
+    if args.out.is_dir():
+        raise ValueError(f"{args.out}: is a folder; --out names the result file")
     if args.k < 1:
         raise ValueError(f"--top-k must be >= 1 (got {args.k})")
     bar = Progress("predict", 0, enabled=not args.quiet)
