@@ -97,16 +97,6 @@ def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
     return verified[0]
 
 
-def _split_outputs(out: Any, unknown_output: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Logits and, when the artifact declares one, the ``unknown_score`` output of a runner call."""
-    if isinstance(out, dict):
-        return np.asarray(out.get("logits", next(iter(out.values())))), (
-            np.asarray(out[unknown_output]) if unknown_output and unknown_output in out else None)
-    if isinstance(out, (tuple, list)):
-        return np.asarray(out[0]), (np.asarray(out[1]).reshape(-1) if unknown_output and len(out) > 1 else None)
-    return np.asarray(out), None
-
-
 @dataclass
 class DevicePredictor:
     """One artifact of a bundle in its runtime: photo bytes -> answer in the shared schema."""
@@ -114,7 +104,9 @@ class DevicePredictor:
     bundle: Path
     manifest: Manifest
     artifact: Artifact
-    runner: Callable[[np.ndarray], Any]
+    runner: Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) -> logits (N, C)
+    # (N, 3, H, W) -> unknown_score (N,), when the artifact has that output (Artifact.unknown_output)
+    score_runner: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def load(cls, bundle: str | Path, artifact: str | None = None, *, threads: int = 1) -> "DevicePredictor":
@@ -129,7 +121,12 @@ class DevicePredictor:
         if file_sha256(path) != art.sha256:
             raise ValueError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced, "
                              f"re-export the bundle")
-        return cls(bundle, manifest, art, load_runtime(path, art.format, threads=threads))
+        score_runner = None
+        if getattr(art, "unknown_output", ""):  # bundles with an unknown detector; others answer without it
+            from fieldid.export.unknown import load_unknown_runtime
+
+            score_runner = load_unknown_runtime(path, art.format)
+        return cls(bundle, manifest, art, load_runtime(path, art.format, threads=threads), score_runner)
 
     @property
     def version(self) -> str:
@@ -143,16 +140,19 @@ class DevicePredictor:
         """
         from fieldid.export.phone import check_resize_fits, decode_image, prediction, preprocess
 
-        m, art = self.manifest, self.artifact
+        m = self.manifest
         t0 = time.perf_counter()
         img = decode_image(data)
         spec = m.preprocess_spec
         check_resize_fits(img.size, spec.resize_size)
-        logits, score = _split_outputs(self.runner(preprocess(img, spec)), getattr(art, "unknown_output", ""))
+        x = preprocess(img, spec)
+        logits = np.asarray(self.runner(x))
         extra: dict[str, Any] = {}
-        if score is not None:  # only bundles with an unknown detector; prediction() then applies its threshold
-            extra = {"unknown_score": float(score.reshape(-1)[0]),
+        if self.score_runner is not None:  # prediction() applies the manifest's threshold to it
+            extra = {"unknown_score": float(np.asarray(self.score_runner(x)).reshape(-1)[0]),
                      "unknown_threshold": (getattr(m, "unknown", None) or {}).get("threshold")}
+        if getattr(m, "model_version", ""):  # the run's checkpoint identity, the same on device and server
+            extra["model_version"] = m.model_version
         return prediction(logits.reshape(-1), m.labels, temperature=m.temperature,
                           fallback_threshold=m.fallback_threshold, model=m.name, version=self.version,
                           source="device", latency_ms=(time.perf_counter() - t0) * 1e3, k=k, **extra)
