@@ -52,29 +52,38 @@ ifeq ($(TRAIN_SETS),custom)
 else
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(FIELDID) data demo salmon $(DATA)/salmon
-	@for name in reef salmon; do \
-	  if [ -f $(RUNS)/$$name/run.json ] && grep -q '"status": "trained"' $(RUNS)/$$name/run.json; then \
-	    echo "$(RUNS)/$$name already trained (delete it to retrain)"; \
-	  elif [ -f $(RUNS)/$$name/run.json ]; then \
-	    $(FIELDID) train --resume $(RUNS)/$$name || exit $$?; \
+	@# Per dataset: the server model (EfficientNet-Lite2) first, then the device model distilled from it.
+	@for name in reef salmon; do for run in $$name-server $$name; do \
+	  teacher=$$( [ $$run = $$name ] && echo "--teacher $(RUNS)/$$name-server" ); \
+	  if [ -f $(RUNS)/$$run/run.json ] && grep -q '"status": "trained"' $(RUNS)/$$run/run.json; then \
+	    echo "$(RUNS)/$$run already trained (delete it to retrain)"; \
+	  elif [ -f $(RUNS)/$$run/run.json ]; then \
+	    $(FIELDID) train --resume $(RUNS)/$$run || exit $$?; \
 	  else \
-	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) || exit $$?; \
+	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$run --config training/configs/$$run.yaml $$teacher $(DEMO_TRAIN_ARGS) || exit $$?; \
 	  fi; \
-	done
+	done; done
 endif
 
 # Recipes expand when they run, so `make train export` sees the runs train just wrote.
 export: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/run.json)"; \
 	[ -n "$$runs" ] || { echo "make export: no run in $(RUNS)/; run 'make train' first" >&2; exit 2; }; \
-	for run in $$runs; do $(FIELDID) export --run $$(dirname $$run) || exit $$?; done
+	for run in $$runs; do \
+	  case $$run in *-server/run.json) formats="--formats onnx";; *) formats="";; esac; \
+	  $(FIELDID) export --run $$(dirname $$run) $$formats || exit $$?; \
+	done
 
 bench: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/export/manifest.json)"; \
 	[ -n "$$runs" ] || { echo "make bench: no export bundle in $(RUNS)/; run 'make train export' first" >&2; exit 2; }; \
 	for m in $$runs; do $(FIELDID) bench --run $$(dirname $$(dirname $$m)) || exit $$?; done
 
+# Reference fine-tune vs `fieldid train` defaults on five small datasets, the CPU speed choices,
+# then the decode-cache rows.
 bench-train: $(STAMP)
+	$(PY) -m fieldid.training.bench compare --work $(RUNS)/bench-train
+	$(PY) -m fieldid.training.bench choices
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m fieldid.training.bench --data $(DATA)/reef
 

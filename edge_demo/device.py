@@ -187,7 +187,8 @@ class OnDeviceModel:
                 elongated to resize (the server's 413 rule).
         """
         t0 = time.perf_counter()
-        img = decode_image(image_bytes, max_pixels=self.max_pixels)
+        # target: a phone photo (JPEG) decodes at reduced size, ~3x faster at 24 MP (intake's draft).
+        img = decode_image(image_bytes, max_pixels=self.max_pixels, target=self.spec.resize_size)
         check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)
         t1 = time.perf_counter()
         x = preprocess(img, self.spec)

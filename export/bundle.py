@@ -37,6 +37,7 @@ from fieldid.training.records import RecordError, RunRecord, load_record
 from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
+from .examples import add_examples
 from .manifest import Artifact, Manifest, file_sha256
 from .phone import preprocess
 
@@ -112,6 +113,9 @@ class ExportContext:
     # images when there are few. Never the held-out split, so its verification stays unbiased.
     selection: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 1, 1), np.float32))
     selection_source: str = ""
+    # fp32 PyTorch unknown_score on ``heldout`` (None: the run has no detector); see export/unknown.py.
+    reference_unknown: np.ndarray | None = None
+    unknown_probe: dict[str, np.ndarray] = field(default_factory=dict)  # generated probes, cached
 
     @property
     def example(self) -> torch.Tensor:
@@ -357,6 +361,10 @@ def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, 
     ver["load_seconds"] = round(load_s, 3)
     if check_label_order:
         ver["labels"] = check_labels(ctx, file, format)
+    if ctx.reference_unknown is not None:
+        from .unknown import verify_unknown
+
+        ver["unknown_score"] = verify_unknown(ctx, file, format, precision)
     return ver
 
 
@@ -499,15 +507,21 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
         extra = calib[: _MIN_SELECTION - len(selection)]
         selection = np.concatenate([selection, extra]) if len(selection) else extra
         sel_source += f" + {len(extra)} calibration images"
-    model = LogitsModel(_load_model(run_dir, record)).eval()
+    from fieldid.training.ood import scored_model
+
+    # With a detector the model has two outputs, (logits, unknown_score), in every artifact.
+    model = LogitsModel(scored_model(run_dir, record, _load_model(run_dir, record))).eval()
     with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]).numpy()
+        outs = [model(torch.from_numpy(heldout[i:i + 64])) for i in range(0, len(heldout), 64)]
+    scored = isinstance(outs[0], tuple)
+    ref = torch.cat([o[0] if scored else o for o in outs]).numpy()
+    ref_unknown = torch.cat([o[1] for o in outs]).numpy() if scored else None
     log.info("held-out %s: %d images; calibration: %d training images; recipe selection: %d (%s)", which,
              len(heldout), len(calib), len(selection), sel_source)
     return ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
                          heldout_targets=targets, heldout_split=which, calibration=calib,
                          reference_logits=ref, allow_drop=allow_drop, selection=selection,
-                         selection_source=sel_source)
+                         selection_source=sel_source, reference_unknown=ref_unknown)
 
 
 # --------------------------------------------------------------------------- built-in exporters
@@ -664,6 +678,19 @@ def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")}
 
 
+def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, record: RunRecord) -> None:
+    """Manifest ``unknown`` + ``model_version``; ``unknown_output`` on every artifact whose score was verified."""
+    from fieldid.training.ood import model_version
+
+    from .unknown import UNKNOWN_OUTPUT, manifest_unknown
+
+    manifest.unknown = manifest_unknown(record)
+    manifest.model_version = record.model_version or model_version(run_dir, record)
+    for a in artifacts:
+        if "unknown_score" in a.verification or (manifest.unknown and a.format == "coreml"):
+            a.unknown_output = UNKNOWN_OUTPUT
+
+
 def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
                allow_drop: bool = False, calibration_size: int = 200) -> Manifest:
     """Export a finished run to every requested format, verify each, write ``manifest.json``.
@@ -735,8 +762,10 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             verification_summary={"status": "failed" if ctx.failures else "passed", "failures": list(ctx.failures),
                                   "allow_drop": allow_drop},
         )
+        _add_unknown(manifest, artifacts, run_dir, record)
         for a in artifacts:
             manifest.set_artifact(a)
+        add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
         if any(a.verification.get("status") == "structure_only" for a in artifacts):
             manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
                                   "(spec type, input, labels and order, outputs, op set); see each verification")

@@ -29,6 +29,7 @@ from torch import nn
 from .bundle import ExportContext, converting, input_spec, make_artifact, quiet_third_party, register_exporter
 from .bundle import register_label_reader
 from .manifest import Artifact
+from .unknown import UNKNOWN_OUTPUT, first_output, output_names
 
 __all__ = ["export_coreml", "inspect_mlpackage", "CoreMLClassifier", "MIN_TARGET"]
 
@@ -52,8 +53,11 @@ class CoreMLClassifier(nn.Module):
         self.register_buffer("shift", -m / s)
         self.inv_temperature = float(1.0 / temperature)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image * self.scale + self.shift) * self.inv_temperature, dim=1)
+    def forward(self, image: torch.Tensor) -> Any:
+        out = self.model(image * self.scale + self.shift)
+        if isinstance(out, tuple):  # (logits, unknown_score): the score passes through unchanged
+            return torch.softmax(out[0] * self.inv_temperature, dim=1), out[1]
+        return torch.softmax(out * self.inv_temperature, dim=1)
 
 
 @contextlib.contextmanager
@@ -154,7 +158,7 @@ def _structure_checks(ctx: ExportContext, info: dict[str, Any], *, int8_weights:
         "input_rgb_image_of_crop_size": info["input"] == {"name": INPUT_NAME, "type": "imageType", "width": size,
                                                           "height": size, "color": "RGB"},
         "label_order_matches_run": info.get("labels") == ctx.labels,
-        "outputs": info["outputs"] == list(OUTPUTS) and info["predicted_feature"] == OUTPUTS[0],
+        "outputs": info["outputs"] == list(OUTPUTS) + output_names(ctx)[1:] and info["predicted_feature"] == OUTPUTS[0],
         "ops_available_in_ios16": not info.get("ops_missing_in_ios16", ["?"]),
         "metadata_labels_match": json.loads(info["metadata"].get("fieldid.labels", "null")) == ctx.labels,
     }
@@ -179,7 +183,8 @@ def _check_traced(ctx: ExportContext, traced: torch.jit.ScriptModule) -> dict[st
     normalisation and temperature, which no structure check can.
     """
     with torch.no_grad():
-        probs = torch.cat([traced(torch.from_numpy(p[None])) for p in _pixels(ctx)]).numpy()
+        outs = [traced(torch.from_numpy(p[None])) for p in _pixels(ctx)]
+        probs = torch.cat([first_output(o) for o in outs]).numpy()
     ref = torch.softmax(torch.from_numpy(ctx.reference_logits) / ctx.record.temperature, dim=1).numpy()
     diff = float(np.abs(probs - ref).max())
     agree = float((probs.argmax(1) == ctx.reference_logits.argmax(1)).mean())
@@ -229,6 +234,14 @@ def _artifact(ctx: ExportContext, file: str, precision: str, method: str, progra
                          verification=ver)
 
 
+def _coreml_outputs(ctx: ExportContext, ct: Any) -> dict[str, Any]:
+    """``ct.convert`` arguments for the classifier outputs, plus ``unknown_score`` when the run has one."""
+    if len(output_names(ctx)) == 1:
+        return {"classifier_config": ct.ClassifierConfig(list(ctx.labels))}
+    return {"outputs": [ct.TensorType(name="probabilities"), ct.TensorType(name=UNKNOWN_OUTPUT)],
+            "classifier_config": ct.ClassifierConfig(list(ctx.labels), predicted_probabilities_output="probabilities")}
+
+
 @register_exporter("coreml")
 def export_coreml(ctx: ExportContext) -> list[Artifact]:
     """``model.mlpackage`` (fp16 ML Program classifier) and ``model.int8.mlpackage`` (int8 weights)."""
@@ -249,7 +262,7 @@ def export_coreml(ctx: ExportContext) -> list[Artifact]:
             compute_precision=ct.precision.FLOAT16,
             inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, 3, size, size), color_layout=ct.colorlayout.RGB,
                                  scale=1.0, bias=[0.0, 0.0, 0.0])],
-            classifier_config=ct.ClassifierConfig(list(ctx.labels)),
+            **_coreml_outputs(ctx, ct),
         )
         _set_metadata(mlmodel, ctx)
         mlmodel.save(str(ctx.stage / "model.mlpackage"))

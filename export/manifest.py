@@ -11,6 +11,8 @@ from typing import Any
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
 from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
+from .examples import check_entries
+
 __all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "bundle_dir_of", "ManifestError",
            "file_sha256"]
 
@@ -55,6 +57,8 @@ class Artifact:
     labels_in_file: str = ""  # where the class labels live inside the file ("" = only in this manifest)
     temperature_in_model: bool = False  # True when the file already outputs softmax(logits / T)
     quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
+    # Name of the file's unknown-score output ("" = none): score > manifest.unknown["threshold"] = unknown.
+    unknown_output: str = ""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -81,6 +85,13 @@ class Manifest(Record):
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's held-out accuracy / macro-F1
     notes: list[str] = field(default_factory=list)
     verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
+    # The unknown detector (threshold, method, fitted_on, ...; {} = none) and the run's model identity.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
+    # Held-out photos copied into the bundle for the demo: [{"file": "examples/<label>/..", "label"}]
+    # (export/examples.py), and where the training photos came from ({"root", "synthetic"}).
+    examples: list[dict[str, str]] = field(default_factory=list)
+    training_data: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 
@@ -90,6 +101,10 @@ class Manifest(Record):
         if not self.temperature > 0 or not 0 <= self.fallback_threshold <= 1:
             raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
+        try:
+            check_entries(self.examples, self.labels, source)
+        except ValueError as e:
+            raise ManifestError(str(e)) from None
         for a in self.artifacts:
             if not isinstance(a, dict):
                 raise ManifestError(f"{source}: every artifact must be a JSON object")

@@ -25,6 +25,7 @@ import torch
 from .bundle import (ExportContext, RecipeSearch, Runner, converting, input_spec, make_artifact, quiet_third_party,
                      register_exporter, register_label_reader, register_runtime, run_batched, verify_artifact)
 from .manifest import Artifact
+from .unknown import manifest_unknown, output_names
 
 __all__ = ["export_onnx", "onnx_metadata", "run_onnx", "read_onnx_metadata", "OnnxInt8Recipe", "OPSET"]
 
@@ -48,7 +49,9 @@ def onnx_metadata(ctx: ExportContext) -> dict[str, str]:
         "fieldid.temperature": repr(r.temperature),
         "fieldid.fallback_threshold": repr(r.fallback_threshold),
         "fieldid.backbone": r.backbone,
-        "fieldid.outputs": "logits",
+        "fieldid.outputs": ",".join(output_names(ctx)),
+        **({"unknown_threshold": repr(float(r.unknown["threshold"])),
+            "fieldid.unknown": json.dumps(manifest_unknown(r))} if r.unknown else {}),
     }
 
 
@@ -252,7 +255,7 @@ def export_onnx(ctx: ExportContext) -> list[Artifact]:
     batch = torch.export.Dim("batch", min=1, max=1024)
     with converting("onnx"), quiet_third_party():
         torch.onnx.export(
-            ctx.model, (ctx.example_batch(2),), str(path), input_names=["input"], output_names=["logits"],
+            ctx.model, (ctx.example_batch(2),), str(path), input_names=["input"], output_names=output_names(ctx),
             opset_version=OPSET, dynamo=True, dynamic_shapes={"input": {0: batch}},
             external_data=False, verbose=False,
         )

@@ -23,6 +23,7 @@ from fieldid.cli_common import first_line
 from .bundle import (ExportContext, Runner, converting, input_spec, make_artifact, register_exporter,
                      register_label_reader, register_runtime, run_batched, verify_artifact)
 from .manifest import Artifact
+from .unknown import first_output
 
 __all__ = ["export_torchscript", "load_torchscript", "load_torchscript_lite", "read_extra_files", "EXTRA_FILES"]
 
@@ -83,7 +84,7 @@ def _runner(module: torch.nn.Module | torch.jit.ScriptModule, threads: int) -> R
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
+            return first_output(module(torch.from_numpy(x))).numpy()
 
     return lambda x: run_batched(run, x, _BATCH)
 

@@ -77,9 +77,9 @@ class Run:
     def labels(self) -> list[str]:
         return list(self.record.labels)
 
-    def evaluate(self, data: PathLike | None = None) -> dict[str, Any]:
+    def evaluate(self, data: PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
         """Held-out metrics (see :func:`evaluate`)."""
-        return evaluate(self, data)
+        return evaluate(self, data, **kwargs)
 
     def export(self, **kwargs: Any) -> "Bundle":
         """Export this run (see :func:`export`)."""
@@ -136,7 +136,8 @@ def train(data: PathLike | None, out: PathLike | None, *, config: PathLike | Non
         data: ImageFolder root (one folder per class, or ``train/`` [``val/``] [``test/``]).
         out: the new run directory.
         config: a YAML file of ``TrainConfig`` keys (``training/configs/*.yaml``).
-        resume: an interrupted run to continue instead (``data``/``out`` then come from it).
+        resume: an interrupted run to continue instead (``data``/``out``/``config`` then come from it;
+            ``overrides`` may change only the settings that are safe to change mid-run, e.g. ``epochs``).
         **overrides: ``TrainConfig`` fields, e.g. ``epochs=10, image_size=160, model="efficientnet_lite0"``;
             nested augmentation keys as ``**{"augment.hue": 0.0}``. ``None`` values change nothing.
 
@@ -150,26 +151,28 @@ def train(data: PathLike | None, out: PathLike | None, *, config: PathLike | Non
     from fieldid.training.train import train as _train
 
     if resume is not None:
-        return Run(resume, _train(None, None, resume=resume))
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return Run(resume, _train(None, None, resume=resume, resume_overrides=changes or None))
     if data is None or out is None:
         raise ValueError("need data and out (or resume=RUN)")
     cfg = load_config(config) if config else TrainConfig()
     return Run(out, _train(data, out, cfg.replace(**overrides)))
 
 
-def evaluate(run: Run | PathLike, data: PathLike | None = None) -> dict[str, Any]:
-    """Metrics of a finished run; writes ``RUN/metrics.json`` and the plots.
+def evaluate(run: Run | PathLike, data: PathLike | None = None, *, out: PathLike | None = None) -> dict[str, Any]:
+    """Metrics of a finished run; writes ``metrics.json`` and the plots.
 
     Args:
         run: the run (or its folder).
         data: another ImageFolder to measure on (default: the run's held-out test split).
+        out: where the metrics and plots go (default: the run folder; see ``fieldid evaluate --out``).
 
     Returns:
         ``accuracy``, ``macro_f1``, per-class precision/recall/F1, top-k, confusion matrix, ECE, ...
     """
     from fieldid.training.train import evaluate as _evaluate
 
-    return _evaluate(Path(run), data)
+    return _evaluate(Path(run), data, out=out)
 
 
 def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: PathLike | None = None,

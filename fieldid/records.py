@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "check_field_types",
     "file_sha256",
     "load_record",
 ]
@@ -100,6 +103,107 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class _TypeMismatch(Exception):
+    """Internal: a value that does not fit its annotation (carries what was expected)."""
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", tuple: "a list", dict: "a mapping"}
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp``; numbers written as strings (PyYAML reads ``1e-3`` as one) become numbers."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for a in options:  # an exact match first (an int stays an int in ``float | int``)
+            if isinstance(value, typing.get_origin(a) or a) and not (isinstance(value, bool) and a is not bool):
+                return _coerce(value, a)
+        for a in options:
+            try:
+                return _coerce(value, a)
+            except _TypeMismatch:
+                pass
+        expected = " or ".join(_EXPECTED.get(typing.get_origin(a) or a, str(a)) for a in options)
+        raise _TypeMismatch(expected + (" or null" if type(None) in args else ""))
+    base = origin or tp
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `devices: 2` in YAML
+    elif base in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(tp)
+            if base is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise _TypeMismatch(f"a list of {len(args)} values")
+                return tuple(_coerce(v, a) for v, a in zip(value, args))
+            item = args[0] if args else Any
+            out = [_coerce(v, item) for v in value]
+            return tuple(out) if base is tuple else out
+    elif base is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(base, type):
+        if isinstance(value, base):
+            return value
+    else:
+        return value
+    raise _TypeMismatch(_EXPECTED.get(base, getattr(base, "__name__", str(base))))
+
+
+def check_field_types(cls: type, d: dict[str, Any], source: str, *, prefix: str = "") -> dict[str, Any]:
+    """``d`` with every value checked against ``cls``'s dataclass annotations.
+
+    Numbers written as strings (``lr: 1e-3`` in YAML) are converted; any other mismatch
+    raises one :class:`RecordError` line naming the key. Keys that are not fields pass through.
+
+    Example:
+        >>> check_field_types(PreprocessSpec, {"resize_size": "146", "crop_size": 128}, "x")["resize_size"]
+        146
+    """
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot evaluate: leave the values to the record
+        return dict(d)
+    out = dict(d)
+    for f in dataclasses.fields(cls):
+        if f.name not in d or f.name not in hints:
+            continue
+        try:
+            out[f.name] = _coerce(d[f.name], hints[f.name])
+        except _TypeMismatch as e:
+            raise RecordError(f"{source}: {prefix}{f.name} must be {e} (got {d[f.name]!r})") from None
+    return out
+
+
 class Record:
     """Mixin: dataclass <-> JSON with schema-version and unknown-key checks."""
 
@@ -129,6 +233,7 @@ class Record:
         unknown = sorted(set(d) - names)
         if unknown:
             raise RecordError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        d = check_field_types(cls, d, source)
         try:
             obj = cls(**d)  # type: ignore[call-arg]
         except TypeError as e:
@@ -216,6 +321,13 @@ class RunRecord(Record):
     created: str = ""
     fieldid_version: str = "0.1.0"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The unknown-score detector (training/ood.py): threshold, method, how it was fitted; {} = none.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    # Identity of the trained weights (sha256 prefix of model.pth + unknown.pth), the same on
+    # every artifact of this run and on the server, so answers can be traced to one model.
+    model_version: str = ""
+    # Knowledge distillation: teacher run, its backbone, weight and temperature ({} = trained alone).
+    distillation: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = RUN_SCHEMA_VERSION
 

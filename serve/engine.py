@@ -31,18 +31,13 @@ from fieldid.export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_res
 
 from .archive import ServeError, bundle_dir_of, bundle_version, has_verified, served_artifact
 
-__all__ = ["ClassifierEngine", "Device", "Reply", "error_body", "resolve_device", "PRECISIONS",
-           "DRAFT_FACTOR"]
+__all__ = ["ClassifierEngine", "Device", "Reply", "error_body", "resolve_device", "PRECISIONS"]
 
 log = logging.getLogger("fieldid.serve")
 
 # What ``--precision`` may ask for. CPU always runs the verified fp32 file; on CUDA, fp16 runs
 # only when the bundle holds an fp16 ONNX file that the export verified (never an unverified cast).
 PRECISIONS = ("fp32", "fp16")
-# Large JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the shorter side
-# >= DRAFT_FACTOR x the model's resize size: the final bilinear resize then still averages 4+
-# source pixels per output pixel, as on a full decode (bench-serve prints the probability change).
-DRAFT_FACTOR = 4
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -127,7 +122,9 @@ class ClassifierEngine:
         self.precision = precision
         self.max_pixels = int(max_pixels)
         self.top_k = int(top_k)
-        self.draft_side = DRAFT_FACTOR * int(self.spec.resize_size)
+        # The shorter side the photo is resized to: JPEGs decode at reduced size for it (intake's
+        # draft rule); 0 decodes every pixel (bench-serve's 'before' row).
+        self.draft_side = int(self.spec.resize_size)
         # Contract 2: a bundle with an unknown-score detector names its output; older bundles do not.
         self.unknown_output = getattr(artifact, "unknown_output", "") or ""
         unknown = getattr(manifest, "unknown", None) or {}
@@ -206,7 +203,7 @@ class ClassifierEngine:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
-        img = decode_image(bytes(data), max_pixels=self.max_pixels, draft_side=self.draft_side)
+        img = decode_image(bytes(data), max_pixels=self.max_pixels, target=self.draft_side or None)  # JPEG draft
         check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)  # the phone's rule, same 413
         return preprocess(img, self.spec)[0]
 

@@ -22,7 +22,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fieldid.api import train
 
     if args.resume is not None:
-        rec = train(None, None, resume=args.resume).record
+        extra = [f for f, v in (("--data", args.data), ("--out", args.out), ("--config", args.config)) if v is not None]
+        if extra:
+            raise ValueError(f"--resume continues the run with its own {', '.join(extra)}; drop {', '.join(extra)}")
+        rec = train(None, None, resume=args.resume, **train_overrides(args)).record
     else:
         if args.data is None or args.out is None:
             raise ValueError("need --data DIR and --out RUN (or --resume RUN)")
@@ -38,9 +41,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fieldid.api import evaluate
 
-    m = evaluate(args.run, args.data)
+    m = evaluate(args.run, args.data, out=args.out)
     print(json.dumps({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": m["split"],
-                      "num_images": m["num_images"], "ece_calibrated": m["ece_calibrated"]}))
+                      "num_images": m["num_images"], "ece_calibrated": m["ece_calibrated"],
+                      "metrics_file": m["metrics_file"]}))
     return 0
 
 
@@ -61,16 +65,29 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_ood(args: argparse.Namespace) -> int:
+    from .negatives import make_ood_set
+
+    counts = make_ood_set(args.out, unseen=args.unseen, other=args.other, generated=args.generated)
+    print(json.dumps({"out": str(args.out), "counts": counts}))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a backbone on an ImageFolder dataset", formatter_class=_D)
     add_train_args(p)
     p.add_argument("--out", type=Path, default=None, help="new run directory")
-    p.add_argument("--resume", type=Path, default=None, help="continue an interrupted run directory")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue an interrupted run directory with its own settings; only --epochs, --num-workers, "
+                        "--no-cache, --accelerator and --precision may change (others are refused)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a run", formatter_class=_D)
     p.add_argument("--run", type=Path, required=True, help="run directory")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the run's own held-out test split)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="metrics file to write (default: RUN/metrics.json for the run's own held-out split, "
+                        "RUN/metrics-<folder>.json for any other folder)")
     p.set_defaults(func=_cmd_evaluate)
 
     from .tune import register_tune  # torch-free: optuna and lightning load only when it runs
@@ -91,6 +108,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="generator seed")
     d.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts")
     d.set_defaults(func=_cmd_data_demo)
+    o = dsub.add_parser("ood", help="the folder `fieldid bench --ood` measures the unknown answer on",
+                        formatter_class=_D)
+    o.add_argument("out", type=Path, help="output folder (gets other/ and unseen/)")
+    o.add_argument("--unseen", type=Path, nargs="*", default=[],
+                   help="class folders of the same kind that the model was not trained on")
+    o.add_argument("--other", type=Path, nargs="*", default=[], help="folders of other datasets")
+    o.add_argument("--generated", type=int, default=120, help="generated gradient / noise / stripe images")
+    o.set_defaults(func=_cmd_data_ood)
 
 
 if __name__ == "__main__":  # pragma: no cover

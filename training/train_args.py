@@ -25,7 +25,15 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--devices", default=None, help="devices per node, e.g. 1, 2 or auto (Lightning; default 1)")
     p.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn ... (Lightning; default auto)")
     p.add_argument("--num-nodes", type=int, default=None, help="nodes for multi-node DDP via torchrun/SLURM (default 1)")
-    p.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed (default: AMP on GPU, 32 on CPU)")
+    p.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed (default: AMP on GPU, 32-true on CPU)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decode/augmentation worker processes (default: half the cores on CPU, up to 8 on GPU)")
+    p.add_argument("--teacher", default=None,
+                   help="distil from this finished run (the server model; same labels), default: none")
+    p.add_argument("--distill-weight", type=float, default=None,
+                   help="share of the teacher's soft-label loss (default from config: 0.5)")
+    p.add_argument("--distill-temperature", type=float, default=None,
+                   help="distillation temperature T (default from config: 2.0)")
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
@@ -36,5 +44,6 @@ def train_overrides(args: argparse.Namespace) -> dict:
         "pretrained": False if args.no_pretrained else None, "augment.hue": 0.0 if args.no_hue else None,
         "cache": False if args.no_cache else None, "accelerator": args.accelerator,
         "devices": args.devices, "strategy": args.strategy, "num_nodes": args.num_nodes,
-        "precision": args.precision,
+        "precision": args.precision, "num_workers": args.num_workers, "teacher": args.teacher, "distill_weight": args.distill_weight,
+        "distill_temperature": args.distill_temperature,
     }

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import random
 import re
 import time
 import warnings
@@ -217,6 +218,16 @@ def _no_experimental_notices() -> Iterator[None]:
         yield
 
 
+_SCHEMA_ATTEMPTS = 5
+
+
+def _is_schema_race(e: BaseException) -> bool:
+    """A concurrent ``CREATE TABLE`` lost to another process (sqlalchemy IntegrityError / ProgrammingError)."""
+    text = str(e).lower()
+    return type(e).__module__.startswith("sqlalchemy") and (
+        "already exists" in text or "duplicate key" in text or "uniqueviolation" in text)
+
+
 def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -229,10 +240,21 @@ def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
         # Several local processes share the file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
     try:
-        with _no_experimental_notices():
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                with _no_experimental_notices():
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                      grace_period=2 * heartbeat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+            except Exception as e:
+                # Processes starting together on a new PostgreSQL database race to create Optuna's
+                # tables; the loser sees a unique violation / "already exists". The tables are there
+                # a moment later, so open again (measured with two `fieldid tune` on one study).
+                if attempt + 1 < _SCHEMA_ATTEMPTS and _is_schema_race(e):
+                    time.sleep(0.5 + random.random())
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
     except (ImportError, optuna.exceptions.StorageInternalError, ValueError) as e:
         raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
     except Exception as e:  # sqlalchemy errors (bad URL, server down) are not ours to type
@@ -269,7 +291,8 @@ def _pruning_callback(trial: Any) -> Any:
             value = trainer.callback_metrics.get("val_macro_f1")
             if value is None:
                 return
-            epoch = trainer.current_epoch
+            # The run's epoch (head epochs on cached features included), comparable across trials.
+            epoch = trainer.current_epoch + getattr(pl_module, "epoch_offset", 0)
             trial.report(float(value), step=epoch)
             if trial.should_prune():
                 # Propagates out of trainer.fit (Lightning tears down first) and out of train().
