@@ -18,10 +18,11 @@ from torch import nn
 
 from fieldid.cli_common import first_line
 
-from .records import PreprocessSpec, file_sha256
+from .records import PreprocessSpec, RunRecord, file_sha256, load_record
 
 __all__ = [
     "BackboneSpec",
+    "load_run_model",
     "ModelError",
     "register_backbone",
     "list_backbones",
@@ -413,3 +414,17 @@ def imagenet_labels() -> list[str]:
     from torchvision.models import MobileNet_V2_Weights
 
     return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torch.nn.Module:
+    """The run's fine-tuned model (fp32, eval mode) from ``model.pth`` — no pretrained weights needed.
+
+    Here, next to :func:`create_model`, so that train.py, distill.py and ood.py can all use it
+    without importing each other.
+    """
+    run_dir = Path(run_dir)
+    record = record or load_record(run_dir)
+    model = create_model(record.backbone, record.num_classes, pretrained=False)
+    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    return model.eval()

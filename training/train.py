@@ -37,7 +37,7 @@ from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_tr
                    load_split, make_split, train_transform)
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
-from .models import create_model, get_backbone
+from .models import create_model, get_backbone, load_run_model  # load_run_model: re-exported here too
 from .records import (PreprocessSpec, RecordError, RunRecord, atomic_write_bytes, atomic_write_json,
                       load_record)
 
@@ -444,16 +444,6 @@ def _write_state_dict(model: torch.nn.Module, path: Path) -> None:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torch.nn.Module:
-    """The run's fine-tuned model (fp32, eval mode) from ``model.pth`` — no pretrained weights needed."""
-    run_dir = Path(run_dir)
-    record = record or load_record(run_dir)
-    model = create_model(record.backbone, record.num_classes, pretrained=False)
-    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
-    return model.eval()
 
 
 def _make_trainer(**kwargs: Any) -> Any:
