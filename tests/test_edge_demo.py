@@ -765,11 +765,9 @@ _TRAINING_FREE_SCRIPT = textwrap.dedent("""
     print(json.dumps({"examples": len(mode.examples), "answer": bool(out.device),
                       "training": sorted(m for m in sys.modules if m.startswith("fieldid.training"))}))
 """)
-# Still imported through other packages' code, each being moved out of fieldid.training on its
-# own branch: fieldid.export.manifest / export.phone use training.records (PreprocessSpec,
-# _Record, file_sha256) and edge_demo/cli.py uses training.cli's HelpFormatter (shared CLI
-# helpers). The demo's own modules import nothing from it; once those land this set is empty.
-_UPSTREAM_PENDING = {"fieldid.training", "fieldid.training.records", "fieldid.training.cli"}
+# Nothing is pending any more: records moved to fieldid.records and the shared CLI helpers to
+# fieldid.cli_common, so the demo and what it imports load no fieldid.training module at all.
+_UPSTREAM_PENDING: set[str] = set()
 
 
 def test_the_demo_imports_nothing_from_training(tiny_bundle: Path) -> None:
