@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register", "assign_modes"]
 

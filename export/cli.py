@@ -5,16 +5,16 @@ import argparse
 import json
 from pathlib import Path
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export_run
+    from fieldid.api import export
 
-    m = export_run(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
-                   calibration_size=args.calibration_size)
+    m = export(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
+               calibration_size=args.calibration_size).manifest
     for a in m.artifact_list():
         v = a.verification
         detail = ""

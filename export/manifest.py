@@ -13,7 +13,8 @@ from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
 from .examples import check_entries
 
-__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256"]
+__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "bundle_dir_of", "ManifestError",
+           "file_sha256"]
 
 MANIFEST_SCHEMA_VERSION = 1
 # format name -> file suffix. "pytorch" is the fp32 state dict the server loads.
@@ -134,11 +135,28 @@ class Manifest(Record):
         self.artifacts = [a for a in self.artifacts if a["file"] != art.file] + [asdict(art)]
 
 
+def bundle_dir_of(path: str | Path) -> Path:
+    """A bundle folder, or a run folder -> its default ``export/`` bundle: the one rule serve/,
+    edge_demo/ and the API all use.
+
+    Raises:
+        ManifestError: neither holds a ``manifest.json``.
+
+    Example:
+        >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
+        PosixPath('runs/reef/export')
+    """
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / "export" / "manifest.json").is_file():
+        return path / "export"
+    raise ManifestError(f"{path}: no manifest.json here or in {path / 'export'}; run `fieldid export --run RUN` first")
+
+
 def load_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and validate ``BUNDLE/manifest.json``; every named file must exist."""
-    bundle_dir = Path(bundle_dir)
-    if (bundle_dir / "export" / "manifest.json").is_file() and not (bundle_dir / "manifest.json").is_file():
-        bundle_dir = bundle_dir / "export"  # a run directory: use its default bundle
+    """Read and validate ``BUNDLE/manifest.json`` (a run folder: its ``export/``); every named file must exist."""
+    bundle_dir = bundle_dir_of(bundle_dir)
     m = Manifest.from_json(bundle_dir / "manifest.json")
     for a in m.artifact_list():
         if not (bundle_dir / a.file).exists():

@@ -18,6 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from fieldid.cli_common import first_line
+
 from .bundle import (ExportContext, Runner, converting, input_spec, make_artifact, register_exporter,
                      register_label_reader, register_runtime, run_batched, verify_artifact)
 from .manifest import Artifact
@@ -110,7 +112,7 @@ def _script_or_trace(ctx: ExportContext) -> tuple[torch.jit.ScriptModule, str]:
         try:
             return torch.jit.freeze(torch.jit.script(ctx.model.eval())), "torch.jit.script + freeze"
         except Exception as e:  # noqa: BLE001 - e.g. timm models with untyped Python in forward
-            log.info("torch.jit.script failed (%s); tracing instead", str(e).splitlines()[0] if str(e) else e)
+            log.info("torch.jit.script failed (%s); tracing instead", first_line(e))
         with converting("torchscript"), torch.no_grad():
             traced = torch.jit.trace(ctx.model.eval(), ctx.example_batch(2), check_trace=False)
             return torch.jit.freeze(traced), "torch.jit.trace + freeze"

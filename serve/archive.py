@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from fieldid.export.manifest import Artifact, Manifest, ManifestError, load_manifest
+from fieldid.export.manifest import bundle_dir_of as find_bundle
 
 __all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "served_artifact",
            "has_verified", "HANDLER_FILE"]
@@ -34,17 +35,15 @@ class ServeError(ValueError):
 
 
 def bundle_dir_of(path: str | Path) -> Path:
-    """A bundle folder, or a run folder -> its ``export/`` bundle.
+    """A bundle folder, or a run folder -> its ``export/`` bundle (:func:`fieldid.export.manifest.bundle_dir_of`).
 
     Raises:
         ServeError: neither holds a ``manifest.json``.
     """
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
-    if (path / "export" / "manifest.json").is_file():
-        return path / "export"
-    raise ServeError(f"{path}: no manifest.json here or in {path / 'export'}; run `fieldid export --run RUN` first")
+    try:
+        return find_bundle(path)
+    except ManifestError as e:
+        raise ServeError(str(e)) from None
 
 
 def bundle_version(manifest: Manifest) -> str:

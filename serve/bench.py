@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from fieldid.cli_common import first_line
 from fieldid.records import atomic_write_json
 
 from .archive import bundle_dir_of
@@ -386,7 +387,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fieldid.training.cli import HelpFormatter
+    from fieldid.cli_common import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m fieldid.serve.bench", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
                     out=args.out, netty_threads=args.netty_threads)
     except ValueError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
 
@@ -35,10 +35,9 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
-    from .server import ServeOptions
-
-    return ServeOptions(
+def _options(args: argparse.Namespace) -> dict:
+    """The ``ServeOptions`` fields the start flags set."""
+    return dict(
         host=args.host, port=args.port, management_port=args.management_port, metrics_port=args.metrics_port,
         grpc_inference_port=args.grpc_port,
         grpc_management_port=args.grpc_management_port or args.grpc_port + 1, auth=not args.no_auth,
@@ -52,9 +51,9 @@ def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from .server import start_server
+    from fieldid.api import serve
 
-    st = start_server(_bundles(args), args.state_dir, _options(args))  # warns itself about --host
+    st = serve(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
     for name, info in st.models.items():
         print(f"serving {name} (version {info['version']}): {st.prediction_url(name)}")
     if st.auth:

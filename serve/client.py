@@ -20,6 +20,10 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+# read_token lives in keys.py so that state.py (ServerState.token) and this module, which asks
+# state.py which server issued a key file, do not import each other.
+from .keys import read_token
+
 __all__ = ["PredictionError", "ServeClient", "predict", "read_token", "image_content_type", "http_json",
            "token_for", "KeyFileError", "origin", "tls_context", "NEEDS_KEY_FILE"]
 
@@ -50,15 +54,6 @@ def image_content_type(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return "application/octet-stream"
-
-
-def read_token(key_file: str | Path, kind: str = "inference") -> str:
-    """The ``inference`` (or ``management`` / ``API``) key from TorchServe's ``key_file.json``."""
-    keys = json.loads(Path(key_file).read_text())
-    try:
-        return str(keys[kind]["key"])
-    except (KeyError, TypeError):
-        raise ValueError(f"{key_file}: no {kind!r} key (has: {', '.join(keys)})") from None
 
 
 def origin(url: str) -> tuple[str, str, int]:

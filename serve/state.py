@@ -22,7 +22,7 @@ from typing import Any
 from fieldid.records import Record
 
 from .archive import ServeError
-from .client import read_token
+from .keys import read_token
 from .config import url_host
 
 __all__ = ["ServerState", "STATE_FILE", "read_server_state", "load_state"]

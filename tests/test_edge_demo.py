@@ -765,10 +765,9 @@ _TRAINING_FREE_SCRIPT = textwrap.dedent("""
     print(json.dumps({"examples": len(mode.examples), "answer": bool(out.device),
                       "training": sorted(m for m in sys.modules if m.startswith("fieldid.training"))}))
 """)
-# Still imported: edge_demo/cli.py's HelpFormatter comes from fieldid.training.cli until the
-# shared CLI helpers land (api branch); importing it loads the (lazy, torch-free) package too.
-# Once that import moves, this set is empty.
-_UPSTREAM_PENDING = {"fieldid.training", "fieldid.training.cli"}
+# Nothing is pending any more: records moved to fieldid.records and the shared CLI helpers to
+# fieldid.cli_common, so the demo and what it imports load no fieldid.training module at all.
+_UPSTREAM_PENDING: set[str] = set()
 
 
 def test_the_demo_imports_nothing_from_training(tiny_bundle: Path) -> None:

@@ -24,7 +24,7 @@ _WHERE = {
     "RunRecord": "records", "PreprocessSpec": "records", "load_record": "records", "RecordError": "records",
     "BackboneSpec": "models", "create_model": "models", "get_backbone": "models", "list_backbones": "models",
     "example_input": "models", "ModelError": "models",
-    "load_run_model": "train", "RunError": "train",
+    "load_run_model": "models", "RunError": "train",
     "CheckpointError": "train",
     "DataError": "images", "ImageError": "images", "make_split": "data",
     "UnknownDetector": "ood", "ScoredModel": "ood", "refit_run_detector": "ood",

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from fieldid.cli_common import first_line
+
 from .records import RecordError, atomic_write_text, check_field_types
 
 __all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config"]
@@ -157,7 +159,7 @@ def load_config(path: str | Path) -> TrainConfig:
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     try:
         return TrainConfig.from_dict(d, source=str(path))
     except RecordError as e:

@@ -271,4 +271,6 @@ def imbalance_ratio(counts: Sequence[int]) -> float:
 
 
 def default_num_threads() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count): training
+    loaders and ``fieldid bench``'s "all threads" column both use it."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

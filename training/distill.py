@@ -94,7 +94,7 @@ def teacher_logits(teacher_run: str | Path, paths: list[Path], labels: list[str]
     """
     from .data import CachedImageDataset, ImageCache, eval_transform
     from .records import RecordError, load_record
-    from .train import load_run_model
+    from .models import load_run_model
 
     try:
         rec = load_record(teacher_run)

@@ -16,10 +16,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .records import PreprocessSpec, file_sha256
+from fieldid.cli_common import first_line
+
+from .records import PreprocessSpec, RunRecord, file_sha256, load_record
 
 __all__ = [
     "BackboneSpec",
+    "load_run_model",
     "ModelError",
     "register_backbone",
     "list_backbones",
@@ -128,7 +131,7 @@ def _load_state_dict(path: str | Path, sha256_prefix: str | None = None) -> dict
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises a zoo of types for bad files
-        raise ModelError(f"cannot load weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load weights from {path}: {type(e).__name__}: {first_line(e)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -411,3 +414,17 @@ def imagenet_labels() -> list[str]:
     from torchvision.models import MobileNet_V2_Weights
 
     return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torch.nn.Module:
+    """The run's fine-tuned model (fp32, eval mode) from ``model.pth`` — no pretrained weights needed.
+
+    Here, next to :func:`create_model`, so that train.py, distill.py and ood.py can all use it
+    without importing each other.
+    """
+    run_dir = Path(run_dir)
+    record = record or load_record(run_dir)
+    model = create_model(record.backbone, record.num_classes, pretrained=False)
+    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(sd)
+    return model.eval()

@@ -351,7 +351,7 @@ def refit_run_detector(run_dir: str | Path, *, quantile: float = ACCEPT_QUANTILE
     """
     from .data import CachedImageDataset, ImageCache, eval_transform, load_split
     from .records import load_record
-    from .train import load_run_model
+    from .models import load_run_model
 
     run_dir = Path(run_dir)
     record = load_record(run_dir)

@@ -29,13 +29,15 @@ from typing import Any
 
 import torch
 
+from fieldid.cli_common import first_line
+
 from .calibrate import choose_fallback_threshold, fit_temperature
 from .config import ConfigError, TrainConfig, load_config
 from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_transform, imbalance_ratio,
                    load_split, make_split, train_transform)
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
-from .models import create_model, get_backbone
+from .models import create_model, get_backbone, load_run_model  # load_run_model: re-exported here too
 from .records import (PreprocessSpec, RecordError, RunRecord, atomic_write_bytes, atomic_write_json,
                       load_record)
 
@@ -444,16 +446,6 @@ def _write_state_dict(model: torch.nn.Module, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torch.nn.Module:
-    """The run's fine-tuned model (fp32, eval mode) from ``model.pth`` — no pretrained weights needed."""
-    run_dir = Path(run_dir)
-    record = record or load_record(run_dir)
-    model = create_model(record.backbone, record.num_classes, pretrained=False)
-    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
-    return model.eval()
-
-
 def _make_trainer(**kwargs: Any) -> Any:
     """``lightning.Trainer(**kwargs)``, with accelerator/device/strategy/precision mistakes as a ConfigError."""
     import lightning as L
@@ -464,7 +456,7 @@ def _make_trainer(**kwargs: Any) -> Any:
     except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
         # Lightning's own checks of --accelerator/--devices/--strategy/--precision/--num-nodes;
         # a missing optional package (deepspeed, transformer_engine) arrives as an ImportError.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         flags = " ".join(f"--{k.replace('_', '-')} {kwargs.get(k)}"
                          for k in ("accelerator", "devices", "strategy", "precision", "num_nodes"))
         raise ConfigError(f"Lightning rejects {flags}: {msg}") from None

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from fieldid.cli_common import first_line
+
 from .config import AugmentConfig, ConfigError, TrainConfig
 from .records import atomic_write_bytes, atomic_write_text
 
@@ -182,7 +184,7 @@ def load_space(path: str | Path | None, *, pinned: Iterable[str] = ()) -> dict[s
         try:
             space = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise TuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise TuneError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(space, dict):
             raise TuneError(f"{path}: expected a mapping of config keys to ranges")
     pinned = set(pinned)
@@ -254,10 +256,10 @@ def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
     except (ImportError, optuna.exceptions.StorageInternalError, ValueError) as e:
-        raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+        raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
     except Exception as e:  # sqlalchemy errors (bad URL, server down) are not ours to type
         if type(e).__module__.startswith("sqlalchemy"):
-            raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+            raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
         raise
 
 
@@ -328,8 +330,7 @@ def _run_trial(trial: Any, data_dir: Path, out: Path, base: TrainConfig, space: 
             ckpt.unlink()
         raise
     except Exception as e:  # the study records the failed trial; keep its reason for the report
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        trial.set_user_attr("error", f"{type(e).__name__}: {first}")
+        trial.set_user_attr("error", f"{type(e).__name__}: {first_line(e, '')}")
         raise
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return float(metrics["val"]["macro_f1"])
@@ -597,8 +598,8 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
 
 # --------------------------------------------------------------------------- CLI
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .cli import train_overrides
     from .config import load_config
+    from .train_args import train_overrides
 
     if args.data is None:
         raise TuneError("need --data DIR")
@@ -618,7 +619,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def register_tune(sub: argparse._SubParsersAction) -> None:
     """Add ``fieldid tune`` (called from :func:`fieldid.training.cli.register`)."""
-    from .cli import HelpFormatter, add_train_args
+    from fieldid.cli_common import HelpFormatter
+
+    from .train_args import add_train_args
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",
                        formatter_class=HelpFormatter,
