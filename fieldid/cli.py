@@ -18,7 +18,7 @@ from fieldid import __version__
 __all__ = ["main", "build_parser"]
 
 # Packages that contribute sub-commands, in data-flow order.
-_CLI_PACKAGES = ("training", "export", "serve", "edge_demo")
+_CLI_PACKAGES = ("training", "export", "serve", "edge_demo", "app")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,133 @@
+"""``fieldid app serve``: a small static server for an app build, with the headers the app wants.
+
+* ``Cross-Origin-Opener-Policy: same-origin`` + ``Cross-Origin-Embedder-Policy: require-corp``
+  make the page cross-origin isolated, which is what lets onnxruntime-web use WebAssembly
+  threads (SharedArrayBuffer). Without them the app still works, on one thread.
+* ``Cache-Control: no-cache`` on the files that decide the version (page, ``config.json``,
+  ``sw.js``), so a phone notices a new build; the service worker does the offline caching.
+* The right MIME types for ``.mjs``, ``.wasm`` and ``.webmanifest``.
+
+For testing on this machine (127.0.0.1 by default). A phone on the network needs HTTPS for the
+service worker: give ``--certfile/--keyfile``, or host the folder on any HTTPS static host that
+sends the same headers (README).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import ipaddress
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from .build import AppBuildError, load_app_config
+
+__all__ = ["ISOLATION_HEADERS", "AppServer", "make_server", "is_loopback", "running_app_server"]
+
+# Sent with every response (a static host must send the first two for WASM threads).
+ISOLATION_HEADERS = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
+_NO_CACHE = ("/", "/index.html", "/config.json", "/sw.js", "/manifest.webmanifest")
+_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
+          ".webmanifest": "application/manifest+json", ".onnx": "application/octet-stream",
+          ".json": "application/json", ".css": "text/css", ".png": "image/png"}
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Static files from the build folder (SimpleHTTPRequestHandler keeps requests inside it)."""
+
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **_TYPES}
+    quiet = True
+
+    def end_headers(self) -> None:
+        for k, v in ISOLATION_HEADERS.items():
+            self.send_header(k, v)
+        path = self.path.split("?", 1)[0]
+        self.send_header("Cache-Control", "no-cache" if path in _NO_CACHE else "max-age=3600")
+        super().end_headers()
+
+    def list_directory(self, path):  # type: ignore[override]
+        self.send_error(404, "not found")  # the app's files are known; no folder listings
+        return None
+
+    def log_message(self, format: str, *args: object) -> None:
+        if not self.quiet:
+            super().log_message(format, *args)
+
+
+class AppServer(http.server.ThreadingHTTPServer):
+    """The HTTP(S) server; ``url`` is where the app is."""
+
+    daemon_threads = True
+    scheme = "http"
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"{self.scheme}://{host}:{port}/"
+
+
+def make_server(app_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, certfile: str | None = None,
+                keyfile: str | None = None, quiet: bool = True) -> AppServer:
+    """A server (not yet serving) for the build in ``app_dir``.
+
+    Raises:
+        AppBuildError: ``app_dir`` is not an app build, or the certificate cannot be loaded.
+        OSError: the address is taken or cannot be bound.
+
+    Example:
+        >>> srv = make_server("build/app", port=0)  # doctest: +SKIP
+        >>> threading.Thread(target=srv.serve_forever, daemon=True).start()  # doctest: +SKIP
+    """
+    app_dir = Path(app_dir)
+    load_app_config(app_dir)
+    handler = functools.partial(type("Handler", (_Handler,), {"quiet": quiet}), directory=str(app_dir))
+    cls = type("AppServer6", (AppServer,), {"address_family": socket.AF_INET6}) if ":" in host else AppServer
+    srv = cls((host, port), handler)
+    if certfile:
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as e:
+            srv.server_close()
+            raise AppBuildError(f"cannot load the certificate {certfile}: {e}") from None
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        srv.scheme = "https"
+    return srv
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def running_app_server(app_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[AppServer]:
+    """Serve ``app_dir`` in a background thread for the ``with`` block (tests, benchmarks).
+
+    Example:
+        >>> with running_app_server("build/app") as srv:  # doctest: +SKIP
+        ...     print(srv.url)
+    """
+    srv = make_server(app_dir, host, port)
+    t = threading.Thread(target=srv.serve_forever, name="fieldid-app-server", daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
