@@ -164,7 +164,9 @@ class AppPage:
             "top1_prob_text": p.get_by_test_id("top1-prob").inner_text() if visible else "",
             "unknown": p.get_by_test_id("unknown").count() > 0,
             "error": p.locator("#error").inner_text() if p.locator("#error").is_visible() else "",
-            "server_top1": p.get_by_test_id("server-top1").get_attribute("data-label")
+            "server_top1": (p.get_by_test_id("server-top1").get_attribute("data-label") or "")
+            if p.locator("#server-card").is_visible() else None,
+            "server_top1_prob": float(p.get_by_test_id("server-top1-prob").get_attribute("data-probability") or "nan")
             if p.locator("#server-card").is_visible() else None,
             "server_message": p.get_by_test_id("server-message").inner_text()
             if p.locator("#server-card").is_visible() else "",
@@ -340,3 +342,37 @@ def test_bad_files_get_a_message_and_the_app_keeps_working(browser: Any, two_mod
         assert app.errors == [] and app.outside() == []
     finally:
         app.close()
+
+
+# ---------- server fallback ----------
+def _strict_copy(bundle: Path, dest: Path) -> Path:
+    """The bundle with fallback_threshold 1.0 in its manifest: every answer is "unsure", so every photo
+    goes to the server as well (a user's strictest setting; the model files are untouched)."""
+    shutil.copytree(bundle, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    m["fallback_threshold"] = 1.0
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+def test_server_down_the_device_answer_stands(browser: Any, tiny_bundle: Path, photos: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    from fixtures_edge_demo import unused_port
+
+    down = f"http://127.0.0.1:{unused_port()}"
+    out = build_app(resolve_modes([("bundle", str(_strict_copy(tiny_bundle, tmp_path / "b")))]), tmp_path / "app",
+                    server=down, timeout_s=3, progress=False)
+    with running_app_server(out) as srv:
+        app = AppPage(browser, srv.url, allowed=(down,))
+        try:
+            shown = app.upload(photos["chelsea.jpg"])
+            assert shown["state"] == "done", shown
+            assert_matches_python(shown, python_ort(tiny_bundle, "fp32", photos["chelsea.jpg"].read_bytes()),
+                                  load_manifest(tiny_bundle).labels)
+            msg = shown["server_message"]
+            assert "not reachable" in msg and "device's answer stands" in msg and "unsure" in msg, msg
+            assert shown["server_top1"] == "" and shown["raw"]["server"]["ok"] is False
+            assert any(u.startswith(f"{down}/predictions/") for u in app.requests)  # it did try
+            assert app.outside() == [] and app.errors == []
+        finally:
+            app.close()

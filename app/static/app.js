@@ -235,8 +235,11 @@ function renderServer(reply, because) {
     $('server-message').textContent = `asked because ${because}; ${reply.roundTripMs.toFixed(0)} ms round trip`
       + (reply.answer.unknown ? ' · the server says: unknown' : '');
   } else {
-    $('server-top1').textContent = '';
-    $('server-top1-prob').textContent = '';
+    for (const id of ['server-top1', 'server-top1-prob']) {
+      $(id).textContent = '';
+      delete $(id).dataset.label;
+      delete $(id).dataset.probability;
+    }
     $('server-topk').replaceChildren();
     $('server-message').textContent = `Asked because ${because}, but ${reply.message}. The device's answer stands.`;
   }
