@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.training.records import PreprocessSpec, RecordError, _Record, file_sha256
+from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
 __all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256"]
 
@@ -61,7 +61,7 @@ class Artifact:
 
 
 @dataclass
-class Manifest(_Record):
+class Manifest(Record):
     """Everything an app or server needs to use the bundle's models."""
 
     name: str

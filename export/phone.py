@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from fieldid.training.records import PreprocessSpec
+from fieldid.records import PreprocessSpec
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -48,8 +48,12 @@ class ImageInputError(ValueError):
 
 
 def decode_image(data: bytes, *, formats: Sequence[str] = ALLOWED_FORMATS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_side: int | None = None) -> Image.Image:
     """Decode JPEG/PNG/WEBP bytes to RGB with EXIF orientation applied.
+
+    ``draft_side``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8; Pillow's draft
+    mode) whose shorter side is still >= ``draft_side`` - a 24 MP photo for a 146 px model decodes
+    at 1/4 size, several times faster. The pixel limit applies to the file's full size either way.
 
     Raises:
         ImageInputError: 400 empty body, 415 not an allowed image format or undecodable,
@@ -70,6 +74,8 @@ def decode_image(data: bytes, *, formats: Sequence[str] = ALLOWED_FORMATS,
             im = Image.open(io.BytesIO(data), formats=list(formats))
             if im.width * im.height > max_pixels:
                 raise ImageInputError(f"image is {im.width}x{im.height} pixels; the limit is {max_pixels}", 413)
+            if draft_side and im.format == "JPEG" and min(im.size) >= 2 * draft_side:
+                im.draft("RGB", (int(draft_side), int(draft_side)))
             im.load()
     except ImageInputError:
         raise

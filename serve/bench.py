@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from fieldid.training.records import atomic_write_json
+from fieldid.records import atomic_write_json
 
 from .archive import bundle_dir_of
 from .client import ServeClient
@@ -110,14 +110,21 @@ def _measure_interleaved(calls: dict[str, Call], photos: list[bytes], requests: 
     return {m: _row(lat[m], server_ms[m], sum(lat[m]) / 1000.0, 1) for m in calls}
 
 
-def _same_settings(device: str, precision: str) -> tuple[str, str]:
+def _same_settings(device: str, precision: str, bundle: Path | None = None) -> tuple[str, str]:
     """The in-process engine's ``(device, precision)`` for the server's ``--device``/``--precision``:
-    what a TorchServe worker picks (first GPU, fp16 under ``auto``; CPU always fp32)."""
-    import torch
+    what a TorchServe worker picks (first GPU when ONNX Runtime can use one, fp16 under ``auto``
+    where the bundle verified an fp16 file; CPU always fp32)."""
+    from fieldid.export.manifest import load_manifest
 
-    if device == "cpu" or not torch.cuda.is_available():
+    from .archive import has_verified
+    from .engine import resolve_device
+
+    dev = resolve_device("cpu" if device == "cpu" else None, gpu_id=0)
+    if dev.type == "cpu":
         return "cpu", "fp32"
-    return "cuda:0", "fp16" if precision == "auto" else precision
+    if precision == "auto":
+        precision = "fp16" if bundle and has_verified(load_manifest(bundle), "onnx", "fp16") else "fp32"
+    return str(dev), precision
 
 
 _LOADED_RE = re.compile(r"loaded \S+ \(\S+\) on (\S+), (\w+),")
@@ -201,7 +208,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
     load0 = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
     print(f"bench: {bundle}, {len(photos)} images, {requests} requests per row, {threads} thread(s)", flush=True)
 
-    dev, prec = _same_settings(device, precision)
+    dev, prec = _same_settings(device, precision, bundle)
     engine = ClassifierEngine.from_bundle(bundle, threads=threads, device=dev, precision=prec)
     print(f"bench: both sides on {engine.device} ({engine.precision})", flush=True)
 
@@ -252,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-delay-ms", type=int, default=5, help="server batch delay for the batching-on rows")
     p.add_argument("--device", default="auto", choices=("auto", "cpu"),
                    help="auto: first GPU when present (server and in-process alike), else CPU")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="GPU autocast precision on both sides (auto = fp16 on GPU; CPU always fp32)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
+                   help="GPU precision on both sides (auto = fp16 where the bundle verified it; CPU always fp32)")
     p.add_argument("--images", type=Path, default=None, help="folder of request images (default: real sample photos)")
     p.add_argument("--state-dir", type=Path, default=None, help="benchmark server state (default: RUN/serve-bench)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STATE_DIR/bench.json)")
