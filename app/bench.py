@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fieldid.training.records import atomic_write_json
+from fieldid.records import atomic_write_json
 
 __all__ = ["RATIO_GOAL", "bench_app", "bench_photos", "main"]
 

@@ -33,7 +33,7 @@ from fieldid.edge_demo.modes import MAX_FILE_BYTES, MODES, mode_for_labels
 from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
 from fieldid.export.phone import DEFAULT_MAX_PIXELS
 
-__all__ = ["AppBuildError", "AppMode", "APP_SCHEMA_VERSION", "resolve_modes", "BROWSER_PRECISIONS", "ORT_FILES", "build_app",
+__all__ = ["AppBuildError", "AppMode", "APP_SCHEMA_VERSION", "SAME_ORIGIN", "check_server_url", "resolve_modes", "BROWSER_PRECISIONS", "ORT_FILES", "build_app",
            "default_ort_dir", "ort_web_version", "load_app_config"]
 
 APP_SCHEMA_VERSION = 1
@@ -73,12 +73,20 @@ def ort_web_version(ort_dir: Path) -> str:
         return ""
 
 
-def _check_server_url(url: str) -> str:
+SAME_ORIGIN = "same-origin"  # --server value: POST to the app's own host (a reverse proxy forwards it)
+
+
+def check_server_url(url: str, flag: str = "--server") -> str:
+    """An http(s) inference API root without credentials or query, trailing slash removed.
+
+    Raises:
+        AppBuildError: anything else (one line naming ``flag``).
+    """
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise AppBuildError(f"--server {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
+        raise AppBuildError(f"{flag} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
     if u.username or u.password or u.query:
-        raise AppBuildError(f"--server {url!r}: give only the inference API root; the token is pasted in the app")
+        raise AppBuildError(f"{flag} {url!r}: give only the inference API root; the token is pasted in the app")
     return url.rstrip("/")
 
 
@@ -245,7 +253,8 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         modes: one or two modes (``dive`` / ``shop``) and their bundles (see :func:`resolve_modes`).
         out: the build folder; replaced as a whole when it holds an earlier build.
         server: TorchServe inference API root the app asks when unsure ("" = none; the user can
-            set one in the app's settings).
+            set one in the app's settings), or ``"same-origin"``: the app's own host, where a reverse
+            proxy (``fieldid app serve --proxy``, nginx) forwards ``/predictions/`` to TorchServe.
         precision: default in-browser ONNX model: ``auto`` (fp32 when present: faster in
             onnxruntime-web), ``fp32`` or ``int8``. The other stays selectable in the app.
         ort_dir: onnxruntime-web's ``dist/`` folder (default: ``app/node_modules``, see ``make app-deps``).
@@ -270,7 +279,7 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         raise AppBuildError(f"precision {precision!r} is not one of: auto, {', '.join(BROWSER_PRECISIONS)}")
     if not 1 <= int(top_k) <= 20 or not 0 < float(timeout_s) <= 120:
         raise AppBuildError("--top-k must be 1..20 and --timeout in (0, 120] seconds")
-    server = _check_server_url(server) if server else ""
+    server = server if server in ("", SAME_ORIGIN) else check_server_url(server)
     ort_dir = Path(ort_dir) if ort_dir else default_ort_dir()
     missing = [f for f in ORT_FILES if not (ort_dir / f).is_file()]
     if missing:

@@ -29,8 +29,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host}: anyone who can reach this address can load the app "
               f"(it holds no secrets: the token stays on each phone)", file=sys.stderr, flush=True)
     srv = make_server(args.dir, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile,
-                      quiet=not args.log)
-    print(f"fieldid app at {srv.url} (COOP/COEP sent: WebAssembly threads on; Ctrl-C to stop)", flush=True)
+                      quiet=not args.log, proxy=args.proxy or "")
+    via = f"; POST /predictions/ -> {args.proxy.rstrip('/')}" if args.proxy else ""
+    print(f"fieldid app at {srv.url} (COOP/COEP sent: WebAssembly threads on{via}; Ctrl-C to stop)", flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
@@ -67,9 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default=None, help="export bundle folder (with manifest.json) feeding a mode")
     b.add_argument("--out", type=Path, required=True, help="build folder (replaced when it holds an earlier build)")
     b.add_argument("--server", default=None, metavar="URL",
-                   help="TorchServe inference API root asked when the device is unsure, e.g. "
-                        "http://192.168.1.20:8080 (default: none; settable in the app). Start it with "
-                        "`fieldid serve start --cors-origin ORIGIN`; the token is pasted in the app, never built in")
+                   help="TorchServe asked when the device is unsure: its inference API root, e.g. "
+                        "https://gpu-box:8080 (started with `fieldid serve start --cors-origin APP_ORIGIN "
+                        "--no-auth`), or 'same-origin': the app's own host, whose reverse proxy forwards "
+                        "/predictions/ (`fieldid app serve --proxy`, nginx; keeps token auth). Default: none, "
+                        "settable in the app. The token is pasted in the app, never built in")
     b.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
                    help="default in-browser model; auto = fp32 (faster in onnxruntime-web, see "
                         "`make bench-app`), int8 stays selectable")
@@ -88,5 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--certfile", default=None, help="TLS certificate (PEM): serve HTTPS, which a phone on the "
                                                      "network needs for offline use")
     s.add_argument("--keyfile", default=None, help="TLS private key (PEM) for --certfile")
+    s.add_argument("--proxy", default=None, metavar="URL",
+                   help="forward POST /predictions/... to this TorchServe inference root (for apps built with "
+                        "--server same-origin; the token passes through, auth stays on)")
     s.add_argument("--log", action="store_true", help="log every request")
     s.set_defaults(func=_cmd_serve)

@@ -177,7 +177,7 @@ class AppPage:
 
     def settings(self, **fields: str) -> None:
         p = self.page
-        if not p.locator("#settings").get_attribute("open"):
+        if not p.locator("#settings").evaluate("e => e.open"):
             p.locator("#settings summary").tap()
         for key, value in fields.items():
             el = p.locator(f"#{key}")
@@ -376,3 +376,56 @@ def test_server_down_the_device_answer_stands(browser: Any, tiny_bundle: Path, p
             assert app.outside() == [] and app.errors == []
         finally:
             app.close()
+
+
+@pytest.fixture(scope="module")
+def app_with_server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, Path]]:
+    """An app whose bundle always asks (fallback_threshold 1.0), built with ``--server same-origin``, served
+    by ``fieldid app serve --proxy`` in front of a real TorchServe (token auth on) serving the same model."""
+    from fixtures_serve import torchserve_server
+
+    tmp = tmp_path_factory.mktemp("app_srv")
+    with torchserve_server([tiny_bundle], tmp / "state", device="cpu") as served:
+        out = build_app(resolve_modes([("bundle", str(_strict_copy(tiny_bundle, tmp / "bundle")))]), tmp / "app",
+                        server="same-origin", timeout_s=30, progress=False)
+        with running_app_server(out, proxy=served.base_url) as srv:
+            yield srv, served, out
+
+
+def test_fallback_to_a_real_torchserve(browser: Any, app_with_server: tuple[Any, Any, Path], tiny_bundle: Path,
+                                       photos: dict[str, Path], tmp_path: Path) -> None:
+    srv, served, out = app_with_server
+    labels = load_manifest(tiny_bundle).labels
+    app = AppPage(browser, srv.url)  # every request, the server's included, goes to the app's own origin
+    try:
+        # Token pasted once in the settings; it lives in the phone's local storage only.
+        app.settings(**{"server-token": served.token})
+        assert app.page.evaluate("localStorage.getItem('fieldid.token')") == served.token
+        for f in out.rglob("*"):  # never baked into the build
+            assert not f.is_file() or served.token.encode() not in f.read_bytes(), f
+        sent: list[dict[str, str]] = []
+        app.page.on("request", lambda r: sent.append(r.headers) if "/predictions/" in r.url else None)
+        path = photos["chelsea.jpg"]
+        shown = app.upload(path)  # below the threshold: the device asks by itself
+        probs = python_ort(tiny_bundle, "fp32", path.read_bytes())
+        assert_matches_python(shown, probs, labels)
+        assert shown["state"] == "done" and "unsure" in shown["server_message"], shown
+        server = shown["raw"]["server"]["answer"]
+        assert server["source"] == "server" and shown["server_top1"] == shown["top1"]
+        assert abs(shown["server_top1_prob"] - probs.max()) <= PROB_TOL
+        assert any(h.get("authorization") == f"Bearer {served.token}" for h in sent)
+        screenshot(app, "app_fallback_phone", tmp_path)
+        # "Ask the server" on demand.
+        before = app.page.locator("#app").get_attribute("data-asked") or "0"
+        app.page.get_by_test_id("ask-server").tap()
+        app.page.wait_for_function(f"(document.getElementById('app').dataset.asked || '0') !== '{before}'",
+                                   timeout=60_000)
+        assert "asked because you asked" in app.page.get_by_test_id("server-message").inner_text()
+        # A wrong token: the server refuses, the device's answer stands.
+        app.settings(**{"server-token": "not-the-key"})
+        shown = app.upload(photos["coffee.jpg"])
+        assert shown["state"] == "done" and shown["top1"], shown
+        assert "refused the token" in shown["server_message"] and "device's answer stands" in shown["server_message"]
+        assert app.outside() == [] and app.errors == []
+    finally:
+        app.close()

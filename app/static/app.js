@@ -115,7 +115,11 @@ async function classify(blob, m, precision = precisionOf(m)) {
 }
 
 // ---------- server fallback ----------
-function serverUrl() { return (store.get('server') || config.server || '').replace(/\/+$/, ''); }
+// "same-origin": the app's own host, whose reverse proxy forwards predictions/ to TorchServe.
+function serverUrl() {
+  const s = (store.get('server') || config.server || '').replace(/\/+$/, '');
+  return s === 'same-origin' ? new URL('.', location.href).href.replace(/\/+$/, '') : s;
+}
 
 function explainHttp(status, body) {
   const detail = String((body && (body.error || body.message)) || body || '').slice(0, 200);
