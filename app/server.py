@@ -115,6 +115,7 @@ class AppServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     scheme = "http"
+    app_dir: Path = Path(".")  # the build folder being served
 
     @property
     def url(self) -> str:
@@ -145,6 +146,7 @@ def make_server(app_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     handler = functools.partial(type("Handler", (_Handler,), {"quiet": quiet, "proxy": proxy}), directory=str(app_dir))
     cls = type("AppServer6", (AppServer,), {"address_family": socket.AF_INET6}) if ":" in host else AppServer
     srv = cls((host, port), handler)
+    srv.app_dir = app_dir
     if certfile:
         try:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

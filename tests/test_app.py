@@ -48,12 +48,15 @@ def test_build_carries_the_manifest_and_nothing_else(built: Path, tiny_bundle: P
                                   "interpolation": spec.interpolation, "mean": list(spec.mean), "std": list(spec.std)}
     # Every verified ONNX file of the bundle, byte for byte, fp32 first and the default.
     onnx = {a.precision: a for a in m.artifact_list() if a.format == "onnx"}
+    raw = {a["file"]: a for a in m.artifacts}
     assert [x["precision"] for x in mode["models"]] == [p for p in ("fp32", "int8") if p in onnx]
     assert mode["default_precision"] == "fp32"
     for x in mode["models"]:
         assert file_sha256(built / x["file"]) == x["sha256"] == onnx[x["precision"]].sha256
-        assert x["unknown_output"] == ""  # this bundle has no unknown detector: the app works without
-    assert mode["unknown_threshold"] is None
+        # Contract 2: the unknown detector's output name as the manifest has it ("" = none: the app works without).
+        assert x["unknown_output"] == (raw[onnx[x["precision"]].file].get("unknown_output") or "")
+    unknown = getattr(m, "unknown", None) or {}
+    assert mode["unknown_threshold"] == unknown.get("threshold")
     # onnxruntime-web's files, unchanged, and the pinned version recorded.
     for f in ORT_FILES:
         assert file_sha256(built / "ort" / f) == file_sha256(default_ort_dir() / f)

@@ -80,13 +80,21 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ---------- Python reference ----------
 def python_ort(bundle: Path, precision: str, data: bytes) -> np.ndarray:
     """Calibrated probabilities from ONNX Runtime in Python: the app must agree with this."""
+    return python_ort_outputs(bundle, precision, data)[0]
+
+
+def python_ort_outputs(bundle: Path, precision: str, data: bytes) -> tuple[np.ndarray, float | None]:
+    """(probabilities, unknown_score or None when the file has no unknown detector), ONNX Runtime in Python."""
     import onnxruntime as ort
 
     m = load_manifest(bundle)
     art = m.find("onnx", precision)
+    unknown_output = next(a for a in m.artifacts if a["file"] == art.file).get("unknown_output") or ""
     sess = ort.InferenceSession(str(Path(bundle) / art.file), providers=["CPUExecutionProvider"])
     x = preprocess(decode_image(data), m.preprocess_spec)
-    return softmax(sess.run([art.output_name], {art.input_name: x})[0][0], m.temperature)
+    names = [art.output_name] + ([unknown_output] if unknown_output else [])
+    outs = sess.run(names, {art.input_name: x})
+    return softmax(outs[0][0], m.temperature), (float(np.asarray(outs[1]).reshape(-1)[0]) if unknown_output else None)
 
 
 def assert_matches_python(shown: dict[str, Any], probs: np.ndarray, labels: list[str]) -> None:
@@ -426,6 +434,69 @@ def test_fallback_to_a_real_torchserve(browser: Any, app_with_server: tuple[Any,
         shown = app.upload(photos["coffee.jpg"])
         assert shown["state"] == "done" and shown["top1"], shown
         assert "refused the token" in shown["server_message"] and "device's answer stands" in shown["server_message"]
+        assert app.outside() == [] and app.errors == []
+    finally:
+        app.close()
+
+
+def test_plain_static_host_runs_then_isolates_itself(browser: Any, two_mode_app: Any, photos: dict[str, Path],
+                                                     tiny_bundle: Path) -> None:
+    """A static host that sends no COOP/COEP: the app runs on one thread; once its service worker is in
+    control it serves the files with those headers, so the next start has WebAssembly threads."""
+    import functools
+    import http.server
+    import threading
+
+    app_dir = two_mode_app.app_dir
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(app_dir)))
+    t = threading.Thread(target=plain.serve_forever, daemon=True)
+    t.start()
+    try:
+        app = AppPage(browser, f"http://127.0.0.1:{plain.server_address[1]}/")
+        try:
+            assert app.page.evaluate("[window.fieldid.isolated, window.fieldid.threads]") == [False, 1]
+            shown = app.upload(photos["chelsea.jpg"])
+            assert_matches_python(shown, python_ort(tiny_bundle, "fp32", photos["chelsea.jpg"].read_bytes()),
+                                  load_manifest(tiny_bundle).labels)
+            app.wait_offline_ready()
+            app.page.reload()
+            app.wait_ready()
+            isolated, threads = app.page.evaluate("[window.fieldid.isolated, window.fieldid.threads]")
+            assert isolated is True and threads >= 1
+            shown = app.upload(photos["chelsea.jpg"])
+            assert_matches_python(shown, python_ort(tiny_bundle, "fp32", photos["chelsea.jpg"].read_bytes()),
+                                  load_manifest(tiny_bundle).labels)
+            assert app.outside() == [] and app.errors == []
+        finally:
+            app.close()
+    finally:
+        plain.shutdown()
+        plain.server_close()
+
+
+def test_unknown_answer_matches_python(browser: Any, two_mode_app: Any, photos: dict[str, Path],
+                                       tiny_bundle: Path) -> None:
+    """Contract 2: with the bundle's unknown detector (ONNX output ``unknown_score``, manifest
+    ``unknown.threshold``), the page says unknown exactly when Python ONNX Runtime's score is above
+    the threshold. Without a detector in the bundle the page never says unknown (checked too)."""
+    m = load_manifest(tiny_bundle)
+    threshold = (getattr(m, "unknown", None) or {}).get("threshold")
+    app = AppPage(browser, two_mode_app.url)
+    try:
+        app.mode("dive")
+        for name, path in photos.items():
+            shown = app.upload(path)
+            probs, score = python_ort_outputs(tiny_bundle, "fp32", path.read_bytes())
+            assert_matches_python(shown, probs, m.labels)
+            answer = shown["raw"]["device"]["answer"]
+            if score is None or threshold is None:
+                assert not shown["unknown"] and answer["unknown"] is False and answer["unknown_score"] is None
+                continue
+            assert abs(answer["unknown_score"] - score) <= 1e-3 * max(1.0, abs(score)), (name, answer, score)
+            assert shown["unknown"] is (score > threshold) is answer["unknown"], (name, score, threshold)
+            if answer["unknown"]:
+                assert answer["needs_fallback"] is True
         assert app.outside() == [] and app.errors == []
     finally:
         app.close()
