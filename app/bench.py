@@ -118,7 +118,8 @@ def bench_app(source: str | Path, *, photos: int = 50, out: Path | None = None,
     result: dict[str, Any] = {"bundle": str(bundle), "photos": photos, "cores": cores, "goal_ratio": RATIO_GOAL,
                               "rows": []}
     with tempfile.TemporaryDirectory(prefix="fieldid-app-bench-") as tmp:
-        app_dir = build_app(modes, Path(tmp) / "app", progress=False)
+        # Speed only: an int8 file that missed its accuracy bar is timed too (its status is in the row).
+        app_dir = build_app(modes, Path(tmp) / "app", progress=False, include_failed=True)
         import json
 
         cfg = json.loads((app_dir / "config.json").read_text())
@@ -138,6 +139,8 @@ def bench_app(source: str | Path, *, photos: int = 50, out: Path | None = None,
                     print(" python ...", end="", flush=True)
                     py = _python_rows(bundle, precision, threads, imgs)
                     row = {"precision": precision, "threads": threads,
+                           "verification": next(m["verification"].get("status", "") for m in mode["models"]
+                                                if m["precision"] == precision),
                            "size_mb": round(next(m["size_bytes"] for m in mode["models"]
                                                  if m["precision"] == precision) / 1e6, 2)}
                     for name, vals in (("browser_model", web["model"]), ("browser_total", web["total"]),

@@ -90,14 +90,14 @@ def check_server_url(url: str, flag: str = "--server") -> str:
     return url.rstrip("/")
 
 
-def _browser_models(manifest: Manifest) -> list[Artifact]:
+def _browser_models(manifest: Manifest, include_failed: bool = False) -> list[Artifact]:
     """The bundle's ONNX files a browser should run: logits out, verification not failed, fp32 first."""
     arts = []
     for precision in BROWSER_PRECISIONS:
         if precision not in onnx_precisions(manifest):
             continue
         art = manifest.find("onnx", precision)
-        if art.verification.get("status") == "failed":
+        if art.verification.get("status") == "failed" and not include_failed:
             continue  # a phone ships only verified models (same rule as the Gradio demo)
         arts.append(art)
     if not arts:
@@ -135,13 +135,14 @@ def _model_entry(bundle: Path, key: str, art: Artifact, raw: dict[str, Any]) -> 
     }
 
 
-def _mode_config(mode: AppMode, precision: str) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+def _mode_config(mode: AppMode, precision: str,
+                 include_failed: bool = False) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
     """``config.json``'s entry for one mode, and the (source file, build path) pairs to copy."""
     try:
         manifest = load_manifest(mode.bundle_dir)
     except (ManifestError, OSError) as e:
         raise AppBuildError(str(e)) from None
-    arts = _browser_models(manifest)
+    arts = _browser_models(manifest, include_failed)
     raw_by_file = {a["file"]: a for a in manifest.artifacts}
     models = [_model_entry(mode.bundle_dir, mode.key, a, raw_by_file[a.file]) for a in arts]
     have = [m["precision"] for m in models]
@@ -246,7 +247,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precision: str = "auto",
               ort_dir: str | Path | None = None, top_k: int = 3, timeout_s: float = 5.0,
-              progress: bool = True) -> Path:
+              progress: bool = True, include_failed: bool = False) -> Path:
     """Build the static web app for ``modes`` into ``out``.
 
     Args:
@@ -261,6 +262,8 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         top_k: classes shown per answer.
         timeout_s: seconds the app waits for the server.
         progress: print one line per step.
+        include_failed: also ship ONNX files that failed their verification (the latency
+            benchmark measures speed, not accuracy); never for an app people use.
 
     Returns:
         The build folder.
@@ -290,7 +293,7 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
 
     entries, copies = [], []
     for i, mode in enumerate(modes, 1):
-        entry, files = _mode_config(mode, precision)
+        entry, files = _mode_config(mode, precision, include_failed)
         entries.append(entry)
         copies += files
         say(f"[{i}/{len(modes)}] {mode.key}: bundle {entry['name']!r} ({mode.bundle_dir}), models "

@@ -287,7 +287,7 @@ async function identify(blob) {
         server = await askServer(blob, mode);
         renderServer(server, `this browser cannot read ${e.format}`);
       } else {
-        showError(e.message);
+        showError(e.format ? `${e.message} Set a server in Settings to send such photos there, or use a JPEG.` : e.message);
       }
     } else {
       showError(`The model could not run on this device: ${e.message}`);
@@ -366,6 +366,13 @@ function bindEvents() {
     });
   }
   $('ask-server').addEventListener('click', askNow);
+  $('install').addEventListener('click', async () => {
+    if (!installPrompt) return;
+    installPrompt.prompt();
+    await installPrompt.userChoice;
+    installPrompt = null;
+    $('install').hidden = true;
+  });
   $('precision').addEventListener('change', (ev) => {
     store.set(`precision.${mode.key}`, ev.target.value);
     session(mode, ev.target.value).catch((e) => showError(`The model could not be loaded: ${e.message}`));
@@ -390,6 +397,15 @@ function bindEvents() {
     $('settings-status').textContent = 'Token removed from this phone.';
   });
 }
+
+// The browser offers installation once the manifest and service worker qualify; keep its prompt for our button.
+let installPrompt = null;
+window.addEventListener('beforeinstallprompt', (ev) => {
+  ev.preventDefault();
+  installPrompt = ev;
+  $('install').hidden = false;
+});
+window.addEventListener('appinstalled', () => { $('install').hidden = true; installPrompt = null; });
 
 async function registerServiceWorker() {
   const status = $('offline-status');
