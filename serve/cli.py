@@ -46,7 +46,8 @@ def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms, max_request_mb=args.max_request_mb,
         max_pixels=args.max_pixels, precision=args.precision, device=args.device,
         response_timeout_s=args.response_timeout, startup_timeout_s=args.timeout, cors_origin=args.cors_origin or "",
-        certificate=str(args.certificate or ""), private_key=str(args.private_key or ""),
+        job_queue_size=args.job_queue_size, netty_threads=args.netty_threads,
+        netty_client_threads=args.netty_client_threads, certificate=str(args.certificate or ""), private_key=str(args.private_key or ""),
     )
 
 
@@ -185,6 +186,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", default=d.device, choices=("auto", "cpu"), help="auto uses GPUs when present")
     s.add_argument("--response-timeout", type=int, default=d.response_timeout_s, help="seconds before a stuck worker is restarted")
     s.add_argument("--timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the workers to be READY")
+    s.add_argument("--job-queue-size", type=int, default=d.job_queue_size,
+                   help="requests queued per model before the server answers 503")
+    s.add_argument("--netty-threads", type=int, default=d.netty_threads,
+                   help="frontend (Netty) server threads; 0 = TorchServe's default, one per core")
+    s.add_argument("--netty-client-threads", type=int, default=d.netty_client_threads,
+                   help="frontend threads talking to the workers; 0 = TorchServe's default")
     s.add_argument("--certificate", type=Path, default=None, metavar="FILE",
                    help="PEM certificate: the inference API speaks HTTPS (with --private-key; default: plain HTTP)")
     s.add_argument("--private-key", type=Path, default=None, metavar="FILE", help="PEM private key of --certificate")

@@ -69,6 +69,10 @@ class ServeOptions:
     device: str = "auto"  # auto (GPU when present) | cpu
     response_timeout_s: int = 60
     job_queue_size: int = 100
+    # Netty frontend threads (0 = TorchServe's default: one per core). Accepting/parsing HTTP
+    # is cheap next to the model, so on a small CPU fewer threads leave the cores to the worker.
+    netty_threads: int = 0
+    netty_client_threads: int = 0
     startup_timeout_s: float = 180.0
     # Browser origin allowed to call the inference API (e.g. the field app's
     # ``https://app.example.org``); "" = no CORS headers at all, TorchServe's default.
@@ -89,6 +93,8 @@ class ServeOptions:
         ports = self.ports()
         if len(set(ports.values())) != len(ports):
             raise ServeError(f"ports must differ: {ports}")
+        if self.netty_threads < 0 or self.netty_client_threads < 0 or self.job_queue_size < 1:
+            raise ServeError("netty threads must be >= 0 (0 = TorchServe's default) and the job queue >= 1")
         if self.workers < 1 or self.threads < 1 or self.batch_size < 1 or self.max_batch_delay_ms < 0:
             raise ServeError("workers, threads and batch size must be >= 1, batch delay >= 0")
         if self.precision not in ("auto", "fp32", "fp16"):
@@ -214,6 +220,10 @@ def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -
     }
     if opts.device == "cpu":
         lines["number_of_gpu"] = "0"
+    if opts.netty_threads:
+        lines["number_of_netty_threads"] = str(opts.netty_threads)
+    if opts.netty_client_threads:
+        lines["netty_client_threads"] = str(opts.netty_client_threads)
     if opts.tls:
         lines.update({"certificate_file": str(Path(opts.certificate).resolve()),
                       "private_key_file": str(Path(opts.private_key).resolve())})

@@ -456,6 +456,7 @@ def server_status(state_dir: str | Path) -> dict[str, Any]:
         "launcher_alive": launcher, "process_pids": sorted(p.pid for p in procs),
         "started": state.started, "inference_url": state.inference_url, "management_url": state.management_url,
         "auth": state.auth, "key_file": state.key_file or None, "log_dir": state.log_dir, "models": models,
+        "tls": state.tls, "certificate": state.certificate or None,
     }
     if running and state.auth:
         try:

@@ -350,15 +350,18 @@ def test_cli_help_and_torch_free_import() -> None:
 
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_cpu(tiny_bundle: Path, shapes_dir: Path) -> None:
-    import torch
+    import onnxruntime as ort
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs CUDA and onnxruntime-gpu (CUDAExecutionProvider)")
+    from fieldid.serve.archive import has_verified
     from fieldid.serve.engine import ClassifierEngine
 
     cpu = ClassifierEngine.from_bundle(tiny_bundle, device="cpu")
-    gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # fp16 autocast, channels-last
-    assert gpu.device.type == "cuda" and gpu.precision == "fp16"
+    gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # the verified fp16 ONNX file if any, else fp32
+    fp16 = has_verified(load_manifest(tiny_bundle), "onnx", "fp16")
+    assert gpu.device.type == "cuda" and gpu.precision == ("fp16" if fp16 else "fp32")
+    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
     files = [sorted(d.iterdir())[0].read_bytes() for d in sorted(shapes_dir.iterdir())]
     for a, b in zip(cpu.handle(files), gpu.handle(files)):
         assert a.body["top_k"][0]["label"] == b.body["top_k"][0]["label"]
