@@ -69,6 +69,7 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
         ValueError: a format without a runtime here, or a file without that output.
     """
     path = Path(path)
+    batch = _BATCH
     if format == "onnx":
         import onnxruntime as ort
 
@@ -83,6 +84,9 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
     elif format == "executorch":
         from executorch.runtime import Runtime
 
+        from .executorch_export import MAX_BATCH
+
+        batch = MAX_BATCH  # .pte files have a fixed batch size
         method = Runtime.get().load_program(path).load_method("forward")
         run = lambda b: method.execute([torch.from_numpy(b)])[1].numpy()  # noqa: E731
     elif format == "torchscript":
@@ -93,7 +97,7 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
         run = _torch_runner(_load_for_lite_interpreter(str(path)))
     else:
         raise ValueError(f"no runtime for the {UNKNOWN_OUTPUT} of {format} artifacts here")
-    return lambda x: run_batched(lambda b: np.asarray(run(b)).reshape(-1, 1), x, _BATCH).reshape(-1)
+    return lambda x: run_batched(lambda b: np.asarray(run(b)).reshape(-1, 1), x, batch).reshape(-1)
 
 
 def _probes(ctx: ExportContext) -> np.ndarray:
