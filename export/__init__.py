@@ -8,16 +8,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["export_run", "ExportError", "bench_run", "BenchError", "Manifest", "Artifact", "load_manifest",
+from fieldid.callable_module import forward_calls_to
+
+__all__ = ["import_exporters", "export_run", "ExportError", "bench_run", "BenchError", "Manifest", "Artifact", "load_manifest",
            "ManifestError"]
 
 # Exporter modules register themselves in bundle.EXPORTERS / RUNTIMES / LABEL_READERS when imported.
 _EXPORTER_MODULES = ("onnx_export", "executorch_export", "torchscript_export", "coreml_export")
 
 
-def _import_exporters() -> None:
+def import_exporters() -> None:
+    """Import every exporter module, so that ``bundle.EXPORTERS`` / ``RUNTIMES`` / ``LABEL_READERS`` are full."""
     for mod in _EXPORTER_MODULES:
         importlib.import_module(f".{mod}", __name__)
+
+
+_import_exporters = import_exporters  # the name export's own modules use
 
 
 def __getattr__(name: str) -> Any:
@@ -30,3 +36,8 @@ def __getattr__(name: str) -> Any:
     if name in ("bench_run", "BenchError"):
         return getattr(importlib.import_module(".bench", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# `fieldid.export(...)` is the API call and `fieldid.export` this package: make the package callable
+# so both work whatever was imported first (fieldid/callable_module.py says why).
+forward_calls_to(__name__, "fieldid.api:export")

@@ -69,10 +69,6 @@ class BenchRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _threads_all() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 # --------------------------------------------------------------------------- images
 def _folder_images(data: Path, labels: list[str]) -> tuple[list[Path], list[int], str]:
     from fieldid.training.images import scan_image_folder
@@ -483,7 +479,9 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
         raise BenchError(str(e)) from None
     out = Path(out) if out else run_dir / "bench"
     _import_exporters()
-    threads = _threads_all()
+    from fieldid.training.data import default_num_threads  # the one "usable cores" rule
+
+    threads = default_num_threads()
     from .bundle import ExportError, converting, file_sha256
 
     arts = sorted(manifest.artifact_list(), key=lambda a: a.format != "pytorch")

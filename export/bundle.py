@@ -36,6 +36,7 @@ from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
 from .inputs import ExportInputs, PhoneImages, folder_inputs, load_arrays, run_inputs, samples_index
+from .examples import add_examples
 from .manifest import Artifact, Manifest, file_sha256
 from .recipes import RecipeSearch, fidelity
 from .registry import (EXPORTERS, LABEL_READERS, RUNTIMES, ExportError, Runner, converting, load_runtime,
@@ -183,17 +184,22 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
         selection = PhoneImages.from_array(np.concatenate([selection.pixels(0, len(selection)), extra]),
                                            record.preprocess_spec)
         sel_source += f" + {len(extra)} calibration images"
-    model = LogitsModel(_load_model(run_dir, record)).eval()
+    from fieldid.training.ood import scored_model
+
+    # With a detector the model has two outputs, (logits, unknown_score), in every artifact.
+    model = LogitsModel(scored_model(run_dir, record, _load_model(run_dir, record))).eval()
     heldout = inp.heldout
     with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(heldout[i:i + EVAL_BATCH]))
-                         for i in range(0, len(heldout), EVAL_BATCH)]).numpy()
+        outs = [model(torch.from_numpy(heldout[i:i + EVAL_BATCH])) for i in range(0, len(heldout), EVAL_BATCH)]
+    scored = isinstance(outs[0], tuple)
+    ref = torch.cat([o[0] if scored else o for o in outs]).numpy()
+    ref_unknown = torch.cat([o[1] for o in outs]).numpy() if scored else None
     log.info("images from %s: held-out %s %d; calibration: %d training images; recipe selection: %d (%s)",
              inp.source, inp.heldout_split, len(heldout), len(inp.calibration), len(selection), sel_source)
     ctx = ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
                         heldout_targets=inp.heldout_targets, heldout_split=inp.heldout_split,
                         calibration=inp.calibration, reference_logits=ref, allow_drop=allow_drop,
-                        selection=selection, selection_source=sel_source)
+                        selection=selection, selection_source=sel_source, reference_unknown=ref_unknown)
     ctx.activation_mb = _activation_mb(model, ctx.example)
     ctx.images_source = inp.source
     return ctx
@@ -292,6 +298,19 @@ def _format_need_mb(fmt: str, ctx: ExportContext) -> float:
     return base + per_weight * weights_mb + per_act * ctx.activation_mb
 
 
+def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, record: RunRecord) -> None:
+    """Manifest ``unknown`` + ``model_version``; ``unknown_output`` on every artifact whose score was verified."""
+    from fieldid.training.ood import model_version
+
+    from .unknown import UNKNOWN_OUTPUT, manifest_unknown
+
+    manifest.unknown = manifest_unknown(record)
+    manifest.model_version = record.model_version or model_version(run_dir, record)
+    for a in artifacts:
+        if "unknown_score" in a.verification or (manifest.unknown and a.format == "coreml"):
+            a.unknown_output = UNKNOWN_OUTPUT
+
+
 def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
                allow_drop: bool = False, calibration_size: int = 200, data: str | Path | None = None,
                memory_limit_mb: float | None = None) -> Manifest:
@@ -380,8 +399,10 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
                                   "allow_drop": allow_drop},
             export_stats=stats,
         )
+        _add_unknown(manifest, artifacts, run_dir, record)
         for a in artifacts:
             manifest.set_artifact(a)
+        add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
         if any(a.verification.get("status") == "structure_only" for a in artifacts):
             manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
                                   "(spec type, input, labels and order, outputs, op set); see each verification")

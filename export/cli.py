@@ -5,16 +5,16 @@ import argparse
 import json
 from pathlib import Path
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export_run
+    from fieldid.api import export
 
-    m = export_run(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
-                   calibration_size=args.calibration_size, data=args.data)
+    m = export(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
+               calibration_size=args.calibration_size, data=args.data).manifest
     for a in m.artifact_list():
         v = a.verification
         detail = ""
@@ -32,6 +32,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "cascade":
+        from .cascade import cascade_bench
+
+        if args.server_run is None:
+            raise ValueError("bench cascade needs --server-run SERVER_RUN")
+        r = cascade_bench(args.run, args.server_run, device_bundle=args.bundle, server_bundle=args.server_bundle,
+                          out=args.out, limit=args.limit)
+        print(r["table"])
+        print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["cascade.json", "cascade.md"],
+                          "goals": r["goals"]}))
+        return 0
+    if args.ood is not None:
+        from .ood_bench import ood_bench
+
+        r = ood_bench(args.run, args.ood, bundle=args.bundle, out=args.out)
+        print(r["table"])
+        print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["ood.json", "ood.md"],
+                          "goals_met": r["goals_met"]}))
+        return 0
     from . import bench_run
 
     r = bench_run(args.run, data=args.data, bundle=args.bundle, out=args.out, iters=args.iters,
@@ -74,7 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Prints the table and, under it, the goals (best on-device batch-1 speedup over eager fp32 "
                     ">= 10x at 1 and all threads; each int8 file <= 30% of its format's fp32 file, met or not), "
                     "and writes bench.json, bench.md and bench.png.")
+    b.add_argument("what", nargs="?", choices=["cascade"], default=None,
+                   help="'cascade': device alone vs server alone vs device-then-server on the held-out split "
+                        "(needs --server-run); omit for the per-artifact table")
     b.add_argument("--run", type=Path, required=True, help="run directory whose bundle is benchmarked")
+    b.add_argument("--server-run", type=Path, default=None, help="cascade: the server model's run directory")
+    b.add_argument("--server-bundle", type=Path, default=None, help="cascade: server bundle (default: SERVER_RUN/export)")
     b.add_argument("--data", type=Path, default=None,
                    help="ImageFolder to measure accuracy on (default: the run's held-out split)")
     b.add_argument("--bundle", type=Path, default=None, help="export bundle (default: RUN/export)")
@@ -86,4 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--settle", type=float, default=BENCH_SETTLE_S,
                    help="seconds to pause before each timed block so one runtime's spinning threads "
                         "do not slow the next (0 for a quick smoke run)")
+    b.add_argument("--ood", type=Path, default=None,
+                   help="instead: the unknown answer of the int8 ONNX artifact on DIR/other/ (other kinds of "
+                        "things, goal >= 95%% flagged) and DIR/unseen/ (same kind, not trained on, >= 80%%) vs the "
+                        "held-out split (>= 95%% answered, >= 99%% accurate); writes ood.json and ood.md")
     b.set_defaults(func=_cmd_bench)

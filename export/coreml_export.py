@@ -29,6 +29,7 @@ from torch import nn
 from .registry import converting, quiet_third_party, register_exporter, register_label_reader
 from .verify import ExportContext, input_spec, make_artifact
 from .manifest import Artifact
+from .unknown import UNKNOWN_OUTPUT, first_output, output_names
 
 __all__ = ["export_coreml", "inspect_mlpackage", "CoreMLClassifier", "MIN_TARGET"]
 
@@ -52,8 +53,11 @@ class CoreMLClassifier(nn.Module):
         self.register_buffer("shift", -m / s)
         self.inv_temperature = float(1.0 / temperature)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image * self.scale + self.shift) * self.inv_temperature, dim=1)
+    def forward(self, image: torch.Tensor) -> Any:
+        out = self.model(image * self.scale + self.shift)
+        if isinstance(out, tuple):  # (logits, unknown_score): the score passes through unchanged
+            return torch.softmax(out[0] * self.inv_temperature, dim=1), out[1]
+        return torch.softmax(out * self.inv_temperature, dim=1)
 
 
 @contextlib.contextmanager
@@ -143,18 +147,25 @@ def inspect_mlpackage(path: str | Path) -> dict[str, Any]:
 
 @register_label_reader("coreml")
 def _coreml_labels(path: Path) -> list[str]:
-    return inspect_mlpackage(path).get("labels", [])
+    info = inspect_mlpackage(path)
+    # A classifier keeps them in its classify op; the two-output program (unknown_score) in its metadata.
+    return info.get("labels") or json.loads(info["metadata"].get("fieldid.labels", "[]"))
 
 
 def _structure_checks(ctx: ExportContext, info: dict[str, Any], *, int8_weights: bool) -> dict[str, Any]:
     size = ctx.record.preprocess_spec.crop_size
+    # With an unknown detector the model is a plain two-output program (coremltools' classifier
+    # takes exactly one output): the labels then live in the metadata, as in every other format.
+    scored = len(output_names(ctx)) > 1
+    labels = json.loads(info["metadata"].get("fieldid.labels", "null")) if scored else info.get("labels")
     checks = {
         "spec_type_mlprogram": info["spec_type"] == "mlProgram",
         "specification_version_ios16": info["specification_version"] == 7,  # Core ML 6 = iOS 16
         "input_rgb_image_of_crop_size": info["input"] == {"name": INPUT_NAME, "type": "imageType", "width": size,
                                                           "height": size, "color": "RGB"},
-        "label_order_matches_run": info.get("labels") == ctx.labels,
-        "outputs": info["outputs"] == list(OUTPUTS) and info["predicted_feature"] == OUTPUTS[0],
+        "label_order_matches_run": labels == ctx.labels,
+        "outputs": (info["outputs"] == [OUTPUTS[1], UNKNOWN_OUTPUT] if scored else
+                    info["outputs"] == list(OUTPUTS) and info["predicted_feature"] == OUTPUTS[0]),
         "ops_available_in_ios16": not info.get("ops_missing_in_ios16", ["?"]),
         "metadata_labels_match": json.loads(info["metadata"].get("fieldid.labels", "null")) == ctx.labels,
     }
@@ -179,7 +190,8 @@ def _check_traced(ctx: ExportContext, traced: torch.jit.ScriptModule) -> dict[st
     normalisation and temperature, which no structure check can.
     """
     with torch.no_grad():
-        probs = torch.cat([traced(torch.from_numpy(p[None])) for p in _pixels(ctx)]).numpy()
+        outs = [traced(torch.from_numpy(p[None])) for p in _pixels(ctx)]
+        probs = torch.cat([first_output(o) for o in outs]).numpy()
     ref = torch.softmax(torch.from_numpy(ctx.reference_logits) / ctx.record.temperature, dim=1).numpy()
     diff = float(np.abs(probs - ref).max())
     agree = float((probs.argmax(1) == ctx.reference_logits.argmax(1)).mean())
@@ -201,6 +213,9 @@ def _set_metadata(mlmodel: Any, ctx: ExportContext) -> None:
     meta = {"fieldid.labels": json.dumps(r.labels), "fieldid.preprocess": json.dumps(r.preprocess),
             "fieldid.temperature": repr(r.temperature), "fieldid.fallback_threshold": repr(r.fallback_threshold),
             "fieldid.temperature_in_model": "true"}
+    if len(output_names(ctx)) > 1:
+        mlmodel.output_description[UNKNOWN_OUTPUT] = "higher = less like the training photos; > unknown_threshold = unknown"
+        meta["unknown_threshold"] = repr(float(r.unknown["threshold"]))
     mlmodel.user_defined_metadata.update(meta)
 
 
@@ -222,11 +237,22 @@ def _artifact(ctx: ExportContext, file: str, precision: str, method: str, progra
                                           "int8_weight_ops")},
     }
     log.info("verified %-22s structure %s (%d checks)", file, "ok" if ok else "FAILED", len(checks))
+    scored = len(output_names(ctx)) > 1
     return make_artifact(ctx, file, "coreml", precision, method=method, input_name=INPUT_NAME,
-                         output_name=OUTPUTS[1], outputs="classifier", temperature_in_model=True,
+                         output_name=OUTPUTS[1], outputs="probabilities" if scored else "classifier",
+                         temperature_in_model=True,
                          input=input_spec(ctx, batch=1, normalization="in_model", name=INPUT_NAME),
-                         labels_in_file="classify op class labels (classLabel / classLabel_probs)",
+                         labels_in_file="metadata fieldid.labels (classLabel_probs in label order)" if scored
+                         else "classify op class labels (classLabel / classLabel_probs)",
                          verification=ver)
+
+
+def _coreml_outputs(ctx: ExportContext, ct: Any) -> dict[str, Any]:
+    """``ct.convert`` arguments for the classifier outputs, plus ``unknown_score`` when the run has one."""
+    if len(output_names(ctx)) == 1:
+        return {"classifier_config": ct.ClassifierConfig(list(ctx.labels))}
+    # coremltools' ClassifierConfig supports one output only (an extra one fails in its MIL backend).
+    return {"outputs": [ct.TensorType(name=OUTPUTS[1]), ct.TensorType(name=UNKNOWN_OUTPUT)]}
 
 
 @register_exporter("coreml")
@@ -249,7 +275,7 @@ def export_coreml(ctx: ExportContext) -> list[Artifact]:
             compute_precision=ct.precision.FLOAT16,
             inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, 3, size, size), color_layout=ct.colorlayout.RGB,
                                  scale=1.0, bias=[0.0, 0.0, 0.0])],
-            classifier_config=ct.ClassifierConfig(list(ctx.labels)),
+            **_coreml_outputs(ctx, ct),
         )
         _set_metadata(mlmodel, ctx)
         mlmodel.save(str(ctx.stage / "model.mlpackage"))

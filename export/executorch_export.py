@@ -31,6 +31,7 @@ from .registry import (Runner, converting, quiet_third_party, register_exporter,
                        register_runtime, run_batched)
 from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
+from .unknown import first_output
 from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
 
 __all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_threads", "PteInt8Recipe", "MAX_BATCH",
@@ -267,7 +268,7 @@ def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recip
 
 def _logits(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return run_batched(lambda b: fn(torch.from_numpy(b)).numpy(), x, _EVAL_BATCH)
+        return run_batched(lambda b: first_output(fn(torch.from_numpy(b))).numpy(), x, _EVAL_BATCH)
 
 
 def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recipe, RecipeSearch]:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.training.records import PreprocessSpec, RecordError, _Record, file_sha256
+from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
 
-__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "ManifestError", "file_sha256",
-           "check_inside_bundle"]
+from .examples import check_entries
+
+__all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "bundle_dir_of", "ManifestError",
+           "file_sha256", "check_inside_bundle"]
 
 MANIFEST_SCHEMA_VERSION = 1
 # format name -> file suffix. "pytorch" is the fp32 state dict the server loads.
@@ -73,6 +75,8 @@ class Artifact:
     labels_in_file: str = ""  # where the class labels live inside the file ("" = only in this manifest)
     temperature_in_model: bool = False  # True when the file already outputs softmax(logits / T)
     quantization: dict[str, Any] = field(default_factory=dict)  # int8 recipe: calibration, exclusions, ...
+    # Name of the file's unknown-score output ("" = none): score > manifest.unknown["threshold"] = unknown.
+    unknown_output: str = ""
 
     def __post_init__(self) -> None:
         check_inside_bundle(self.file, f"artifact {self.file!r}")
@@ -81,7 +85,7 @@ class Artifact:
 
 
 @dataclass
-class Manifest(_Record):
+class Manifest(Record):
     """Everything an app or server needs to use the bundle's models."""
 
     name: str
@@ -102,6 +106,13 @@ class Manifest(_Record):
     verification_summary: dict[str, Any] = field(default_factory=dict)  # status + failures of the export
     # Per step ("inputs", each format, "total"): seconds, peak_rss_mb (that step's own peak), rss before/after.
     export_stats: dict[str, Any] = field(default_factory=dict)
+    # The unknown detector (threshold, method, fitted_on, ...; {} = none) and the run's model identity.
+    unknown: dict[str, Any] = field(default_factory=dict)
+    model_version: str = ""
+    # Held-out photos copied into the bundle for the demo: [{"file": "examples/<label>/..", "label"}]
+    # (export/examples.py), and where the training photos came from ({"root", "synthetic"}).
+    examples: list[dict[str, str]] = field(default_factory=list)
+    training_data: dict[str, Any] = field(default_factory=dict)
 
     SCHEMA_VERSION = MANIFEST_SCHEMA_VERSION
 
@@ -111,6 +122,10 @@ class Manifest(_Record):
         if not self.temperature > 0 or not 0 <= self.fallback_threshold <= 1:
             raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
+        try:
+            check_entries(self.examples, self.labels, source)
+        except ValueError as e:
+            raise ManifestError(str(e)) from None
         for a in self.artifacts:
             if not isinstance(a, dict):
                 raise ManifestError(f"{source}: every artifact must be a JSON object")
@@ -141,11 +156,28 @@ class Manifest(_Record):
         self.artifacts = [a for a in self.artifacts if a["file"] != art.file] + [asdict(art)]
 
 
+def bundle_dir_of(path: str | Path) -> Path:
+    """A bundle folder, or a run folder -> its default ``export/`` bundle: the one rule serve/,
+    edge_demo/ and the API all use.
+
+    Raises:
+        ManifestError: neither holds a ``manifest.json``.
+
+    Example:
+        >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
+        PosixPath('runs/reef/export')
+    """
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / "export" / "manifest.json").is_file():
+        return path / "export"
+    raise ManifestError(f"{path}: no manifest.json here or in {path / 'export'}; run `fieldid export --run RUN` first")
+
+
 def load_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and validate ``BUNDLE/manifest.json``; every named file must exist."""
-    bundle_dir = Path(bundle_dir)
-    if (bundle_dir / "export" / "manifest.json").is_file() and not (bundle_dir / "manifest.json").is_file():
-        bundle_dir = bundle_dir / "export"  # a run directory: use its default bundle
+    """Read and validate ``BUNDLE/manifest.json`` (a run folder: its ``export/``); every named file must exist."""
+    bundle_dir = bundle_dir_of(bundle_dir)
     m = Manifest.from_json(bundle_dir / "manifest.json")
     for a in m.artifact_list():
         if not (bundle_dir / a.file).exists():

@@ -28,6 +28,7 @@ from .recipes import RecipeSearch
 from .registry import (Runner, converting, quiet_third_party, register_exporter, register_label_reader,
                        register_runtime, run_batched)
 from .verify import ExportContext, input_spec, make_artifact, verify_artifact
+from .unknown import manifest_unknown, output_names, score_only_nodes
 
 __all__ = ["export_onnx", "onnx_metadata", "run_onnx", "read_onnx_metadata", "OnnxInt8Recipe", "OPSET",
            "calibration_ranges", "StreamingReader", "calibration_window"]
@@ -55,7 +56,9 @@ def onnx_metadata(ctx: ExportContext) -> dict[str, str]:
         "fieldid.temperature": repr(r.temperature),
         "fieldid.fallback_threshold": repr(r.fallback_threshold),
         "fieldid.backbone": r.backbone,
-        "fieldid.outputs": "logits",
+        "fieldid.outputs": ",".join(output_names(ctx)),
+        **({"unknown_threshold": repr(float(r.unknown["threshold"])),
+            "fieldid.unknown": json.dumps(manifest_unknown(r))} if r.unknown else {}),
     }
 
 
@@ -212,7 +215,7 @@ def _quantize(pre: Path, out: Path, recipe: OnnxInt8Recipe, cache: Path) -> None
     quantize_static(
         str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_ort_method(recipe),
-        nodes_to_exclude=list(recipe.float_nodes), calibration_cache_path=str(cache),
+        nodes_to_exclude=list(recipe.float_nodes) + score_only_nodes(pre), calibration_cache_path=str(cache),
     )
 
 
@@ -345,7 +348,7 @@ def export_onnx(ctx: ExportContext) -> list[Artifact]:
     batch = torch.export.Dim("batch", min=1, max=1024)
     with converting("onnx"), quiet_third_party():
         torch.onnx.export(
-            ctx.model, (ctx.example_batch(2),), str(path), input_names=["input"], output_names=["logits"],
+            ctx.model, (ctx.example_batch(2),), str(path), input_names=["input"], output_names=output_names(ctx),
             opset_version=OPSET, dynamo=True, dynamic_shapes={"input": {0: batch}},
             external_data=False, verbose=False,
         )

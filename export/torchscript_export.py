@@ -18,9 +18,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from fieldid.cli_common import first_line
+
 from .registry import Runner, converting, register_exporter, register_label_reader, register_runtime, run_batched
 from .verify import EVAL_BATCH, ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
+from .unknown import first_output
 
 __all__ = ["export_torchscript", "load_torchscript", "load_torchscript_lite", "read_extra_files", "EXTRA_FILES"]
 
@@ -80,7 +83,7 @@ def _runner(module: torch.nn.Module | torch.jit.ScriptModule, threads: int) -> R
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
+            return first_output(module(torch.from_numpy(x))).numpy()
 
     return lambda x: run_batched(run, x, EVAL_BATCH)
 
@@ -108,7 +111,7 @@ def _script_or_trace(ctx: ExportContext) -> tuple[torch.jit.ScriptModule, str]:
         try:
             return torch.jit.freeze(torch.jit.script(ctx.model.eval())), "torch.jit.script + freeze"
         except Exception as e:  # noqa: BLE001 - e.g. timm models with untyped Python in forward
-            log.info("torch.jit.script failed (%s); tracing instead", str(e).splitlines()[0] if str(e) else e)
+            log.info("torch.jit.script failed (%s); tracing instead", first_line(e))
         with converting("torchscript"), torch.no_grad():
             traced = torch.jit.trace(ctx.model.eval(), ctx.example_batch(2), check_trace=False)
             return torch.jit.freeze(traced), "torch.jit.trace + freeze"

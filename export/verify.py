@@ -69,6 +69,9 @@ class ExportContext:
     # images when there are few. Never the held-out split, so its verification stays unbiased.
     selection: PhoneImages | None = None  # lazy, like ``calibration``
     selection_source: str = ""
+    # fp32 PyTorch unknown_score on ``heldout`` (None: the run has no detector); see export/unknown.py.
+    reference_unknown: np.ndarray | None = None
+    unknown_probe: dict[str, np.ndarray] = field(default_factory=dict)  # generated probes, cached
     activation_mb: float = 0.0  # MB of all layer outputs for one image (memory estimates)
     images_source: str = ""  # "run samples (...)" or the dataset folder the images were read from
 
@@ -197,6 +200,10 @@ def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, 
     ver["load_seconds"] = round(load_s, 3)
     if check_label_order:
         ver["labels"] = check_labels(ctx, file, format)
+    if ctx.reference_unknown is not None:
+        from .unknown import verify_unknown
+
+        ver["unknown_score"] = verify_unknown(ctx, file, format, precision)
     return ver
 
 

@@ -1,38 +1,84 @@
 """``fieldid`` command line: a thin layer over the fieldid.training, .export, .serve and .edge_demo APIs.
 
 Importing this module must not import torch: ``fieldid demo`` imitates a phone without it.
-Each package contributes its sub-commands through ``<package>.cli.register``.
+Each package contributes its sub-commands through ``<package>.cli.register``; ``fieldid predict``
+(which reads a bundle and may ask a server, so belongs to no single stage) is registered here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 import warnings
-from typing import NoReturn
+from pathlib import Path
 
 from fieldid import __version__
+from fieldid.cli_common import HelpFormatter, Parser, Progress, first_line
 
 __all__ = ["main", "build_parser"]
 
 # Packages that contribute sub-commands, in data-flow order.
-_CLI_PACKAGES = ("training", "export", "serve", "edge_demo")
+_CLI_PACKAGES = ("training", "export", "serve", "edge_demo", "app")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage mistakes as one ``fieldid: error: ...`` line and exit code 2, like every other bad input.
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fieldid.api import Bundle, predict
+    from fieldid.classify import TABLE_FORMATS, write_table
 
-    Sub-command parsers are made by ``add_subparsers``, which reuses this class.
-    """
+    if (args.run is None) == (args.bundle is None):
+        raise ValueError("give exactly one of --run RUN or --bundle DIR")
+    if args.out.suffix.lower() not in TABLE_FORMATS:  # before any work: a typo must not cost a whole run
+        raise ValueError(f"{args.out}: --out must end in {' or '.join(TABLE_FORMATS)}")
+    if args.out.is_dir():
+        raise ValueError(f"{args.out}: is a folder; --out names the result file")
+    if args.k < 1:
+        raise ValueError(f"--top-k must be >= 1 (got {args.k})")
+    bar = Progress("predict", 0, enabled=not args.quiet)
+    rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
+                   key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
+    write_table(rows, args.out)
+    errors = sum(1 for r in rows if r["error"])
+    sent = [r for r in rows if r["server"] is not None]
+    print(json.dumps({"out": str(args.out), "photos": len(rows), "errors": errors,
+                      "needs_fallback": sum(1 for r in rows if r["needs_fallback"]),
+                      "unknown": sum(1 for r in rows if r["unknown"]), "sent_to_server": len(sent),
+                      "server_errors": sum(1 for r in sent if "error" in r["server"]),
+                      "artifact": rows[0]["artifact"] if rows else None}))
+    return 0
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        self.exit(2, f"fieldid: error: {message} (see `{self.prog} --help`)\n")
+
+def _register_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="classify unlabelled photos with a bundle's artifact (and the server) to CSV or JSON",
+        formatter_class=HelpFormatter,
+        description="Runs every photo (folders are searched recursively) through the phone's preprocessing and "
+                    "one exported artifact in its runtime here, and writes one row per photo: path, label, "
+                    "probability, top-k, unknown, needs_fallback and, with --server, the server's answer for the "
+                    "photos the device was unsure about. Unreadable files are rows with an error.")
+    p.add_argument("photos", nargs="+", type=Path, metavar="PHOTO_OR_DIR", help="image files and/or folders")
+    p.add_argument("--run", type=Path, default=None, help="run directory (uses its export/ bundle)")
+    p.add_argument("--bundle", type=Path, default=None, help="export bundle directory")
+    p.add_argument("--out", type=Path, required=True, help="result table: FILE.csv or FILE.json")
+    p.add_argument("--artifact", default=None,
+                   help="artifact file in the bundle, e.g. model.int8.pte (default: the int8 ONNX model a phone "
+                        "ships, else the best other one with a runtime here)")
+    p.add_argument("--server", default=None,
+                   help="fallback server URL (http://HOST:PORT) for the photos the device is unsure about")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="the server's key_file.json (default: the key of the server `fieldid serve start` "
+                        "started for this bundle, sent only when it is the server at --server)")
+    p.add_argument("--ca-file", type=Path, default=None,
+                   help="PEM certificate to verify an https --server with (default: the system's CAs)")
+    p.add_argument("--top-k", dest="k", type=int, default=5, help="classes listed per photo")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="fieldid",
         description="From a folder of photos to a verified, phone-ready image classifier (offline).",
     )
@@ -47,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    _register_predict(sub)
     return parser
 
 
@@ -90,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         # Our error types (DataError, ConfigError, ModelError, RunError, ...) are ValueErrors.
         if isinstance(e, (ValueError, OSError, LookupError)) or _is_misconfiguration(e):
             print(f"error: {msg}", file=sys.stderr)
             return 2
         # A bug, not bad input: still one line, but a distinct exit code.
-        print(f"error: internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"error: internal error {type(e).__name__}: {first_line(e, '')} "
               f"(rerun with -v for the traceback)", file=sys.stderr)
         return 1
 

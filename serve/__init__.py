@@ -1,29 +1,37 @@
 """fieldid serve: the full-precision fallback server (TorchServe) for export bundles.
 
-* :mod:`fieldid.serve.engine` - ``ClassifierEngine``: bytes -> answer, independent of TorchServe (torch).
+* :mod:`fieldid.serve.engine` - ``ClassifierEngine``: bytes -> answer with ONNX Runtime on the
+  bundle's verified ONNX file, independent of TorchServe (no torch, no ``fieldid.training``).
 * :mod:`fieldid.serve.fieldid_handler` - the thin TorchServe adapter packed into every ``.mar``.
-* :mod:`fieldid.serve.archive` - bundle -> ``<name>.mar`` (torch-free).
-* :mod:`fieldid.serve.server` - start/stop/status with safe defaults (torch-free).
-* :mod:`fieldid.serve.client` - ``predict(url, image_bytes, token=...)`` (stdlib only).
+* :mod:`fieldid.serve.archive` - bundle -> ``<name>.mar``.
+* :mod:`fieldid.serve.config` - ``ServeOptions`` and the ``config.properties`` rendered from them.
+* :mod:`fieldid.serve.state` - ``server.json``, the documented server state; ``read_server_state``.
+* :mod:`fieldid.serve.server` - start/stop/status (process supervision) with safe defaults.
+* :mod:`fieldid.serve.client` - ``predict(url, image_bytes, token=..., ca_file=...)``,
+  ``token_for(url, key_file)`` (stdlib only).
 
-Names are imported lazily, so ``import serve`` never pulls in torch.
+Names are imported lazily, so ``import fieldid.serve`` never pulls in torch or onnxruntime.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
+from fieldid.callable_module import forward_calls_to
+
 __all__ = [
     "ClassifierEngine", "archive_bundle", "build_model_store", "ServeError", "ServeOptions", "ServerState",
     "start_server", "stop_server", "server_status", "predict", "PredictionError", "ServeClient", "read_token",
+    "token_for", "KeyFileError", "read_server_state",
 ]
 
 _WHERE = {
     "ClassifierEngine": "engine",
     "archive_bundle": "archive", "build_model_store": "archive", "ServeError": "archive",
-    "ServeOptions": "server", "ServerState": "server", "start_server": "server", "stop_server": "server",
+    "ServeOptions": "config", "ServerState": "state", "read_server_state": "state", "start_server": "server", "stop_server": "server",
     "server_status": "server",
     "predict": "client", "PredictionError": "client", "ServeClient": "client", "read_token": "client",
+    "token_for": "client", "KeyFileError": "client",
 }
 
 
@@ -31,3 +39,8 @@ def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# `fieldid.serve(...)` is the API call and `fieldid.serve` this package: make the package callable
+# so both work whatever was imported first (fieldid/callable_module.py says why).
+forward_calls_to(__name__, "fieldid.api:serve")

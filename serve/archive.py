@@ -1,7 +1,8 @@
 """Bundle -> TorchServe model archive (``<name>.mar``) with torch-model-archiver. Torch-free.
 
-The archive holds only what the handler needs: the fp32 state dict, a manifest reduced to
-that one artifact, and the thin TorchServe adapter ``fieldid_handler.py``. The inference code
+The archive holds only what the handler needs: the bundle's verified ONNX fp32 file (plus a
+verified ONNX fp16 file when the bundle has one, for GPU workers), a manifest reduced to those
+artifacts, and the thin TorchServe adapter ``fieldid_handler.py``. The inference code
 itself (:mod:`fieldid.serve.engine`) is imported from the installed fieldid package, so the workers
 must run with the Python that has fieldid installed (``fieldid serve start`` sees to that).
 """
@@ -16,9 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fieldid.export.manifest import Manifest, ManifestError, load_manifest
+from fieldid.export.manifest import Artifact, Manifest, ManifestError, load_manifest
+from fieldid.export.manifest import bundle_dir_of as find_bundle
 
-__all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "HANDLER_FILE"]
+__all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "served_artifact",
+           "has_verified", "HANDLER_FILE"]
 
 log = logging.getLogger("fieldid.serve")
 
@@ -32,29 +35,63 @@ class ServeError(ValueError):
 
 
 def bundle_dir_of(path: str | Path) -> Path:
-    """A bundle folder, or a run folder -> its ``export/`` bundle.
+    """A bundle folder, or a run folder -> its ``export/`` bundle (:func:`fieldid.export.manifest.bundle_dir_of`).
 
     Raises:
         ServeError: neither holds a ``manifest.json``.
     """
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
-    if (path / "export" / "manifest.json").is_file():
-        return path / "export"
-    raise ServeError(f"{path}: no manifest.json here or in {path / 'export'}; run `fieldid export --run RUN` first")
+    try:
+        return find_bundle(path)
+    except ManifestError as e:
+        raise ServeError(str(e)) from None
 
 
 def bundle_version(manifest: Manifest) -> str:
-    """The model version reported in answers: the first 12 hex digits of the fp32 weights' sha256.
+    """The model version reported in answers: the first 12 hex digits of the fp32 weights' sha256
+    (the bundle's ``model.pth``; the ONNX fp32 file's when a bundle has no state dict).
 
-    It changes exactly when the served weights change, and it is the same on every machine.
+    It changes exactly when the trained weights change, and it is the same on every machine.
 
     Example:
         >>> bundle_version(load_manifest("runs/reef"))  # doctest: +SKIP
         'd03c1bc17670'
     """
-    return manifest.find("pytorch", "fp32").sha256[:12]
+    for fmt in ("pytorch", "onnx"):
+        try:
+            return manifest.find(fmt, "fp32").sha256[:12]
+        except ManifestError:
+            continue
+    raise ServeError(f"bundle {manifest.name!r} has neither a pytorch nor an ONNX fp32 artifact")
+
+
+def _verified(art: Artifact) -> bool:
+    return art.verification.get("status") == "passed"
+
+
+def has_verified(manifest: Manifest, fmt: str, precision: str) -> bool:
+    """Does the bundle hold a ``fmt``/``precision`` artifact whose verification passed?"""
+    return any(a.format == fmt and a.precision == precision and _verified(a) for a in manifest.artifact_list())
+
+
+def served_artifact(manifest: Manifest, precision: str = "fp32") -> Artifact:
+    """The bundle's verified ONNX artifact of ``precision`` (what the server runs).
+
+    Raises:
+        ServeError: the bundle has no such ONNX file, or its verification did not pass.
+
+    Example:
+        >>> served_artifact(load_manifest("runs/reef")).file  # doctest: +SKIP
+        'model.onnx'
+    """
+    try:
+        art = manifest.find("onnx", precision)
+    except ManifestError as e:
+        raise ServeError(f"{e}; the server runs the bundle's verified ONNX {precision} model: "
+                         f"export it with `fieldid export --run RUN --formats onnx`") from None
+    if not _verified(art):
+        raise ServeError(f"bundle {manifest.name!r}: {art.file} did not pass verification "
+                         f"({art.verification.get('status', 'not verified')}); the server only runs verified files")
+    return art
 
 
 def _archiver() -> list[str]:
@@ -84,23 +121,34 @@ def archive_bundle(bundle: str | Path, store: str | Path) -> Path:
     bundle = bundle_dir_of(bundle)
     try:
         m = load_manifest(bundle)
-        art = m.find("pytorch", "fp32")
+        version = bundle_version(m)
+        arts = [served_artifact(m, "fp32")] + ([served_artifact(m, "fp16")] if has_verified(m, "onnx", "fp16") else [])
     except ManifestError as e:
         raise ServeError(str(e)) from None
     if not _NAME_RE.match(m.name):
         raise ServeError(f"bundle name {m.name!r} cannot be a TorchServe model name (letters, digits, _ . -)")
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as tmp:
+    # torch-model-archiver splits --extra-files on commas: stage them where the path has none
+    # (the system temp dir), whatever the store's path holds. The output goes to the store.
+    with tempfile.TemporaryDirectory(prefix="fieldid-archive-") as tmp, \
+            tempfile.TemporaryDirectory(prefix=".archive-", dir=store) as out_tmp:
         staging = Path(tmp)
-        # The archive carries only the weights it serves: the reduced manifest names just them.
-        small = Manifest.from_dict({**m.to_dict(), "artifacts": [a for a in m.artifacts if a["file"] == art.file]})
+        if "," in str(staging):
+            raise ServeError(f"the temp folder {staging} has a comma in its path, which torch-model-archiver "
+                             f"cannot take; set TMPDIR to another folder")
+        # The archive carries only the files it serves: the reduced manifest names just them.
+        files = {a.file for a in arts}
+        small = Manifest.from_dict({**m.to_dict(), "artifacts": [a for a in m.artifacts if a["file"] in files]})
         small.to_json(staging / "manifest.json")
-        out = staging / "out"
-        out.mkdir()
+        extra = [staging / "manifest.json"]
+        for a in arts[1:]:
+            os.symlink((bundle / a.file).resolve(), staging / a.file)
+            extra.append(staging / a.file)
+        out = Path(out_tmp)
         cmd = _archiver() + [
-            "--model-name", m.name, "--version", bundle_version(m), "--handler", str(HANDLER_FILE),
-            "--serialized-file", str(bundle / art.file), "--extra-files", str(staging / "manifest.json"),
+            "--model-name", m.name, "--version", version, "--handler", str(HANDLER_FILE),
+            "--serialized-file", str(bundle / arts[0].file), "--extra-files", ",".join(map(str, extra)),
             "--export-path", str(out), "--force",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
 
@@ -35,24 +35,25 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace):  # -> ServeOptions (import kept lazy)
-    from .server import ServeOptions
-
-    return ServeOptions(
+def _options(args: argparse.Namespace) -> dict:
+    """The ``ServeOptions`` fields the start flags set."""
+    return dict(
         host=args.host, port=args.port, management_port=args.management_port, metrics_port=args.metrics_port,
         grpc_inference_port=args.grpc_port,
         grpc_management_port=args.grpc_management_port or args.grpc_port + 1, auth=not args.no_auth,
         token_expiry_min=args.token_expiry_min, workers=args.workers, threads=args.threads,
         batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms, max_request_mb=args.max_request_mb,
         max_pixels=args.max_pixels, precision=args.precision, device=args.device,
-        response_timeout_s=args.response_timeout, startup_timeout_s=args.timeout,
+        response_timeout_s=args.response_timeout, startup_timeout_s=args.timeout, cors_origin=args.cors_origin or "",
+        job_queue_size=args.job_queue_size, netty_threads=args.netty_threads,
+        netty_client_threads=args.netty_client_threads, certificate=str(args.certificate or ""), private_key=str(args.private_key or ""),
     )
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from .server import start_server
+    from fieldid.api import serve
 
-    st = start_server(_bundles(args), args.state_dir, _options(args))  # warns itself about --host
+    st = serve(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
     for name, info in st.models.items():
         print(f"serving {name} (version {info['version']}): {st.prediction_url(name)}")
     if st.auth:
@@ -61,7 +62,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         print("token authorization is OFF (--no-auth): local development only")
     first = next(iter(st.models))
     auth = ' -H "Authorization: Bearer $KEY"' if st.auth else ""
-    print(f"try: curl{auth} -H 'Content-Type: image/jpeg' --data-binary @photo.jpg {st.prediction_url(first)}")
+    ca = f" --cacert {st.certificate}" if st.tls else ""
+    print(f"try: curl{auth}{ca} -H 'Content-Type: image/jpeg' --data-binary @photo.jpg {st.prediction_url(first)}")
     print(f"logs: {st.log_dir}")
     print(f"stop: fieldid serve stop --state-dir {st.state_dir}")
     print(json.dumps({"state_dir": st.state_dir, "pid": st.pid, "key_file": st.key_file or None,
@@ -177,11 +179,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch-delay-ms", type=int, default=d.max_batch_delay_ms, help="how long a batch waits to fill up")
     s.add_argument("--max-request-mb", type=float, default=d.max_request_mb, help="larger request bodies are refused (413)")
     s.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger decoded images are refused (413)")
-    s.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16", "bf16"),
-                   help="autocast precision on GPU (auto = fp16 on GPU; CPU always runs fp32)")
+    s.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "fp16"),
+                   help="GPU precision: the bundle's verified ONNX file of it (auto = fp16 on GPU when the bundle "
+                        "verified one, else fp32; CPU always runs the verified fp32 file)")
     s.add_argument("--device", default=d.device, choices=("auto", "cpu"), help="auto uses GPUs when present")
     s.add_argument("--response-timeout", type=int, default=d.response_timeout_s, help="seconds before a stuck worker is restarted")
     s.add_argument("--timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the workers to be READY")
+    s.add_argument("--job-queue-size", type=int, default=d.job_queue_size,
+                   help="requests queued per model before the server answers 503")
+    s.add_argument("--netty-threads", type=int, default=d.netty_threads,
+                   help="frontend (Netty) server threads; 0 = TorchServe's default, one per core")
+    s.add_argument("--netty-client-threads", type=int, default=d.netty_client_threads,
+                   help="frontend threads talking to the workers; 0 = TorchServe's default")
+    s.add_argument("--certificate", type=Path, default=None, metavar="FILE",
+                   help="PEM certificate: the inference API speaks HTTPS (with --private-key; default: plain HTTP)")
+    s.add_argument("--private-key", type=Path, default=None, metavar="FILE", help="PEM private key of --certificate")
+    s.add_argument("--cors-origin", default=None, metavar="ORIGIN",
+                   help="browser origin allowed to call the inference API, e.g. https://app.example.org "
+                        "(the field app's; none: no CORS headers)")
     s.set_defaults(func=_cmd_start)
 
     t = ssub.add_parser("stop", help="stop the server(s) of the given runs and every process they started",

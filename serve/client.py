@@ -15,11 +15,24 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PredictionError", "ServeClient", "predict", "read_token", "image_content_type", "http_json"]
+# read_token lives in keys.py so that state.py (ServerState.token) and this module, which asks
+# state.py which server issued a key file, do not import each other.
+from .keys import read_token
+
+__all__ = ["PredictionError", "ServeClient", "predict", "read_token", "image_content_type", "http_json",
+           "token_for", "KeyFileError", "origin", "tls_context", "NEEDS_KEY_FILE"]
+
+# What a client says when a server wants a token it was not given one for.
+NEEDS_KEY_FILE = "this server needs its own key: give --key-file (the key_file.json of that server)"
+
+
+class KeyFileError(ValueError):
+    """A key file cannot be used for this server (unreadable, or it belongs to another server)."""
 
 
 class PredictionError(ValueError):
@@ -43,13 +56,79 @@ def image_content_type(data: bytes) -> str:
     return "application/octet-stream"
 
 
-def read_token(key_file: str | Path, kind: str = "inference") -> str:
-    """The ``inference`` (or ``management`` / ``API``) key from TorchServe's ``key_file.json``."""
-    keys = json.loads(Path(key_file).read_text())
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an http(s) URL, with the default port filled in and the host
+    lower-cased (``localhost`` and ``127.0.0.1`` stay different servers: no guessing).
+
+    Example:
+        >>> origin("http://LocalHost:8080/predictions/reef")
+        ('http', 'localhost', 8080)
+    """
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return u.scheme, u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80)
+
+
+def token_for(url: str, key_file: str | Path | None = None, kind: str = "inference") -> str | None:
+    """The key to send to the server at ``url``: only the one its own key file holds.
+
+    A ``key_file.json`` written by ``fieldid serve start`` sits in the server's state folder next
+    to its ``server.json``, which says which server (scheme, host, port) issued it. The key goes
+    only to that server; sent anywhere else it would hand the token to a stranger.
+
+    Args:
+        url: the server's inference URL (any path).
+        key_file: the key file to use (``None``: no token).
+
+    Returns:
+        The key, or ``None`` when no key file is given.
+
+    Raises:
+        KeyFileError: the key file is missing or unreadable, or its ``server.json`` names another
+            server than ``url`` (the message says so; send nothing).
+
+    Example:
+        >>> token_for("http://other-host:8080", "runs/reef/serve/key_file.json")  # doctest: +SKIP
+        Traceback (most recent call last):
+        KeyFileError: ... belongs to the server at http://127.0.0.1:8080, not http://other-host:8080 ...
+    """
+    if key_file is None:
+        return None
+    key_file = Path(key_file)
+    want = origin(url)
+    if (key_file.parent / "server.json").is_file():
+        from .state import read_server_state  # the documented state file of the server that wrote the keys
+
+        try:
+            issued_by = read_server_state(key_file.parent).inference_url
+        except ValueError as e:
+            raise KeyFileError(f"cannot tell which server {key_file} belongs to: {e}") from None
+        if origin(issued_by) != want:
+            raise KeyFileError(f"{key_file} belongs to the server at {issued_by}, not {want[0]}://{want[1]}:{want[2]}; "
+                               f"not sending its key there. {NEEDS_KEY_FILE}")
+    if not key_file.is_file():
+        raise KeyFileError(f"key file {key_file} not found; start the server with `fieldid serve start` "
+                           f"or give --key-file")
     try:
-        return str(keys[kind]["key"])
-    except (KeyError, TypeError):
-        raise ValueError(f"{key_file}: no {kind!r} key (has: {', '.join(keys)})") from None
+        return read_token(key_file, kind)
+    except (OSError, ValueError) as e:
+        raise KeyFileError(f"cannot read the key file: {e}") from None
+
+
+def tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """A verifying TLS context: the system's trusted CAs, or ``ca_file`` (PEM: a CA, or the
+    server's own self-signed certificate). Hostnames are always checked.
+
+    Example:
+        >>> tls_context().verify_mode == ssl.CERT_REQUIRED
+        True
+    """
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if ca_file:
+        # Trust the given certificate itself even when it is a leaf, not a CA (a pinned server).
+        ctx.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+    return ctx
 
 
 def _parse(body: bytes) -> Any:
@@ -66,13 +145,17 @@ class ServeClient:
         url: the prediction URL, e.g. ``http://127.0.0.1:8080/predictions/reef``.
         token: the inference key (``None`` when the server runs with ``--no-auth``).
         timeout: seconds per request.
+        ca_file: for ``https``: the CA (or the server's self-signed certificate) to verify it
+            with; default: the system's trusted CAs. The certificate is always verified.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
+                 ca_file: str | Path | None = None) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"{url!r} is not an http(s) URL")
         self.url, self.token, self.timeout = url, token, timeout
+        self._tls = tls_context(ca_file) if u.scheme == "https" else None
         self._conn_args = (u.hostname, u.port or (443 if u.scheme == "https" else 80))
         self._https = u.scheme == "https"
         self._path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -80,8 +163,10 @@ class ServeClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(*self._conn_args, timeout=self.timeout)
+            if self._https:
+                self._conn = http.client.HTTPSConnection(*self._conn_args, timeout=self.timeout, context=self._tls)
+            else:
+                self._conn = http.client.HTTPConnection(*self._conn_args, timeout=self.timeout)
         return self._conn
 
     def request(self, data: bytes, content_type: str | None = None) -> tuple[int, Any]:
@@ -120,7 +205,8 @@ class ServeClient:
         self.close()
 
 
-def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: float = 30.0,
+            ca_file: str | Path | None = None) -> dict[str, Any]:
     """Classify one image on the server.
 
     Args:
@@ -128,6 +214,7 @@ def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: 
         image_bytes: a JPEG, PNG or WEBP file's bytes.
         token: inference key (see :func:`read_token`); ``None`` for a ``--no-auth`` server.
         timeout: seconds.
+        ca_file: for ``https``: CA or the server's self-signed certificate (see :class:`ServeClient`).
 
     Returns:
         The answer: ``top_k`` labels with calibrated probabilities, ``model``, ``version``,
@@ -137,7 +224,7 @@ def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: 
         PredictionError: the server refused (400 empty, 413 too large, 415 not an image, 4xx auth ...).
         OSError: the server cannot be reached.
     """
-    with ServeClient(url, token, timeout) as c:
+    with ServeClient(url, token, timeout, ca_file) as c:
         return c.predict(image_bytes)
 
 

@@ -1,10 +1,15 @@
-"""The server's inference logic as a plain Python class, independent of TorchServe.
+"""The server's inference logic as a plain Python class, independent of TorchServe and of torch.
 
 :class:`ClassifierEngine` turns request bodies into answers: decode (``fieldid.export.phone``
-allow-list, EXIF, pixel limit) -> preprocess (``fieldid.export.phone``, the phone's exact recipe) ->
-one batched forward pass -> :func:`fieldid.export.phone.prediction` (the response schema shared with
-the on-device path). Every request gets its own :class:`Reply` with an HTTP status, so a bad
-image never fails its batch-mates. TorchServe is only a thin adapter around this class
+allow-list, EXIF, pixel limit; large JPEGs at a reduced DCT scale) -> preprocess
+(``fieldid.export.phone``, the phone's exact recipe) -> one batched ONNX Runtime run of the
+bundle's *verified* exported ONNX model -> :func:`fieldid.export.phone.prediction` (the response
+schema shared with the on-device path). Every request gets its own :class:`Reply` with an HTTP
+status, so a bad image never fails its batch-mates.
+
+The engine reads only the bundle (``manifest.json`` + the ONNX file the export verified); it
+never rebuilds the network from the training registry, and importing it loads neither torch
+nor ``fieldid.training``. TorchServe is only a thin adapter around this class
 (``serve/fieldid_handler.py``): TorchServe is in "Limited Maintenance", and another engine
 could host the same class.
 """
@@ -12,27 +17,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from fieldid.export.manifest import Manifest, ManifestError, file_sha256, load_manifest
+from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
 from fieldid.export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
-                          preprocess)
+                                  preprocess)
 
-from .archive import bundle_dir_of, bundle_version
+from .archive import ServeError, bundle_dir_of, bundle_version, has_verified, served_artifact
 
-__all__ = ["ClassifierEngine", "Reply", "error_body", "resolve_device", "PRECISIONS"]
+__all__ = ["ClassifierEngine", "Device", "Reply", "error_body", "resolve_device", "PRECISIONS"]
 
 log = logging.getLogger("fieldid.serve")
 
-# autocast dtypes on CUDA; CPU always runs fp32 (autocast there is slower without AMX and
-# would move answers away from the verified fp32 export for no gain).
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What ``--precision`` may ask for. CPU always runs the verified fp32 file; on CUDA, fp16 runs
+# only when the bundle holds an fp16 ONNX file that the export verified (never an unverified cast).
+PRECISIONS = ("fp32", "fp16")
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -51,24 +56,51 @@ class Reply:
         return json.dumps(self.body).encode("utf-8")
 
 
-def resolve_device(device: str | None = None, gpu_id: int | None = None) -> torch.device:
-    """``cuda:<gpu_id>`` when a GPU is assigned and present, else ``cpu`` (or ``device`` if given)."""
+@dataclass(frozen=True)
+class Device:
+    """Where the model runs: ``cpu`` or ``cuda`` (with its GPU ``index``); ``str()`` gives ``cuda:0``."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+
+
+def resolve_device(device: str | None = None, gpu_id: int | None = None) -> Device:
+    """``cuda:<gpu_id>`` when a GPU is assigned and ONNX Runtime can use it, else ``cpu``
+    (or ``device`` if given: ``cpu``, ``cuda``, ``cuda:1``).
+
+    Example:
+        >>> str(resolve_device("cpu", gpu_id=0))
+        'cpu'
+    """
     if device not in (None, "auto"):
-        return torch.device(device)
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(gpu_id)}")
-    return torch.device("cpu")
+        kind, _, idx = str(device).partition(":")
+        if kind not in ("cpu", "cuda"):
+            raise ServeError(f"device {device!r}: use cpu or cuda[:N]")
+        return Device(kind, int(idx) if idx else (0 if kind == "cuda" else None))
+    if gpu_id is not None and _cuda_available():
+        return Device("cuda", int(gpu_id))
+    return Device("cpu")
 
 
 class ClassifierEngine:
-    """A bundle's fp32 model behind a bytes-in, JSON-out interface.
+    """A bundle's verified ONNX model behind a bytes-in, JSON-out interface.
 
     Args:
-        model: the classifier (eval mode), on any device.
-        manifest: the bundle's manifest (labels, preprocessing, temperature, threshold).
+        session: an ``onnxruntime.InferenceSession`` of the artifact.
+        manifest: the bundle's manifest (labels, preprocessing, temperature, threshold, unknown).
+        artifact: the manifest entry of the file ``session`` runs (input/output names).
         version: model version reported in every answer.
-        device: where ``model`` runs.
-        precision: ``fp32``, ``fp16`` or ``bf16`` (autocast; CUDA only).
+        device: where ``session`` runs.
+        precision: the artifact's precision (``fp32``, or ``fp16`` on CUDA).
         max_pixels: images with more pixels are refused with 413.
         top_k: labels per answer.
 
@@ -78,66 +110,90 @@ class ClassifierEngine:
         'parrotfish'
     """
 
-    def __init__(self, model: torch.nn.Module, manifest: Manifest, *, version: str,
-                 device: torch.device | str = "cpu", precision: str = "fp32",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, top_k: int = 5) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        self.device = torch.device(device)
-        self.precision = precision if self.device.type == "cuda" else "fp32"
+    def __init__(self, session: Any, manifest: Manifest, artifact: Artifact, *, version: str,
+                 device: Device = Device("cpu"), precision: str = "fp32", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 top_k: int = 5) -> None:
+        self.session = session
         self.manifest = manifest
+        self.artifact = artifact
         self.spec = manifest.preprocess_spec
         self.version = version
+        self.device = device
+        self.precision = precision
         self.max_pixels = int(max_pixels)
         self.top_k = int(top_k)
-        self.channels_last = self.device.type == "cuda"
-        model = model.eval().to(self.device)
-        if self.channels_last:  # NHWC lets cuDNN pick its fastest depthwise/pointwise kernels
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        # The shorter side the photo is resized to: JPEGs decode at reduced size for it (intake's
+        # draft rule); 0 decodes every pixel (bench-serve's 'before' row).
+        self.draft_side = int(self.spec.resize_size)
+        # Contract 2: a bundle with an unknown-score detector names its output; older bundles do not.
+        self.unknown_output = getattr(artifact, "unknown_output", "") or ""
+        unknown = getattr(manifest, "unknown", None) or {}
+        self.unknown_threshold = unknown.get("threshold") if self.unknown_output else None
+        self._outputs = [artifact.output_name] + ([self.unknown_output] if self.unknown_output else [])
+        self._input_dtype = np.float16 if precision == "fp16" else np.float32
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, *, device: str | None = None, gpu_id: int | None = None,
                     threads: int | None = None, precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
-                    top_k: int = 5, warmup: bool = True) -> "ClassifierEngine":
-        """Load ``BUNDLE/manifest.json`` + its fp32 state dict (``weights_only=True``).
+                    top_k: int = 5, warmup: bool = True, version: str | None = None) -> "ClassifierEngine":
+        """Load ``BUNDLE/manifest.json`` and its verified ONNX model (sha256-checked) into ONNX Runtime.
 
         Args:
             bundle_dir: an export bundle (or a run directory: its ``export/`` bundle).
             device: ``cpu``, ``cuda:0`` ...; default: the assigned GPU (``gpu_id``) if any, else CPU.
             gpu_id: the GPU TorchServe assigned to this worker (``None``: none).
-            threads: intra-op CPU threads (default: leave torch's setting alone).
-            precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``.
+            threads: intra-op CPU threads (default: ONNX Runtime's, one per core).
+            precision: ``auto`` (fp16 on CUDA when the bundle verified an fp16 ONNX file, else
+                fp32), ``fp32`` or ``fp16`` (CUDA only; CPU always runs fp32).
             max_pixels: pixel limit for decoded images (413 above).
             top_k: labels per answer.
-            warmup: run one forward pass now, so the first request is not slow.
+            warmup: run one inference now, so the first request is not slow.
+            version: the version answers report (default: :func:`fieldid.serve.archive.bundle_version`).
 
         Returns:
             The engine.
+
+        Raises:
+            ServeError: no verified ONNX file, or a precision that cannot run here.
+            ManifestError: the file does not match the manifest's sha256.
         """
-        from fieldid.training.models import create_model
+        import onnxruntime as ort
 
         bundle_dir = bundle_dir_of(bundle_dir)
         manifest = load_manifest(bundle_dir)
-        art = manifest.find("pytorch", "fp32")
-        weights = bundle_dir / art.file
-        _check_sha256(weights, art.sha256)
-        if threads:
-            torch.set_num_threads(int(threads))
         dev = resolve_device(device, gpu_id)
-        if precision == "auto":
-            precision = "fp16" if dev.type == "cuda" else "fp32"
-        model = create_model(manifest.backbone, manifest.num_classes, pretrained=False)
-        state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle code
-        model.load_state_dict(state)
-        eng = cls(model, manifest, version=bundle_version(manifest), device=dev, precision=precision,
-                  max_pixels=max_pixels, top_k=top_k)
+        if precision not in ("auto", *PRECISIONS):
+            raise ServeError(f"precision {precision!r}: use auto, {', '.join(PRECISIONS)}")
+        if dev.type == "cpu":
+            precision = "fp32"  # ONNX Runtime's CPU fp16 kernels are slower and move answers for nothing
+        elif precision == "auto":
+            precision = "fp16" if has_verified(manifest, "onnx", "fp16") else "fp32"
+        art = served_artifact(manifest, precision)
+        path = bundle_dir / art.file
+        _check_sha256(path, art.sha256)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1  # one graph at a time; parallelism is inside each operator
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if dev.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ServeError("device cuda asked for, but this ONNX Runtime has no CUDAExecutionProvider "
+                                 "(install onnxruntime-gpu)")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        eng = cls(session, manifest, art, version=version or bundle_version(manifest), device=dev,
+                  precision=precision, max_pixels=max_pixels, top_k=top_k)
         if warmup:
             c = eng.spec.crop_size
             eng.logits(np.zeros((1, 3, c, c), np.float32))
-        log.info("loaded %s (%s) on %s, %s, %d threads", manifest.name, eng.version, dev, eng.precision,
-                 torch.get_num_threads())
+        log.info("loaded %s (%s) on %s, %s, %s threads, %s via %s", manifest.name, eng.version, dev, eng.precision,
+                 threads or "default", art.file, session.get_providers()[0])
         return eng
 
     # ------------------------------------------------------------------ steps
@@ -147,34 +203,41 @@ class ClassifierEngine:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
-        img = decode_image(bytes(data), max_pixels=self.max_pixels)
+        img = decode_image(bytes(data), max_pixels=self.max_pixels, target=self.draft_side or None)  # JPEG draft
         check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)  # the phone's rule, same 413
         return preprocess(img, self.spec)[0]
 
-    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(N, 3, H, W)`` float32 -> ``(N, num_classes)`` float32 logits and, when the
+        artifact has one, the ``(N,)`` unknown scores (else ``None``)."""
+        x = np.ascontiguousarray(batch, dtype=self._input_dtype)
+        outs = self.session.run(self._outputs, {self.artifact.input_name: x})
+        logits = np.asarray(outs[0], dtype=np.float32)
+        unknown = np.asarray(outs[1], dtype=np.float32).reshape(len(x)) if self.unknown_output else None
+        return logits, unknown
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """``(N, 3, H, W)`` float32 -> ``(N, num_classes)`` float32 logits."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        dtype = PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            out = self.model(x)
-        return out.float().cpu().numpy()
+        return self.run(batch)[0]
 
-    def answer(self, logits: np.ndarray, latency_ms: float) -> dict[str, Any]:
-        """One image's logits -> the shared response schema (``source`` = ``server``)."""
+    def answer(self, logits: np.ndarray, latency_ms: float, unknown_score: float | None = None) -> dict[str, Any]:
+        """One image's logits (and unknown score) -> the shared response schema (``source`` = ``server``)."""
         m = self.manifest
+        extra: dict[str, Any] = {}
+        if unknown_score is not None:  # only bundles with a detector; their phone.prediction takes these
+            extra = {"unknown_score": float(unknown_score), "unknown_threshold": self.unknown_threshold}
+        if getattr(m, "model_version", ""):
+            extra["model_version"] = m.model_version
         return prediction(logits, m.labels, temperature=m.temperature, fallback_threshold=m.fallback_threshold,
                           model=m.name, version=self.version, source="server", latency_ms=latency_ms,
-                          k=self.top_k)
+                          k=self.top_k, **extra)
 
     # ------------------------------------------------------------------ whole requests
     def handle(self, bodies: Sequence[bytes | None | ImageInputError]) -> list[Reply]:
         """A batch of request bodies -> one :class:`Reply` each, never raising for bad input.
 
         An entry may already be an :class:`ImageInputError` (the adapter found no usable body);
-        it is answered with its status. Good images share one forward pass.
+        it is answered with its status. Good images share one inference run.
 
         Example:
             >>> [r.status for r in eng.handle([b"", png_bytes])]  # doctest: +SKIP
@@ -196,22 +259,22 @@ class ClassifierEngine:
                 status = 413 if isinstance(e, MemoryError) else 415
                 replies[i] = Reply(status, error_body(status, f"cannot process this image ({type(e).__name__})"))
         if arrays:
-            logits = self.logits(np.stack(arrays))
+            logits, unknown = self.run(np.stack(arrays))
             ms = (time.perf_counter() - t0) * 1000.0
-            for row, i in zip(logits, index):
-                replies[i] = Reply(200, self.answer(row, ms))
+            for j, (row, i) in enumerate(zip(logits, index)):
+                replies[i] = Reply(200, self.answer(row, ms, None if unknown is None else unknown[j]))
         return replies  # type: ignore[return-value]
 
     def predict(self, data: bytes) -> dict[str, Any]:
         """One image's answer in-process (what the server returns, without HTTP).
 
         Raises:
-            ImageInputError: empty (400), not JPEG/PNG/WEBP (415) or too many pixels (413).
+            ImageInputError: empty (400), not an accepted image (415) or too many pixels (413).
         """
         t0 = time.perf_counter()
         x = self.decode(data)
-        row = self.logits(x[None])[0]
-        return self.answer(row, (time.perf_counter() - t0) * 1000.0)
+        logits, unknown = self.run(x[None])
+        return self.answer(logits[0], (time.perf_counter() - t0) * 1000.0, None if unknown is None else unknown[0])
 
 
 def _check_sha256(path: Path, expected: str) -> None:

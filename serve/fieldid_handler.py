@@ -7,7 +7,7 @@ answers 4xx alone instead of turning its whole batch into TorchServe's 503.
 
 Settings come from the server's environment (``fieldid serve start`` sets them):
 ``FIELDID_SERVE_THREADS`` (CPU threads per worker), ``FIELDID_SERVE_MAX_PIXELS`` and
-``FIELDID_SERVE_PRECISION`` (auto | fp32 | fp16 | bf16).
+``FIELDID_SERVE_PRECISION`` (auto | fp32 | fp16).
 """
 from __future__ import annotations
 
@@ -59,8 +59,11 @@ class FieldidHandler:
     def initialize(self, context: Any) -> None:
         props = context.system_properties
         env = os.environ
+        # The archive was versioned from the full bundle (its fp32 weights' hash); the reduced
+        # manifest inside holds only the ONNX files, so the version comes from MAR-INF.
+        version = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelVersion")
         self.engine = ClassifierEngine.from_bundle(
-            props["model_dir"],
+            props["model_dir"], version=version,
             gpu_id=props.get("gpu_id"),
             threads=int(env.get("FIELDID_SERVE_THREADS", "1")),
             precision=env.get("FIELDID_SERVE_PRECISION", "auto"),

@@ -35,16 +35,17 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from fieldid.export.manifest import load_manifest
-from fieldid.export.phone import DEFAULT_MAX_PIXELS
-from fieldid.training.records import _Record, atomic_write_text
+from fieldid.records import atomic_write_text
 
 from .archive import ServeError, build_model_store, bundle_dir_of, bundle_version
-from .client import http_json, read_token
+from .client import http_json
+from .config import ServeOptions, config_properties, free_port, is_loopback, log_config
+from .state import STATE_FILE, ServerState, load_state, read_server_state
 
 __all__ = [
     "ServeOptions",
@@ -62,131 +63,17 @@ __all__ = [
     "server_processes",
     "model_workers",
     "wait_ready",
+    "read_server_state",
+    "STATE_FILE",
 ]
 
 log = logging.getLogger("fieldid.serve")
 
 MIN_JAVA = 17
-STATE_FILE = "server.json"
 # In RUN/serve of every model served from another state dir: {"state_dirs": [...]}.
 POINTER_FILE = "served_by.json"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Markers of processes that belong to a TorchServe server (launcher, Java frontend, workers).
 _TS_MARKERS = ("ts.model_server", "org.pytorch.serve.ModelServer", "model_service_worker")
-
-
-@dataclass
-class ServeOptions:
-    """Server settings (``fieldid serve start`` flags). Defaults are the safe, local ones.
-
-    Example:
-        >>> ServeOptions(batch_size=8, max_batch_delay_ms=5).batch_size
-        8
-    """
-
-    host: str = "127.0.0.1"  # inference API only; management/metrics/gRPC always stay on loopback
-    port: int = 8080
-    management_port: int = 8081
-    metrics_port: int = 8082
-    grpc_inference_port: int = 7070
-    grpc_management_port: int = 7071
-    auth: bool = True
-    token_expiry_min: float = 1440.0
-    workers: int = 1
-    threads: int = 1  # CPU threads per worker; more than one per core collapses under contention
-    batch_size: int = 1
-    max_batch_delay_ms: int = 5
-    max_request_mb: float = 20.0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    precision: str = "auto"  # fp16 on CUDA, fp32 on CPU
-    device: str = "auto"  # auto (GPU when present) | cpu
-    response_timeout_s: int = 60
-    job_queue_size: int = 100
-    startup_timeout_s: float = 180.0
-
-    def validate(self) -> None:
-        for name in ("port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
-            if not 0 < getattr(self, name) < 65536:
-                raise ServeError(f"{name} {getattr(self, name)} is not a TCP port")
-        ports = self.ports()
-        if len(set(ports.values())) != len(ports):
-            raise ServeError(f"ports must differ: {ports}")
-        if self.workers < 1 or self.threads < 1 or self.batch_size < 1 or self.max_batch_delay_ms < 0:
-            raise ServeError("workers, threads and batch size must be >= 1, batch delay >= 0")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ServeError(f"precision {self.precision!r}: use auto, fp32, fp16 or bf16")
-        if self.device not in ("auto", "cpu"):
-            raise ServeError(f"device {self.device!r}: use auto (GPU when present) or cpu")
-        if not self.max_request_mb > 0 or self.max_pixels < 1:
-            raise ServeError("max request size and pixel limit must be positive")
-        if self.token_expiry_min < 5:  # keys must outlive start-up, or start can never see READY
-            raise ServeError("token expiry must be at least 5 minutes")
-
-    @classmethod
-    def on_free_ports(cls, **kw: Any) -> "ServeOptions":
-        """Options whose five ports are free loopback ports right now (tests, benchmarks).
-
-        Example:
-            >>> o = ServeOptions.on_free_ports(batch_size=4)
-            >>> len(set(o.ports().values()))
-            5
-        """
-        ports: set[int] = set()
-        while len(ports) < 5:
-            ports.add(free_port())
-        p = sorted(ports)
-        return cls(**{"port": p[0], "management_port": p[1], "metrics_port": p[2], "grpc_inference_port": p[3],
-                      "grpc_management_port": p[4], **kw})
-
-    def ports(self) -> dict[str, int]:
-        return {"inference": self.port, "management": self.management_port, "metrics": self.metrics_port,
-                "grpc_inference": self.grpc_inference_port, "grpc_management": self.grpc_management_port}
-
-
-@dataclass
-class ServerState(_Record):
-    """``STATE_DIR/server.json``: what a running server is and how to reach it."""
-
-    pid: int  # the launcher: leader of the server's process group
-    create_time: float  # the launcher's start time (guards against a reused pid)
-    state_dir: str
-    host: str
-    ports: dict[str, int]
-    models: dict[str, dict[str, str]]  # name -> {"version", "bundle"}
-    auth: bool
-    key_file: str  # "" when auth is off
-    config: str
-    log_dir: str
-    started: str
-    options: dict[str, Any] = field(default_factory=dict)
-    status: str = "running"  # running | stopped
-
-    SCHEMA_VERSION = 1
-
-    @property
-    def inference_url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{_url_host(host)}:{self.ports['inference']}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['management']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}"
-
-    def prediction_url(self, model: str) -> str:
-        """``http://HOST:PORT/predictions/<model>``."""
-        return f"{self.inference_url}/predictions/{model}"
-
-    def token(self, kind: str = "inference") -> str | None:
-        """The current key of ``kind`` (``None`` without auth)."""
-        return read_token(self.key_file, kind) if self.auth else None
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # --------------------------------------------------------------------------- helpers
@@ -251,9 +138,18 @@ def state_dirs_for(target: str | Path) -> list[Path]:
 
 
 def _warn_exposure(opts: ServeOptions) -> None:
-    if opts.host not in _LOOPBACK:
-        log.warning("binding the inference API to %s: it is reachable from other machines%s", opts.host,
-                    "" if opts.auth else " WITHOUT token authorization")
+    if not is_loopback(opts.host):
+        clear = ("" if opts.tls else "; NO TLS: tokens and photos cross the network in clear text "
+                 "(give --certificate FILE --private-key FILE)")
+        log.warning("binding the inference API to %s: it is reachable from other machines%s%s", opts.host,
+                    "" if opts.auth else " WITHOUT token authorization", clear)
+    if opts.cors_origin and opts.auth:
+        # Measured on TorchServe 0.12: the token check runs before CORS, so a browser's preflight
+        # (OPTIONS, which never carries the Authorization header) gets HTTP 400 and the browser
+        # then refuses to send the real request.
+        log.warning("--cors-origin with token authorization: TorchServe 0.12 answers the browser's CORS "
+                    "preflight with 400 (it wants the token there too), so a browser page on %s cannot reach "
+                    "this server; browser apps need --no-auth (behind a trusted network or proxy)", opts.cors_origin)
 
 
 def find_java(env: dict[str, str] | None = None) -> str:
@@ -283,13 +179,6 @@ def find_java(env: dict[str, str] | None = None) -> str:
     return java
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host`` (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _check_port(host: str, port: int, what: str) -> None:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam) as s:
@@ -300,83 +189,6 @@ def _check_port(host: str, port: int, what: str) -> None:
             flag = {"inference": "--port", "management": "--management-port", "metrics": "--metrics-port",
                     "grpc_inference": "--grpc-port", "grpc_management": "--grpc-management-port"}[what]
             raise ServeError(f"{what} port {host}:{port} is in use; pick another with {flag}") from None
-
-
-def _prop(value: str) -> str:
-    """A value escaped for Java's ``Properties.load`` (backslashes are escapes there)."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def config_properties(store: Path, models: dict[str, str], opts: ServeOptions) -> str:
-    """The ``config.properties`` text for ``models`` (name -> version) in ``store``.
-
-    Example:
-        >>> "enable_model_api=false" in config_properties(Path("/s"), {"reef": "abc"}, ServeOptions())
-        True
-    """
-    store = store.resolve()
-    lo = "127.0.0.1"
-    model_cfg = {
-        name: {version: {"defaultVersion": True, "marName": f"{name}.mar", "minWorkers": opts.workers,
-                         "maxWorkers": opts.workers, "batchSize": opts.batch_size,
-                         "maxBatchDelay": opts.max_batch_delay_ms, "responseTimeout": opts.response_timeout_s}}
-        for name, version in models.items()
-    }
-    # Only files in the model store may ever be loaded, even if the register API were turned on.
-    allowed = "file://" + re.escape(store.as_posix()) + "/.*"
-    lines = {
-        "inference_address": f"http://{_url_host(opts.host)}:{opts.port}",
-        "management_address": f"http://{lo}:{opts.management_port}",
-        "metrics_address": f"http://{lo}:{opts.metrics_port}",
-        "grpc_inference_address": lo,
-        "grpc_inference_port": str(opts.grpc_inference_port),
-        "grpc_management_address": lo,
-        "grpc_management_port": str(opts.grpc_management_port),
-        "model_store": store.as_posix(),
-        "load_models": ",".join(f"{n}.mar" for n in models),
-        "models": json.dumps(model_cfg, separators=(",", ":")),
-        "enable_model_api": "false",
-        "allowed_urls": allowed,
-        "disable_token_authorization": "false" if opts.auth else "true",
-        "token_expiration_min": repr(float(opts.token_expiry_min)),
-        "max_request_size": str(int(opts.max_request_mb * 1024 * 1024)),
-        "max_response_size": str(1024 * 1024),
-        "default_workers_per_model": str(opts.workers),
-        "job_queue_size": str(opts.job_queue_size),
-        "default_response_timeout": str(opts.response_timeout_s),
-        "install_py_dep_per_model": "false",
-        "disable_system_metrics": "true",  # a psutil subprocess per minute we do not need
-        "enable_envvars_config": "false",  # TS_* variables in a user's shell must not loosen this file
-    }
-    if opts.device == "cpu":
-        lines["number_of_gpu"] = "0"
-    header = "# Written by `fieldid serve start`; regenerated on every start.\n"
-    return header + "".join(f"{k}={_prop(v)}\n" for k, v in lines.items())
-
-
-def _log_config() -> str:
-    """log4j2 config: TorchServe's files, rolled at 20 MB (5 kept), and only warnings on the
-    console (the stock config copies every request's DEBUG lines to stdout, unbounded)."""
-    appenders = "".join(
-        f'<RollingFile name="{f}" fileName="${{env:LOG_LOCATION:-logs}}/{f}.log" '
-        f'filePattern="${{env:LOG_LOCATION:-logs}}/{f}.%i.log.gz"><PatternLayout pattern="%d{{ISO8601}} '
-        f'[%-5p] %t %c - %m%n"/><Policies><SizeBasedTriggeringPolicy size="20 MB"/></Policies>'
-        f'<DefaultRolloverStrategy max="5"/></RollingFile>\n'
-        for f in ("access_log", "model_log", "model_metrics", "ts_log", "ts_metrics"))
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Configuration>\n<Appenders>\n'
-        '<Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>'
-        '</Console>\n' + appenders + '</Appenders>\n<Loggers>\n'
-        '<Logger name="ACCESS_LOG" level="info"><AppenderRef ref="access_log"/></Logger>\n'
-        '<Logger name="io.netty" level="error"/>\n'
-        '<Logger name="MODEL_LOG" level="info"><AppenderRef ref="model_log"/></Logger>\n'
-        '<Logger name="MODEL_METRICS" level="info"><AppenderRef ref="model_metrics"/></Logger>\n'
-        '<Logger name="org.apache" level="off"/>\n'
-        '<Logger name="org.pytorch.serve" level="info"/>\n'
-        '<Logger name="TS_METRICS" level="info"><AppenderRef ref="ts_metrics"/></Logger>\n'
-        '<Root level="info"><AppenderRef ref="STDOUT" level="warn"/><AppenderRef ref="ts_log"/></Root>\n'
-        '</Loggers>\n</Configuration>\n'
-    )
 
 
 def _now() -> str:
@@ -422,18 +234,6 @@ def _launcher_alive(state: ServerState) -> bool:
 def _is_running(state: ServerState) -> bool:
     """Launcher alive, or (if it died) the Java frontend / workers it started still are."""
     return state.status == "running" and (_launcher_alive(state) or bool(server_processes(state)))
-
-
-def load_state(state_dir: str | Path) -> ServerState:
-    """Read ``STATE_DIR/server.json``.
-
-    Raises:
-        ServeError: no server was ever started there.
-    """
-    path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
-        raise ServeError(f"no server state in {state_dir} (start one with `fieldid serve start`)")
-    return ServerState.from_json(path)
 
 
 def _tail(path: Path, n: int = 5) -> str:
@@ -540,7 +340,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     key_file.unlink(missing_ok=True)
     cfg_path = state_dir / "config.properties"
     atomic_write_text(cfg_path, config_properties(store, {n: v["version"] for n, v in versions.items()}, opts))
-    log_cfg = atomic_write_text(state_dir / "log4j2.xml", _log_config())
+    log_cfg = atomic_write_text(state_dir / "log4j2.xml", log_config())
 
     env = dict(os.environ)
     for k in [k for k in env if k.startswith("TS_")]:
@@ -576,7 +376,8 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
         pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), state_dir=str(state_dir),
         host=opts.host, ports=opts.ports(), models=versions, auth=opts.auth,
         key_file=str(key_file) if opts.auth else "", config=str(cfg_path), log_dir=str(log_dir),
-        started=_now(), options=asdict(opts),
+        started=_now(), options=asdict(opts), tls=opts.tls,
+        certificate=str(Path(opts.certificate).resolve()) if opts.tls else "",
     )
     state.to_json(state_dir / STATE_FILE)
     log.info("starting TorchServe (pid %d) for %s; logs in %s", proc.pid, ", ".join(versions), log_dir)
@@ -655,6 +456,7 @@ def server_status(state_dir: str | Path) -> dict[str, Any]:
         "launcher_alive": launcher, "process_pids": sorted(p.pid for p in procs),
         "started": state.started, "inference_url": state.inference_url, "management_url": state.management_url,
         "auth": state.auth, "key_file": state.key_file or None, "log_dir": state.log_dir, "models": models,
+        "tls": state.tls, "certificate": state.certificate or None,
     }
     if running and state.auth:
         try:

@@ -80,15 +80,20 @@ class Served:
     def management_token(self) -> str | None:
         return self.state.token("management")
 
+    @property
+    def ca_file(self) -> Path | None:
+        """The server's own (self-signed) certificate when it speaks HTTPS, else ``None``."""
+        return Path(self.state.certificate) if getattr(self.state, "tls", False) else None
+
     def predict(self, data: bytes, model: str | None = None) -> dict[str, Any]:
         from fieldid.serve.client import predict
 
-        return predict(self.url_for(model or self.model), data, token=self.token, timeout=60)
+        return predict(self.url_for(model or self.model), data, token=self.token, timeout=60, ca_file=self.ca_file)
 
     def request(self, data: bytes, model: str | None = None, content_type: str | None = None) -> tuple[int, Any]:
         from fieldid.serve.client import ServeClient
 
-        with ServeClient(self.url_for(model or self.model), self.token, timeout=60) as c:
+        with ServeClient(self.url_for(model or self.model), self.token, timeout=60, ca_file=self.ca_file) as c:
             return c.request(data, content_type)
 
 

@@ -1,10 +1,16 @@
 """Small, fast, deterministic datasets for tests (real training steps, not mocks)."""
 from __future__ import annotations
 
+import io
+import random
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
+from PIL.TiffImagePlugin import IFDRational
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -36,3 +42,52 @@ def make_shapes_dataset(root: Path, counts: dict[str, int] | None = None, *, siz
             rng = np.random.default_rng([seed, ci, i])
             _draw(kind, rng, size).save(root / kind / f"{kind}_{i:03d}.png")
     return root
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` but holds almost no data: a decompression-bomb shape.
+
+    Decoding it fails (no pixel data), so only a check on the header can refuse it as too large;
+    it costs nothing to make at any size.
+    """
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def malformed_exif_jpeg(photo: Image.Image) -> bytes:
+    """A JPEG whose EXIF block makes Pillow's own ``exif_transpose`` raise.
+
+    Found by flipping bytes of a real iPhone-like EXIF block (seeded search). Returned only when
+    plain Pillow loads it and then fails in ``exif_transpose``, so a test using it cannot pass by
+    testing nothing.
+    """
+    small = photo.resize((64, 43))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0110], exif[0x011A] = 6, "Apple", "iPhone 15", IFDRational(72, 1)
+    ifd = exif.get_ifd(0x8769)
+    ifd[0x9003], ifd[0x829A] = "2024:01:01 00:00:00", IFDRational(1, 100)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", exif=exif.tobytes())
+    good = buf.getvalue()
+    start = good.find(b"Exif\0\0") + 6
+    end = start + int.from_bytes(good[start - 8:start - 6], "big") - 8
+    rng = random.Random(0)
+    for _ in range(20_000):
+        d = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            d[rng.randrange(start, end)] = rng.randrange(256)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                im = Image.open(io.BytesIO(bytes(d)))
+                im.load()
+            except Exception:  # noqa: BLE001 - we want one that *loads* but fails in exif_transpose
+                continue
+            try:
+                ImageOps.exif_transpose(im)
+            except Exception:  # noqa: BLE001
+                return bytes(d)
+    raise AssertionError("no malformed EXIF block found; Pillow may have become tolerant of all of them")

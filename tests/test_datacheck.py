@@ -294,5 +294,5 @@ def test_module_is_torch_free() -> None:
     import subprocess
     import sys
 
-    code = "import sys, training.datacheck; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, fieldid.training.datacheck; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from fixtures_edge_demo import demo_client, unused_port
+from helpers import malformed_exif_jpeg, png_header
 
 from fieldid.edge_demo.cli import _mode_by_labels, assign_modes
 from fieldid.edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
@@ -149,30 +150,124 @@ def dive(tiny_bundle: Path) -> DemoMode:
     return DemoMode("dive", tiny_bundle, server=None)
 
 
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_examples_are_held_out_and_interleaved(dive: DemoMode, tiny_run: Path) -> None:
     split = json.loads((tiny_run / "split.json").read_text())
-    held_out = {str(Path(split["root"]) / rel) for rel, _ in split["files"]["test"]}
+    # The export copied held-out photos into the bundle, byte for byte (small PNGs).
+    held_out = {_sha(Path(split["root"]) / rel) for rel, _ in split["files"]["test"]}
     ex = dive.examples
     labels = dive.manifest.labels
     assert len(ex) == 2 * len(labels)
-    assert {str(e.path) for e in ex} <= held_out
+    assert {_sha(e.path) for e in ex} <= held_out
+    assert all(e.path.is_relative_to(dive.bundle_dir / "examples") for e in ex)  # read from the bundle
     assert [e.label for e in ex[:len(labels)]] == labels  # one of each class first
     for e in ex:
         assert e.path.parent.name == e.label  # ImageFolder: the folder is the class
     assert example_images(tiny_run, dive.manifest) == ex
 
 
-def test_a_copied_bundle_finds_its_examples_through_source_run(dive: DemoMode, tiny_run: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_copied_bundle_shows_its_own_examples(dive: DemoMode, tiny_run: Path, tiny_salmon_run: Path,
+                                                tmp_path: Path) -> None:
+    """Moved elsewhere, or into another run's folder, a bundle shows the photos it was exported with."""
     bundle = tmp_path / "elsewhere" / "bundle"
     shutil.copytree(dive.bundle_dir, bundle)
     assert not (bundle / "split.json").exists() and not (bundle.parent / "split.json").exists()
     manifest = load_manifest(bundle)
-    assert Path(manifest.source_run) == tiny_run.resolve()
-    assert DemoMode("dive", bundle).examples == dive.examples
-    # Without the source run there is nothing to offer (and no error).
-    manifest.source_run = str(tmp_path / "gone")
-    assert example_images(bundle, manifest) == []
+    manifest.source_run = str(tmp_path / "gone")  # the run it came from is not needed
+    copied = example_images(bundle, manifest)
+    assert [(e.path.relative_to(bundle), e.label) for e in copied] == \
+        [(e.path.relative_to(dive.bundle_dir), e.label) for e in dive.examples]
+    # The salmon bundle dropped into the shapes run's folder: salmon photos, not that run's shapes.
+    other_run = tmp_path / "shapes_run"
+    other_run.mkdir()
+    shutil.copy(tiny_run / "split.json", other_run / "split.json")
+    shutil.copytree(tiny_salmon_run / "export", other_run / "export")
+    mode = DemoMode("shop", other_run)
+    assert mode.examples and {e.label for e in mode.examples} == {"wild", "farmed"}
+    assert all(e.path.is_relative_to(other_run / "export" / "examples") for e in mode.examples)
+    assert mode.origin.synthetic  # recorded at export, not looked up beside the bundle
+
+
+@pytest.mark.parametrize("bad", ["../../split.json", "/etc/passwd", "examples/../../x.png", "model.onnx",
+                                 "C:/photos/a.jpg"])
+def test_example_paths_outside_the_bundle_are_refused(tiny_bundle: Path, tmp_path: Path, bad: str) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    d = json.loads((bundle / "manifest.json").read_text())
+    d["examples"][0]["file"] = bad
+    (bundle / "manifest.json").write_text(json.dumps(d))
+    from fieldid.export.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=r"examples\[0\]\.file"):
+        load_manifest(bundle)
+    with pytest.raises(DemoError, match=r"examples\[0\]"):
+        DemoMode("dive", bundle)
+
+
+def test_a_symlinked_example_is_not_followed_out_of_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = load_manifest(bundle)
+    first = bundle / manifest.examples[0]["file"]
+    outside = tmp_path / "private.png"
+    outside.write_bytes(_png())
+    first.unlink()
+    first.symlink_to(outside)
+    assert [e.path for e in example_images(bundle, manifest)] == \
+        [bundle / e["file"] for e in manifest.examples[1:]]
+
+
+def test_export_copies_examples_small_upright_and_browser_ready(tiny_bundle: Path, tmp_path: Path) -> None:
+    """HEIC and big photos become JPEGs of <= MAX_SIDE px, upright; small PNGs are copied as they are."""
+    from fieldid.export.examples import MAX_SIDE, add_examples
+
+    data = tmp_path / "data"
+    for label in ("circle", "square", "triangle"):
+        (data / label).mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # portrait phone photo
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(data / "circle" / "IMG_1.HEIC", "HEIF", exif=exif.tobytes())
+    Image.new("RGB", (3000, 2000), (30, 200, 30)).save(data / "square" / "big.jpg", quality=90)
+    (data / "triangle" / "small.png").write_bytes(_png())
+    run = tmp_path / "run"
+    run.mkdir()
+    files = [["circle/IMG_1.HEIC", 0], ["square/big.jpg", 1], ["triangle/small.png", 2]]
+    split = {"root": str(data), "labels": ["circle", "square", "triangle"], "presplit": False, "seed": 0,
+             "files": {"train": [], "val": [], "test": files}}
+    (run / "split.json").write_text(json.dumps(split))
+    manifest, stage = load_manifest(tiny_bundle), tmp_path / "stage"
+    add_examples(manifest, run, stage)
+    assert manifest.examples == [{"file": "examples/circle/IMG_1.jpg", "label": "circle"},
+                                 {"file": "examples/square/big.jpg", "label": "square"},
+                                 {"file": "examples/triangle/small.png", "label": "triangle"}]
+    heic, big = Image.open(stage / "examples/circle/IMG_1.jpg"), Image.open(stage / "examples/square/big.jpg")
+    assert heic.format == "JPEG" and heic.size == (300, 400)  # upright: a browser shows what the model sees
+    assert big.format == "JPEG" and max(big.size) == MAX_SIDE
+    assert (stage / "examples/triangle/small.png").read_bytes() == _png()
+    assert manifest.training_data == {"root": str(data), "synthetic": False}
+    manifest.validate()
+    # A path in split.json that leaves the dataset is refused, naming the entry.
+    split["files"]["test"][1][0] = "../outside.jpg"
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"split.json: files.test\[1\] '../outside.jpg' leaves the dataset"):
+        add_examples(manifest, run, tmp_path / "stage2")
+
+
+def test_a_run_whose_photos_are_gone_exports_no_examples_and_says_so(tiny_bundle: Path, tmp_path: Path) -> None:
+    from fieldid.export.examples import add_examples
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "split.json").write_text(json.dumps({"root": str(tmp_path / "gone"), "labels": ["circle"],
+                                                "presplit": False, "seed": 0, "files": {"test": [["circle/a.png", 0]]}}))
+    manifest = load_manifest(tiny_bundle)
+    add_examples(manifest, run, tmp_path / "stage")
+    assert manifest.examples == [] and "no example photos" in manifest.notes[-1]
 
 
 def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path) -> None:
@@ -184,8 +279,13 @@ def test_data_origin_says_when_data_is_synthetic(dive: DemoMode, tmp_path: Path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "split.json").write_text(json.dumps({"root": str(data), "labels": ["wild", "farmed"],
-                                                "files": {"test": []}}))
-    origin = data_origin(run, dive.manifest)
+                                                "presplit": False, "seed": 0, "files": {"test": []}}))
+    # What the export records for such a run (the demo reads only this, never split.json).
+    from fieldid.export.examples import add_examples
+
+    manifest = load_manifest(dive.bundle_dir)
+    add_examples(manifest, run, tmp_path / "stage")
+    origin = data_origin(run, manifest)
     assert origin.synthetic and origin.root == data
 
 
@@ -247,10 +347,12 @@ def _gif() -> bytes:
     (b"definitely not an image", "not a photo this app can read"),
     (_gif(), "not a photo this app can read"),  # a real image, but not an allowed format
     (_png()[:60], "not a photo this app can read"),  # truncated
-    (_png((8000, 5001), (0, 0, 0)), "too large"),  # 40 MP + 8000 px: decoded size over the limit
+    (png_header(10_001, 10_000), "too large"),  # 100 MP + 10000 px: decoded size over the limit
+    (malformed_exif_jpeg(Image.new("RGB", (64, 43), (90, 120, 140))), "not a photo this app can read"),
     (b"\xff\xd8\xff" + b"\0" * MAX_FILE_BYTES, "too large"),  # file size over the limit
     (_png((20_000, 1), (0, 0, 0)), "too large"),  # few pixels, but resizing it would need ~1 GB
-], ids=["empty", "text", "gif", "truncated_png", "too_many_pixels", "too_many_bytes", "too_elongated"])
+], ids=["empty", "text", "gif", "truncated_png", "too_many_pixels", "malformed_exif", "too_many_bytes",
+        "too_elongated"])
 def test_bad_photos_get_a_friendly_message_and_the_mode_keeps_working(dive: DemoMode, data: bytes,
                                                                       message: str) -> None:
     out = dive.identify(data)
@@ -343,6 +445,14 @@ def test_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None:
         assert srv["top_k"][0]["label"] == dev["top_k"][0]["label"]
         assert abs(srv["confidence"] - dev["confidence"]) < 1e-3
         assert out.server.round_trip_ms > 0
+    # An iPhone photo (HEIC) and a BMP: the server reads them as the device does (one intake policy).
+    bmp = io.BytesIO()
+    Image.open(mode.examples[0].path).convert("RGB").save(bmp, "BMP")
+    for data in (_heic_of(mode.examples[0].path), bmp.getvalue()):
+        out = mode.identify(data, "fp32", force_server=True)
+        assert out.server.ok, out.server.message
+        assert out.server.response["top_k"][0]["label"] == out.device.response["top_k"][0]["label"]
+        assert abs(out.server.response["confidence"] - out.device.response["confidence"]) < 1e-3
 
 
 def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path, tmp_path: Path) -> None:
@@ -427,7 +537,7 @@ def test_app_bad_input_is_friendly_and_app_keeps_working(demo_app, tmp_path: Pat
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
     huge = tmp_path / "huge.png"
-    huge.write_bytes(_png((8000, 5001), (0, 0, 0)))
+    huge.write_bytes(png_header(10_001, 10_000))
     for path, message in ((text, "not a photo this app can read"), (huge, "too large")):
         label, device_text, _, server_text, raw = _call(client, "/dive_identify", path)
         assert message in device_text and message in raw["error"] and not (label or {}).get("label")
@@ -538,6 +648,71 @@ def test_app_fallback_to_real_torchserve(served_tiny, tiny_bundle: Path) -> None
     assert "round trip" in server_text and "agrees with the device" in server_text
 
 
+# --------------------------------------------------------------------------- intake: HEIC, Gradio's limits
+
+
+def _heic_of(path: Path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "HEIF", quality=95)
+    return buf.getvalue()
+
+
+def test_heic_photos_are_identified_on_device_and_in_the_app(demo_app, tmp_path: Path) -> None:
+    """An iPhone photo (HEIC) gets an answer like any JPEG, through the app's real upload path."""
+    mode = demo_app.modes["dive"]
+    photo = tmp_path / "IMG_0042.HEIC"
+    photo.write_bytes(_heic_of(mode.examples[0].path))
+    direct = mode.identify(photo.read_bytes(), "fp32")
+    assert direct.error == "" and direct.device is not None
+    _, device_text, _, _, raw = _call(demo_client(demo_app.url), "/dive_identify", photo, "fp32")
+    assert raw["error"] is None or raw["error"] == ""
+    assert raw["device"]["top_k"] == direct.device.response["top_k"] and "on this device ·" in device_text
+
+
+def _upload(url: str, path: Path):
+    import requests
+
+    with open(path, "rb") as fh:
+        return requests.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": (path.name, fh)}, timeout=60)
+
+
+def test_gradio_refuses_an_oversized_upload_before_storing_it(demo_app, tmp_path: Path) -> None:
+    from gradio.utils import get_upload_folder
+
+    big = tmp_path / "too_big_for_the_demo.jpg"
+    with open(big, "wb") as fh:  # sparse: MAX_FILE_BYTES + 1 bytes
+        fh.truncate(MAX_FILE_BYTES + 1)
+    reply = _upload(demo_app.url, big)
+    assert reply.status_code == 413, reply.text
+    assert not list(Path(get_upload_folder()).rglob(big.name))  # nothing kept of it
+    ok = tmp_path / "fits.png"
+    ok.write_bytes(_png())
+    assert _upload(demo_app.url, ok).status_code == 200
+
+
+def test_uploaded_photos_are_deleted_from_gradios_cache(tiny_bundle: Path, tmp_path: Path) -> None:
+    from fieldid.edge_demo.app import DELETE_CACHE, build_app, launch_app
+
+    assert DELETE_CACHE[1] <= 3600  # the shipped setting: users' photos are gone within the hour
+    mode = DemoMode("dive", tiny_bundle, server=None)
+    app = build_app([mode], delete_cache=(1, 1))  # check every second, delete after one second
+    url = launch_app(app, port=unused_port(), block=False, quiet=True)
+    try:
+        photo = tmp_path / f"user_photo_{time.time_ns()}.png"
+        photo.write_bytes(_png())
+        reply = _upload(url, photo)
+        assert reply.status_code == 200
+        (stored,) = [Path(p) for p in reply.json()]
+        assert stored.is_file()
+        deadline = time.monotonic() + 30
+        while stored.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not stored.exists(), "the upload stayed in Gradio's cache"
+        assert all(e.path.is_file() for e in mode.examples)  # the bundle's photos are never touched
+    finally:
+        app.close()
+
+
 # --------------------------------------------------------------------------- torch-free
 
 
@@ -579,3 +754,28 @@ def test_fieldid_demo_never_imports_torch(tiny_run: Path, tmp_path: Path) -> Non
     assert result["raw"]["device"]["top_k"] and "not reachable" in result["raw"]["server_message"]
     assert result["onnxruntime"] and result["gradio"]
     assert result["torch_modules"] == []
+
+
+_TRAINING_FREE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from fieldid.edge_demo import app, cli, device, examples, modes
+    mode = modes.DemoMode("dive", sys.argv[1], server=None)
+    app.build_app([mode])
+    out = mode.identify(mode.examples[0].path.read_bytes())
+    print(json.dumps({"examples": len(mode.examples), "answer": bool(out.device),
+                      "training": sorted(m for m in sys.modules if m.startswith("fieldid.training"))}))
+""")
+# Nothing is pending any more: records moved to fieldid.records and the shared CLI helpers to
+# fieldid.cli_common, so the demo and what it imports load no fieldid.training module at all.
+_UPSTREAM_PENDING: set[str] = set()
+
+
+def test_the_demo_imports_nothing_from_training(tiny_bundle: Path) -> None:
+    """The demo reads the bundle only: no split.json reader, no demo_data, no training code."""
+    proc = subprocess.run([sys.executable, "-c", _TRAINING_FREE_SCRIPT, str(tiny_bundle)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["examples"] > 0 and result["answer"]
+    assert set(result["training"]) - _UPSTREAM_PENDING == set(), result["training"]
+    assert "fieldid.training.demo_data" not in result["training"] and "fieldid.training.data" not in result["training"]

@@ -177,9 +177,16 @@ def test_coreml_structure_is_verified_and_said_so(full_bundle: Path, manifest: M
         info = inspect_mlpackage(full_bundle / art.file)
         assert info["spec_type"] == "mlProgram" and info["specification_version"] == 7
         assert info["input"] == {"name": "image", "type": "imageType", "width": size, "height": size, "color": "RGB"}
-        assert info["outputs"] == ["classLabel", "classLabel_probs"]
-        assert info["labels"] == manifest.labels and not info["ops_missing_in_ios16"]
-        assert art.outputs == "classifier" and art.temperature_in_model
+        if manifest.unknown:  # two outputs: coremltools' classifier cannot carry unknown_score
+            assert info["outputs"] == ["classLabel_probs", "unknown_score"] and art.unknown_output == "unknown_score"
+            assert json.loads(info["metadata"]["fieldid.labels"]) == manifest.labels
+            assert float(info["metadata"]["unknown_threshold"]) == manifest.unknown["threshold"]
+            assert art.outputs == "probabilities" and not info["ops_missing_in_ios16"]
+        else:
+            assert info["outputs"] == ["classLabel", "classLabel_probs"]
+            assert info["labels"] == manifest.labels and not info["ops_missing_in_ios16"]
+            assert art.outputs == "classifier"
+        assert art.temperature_in_model
         assert art.input["dtype"] == "image" and art.input["value"].startswith("RGB pixels 0-255")
     assert manifest.find("coreml", "int8_weights").size_bytes <= 0.30 * manifest.find("onnx", "fp32").size_bytes
     assert any("Core ML cannot run on Linux" in n for n in manifest.notes)

@@ -105,7 +105,9 @@ def test_prediction_schema_and_fallback() -> None:
     p = prediction(logits, labels, temperature=2.0, fallback_threshold=0.6, model="salmon", version="abc",
                    source="device", latency_ms=1.23456, k=2)
     assert set(p) == {"schema_version", "model", "version", "source", "top_k", "confidence", "needs_fallback",
-                      "fallback_threshold", "latency_ms"}
+                      "fallback_threshold", "latency_ms", "unknown", "unknown_score", "unknown_threshold",
+                      "model_version"}
+    assert p["unknown"] is False and p["unknown_score"] is None  # no unknown_score passed
     probs = softmax(logits, 2.0)
     assert [t["label"] for t in p["top_k"]] == ["wild", "farmed"]
     assert p["confidence"] == pytest.approx(probs[0])

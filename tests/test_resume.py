@@ -33,8 +33,10 @@ def killed_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> di
     tmp = tmp_path_factory.mktemp("killed")
     cfg = tmp / "cfg.yaml"
     # Patience > epochs: the run must go the full distance, so "same final epoch count" is exact.
+    # The head-only epoch runs inside Lightning here (no feature cache), so every one of the
+    # EPOCHS epochs is a Lightning epoch with its own validation row to count.
     cfg.write_text(f"epochs: {EPOCHS}\nhead_epochs: 1\nearly_stopping_patience: 99\nimage_size: 64\n"
-                   "batch_size: 16\naccelerator: cpu\n")
+                   "batch_size: 16\naccelerator: cpu\nhead_feature_cache: false\n")
     run = tmp / "run"
     log = tmp / "train.log"
     with log.open("w") as fh:

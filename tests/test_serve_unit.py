@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fieldid.export.manifest import load_manifest
+from fieldid.export.manifest import Manifest, load_manifest
 from fieldid.export.phone import ImageInputError
 from fieldid.serve.archive import ServeError, archive_bundle, bundle_version
 from fieldid.serve.server import ServeOptions, config_properties, find_java, start_server, state_dirs_for
@@ -81,10 +81,43 @@ def test_engine_refuses_weights_that_do_not_match_the_manifest(tiny_bundle: Path
 
     b = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, b)
-    with open(b / "model.pth", "ab") as fh:
+    with open(b / "model.onnx", "ab") as fh:  # the file the server runs
         fh.write(b"\0")
     with pytest.raises(ManifestError, match="sha256"):
         ClassifierEngine.from_bundle(b, warmup=False)
+
+
+def test_engine_runs_only_a_verified_onnx_file(tiny_bundle: Path, tmp_path: Path) -> None:
+    from fieldid.serve.engine import ClassifierEngine
+
+    b = tmp_path / "unverified"
+    shutil.copytree(tiny_bundle, b)
+    m = Manifest.from_json(b / "manifest.json")
+    for a in m.artifacts:
+        if a["format"] == "onnx" and a["precision"] == "fp32":
+            a["verification"]["status"] = "failed"
+    m.to_json(b / "manifest.json")
+    with pytest.raises(ServeError, match="did not pass verification"):
+        ClassifierEngine.from_bundle(b, warmup=False)
+    m.artifacts = [a for a in m.artifacts if a["format"] != "onnx"]
+    m.to_json(b / "manifest.json")
+    with pytest.raises(ServeError, match="no onnx/fp32 artifact.*--formats onnx"):
+        ClassifierEngine.from_bundle(b, warmup=False)
+
+
+def test_engine_and_demo_load_nothing_from_training(tiny_bundle: Path) -> None:
+    """The server reads only the bundle: loading the engine (and answering) and the demo's server
+    fallback import neither ``fieldid.training`` nor torch (checked in a fresh interpreter)."""
+    code = (
+        "import sys; from fieldid.serve.engine import ClassifierEngine; import fieldid.serve.fieldid_handler; "
+        "import fieldid.edge_demo.fallback as f; import fieldid.serve.client, fieldid.serve.state; "
+        f"e = ClassifierEngine.from_bundle({str(tiny_bundle)!r}, threads=1); "
+        "import numpy as np; e.logits(np.zeros((2, 3, e.spec.crop_size, e.spec.crop_size), np.float32)); "
+        "bad = sorted(m for m in sys.modules if m.startswith('fieldid.training') or m == 'torch'); "
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("request_dict, expected", [
@@ -113,10 +146,11 @@ def test_archive_holds_handler_weights_and_reduced_manifest(tiny_bundle: Path, t
     assert mar == tmp_path / "store" / f"{m.name}.mar"
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
-        assert {"fieldid_handler.py", "model.pth", "manifest.json", "MAR-INF/MANIFEST.json"} <= names
+        assert {"fieldid_handler.py", "model.onnx", "manifest.json", "MAR-INF/MANIFEST.json"} <= names
+        assert "model.pth" not in names and "model.int8.onnx" not in names
         inner = json.loads(z.read("manifest.json"))
         meta = json.loads(z.read("MAR-INF/MANIFEST.json"))
-    assert [a["format"] for a in inner["artifacts"]] == ["pytorch"]  # only what the server loads
+    assert [(a["format"], a["precision"]) for a in inner["artifacts"]] == [("onnx", "fp32")]  # only what it runs
     assert inner["labels"] == m.labels and inner["temperature"] == m.temperature
     assert meta["model"]["modelVersion"] == bundle_version(m) and meta["model"]["handler"] == "fieldid_handler.py"
     assert not list((tmp_path / "store").glob(".archive-*"))  # staging cleaned up
@@ -128,12 +162,24 @@ def test_archive_holds_handler_weights_and_reduced_manifest(tiny_bundle: Path, t
 
 
 def _java_props(text: str) -> dict[str, str]:
-    """Enough of java.util.Properties.load for our file: key=value, backslash escapes."""
+    """Enough of java.util.Properties.load for our file: key=value, one pass over the backslash
+    escapes (\\uXXXX with surrogate pairs, \\n \\t \\r \\f, any other char taken literally)."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             k, v = line.split("=", 1)
-            out[k] = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), v)
+            units, i = [], 0
+            while i < len(v):
+                if v[i] != "\\":
+                    units.append(v[i])
+                    i += 1
+                elif v[i + 1] == "u":
+                    units.append(chr(int(v[i + 2:i + 6], 16)))
+                    i += 6
+                else:
+                    units.append({"n": "\n", "t": "\t", "r": "\r", "f": "\f"}.get(v[i + 1], v[i + 1]))
+                    i += 2
+            out[k] = "".join(units).encode("utf-16-be", "surrogatepass").decode("utf-16-be")
     return out
 
 
@@ -157,6 +203,33 @@ def test_config_is_loopback_and_locked_down(tmp_path: Path) -> None:
     assert other["management_address"].startswith("http://127.0.0.1:")  # only inference moves
     assert other["disable_token_authorization"] == "true"
     assert json.loads(other["models"])["reef"]["abc"]["batchSize"] == 8
+
+
+def test_cors_is_off_by_default_and_one_origin_when_asked(tmp_path: Path) -> None:
+    store = tmp_path / "model-store"
+    assert not any(k.startswith("cors") for k in _java_props(config_properties(store, {"reef": "a"}, ServeOptions())))
+    props = _java_props(config_properties(store, {"reef": "a"}, ServeOptions(cors_origin="https://app.example.org:8443")))
+    assert props["cors_allowed_origin"] == "https://app.example.org:8443"
+    assert set(props["cors_allowed_methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert set(props["cors_allowed_headers"].split(", ")) == {"Authorization", "Content-Type"}
+    for bad in ("app.example.org", "https://app.example.org/path", "https://a.org, https://b.org", "javascript:x"):
+        with pytest.raises(ServeError, match="--cors-origin"):
+            ServeOptions(cors_origin=bad).validate()
+    ServeOptions(cors_origin="http://[::1]:5173").validate()
+    ServeOptions(cors_origin="*").validate()
+
+
+def test_config_values_survive_java_escaping(tmp_path: Path) -> None:
+    """A state folder with spaces, an accent, a comma, '=' and ':' (and a character beyond the BMP)
+    reads back as the same path; allowed_urls (which TorchServe splits on commas) has no raw comma."""
+    store = tmp_path / "Fotos Zoë, 2026 a=b:c 🐟" / "model-store"
+    text = config_properties(store, {"reef": "abc"}, ServeOptions())
+    assert text.isascii()  # Properties.load reads ISO-8859-1: anything else must be \\u-escaped
+    props = _java_props(text)
+    assert props["model_store"] == store.resolve().as_posix()
+    assert "," not in props["allowed_urls"]
+    assert re.fullmatch(props["allowed_urls"], f"file://{store.resolve().as_posix()}/reef.mar")
+    assert json.loads(props["models"])["reef"]["abc"]["marName"] == "reef.mar"
 
 
 def test_options_are_validated() -> None:
@@ -277,15 +350,18 @@ def test_cli_help_and_torch_free_import() -> None:
 
 @pytest.mark.gpu
 def test_engine_on_cuda_matches_cpu(tiny_bundle: Path, shapes_dir: Path) -> None:
-    import torch
+    import onnxruntime as ort
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs CUDA and onnxruntime-gpu (CUDAExecutionProvider)")
+    from fieldid.serve.archive import has_verified
     from fieldid.serve.engine import ClassifierEngine
 
     cpu = ClassifierEngine.from_bundle(tiny_bundle, device="cpu")
-    gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # fp16 autocast, channels-last
-    assert gpu.device.type == "cuda" and gpu.precision == "fp16"
+    gpu = ClassifierEngine.from_bundle(tiny_bundle, gpu_id=0)  # the verified fp16 ONNX file if any, else fp32
+    fp16 = has_verified(load_manifest(tiny_bundle), "onnx", "fp16")
+    assert gpu.device.type == "cuda" and gpu.precision == ("fp16" if fp16 else "fp32")
+    assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
     files = [sorted(d.iterdir())[0].read_bytes() for d in sorted(shapes_dir.iterdir())]
     for a, b in zip(cpu.handle(files), gpu.handle(files)):
         assert a.body["top_k"][0]["label"] == b.body["top_k"][0]["label"]

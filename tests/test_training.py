@@ -335,8 +335,9 @@ def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
             self.loss_weight = module.loss_fn.weight.detach().cpu().clone()
 
     spy = ModeSpy()
+    # head_feature_cache off: this checks the head-only epoch that runs inside Lightning (DDP, two heads).
     rec = train(data, tmp_path / "run", TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=16,
-                                                    val_fraction=0.2, test_fraction=0.2,
+                                                    val_fraction=0.2, test_fraction=0.2, head_feature_cache=False,
                                                     early_stopping_patience=5), callbacks=[spy])
     # Head-only epoch: frozen backbone (BatchNorm statistics too), head training; after it, all of
     # the model trains - also after the validation loop in between has put it in eval mode.
@@ -380,6 +381,7 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
     r = run_cli("train", "--data", shapes_dir, "--out", out, "--epochs", "2", "--image-size", "48",
                 "--batch-size", "16", "--no-hue")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "image size: --image-size 48 px (explicit)" in r.stderr  # the size rule's decision is logged
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["test_accuracy"] is not None
     r = run_cli("evaluate", "--run", out, "--data", shapes_dir)
@@ -392,7 +394,9 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
     r = run_cli("evaluate", "--run", out, "--data", other)
     assert r.returncode == 0, r.stderr[-2000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])
-    m = json.loads((out / "metrics.json").read_text())
+    # Another folder writes its own metrics file; the run's held-out metrics.json stays as it was.
+    m = json.loads((out / "metrics-other.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["split"] == "test"
     assert line["split"] == "all" and m["num_images"] == 9 and m["data"] == str(other.resolve())
     assert 0.0 <= line["accuracy"] <= 1.0 and len(m["confusion_matrix"]) == 3  # the run's 3 labels
     (other / "hexagon").mkdir()

@@ -16,6 +16,7 @@ __all__ = [
     "BackboneSpec", "create_model", "get_backbone", "list_backbones", "example_input", "ModelError",
     "load_run_model", "RunError", "CheckpointError",
     "DataError", "ImageError", "make_split",
+    "UnknownDetector", "ScoredModel", "refit_run_detector", "LabelsMismatch", "check_same_labels",
 ]
 
 _WHERE = {
@@ -23,9 +24,11 @@ _WHERE = {
     "RunRecord": "records", "PreprocessSpec": "records", "load_record": "records", "RecordError": "records",
     "BackboneSpec": "models", "create_model": "models", "get_backbone": "models", "list_backbones": "models",
     "example_input": "models", "ModelError": "models",
-    "load_run_model": "train", "RunError": "train",
+    "load_run_model": "models", "RunError": "train",
     "CheckpointError": "train",
     "DataError": "images", "ImageError": "images", "make_split": "data",
+    "UnknownDetector": "ood", "ScoredModel": "ood", "refit_run_detector": "ood",
+    "LabelsMismatch": "distill", "check_same_labels": "distill",
 }
 
 

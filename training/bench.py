@@ -1,6 +1,17 @@
-"""``make bench-train``: training images/s with and without the decode-once uint8 cache.
+"""``make bench-train``: fieldid's training defaults against a plain fine-tune, and the speed choices.
 
+    python -m fieldid.training.bench compare [--work runs/bench-train] [--sets digits,faces,textures,reef,salmon]
+    python -m fieldid.training.bench choices            # fp32 / bf16 autocast / channels-last step times
     python -m fieldid.training.bench --data data/reef [--model mobilenet_v2] [--image-size 128] [--batches 12]
+
+``compare`` builds small real datasets from images that installed packages ship
+(scikit-learn's handwritten digits, scikit-image's LFW face/non-face patches and its texture
+photos) plus the two demo sets, then runs, on the same split and one after the other,
+the reference (:mod:`fieldid.training.reference`: 3 epochs, AdamW 3e-4, 160 px, no
+augmentation) and ``fieldid train`` with its defaults, and prints test accuracy, wall time
+and their ratio. Goal: fieldid >= reference accuracy in <= 2x its wall time.
+
+The last form (no subcommand) is the decode-cache benchmark:
 
 Each row runs real optimisation steps (forward, backward, AdamW) through the same
 DataLoader settings training uses; only where pixels come from differs. A second column
@@ -11,8 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,7 +38,9 @@ from .data import CachedImageDataset, ImageCache, make_split, train_transform
 from .models import create_model, get_backbone
 from .records import atomic_write_json
 
-__all__ = ["bench_train"]
+__all__ = ["bench_train", "bench_compare", "bench_choices", "make_bench_datasets", "BENCH_SETS"]
+
+BENCH_SETS = ("digits", "faces", "textures", "reef", "salmon")
 
 
 def _images_per_second(dataset: CachedImageDataset, cfg: TrainConfig, batches: int) -> float:
@@ -89,7 +107,211 @@ def bench_train(data: str | Path, *, model: str = "mobilenet_v2", image_size: in
     return rows
 
 
+# --------------------------------------------------------------------------- datasets
+def _save(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).convert("RGB").save(path)
+
+
+def _digits(out: Path, per_class: tuple[int, int] = (12, 6)) -> None:
+    """scikit-learn's 8x8 handwritten digits (real scans, 16 grey levels), saved as 32-px photos."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    seen: dict[tuple[str, int], int] = {}
+    for img, y in zip(d.images, d.target):
+        for part, quota in zip(("train", "test"), per_class):
+            if seen.get((part, y), 0) < quota:
+                seen[(part, y)] = seen.get((part, y), 0) + 1
+                arr = (255 - img * (255 / 16)).astype(np.uint8)  # dark ink on paper
+                big = np.asarray(Image.fromarray(arr).resize((32, 32), Image.Resampling.BILINEAR))
+                _save(big, out / part / str(y) / f"{y}_{seen[(part, y)]:03d}.png")
+                break
+
+
+def _faces(out: Path, per_class: tuple[int, int] = (40, 20)) -> None:
+    """scikit-image's LFW subset: 100 real 25x25 face crops and 100 non-face patches."""
+    from skimage import data
+
+    imgs = data.lfw_subset()
+    for cls, block in (("face", imgs[:100]), ("not_face", imgs[100:])):
+        for i, img in enumerate(block[:sum(per_class)]):
+            part = "train" if i < per_class[0] else "test"
+            _save((img * 255).astype(np.uint8), out / part / cls / f"{cls}_{i:03d}.png")
+
+
+def _textures(out: Path, per_class: tuple[int, int] = (20, 10), size: int = 64, seed: int = 0) -> None:
+    """Crops of scikit-image's texture photos; train crops from the top 70% of each photo, test from
+    the rest, so no test pixel was seen in training."""
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    for cls in ("brick", "grass", "gravel", "moon"):
+        photo = getattr(data, cls)()
+        h, w = photo.shape[:2]
+        cut = int(h * 0.7)
+        for part, quota, (lo, hi) in (("train", per_class[0], (0, cut)), ("test", per_class[1], (cut, h))):
+            for i in range(quota):
+                side = int(rng.integers(48, min(128, hi - lo) + 1))
+                y0 = int(rng.integers(lo, hi - side + 1))
+                x0 = int(rng.integers(0, w - side + 1))
+                crop = Image.fromarray(photo[y0:y0 + side, x0:x0 + side]).resize((size, size), Image.Resampling.BILINEAR)
+                _save(np.asarray(crop), out / part / cls / f"{cls}_{i:03d}.png")
+
+
+def make_bench_datasets(root: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12) -> dict[str, Path]:
+    """Build (once) the benchmark's datasets under ``root``; returns name -> folder."""
+    from .demo_data import make_demo_dataset
+
+    root = Path(root)
+    builders = {"digits": _digits, "faces": _faces, "textures": _textures}
+    out = {}
+    for name in names:
+        folder = root / name
+        if name in ("reef", "salmon"):
+            make_demo_dataset(name, folder, scale=demo_scale, progress=False)
+        elif name in builders:
+            if not (folder / ".complete").is_file():
+                import shutil
+
+                shutil.rmtree(folder, ignore_errors=True)
+                builders[name](folder)
+                (folder / ".complete").touch()
+        else:
+            raise ValueError(f"unknown bench dataset {name!r}; valid: {', '.join(BENCH_SETS)}")
+        out[name] = folder
+    return out
+
+
+# --------------------------------------------------------------------------- compare
+def _timed(cmd: list[str], log_path: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    with open(log_path, "w") as fh:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {r.returncode}); see {log_path}")
+    return time.perf_counter() - t0, r.stdout
+
+
+def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
+                  train_args: list[str] | None = None) -> list[dict]:
+    """Reference vs ``fieldid train`` (defaults) on each dataset, same split, one after the other."""
+    from .data import make_split
+    from .records import atomic_write_json
+
+    work = Path(work)
+    sets = make_bench_datasets(work / "data", names, demo_scale=demo_scale)
+    rows = []
+    for name, folder in sets.items():
+        split = make_split(folder, seed=0)  # the split `fieldid train` makes with its default seed
+        split_file = atomic_write_json(work / f"{name}-split.json", {
+            "labels": split.labels,
+            "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
+            "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
+        print(f"[{name}] reference fine-tune ...", flush=True)
+        ref_s, ref_out = _timed([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+                                work / f"{name}-reference.log")
+        ref = json.loads(ref_out.strip().splitlines()[-1])
+        run = work / "runs" / name
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        print(f"[{name}] fieldid train (defaults) ...", flush=True)
+        ours_s, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run),
+                            *(train_args or [])], work / f"{name}-fieldid.log")
+        metrics = json.loads((run / "metrics.json").read_text())
+        record = json.loads((run / "run.json").read_text())
+        row = {"dataset": name, "train": len(split.files["train"]), "val": len(split.files["val"]),
+               "test": len(split.files["test"]), "classes": len(split.labels),
+               "reference_accuracy": round(ref["test_accuracy"], 4), "reference_s": round(ref_s, 1),
+               "fieldid_accuracy": round(metrics["accuracy"], 4), "fieldid_s": round(ours_s, 1),
+               "fieldid_image_size": record["extra"].get("image_size"),
+               "fieldid_epochs": metrics["training"]["epochs"],
+               "time_ratio": round(ours_s / ref_s, 2)}
+        row["goal_met"] = row["fieldid_accuracy"] >= row["reference_accuracy"] and row["time_ratio"] <= 2.0
+        rows.append(row)
+        print(f"[{name}] reference {row['reference_accuracy']:.3f} in {ref_s:.0f} s, fieldid "
+              f"{row['fieldid_accuracy']:.3f} in {ours_s:.0f} s (x{row['time_ratio']})", flush=True)
+        atomic_write_json(work / "bench-train.json", rows)
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    lines = ["| dataset | train/val/test | classes | reference acc | reference s | fieldid acc | fieldid s "
+             "| fieldid px | epochs | time ratio | goal |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['train']}/{r['val']}/{r['test']} | {r['classes']} | "
+                     f"{r['reference_accuracy']:.3f} | {r['reference_s']:.0f} | {r['fieldid_accuracy']:.3f} | "
+                     f"{r['fieldid_s']:.0f} | {r['fieldid_image_size']} | {r['fieldid_epochs']} | "
+                     f"{r['time_ratio']:.2f} | {'met' if r['goal_met'] else 'NOT met'} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- speed choices
+def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4) -> list[dict]:
+    """Seconds per training step of MobileNetV2 under each CPU setting training could pick."""
+    from .train import cpu_supports_bf16
+
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    y = torch.randint(0, 10, (batch_size,))
+    rows = []
+    for name, channels_last, bf16 in (("fp32", False, False), ("fp32 channels-last", True, False),
+                                      ("bf16 autocast", False, True), ("bf16 autocast channels-last", True, True)):
+        model = create_model("mobilenet_v2", 10, pretrained=False).train()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        xx = x.contiguous(memory_format=fmt)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(xx), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:  # the first step warms up kernels and allocators
+                times.append(time.perf_counter() - t0)
+        rows.append({"setting": name, "s_per_step": round(float(np.median(times)), 3)})
+        print(f"  {name:<28} {rows[-1]['s_per_step']:.3f} s/step", flush=True)
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["vs_fp32"] = round(r["s_per_step"] / base, 2)
+    rows.append({"setting": f"CPU bf16 support (avx512_bf16/amx_bf16): {'yes' if cpu_supports_bf16() else 'no'}; "
+                            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        p = argparse.ArgumentParser(prog="python -m fieldid.training.bench compare")
+        p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
+        p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
+        p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
+        p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config old.yaml'")
+        a = p.parse_args(argv[1:])
+        rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,
+                             train_args=a.train_args.split())
+        print("\n" + format_compare(rows))
+        return 0
+    if argv[:1] == ["choices"]:
+        rows = bench_choices()
+        print("\n| setting | s/step | vs fp32 |\n|---|---:|---:|")
+        for r in rows[:-1]:
+            print(f"| {r['setting']} | {r['s_per_step']} | {r['vs_fp32']} |")
+        print(rows[-1]["setting"])
+        return 0
+    return _main_cache(argv)
+
+
+def _main_cache(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="ImageFolder dataset")
     p.add_argument("--model", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")

@@ -8,7 +8,9 @@ from typing import Any
 
 import yaml
 
-from .records import RecordError, atomic_write_text
+from fieldid.cli_common import first_line
+
+from .records import RecordError, atomic_write_text, check_field_types
 
 __all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config"]
 
@@ -21,15 +23,17 @@ class ConfigError(ValueError):
 class AugmentConfig:
     """Field-photo augmentations. Set ``hue: 0`` where colour is the signal (salmon)."""
 
-    scale_min: float = 0.35  # RandomResizedCrop lower area bound
+    # Defaults keep the subject: small, centred subjects lose what identifies them under
+    # crops down to 35% of the area, strong blur or rotation (bench-train measured 0.35 -> 0.7).
+    scale_min: float = 0.7  # RandomResizedCrop lower area bound
     hflip: bool = True
     vflip: bool = False
-    brightness: float = 0.3
-    contrast: float = 0.3
-    saturation: float = 0.2
-    hue: float = 0.03
-    blur_prob: float = 0.2  # Gaussian blur: underwater haze, out-of-focus phones
-    rotate_degrees: float = 10.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.1
+    hue: float = 0.02
+    blur_prob: float = 0.1  # Gaussian blur: underwater haze, out-of-focus phones
+    rotate_degrees: float = 5.0
 
 
 @dataclass
@@ -44,9 +48,10 @@ class TrainConfig:
     model: str = "mobilenet_v2"
     pretrained: bool = True
     weights: str | None = None  # local state dict overriding the default weight source
-    image_size: int | None = None  # crop size; None -> backbone's native size
-    epochs: int = 8  # total, including the head-only epochs
+    image_size: int | None = None  # crop size; None -> matched to the photos (see image_size_rule)
+    epochs: int = 5  # total, including the head-only epochs
     head_epochs: int = 1  # backbone frozen, only the new head trains
+    head_feature_cache: bool = True  # head-only epochs on backbone features computed once per image
     batch_size: int = 32
     lr: float = 1e-3  # full fine-tuning peak learning rate
     head_lr: float = 5e-3  # head-only phase peak learning rate
@@ -59,17 +64,21 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
-    early_stopping_patience: int = 4
+    early_stopping_patience: int = 2
     cache: bool = True  # decode + resize once into an in-memory uint8 cache
-    num_workers: int = 0
+    num_workers: int | None = None  # decode/augment workers; None -> from the core count
     accelerator: str = "auto"
     devices: str = "1"
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: str | None = None  # None -> 16-mixed on CUDA, 32 on CPU
+    precision: str | None = None  # None -> bf16/16-mixed on CUDA, 32-true on CPU (bench-train: bf16 is slower there)
     fallback_target_accuracy: float = 0.97
     min_fallback_threshold: float = 0.5
     limit_train_batches: float | int = 1.0
+    # Knowledge distillation (training/distill.py): a finished run (the server model) to learn from.
+    teacher: str | None = None
+    distill_weight: float = 0.5  # share of the soft-label term in the loss
+    distill_temperature: float = 2.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -83,9 +92,13 @@ class TrainConfig:
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction must be < 1"),
             (self.image_size is None or 32 <= self.image_size <= 1024, "image_size must be in [32, 1024]"),
+            (self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0"),
+            (self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1"),
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
             (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
+            (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
+            (self.distill_temperature > 0, "distill_temperature must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -111,7 +124,11 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"{source}: unknown augment key(s) {', '.join(bad)}; valid: {', '.join(sorted(aug_names))}")
         try:
+            d = check_field_types(cls, d, source)
+            aug = check_field_types(AugmentConfig, aug, source, prefix="augment.")
             cfg = cls(**d, augment=AugmentConfig(**aug))
+        except RecordError as e:
+            raise ConfigError(str(e)) from None
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
         cfg.devices = str(cfg.devices)
@@ -142,7 +159,7 @@ def load_config(path: str | Path) -> TrainConfig:
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     try:
         return TrainConfig.from_dict(d, source=str(path))
     except RecordError as e:

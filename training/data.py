@@ -67,11 +67,48 @@ class Split:
 
 
 def load_split(path: str | Path) -> Split:
+    """Read ``split.json``; anything malformed is one :class:`DataError` naming the file and the problem.
+
+    File paths must be relative and stay inside the dataset root (no absolute path, no ``..``).
+    """
     import json
 
-    d = json.loads(Path(path).read_text())
-    return Split(root=d["root"], labels=d["labels"], presplit=d["presplit"], seed=d["seed"],
-                 files={k: [(p, int(y)) for p, y in v] for k, v in d["files"].items()})
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in ("root", "labels", "presplit", "seed", "files") if k not in d]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    if not isinstance(d["root"], str) or not d["root"]:
+        raise DataError(f"{path}: 'root' must be a folder path (a string)")
+    labels = d["labels"]
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+        raise DataError(f"{path}: 'labels' must be a list of distinct class names")
+    if not isinstance(d["files"], dict):
+        raise DataError(f"{path}: 'files' must map split names to [file, class index] pairs")
+    files: dict[str, list[tuple[str, int]]] = {}
+    for name, entries in d["files"].items():
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: files.{name} must be a list of [file, class index] pairs")
+        out = []
+        for i, e in enumerate(entries):
+            if not (isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str)
+                    and isinstance(e[1], int) and not isinstance(e[1], bool) and 0 <= e[1] < len(labels)):
+                raise DataError(f"{path}: files.{name}[{i}] must be [relative path, class index < {len(labels)}], "
+                                f"got {e!r}")
+            rel = Path(e[0])
+            if rel.is_absolute() or ".." in rel.parts or not e[0]:
+                raise DataError(f"{path}: files.{name}[{i}] {e[0]!r} leaves the dataset folder (absolute or '..')")
+            out.append((e[0], e[1]))
+        files[name] = out
+    return Split(root=d["root"], labels=labels, presplit=bool(d["presplit"]), seed=int(d["seed"]) if
+                 isinstance(d["seed"], int) else 0, files=files)
 
 
 def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -234,4 +271,6 @@ def imbalance_ratio(counts: Sequence[int]) -> float:
 
 
 def default_num_threads() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count): training
+    loaders and ``fieldid bench``'s "all threads" column both use it."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -1,10 +1,12 @@
-"""Dataset health check: counts, unreadable files, duplicates, split leakage, tiny images.
+"""Dataset health check: counts, skipped files, duplicates, split leakage, tiny images.
 
 Torch-free on purpose: ``fieldid data check`` must be fast to start and must run where only
 the data lives. The check only *reads* the dataset; it never moves, rewrites or deletes a file.
 
 Every image is read once (bytes for a SHA-256, then a full decode via :func:`load_rgb`, which
-is what training does too, so "readable here" means "readable in training"). Perceptual hashes
+is what training does too, so "readable here" means "readable in training"). Every file in a
+class folder that training will not use is listed in ``skipped`` with its reason, in the words
+of :mod:`fieldid.intake`: unsupported format, unreadable, too large. Perceptual hashes
 (``imagehash.phash``, 64 bits) are packed into ``uint64`` and compared all-pairs with numpy in
 row blocks, so a few thousand images take well under a second for that step.
 
@@ -24,6 +26,8 @@ from typing import Any, Iterable, Sequence, TextIO
 
 import imagehash
 import numpy as np
+
+from fieldid.intake import ACCEPTED_NAMES
 
 from .images import DataError, ImageError, load_rgb, scan_image_folder
 from .records import atomic_write_json
@@ -65,7 +69,11 @@ class DataReport:
         counts: split (``"all"`` when flat) -> class -> number of *readable* images.
         imbalance_ratio: largest / smallest class count in ``train`` (or ``all``);
             ``inf`` when some class has no readable image (``None`` in JSON).
-        unreadable: ``"path: reason"`` for every file that fails :func:`load_rgb`.
+        unreadable: ``"path: reason"`` for every photo file that fails :func:`load_rgb`.
+        skipped: one ``{"file", "reason", "detail"}`` per file of a class folder that training
+            will not use: every unreadable one, and files that are not photos by name (``.gif``,
+            ``.txt``, RAW, ...). ``reason`` is ``"unsupported format"``, ``"unreadable"`` or
+            ``"too large"`` (over the pixel limit); hidden files are ignored.
         exact_duplicates: groups (>= 2) of byte-identical files.
         near_duplicates: groups (>= 2) of perceptually similar files (phash Hamming distance
             <= ``near_threshold``, linked transitively). Byte-identical copies are collapsed
@@ -85,6 +93,7 @@ class DataReport:
     counts: dict[str, dict[str, int]]
     imbalance_ratio: float
     unreadable: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
     exact_duplicates: list[list[str]] = field(default_factory=list)
     near_duplicates: list[list[str]] = field(default_factory=list)
     leakage: list[dict[str, Any]] = field(default_factory=list)
@@ -232,6 +241,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
     ]
     counts: dict[str, dict[str, int]] = {s: {c: 0 for c in cls} for s, cls in listing.splits.items()}
     unreadable: list[str] = []
+    skipped: list[dict[str, str]] = []
     tiny: list[str] = []
     entries: list[_Entry] = []
 
@@ -242,11 +252,14 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             image = load_rgb(path)
         except OSError as e:  # could not even read the bytes (permissions, vanished file, ...)
-            unreadable.append(f"{rel}: {type(e).__name__}: {e.strerror or e}")
+            detail = f"{type(e).__name__}: {e.strerror or e}"
+            unreadable.append(f"{rel}: {detail}")
+            skipped.append({"file": rel, "reason": "unreadable", "detail": detail})
         except ImageError as e:
             # load_rgb (and PIL inside it) put the full path in the message; keep it relative.
-            reason = str(e).removeprefix(f"{path}: ").replace(str(path), rel)
-            unreadable.append(f"{rel}: {reason}")
+            detail = str(e).removeprefix(f"{path}: ").replace(str(path), rel)
+            unreadable.append(f"{rel}: {detail}")
+            skipped.append({"file": rel, "reason": e.reason, "detail": detail})
         else:
             counts[split][label] += 1
             if min(image.size) < min_side:
@@ -254,6 +267,13 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
             entries.append(_Entry(rel, split, label, sha, _phash64(image)))
             image.close()
         bar.step(i)
+    for path in listing.others:
+        kind = path.suffix.lower() or "a file without extension"
+        skipped.append({"file": path.relative_to(root_path).as_posix(), "reason": "unsupported format",
+                        "detail": f"{kind} files are not read; accepted: {ACCEPTED_NAMES}"})
+    order_of = {p.relative_to(root_path).as_posix(): k for k, p in
+                enumerate(sorted([f for f, _, _ in files] + listing.others))}
+    skipped.sort(key=lambda r: order_of[r["file"]])
 
     # Exact duplicates: group by content hash; the first file of a group represents it below.
     by_sha: dict[str, list[int]] = {}
@@ -298,6 +318,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
         counts=counts,
         imbalance_ratio=imbalance,
         unreadable=unreadable,
+        skipped=skipped,
         exact_duplicates=paths(exact_groups),
         near_duplicates=paths(near_groups),
         leakage=leakage,
@@ -305,7 +326,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
         near_threshold=near_threshold,
         min_side=min_side,
     )
-    report.ok = not (report.unreadable or report.exact_duplicates or report.near_duplicates
+    report.ok = not (report.unreadable or report.skipped or report.exact_duplicates or report.near_duplicates
                      or report.leakage or report.tiny_images)
     return report
 
@@ -350,7 +371,8 @@ def format_report(report: DataReport) -> str:
         ratio = "inf (a class has no readable image)"
     lines.append(f"imbalance ratio ({basis}, largest/smallest class): {ratio}")
     lines.append("")
-    lines += _finding("unreadable files", report.unreadable)
+    lines += _finding("skipped files (training will not use them)",
+                      [f"{r['file']}: {r['reason']} ({r['detail']})" for r in report.skipped])
     lines += _finding("exact duplicate groups", [", ".join(g) for g in report.exact_duplicates])
     lines += _finding(f"near-duplicate groups (phash distance <= {report.near_threshold})",
                       [", ".join(g) for g in report.near_duplicates])
@@ -367,7 +389,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fieldid data check",
         description="Check an image folder (flat <class>/ or pre-split train|val|test/<class>/) for "
-                    "unreadable files, duplicates, split leakage and tiny images. Read-only.",
+                    "files training would skip (unsupported format, unreadable, too large), "
+                    "duplicates, split leakage and tiny images. Read-only.",
     )
     p.add_argument("dir", metavar="DIR", help="dataset root folder")
     p.add_argument("--json", metavar="PATH", default=None,

@@ -49,7 +49,7 @@ __all__ = [
 DEMO_DATASETS = ("reef", "salmon")
 
 # Bump when the pictures change, so an old demo folder is regenerated instead of reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: hard field cases (turbidity, half-hidden, motion blur, orange light)
 MARKER_NAME = ".fieldid_demo.json"
 JPEG_QUALITY = 90
 MIN_PER_CLASS = 3
@@ -340,6 +340,35 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
+
+
+# Share of photos that are hard the way the field has them (see _hard_case): enough that a good
+# model is unsure on some held-out photos, so the fallback threshold rises above its floor and
+# the demo shows photos going to the server by themselves.
+HARD_CASE_SHARE = 0.18
+
+
+def _motion_blur(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A camera (or fish) moving during the exposure: a line kernel at a random angle."""
+    size = arr.shape[0]
+    length = max(3, int(rng.uniform(0.04, 0.09) * size))
+    angle = rng.uniform(0, np.pi)
+    out = np.zeros_like(arr)
+    for t in np.linspace(-0.5, 0.5, length):
+        dx, dy = int(round(t * length * np.cos(angle))), int(round(t * length * np.sin(angle)))
+        out += np.roll(arr, (dy, dx), axis=(0, 1))
+    return out / length
+
+
+def _hard_case(img: np.ndarray, water: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """One field difficulty: strong turbidity (reef), or motion blur; for fillets: orange light."""
+    kind = rng.integers(0, 2)
+    if water is not None and kind == 0:
+        return _mix(img, water, rng.uniform(0.5, 0.7))  # murky water: the fish fades into it
+    if water is None and kind == 0:
+        # Orange market light (sodium / warm LEDs), beyond what auto white balance corrects.
+        return img * np.array([rng.uniform(1.05, 1.2), rng.uniform(0.75, 0.9), rng.uniform(0.35, 0.55)], np.float32)
+    return _motion_blur(img, rng)
 
 
 def _camera_finish(arr: np.ndarray, rng: np.random.Generator, blur_max: float) -> np.ndarray:
@@ -894,8 +923,13 @@ def _render_reef(class_name: str, rng: np.random.Generator, size: int) -> np.nda
         img = _distant_fish(img, water, rng)
     sp = REEF_SPECIES[class_name]
     img = _draw_fish(img, sp, _random_pose(sp.shape, rng, size), rng)
-    if rng.random() < 0.2:
+    hard = rng.random() < HARD_CASE_SHARE
+    if rng.random() < 0.2 or (hard and rng.random() < 0.35):
         img = _foreground_occluder(img, rng)
+        if hard:  # half-hidden fish: a second rock or coral head from another side
+            img = _foreground_occluder(img, rng)
+    if hard:
+        img = _hard_case(img, water, rng)
     # Water between camera and fish: turbidity, red absorbed with depth, uneven light.
     img = _mix(img, water, rng.uniform(0.03, 0.3))
     img = img * np.array([rng.uniform(0.8, 1.0), 1.0, rng.uniform(0.95, 1.08)], np.float32)
@@ -1068,6 +1102,8 @@ def _render_salmon(class_name: str, rng: np.random.Generator, size: int) -> np.n
     if rng.random() < 0.2:
         img = _sticker(img, rng)
     img = _auto_white_balance(img, rng)
+    if rng.random() < HARD_CASE_SHARE:
+        img = _hard_case(img, None, rng)
     return _camera_finish(img, rng, blur_max=0.9)
 
 

@@ -1,19 +1,21 @@
 """Finding and decoding photos in ImageFolder trees. Torch-free.
 
-Phone photos carry their rotation in EXIF; we apply it on load everywhere (training, data
-check, export calibration, serving) so the model sees what the user saw.
+Which files are photos and how they decode is :mod:`fieldid.intake`, the one policy every part
+uses (formats incl. HEIC, the pixel limit, EXIF orientation); this module applies it to folders.
 """
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from fieldid.intake import EXTENSIONS, MAX_PIXELS, ImageInputError, is_image_path, open_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
     "SPLIT_NAMES",
     "DataError",
     "ImageError",
@@ -21,49 +23,44 @@ __all__ = [
     "is_image_file",
     "class_folders",
     "list_images",
+    "list_other_files",
     "ImageFolderListing",
     "scan_image_folder",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = EXTENSIONS  # incl. .heic/.heif: iPhone photos train like any other
 SPLIT_NAMES = ("train", "val", "test")
-# Decompression-bomb guard: a 100 MP phone photo is the largest we accept.
-MAX_PIXELS = 100_000_000
 
 
 class DataError(ValueError):
     """A dataset folder that cannot be used (missing, empty, a single class, ...)."""
 
 
-class ImageError(ValueError):
-    """A file that is not a readable image."""
+# A file that is not a usable image: the intake policy's error (``.status``, ``.reason``).
+ImageError = ImageInputError
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """A visible file with a photo extension (:func:`fieldid.intake.is_image_path`)."""
+    return is_image_path(path) and path.is_file()
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully as RGB with EXIF orientation applied.
+def load_rgb(path: str | Path, *, target: int | None = None) -> Image.Image:
+    """Decode ``path`` as RGB with EXIF orientation applied (:func:`fieldid.intake.open_image`).
+
+    Args:
+        target: the shorter side the caller resizes to; JPEGs then decode at reduced size.
 
     Raises:
-        ImageError: unreadable, truncated, or absurdly large.
+        ImageError: unsupported format, unreadable (truncated, malformed EXIF, unreadable
+            file), or over the pixel limit; the message starts with the path.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {im.width}x{im.height} exceeds {MAX_PIXELS} pixels")
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return im.convert("RGB")
-    except ImageError:
-        raise
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise ImageError(f"{path}: {type(e).__name__}: {e}") from None
+        return open_image(Path(path), target=target)
+    except OSError as e:  # the file itself: permissions, vanished, a folder named *.jpg
+        raise ImageError(f"{path}: {type(e).__name__}: {e.strerror or e}", 415, "unreadable") from None
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -76,6 +73,17 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if is_image_file(p))
 
 
+def list_other_files(folder: Path) -> list[Path]:
+    """Visible files below ``folder`` that are not photos by their name (``.gif``, ``.txt``, RAW, ...).
+
+    Training never reads them; ``fieldid data check`` lists them as skipped. Hidden files
+    (``.DS_Store``, ``._IMG_1.jpg``) and files in hidden folders are system clutter, not photos.
+    """
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not is_image_path(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 @dataclass
 class ImageFolderListing:
     """What is on disk: per split (``"all"`` when not pre-split) the class -> files map."""
@@ -83,6 +91,8 @@ class ImageFolderListing:
     root: Path
     presplit: bool
     splits: dict[str, dict[str, list[Path]]]
+    # Files in class folders that are not photos by name (see list_other_files), in listing order.
+    others: list[Path] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
@@ -106,18 +116,22 @@ def scan_image_folder(root: str | Path, *, require_images: bool = True) -> Image
     presplit = (root / "train").is_dir()
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if presplit else {"all": root}
     splits: dict[str, dict[str, list[Path]]] = {}
+    others: list[Path] = []
     for split, sdir in split_dirs.items():
         folders = class_folders(sdir)
         if not folders:
             raise DataError(f"{sdir}: no class folders (expected {sdir}/<class>/<image files>)")
         classes = {}
         for f in folders:
-            files = list_images(f)
+            files, rest = list_images(f), list_other_files(f)
             if require_images and not files:
-                raise DataError(f"{f}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+                found = (f"; found {len(rest)} other files ({', '.join(sorted({p.suffix.lower() or p.name for p in rest}))})"
+                         if rest else "")
+                raise DataError(f"{f}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}){found}")
             classes[f.name] = files
+            others += rest
         splits[split] = classes
-    listing = ImageFolderListing(root=root, presplit=presplit, splits=splits)
+    listing = ImageFolderListing(root=root, presplit=presplit, splits=splits, others=others)
     main = splits["train" if presplit else "all"]
     if len(main) < 2:
         raise DataError(f"{root}: found {len(main)} class ({', '.join(main)}); need at least 2 classes")

@@ -9,6 +9,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .config import TrainConfig
+from .distill import distill_loss
 from .models import classifier_modules, model_num_classes
 
 __all__ = ["Classifier", "phase_lr"]
@@ -44,6 +45,9 @@ class Classifier(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=cfg.label_smoothing)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
+        # Epochs run before Lightning started (the head phase on cached features): epoch k of this
+        # module is epoch k + epoch_offset of the run, which is what a tuner compares across trials.
+        self.epoch_offset = 0
 
     def _is_head(self, param_name: str) -> bool:
         return any(param_name.startswith(f"model.{name}.") for name in self.head_names)
@@ -71,10 +75,16 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        teacher = None
+        if isinstance(y, (list, tuple)):  # distillation: (targets, the teacher's logits); training/distill.py
+            y, teacher = y
         if x.is_cuda:  # channels-last is the fast layout for convs under CUDA AMP
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self(x)
         loss = self.loss_fn(logits, y)
+        if teacher is not None:
+            loss = distill_loss(loss, logits, teacher, weight=self.cfg.distill_weight,
+                                temperature=self.cfg.distill_temperature)
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
         return loss

@@ -17,6 +17,7 @@ Run directory layout (paths relative to RUN/):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import io
 import logging
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 
+from fieldid.cli_common import first_line
+
 from .calibrate import choose_fallback_threshold, fit_temperature
 from .config import ConfigError, TrainConfig, load_config
 from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_transform, imbalance_ratio,
@@ -35,11 +38,12 @@ from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_tr
 from .samples import write_samples
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
-from .models import create_model, get_backbone
+from .models import create_model, get_backbone, load_run_model  # load_run_model: re-exported here too
 from .records import (PreprocessSpec, RecordError, RunRecord, atomic_write_bytes, atomic_write_json,
                       load_record)
 
-__all__ = ["train", "evaluate", "RunError", "CheckpointError", "build_datasets", "load_run_model"]
+__all__ = ["train", "evaluate", "RunError", "CheckpointError", "build_datasets", "load_run_model", "RESUME_SAFE",
+           "matched_image_size", "choose_image_size", "train_head_on_features", "cpu_supports_bf16"]
 
 log = logging.getLogger("fieldid.train")
 
@@ -70,15 +74,41 @@ def _atomic_checkpoint_io():
     return AtomicCheckpointIO()
 
 
+def _checkpoint_safe_globals() -> list[Any]:
+    """Classes allowed in a checkpoint besides tensors and plain containers (``weights_only=True``).
+
+    fieldid's own checkpoints (state dict, optimizer/scheduler state, the callbacks' and loops'
+    state) load with none; Lightning's hyper-parameter container is the one class a Lightning
+    checkpoint of a module that saves hyper-parameters adds.
+    """
+    from lightning.fabric.utilities.data import AttributeDict
+
+    return [AttributeDict]
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint, turning a corrupt/foreign file into a clear error."""
+    """Load a Lightning checkpoint without running code from it (``torch.load(weights_only=True)``).
+
+    A corrupt or foreign file, and one carrying a pickled callable or any class outside the
+    allow-list (:func:`_checkpoint_safe_globals`), is a one-line :class:`CheckpointError`.
+    """
+    import pickle
+    import re
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        # Our checkpoints hold only tensors, numbers, strings and the config dict; Lightning's
-        # loop state needs full unpickling, and the file is one this run wrote itself.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # Runs live on shared disks: a planted checkpoint must not be able to run code on load.
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else "an object"
+        if "Weights only load failed" in str(e) or found:
+            raise CheckpointError(f"{path}: refused: the checkpoint holds {what}, which is not a tensor or an "
+                                  "allowed type (checkpoints are loaded with weights_only=True)") from None
+        raise CheckpointError(f"{path}: corrupt or half-written checkpoint (UnpicklingError)") from None
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or half-written checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -113,20 +143,215 @@ def _loaders(datasets: dict, cfg: TrainConfig, counts: list[int], use_sampler: b
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
     g = torch.Generator().manual_seed(cfg.seed)
+    workers = _resolve_num_workers(cfg)
+    keep = workers > 0  # forked once: workers share the decode cache copy-on-write
     train_targets = datasets["train"].cache.targets
     if use_sampler:
         per_class = [1.0 / max(1, c) for c in counts]
         weights = torch.tensor([per_class[y] for y in train_targets], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
         train = DataLoader(datasets["train"], batch_size=cfg.batch_size, sampler=sampler,
-                           num_workers=cfg.num_workers, drop_last=len(weights) > cfg.batch_size)
+                           num_workers=workers, drop_last=len(weights) > cfg.batch_size, persistent_workers=keep)
     else:
         train = DataLoader(datasets["train"], batch_size=cfg.batch_size, shuffle=True, generator=g,
-                           num_workers=cfg.num_workers, drop_last=len(train_targets) > cfg.batch_size,
-                           persistent_workers=cfg.num_workers > 0)
+                           num_workers=workers, drop_last=len(train_targets) > cfg.batch_size,
+                           persistent_workers=keep)
     val_ds = datasets["val"] if len(datasets["val"]) else datasets["train"]
-    val = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), num_workers=cfg.num_workers)
+    val = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), num_workers=workers, persistent_workers=keep)
     return train, val
+
+
+# --------------------------------------------------------------------------- image size
+MIN_MATCHED_SIZE = 96  # below this MobileNet-style nets end with a 2x2 map and lose accuracy
+_SIZE_SAMPLE = 256  # photos whose header is read to decide the size (headers only: milliseconds)
+
+
+def matched_image_size(short_sides: list[int], native: int, crop_pct: float) -> tuple[int, str]:
+    """The crop size for photos with these shorter sides, and the rule's one-line reason.
+
+    Rule: take the median shorter side ``m`` of the training photos. When ``m * crop_pct``
+    (the crop the eval resize would cut from a photo of that size) is clearly below the
+    backbone's native size, train at that crop rounded to a multiple of 32 (at least
+    ``MIN_MATCHED_SIZE``), so no compute goes into upscaled pixels; otherwise at the native size.
+
+    Example:
+        >>> matched_image_size([100] * 10, 224, 0.875)
+        (96, 'photos are small (median shorter side 100 px): training at 96 px instead of the native 224 px')
+        >>> matched_image_size([640, 480], 224, 0.875)[0]
+        224
+    """
+    if not short_sides:
+        return native, f"no photo size readable: native {native} px"
+    m = sorted(short_sides)[len(short_sides) // 2]
+    size = max(MIN_MATCHED_SIZE, int(round(m * crop_pct / 32)) * 32)
+    if size >= native:
+        return native, f"photos (median shorter side {m} px) are not smaller than the native size: {native} px"
+    return size, (f"photos are small (median shorter side {m} px): training at {size} px instead of the "
+                  f"native {native} px")
+
+
+def _short_sides(paths: list[Path], limit: int = _SIZE_SAMPLE) -> list[int]:
+    """Shorter sides of up to ``limit`` photos (evenly spread), read from the file headers only."""
+    from PIL import Image
+
+    step = max(1, len(paths) // limit)
+    sides = []
+    for p in paths[::step][:limit]:
+        try:
+            with Image.open(p) as im:
+                sides.append(min(im.size))
+        except Exception:  # unreadable files are reported (and skipped) by the decode cache
+            continue
+    return sides
+
+
+def choose_image_size(split: Split, cfg: TrainConfig) -> tuple[int | None, str]:
+    """``cfg.image_size`` when set (an explicit size always wins), else the size matched to the photos."""
+    backbone = get_backbone(cfg.model)
+    if cfg.image_size is not None:
+        return cfg.image_size, f"--image-size {cfg.image_size} px (explicit)"
+    if backbone.fixed_input_size:
+        return None, f"{cfg.model} takes only its native {backbone.input_size} px"
+    return matched_image_size(_short_sides(split.paths("train")), backbone.input_size, backbone.crop_pct)
+
+
+# --------------------------------------------------------------------------- head on cached features
+def _head_module(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The single head module, or ``None`` when there are several (a distilled LeViT averages two)."""
+    from .models import classifier_modules
+
+    heads = classifier_modules(model)
+    return heads[0] if len(heads) == 1 else None
+
+
+@torch.no_grad()
+def _head_inputs(model: torch.nn.Module, head: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the frozen backbone hands the head for ``images`` (captured at the head's input)."""
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def train_head_on_features(model: torch.nn.Module, dataset: Any, cfg: TrainConfig, *,
+                           class_weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None,
+                           cache_features: bool = True, device: str | torch.device = "cpu") -> list[float]:
+    """The head-only phase: ``cfg.head_epochs`` epochs of the head with the backbone frozen.
+
+    With ``cache_features`` each image goes through the backbone once and the head's epochs
+    run on the stored features (the backbone is frozen, in eval mode, and ``dataset`` is
+    un-augmented, so its output is the same every epoch). Without it every batch goes
+    through the backbone again: the reference the cached path must match. Same batches,
+    same optimizer (AdamW, warmup + cosine to 0 at ``cfg.head_lr``), same loss.
+
+    Returns:
+        the mean training loss of each head epoch.
+    """
+    from torch.utils.data import DataLoader
+
+    from .module import phase_lr
+
+    found = _head_module(model)
+    if found is None:
+        raise ValueError("train_head_on_features needs a model with a single head module")
+    name, head = found
+    model.eval().to(device)
+    n = len(dataset)
+    images: torch.Tensor | None = None
+    parts, labels, done, next_report = [], [], 0, n // 10
+    for x, y in DataLoader(dataset, batch_size=max(cfg.batch_size, 64), shuffle=False,
+                           num_workers=_resolve_num_workers(cfg) if cache_features else 0):
+        parts.append(_head_inputs(model, head, x.to(device)) if cache_features else x)
+        labels.append(torch.as_tensor(y))
+        done += len(x)
+        if cache_features and n >= 200 and done >= next_report:
+            log.info("head phase: backbone features %d/%d images", done, n)
+            next_report += n // 10
+    targets = torch.cat(labels).long()
+    if cache_features:
+        features = torch.cat(parts)
+        log.info("head phase: %d backbone features (%s) cached; the head trains on them", n,
+                 "x".join(map(str, features.shape[1:])))
+    else:
+        images = torch.cat(parts)
+    head.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1.0, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device),
+                                        label_smoothing=cfg.label_smoothing)
+    per_epoch = max(1, n // cfg.batch_size if n > cfg.batch_size else 1)
+    total = per_epoch * cfg.head_epochs
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses, step = [], 0
+    for epoch in range(cfg.head_epochs):
+        order = (torch.multinomial(sample_weights, n, replacement=True, generator=g) if sample_weights is not None
+                 else torch.randperm(n, generator=g))
+        epoch_loss = 0.0
+        for b in range(per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            if images is None:
+                f = features[idx]
+            else:
+                head.eval()  # dropout off while the backbone runs, as in the cached pass
+                f = _head_inputs(model, head, images[idx].to(device))
+                head.train()
+            for group in opt.param_groups:
+                group["lr"] = phase_lr(step, 0, total, cfg.head_lr, cfg.warmup_frac)
+            loss = loss_fn(head(f), targets[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            epoch_loss += float(loss.detach()) * len(idx)
+            step += 1
+        losses.append(epoch_loss / max(1, min(n, per_epoch * cfg.batch_size)))
+        log.info("head phase: epoch %d/%d train loss %.4f", epoch + 1, cfg.head_epochs, losses[-1])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    return losses
+
+
+def _uses_feature_head(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    """Head phase on cached features: one process (DDP ranks would each redo it), one head, and
+    at least one epoch left for Lightning's full fine-tuning."""
+    return (cfg.head_feature_cache and cfg.head_epochs > 0 and cfg.epochs > cfg.head_epochs
+            and str(cfg.devices) in ("1", "auto") and cfg.num_nodes == 1 and _head_module(model) is not None)
+
+
+# --------------------------------------------------------------------------- speed settings
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (AVX-512 BF16 or AMX), as oneDNN needs for fast bf16."""
+    flags = _cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def _resolve_num_workers(cfg: TrainConfig) -> int:
+    """``--num-workers``, else from the core count: half the cores on CPU (the model's threads need
+    the rest), up to 8 when a GPU trains (decoding must keep it fed)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    from .data import default_num_threads
+
+    cores = default_num_threads()
+    on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    return min(8, cores - 1) if on_gpu else min(4, cores // 2)
 
 
 # --------------------------------------------------------------------------- run directory
@@ -153,6 +378,8 @@ def _resolve_precision(cfg: TrainConfig) -> str:
     on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    # bf16 autocast on CPU was measured slower than fp32 for MobileNet-style training, even
+    # with AMX (make bench-train, "precision" rows), so fp32 stays the CPU default.
     return "32-true"
 
 
@@ -220,16 +447,6 @@ def _write_state_dict(model: torch.nn.Module, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torch.nn.Module:
-    """The run's fine-tuned model (fp32, eval mode) from ``model.pth`` — no pretrained weights needed."""
-    run_dir = Path(run_dir)
-    record = record or load_record(run_dir)
-    model = create_model(record.backbone, record.num_classes, pretrained=False)
-    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
-    return model.eval()
-
-
 def _make_trainer(**kwargs: Any) -> Any:
     """``lightning.Trainer(**kwargs)``, with accelerator/device/strategy/precision mistakes as a ConfigError."""
     import lightning as L
@@ -240,7 +457,7 @@ def _make_trainer(**kwargs: Any) -> Any:
     except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
         # Lightning's own checks of --accelerator/--devices/--strategy/--precision/--num-nodes;
         # a missing optional package (deepspeed, transformer_engine) arrives as an ImportError.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         flags = " ".join(f"--{k.replace('_', '-')} {kwargs.get(k)}"
                          for k in ("accelerator", "devices", "strategy", "precision", "num_nodes"))
         raise ConfigError(f"Lightning rejects {flags}: {msg}") from None
@@ -280,9 +497,63 @@ def _write_new_run(out: Path, cfg: TrainConfig, split: Split, spec: PreprocessSp
     record.to_json(out / "run.json")
 
 
+# Settings a resumed run may change: they alter how long or on what it trains, never what the
+# finished run means (data, split, model, image size, schedule shape and seed stay the run's own).
+RESUME_SAFE = ("epochs", "num_workers", "cache", "accelerator", "precision")
+
+
+def _flag_name(key: str) -> str:
+    """The ``fieldid train`` flag that sets config ``key``."""
+    return {"pretrained": "--no-pretrained", "augment.hue": "--no-hue", "cache": "--no-cache"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
+def _apply_resume_overrides(out: Path, cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with the safe ``overrides`` applied and saved to ``RUN/config.yaml``; any other key is refused."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    refused = sorted(k for k in given if k not in RESUME_SAFE)
+    if refused:
+        flags = ", ".join(_flag_name(k) for k in refused)
+        safe = ", ".join(_flag_name(k) for k in RESUME_SAFE)
+        raise RunError(f"--resume continues {out} with its own settings; {flags} cannot change on resume "
+                       f"(can: {safe}; for other settings start a new run with --out)")
+    if not given:
+        return cfg
+    new = cfg.replace(**given)
+    new.to_yaml(out / "config.yaml")
+    log.info("resume: applying %s", ", ".join(f"{k}={v}" for k, v in given.items()))
+    return new
+
+
+def _require_validation(split: Split, cfg: TrainConfig) -> None:
+    """Refuse ``val_fraction: 0`` without a pre-split ``val/``: early stopping, the temperature and the
+    fallback threshold would then be fitted on (augmented) training images."""
+    if cfg.val_fraction == 0 and not split.files.get("val"):
+        raise ConfigError("val_fraction 0 leaves no validation images: early stopping, temperature scaling and the "
+                          "fallback threshold would be fitted on training data; set val_fraction > 0 "
+                          "or give the dataset a val/ folder")
+
+
+def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
+                      weights: torch.Tensor | None, counts: list[int], mode: str) -> list[float]:
+    """The head-only phase of :func:`train` on cached features of the un-augmented training images."""
+    sample_weights = None
+    if mode == "sampler":
+        per_class = [1.0 / max(1, c) for c in counts]
+        sample_weights = torch.tensor([per_class[y] for y in datasets["train"].cache.targets], dtype=torch.double)
+    device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    t = time.time()
+    losses = train_head_on_features(model, plain, cfg, class_weights=weights, sample_weights=sample_weights,
+                                    device=device)
+    log.info("head phase: %d epoch(s) on cached features in %.1f s", cfg.head_epochs, time.time() - t)
+    return losses
+
+
 # --------------------------------------------------------------------------- train
 def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainConfig | None = None, *,
-          resume: str | Path | None = None, callbacks: list[Any] | None = None) -> RunRecord:
+          resume: str | Path | None = None, resume_overrides: dict[str, Any] | None = None,
+          callbacks: list[Any] | None = None) -> RunRecord:
     """Fine-tune a backbone on an ImageFolder dataset and write a complete run directory.
 
     Args:
@@ -291,6 +562,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         cfg: training configuration (defaults: :class:`TrainConfig`).
         resume: an interrupted run directory to continue from its last checkpoint; then
             ``data_dir``/``out_dir``/``cfg`` come from that run.
+        resume_overrides: settings to change when resuming; only :data:`RESUME_SAFE` keys
+            (``epochs``, ``num_workers``, ``cache``, ``accelerator``, ``precision``) are accepted,
+            any other is a :class:`RunError`. They are written into the run's ``config.yaml``.
         callbacks: extra Lightning callbacks (``fieldid tune`` adds its pruning callback).
 
     Returns:
@@ -315,9 +589,12 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
             raise RunError(f"{out}: not a fieldid run directory (run.json/config.yaml missing)")
         cfg = load_config(out / "config.yaml")
+        if resume_overrides:
+            cfg = _apply_resume_overrides(out, cfg, resume_overrides)
         split = load_split(out / "split.json")
         record = RunRecord.from_json(out / "run.json")
         ckpt_path: str | None = str(out / record.last_checkpoint)
+        done = -1
         if record.status == "trained":
             raise RunError(f"{out}: run already finished; nothing to resume")
         if not Path(ckpt_path).is_file():
@@ -325,7 +602,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
             log.warning("no last checkpoint in %s; restarting training from epoch 0", out)
         else:
             try:  # fail early and clearly on a corrupt file
-                done = load_checkpoint(ckpt_path)["epoch"]
+                done = int(load_checkpoint(ckpt_path)["epoch"])
             except CheckpointError as e:
                 raise CheckpointError(f"{e}; delete it and rerun --resume to restart this run from epoch 0") from None
             history = _read_log_rows(out / "logs" / "metrics.csv", upto_epoch=done)
@@ -342,10 +619,15 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         backbone = get_backbone(cfg.model)  # unknown model: fail before touching disk
         split = make_split(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            seed=cfg.seed)
-        spec = backbone.preprocess(cfg.image_size)
+        _require_validation(split, cfg)
+        size, size_reason = choose_image_size(split, cfg)
+        log.info("image size: %s", size_reason)
+        spec = backbone.preprocess(size)
         record = RunRecord(name=out.name, backbone=cfg.model, num_classes=len(split.labels),
-                           labels=split.labels, preprocess=spec.to_dict(), status="training", created=_now())
+                           labels=split.labels, preprocess=spec.to_dict(), status="training", created=_now(),
+                           extra={"image_size": spec.crop_size, "image_size_rule": size_reason})
         ckpt_path = None
+        done = -1
 
     # Everything that can reject the input (data, weights, accelerator settings) runs before the
     # run directory is written, so bad input never leaves a half-made run behind.
@@ -356,6 +638,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     for y in datasets["train"].cache.targets:
         counts[y] += 1
     ratio = imbalance_ratio(counts)
+    if cfg.teacher:
+        from .distill import with_teacher
+
+        datasets["train"], record.distillation = with_teacher(datasets["train"], cfg, split.labels)
     mode = cfg.imbalance
     if mode == "auto":
         mode = "loss" if ratio > cfg.imbalance_auto_ratio else "none"
@@ -369,8 +655,20 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     model = create_model(cfg.model, len(split.labels), pretrained=cfg.pretrained and fresh,
                          weights_file=cfg.weights if fresh else None, dropout=cfg.dropout)
     weights = class_weights(counts) if mode == "loss" else None
-    module = Classifier(model.train(), cfg, weights)
+    # The head-only epochs run on cached backbone features before Lightning starts; Lightning
+    # then runs only the full fine-tuning epochs (same decision on --resume: it depends on cfg).
+    feature_head = _uses_feature_head(cfg, model)
+    fit_cfg = dataclasses.replace(cfg, epochs=cfg.epochs - cfg.head_epochs, head_epochs=0) if feature_head else cfg
+    if (resume_overrides or {}).get("epochs") is not None and done + 1 >= fit_cfg.epochs:
+        raise RunError(f"{out}: the checkpoint already holds {done + 1 + cfg.epochs - fit_cfg.epochs} epochs; "
+                       f"--epochs must be more than that to continue")
+    module = Classifier(model.train(), fit_cfg, weights)
+    module.epoch_offset = cfg.epochs - fit_cfg.epochs
     train_loader, val_loader = _loaders(datasets, cfg, counts, use_sampler=mode == "sampler")
+    precision = _resolve_precision(cfg)
+    log.info("speed: precision %s (CPU bf16 support: %s), %d decode worker(s), head phase %s", precision,
+             "yes" if cpu_supports_bf16() else "no", _resolve_num_workers(cfg),
+             "on cached features" if feature_head else "through the backbone")
 
     loggers: list[Any] = [CSVLogger(str(out), name="logs", version="")]
     try:
@@ -388,9 +686,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
                               enable_version_counter=False)
     early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
     trainer = _make_trainer(
-        max_epochs=cfg.epochs, min_epochs=min(cfg.epochs, cfg.head_epochs + 1),
-        accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(cfg), num_nodes=cfg.num_nodes,
-        precision=_resolve_precision(cfg), logger=loggers, callbacks=[ckpt_cb, last_cb, early, *(callbacks or [])],
+        max_epochs=fit_cfg.epochs, min_epochs=min(fit_cfg.epochs, fit_cfg.head_epochs + 1),
+        accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(fit_cfg), num_nodes=cfg.num_nodes,
+        precision=precision, logger=loggers, callbacks=[ckpt_cb, last_cb, early, *(callbacks or [])],
         plugins=[_atomic_checkpoint_io()], deterministic=False, log_every_n_steps=1,
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),
@@ -398,6 +696,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     try:
         if new_run is not None:
             _write_new_run(out, cfg, split, spec, record)
+        if feature_head and fresh:
+            _run_feature_head(model, datasets, cfg, spec, weights, counts, mode)
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     except Exception:
         # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
@@ -411,12 +711,15 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         _prepend_log_rows(out / "logs" / "metrics.csv", history)
     return _finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
                      skipped=skipped, imbalance={"ratio": ratio, "mode": mode, "train_counts": counts},
-                     seconds=time.time() - t0, epochs_run=trainer.current_epoch)
+                     seconds=time.time() - t0, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
+                     head_phase={"head_phase": "cached features" if feature_head else "through the backbone",
+                                 "precision": precision, "num_workers": _resolve_num_workers(cfg)})
 
 
 def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datasets: dict, best_path: str, *,
-              skipped: int, imbalance: dict, seconds: float, epochs_run: int) -> RunRecord:
-    """Best weights -> model.pth, temperature + fallback threshold on val, metrics on test, plots."""
+              skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict) -> RunRecord:
+    """Best weights -> model.pth, temperature + fallback threshold + unknown detector on val, metrics on test."""
+    spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
     model = create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout)
     model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
@@ -442,19 +745,25 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     logits, y = (val_logits, val_y) if eval_name == cal_name else predict_logits(model, datasets[eval_name])
     metrics = compute_metrics(logits, y, split.labels, temperature=temperature)
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
-                    "training": {"seconds": round(seconds, 1), "epochs": epochs_run,
+                    "training": {"seconds": round(seconds, 1), "epochs": epochs_run, "speed": head_phase,
                                  "skipped_unreadable": skipped, "imbalance": imbalance,
                                  "best_checkpoint": Path(best_path).name}})
     atomic_write_json(out / record.metrics, metrics)
     plot_confusion(metrics, out / "plots" / "confusion_matrix.png", title=f"{out.name} ({eval_name})")
     plot_curves(out / "logs" / "metrics.csv", out / "plots" / "curves.png")
 
+    from .ood import fit_run_detector, model_version
+
+    train_eval = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    record.unknown = fit_run_detector(model, train_eval, datasets[cal_name], out, heldout_name=cal_name,
+                                      num_classes=len(split.labels))
+    record.model_version = model_version(out, record)
     record.temperature = temperature
     record.fallback_threshold = fallback.threshold
     record.fallback_rule = fallback.rule
     record.best_checkpoint = f"checkpoints/{Path(best_path).name}"
     record.status = "trained"
-    record.extra = {"data_root": split.root, "test_accuracy": metrics["accuracy"],
+    record.extra = {**record.extra, "data_root": split.root, "test_accuracy": metrics["accuracy"],
                     "test_macro_f1": metrics["macro_f1"], "image_size": record.preprocess["crop_size"]}
     record.extra["samples"] = write_samples(out, split, record.preprocess_spec, datasets)  # export needs no dataset
     record.to_json(out / "run.json")
@@ -464,13 +773,26 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
 
 
 # --------------------------------------------------------------------------- evaluate
-def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_size: int = 64) -> dict[str, Any]:
+def _other_metrics_name(data: Path) -> str:
+    """``metrics-<folder>.json`` for a folder that is not the run's dataset (safe file-name characters only)."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name).strip("._") or "data"
+    return f"metrics-{stem}.json"
+
+
+def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_size: int = 64,
+             out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run.
 
     ``data_dir`` resolution: a tree with ``test/`` -> that split; the run's own dataset ->
     its held-out test split (the split file is the truth, so no leakage); any other folder
     -> every image in it (class folders must be among the run's labels).
-    Writes ``RUN/metrics.json`` and the plots, returns the metrics.
+
+    Where it writes: the run's own held-out split -> ``RUN/metrics.json`` and the plots (the
+    numbers export copies into the bundle); any other folder -> ``RUN/metrics-<folder>.json``
+    and ``RUN/plots/confusion_matrix-<folder>.png``, never the run's held-out metrics.
+    ``out`` names the metrics file instead. The returned dict carries ``metrics_file``.
     """
     run_dir = Path(run_dir)
     record = load_record(run_dir)
@@ -478,7 +800,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
     split = load_split(run_dir / record.split)
     index = {name: i for i, name in enumerate(record.labels)}
     data = Path(data_dir).resolve() if data_dir else Path(split.root)
-    if data == Path(split.root).resolve():
+    own = data == Path(split.root).resolve()
+    if own:
         paths, targets, which = split.paths("test"), split.targets("test"), "test"
         if not paths:
             paths, targets, which = split.paths("val"), split.targets("val"), "val"
@@ -497,6 +820,9 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
             paths += files
             targets += [index[name]] * len(files)
         which = part
+    target = Path(out) if out is not None else run_dir / (record.metrics if own else _other_metrics_name(data))
+    if out is not None and target.resolve() == (run_dir / record.metrics).resolve() and not own:
+        raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
     cache = ImageCache(paths, targets, resize_size=spec.resize_size, interpolation=spec.interpolation)
     if len(cache) == 0:
         raise DataError(f"{data}: no readable images to evaluate")
@@ -505,13 +831,16 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
     metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature)
     metrics.update({"split": which, "data": str(data), "skipped_unreadable": len(cache.skipped)})
     previous = run_dir / record.metrics
-    if previous.is_file():
+    if own and previous.is_file():
         import json
 
         old = json.loads(previous.read_text())
-        if "training" in old:
+        if isinstance(old, dict) and "training" in old:
             metrics["training"] = old["training"]
-    atomic_write_json(run_dir / record.metrics, metrics)
-    plot_confusion(metrics, run_dir / "plots" / "confusion_matrix.png", title=f"{run_dir.name} ({which})")
-    plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
+    atomic_write_json(target, metrics)
+    suffix = "" if own and out is None else "-" + target.stem.removeprefix("metrics-")
+    plot_confusion(metrics, run_dir / "plots" / f"confusion_matrix{suffix}.png", title=f"{run_dir.name} ({which})")
+    if own and out is None:
+        plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
+    metrics["metrics_file"] = str(target)
     return metrics

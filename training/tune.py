@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import random
 import re
 import time
 import warnings
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import yaml
+
+from fieldid.cli_common import first_line
 
 from .config import AugmentConfig, ConfigError, TrainConfig
 from .records import atomic_write_bytes, atomic_write_text
@@ -181,7 +184,7 @@ def load_space(path: str | Path | None, *, pinned: Iterable[str] = ()) -> dict[s
         try:
             space = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise TuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise TuneError(f"{path}: not valid YAML ({first_line(e)})") from None
         if not isinstance(space, dict):
             raise TuneError(f"{path}: expected a mapping of config keys to ranges")
     pinned = set(pinned)
@@ -215,6 +218,16 @@ def _no_experimental_notices() -> Iterator[None]:
         yield
 
 
+_SCHEMA_ATTEMPTS = 5
+
+
+def _is_schema_race(e: BaseException) -> bool:
+    """A concurrent ``CREATE TABLE`` lost to another process (sqlalchemy IntegrityError / ProgrammingError)."""
+    text = str(e).lower()
+    return type(e).__module__.startswith("sqlalchemy") and (
+        "already exists" in text or "duplicate key" in text or "uniqueviolation" in text)
+
+
 def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -227,15 +240,26 @@ def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
         # Several local processes share the file: wait for the lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
     try:
-        with _no_experimental_notices():
-            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                with _no_experimental_notices():
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                      grace_period=2 * heartbeat,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+            except Exception as e:
+                # Processes starting together on a new PostgreSQL database race to create Optuna's
+                # tables; the loser sees a unique violation / "already exists". The tables are there
+                # a moment later, so open again (measured with two `fieldid tune` on one study).
+                if attempt + 1 < _SCHEMA_ATTEMPTS and _is_schema_race(e):
+                    time.sleep(0.5 + random.random())
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
     except (ImportError, optuna.exceptions.StorageInternalError, ValueError) as e:
-        raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+        raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
     except Exception as e:  # sqlalchemy errors (bad URL, server down) are not ours to type
         if type(e).__module__.startswith("sqlalchemy"):
-            raise TuneError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from None
+            raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
         raise
 
 
@@ -267,7 +291,8 @@ def _pruning_callback(trial: Any) -> Any:
             value = trainer.callback_metrics.get("val_macro_f1")
             if value is None:
                 return
-            epoch = trainer.current_epoch
+            # The run's epoch (head epochs on cached features included), comparable across trials.
+            epoch = trainer.current_epoch + getattr(pl_module, "epoch_offset", 0)
             trial.report(float(value), step=epoch)
             if trial.should_prune():
                 # Propagates out of trainer.fit (Lightning tears down first) and out of train().
@@ -305,8 +330,7 @@ def _run_trial(trial: Any, data_dir: Path, out: Path, base: TrainConfig, space: 
             ckpt.unlink()
         raise
     except Exception as e:  # the study records the failed trial; keep its reason for the report
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        trial.set_user_attr("error", f"{type(e).__name__}: {first}")
+        trial.set_user_attr("error", f"{type(e).__name__}: {first_line(e, '')}")
         raise
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return float(metrics["val"]["macro_f1"])
@@ -574,8 +598,8 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
 
 # --------------------------------------------------------------------------- CLI
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .cli import train_overrides
     from .config import load_config
+    from .train_args import train_overrides
 
     if args.data is None:
         raise TuneError("need --data DIR")
@@ -595,7 +619,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def register_tune(sub: argparse._SubParsersAction) -> None:
     """Add ``fieldid tune`` (called from :func:`fieldid.training.cli.register`)."""
-    from .cli import HelpFormatter, add_train_args
+    from fieldid.cli_common import HelpFormatter
+
+    from .train_args import add_train_args
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",
                        formatter_class=HelpFormatter,

@@ -1,0 +1,181 @@
+"""The ``unknown_score`` output of every artifact: reading it back and verifying it against PyTorch.
+
+Exporters trace ``ctx.model``, which for a run with a detector is ``LogitsModel(ScoredModel)``
+with the outputs ``(logits, unknown_score)`` (see ``fieldid.training.ood``); the registered
+runtimes keep returning the logits (output 0). This module reads output 1 back out of the
+written file with the same runtime an app uses and compares it with PyTorch's:
+
+* fp32 artifacts: max |score diff| <= ``FP32_MAX_REL_DIFF`` x threshold, and every unknown
+  decision (score > threshold) identical;
+* int8 artifacts: unknown decisions agree with fp32's on >= ``INT8_MIN_DECISION_AGREEMENT``
+  of the images (the score itself moves with the quantized features; its size is recorded).
+
+The images are the held-out split *plus* generated non-photos (gradients, noise, ...) so
+both sides of the threshold are exercised.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fieldid.training.negatives import generated_unknowns
+
+from .bundle import ExportContext, converting, run_batched
+from .phone import preprocess
+
+__all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "score_only_nodes",
+           "verify_unknown", "manifest_unknown", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT"]
+
+log = logging.getLogger("fieldid.export")
+
+UNKNOWN_OUTPUT = "unknown_score"
+FP32_MAX_REL_DIFF = 1e-3
+INT8_MIN_DECISION_AGREEMENT = 0.99
+_PROBES = 24  # generated non-photos added to the held-out split for the check
+_BATCH = 32
+
+ScoreRunner = Callable[[np.ndarray], np.ndarray]
+
+
+def has_unknown(ctx: ExportContext) -> bool:
+    return bool(ctx.record.unknown) and ctx.reference_unknown is not None
+
+
+def output_names(ctx: ExportContext) -> list[str]:
+    """Output names of an artifact: ``["logits", "unknown_score"]`` when the run has a detector."""
+    return ["logits", UNKNOWN_OUTPUT] if has_unknown(ctx) else ["logits"]
+
+
+def first_output(out: Any) -> Any:
+    """The logits of a model call that returns ``logits`` or ``(logits, unknown_score)``."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _torch_runner(module: Any) -> ScoreRunner:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x))[1].numpy()
+    return run
+
+
+def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
+    """``runner(x (N, 3, H, W) float32) -> unknown_score (N,)`` read from the file's second output.
+
+    Raises:
+        ValueError: a format without a runtime here, or a file without that output.
+    """
+    path = Path(path)
+    batch = _BATCH
+    if format == "onnx":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        if UNKNOWN_OUTPUT not in names:
+            raise ValueError(f"{path.name}: no {UNKNOWN_OUTPUT} output (has {names})")
+        inp = sess.get_inputs()[0].name
+        run: ScoreRunner = lambda b: sess.run([UNKNOWN_OUTPUT], {inp: b})[0]  # noqa: E731
+    elif format == "executorch":
+        from executorch.runtime import Runtime
+
+        from .executorch_export import MAX_BATCH
+
+        batch = MAX_BATCH  # .pte files have a fixed batch size
+        method = Runtime.get().load_program(path).load_method("forward")
+        run = lambda b: method.execute([torch.from_numpy(b)])[1].numpy()  # noqa: E731
+    elif format == "torchscript":
+        run = _torch_runner(torch.jit.load(str(path), map_location="cpu"))
+    elif format == "torchscript_lite":
+        from torch.jit.mobile import _load_for_lite_interpreter
+
+        run = _torch_runner(_load_for_lite_interpreter(str(path)))
+    else:
+        raise ValueError(f"no runtime for the {UNKNOWN_OUTPUT} of {format} artifacts here")
+    return lambda x: run_batched(lambda b: np.asarray(run(b)).reshape(-1, 1), x, batch).reshape(-1)
+
+
+def _probes(ctx: ExportContext) -> np.ndarray:
+    spec = ctx.record.preprocess_spec
+    if "probes" not in ctx.unknown_probe:
+        ctx.unknown_probe["probes"] = np.concatenate(
+            [preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size, seed=7)])
+    return ctx.unknown_probe["probes"]
+
+
+def reference_scores(ctx: ExportContext) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs of the check (held-out + generated) and the PyTorch fp32 unknown scores on them."""
+    if "reference" not in ctx.unknown_probe:
+        probes = _probes(ctx)
+        with torch.no_grad():
+            ref = np.concatenate([ctx.model(torch.from_numpy(probes[i:i + _BATCH]))[1].numpy()
+                                  for i in range(0, len(probes), _BATCH)])
+        ctx.unknown_probe["reference"] = np.concatenate([ctx.reference_unknown, ref])
+    return np.concatenate([ctx.heldout, _probes(ctx)]), ctx.unknown_probe["reference"]
+
+
+def verify_unknown(ctx: ExportContext, file: str, format: str, precision: str) -> dict[str, Any]:
+    """Run the written file's ``unknown_score`` output and compare it with PyTorch's (see module doc)."""
+    threshold = float(ctx.record.unknown["threshold"])
+    x, ref = reference_scores(ctx)
+    with converting(format, doing=f"reading {UNKNOWN_OUTPUT} out of {file}"):
+        got = load_unknown_runtime(ctx.stage / file, format)(x)
+    n_in = len(ctx.heldout)
+    diff = np.abs(got - ref)
+    agree = float(((got > threshold) == (ref > threshold)).mean())
+    rel = float(diff.max() / threshold)
+    if precision == "fp32":
+        passed = rel <= FP32_MAX_REL_DIFF and agree == 1.0
+        bar = f"max |score diff| <= {FP32_MAX_REL_DIFF:g} x threshold and 100% identical unknown decisions"
+    else:
+        passed = agree >= INT8_MIN_DECISION_AGREEMENT
+        bar = f"unknown decisions agree with fp32 on >= {INT8_MIN_DECISION_AGREEMENT:.0%} of images"
+    result = {
+        "status": "passed" if passed else "failed", "bar": bar, "output": UNKNOWN_OUTPUT,
+        "threshold": threshold, "num_images": int(len(x)), "heldout_images": n_in,
+        "generated_unknown_images": int(len(x) - n_in), "max_abs_score_diff": float(diff.max()),
+        "max_diff_over_threshold": rel, "median_abs_score_diff": float(np.median(diff)),
+        "decision_agreement": agree,
+        "heldout_flagged": float((got[:n_in] > threshold).mean()),
+        "generated_flagged": float((got[n_in:] > threshold).mean()),
+    }
+    if not passed:
+        ctx.failures.append(f"{file} {UNKNOWN_OUTPUT} missed its bar: decision agreement {agree:.2%}, "
+                            f"max |diff| {diff.max():.3g} ({rel:.2%} of the threshold)")
+    log.info("verified %-22s unknown_score: max|diff| %.2e (%.3f%% of threshold), decisions agree %.4f  %s",
+             file, diff.max(), rel * 100, agree, result["status"])
+    return result
+
+
+def manifest_unknown(record: Any) -> dict[str, Any]:
+    """The manifest's ``unknown`` dict: the run's detector record minus its file name ({} = none)."""
+    return {k: v for k, v in (record.unknown or {}).items() if k != "file"}
+
+
+def score_only_nodes(path: str | Path) -> list[str]:
+    """Names of the ONNX nodes that only the ``unknown_score`` output depends on (not the logits).
+
+    int8 quantization leaves them in float: they are a handful of matmuls and reductions on the
+    pooled features (no measurable speed cost), and quantizing their activations moved the score
+    by ~10% of the threshold where the logits barely moved.
+    """
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    if UNKNOWN_OUTPUT not in [o.name for o in g.output]:
+        return []
+    producer = {out: n for n in g.node for out in n.output}
+    needed: set[str] = set()
+    stack = ["logits"]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in needed:
+            continue
+        needed.add(node.name)
+        stack.extend(node.input)
+    return [n.name for n in g.node if n.name not in needed]

@@ -1,0 +1,292 @@
+"""``fieldid predict``: classify unlabelled photos with a bundle's artifact, as the phone does, to CSV or JSON.
+
+Each photo goes through the phone's intake and preprocessing (:mod:`fieldid.export.phone`) and
+one of the bundle's artifacts in its runtime here (ONNX Runtime, ExecuTorch, TorchScript: the
+export's runtime registry), and is answered in the one response schema
+(:func:`fieldid.export.phone.prediction`). With a server, the photos the device is unsure
+about (``needs_fallback``) are sent to the TorchServe fallback and its answer is added.
+A photo that cannot be read becomes a row with ``error`` set; it never stops the others.
+
+(The module is not called ``predict``: ``fieldid.predict`` is the API function.)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from fieldid.cli_common import Progress, first_line
+
+if TYPE_CHECKING:
+    from fieldid.export.manifest import Artifact, Manifest
+
+__all__ = ["collect_photos", "choose_artifact", "DevicePredictor", "classify_photos", "write_table",
+           "TABLE_FORMATS", "CSV_COLUMNS"]
+
+TABLE_FORMATS = (".csv", ".json")
+# One CSV row per photo; top-k and the server's answer are flattened into text columns.
+CSV_COLUMNS = ("path", "label", "probability", "top_k", "unknown", "unknown_score", "needs_fallback", "source",
+               "artifact", "latency_ms", "server_label", "server_probability", "server_unknown", "server_error",
+               "error")
+
+
+def collect_photos(items: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for images (hidden files skipped), in a stable order.
+
+    Raises:
+        ValueError: a path that does not exist, or no photos at all.
+
+    Example:
+        >>> collect_photos(["photos/"])  # doctest: +SKIP
+        [PosixPath('photos/a.jpg'), PosixPath('photos/sub/b.png')]
+    """
+    from fieldid.training.images import is_image_file  # the one list of image file suffixes
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if is_image_file(f)
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.exists():
+            out.append(p)  # given by name: tried even with an odd suffix; unreadable -> an error row
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    if not out:
+        raise ValueError(f"no photos found in {', '.join(map(str, items))}")
+    return list(dict.fromkeys(out))
+
+
+def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
+    """The artifact to run: ``name`` (a file in the bundle), else the one the phone ships.
+
+    The phone's choice is the verified int8 ONNX model (else fp32 ONNX), as the field demo picks
+    it; a bundle without ONNX falls back to the first verified artifact with a runtime here.
+
+    Raises:
+        ValueError: ``name`` is not in the bundle, or has no runtime on this machine.
+    """
+    from fieldid.export import import_exporters
+    from fieldid.export.bundle import RUNTIMES
+
+    import_exporters()  # each exporter module registers its runtime
+    arts = manifest.artifact_list()
+    runnable = [a for a in arts if a.format in RUNTIMES and a.outputs == "logits"]
+    if name:
+        match = [a for a in arts if a.file == name]
+        if not match:
+            raise ValueError(f"bundle {manifest.name!r} has no artifact {name!r} (has: "
+                             f"{', '.join(a.file for a in arts)})")
+        if match[0] not in runnable:
+            raise ValueError(f"{name}: no runtime for {match[0].format} artifacts on this machine (runnable: "
+                             f"{', '.join(a.file for a in runnable) or 'none'})")
+        return match[0]
+    if any(a.format == "onnx" and a.outputs == "logits" for a in arts):
+        from fieldid.edge_demo.device import select_artifact  # the phone's rule, in one place
+
+        return select_artifact(manifest, "auto")[0]
+    verified = [a for a in runnable if a.verification.get("status") == "passed"] or runnable
+    if not verified:
+        raise ValueError(f"bundle {manifest.name!r} has no artifact with a runtime on this machine")
+    return verified[0]
+
+
+@dataclass
+class DevicePredictor:
+    """One artifact of a bundle in its runtime: photo bytes -> answer in the shared schema."""
+
+    bundle: Path
+    manifest: Manifest
+    artifact: Artifact
+    runner: Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) -> logits (N, C)
+    # (N, 3, H, W) -> unknown_score (N,), when the artifact has that output (Artifact.unknown_output)
+    score_runner: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, bundle: str | Path, artifact: str | None = None, *, threads: int = 1) -> "DevicePredictor":
+        """Load ``artifact`` (default: the phone's choice) of ``bundle``; its sha256 is checked first."""
+        from fieldid.export.bundle import load_runtime
+        from fieldid.export.manifest import bundle_dir_of, file_sha256, load_manifest
+
+        bundle = bundle_dir_of(bundle)
+        manifest = load_manifest(bundle)
+        art = choose_artifact(manifest, artifact)
+        path = bundle / art.file
+        if file_sha256(path) != art.sha256:
+            raise ValueError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced, "
+                             f"re-export the bundle")
+        score_runner = None
+        if getattr(art, "unknown_output", ""):  # bundles with an unknown detector; others answer without it
+            from fieldid.export.unknown import load_unknown_runtime
+
+            score_runner = load_unknown_runtime(path, art.format)
+        return cls(bundle, manifest, art, load_runtime(path, art.format, threads=threads), score_runner)
+
+    @property
+    def version(self) -> str:
+        return self.artifact.sha256[:12]
+
+    def predict(self, data: bytes, *, k: int = 5) -> dict[str, Any]:
+        """Photo bytes -> the device answer (``source="device"``).
+
+        Raises:
+            fieldid.export.phone.ImageInputError: not an accepted image (its ``status`` says why).
+        """
+        from fieldid.export.phone import check_resize_fits, decode_image, prediction, preprocess
+
+        m = self.manifest
+        t0 = time.perf_counter()
+        img = decode_image(data)
+        spec = m.preprocess_spec
+        check_resize_fits(img.size, spec.resize_size)
+        x = preprocess(img, spec)
+        logits = np.asarray(self.runner(x))
+        extra: dict[str, Any] = {}
+        if self.score_runner is not None:  # prediction() applies the manifest's threshold to it
+            extra = {"unknown_score": float(np.asarray(self.score_runner(x)).reshape(-1)[0]),
+                     "unknown_threshold": (getattr(m, "unknown", None) or {}).get("threshold")}
+        if getattr(m, "model_version", ""):  # the run's checkpoint identity, the same on device and server
+            extra["model_version"] = m.model_version
+        return prediction(logits.reshape(-1), m.labels, temperature=m.temperature,
+                          fallback_threshold=m.fallback_threshold, model=m.name, version=self.version,
+                          source="device", latency_ms=(time.perf_counter() - t0) * 1e3, k=k, **extra)
+
+
+def _server_token(bundle: Path, url: str, key_file: str | Path | None) -> str | None:
+    """The inference key for the server at ``url``: ``key_file``'s, else that of the server
+    ``fieldid serve start`` started for this bundle -- in both cases only if the key file belongs
+    to the server at ``url`` (:func:`fieldid.serve.client.token_for`): a key must never go to
+    another machine because a URL was typed.
+
+    Raises:
+        fieldid.serve.client.KeyFileError: ``key_file`` belongs to another server, or is unreadable.
+    """
+    from fieldid.serve.client import origin, token_for
+
+    if key_file is not None:
+        return token_for(url, key_file)
+    from fieldid.serve.server import load_state, state_dirs_for
+
+    for d in state_dirs_for(bundle):
+        try:
+            state = load_state(d)
+        except ValueError:
+            continue
+        if state.auth and state.key_file and origin(state.inference_url) == origin(url):
+            return token_for(url, state.key_file)
+    return None  # a --no-auth server, or one we hold no key for (its 4xx says so, per photo)
+
+
+def _prediction_url(server: str, model: str) -> str:
+    return server if "/predictions/" in server else f"{server.rstrip('/')}/predictions/{model}"
+
+
+def _row(path: Path, answer: dict[str, Any] | None, artifact: str, error: str = "") -> dict[str, Any]:
+    top = (answer or {}).get("top_k") or [{}]
+    return {
+        "path": str(path), "label": top[0].get("label"), "probability": top[0].get("probability"),
+        "top_k": (answer or {}).get("top_k", []), "unknown": (answer or {}).get("unknown", False) if answer else None,
+        "unknown_score": (answer or {}).get("unknown_score"),
+        "needs_fallback": (answer or {}).get("needs_fallback"), "source": "device" if answer else None,
+        "artifact": artifact, "latency_ms": (answer or {}).get("latency_ms"), "device": answer, "server": None,
+        "error": error,
+    }
+
+
+def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path], *, artifact: str | None = None,
+                    server: str | None = None, key_file: str | Path | None = None, ca_file: str | Path | None = None,
+                    k: int = 5, threads: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Classify photos on the device model and, where it is unsure, on the server (see :func:`fieldid.predict`).
+
+    Returns:
+        One row per photo, in ``collect_photos`` order (see :data:`CSV_COLUMNS`; ``device`` and
+        ``server`` hold the full answers).
+    """
+    from fieldid.export.phone import ImageInputError
+
+    items = [photos] if isinstance(photos, (str, Path)) or hasattr(photos, "__fspath__") else list(photos)
+    files = collect_photos(items)
+    device = DevicePredictor.load(bundle, artifact, threads=threads)
+    client = None
+    if server:
+        from fieldid.serve.client import ServeClient
+
+        client = ServeClient(_prediction_url(server, device.manifest.name),
+                             _server_token(device.bundle, server, key_file), ca_file=ca_file)
+    rows: list[dict[str, Any]] = []
+    try:
+        for i, f in enumerate(files, 1):
+            try:
+                data = f.read_bytes()
+                row = _row(f, device.predict(data, k=k), device.artifact.file)
+            except ImageInputError as e:
+                row, data = _row(f, None, device.artifact.file, f"HTTP-style {e.status}: {first_line(e)}"), b""
+            except OSError as e:
+                row, data = _row(f, None, device.artifact.file, f"cannot read: {e.strerror or first_line(e)}"), b""
+            if client is not None and row["needs_fallback"]:
+                row["server"] = _ask(client, data)
+            rows.append(row)
+            if progress:
+                progress(i, len(files))
+    finally:
+        if client is not None:
+            client.close()
+    return rows
+
+
+def _ask(client: Any, data: bytes) -> dict[str, Any]:
+    """The server's answer, or ``{"error": ...}``: an unreachable or refusing server is a row, not a crash."""
+    from fieldid.serve.client import PredictionError
+
+    try:
+        return client.predict(data)
+    except PredictionError as e:
+        return {"error": first_line(e)}
+    except (OSError, ValueError) as e:
+        return {"error": f"server not reachable: {type(e).__name__}: {first_line(e)}"}
+
+
+def _csv_cell(row: dict[str, Any], col: str) -> Any:
+    srv = row.get("server") or {}
+    top = (srv.get("top_k") or [{}])[0]
+    if col == "top_k":
+        return ";".join(f"{t['label']}:{t['probability']:.4f}" for t in row["top_k"])
+    if col == "server_label":
+        return top.get("label", "")
+    if col == "server_probability":
+        return top.get("probability", "")
+    if col == "server_unknown":
+        return srv.get("unknown", "") if "top_k" in srv else ""
+    if col == "server_error":
+        return srv.get("error", "")
+    v = row.get(col)
+    return "" if v is None else v
+
+
+def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """Write ``rows`` to ``out`` as CSV or JSON (by its suffix), atomically.
+
+    Raises:
+        ValueError: ``out`` has another suffix.
+    """
+    from fieldid.records import atomic_write_text
+
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        text = json.dumps(list(rows), indent=2) + "\n"
+    elif out.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow([_csv_cell(r, c) for c in CSV_COLUMNS])
+        text = buf.getvalue()
+    else:
+        raise ValueError(f"{out}: --out must end in {' or '.join(TABLE_FORMATS)}")
+    return atomic_write_text(out, text)

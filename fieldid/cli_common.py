@@ -1,0 +1,82 @@
+"""What every package's ``cli.py`` shares: help formatting, usage errors, one-line error messages, progress.
+
+Stdlib only and torch-free: ``fieldid --help`` imports every ``cli.py``, and the field demo
+imitates a phone without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, TextIO
+
+__all__ = ["HelpFormatter", "Parser", "first_line", "Progress"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where a flag has a real default (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``PROG: error: ...`` line and exit code 2, like every other bad input.
+
+    Sub-command parsers are made by ``add_subparsers``, which reuses this class.
+    """
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def first_line(e: BaseException | str, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (third-party errors carry pages of context).
+
+    Args:
+        e: the exception (or its message).
+        default: what to say for an empty message (default: the exception's type name).
+
+    Example:
+        >>> first_line(ValueError("bad size\\n  at line 3"))
+        'bad size'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return default if default is not None else (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+class Progress:
+    """A counted line on stderr (``label 40/120``) about every 10 % of ``total`` items.
+
+    No dependency on tqdm, and the output reads well in logs as well as in a terminal.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> bar = Progress("predict", 20, stream=out)
+        >>> for i in range(1, 21):
+        ...     bar(i, 20)
+        >>> out.getvalue().splitlines()[:2]
+        ['predict 2/20 (10%)', 'predict 4/20 (20%)']
+    """
+
+    def __init__(self, label: str, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.label, self.total, self.enabled = label, max(0, int(total)), enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._next_pct = 10
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        """Report ``done`` items finished (``total`` may change, e.g. once a folder is listed)."""
+        if total is not None:
+            self.total = total
+        if not self.enabled or not self.total:
+            return
+        pct = 100 * done // self.total
+        if pct >= self._next_pct or done == self.total:
+            print(f"{self.label} {done}/{self.total} ({pct}%)", file=self.stream, flush=True)
+            self._next_pct = (pct // 10 + 1) * 10

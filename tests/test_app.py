@@ -1,0 +1,187 @@
+"""``fieldid app build`` / ``fieldid app serve`` without a browser: what goes into the build, bad input, headers.
+
+The browser half (the model really running in Chromium) is tests/test_app_browser.py.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fieldid.app.build import ORT_FILES, AppBuildError, build_app, default_ort_dir, resolve_modes
+from fieldid.app.server import ISOLATION_HEADERS, running_app_server
+from fieldid.export.manifest import file_sha256, load_manifest
+
+pytestmark = pytest.mark.skipif(not (default_ort_dir() / ORT_FILES[0]).is_file(),
+                                reason="onnxruntime-web not installed: run `make app-deps` (npm ci in app/)")
+
+
+def _fieldid(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fieldid", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("app") / "build"
+    r = _fieldid("app", "build", "--bundle", str(tiny_bundle), "--out", str(out), "--server", "http://127.0.0.1:9/")
+    assert r.returncode == 0, r.stderr
+    assert "[1/1] dive" in r.stdout and "app built in" in r.stdout  # progress lines
+    return out
+
+
+def test_build_carries_the_manifest_and_nothing_else(built: Path, tiny_bundle: Path) -> None:
+    m = load_manifest(tiny_bundle)
+    cfg = json.loads((built / "config.json").read_text())
+    assert cfg["server"] == "http://127.0.0.1:9" and cfg["top_k"] == 3
+    (mode,) = cfg["modes"]
+    assert mode["key"] == "dive" and mode["name"] == m.name
+    assert mode["labels"] == m.labels and mode["temperature"] == m.temperature
+    assert mode["fallback_threshold"] == m.fallback_threshold
+    spec = m.preprocess_spec
+    assert mode["preprocess"] == {"resize_size": spec.resize_size, "crop_size": spec.crop_size,
+                                  "interpolation": spec.interpolation, "mean": list(spec.mean), "std": list(spec.std)}
+    # Every verified ONNX file of the bundle, byte for byte, fp32 first and the default.
+    onnx = {a.precision: a for a in m.artifact_list() if a.format == "onnx"}
+    raw = {a["file"]: a for a in m.artifacts}
+    assert [x["precision"] for x in mode["models"]] == [p for p in ("fp32", "int8") if p in onnx]
+    assert mode["default_precision"] == "fp32"
+    for x in mode["models"]:
+        assert file_sha256(built / x["file"]) == x["sha256"] == onnx[x["precision"]].sha256
+        # Contract 2: the unknown detector's output name as the manifest has it ("" = none: the app works without).
+        assert x["unknown_output"] == (raw[onnx[x["precision"]].file].get("unknown_output") or "")
+    unknown = getattr(m, "unknown", None) or {}
+    assert mode["unknown_threshold"] == unknown.get("threshold")
+    # onnxruntime-web's files, unchanged, and the pinned version recorded.
+    for f in ORT_FILES:
+        assert file_sha256(built / "ort" / f) == file_sha256(default_ort_dir() / f)
+    lock = json.loads((Path(__file__).parents[1] / "app" / "package-lock.json").read_text())
+    assert cfg["onnxruntime_web"] == lock["packages"]["node_modules/onnxruntime-web"]["version"] == "1.30.0"
+    # Everything the service worker caches exists; the page references no other host.
+    for rel in cfg["precache"]:
+        assert rel == "./" or (built / rel).is_file(), rel
+    for page in ("index.html", "app.js", "preprocess.js", "sw.js", "style.css", "manifest.webmanifest"):
+        text = (built / page).read_text()
+        assert "https://" not in text and "//cdn" not in text, page
+    assert cfg["build_id"] in (built / "sw.js").read_text()
+    web = json.loads((built / "manifest.webmanifest").read_text())
+    assert {i["sizes"] for i in web["icons"]} == {"192x192", "512x512"}
+    assert web["display"] == "standalone"
+
+
+def test_rebuild_replaces_and_changes_the_build_id(built: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "app"
+    build_app(resolve_modes([("bundle", str(tiny_bundle))]), out, progress=False)
+    first = json.loads((out / "config.json").read_text())["build_id"]
+    build_app(resolve_modes([("bundle", str(tiny_bundle))]), out, precision="int8", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["modes"][0]["default_precision"] == "int8" and cfg["build_id"] != first
+    assert not [p for p in tmp_path.iterdir() if p.name != "app"]  # no temp or old folders left
+
+
+def test_two_runs_become_dive_and_shop(tiny_bundle: Path, tiny_salmon_run: Path, tmp_path: Path) -> None:
+    # Given in the "wrong" order: salmon's wild/farmed classes put it into Shop anyway.
+    out = build_app(resolve_modes([("run", str(tiny_salmon_run)), ("bundle", str(tiny_bundle))]), tmp_path / "a",
+                    progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert [(m["key"], m["labels"]) for m in cfg["modes"]] == [
+        ("dive", load_manifest(tiny_bundle).labels), ("shop", load_manifest(tiny_salmon_run).labels)]
+    assert (out / "models" / "shop" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--run", "{missing}"], "no manifest.json"),
+    (["--run", "{bundle}", "--server", "ftp://x"], "is not an http(s) URL"),
+    (["--run", "{bundle}", "--server", "http://u:secret@host:8080"], "token is pasted in the app"),
+    (["--run", "{bundle}", "--precision", "fp16"], "invalid choice"),
+    (["--run", "{bundle}", "--top-k", "0"], "--top-k must be 1..20"),
+    (["--run", "{bundle}", "--ort-dir", "{missing}"], "make app-deps"),
+    (["--run", "{bundle}", "--run", "{bundle}", "--run", "{bundle}"], "only 2 modes"),
+    (["--run", "dive={bundle}", "--run", "dive={bundle}"], "given twice"),
+])
+def test_build_bad_input_is_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path, args: list[str],
+                                                expected: str) -> None:
+    args = [a.format(missing=tmp_path / "nope", bundle=tiny_bundle) for a in args]
+    r = _fieldid("app", "build", *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_never_replaces_a_folder_that_is_not_an_app(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    r = _fieldid("app", "build", "--run", str(tiny_bundle), "--out", str(out))
+    assert r.returncode == 2 and "not a fieldid app build" in r.stderr
+    assert (out / "holiday.jpg").read_bytes() == b"precious" and len(list(out.iterdir())) == 1
+
+
+def test_build_refuses_a_damaged_model(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    with open(bundle / "model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\0" * 16)
+    with pytest.raises(AppBuildError, match="sha256 differs"):
+        build_app(resolve_modes([("bundle", str(bundle))]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _get(url: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+def test_serve_sends_isolation_headers_and_types(built: Path) -> None:
+    with running_app_server(built) as srv:
+        assert srv.url.startswith("http://127.0.0.1:")
+        status, headers, body = _get(srv.url, "/")
+        assert status == 200 and b'data-testid="top1"' in body
+        for k, v in ISOLATION_HEADERS.items():
+            assert headers[k.lower()] == v
+        assert headers["cache-control"] == "no-cache"
+        for path, ctype in (("/ort/ort.wasm.min.mjs", "text/javascript"), ("/ort/ort-wasm-simd-threaded.wasm",
+                            "application/wasm"), ("/manifest.webmanifest", "application/manifest+json"),
+                            ("/sw.js", "text/javascript")):
+            status, headers, _ = _get(srv.url, path)
+            assert status == 200 and headers["content-type"].startswith(ctype), (path, headers)
+            assert headers["cross-origin-embedder-policy"] == "require-corp"
+        assert _get(srv.url, "/models/")[0] == 404  # no folder listings
+        assert _get(srv.url, "/../../etc/passwd")[0] == 404
+
+
+def test_serve_cli_refuses_a_folder_that_is_not_a_build(tmp_path: Path) -> None:
+    r = _fieldid("app", "serve", str(tmp_path))
+    assert r.returncode == 2 and "build the app first" in r.stderr and "Traceback" not in r.stderr
+    r = _fieldid("app", "serve", str(tmp_path), "--port", "70000")
+    assert r.returncode == 2 and "not a port number" in r.stderr
+
+
+def test_serve_cli_serves_until_interrupted(built: Path) -> None:
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "fieldid", "app", "serve", str(built), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("fieldid app at http://127.0.0.1:"), line + p.stderr.read()
+        url = line.split(" at ")[1].split(" ")[0]
+        assert _get(url, "/config.json")[0] == 200
+    finally:
+        p.send_signal(signal.SIGINT)
+        t0 = time.time()
+        assert p.wait(timeout=20) == 0, p.stderr.read()
+        assert time.time() - t0 < 20

@@ -1,0 +1,182 @@
+"""The unknown answer: detector maths, fitting at training time, the extra output of every artifact,
+the one response schema, and ``fieldid bench --ood``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fieldid.export.phone import preprocess, prediction
+from fieldid.training.negatives import NEGATIVE_KINDS, generated_unknowns, make_ood_set
+from fieldid.training.ood import (ScoredModel, UnknownDetector, fit_detector, fit_threshold, load_detector,
+                                  model_version, scored_model)
+
+
+# --------------------------------------------------------------------------- detector maths
+def test_detector_is_the_mahalanobis_distance_to_the_nearest_class_mean() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    means = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    # A covariance whose 4 smallest eigenvalues are equal: the low-rank form is then exact.
+    q, _ = torch.linalg.qr(a)
+    evals = torch.tensor([0.5, 0.5, 0.5, 0.5, 2.0, 5.0], dtype=torch.float64)
+    cov = (q * evals) @ q.T
+    rest = torch.tensor(1 / 0.5)
+    det = UnknownDetector(q[:, 4:], 1 / evals[4:] - rest, rest, means, normalize=False)
+    inv = torch.linalg.inv(cov)
+    expect = torch.tensor([min(float((xi - m) @ inv @ (xi - m)) for m in means) for xi in x]) / 6
+    assert torch.allclose(det(x.float()).double(), expect.double(), rtol=1e-4)
+
+
+def test_fitted_detector_separates_far_points_and_the_threshold_rule_holds() -> None:
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 16, generator=g) * 4
+    y = torch.arange(300) % 3
+    train = centres[y] + torch.randn(300, 16, generator=g)
+    det, info = fit_detector(train, y, 3, normalize=False)
+    assert info["train_images"] == 300 and 0 <= info["shrinkage"] <= 1
+    val = centres[torch.arange(200) % 3] + torch.randn(200, 16, generator=g)
+    far = torch.randn(50, 16, generator=g) * 4 + 12
+    thr, rule = fit_threshold(det(val), quantile=0.95)
+    assert (det(val) <= thr).float().mean() >= 0.95 and "95.0%" in rule
+    assert (det(far) > thr).float().mean() >= 0.95
+
+
+def test_scored_model_keeps_the_logits_and_adds_one_score_per_image() -> None:
+    from fieldid.training.models import create_model, example_input
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 4, pretrained=False).eval()
+    x = example_input("mobilenet_v2", 64, batch_size=3)
+    with torch.no_grad():
+        ref = model(x)
+        det = UnknownDetector(torch.eye(1280)[:, :8], torch.ones(8), torch.tensor(1.0), torch.zeros(4, 1280))
+        logits, score = ScoredModel(model, det)(x)
+    assert torch.allclose(logits, ref, atol=1e-6) and score.shape == (3,)
+
+
+def test_generated_unknowns_are_deterministic_and_cover_every_kind() -> None:
+    a = generated_unknowns(12, size=32, seed=3)
+    b = generated_unknowns(12, size=32, seed=3)
+    assert [n for n, _ in a] == [n for n, _ in b]
+    assert all(np.array_equal(np.asarray(i), np.asarray(j)) for (_, i), (_, j) in zip(a, b))
+    assert {n.rsplit("_", 1)[0] for n, _ in a} == set(NEGATIVE_KINDS)
+
+
+# --------------------------------------------------------------------------- training records it
+def test_training_fits_and_records_the_detector(tiny_run: Path) -> None:
+    from fieldid.training.records import load_record
+
+    rec = load_record(tiny_run)
+    u = rec.unknown
+    assert u["method"] == "mahalanobis" and u["threshold"] > 0 and (tiny_run / u["file"]).is_file()
+    assert u["fitted_on"].startswith("val split") and "held-out in-distribution" in u["threshold_rule"]
+    assert rec.model_version == model_version(tiny_run, rec) and len(rec.model_version) == 16
+    det = load_detector(tiny_run, rec)
+    assert det is not None and det.feature_dim == 1280
+
+
+# --------------------------------------------------------------------------- the response schema
+def test_prediction_unknown_and_needs_fallback() -> None:
+    kw = dict(temperature=1.0, fallback_threshold=0.5, model="m", version="v", source="device", latency_ms=1.0,
+              model_version="mv")
+    sure = np.array([5.0, 0.0])
+    p = prediction(sure, ["a", "b"], unknown_score=1.0, unknown_threshold=2.0, **kw)
+    assert (p["unknown"], p["needs_fallback"], p["model_version"]) == (False, False, "mv")
+    p = prediction(sure, ["a", "b"], unknown_score=2.5, unknown_threshold=2.0, **kw)
+    assert p["unknown"] and p["needs_fallback"] and p["unknown_score"] == 2.5
+    p = prediction(np.array([0.1, 0.0, 0.0]), ["a", "b", "c"], unknown_score=1.0, unknown_threshold=2.0, **kw)
+    assert not p["unknown"] and p["needs_fallback"]
+    p = prediction(sure, ["a", "b"], **kw)  # an artifact without unknown_output
+    assert p["unknown"] is False and p["unknown_score"] is None and not p["needs_fallback"]
+    # Exactly at the threshold is still an answer: unknown means score > threshold.
+    assert not prediction(sure, ["a", "b"], unknown_score=2.0, unknown_threshold=2.0, **kw)["unknown"]
+
+
+# --------------------------------------------------------------------------- every artifact has the output
+def _check_images(run: Path, spec) -> np.ndarray:
+    from fieldid.export.bundle import load_arrays
+    from fieldid.training.data import load_split
+    from fieldid.training.records import load_record
+
+    split = load_split(run / load_record(run).split)
+    x, _ = load_arrays(split.paths("test"), spec)
+    gen = np.concatenate([preprocess(img, spec) for _, img in generated_unknowns(12, size=spec.resize_size, seed=11)])
+    return np.concatenate([x, gen])
+
+
+def test_every_artifact_unknown_score_matches_pytorch(full_bundle: Path, tiny_run: Path) -> None:
+    from fieldid.export.manifest import load_manifest
+    from fieldid.export.onnx_export import read_onnx_metadata
+    from fieldid.export.unknown import FP32_MAX_REL_DIFF, INT8_MIN_DECISION_AGREEMENT, load_unknown_runtime
+    from fieldid.training.records import load_record
+    from fieldid.training.train import load_run_model
+
+    m = load_manifest(full_bundle)
+    rec = load_record(tiny_run)
+    thr = rec.unknown["threshold"]
+    assert m.unknown["threshold"] == thr and m.model_version == rec.model_version
+    x = _check_images(tiny_run, m.preprocess_spec)
+    model = scored_model(tiny_run, rec, load_run_model(tiny_run, rec))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))[1].numpy()
+    assert (ref[-12:] > thr).mean() >= 0.5  # the generated non-photos are on the unknown side
+    checked = []
+    for a in m.artifact_list():
+        if a.format == "pytorch":
+            assert a.unknown_output == ""  # a state dict has no outputs; the server runs ONNX
+            continue
+        assert a.unknown_output == "unknown_score", a.file
+        if a.format == "coreml":  # no Core ML runtime on Linux: the output is declared in the spec
+            assert "unknown_score" in a.verification["spec"]["outputs"]
+            continue
+        got = load_unknown_runtime(full_bundle / a.file, a.format)(x)
+        agree = float(((got > thr) == (ref > thr)).mean())
+        if a.precision == "fp32":
+            assert np.abs(got - ref).max() <= FP32_MAX_REL_DIFF * thr and agree == 1.0, a.file
+        else:
+            assert agree >= INT8_MIN_DECISION_AGREEMENT - 1e-9, a.file
+        assert a.verification["unknown_score"]["status"] == "passed", a.file
+        checked.append(a.file)
+        if a.format == "onnx":
+            assert float(read_onnx_metadata(full_bundle / a.file)["unknown_threshold"]) == thr
+    assert {"model.onnx", "model.int8.onnx", "model.pte", "model.int8.pte", "model.pt", "model.ptl"} <= set(checked)
+
+
+# --------------------------------------------------------------------------- fieldid bench --ood
+def test_bench_ood_prints_the_goals_table(tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    ood = tmp_path / "ood"
+    counts = make_ood_set(ood, generated=12)
+    assert counts["other/generated"] == 12 and counts["other/skimage"] >= 10
+    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "--run", str(tiny_run), "--ood", str(ood),
+                          "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "flagged unknown" in res.stdout and "answered on device" in res.stdout and "energy" in res.stdout
+    report = json.loads((tmp_path / "bench" / "ood.json").read_text())
+    assert report["artifact"] == "model.int8.onnx" and {r["measure"] for r in report["rows"]} >= {"flagged unknown"}
+    other = next(r for r in report["rows"] if r["set"].startswith("other"))
+    assert other["images"] == counts["other/generated"] + counts["other/skimage"]
+
+
+def test_bench_ood_bad_folder_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "--run", str(tiny_run), "--ood",
+                          str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no such folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_refit_reproduces_the_training_time_detector(tiny_run: Path, tmp_path: Path) -> None:
+    from fieldid.training.ood import refit_run_detector
+    from fieldid.training.records import load_record
+    from fixtures_export import copy_run
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = load_record(run)
+    after = refit_run_detector(run)
+    assert after.unknown["threshold"] == pytest.approx(before.unknown["threshold"], rel=1e-5)
+    assert load_record(run).unknown == after.unknown

@@ -1,0 +1,154 @@
+"""``fieldid predict``: every artifact with a runtime here, CSV and JSON, broken files as rows, the server's
+answer for the photos the device sent, and the rule that a key goes only to its own server."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fieldid.cli import main
+
+
+def _photos(shapes_dir: Path, dest: Path) -> Path:
+    """Two labelled photos per class in nested folders, a broken JPEG, an empty file and a non-image."""
+    for cls in sorted(p.name for p in shapes_dir.iterdir() if p.is_dir()):
+        (dest / "dive" / cls).mkdir(parents=True)
+        for f in sorted((shapes_dir / cls).glob("*.png"))[-2:]:
+            shutil.copy(f, dest / "dive" / cls / f.name)
+    (dest / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (dest / "empty.png").write_bytes(b"")
+    (dest / "notes.txt").write_text("not a photo, and not picked from a folder")
+    (dest / ".hidden.png").write_bytes(b"skipped: hidden")
+    return dest
+
+
+def _predict(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
+    rc = main(["predict", *argv])
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1]) if rc == 0 else {}
+    return rc, summary, err
+
+
+def _check_rows(rows: list[dict], labels: list[str]) -> None:
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) >= {"broken.jpg", "empty.png"} and "notes.txt" not in by_name and ".hidden.png" not in by_name
+    for bad in ("broken.jpg", "empty.png"):
+        assert by_name[bad]["error"] and by_name[bad]["label"] is None
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 2 * len(labels)
+    for r in good:
+        assert r["label"] in labels and 0 < r["probability"] <= 1
+        assert [t["label"] for t in r["top_k"]][0] == r["label"] and len(r["top_k"]) == len(labels)
+        assert isinstance(r["unknown"], bool) and isinstance(r["needs_fallback"], bool)
+        assert r["needs_fallback"] == (r["unknown"] or r["probability"] < r["device"]["fallback_threshold"])
+    # The tiny model learned the shapes: most held-out-like photos get their folder's label.
+    right = sum(r["label"] == Path(r["path"]).parent.name for r in good)
+    assert right >= 0.6 * len(good), [(r["path"], r["label"]) for r in good]
+
+
+@pytest.mark.slow
+def test_every_artifact_with_a_runtime(full_bundle: Path, shapes_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid.classify import choose_artifact
+    from fieldid.export import import_exporters
+    from fieldid.export.bundle import RUNTIMES
+    from fieldid.export.manifest import load_manifest
+
+    import_exporters()
+    photos = _photos(shapes_dir, tmp_path / "photos")
+    m = load_manifest(full_bundle)
+    runnable = [a.file for a in m.artifact_list() if a.format in RUNTIMES and a.outputs == "logits"]
+    assert {"model.onnx", "model.int8.onnx", "model.pte", "model.pt", "model.ptl"} <= set(runnable)
+    assert choose_artifact(m).file == "model.int8.onnx"  # the phone's choice by default
+    labels_per_artifact = {}
+    for name in runnable:
+        out = tmp_path / f"{name}.json"
+        rc, summary, err = _predict(capsys, "--bundle", str(full_bundle), "--artifact", name, str(photos),
+                                    str(photos / "dive" / m.labels[0]), "--out", str(out))
+        assert rc == 0, err
+        assert "predict " in err  # the counted progress line
+        rows = json.loads(out.read_text())
+        assert summary["photos"] == len(rows) and summary["errors"] == 2 and summary["artifact"] == name
+        assert all(r["artifact"] == name for r in rows)
+        _check_rows(rows, m.labels)
+        labels_per_artifact[name] = [r["label"] for r in rows]
+    # Every fp32 artifact gives the PyTorch model's answers, so they agree photo for photo.
+    fp32 = [labels_per_artifact[a.file] for a in m.artifact_list() if a.file in runnable and a.precision == "fp32"]
+    assert len(fp32) >= 3 and all(x == fp32[0] for x in fp32)
+    # The Python API gives the same rows as the command.
+    from fieldid import Bundle
+
+    api_rows = Bundle(full_bundle).predict(photos, artifact="model.pte")
+    assert [r["label"] for r in api_rows] == labels_per_artifact["model.pte"][:len(api_rows)]
+
+
+def test_bad_arguments_are_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(photo)
+    cases = [
+        (["--bundle", str(tiny_bundle), str(photo), "--out", str(tmp_path / "x.txt")], "must end in .csv or .json"),
+        (["--bundle", str(tiny_bundle), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "x.csv")], "no such file"),
+        (["--bundle", str(tiny_bundle), str(photo), "--artifact", "model.xyz", "--out", str(tmp_path / "x.csv")],
+         "has no artifact 'model.xyz'"),
+        (["--bundle", str(tiny_bundle), str(photo), "--artifact", "model.pth", "--out", str(tmp_path / "x.csv")],
+         "no runtime for pytorch"),
+        (["--bundle", str(tmp_path), str(photo), "--out", str(tmp_path / "x.csv")], "no manifest.json"),
+        ([str(photo), "--out", str(tmp_path / "x.csv")], "exactly one of --run"),
+    ]
+    for argv, message in cases:
+        rc, _, err = _predict(capsys, *argv)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.slow
+def test_server_answers_the_photos_the_device_sent(served_tiny, tiny_bundle: Path, shapes_dir: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fieldid.classify import CSV_COLUMNS, _server_token
+
+    photos = _photos(shapes_dir, tmp_path / "photos")
+    # A copy of the bundle whose threshold sends every photo to the server.
+    unsure = tmp_path / "unsure"
+    shutil.copytree(tiny_bundle, unsure)
+    m = json.loads((unsure / "manifest.json").read_text())
+    m["fallback_threshold"] = 1.0
+    (unsure / "manifest.json").write_text(json.dumps(m))
+
+    out = tmp_path / "rows.csv"
+    rc, summary, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url,
+                                "--key-file", str(served_tiny.key_file), str(photos), "--out", str(out))
+    assert rc == 0, err
+    with out.open() as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == CSV_COLUMNS
+    good = [r for r in table if not r["error"]]
+    assert summary["sent_to_server"] == len(good) == summary["needs_fallback"] and summary["server_errors"] == 0
+    for r in good:
+        assert r["needs_fallback"] == "True" and r["server_label"] in m["labels"] and not r["server_error"]
+        assert 0 < float(r["server_probability"]) <= 1
+    # The server runs the fp32 weights; the device's int8 model was verified to agree on >= 99%.
+    assert sum(r["server_label"] == r["label"] for r in good) >= len(good) - 1
+    assert all(not r["server_label"] for r in table if r["error"])  # an unreadable file is never sent
+
+    # Without --key-file the key of the server started for this bundle is used -- for that server only.
+    assert _server_token(tiny_bundle, served_tiny.base_url, None) == served_tiny.token
+    assert _server_token(tiny_bundle, "http://127.0.0.2:9", None) is None
+    # Its key file given for another server: refused before anything is sent (one line, exit 2).
+    rc, _, err = _predict(capsys, "--bundle", str(unsure), "--server", "http://127.0.0.2:9", "--key-file",
+                          str(served_tiny.key_file), str(photos), "--out", str(tmp_path / "never.csv"))
+    assert rc == 2 and "belongs to the server at" in err and not (tmp_path / "never.csv").exists()
+    # A wrong key: the server refuses, and each sent photo says so in its row (no crash).
+    bad_key = tmp_path / "key_file.json"
+    bad_key.write_text(json.dumps({"inference": {"key": "wrong"}}))
+    rc, summary, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url,
+                                "--key-file", str(bad_key), str(photos), "--out", str(tmp_path / "rows.json"))
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    sent = [r for r in rows if r["server"] is not None]
+    assert sent and summary["server_errors"] == len(sent) and all("HTTP 4" in r["server"]["error"] for r in sent)

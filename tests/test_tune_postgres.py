@@ -1,0 +1,138 @@
+"""``fieldid tune`` with two processes on one study in a real PostgreSQL server started by the test.
+
+One process is killed with -9 in the middle of a trial: the other finishes the study, the killed
+trial is marked failed and retried (continued from its checkpoint), and no trial counts twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from fixtures_scaleout import wait_for
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SPACE = """\
+lr: {type: float, low: 1.0e-4, high: 2.0e-3, log: true}
+label_smoothing: {type: float, low: 0.0, high: 0.2}
+"""
+TRIALS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_user() -> tuple[list[str], int, int]:
+    """Command prefix that runs PostgreSQL as a non-root user (initdb refuses root), and its ids."""
+    if os.geteuid() != 0:
+        return [], os.getuid(), os.getgid()
+    for name in ("postgres", "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if shutil.which("runuser"):
+            return ["runuser", "-u", name, "--"], pw.pw_uid, pw.pw_gid
+    pytest.skip("running as root and no postgres/nobody user with runuser to run PostgreSQL as")
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on a free port; stopped and deleted afterwards."""
+    pytest.importorskip("psycopg", reason="the `tune` extra (psycopg) is not installed")
+    if not (PG_BIN / "initdb").is_file():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (Debian package postgresql-15)")
+    prefix, uid, gid = _as_user()
+    root = Path(tempfile.mkdtemp(prefix="fieldid-pg-", dir="/tmp"))  # pytest's tmp dirs are root-only (0700)
+    os.chmod(root, 0o755)
+    os.chown(root, uid, gid)
+    data, port = root / "data", _free_port()
+
+    def pg(*cmd: str, timeout: int = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout)
+
+    r = pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "fieldid", "--no-sync", "-E", "UTF8")
+    if r.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"initdb failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    r = pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+           f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        if r.returncode != 0:
+            pytest.skip(f"PostgreSQL did not start: {(root / 'server.log').read_text()[-500:]}")
+        r = pg(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fieldid", "tune")
+        assert r.returncode == 0, r.stderr
+        yield f"postgresql+psycopg://fieldid@127.0.0.1:{port}/tune"
+    finally:
+        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _trial_with_checkpoint(out: Path) -> bool:
+    """A trial of this process is mid-training: its run has a checkpoint and is not finished."""
+    for run in out.glob("trial-*"):
+        rec = run / "run.json"
+        if (run / "checkpoints" / "last.ckpt").is_file() and rec.is_file() and '"training"' in rec.read_text():
+            return True
+    return False
+
+
+def test_two_processes_share_a_postgres_study_and_survive_a_kill(postgres_url: str, tmp_path: Path,
+                                                                 shapes_dir: Path, fieldid_proc) -> None:
+    import optuna
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+
+    def args(out: Path) -> list[str]:
+        return ["tune", "--data", str(shapes_dir), "--trials", str(TRIALS), "--out", str(out), "--space", str(space),
+                "--storage", postgres_url, "--study", "shapes-pg", "--epochs", "3", "--image-size", "48",
+                "--batch-size", "16", "--accelerator", "cpu", "--heartbeat", "2", "--pruner", "none",
+                "--num-workers", "0"]
+
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    a = fieldid_proc(*args(out_a))
+    b = fieldid_proc(*args(out_b))
+    wait_for(lambda: _trial_with_checkpoint(out_a), a, 600, "process A's trial to checkpoint mid-training")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    killed = [p for p in out_a.glob("trial-*") if '"training"' in (p / "run.json").read_text()]
+    assert killed, "A was killed after its trial finished, not in the middle of it"
+
+    assert b.wait(timeout=900) == 0, Path(b.log_path).read_text()[-3000:]
+    summary = json.loads(Path(b.log_path).read_text().strip().splitlines()[-1])
+    assert summary["storage"] == postgres_url and summary["trials"]["complete"] == TRIALS
+
+    study = optuna.load_study(study_name="shapes-pg", storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states and "WAITING" not in states, states
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    # The killed trial: failed by B once its heartbeat went stale, then retried exactly once.
+    assert len(failed) == 1 and failed[0].user_attrs["run"] == str(killed[0])
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].params == failed[0].params
+    # ... continued from its checkpoint in its own run directory, not restarted from epoch 0.
+    assert retries[0].user_attrs["run"] == str(killed[0])
+    assert min(retries[0].intermediate_values) >= 2
+    assert json.loads((killed[0] / "run.json").read_text())["status"] == "trained"
+    # No trial counted twice: exactly the target number complete, each with its own run.
+    assert len(complete) == TRIALS
+    assert len({t.user_attrs["run"] for t in complete}) == TRIALS
+    assert len({t.number for t in trials}) == len(trials)
+    assert summary["trials"] == {"fail": 1, "complete": TRIALS}

@@ -1,0 +1,155 @@
+"""Generated "not a photo of anything we know" images: gradients, noise, stripes, flat colour.
+
+They are what a phone camera pointed at a wall, a lens cap or a screen produces, and what the
+unknown detector must flag. Used to probe the detector in export verification, to build the
+``fieldid bench --ood`` folder and as the demo's "not a fish" examples. Torch-free (numpy +
+Pillow) and deterministic: image ``i`` comes from ``np.random.default_rng([seed, i])``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .records import atomic_write_bytes
+
+__all__ = ["NEGATIVE_KINDS", "SKIMAGE_PHOTOS", "generated_unknown", "generated_unknowns", "write_generated_unknowns",
+           "make_ood_set"]
+
+NEGATIVE_KINDS = ("gradient", "radial", "noise", "clouds", "stripes", "flat")
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0, 1, 3).astype(np.float32)
+
+
+def generated_unknown(kind: str, rng: np.random.Generator, size: int = 192) -> Image.Image:
+    """One generated image of ``kind`` (one of :data:`NEGATIVE_KINDS`).
+
+    Example:
+        >>> generated_unknown("gradient", np.random.default_rng(0), 32).size
+        (32, 32)
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
+    if kind == "gradient":
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * xx + np.sin(a) * yy)
+        t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+        arr = _colour(rng) * (1 - t[..., None]) + _colour(rng) * t[..., None]
+    elif kind == "radial":
+        cx, cy = rng.uniform(0.2, 0.8, 2)
+        t = np.clip(np.hypot(xx - cx, yy - cy) / rng.uniform(0.4, 1.0), 0, 1)
+        arr = _colour(rng) * (1 - t[..., None]) + _colour(rng) * t[..., None]
+    elif kind == "noise":
+        arr = rng.uniform(0, 1, (size, size, 3)).astype(np.float32)
+        if rng.uniform() < 0.5:
+            arr = np.repeat(arr.mean(2, keepdims=True), 3, axis=2)
+    elif kind == "clouds":
+        cells = int(rng.integers(3, 9))
+        small = rng.uniform(0, 1, (cells, cells, 3)).astype(np.float32)
+        img = Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+        return img.filter(ImageFilter.GaussianBlur(size / 40))
+    elif kind == "stripes":
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(0.05, 0.3)
+        t = (np.sin((np.cos(a) * xx + np.sin(a) * yy) * 2 * np.pi / period) > 0).astype(np.float32)
+        arr = _colour(rng) * (1 - t[..., None]) + _colour(rng) * t[..., None]
+    elif kind == "flat":
+        arr = np.broadcast_to(_colour(rng), (size, size, 3)) + rng.normal(0, 0.02, (size, size, 3))
+    else:
+        raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(NEGATIVE_KINDS)}")
+    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+def generated_unknowns(n: int, *, size: int = 192, seed: int = 0) -> list[tuple[str, Image.Image]]:
+    """``n`` generated images, cycling through :data:`NEGATIVE_KINDS`: ``[(name, image), ...]``."""
+    out = []
+    for i in range(n):
+        kind = NEGATIVE_KINDS[i % len(NEGATIVE_KINDS)]
+        out.append((f"{kind}_{i:03d}", generated_unknown(kind, np.random.default_rng([seed, i]), size)))
+    return out
+
+
+def write_generated_unknowns(out: str | Path, n: int, *, size: int = 192, seed: int = 0) -> list[Path]:
+    """Write :func:`generated_unknowns` as PNG files into ``out`` (atomically); returns the paths."""
+    import io
+
+    out = Path(out)
+    paths = []
+    for name, img in generated_unknowns(n, size=size, seed=seed):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        paths.append(atomic_write_bytes(out / f"{name}.png", buf.getvalue()))
+    return paths
+
+
+# scikit-image's bundled photos that are neither fish nor fillets (no download: shipped in the wheel).
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                  "eagle", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
+                  "moon", "page", "retina", "rocket", "text")
+
+
+def _skimage_photos() -> list[tuple[str, Image.Image]]:
+    import skimage.data
+
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            arr = np.asarray(getattr(skimage.data, name)())
+        except Exception:  # noqa: BLE001 - a photo a given scikit-image version lacks or cannot open
+            continue
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float64) / max(1e-9, float(arr.max())), 0, 1) * 255).astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[..., :3]
+        out.append((name, Image.fromarray(arr).convert("RGB")))
+    return out
+
+
+def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[str | Path] = (),
+                 generated: int = 120, per_folder: int = 200, seed: int = 0) -> dict[str, int]:
+    """Write the ``fieldid bench --ood`` folder: ``OUT/other/`` and ``OUT/unseen/``.
+
+    Args:
+        out: output folder (created; files are written atomically, existing ones replaced).
+        unseen: folders of classes of the same kind the model was *not* trained on
+            (copied to ``unseen/<folder name>/``).
+        other: folders of other datasets (copied to ``other/<folder name>/``, at most ``per_folder`` each).
+        generated: generated gradients / noise / stripes images (``other/generated/``).
+        per_folder: most images copied from one ``--other`` / ``--unseen`` folder.
+        seed: seed of the generated images and of the subsampling.
+
+    Returns:
+        Image counts per sub-folder.
+
+    Raises:
+        ValueError: a named folder does not exist or holds no images.
+    """
+    import io
+
+    out = Path(out)
+    counts: dict[str, int] = {}
+    photos = _skimage_photos()
+    for name, img in photos:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        atomic_write_bytes(out / "other" / "skimage" / f"{name}.png", buf.getvalue())
+    counts["other/skimage"] = len(photos)
+    counts["other/generated"] = len(write_generated_unknowns(out / "other" / "generated", generated, seed=seed))
+    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+    rng = np.random.default_rng(seed)
+    for group, folders in (("other", other), ("unseen", unseen)):
+        for folder in folders:
+            folder = Path(folder)
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts) \
+                if folder.is_dir() else []
+            if not files:
+                raise ValueError(f"{folder}: no such folder or no images in it")
+            if len(files) > per_folder:
+                files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
+            for p in files:
+                rel = p.relative_to(folder)
+                atomic_write_bytes(out / group / folder.name / rel, p.read_bytes())
+            counts[f"{group}/{folder.name}"] = len(files)
+    return counts
