@@ -136,6 +136,12 @@ def build_datasets(split: Split, cfg: TrainConfig, spec: PreprocessSpec):
     return datasets, skipped
 
 
+def _sample_weights(counts: list[int], targets: list[int]) -> torch.Tensor:
+    """Per-image sampling weights that draw every class equally often (``imbalance: sampler``)."""
+    per_class = [1.0 / max(1, c) for c in counts]
+    return torch.tensor([per_class[y] for y in targets], dtype=torch.double)
+
+
 def _loaders(datasets: dict, cfg: TrainConfig, counts: list[int], use_sampler: bool):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -144,8 +150,7 @@ def _loaders(datasets: dict, cfg: TrainConfig, counts: list[int], use_sampler: b
     keep = workers > 0  # forked once: workers share the decode cache copy-on-write
     train_targets = datasets["train"].cache.targets
     if use_sampler:
-        per_class = [1.0 / max(1, c) for c in counts]
-        weights = torch.tensor([per_class[y] for y in train_targets], dtype=torch.double)
+        weights = _sample_weights(counts, train_targets)
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
         train = DataLoader(datasets["train"], batch_size=cfg.batch_size, sampler=sampler,
                            num_workers=workers, drop_last=len(weights) > cfg.batch_size, persistent_workers=keep)
@@ -544,10 +549,7 @@ def _require_validation(split: Split, cfg: TrainConfig) -> None:
 def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
                       weights: torch.Tensor | None, counts: list[int], mode: str) -> list[float]:
     """The head-only phase of :func:`train` on cached features of the un-augmented training images."""
-    sample_weights = None
-    if mode == "sampler":
-        per_class = [1.0 / max(1, c) for c in counts]
-        sample_weights = torch.tensor([per_class[y] for y in datasets["train"].cache.targets], dtype=torch.double)
+    sample_weights = _sample_weights(counts, datasets["train"].cache.targets) if mode == "sampler" else None
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
     t = time.time()
