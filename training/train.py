@@ -100,11 +100,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_checkpoint_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # A class or callable outside the allow-list is named as "GLOBAL module.name"; any other
+        # unpickling failure (random bytes, a cut file) is damage, not a planted object.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else "an object"
-        if "Weights only load failed" in str(e) or found:
-            raise CheckpointError(f"{path}: refused: the checkpoint holds {what}, which is not a tensor or an "
-                                  "allowed type (checkpoints are loaded with weights_only=True)") from None
+        if found:
+            raise CheckpointError(f"{path}: refused: the checkpoint holds {found.group(1)}, which is not a tensor or "
+                                  "an allowed type (checkpoints are loaded with weights_only=True)") from None
         raise CheckpointError(f"{path}: corrupt or half-written checkpoint (UnpicklingError)") from None
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or half-written checkpoint ({type(e).__name__})") from None
@@ -324,7 +325,7 @@ def _uses_feature_head(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     """Head phase on cached features: one process (DDP ranks would each redo it), one head, and
     at least one epoch left for Lightning's full fine-tuning."""
     return (cfg.head_feature_cache and cfg.head_epochs > 0 and cfg.epochs > cfg.head_epochs
-            and str(cfg.devices) in ("1", "auto") and cfg.num_nodes == 1 and _head_module(model) is not None)
+            and str(cfg.devices) == "1" and cfg.num_nodes == 1 and _head_module(model) is not None)
 
 
 # --------------------------------------------------------------------------- speed settings
@@ -521,7 +522,8 @@ def _flag_name(key: str) -> str:
 
 
 def _apply_resume_overrides(out: Path, cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """``cfg`` with the safe ``overrides`` applied and saved to ``RUN/config.yaml``; any other key is refused."""
+    """``cfg`` with the safe ``overrides`` applied (in memory; :func:`train` saves it once every check
+    passed); any other key is refused."""
     given = {k: v for k, v in overrides.items() if v is not None}
     refused = sorted(k for k in given if k not in RESUME_SAFE)
     if refused:
@@ -531,10 +533,8 @@ def _apply_resume_overrides(out: Path, cfg: TrainConfig, overrides: dict[str, An
                        f"(can: {safe}; for other settings start a new run with --out)")
     if not given:
         return cfg
-    new = cfg.replace(**given)
-    new.to_yaml(out / "config.yaml")
     log.info("resume: applying %s", ", ".join(f"{k}={v}" for k, v in given.items()))
-    return new
+    return cfg.replace(**given)
 
 
 def _require_validation(split: Split, cfg: TrainConfig) -> None:
@@ -598,14 +598,13 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
             raise RunError(f"{out}: not a fieldid run directory (run.json/config.yaml missing)")
         cfg = load_config(out / "config.yaml")
-        if resume_overrides:
-            cfg = _apply_resume_overrides(out, cfg, resume_overrides)
         split = load_split(out / "split.json")
         record = RunRecord.from_json(out / "run.json")
         ckpt_path: str | None = str(out / record.last_checkpoint)
         done = -1
         if record.status == "trained":
             raise RunError(f"{out}: run already finished; nothing to resume")
+        cfg = _apply_resume_overrides(out, cfg, resume_overrides or {})
         if not Path(ckpt_path).is_file():
             ckpt_path = None  # killed before the first epoch ended: start over inside the same run
             log.warning("no last checkpoint in %s; restarting training from epoch 0", out)
@@ -667,8 +666,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     if (resume_overrides or {}).get("epochs") is not None and done + 1 >= fit_cfg.epochs:
         raise RunError(f"{out}: the checkpoint already holds {done + 1 + cfg.epochs - fit_cfg.epochs} epochs; "
                        f"--epochs must be more than that to continue")
+    if any(v is not None for v in (resume_overrides or {}).values()):
+        cfg.to_yaml(out / "config.yaml")  # a later --resume continues with what this one applied
     module = Classifier(model.train(), fit_cfg, weights)
-    module.epoch_offset = cfg.epochs - fit_cfg.epochs
     train_loader, val_loader = _loaders(datasets, cfg, counts, use_sampler=mode == "sampler")
     precision = _resolve_precision(cfg)
     log.info("speed: precision %s (CPU bf16 support: %s), %d decode worker(s), head phase %s", precision,
