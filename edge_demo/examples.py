@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fieldid.export.examples import inside
+from fieldid.export.examples import UNKNOWN_LABEL, inside
 from fieldid.export.manifest import Manifest
 
 from .device import bundle_dir_of
 
-__all__ = ["Example", "DataOrigin", "example_images", "data_origin"]
+__all__ = ["UNKNOWN_LABEL", "Example", "DataOrigin", "example_images", "data_origin"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,12 @@ class Example:
     """One example photo and its true class."""
 
     path: Path
-    label: str
+    label: str  # a class, or UNKNOWN_LABEL for a generated non-photo
+
+    @property
+    def unknown(self) -> bool:
+        """True for a generated "not a fish" example: the right answer is "unknown"."""
+        return self.label == UNKNOWN_LABEL
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # only for annotations: the readers below must not import training
     from .manifest import Manifest
 
-__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "inside", "check_entries",
-           "add_examples"]
+__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_EXAMPLES",
+           "inside", "check_entries", "add_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ MAX_TOTAL = 12  # over all classes (the reef set has nine)
 MAX_SIDE = 1280  # longer side of a re-encoded example: sharp on a phone, ~0.3 MB
 COPY_MAX_BYTES = 1_000_000  # larger files are re-encoded
 _SPLITS = ("test", "val")  # held-out splits, preferred first
+# Generated "not a fish" examples (gradient, radial, noise: training.negatives' first kinds), listed
+# with this label, which no class can have (parentheses): the demo shows them as "must be unknown".
+# Only bundles with an unknown detector get them; without one they would read as a species.
+UNKNOWN_LABEL = "(not a fish)"
+UNKNOWN_EXAMPLES = 3
+_UNKNOWN_FOLDER = "not-a-fish"
+_UNKNOWN_SEED = 2026  # not the seeds `fieldid bench --ood` and the tests draw from
+_UNKNOWN_SIDE = 320
 _BROWSER_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
@@ -80,8 +88,8 @@ def check_entries(entries: object, labels: list[str], source: str) -> None:
         inside(".", e["file"], what=f"{where}.file")
         if PurePosixPath(e["file"]).parts[0] != EXAMPLES_DIR:
             raise ValueError(f"{where}.file {e['file']!r} must be under {EXAMPLES_DIR}/")
-        if e["label"] not in labels:
-            raise ValueError(f"{where}.label {e['label']!r} is not one of the bundle's labels")
+        if e["label"] not in labels and e["label"] != UNKNOWN_LABEL:
+            raise ValueError(f"{where}.label {e['label']!r} is not one of the bundle's labels (nor {UNKNOWN_LABEL!r})")
 
 
 def _pick(files: dict[str, list[tuple[str, int]]], split_labels: list[str], labels: list[str],
@@ -138,7 +146,9 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
     is not on this machine gets no examples (and a note saying so), never an error.
 
     Args:
-        manifest: the manifest being written; ``examples`` and ``training_data`` are set.
+        manifest: the manifest being written; ``examples`` and ``training_data`` are set. With
+            an unknown detector (``manifest.unknown``), :data:`UNKNOWN_EXAMPLES` generated
+            non-photos are added, labelled :data:`UNKNOWN_LABEL`.
         run_dir: the run folder (its ``split_file`` names the held-out files).
         stage: the bundle folder being written.
         data_root: the dataset folder, when it is not where ``split.json`` says (``--data``).
@@ -158,7 +168,27 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
         dest = _store(src, Path(stage) / EXAMPLES_DIR / label)
         if dest is not None:
             entries.append({"file": dest.relative_to(stage).as_posix(), "label": label})
+    heldout = len(entries)
+    if manifest.unknown:  # the detector's threshold is in the manifest: these must come out as unknown
+        entries += _add_unknowns(Path(stage))
     manifest.examples = entries
-    if not entries:
+    if not heldout:
         manifest.notes.append(f"no example photos: the held-out photos under {root} are not on this machine")
-    log.info("example photos: %d copied into %s/", len(entries), EXAMPLES_DIR)
+    log.info("example photos: %d copied into %s/ (+%d generated non-photos)", heldout, EXAMPLES_DIR,
+             len(entries) - heldout)
+
+
+def _add_unknowns(stage: Path) -> list[dict[str, str]]:
+    """Write :data:`UNKNOWN_EXAMPLES` generated non-photos into ``stage/examples/not-a-fish/`` (PNG)."""
+    import io
+
+    from fieldid.records import atomic_write_bytes
+    from fieldid.training.negatives import generated_unknowns
+
+    out = []
+    for name, img in generated_unknowns(UNKNOWN_EXAMPLES, size=_UNKNOWN_SIDE, seed=_UNKNOWN_SEED):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        dest = atomic_write_bytes(stage / EXAMPLES_DIR / _UNKNOWN_FOLDER / f"{name}.png", buf.getvalue())
+        out.append({"file": dest.relative_to(stage).as_posix(), "label": UNKNOWN_LABEL})
+    return out
