@@ -211,9 +211,12 @@ def _mode_tab(mode: DemoMode) -> None:
             ask = gr.Button("Ask the server", variant="secondary", size="md", elem_id=f"{key}-ask")
     if mode.examples:
         gr.Examples(examples=[[str(e.path)] for e in mode.examples], inputs=[photo],
-                    label="Held-out examples (and generated non-photos, which must come out as unknown): "
-                          "tap one (its true class is shown with the answer)",
+                    label="Held-out examples: tap one (its true class is shown with the answer)",
                     examples_per_page=12)
+    if mode.unknown_examples:
+        gr.Examples(examples=[[str(e.path)] for e in mode.unknown_examples], inputs=[photo],
+                    label="Not a fish (generated): the model should say it does not know these",
+                    examples_per_page=6)
     with gr.Accordion("Model details and raw answers", open=False):
         gr.Markdown(mode.model_card_markdown())
         raw = gr.JSON(label="Raw answers (shared response schema)", elem_id=f"{key}-raw")

@@ -16,7 +16,7 @@ from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
 from fieldid.intake import ACCEPTED_NAMES
 
 from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
-from .examples import DataOrigin, Example, data_origin, example_images
+from .examples import DataOrigin, Example, data_origin, example_images, unknown_examples
 from .fallback import DEFAULT_TIMEOUT_S, ServerConfig, ServerReply, ask_server
 
 __all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error",
@@ -176,9 +176,12 @@ class DemoMode:
         self.notice = first.notice
         self.precisions = onnx_precisions(self.manifest)
         self.examples: list[Example] = example_images(self.source, self.manifest)
+        # Generated non-photos (bundles with an unknown detector): the right answer is "unknown".
+        self.unknown_examples: list[Example] = unknown_examples(self.source, self.manifest)
         self.origin: DataOrigin = data_origin(self.source, self.manifest)
         # Recognise a clicked example by its bytes, to show its true class beside the answer.
-        self._truth = {hashlib.sha256(e.path.read_bytes()).hexdigest(): e.label for e in self.examples}
+        self._truth = {hashlib.sha256(e.path.read_bytes()).hexdigest(): e.label
+                       for e in self.examples + self.unknown_examples}
 
     @property
     def key(self) -> str:

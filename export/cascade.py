@@ -26,7 +26,7 @@ import numpy as np
 
 from fieldid.records import atomic_write_json, atomic_write_text
 
-from .manifest import CascadeError, Manifest, ManifestError, check_pair, load_manifest
+from .manifest import CascadeError, Manifest, check_pair, load_manifest
 from .ood_bench import onnx_session, score_images
 from .phone import softmax
 

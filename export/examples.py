@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # only for annotations: the readers below must not import tra
     from .manifest import Manifest
 
 __all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_EXAMPLES",
-           "inside", "check_entries", "add_examples"]
+           "inside", "check_entries", "add_examples", "add_unknown_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,7 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
 
     Args:
         manifest: the manifest being written; ``examples`` and ``training_data`` are set. With
-            an unknown detector (``manifest.unknown``), :data:`UNKNOWN_EXAMPLES` generated
-            non-photos are added, labelled :data:`UNKNOWN_LABEL`.
+            the generated non-photos come from :func:`add_unknown_examples`.
         run_dir: the run folder (its ``split_file`` names the held-out files).
         stage: the bundle folder being written.
         data_root: the dataset folder, when it is not where ``split.json`` says (``--data``).
@@ -168,27 +167,39 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
         dest = _store(src, Path(stage) / EXAMPLES_DIR / label)
         if dest is not None:
             entries.append({"file": dest.relative_to(stage).as_posix(), "label": label})
-    heldout = len(entries)
-    if manifest.unknown:  # the detector's threshold is in the manifest: these must come out as unknown
-        entries += _add_unknowns(Path(stage))
     manifest.examples = entries
-    if not heldout:
+    if not entries:
         manifest.notes.append(f"no example photos: the held-out photos under {root} are not on this machine")
-    log.info("example photos: %d copied into %s/ (+%d generated non-photos)", heldout, EXAMPLES_DIR,
-             len(entries) - heldout)
+    log.info("example photos: %d copied into %s/", len(entries), EXAMPLES_DIR)
 
 
-def _add_unknowns(stage: Path) -> list[dict[str, str]]:
-    """Write :data:`UNKNOWN_EXAMPLES` generated non-photos into ``stage/examples/not-a-fish/`` (PNG)."""
+def add_unknown_examples(manifest: Manifest, stage: str | Path) -> None:
+    """Add :data:`UNKNOWN_EXAMPLES` generated non-photos (``stage/examples/not-a-fish/*.png``) to
+    ``manifest.examples``, labelled :data:`UNKNOWN_LABEL`, when the bundle has an unknown detector.
+
+    The demo offers them as "not a fish" examples that must come out as unknown; without a
+    detector (``manifest.unknown == {}``) they would read as a species, so none are added. The
+    bundle writer calls this after :func:`add_examples`. The demo never imports training: the
+    images are files in the bundle, made here by ``fieldid.training.negatives``.
+
+    Example:
+        >>> add_unknown_examples(manifest, stage)  # doctest: +SKIP
+        >>> [e["file"] for e in manifest.examples if e["label"] == UNKNOWN_LABEL]  # doctest: +SKIP
+        ['examples/not-a-fish/gradient_000.png', 'examples/not-a-fish/radial_001.png', ...]
+    """
     import io
 
     from fieldid.records import atomic_write_bytes
     from fieldid.training.negatives import generated_unknowns
 
-    out = []
+    if not manifest.unknown:
+        return
+    stage = Path(stage)
+    entries = []
     for name, img in generated_unknowns(UNKNOWN_EXAMPLES, size=_UNKNOWN_SIDE, seed=_UNKNOWN_SEED):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         dest = atomic_write_bytes(stage / EXAMPLES_DIR / _UNKNOWN_FOLDER / f"{name}.png", buf.getvalue())
-        out.append({"file": dest.relative_to(stage).as_posix(), "label": UNKNOWN_LABEL})
-    return out
+        entries.append({"file": dest.relative_to(stage).as_posix(), "label": UNKNOWN_LABEL})
+    manifest.examples = [e for e in manifest.examples if e["label"] != UNKNOWN_LABEL] + entries
+    log.info("example non-photos: %d generated into %s/%s/", len(entries), EXAMPLES_DIR, _UNKNOWN_FOLDER)
