@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # only for annotations: the readers below must not import training
     from .manifest import Manifest
 
-__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_EXAMPLES",
+__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_KINDS", "UNKNOWN_EXAMPLES",
            "inside", "check_entries", "add_examples", "add_unknown_examples"]
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,13 @@ MAX_TOTAL = 12  # over all classes (the reef set has nine)
 MAX_SIDE = 1280  # longer side of a re-encoded example: sharp on a phone, ~0.3 MB
 COPY_MAX_BYTES = 1_000_000  # larger files are re-encoded
 _SPLITS = ("test", "val")  # held-out splits, preferred first
-# Generated "not a fish" examples (gradient, radial, noise: training.negatives' first kinds), listed
-# with this label, which no class can have (parentheses): the demo shows them as "must be unknown".
-# Only bundles with an unknown detector get them; without one they would read as a species.
+# Generated "not a fish" examples, listed with this label, which no class can have (parentheses):
+# the demo shows them as "must be unknown". Only bundles with an unknown detector get them; without
+# one they would read as a species. The kinds are fixed (training.negatives): the colour gradient a
+# user first tried (issue 10), and two textures nothing in a photo of a fish looks like.
 UNKNOWN_LABEL = "(not a fish)"
-UNKNOWN_EXAMPLES = 3
+UNKNOWN_KINDS = ("gradient", "stripes", "clouds")
+UNKNOWN_EXAMPLES = len(UNKNOWN_KINDS)
 _UNKNOWN_FOLDER = "not-a-fish"
 _UNKNOWN_SEED = 2026  # not the seeds `fieldid bench --ood` and the tests draw from
 _UNKNOWN_SIDE = 320
@@ -174,7 +176,7 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
 
 
 def add_unknown_examples(manifest: Manifest, stage: str | Path) -> None:
-    """Add :data:`UNKNOWN_EXAMPLES` generated non-photos (``stage/examples/not-a-fish/*.png``) to
+    """Add the generated non-photos of :data:`UNKNOWN_KINDS` (``stage/examples/not-a-fish/*.png``) to
     ``manifest.examples``, labelled :data:`UNKNOWN_LABEL`, when the bundle has an unknown detector.
 
     The demo offers them as "not a fish" examples that must come out as unknown; without a
@@ -185,21 +187,24 @@ def add_unknown_examples(manifest: Manifest, stage: str | Path) -> None:
     Example:
         >>> add_unknown_examples(manifest, stage)  # doctest: +SKIP
         >>> [e["file"] for e in manifest.examples if e["label"] == UNKNOWN_LABEL]  # doctest: +SKIP
-        ['examples/not-a-fish/gradient_000.png', 'examples/not-a-fish/radial_001.png', ...]
+        ['examples/not-a-fish/gradient.png', 'examples/not-a-fish/stripes.png', 'examples/not-a-fish/clouds.png']
     """
     import io
 
+    import numpy as np
+
     from fieldid.records import atomic_write_bytes
-    from fieldid.training.negatives import generated_unknowns
+    from fieldid.training.negatives import generated_unknown
 
     if not manifest.unknown:
         return
     stage = Path(stage)
     entries = []
-    for name, img in generated_unknowns(UNKNOWN_EXAMPLES, size=_UNKNOWN_SIDE, seed=_UNKNOWN_SEED):
+    for i, kind in enumerate(UNKNOWN_KINDS):
+        img = generated_unknown(kind, np.random.default_rng([_UNKNOWN_SEED, i]), _UNKNOWN_SIDE)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        dest = atomic_write_bytes(stage / EXAMPLES_DIR / _UNKNOWN_FOLDER / f"{name}.png", buf.getvalue())
+        dest = atomic_write_bytes(stage / EXAMPLES_DIR / _UNKNOWN_FOLDER / f"{kind}.png", buf.getvalue())
         entries.append({"file": dest.relative_to(stage).as_posix(), "label": UNKNOWN_LABEL})
     manifest.examples = [e for e in manifest.examples if e["label"] != UNKNOWN_LABEL] + entries
     log.info("example non-photos: %d generated into %s/%s/", len(entries), EXAMPLES_DIR, _UNKNOWN_FOLDER)
