@@ -183,7 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="[MODE=]RUN", default=None,
                    help="server model (run or bundle folder, e.g. runs/reef-server) that a mode's fallback asks "
                         "for instead of its own model; its labels must equal the device model's (checked at "
-                        "start); modes assigned as for --run; repeatable")
+                        "start); modes assigned as for --run; repeatable (default: each mode asks for its own model)")
     p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                    help="on-device ONNX model; auto = int8 when the bundle has it, else fp32 "
                         "(switchable in the app)")
