@@ -43,8 +43,5 @@ def tiny_bundle(tiny_run: Path) -> Path:
     """The tiny run exported to the pytorch + ONNX formats (what serve/ and edge_demo/ read)."""
     from fieldid.export import export_run
 
-    # allow_drop: this 3-epoch toy model's int8 file misses the 99% bars (agreement 91.7%, unknown
-    # decisions 88.9% on its 12 held-out photos); it is kept, marked failed, and the phone path
-    # ("auto") then runs fp32 as it would for a real bundle like that.
-    export_run(tiny_run, formats=["onnx"], allow_drop=True)
+    export_run(tiny_run, formats=["onnx"])
     return tiny_run / "export"
