@@ -33,7 +33,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path
     from fieldid.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "shapes"
-    cfg = TrainConfig(epochs=3, head_epochs=1, image_size=64, batch_size=16, seed=0)
+    # The head-only epoch runs through Lightning with augmentation here (head_feature_cache=False):
+    # with 48 training images (3 steps an epoch) the cached-feature head phase left this toy model
+    # at 11/12 test images, and the int8 and unknown-score bars that downstream tests rely on then
+    # fail on a single flipped image. The cached head phase has its own tests.
+    cfg = TrainConfig(epochs=3, head_epochs=1, image_size=64, batch_size=16, seed=0, head_feature_cache=False)
     train(shapes_dir, out, cfg)
     return out
 

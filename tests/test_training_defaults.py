@@ -215,6 +215,7 @@ def test_resume_refuses_unsafe_flags_in_one_line(tiny_run: Path, tmp_path: Path,
     # The checkpoint holds 3 epochs (1 head-only + 2): asking for fewer is refused, not ignored.
     assert fieldid.main(["train", "--resume", str(run), "--epochs", "3"]) == 2
     assert "--epochs must be more than" in _error_line(capsys)
+    assert (run / "config.yaml").read_text() == before  # a refused value is not saved either
 
 
 def test_resume_applies_epochs(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

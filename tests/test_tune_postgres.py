@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -129,7 +128,7 @@ def test_two_processes_share_a_postgres_study_and_survive_a_kill(postgres_url: s
     assert retries[0].params == failed[0].params
     # ... continued from its checkpoint in its own run directory, not restarted from epoch 0.
     assert retries[0].user_attrs["run"] == str(killed[0])
-    assert min(retries[0].intermediate_values) >= 2
+    assert min(retries[0].intermediate_values) >= 1
     assert json.loads((killed[0] / "run.json").read_text())["status"] == "trained"
     # No trial counted twice: exactly the target number complete, each with its own run.
     assert len(complete) == TRIALS

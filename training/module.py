@@ -45,9 +45,6 @@ class Classifier(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=cfg.label_smoothing)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
-        # Epochs run before Lightning started (the head phase on cached features): epoch k of this
-        # module is epoch k + epoch_offset of the run, which is what a tuner compares across trials.
-        self.epoch_offset = 0
 
     def _is_head(self, param_name: str) -> bool:
         return any(param_name.startswith(f"model.{name}.") for name in self.head_names)

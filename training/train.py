@@ -103,11 +103,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_checkpoint_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # A class or callable outside the allow-list is named as "GLOBAL module.name"; any other
+        # unpickling failure (random bytes, a cut file) is damage, not a planted object.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else "an object"
-        if "Weights only load failed" in str(e) or found:
-            raise CheckpointError(f"{path}: refused: the checkpoint holds {what}, which is not a tensor or an "
-                                  "allowed type (checkpoints are loaded with weights_only=True)") from None
+        if found:
+            raise CheckpointError(f"{path}: refused: the checkpoint holds {found.group(1)}, which is not a tensor or "
+                                  "an allowed type (checkpoints are loaded with weights_only=True)") from None
         raise CheckpointError(f"{path}: corrupt or half-written checkpoint (UnpicklingError)") from None
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or half-written checkpoint ({type(e).__name__})") from None
@@ -139,6 +140,12 @@ def build_datasets(split: Split, cfg: TrainConfig, spec: PreprocessSpec):
     return datasets, skipped
 
 
+def _sample_weights(counts: list[int], targets: list[int]) -> torch.Tensor:
+    """Per-image sampling weights that draw every class equally often (``imbalance: sampler``)."""
+    per_class = [1.0 / max(1, c) for c in counts]
+    return torch.tensor([per_class[y] for y in targets], dtype=torch.double)
+
+
 def _loaders(datasets: dict, cfg: TrainConfig, counts: list[int], use_sampler: bool):
     from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -147,8 +154,7 @@ def _loaders(datasets: dict, cfg: TrainConfig, counts: list[int], use_sampler: b
     keep = workers > 0  # forked once: workers share the decode cache copy-on-write
     train_targets = datasets["train"].cache.targets
     if use_sampler:
-        per_class = [1.0 / max(1, c) for c in counts]
-        weights = torch.tensor([per_class[y] for y in train_targets], dtype=torch.double)
+        weights = _sample_weights(counts, train_targets)
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
         train = DataLoader(datasets["train"], batch_size=cfg.batch_size, sampler=sampler,
                            num_workers=workers, drop_last=len(weights) > cfg.batch_size, persistent_workers=keep)
@@ -322,7 +328,7 @@ def _uses_feature_head(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     """Head phase on cached features: one process (DDP ranks would each redo it), one head, and
     at least one epoch left for Lightning's full fine-tuning."""
     return (cfg.head_feature_cache and cfg.head_epochs > 0 and cfg.epochs > cfg.head_epochs
-            and str(cfg.devices) in ("1", "auto") and cfg.num_nodes == 1 and _head_module(model) is not None)
+            and str(cfg.devices) == "1" and cfg.num_nodes == 1 and _head_module(model) is not None)
 
 
 # --------------------------------------------------------------------------- speed settings
@@ -509,7 +515,8 @@ def _flag_name(key: str) -> str:
 
 
 def _apply_resume_overrides(out: Path, cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """``cfg`` with the safe ``overrides`` applied and saved to ``RUN/config.yaml``; any other key is refused."""
+    """``cfg`` with the safe ``overrides`` applied (in memory; :func:`train` saves it once every check
+    passed); any other key is refused."""
     given = {k: v for k, v in overrides.items() if v is not None}
     refused = sorted(k for k in given if k not in RESUME_SAFE)
     if refused:
@@ -519,10 +526,8 @@ def _apply_resume_overrides(out: Path, cfg: TrainConfig, overrides: dict[str, An
                        f"(can: {safe}; for other settings start a new run with --out)")
     if not given:
         return cfg
-    new = cfg.replace(**given)
-    new.to_yaml(out / "config.yaml")
     log.info("resume: applying %s", ", ".join(f"{k}={v}" for k, v in given.items()))
-    return new
+    return cfg.replace(**given)
 
 
 def _require_validation(split: Split, cfg: TrainConfig) -> None:
@@ -537,10 +542,7 @@ def _require_validation(split: Split, cfg: TrainConfig) -> None:
 def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
                       weights: torch.Tensor | None, counts: list[int], mode: str) -> list[float]:
     """The head-only phase of :func:`train` on cached features of the un-augmented training images."""
-    sample_weights = None
-    if mode == "sampler":
-        per_class = [1.0 / max(1, c) for c in counts]
-        sample_weights = torch.tensor([per_class[y] for y in datasets["train"].cache.targets], dtype=torch.double)
+    sample_weights = _sample_weights(counts, datasets["train"].cache.targets) if mode == "sampler" else None
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
     t = time.time()
@@ -589,14 +591,13 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if not (out / "run.json").is_file() or not (out / "config.yaml").is_file():
             raise RunError(f"{out}: not a fieldid run directory (run.json/config.yaml missing)")
         cfg = load_config(out / "config.yaml")
-        if resume_overrides:
-            cfg = _apply_resume_overrides(out, cfg, resume_overrides)
         split = load_split(out / "split.json")
         record = RunRecord.from_json(out / "run.json")
         ckpt_path: str | None = str(out / record.last_checkpoint)
         done = -1
         if record.status == "trained":
             raise RunError(f"{out}: run already finished; nothing to resume")
+        cfg = _apply_resume_overrides(out, cfg, resume_overrides or {})
         if not Path(ckpt_path).is_file():
             ckpt_path = None  # killed before the first epoch ended: start over inside the same run
             log.warning("no last checkpoint in %s; restarting training from epoch 0", out)
@@ -662,8 +663,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     if (resume_overrides or {}).get("epochs") is not None and done + 1 >= fit_cfg.epochs:
         raise RunError(f"{out}: the checkpoint already holds {done + 1 + cfg.epochs - fit_cfg.epochs} epochs; "
                        f"--epochs must be more than that to continue")
+    if any(v is not None for v in (resume_overrides or {}).values()):
+        cfg.to_yaml(out / "config.yaml")  # a later --resume continues with what this one applied
     module = Classifier(model.train(), fit_cfg, weights)
-    module.epoch_offset = cfg.epochs - fit_cfg.epochs
     train_loader, val_loader = _loaders(datasets, cfg, counts, use_sampler=mode == "sampler")
     precision = _resolve_precision(cfg)
     log.info("speed: precision %s (CPU bf16 support: %s), %d decode worker(s), head phase %s", precision,

@@ -10,9 +10,9 @@ __all__ = ["add_train_args", "train_overrides"]
 def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> None:
     """Training flags; reused by ``fieldid tune`` so both accept the same knobs."""
     p.add_argument("--data", type=Path, default=None, help="ImageFolder dataset root (flat or train/val/test)")
-    p.add_argument("--model", default=None, help="backbone: mobilenet_v2, efficientnet_lite0 or timm/<name> (default from config: mobilenet_v2)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs incl. head-only ones (default from config: 8)")
-    p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: backbone's native size)")
+    p.add_argument("--model", default=None, help="backbone: mobilenet_v2, efficientnet_lite0, efficientnet_lite2 or timm/<name> (default from config: mobilenet_v2)")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs incl. head-only ones (default from config: 5)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: matched to the photos when they are smaller than the backbone's native size, else native)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default from config: 32)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default from config: 1e-3)")
     p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")

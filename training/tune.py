@@ -291,8 +291,7 @@ def _pruning_callback(trial: Any) -> Any:
             value = trainer.callback_metrics.get("val_macro_f1")
             if value is None:
                 return
-            # The run's epoch (head epochs on cached features included), comparable across trials.
-            epoch = trainer.current_epoch + getattr(pl_module, "epoch_offset", 0)
+            epoch = trainer.current_epoch
             trial.report(float(value), step=epoch)
             if trial.should_prune():
                 # Propagates out of trainer.fit (Lightning tears down first) and out of train().
