@@ -116,11 +116,22 @@ bench-serve: $(STAMP)
 	$(PY) -m fieldid.serve.bench --run $(RUNS)/reef
 
 # DEMO_ARGS passes flags through, e.g. DEMO_ARGS="--port 7861 --server http://gpu-box:8080".
+# The server models (runs/<name>-server) are served by TorchServe for the demo's fallback (labels
+# checked against the device models first); a server this target started is stopped when the demo ends.
 DEMO_ARGS ?=
+DEMO_SERVE_STATE = $(RUNS)/reef-server/serve
 demo: $(STAMP)
-	@for name in reef salmon; do test -f $(RUNS)/$$name/export/manifest.json || \
-	  { echo "make demo: no $(RUNS)/$$name/export; run 'make train export' first" >&2; exit 2; }; done
-	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon $(DEMO_ARGS)
+	@for run in reef salmon reef-server salmon-server; do test -f $(RUNS)/$$run/export/manifest.json || \
+	  { echo "make demo: no $(RUNS)/$$run/export; run 'make train export' first" >&2; exit 2; }; done
+	@started=; \
+	if ! $(FIELDID) serve status --state-dir $(DEMO_SERVE_STATE) >/dev/null 2>&1; then \
+	  $(FIELDID) serve start --run $(RUNS)/reef-server --run $(RUNS)/salmon-server \
+	    --device-run $(RUNS)/reef --device-run $(RUNS)/salmon --state-dir $(DEMO_SERVE_STATE) || exit $$?; \
+	  started=1; \
+	fi; \
+	trap '[ -n "$$started" ] && $(FIELDID) serve stop --state-dir $(DEMO_SERVE_STATE) >/dev/null' EXIT INT TERM; \
+	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon --server-run $(RUNS)/reef-server \
+	  --server-run $(RUNS)/salmon-server --serve-state $(DEMO_SERVE_STATE) $(DEMO_ARGS)
 
 # The phone app: a static folder (serve it with `fieldid app serve build/app`, or any HTTPS host).
 APP_OUT ?= build/app

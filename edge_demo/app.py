@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 from fieldid.export.phone import ImageInputError  # noqa: E402
 
+from .examples import UNKNOWN_LABEL  # noqa: E402
 from .modes import MAX_FILE_BYTES, DemoMode, Outcome, file_too_large, friendly_image_error, pretty_label  # noqa: E402
 
 __all__ = ["photo_bytes", "build_app", "launch_app", "DEFAULT_PORT", "DELETE_CACHE", "THEME", "CSS"]
@@ -85,9 +86,13 @@ def photo_bytes(payload: Any, *, max_bytes: int = MAX_FILE_BYTES) -> bytes | Non
     return path.read_bytes()
 
 
-def _label_value(response: dict | None) -> dict[str, float] | None:
+def _label_value(mode: DemoMode, response: dict | None) -> dict[str, float] | str | None:
+    """What the Label shows: the top classes with probabilities, or for an unknown answer only
+    words (a calibrated softmax still puts ~100% on some class for a photo of sand)."""
     if not response:
         return None
+    if response.get("unknown"):
+        return mode.unknown_words()
     return {pretty_label(t["label"]): float(t["probability"]) for t in response["top_k"]}
 
 
@@ -102,9 +107,7 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
             f"<small>decode {t['decode']:.1f} + preprocess {t['preprocess']:.1f} + model {t['model']:.1f} ms</small>")
     conf, thr = r["confidence"], r["fallback_threshold"]
     if r.get("unknown"):  # the artifact's unknown_score is above the recorded threshold
-        noun = "species" if mode.key == "dive" else "classes"
-        verdict = (f"Not one of the {len(mode.manifest.labels)} {noun} I know"
-                   + (" — asking the server." if mode.server else " (no server configured to ask)."))
+        verdict = mode.unknown_words() + (" — asking the server." if mode.server else " (no server configured to ask).")
     elif r["needs_fallback"]:
         verdict = f"Unsure: confidence {conf:.0%} is below this model's threshold {thr:.0%}."
         if not mode.server:
@@ -112,7 +115,11 @@ def _device_text(mode: DemoMode, out: Outcome) -> str:
     else:
         verdict = f"Confident: {conf:.0%} ≥ threshold {thr:.0%}, no need to ask the server."
     text = line + "  \n" + verdict
-    if out.true_label:
+    if out.true_label == UNKNOWN_LABEL:  # a generated non-photo: the right answer is "unknown"
+        mark = ("✓ the device knows it does not know it" if r.get("unknown") else
+                f"✗ the device took it for {pretty_label(r['top_k'][0]['label'])}")
+        text += f"  \nGenerated example that is **not a fish**: {mark}."
+    elif out.true_label:
         top = r["top_k"][0]["label"]
         mark = "✓ the device is right" if top == out.true_label else "✗ the device is wrong"
         text += f"  \nHeld-out example of **{pretty_label(out.true_label)}**: {mark}."
@@ -128,14 +135,23 @@ def _server_text(mode: DemoMode, out: Outcome) -> str:
                 if mode.server else "No server configured: on-device answers only.")
     why = f"Asked because {out.asked_because}. " if out.asked_because else ""
     if s is None:  # asked, answer still on its way
-        return f"Asking the server at {mode.server.url}… {why}" if mode.server else why
+        return (f"Asking the server model `{mode.server_model_name}` at {mode.server.url}… {why}" if mode.server
+                else why)
     if not s.ok:
         return (f"<span class='fieldid-error'>⚠ Server unavailable: {s.message}.</span>  \n"
                 f"{why}The on-device answer stands.")
     r = s.response or {}
-    dev_top = out.device.response["top_k"][0]["label"] if out.device else None
+    dev = out.device.response if out.device else {}
     srv_top = r["top_k"][0]["label"]
-    agree = "✓ agrees with the device" if srv_top == dev_top else "⚠ differs from the device"
+    if r.get("unknown") and dev.get("unknown"):
+        agree = "✓ the server does not know it either"
+    elif r.get("unknown"):
+        agree = "⚠ the server does not know it: " + mode.unknown_words().lower().replace("i know", "it knows")
+    elif dev.get("unknown"):
+        agree = f"the server knows it: **{pretty_label(srv_top)}** {r['confidence']:.0%}"
+    else:
+        dev_top = dev["top_k"][0]["label"] if dev else None
+        agree = "✓ agrees with the device" if srv_top == dev_top else "⚠ differs from the device"
     server_ms = r.get("latency_ms")
     inner = f" (model {server_ms:.1f} ms on the server)" if isinstance(server_ms, (int, float)) else ""
     return (f"**{s.round_trip_ms:.1f} ms** round trip{inner} · model `{r.get('model', '?')}` "
@@ -144,8 +160,8 @@ def _server_text(mode: DemoMode, out: Outcome) -> str:
 
 def _render(mode: DemoMode, out: Outcome) -> tuple[Any, str, Any, str, dict]:
     server_response = out.server.response if out.server and out.server.ok else None
-    return (_label_value(out.device.response if out.device else None), _device_text(mode, out),
-            _label_value(server_response), _server_text(mode, out), out.to_dict())
+    return (_label_value(mode, out.device.response if out.device else None), _device_text(mode, out),
+            _label_value(mode, server_response), _server_text(mode, out), out.to_dict())
 
 
 def _blank(mode: DemoMode) -> tuple[Any, str, Any, str, dict]:
@@ -197,6 +213,10 @@ def _mode_tab(mode: DemoMode) -> None:
         gr.Examples(examples=[[str(e.path)] for e in mode.examples], inputs=[photo],
                     label="Held-out examples: tap one (its true class is shown with the answer)",
                     examples_per_page=12)
+    if mode.unknown_examples:
+        gr.Examples(examples=[[str(e.path)] for e in mode.unknown_examples], inputs=[photo],
+                    label="Not a fish (generated): the model should say it does not know these",
+                    examples_per_page=6)
     with gr.Accordion("Model details and raw answers", open=False):
         gr.Markdown(mode.model_card_markdown())
         raw = gr.JSON(label="Raw answers (shared response schema)", elem_id=f"{key}-raw")

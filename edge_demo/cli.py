@@ -86,14 +86,14 @@ def _mode_by_labels(path: Path) -> str | None:
         return None  # DemoMode reports a bad source when it loads it
 
 
-def _state_dirs(args: argparse.Namespace, sources: dict[str, Path]) -> list[Path]:
+def _state_dirs(args: argparse.Namespace, sources: list[Path]) -> list[Path]:
     """Where ``fieldid serve start`` may have left a ``server.json`` for these models."""
     if args.serve_state is not None:
         return [args.serve_state]
     from fieldid.serve.server import default_state_dir
 
     dirs = []
-    for path in sources.values():
+    for path in sources:
         try:
             dirs.append(default_state_dir(path))
         except ValueError:
@@ -126,17 +126,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.ca_file is not None and not args.ca_file.is_file():
         raise ValueError(f"--ca-file {args.ca_file} not found")
     sources = assign_modes(args.sources or [], _mode_by_labels)
+    # A stronger server model per mode (--server-run), matched to modes by the same rules.
+    server_sources = assign_modes(args.server_sources, _mode_by_labels) if args.server_sources else {}
+    if set(server_sources) - set(sources):
+        extra = ", ".join(sorted(set(server_sources) - set(sources)))
+        raise ValueError(f"--server-run for mode {extra}, which has no device model (--run)")
     modes = [DemoMode(key, path, precision=args.precision, timeout=args.timeout, threads=args.threads,
                       top_k=args.top_k) for key, path in sources.items()]
-    state_dirs = [] if args.no_server else _state_dirs(args, sources)
-    for m in modes:  # the server's model name is the manifest's, known once the bundle is loaded
-        m.server = _server_for(m.manifest.name, args, state_dirs)
+    for m in modes:  # labels must match, else the server's answers cannot stand in: one line, exit 2
+        if m.key in server_sources:
+            m.use_server_model(server_sources[m.key])
+    state_dirs = [] if args.no_server else _state_dirs(args, [*server_sources.values(), *sources.values()])
+    for m in modes:  # the server's model name is a manifest's, known once the bundles are loaded
+        m.server = _server_for(m.server_model_name, args, state_dirs)
     from .app import build_app, launch_app  # Gradio: seconds to import, so only now
 
     app = build_app(modes)
     summary = {m.key: {"bundle": str(m.bundle_dir), "precision": m.default_precision,
                        "size_mb": round(m.model().size_bytes / 1e6, 2), "examples": len(m.examples),
-                       "server": m.server.url if m.server else None,
+                       "server": m.server.url if m.server else None, "server_model": m.server_model_name,
                        "key_file": str(m.server.key_file) if m.server and m.server.key_file else None}
                for m in modes}
     print(json.dumps({"modes": summary}), flush=True)
@@ -171,6 +179,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "repeatable")
     p.add_argument("--bundle", dest="sources", action=_SourceAction, const="bundle", metavar="[MODE=]DIR", default=None,
                    help="export bundle folder (with manifest.json) feeding a mode; same rules as --run")
+    p.add_argument("--server-run", dest="server_sources", action=_SourceAction, const="server-run",
+                   metavar="[MODE=]RUN", default=None,
+                   help="server model (run or bundle folder, e.g. runs/reef-server) that a mode's fallback asks "
+                        "for instead of its own model; its labels must equal the device model's (checked at "
+                        "start); modes assigned as for --run; repeatable (default: each mode asks for its own model)")
     p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
                    help="on-device ONNX model; auto = int8 when the bundle has it, else fp32 "
                         "(switchable in the app)")

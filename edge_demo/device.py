@@ -153,6 +153,10 @@ class OnDeviceModel:
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._input = self.artifact.input_name
         self._output = self.artifact.output_name
+        # Contract 2: a bundle with an unknown-score detector names that output; older bundles do not.
+        self.unknown_output = self.artifact.unknown_output or ""
+        self.unknown_threshold = (self.manifest.unknown or {}).get("threshold") if self.unknown_output else None
+        self._outputs = [self._output] + ([self.unknown_output] if self.unknown_output else [])
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -177,7 +181,14 @@ class OnDeviceModel:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Raw model output for a preprocessed ``(N, 3, H, W)`` float32 batch."""
-        return self.session.run([self._output], {self._input: x})[0]
+        return self.run(x)[0]
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One ONNX Runtime call: ``(N, C)`` logits and, when the artifact has that output, the
+        ``(N,)`` unknown scores (else ``None``)."""
+        outs = self.session.run(self._outputs, {self._input: x})
+        unknown = np.asarray(outs[1], dtype=np.float32).reshape(len(x)) if self.unknown_output else None
+        return outs[0], unknown
 
     def predict(self, image_bytes: bytes, *, k: int = 3) -> DeviceAnswer:
         """Photo bytes -> calibrated top-``k`` answer (``source="device"``).
@@ -193,12 +204,14 @@ class OnDeviceModel:
         t1 = time.perf_counter()
         x = preprocess(img, self.spec)
         t2 = time.perf_counter()
-        logits = self.logits(x)
+        logits, unknown = self.run(x)
         t3 = time.perf_counter()
         m = self.manifest
         response = prediction(logits[0], m.labels, temperature=m.temperature,
                               fallback_threshold=m.fallback_threshold, model=m.name, version=self.version,
-                              source="device", latency_ms=(t3 - t0) * 1e3, k=k)
+                              source="device", latency_ms=(t3 - t0) * 1e3, k=k,
+                              unknown_score=None if unknown is None else float(unknown[0]),
+                              unknown_threshold=self.unknown_threshold, model_version=m.model_version)
         timings = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3}
         return DeviceAnswer(response=response, precision=self.precision, size_bytes=self.size_bytes,
                             timings_ms={n: round(v, 3) for n, v in timings.items()}, image_size=img.size)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fieldid.export.examples import inside
+from fieldid.export.examples import UNKNOWN_LABEL, inside
 from fieldid.export.manifest import Manifest
 
 from .device import bundle_dir_of
 
-__all__ = ["Example", "DataOrigin", "example_images", "data_origin"]
+__all__ = ["UNKNOWN_LABEL", "Example", "DataOrigin", "example_images", "unknown_examples", "data_origin"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,12 @@ class Example:
     """One example photo and its true class."""
 
     path: Path
-    label: str
+    label: str  # a class, or UNKNOWN_LABEL for a generated non-photo
+
+    @property
+    def unknown(self) -> bool:
+        """True for a generated "not a fish" example: the right answer is "unknown"."""
+        return self.label == UNKNOWN_LABEL
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def data_origin(source: str | Path, manifest: Manifest) -> DataOrigin:
 
 
 def example_images(source: str | Path, manifest: Manifest) -> list[Example]:
-    """The bundle's example photos, in manifest order (classes interleaved at export).
+    """The bundle's held-out example photos, in manifest order (classes interleaved at export).
 
     Args:
         source: the ``--run``/``--bundle`` path the mode was started with.
@@ -62,6 +67,16 @@ def example_images(source: str | Path, manifest: Manifest) -> list[Example]:
         >>> [e.label for e in example_images("runs/salmon", load_manifest("runs/salmon"))]  # doctest: +SKIP
         ['wild', 'farmed', 'wild', 'farmed']
     """
+    return [e for e in _all_examples(source, manifest) if not e.unknown]
+
+
+def unknown_examples(source: str | Path, manifest: Manifest) -> list[Example]:
+    """The bundle's generated "not a fish" examples (label :data:`UNKNOWN_LABEL`): each must come
+    out as unknown. Empty for a bundle without an unknown detector (none are exported)."""
+    return [e for e in _all_examples(source, manifest) if e.unknown]
+
+
+def _all_examples(source: str | Path, manifest: Manifest) -> list[Example]:
     bundle = bundle_dir_of(source)
     out = []
     for i, e in enumerate(manifest.examples):

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from fieldid.export.manifest import Manifest
+from fieldid.export.manifest import Manifest, ManifestError, check_pair, load_manifest
 from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
 from fieldid.intake import ACCEPTED_NAMES
 
 from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
-from .examples import DataOrigin, Example, data_origin, example_images
+from .examples import DataOrigin, Example, data_origin, example_images, unknown_examples
 from .fallback import DEFAULT_TIMEOUT_S, ServerConfig, ServerReply, ask_server
 
 __all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error",
@@ -164,6 +164,9 @@ class DemoMode:
         self.source = Path(source)
         self.bundle_dir = bundle_dir_of(source)
         self.server, self.timeout = server, timeout
+        # The model the server is asked for: this bundle's own name unless a stronger server model
+        # was paired with it (use_server_model, after the label check).
+        self.server_model = ""
         self.threads, self.top_k, self.max_pixels = threads, top_k, max_pixels
         self._models: dict[str, OnDeviceModel] = {}
         # Load the default model now: a broken bundle must fail at start, not at the first photo.
@@ -173,9 +176,12 @@ class DemoMode:
         self.notice = first.notice
         self.precisions = onnx_precisions(self.manifest)
         self.examples: list[Example] = example_images(self.source, self.manifest)
+        # Generated non-photos (bundles with an unknown detector): the right answer is "unknown".
+        self.unknown_examples: list[Example] = unknown_examples(self.source, self.manifest)
         self.origin: DataOrigin = data_origin(self.source, self.manifest)
         # Recognise a clicked example by its bytes, to show its true class beside the answer.
-        self._truth = {hashlib.sha256(e.path.read_bytes()).hexdigest(): e.label for e in self.examples}
+        self._truth = {hashlib.sha256(e.path.read_bytes()).hexdigest(): e.label
+                       for e in self.examples + self.unknown_examples}
 
     @property
     def key(self) -> str:
@@ -227,14 +233,40 @@ class DemoMode:
         if force_server:
             out.asked_because = "you asked"
         elif answer.response["needs_fallback"] and self.server:
-            out.asked_because = "low confidence"
+            out.asked_because = "it is none of the classes it knows" if answer.response["unknown"] else "low confidence"
         return out
+
+    def use_server_model(self, source: str | Path) -> Manifest:
+        """Ask the server for the model of bundle (or run) ``source`` instead of this one's.
+
+        Raises:
+            DemoError: ``source`` is not a readable bundle.
+            fieldid.export.manifest.CascadeError: its labels differ from this mode's (content or
+                order): its answers could not stand in for the device's.
+        """
+        try:
+            server = load_manifest(bundle_dir_of(source))
+        except ManifestError as e:
+            raise DemoError(str(e)) from None
+        check_pair(self.manifest, server)
+        self.server_model = server.name
+        return server
+
+    def unknown_words(self) -> str:
+        """How an unknown answer reads: "Not one of the 9 species I know" (never a species at 100%)."""
+        noun = "species" if self.key == "dive" else "classes"
+        return f"Not one of the {len(self.manifest.labels)} {noun} I know"
+
+    @property
+    def server_model_name(self) -> str:
+        """The model name the server is asked for."""
+        return self.server_model or self.manifest.name
 
     def ask_server(self, image_bytes: bytes) -> ServerReply:
         """The server's answer for this mode's model (never raises; see :func:`ask_server`)."""
         if not self.server:
             return ServerReply(ok=False, message="no server is configured (start the demo with --server URL)")
-        return ask_server(self.server, self.manifest.name, image_bytes, timeout=self.timeout)
+        return ask_server(self.server, self.server_model_name, image_bytes, timeout=self.timeout)
 
     # ---- words ----------------------------------------------------------------------------
 
@@ -279,9 +311,11 @@ class DemoMode:
 
     def _fallback_sentence(self) -> str:
         t = self.manifest.fallback_threshold
-        where = f"the server at {self.server.url}" if self.server else "a server (none configured)"
+        where = (f"the server model `{self.server_model_name}` at {self.server.url}" if self.server
+                 else "a server (none configured)")
+        unknown = " or the photo is none of its classes (its unknown score)" if self.manifest.unknown else ""
         return (f"The model runs **on this device**. When its calibrated confidence is below "
-                f"**{t:.0%}** it asks {where}; you can also press *Ask the server*.")
+                f"**{t:.0%}**{unknown} it asks {where}; you can also press *Ask the server*.")
 
     def model_card_markdown(self) -> str:
         """Sizes, verification and calibration of the on-device models, as a table."""

@@ -36,7 +36,7 @@ from fieldid.training.train import load_run_model
 
 from .formats import FORMAT_NAMES
 from .inputs import ExportInputs, PhoneImages, folder_inputs, load_arrays, run_inputs, samples_index
-from .examples import add_examples
+from .examples import add_examples, add_unknown_examples
 from .manifest import Artifact, Manifest, file_sha256
 from .recipes import RecipeSearch, fidelity
 from .registry import (EXPORTERS, LABEL_READERS, RUNTIMES, ExportError, Runner, converting, load_runtime,
@@ -403,6 +403,7 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         for a in artifacts:
             manifest.set_artifact(a)
         add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
+        add_unknown_examples(manifest, stage)  # and its "not a fish" ones, when there is a detector
         if any(a.verification.get("status") == "structure_only" for a in artifacts):
             manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
                                   "(spec type, input, labels and order, outputs, op set); see each verification")

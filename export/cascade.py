@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from fieldid.training.records import atomic_write_json, atomic_write_text
+from fieldid.records import atomic_write_json, atomic_write_text
 
-from .manifest import Manifest, ManifestError, load_manifest
+from .manifest import CascadeError, Manifest, check_pair, load_manifest
 from .ood_bench import onnx_session, score_images
 from .phone import softmax
 
@@ -34,25 +34,6 @@ __all__ = ["CASCADE_GOALS", "CascadeError", "check_pair", "cascade_bench"]
 
 log = logging.getLogger("fieldid.bench")
 CASCADE_GOALS = {"max_gap_to_server": 0.005, "max_sent": 0.25}
-
-
-class CascadeError(ManifestError):
-    """A device/server pair that cannot be compared or served together."""
-
-
-def check_pair(device: Manifest, server: Manifest) -> None:
-    """Refuse a device/server bundle pair whose labels differ (content or order).
-
-    Raises:
-        CascadeError: one line saying what differs (the serve archive and the demo call this too).
-    """
-    from fieldid.training.distill import LabelsMismatch, check_same_labels
-
-    try:
-        check_same_labels(device.labels, server.labels, device_name=f"device model {device.name!r}",
-                          server_name=f"server model {server.name!r}")
-    except LabelsMismatch as e:
-        raise CascadeError(str(e)) from None
 
 
 def _bundle(run: Path, bundle: str | Path | None) -> tuple[Path, Manifest]:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # only for annotations: the readers below must not import training
     from .manifest import Manifest
 
-__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "inside", "check_entries",
-           "add_examples"]
+__all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_KINDS", "UNKNOWN_EXAMPLES",
+           "inside", "check_entries", "add_examples", "add_unknown_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,16 @@ MAX_TOTAL = 12  # over all classes (the reef set has nine)
 MAX_SIDE = 1280  # longer side of a re-encoded example: sharp on a phone, ~0.3 MB
 COPY_MAX_BYTES = 1_000_000  # larger files are re-encoded
 _SPLITS = ("test", "val")  # held-out splits, preferred first
+# Generated "not a fish" examples, listed with this label, which no class can have (parentheses):
+# the demo shows them as "must be unknown". Only bundles with an unknown detector get them; without
+# one they would read as a species. The kinds are fixed (training.negatives): the colour gradient a
+# user first tried (issue 10), and two textures nothing in a photo of a fish looks like.
+UNKNOWN_LABEL = "(not a fish)"
+UNKNOWN_KINDS = ("gradient", "stripes", "clouds")
+UNKNOWN_EXAMPLES = len(UNKNOWN_KINDS)
+_UNKNOWN_FOLDER = "not-a-fish"
+_UNKNOWN_SEED = 2026  # not the seeds `fieldid bench --ood` and the tests draw from
+_UNKNOWN_SIDE = 320
 _BROWSER_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
@@ -80,8 +90,8 @@ def check_entries(entries: object, labels: list[str], source: str) -> None:
         inside(".", e["file"], what=f"{where}.file")
         if PurePosixPath(e["file"]).parts[0] != EXAMPLES_DIR:
             raise ValueError(f"{where}.file {e['file']!r} must be under {EXAMPLES_DIR}/")
-        if e["label"] not in labels:
-            raise ValueError(f"{where}.label {e['label']!r} is not one of the bundle's labels")
+        if e["label"] not in labels and e["label"] != UNKNOWN_LABEL:
+            raise ValueError(f"{where}.label {e['label']!r} is not one of the bundle's labels (nor {UNKNOWN_LABEL!r})")
 
 
 def _pick(files: dict[str, list[tuple[str, int]]], split_labels: list[str], labels: list[str],
@@ -138,7 +148,8 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
     is not on this machine gets no examples (and a note saying so), never an error.
 
     Args:
-        manifest: the manifest being written; ``examples`` and ``training_data`` are set.
+        manifest: the manifest being written; ``examples`` and ``training_data`` are set. With
+            the generated non-photos come from :func:`add_unknown_examples`.
         run_dir: the run folder (its ``split_file`` names the held-out files).
         stage: the bundle folder being written.
         data_root: the dataset folder, when it is not where ``split.json`` says (``--data``).
@@ -162,3 +173,38 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
     if not entries:
         manifest.notes.append(f"no example photos: the held-out photos under {root} are not on this machine")
     log.info("example photos: %d copied into %s/", len(entries), EXAMPLES_DIR)
+
+
+def add_unknown_examples(manifest: Manifest, stage: str | Path) -> None:
+    """Add the generated non-photos of :data:`UNKNOWN_KINDS` (``stage/examples/not-a-fish/*.png``) to
+    ``manifest.examples``, labelled :data:`UNKNOWN_LABEL`, when the bundle has an unknown detector.
+
+    The demo offers them as "not a fish" examples that must come out as unknown; without a
+    detector (``manifest.unknown == {}``) they would read as a species, so none are added. The
+    bundle writer calls this after :func:`add_examples`. The demo never imports training: the
+    images are files in the bundle, made here by ``fieldid.training.negatives``.
+
+    Example:
+        >>> add_unknown_examples(manifest, stage)  # doctest: +SKIP
+        >>> [e["file"] for e in manifest.examples if e["label"] == UNKNOWN_LABEL]  # doctest: +SKIP
+        ['examples/not-a-fish/gradient.png', 'examples/not-a-fish/stripes.png', 'examples/not-a-fish/clouds.png']
+    """
+    import io
+
+    import numpy as np
+
+    from fieldid.records import atomic_write_bytes
+    from fieldid.training.negatives import generated_unknown
+
+    if not manifest.unknown:
+        return
+    stage = Path(stage)
+    entries = []
+    for i, kind in enumerate(UNKNOWN_KINDS):
+        img = generated_unknown(kind, np.random.default_rng([_UNKNOWN_SEED, i]), _UNKNOWN_SIDE)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        dest = atomic_write_bytes(stage / EXAMPLES_DIR / _UNKNOWN_FOLDER / f"{kind}.png", buf.getvalue())
+        entries.append({"file": dest.relative_to(stage).as_posix(), "label": UNKNOWN_LABEL})
+    manifest.examples = [e for e in manifest.examples if e["label"] != UNKNOWN_LABEL] + entries
+    log.info("example non-photos: %d generated into %s/%s/", len(entries), EXAMPLES_DIR, _UNKNOWN_FOLDER)

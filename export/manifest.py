@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256
+from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256, labels_difference
 
 from .examples import check_entries
 
 __all__ = ["MANIFEST_SCHEMA_VERSION", "FORMATS", "Artifact", "Manifest", "load_manifest", "bundle_dir_of", "ManifestError",
-           "file_sha256", "check_inside_bundle"]
+           "file_sha256", "check_inside_bundle", "CascadeError", "check_pair"]
 
 MANIFEST_SCHEMA_VERSION = 1
 # format name -> file suffix. "pytorch" is the fp32 state dict the server loads.
@@ -183,3 +183,26 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
         if not (bundle_dir / a.file).exists():
             raise ManifestError(f"{bundle_dir}: manifest names {a.file}, which is missing")
     return m
+
+
+class CascadeError(ManifestError):
+    """A device/server pair that cannot be compared or served together."""
+
+
+def check_pair(device: Manifest, server: Manifest) -> None:
+    """Refuse a device/server bundle pair whose labels differ (content or order).
+
+    The server's answer replaces the device's by class index in an app, so the two must list
+    the same classes in the same order. ``serve archive/start --device-run``, ``fieldid demo
+    --server-run`` and ``fieldid bench cascade`` call this; torch-free.
+
+    Raises:
+        CascadeError: one line saying what differs.
+
+    Example:
+        >>> check_pair(load_manifest("runs/reef"), load_manifest("runs/reef-server"))  # doctest: +SKIP
+    """
+    what = labels_difference(device.labels, server.labels, first_name=f"device model {device.name!r}",
+                             second_name=f"server model {server.name!r}")
+    if what:
+        raise CascadeError(what)

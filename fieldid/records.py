@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_json",
     "check_field_types",
     "file_sha256",
+    "labels_difference",
     "load_record",
 ]
 
@@ -97,6 +98,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def labels_difference(first: list[str], second: list[str], *, first_name: str = "device model",
+                      second_name: str = "server model") -> str:
+    """What differs between two models' class labels (content or order); ``""`` when identical.
+
+    The one comparison behind a device/server pair check (training's teacher check, the serve
+    archive, the demo, the cascade bench); it lives here so the torch-free parts can use it.
+
+    Example:
+        >>> labels_difference(["a", "b"], ["a", "c"])
+        'device model and server model labels differ: only in the device model: b; only in the server model: c'
+        >>> labels_difference(["a", "b"], ["a", "b"])
+        ''
+    """
+    if list(first) == list(second):
+        return ""
+    only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    if only_a or only_b:
+        what = (f"only in the {first_name}: {', '.join(only_a) or '-'}; "
+                f"only in the {second_name}: {', '.join(only_b) or '-'}")
+    elif len(first) != len(second):
+        what = f"{len(first)} labels vs {len(second)} (a class listed twice)"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+        what = f"same classes in another order (first difference at index {i}: {first[i]!r} vs {second[i]!r})"
+    return f"{first_name} and {second_name} labels differ: {what}"
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fieldid.export.manifest import Artifact, Manifest, ManifestError, load_manifest
+from fieldid.export.manifest import Artifact, Manifest, ManifestError, check_pair, load_manifest
 from fieldid.export.manifest import bundle_dir_of as find_bundle
 
-__all__ = ["ServeError", "archive_bundle", "build_model_store", "bundle_dir_of", "bundle_version", "served_artifact",
+__all__ = ["ServeError", "archive_bundle", "build_model_store", "check_device_pairs", "bundle_dir_of", "bundle_version", "served_artifact",
            "has_verified", "HANDLER_FILE"]
 
 log = logging.getLogger("fieldid.serve")
@@ -161,12 +161,44 @@ def archive_bundle(bundle: str | Path, store: str | Path) -> Path:
     return target
 
 
-def build_model_store(bundles: list[str | Path], store: str | Path) -> dict[str, Path]:
+def check_device_pairs(bundles: list[str | Path], devices: list[str | Path]) -> None:
+    """Refuse to serve a server model for a device model whose labels differ (content or order).
+
+    ``devices[i]`` is the device model (bundle or run) whose fallback ``bundles[i]`` answers
+    (``--device-run``, in the order of ``--run``): an app maps the server's class indices onto
+    the device's, so one label list must hold for both (:func:`fieldid.export.manifest.check_pair`).
+
+    Raises:
+        ServeError: counts differ, a bundle is unreadable, or labels differ (one line).
+
+    Example:
+        >>> check_device_pairs(["runs/reef-server"], ["runs/reef"])  # doctest: +SKIP
+    """
+    if len(devices) != len(bundles):
+        raise ServeError(f"{len(devices)} device models for {len(bundles)} served models: give one --device-run per "
+                         f"--run, in the same order")
+    try:
+        for served, device in zip(bundles, devices):
+            check_pair(load_manifest(bundle_dir_of(device)), load_manifest(bundle_dir_of(served)))
+    except ManifestError as e:
+        raise ServeError(str(e)) from None
+
+
+def build_model_store(bundles: list[str | Path], store: str | Path, *,
+                      devices: list[str | Path] | None = None) -> dict[str, Path]:
     """Archive several bundles into one model store; names must be unique.
+
+    Args:
+        bundles: the bundles (or runs) to serve.
+        store: the model-store folder.
+        devices: the device models they answer for, one per bundle (:func:`check_device_pairs`);
+            checked before anything is written.
 
     Returns:
         ``{model name: .mar path}`` in the given order.
     """
+    if devices:
+        check_device_pairs(bundles, devices)
     out: dict[str, Path] = {}
     for b in bundles:
         name = load_manifest(bundle_dir_of(b)).name

@@ -28,7 +28,7 @@ def _cmd_archive(args: argparse.Namespace) -> int:
     from .archive import build_model_store
 
     store = args.out or Path(_state_dir(args)) / "model-store"
-    mars = build_model_store(_bundles(args), store)
+    mars = build_model_store(_bundles(args), store, devices=args.device_run)
     for name, path in mars.items():
         print(f"{name}: {path}")
     print(json.dumps({"model_store": str(store), "models": {k: str(v) for k, v in mars.items()}}))
@@ -53,6 +53,10 @@ def _options(args: argparse.Namespace) -> dict:
 def _cmd_start(args: argparse.Namespace) -> int:
     from fieldid.api import serve
 
+    if args.device_run:  # before anything starts: a server that answers with other labels is refused
+        from .archive import check_device_pairs
+
+        check_device_pairs(_bundles(args), args.device_run)
     st = serve(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
     for name, info in st.models.items():
         print(f"serving {name} (version {info['version']}): {st.prediction_url(name)}")
@@ -138,9 +142,13 @@ def _cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_targets(p: argparse.ArgumentParser) -> None:
+def _add_targets(p: argparse.ArgumentParser, with_devices: bool = False) -> None:
     p.add_argument("--run", type=Path, action="append", help="run directory whose export/ bundle to serve (repeatable)")
     p.add_argument("--bundle", type=Path, action="append", help="export bundle directory (repeatable)")
+    if with_devices:
+        p.add_argument("--device-run", type=Path, action="append", default=None, metavar="RUN",
+                       help="device model (run or bundle) whose fallback the served model answers, one per --run/--bundle "
+                            "in the same order; their labels must be identical (default: not checked)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where the server keeps config, model store, logs, key file (default: RUN/serve of the first "
                         "run; stop/status/rotate-key without it act on every server started with a given run)")
@@ -156,13 +164,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     a = ssub.add_parser("archive", help="build <name>.mar files (torch-model-archiver) into a model store",
                         formatter_class=HelpFormatter)
-    _add_targets(a)
+    _add_targets(a, with_devices=True)
     a.add_argument("--out", type=Path, default=None, help="model store folder (default: STATE_DIR/model-store)")
     a.set_defaults(func=_cmd_archive)
 
     s = ssub.add_parser("start", help="start TorchServe; returns when every model's workers are READY",
                         formatter_class=HelpFormatter)
-    _add_targets(s)
+    _add_targets(s, with_devices=True)
     s.add_argument("--host", default=d.host,
                    help="address of the inference API (management, metrics and gRPC always stay on 127.0.0.1)")
     s.add_argument("--port", type=int, default=d.port, help="inference API port")

@@ -25,7 +25,7 @@ from helpers import malformed_exif_jpeg, png_header
 
 from fieldid.edge_demo.cli import _mode_by_labels, assign_modes
 from fieldid.edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
-from fieldid.edge_demo.examples import data_origin, example_images
+from fieldid.edge_demo.examples import UNKNOWN_LABEL, data_origin, example_images
 from fieldid.edge_demo.fallback import ServerConfig, ask_server, find_server
 from fieldid.edge_demo.modes import MAX_FILE_BYTES, DemoMode, mode_for_labels, pretty_label
 from fieldid.export.manifest import Artifact, load_manifest
@@ -219,7 +219,7 @@ def test_a_symlinked_example_is_not_followed_out_of_the_bundle(tiny_bundle: Path
     first.unlink()
     first.symlink_to(outside)
     assert [e.path for e in example_images(bundle, manifest)] == \
-        [bundle / e["file"] for e in manifest.examples[1:]]
+        [bundle / e["file"] for e in manifest.examples[1:] if e["label"] != UNKNOWN_LABEL]  # held-out ones
 
 
 def test_export_copies_examples_small_upright_and_browser_ready(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> Non
         assert max(abs(got[i] - ref[i]) for i in got) < 1e-3
         assert ans["top_k"][0]["index"] == int(ref.argmax())
         assert ans["source"] == "device" and ans["latency_ms"] > 0
-        assert ans["needs_fallback"] == (ans["confidence"] < dive.manifest.fallback_threshold)
+        assert ans["needs_fallback"] == (ans["unknown"] or ans["confidence"] < dive.manifest.fallback_threshold)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
@@ -459,18 +459,22 @@ def test_low_confidence_asks_the_server_by_itself(served_tiny, tiny_bundle: Path
     """Threshold 1.0: every answer is "unsure", so the server is asked; threshold 0.0: never."""
     server = ServerConfig(served_tiny.base_url, served_tiny.key_file)
     strict = _bundle_with_threshold(tiny_bundle, tmp_path / "strict", 1.0)
-    out = DemoMode("shop", strict, server=server).identify(_png())
+    # A held-out photo the detector accepts (a flat colour is "unknown": asked for that reason instead).
+    plain = DemoMode("shop", tiny_bundle)
+    photo = next(e.path.read_bytes() for e in plain.examples
+                 if not plain.identify(e.path.read_bytes()).device.response["unknown"])
+    out = DemoMode("shop", strict, server=server).identify(photo)
     assert out.device.response["needs_fallback"] and out.asked_because == "low confidence"
     assert out.server.ok and out.server.response["top_k"]
     # Same photo, same running server, a threshold every answer clears: the server is not asked.
     lax = _bundle_with_threshold(tiny_bundle, tmp_path / "lax", 0.0)
-    out = DemoMode("shop", lax, server=server).identify(_png())
+    out = DemoMode("shop", lax, server=server).identify(photo)
     assert not out.device.response["needs_fallback"] and out.asked_because == "" and out.server is None
     # Unsure but no server configured: nothing is asked, and the user is told why.
     from fieldid.edge_demo.app import _device_text
 
     mode = DemoMode("shop", strict, server=None)
-    out = mode.identify(_png())
+    out = mode.identify(photo)
     assert out.device.response["needs_fallback"] and out.asked_because == "" and out.server is None
     assert "No server configured to ask" in _device_text(mode, out)
 
@@ -513,10 +517,16 @@ def test_app_identifies_in_each_mode(demo_app, key: str) -> None:
         label, device_text, server_label, server_text, raw = _call(client, f"/{key}_identify", e.path, "fp32")
         expected = mode.identify(e.path.read_bytes(), "fp32").device.response
         assert raw["device"]["top_k"] == expected["top_k"]
-        assert label["label"] == pretty_label(expected["top_k"][0]["label"])
+        if expected["unknown"]:  # the toy model's detector flags some held-out photos: words, no class
+            assert label["label"] == mode.unknown_words()
+        else:
+            assert label["label"] == pretty_label(expected["top_k"][0]["label"])
         assert "on this device ·" in device_text and "fp32 ONNX" in device_text and "MB" in device_text
         assert raw["true_label"] == e.label and "Held-out example" in device_text
-        if expected["needs_fallback"]:  # the fixture's server is down
+        if expected["unknown"]:
+            assert "Server unavailable" in server_text
+            assert raw["asked_server_because"] == "it is none of the classes it knows"
+        elif expected["needs_fallback"]:  # the fixture's server is down
             assert "Server unavailable" in server_text and raw["asked_server_because"] == "low confidence"
         else:
             assert "Not asked" in server_text and raw["server"] is None

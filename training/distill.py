@@ -55,16 +55,11 @@ def check_same_labels(device: list[str], server: list[str], *, device_name: str 
         ...
         fieldid.training.distill.LabelsMismatch: device model and server model labels differ: same classes in another order (first difference at index 0: 'a' vs 'b')
     """
-    if list(device) == list(server):
-        return
-    only_d, only_s = sorted(set(device) - set(server)), sorted(set(server) - set(device))
-    if only_d or only_s:
-        what = (f"only in the {device_name}: {', '.join(only_d) or '-'}; "
-                f"only in the {server_name}: {', '.join(only_s) or '-'}")
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(device, server)) if a != b)
-        what = f"same classes in another order (first difference at index {i}: {device[i]!r} vs {server[i]!r})"
-    raise LabelsMismatch(f"{device_name} and {server_name} labels differ: {what}")
+    from fieldid.records import labels_difference
+
+    what = labels_difference(device, server, first_name=device_name, second_name=server_name)
+    if what:
+        raise LabelsMismatch(what)
 
 
 def distill_loss(hard_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, *, weight: float,
