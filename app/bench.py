@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fieldid.records import atomic_write_json
+from fieldid.machine import describe_machine
 
 __all__ = ["RATIO_GOAL", "bench_app", "bench_photos", "main"]
 
@@ -163,6 +164,7 @@ def bench_app(source: str | Path, *, photos: int = 50, out: Path | None = None,
     out = Path(out) if out else bundle.parent / "bench" / "app.json"
     atomic_write_json(out, result)
     print(f"results: {out}")
+    print(describe_machine())
     return result
 
 

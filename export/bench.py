@@ -423,17 +423,9 @@ def _chart(rows: list[BenchRow], title: str) -> bytes:
 
 
 def _machine() -> str:
-    import platform
+    from fieldid.machine import describe_machine
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {cpu}, {os.cpu_count()} logical cores visible"
+    return describe_machine()
 
 
 # --------------------------------------------------------------------------- main

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from fieldid.machine import describe_machine
 
 __all__ = ["export_stats_table", "main", "PEAK_RSS_GOAL_MB"]
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = json.loads((bundle / "manifest.json").read_text()).get("export_stats", {})
         results.append({"info": _run_info(run), "stats": stats})
     print(export_stats_table(results))
+    print(describe_machine())
     return 0
 
 

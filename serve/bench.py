@@ -38,6 +38,7 @@ from fieldid.records import atomic_write_json
 from .archive import bundle_dir_of
 from .client import ServeClient
 from .server import ServeOptions, default_state_dir, start_server, stop_server
+from fieldid.machine import describe_machine
 
 __all__ = ["bench_serve", "main", "OVERHEAD_GOAL_PCT", "HANDLER_GOAL_X", "AB_ADDED_GOAL_MS"]
 
@@ -310,6 +311,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
     photos = _photos(images)
     load0 = round(os.getloadavg()[0], 2)  # other work on the machine skews every number: record it
     print(f"bench: {bundle}, {len(photos)} images, {requests} requests per row, {threads} thread(s)", flush=True)
+    print(f"bench: {describe_machine()}", flush=True)
 
     dev, prec = _same_settings(device, precision, bundle)
     engine = ClassifierEngine.from_bundle(bundle, threads=threads, device=dev, precision=prec)

@@ -1,0 +1,49 @@
+"""What a benchmark ran on: CPU model, cores and the instruction-set features its numbers depend on.
+
+int8 and bf16 speed-ups differ by an order of magnitude between a CPU with AVX-512 VNNI / bf16 /
+AMX and one with only AVX2, so every benchmark table prints this line instead of a hard-coded one.
+Torch-free and stdlib-only.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["cpu_features", "describe_machine"]
+
+# /proc/cpuinfo flags that decide int8 / bf16 kernel speed, in the order they are printed.
+_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: the model name from platform is all there is
+        pass
+    return model, flags
+
+
+def cpu_features() -> list[str]:
+    """The int8/bf16-relevant features this CPU reports (``[]`` where /proc/cpuinfo is absent).
+
+    Example:
+        >>> set(cpu_features()) <= set(_FEATURES)
+        True
+    """
+    _, flags = _cpuinfo()
+    return [f for f in _FEATURES if f in flags]
+
+
+def describe_machine() -> str:
+    """One line for a benchmark table, e.g. ``CPU: AMD EPYC 9B14, 2 logical cores; features: avx2 avx512f ...``."""
+    model, _ = _cpuinfo()
+    features = cpu_features()
+    return (f"CPU: {model}, {os.cpu_count()} logical cores visible; int8/bf16 features: "
+            f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}")
