@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -382,6 +383,9 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
                 "--batch-size", "16", "--no-hue")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "image size: --image-size 48 px (explicit)" in r.stderr  # the size rule's decision is logged
+    # Output to a pipe, not a terminal: the fine-tuning epochs show counted lines (rich's bar stays blank).
+    assert re.search(r"epoch 2/2: batch \d+/\d+ \(\d+ s\)", r.stderr), r.stderr[-2000:]
+    assert re.search(r"epoch 2/2: val_acc [\d.]+, val_loss [\d.]+, val_macro_f1 [\d.]+", r.stderr), r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["test_accuracy"] is not None
     r = run_cli("evaluate", "--run", out, "--data", shapes_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import lightning as L
 import torch
@@ -123,3 +124,42 @@ class Classifier(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [backbone_lr, head_lr])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class LogProgress(L.Callback):
+    """Counted progress lines for the fine-tuning epochs when no terminal shows Lightning's bar.
+
+    Lightning's default bar is rich's when rich is installed, and rich draws nothing until the end
+    when the output goes to a file or pipe: a logged ``make train`` sat silent for minutes per run.
+    This logs each epoch's batches in quarters and, at the epoch's end, its val metrics.
+    """
+
+    def __init__(self, log, epoch_offset: int = 0, total_epochs: int | None = None) -> None:
+        self._log = log
+        self._offset = epoch_offset  # head-phase epochs run before Lightning's first epoch
+        self._total = total_epochs
+        self._t = 0.0
+
+    def _epoch(self, trainer: L.Trainer) -> str:
+        total = self._total if self._total is not None else trainer.max_epochs + self._offset
+        return f"epoch {trainer.current_epoch + 1 + self._offset}/{total}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        n = trainer.num_training_batches
+        if not math.isfinite(n):
+            return
+        n = int(n)
+        if (batch_idx + 1) % max(1, math.ceil(n / 4)) == 0 or batch_idx + 1 == n:
+            self._log.info("%s: batch %d/%d (%.0f s)", self._epoch(trainer), batch_idx + 1, n,
+                           time.monotonic() - self._t)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning validates before this hook, and the module's own epoch-end hook (which logs the
+        # val metrics) runs after the callbacks' validation hooks: here they are all in.
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()))
+        self._log.info("%s: %s (%.0f s)", self._epoch(trainer), shown or "validated", time.monotonic() - self._t)

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -581,7 +582,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from .module import Classifier
+    from .module import Classifier, LogProgress
 
     t0 = time.time()
     history: list[dict[str, str]] = []  # log rows of the epochs a resumed checkpoint already holds
@@ -687,10 +688,14 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     last_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
                               enable_version_counter=False)
     early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
+    # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
+    tty = sys.stdout.isatty()
+    progress = [] if tty else [LogProgress(log, epoch_offset=cfg.epochs - fit_cfg.epochs, total_epochs=cfg.epochs)]
     trainer = _make_trainer(
         max_epochs=fit_cfg.epochs, min_epochs=min(fit_cfg.epochs, fit_cfg.head_epochs + 1),
         accelerator=cfg.accelerator, devices=_devices(cfg), strategy=_strategy(fit_cfg), num_nodes=cfg.num_nodes,
-        precision=precision, logger=loggers, callbacks=[ckpt_cb, last_cb, early, *(callbacks or [])],
+        precision=precision, logger=loggers, callbacks=[ckpt_cb, last_cb, early, *progress, *(callbacks or [])],
+        enable_progress_bar=tty,
         plugins=[_atomic_checkpoint_io()], deterministic=False, log_every_n_steps=1,
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
         default_root_dir=str(out),
