@@ -19,6 +19,7 @@ from fixtures_serve import *  # noqa: F401,F403,E402
 from fixtures_export import *  # noqa: F401,F403,E402
 from fixtures_edge_demo import *  # noqa: F401,F403,E402
 from fixtures_scaleout import *  # noqa: F401,F403,E402
+from fixtures_browser import *  # noqa: F401,F403,E402
 
 
 @pytest.fixture(scope="session")

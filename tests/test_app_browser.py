@@ -31,8 +31,6 @@ pytestmark = [pytest.mark.browser,
                                  reason="onnxruntime-web not installed: run `make app-deps` (npm ci in app/)")]
 
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "app"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 # A mid-size Android phone: viewport, touch, device scale, mobile user agent.
 PHONE: dict[str, Any] = {
     "viewport": {"width": 393, "height": 851}, "screen": {"width": 393, "height": 851}, "device_scale_factor": 2.75,
@@ -107,19 +105,6 @@ def assert_matches_python(shown: dict[str, Any], probs: np.ndarray, labels: list
 
 
 # ---------- browser and page helpers ----------
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (`make test` installs it: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 class AppPage:

@@ -17,25 +17,10 @@ from fieldid.edge_demo.modes import pretty_label
 pytestmark = pytest.mark.browser
 
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "edge_demo"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1100, "height": 1000}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (`make test` installs it: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _open(browser, url: str, viewport: dict) -> tuple[object, list[str]]:
