@@ -239,11 +239,24 @@ def erfinv_backbone():
 
 
 def test_a_model_the_format_cannot_express(capsys, tiny_run: Path, tmp_path: Path, erfinv_backbone: str) -> None:
-    run = copy_run(tiny_run, tmp_path / "run", backbone=erfinv_backbone)
+    # Another network in the run: the tiny run's unknown detector was fitted on MobileNetV2 features, so
+    # this run carries none (the next test covers a detector that does not fit).
+    run = copy_run(tiny_run, tmp_path / "run", backbone=erfinv_backbone, unknown={})
+    (run / "unknown.pth").unlink(missing_ok=True)
     torch.save(create_model(erfinv_backbone, 3, pretrained=False).state_dict(), run / "model.pth")
     code, _, err = _main(capsys, "export", "--run", str(run), "--formats", "onnx")
     line = _one_error_line(err)
     assert code == 2 and "cannot be expressed in onnx" in line and "erf_inv" in line
+    assert not (run / "export").exists()
+
+
+def test_a_detector_fitted_on_another_model_is_one_line(capsys, tiny_run: Path, tmp_path: Path,
+                                                        erfinv_backbone: str) -> None:
+    run = copy_run(tiny_run, tmp_path / "run", backbone=erfinv_backbone)
+    torch.save(create_model(erfinv_backbone, 3, pretrained=False).state_dict(), run / "model.pth")
+    code, _, err = _main(capsys, "export", "--run", str(run), "--formats", "onnx")
+    line = _one_error_line(err)
+    assert code == 2 and "unknown.pth was fitted on 1280-dim features but model.pth gives 8" in line, line
     assert not (run / "export").exists()
 
 

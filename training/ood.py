@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import classifier_modules
+from .models import ModelError, classifier_modules
 from .records import RunRecord, atomic_write_bytes
 
 __all__ = [
@@ -325,7 +325,17 @@ def load_detector(run_dir: str | Path, record: RunRecord) -> UnknownDetector | N
 def scored_model(run_dir: str | Path, record: RunRecord, model: nn.Module) -> nn.Module:
     """``ScoredModel(model, detector)`` when the run has a detector, else ``model`` unchanged."""
     det = load_detector(run_dir, record)
-    return model if det is None else ScoredModel(model, det).eval()
+    if det is None:
+        return model
+    _, head = split_head(model)
+    if head.in_features != det.feature_dim:
+        # A detector fitted on another network's features (model.pth replaced, a copied run): its
+        # matmuls would fail deep inside an exporter; say which files disagree instead.
+        raise ModelError(f"{Path(run_dir) / record.unknown.get('file', UNKNOWN_FILE)} was fitted on "
+                         f"{det.feature_dim}-dim features but model.pth gives {head.in_features}: the detector "
+                         f"belongs to another model (retrain, or refit it with "
+                         f"fieldid.training.ood.refit_run_detector)")
+    return ScoredModel(model, det).eval()
 
 
 def model_version(run_dir: str | Path, record: RunRecord) -> str:
