@@ -327,15 +327,15 @@ def scored_model(run_dir: str | Path, record: RunRecord, model: nn.Module) -> nn
     det = load_detector(run_dir, record)
     if det is None:
         return model
-    _, head = split_head(model)
-    if head.in_features != det.feature_dim:
+    scored = ScoredModel(model, det)  # split_head detaches the head from model: split once
+    if scored.head.in_features != det.feature_dim:
         # A detector fitted on another network's features (model.pth replaced, a copied run): its
         # matmuls would fail deep inside an exporter; say which files disagree instead.
         raise ModelError(f"{Path(run_dir) / record.unknown.get('file', UNKNOWN_FILE)} was fitted on "
-                         f"{det.feature_dim}-dim features but model.pth gives {head.in_features}: the detector "
+                         f"{det.feature_dim}-dim features but model.pth gives {scored.head.in_features}: the detector "
                          f"belongs to another model (retrain, or refit it with "
                          f"fieldid.training.ood.refit_run_detector)")
-    return ScoredModel(model, det).eval()
+    return scored.eval()
 
 
 def model_version(run_dir: str | Path, record: RunRecord) -> str:
