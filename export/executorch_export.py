@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .recipes import RecipeSearch
-from .registry import (Runner, converting, quiet_third_party, register_exporter, register_label_reader,
+from .registry import (PTE_BATCH, Runner, converting, quiet_third_party, register_exporter, register_label_reader,
                        register_runtime, run_batched)
 from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
@@ -40,7 +40,7 @@ __all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_th
 log = logging.getLogger("fieldid.export")
 # Batch 1, fixed: what an app runs. A dynamic batch dimension makes lowering the int8 graph
 # ~1.7x slower (symbolic shapes through every pass) and plans memory for the largest batch.
-MAX_BATCH = 1
+MAX_BATCH = PTE_BATCH  # registry.PTE_BATCH: unknown.py reads it without importing this module
 _EVAL_BATCH = 32  # calibration / selection batches of the (dynamic) PT2E graph in PyTorch
 _CONSTANTS = ("fieldid_labels", "fieldid_preprocess", "fieldid_temperature", "fieldid_fallback_threshold")
 

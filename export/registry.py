@@ -87,6 +87,10 @@ def load_runtime(path: str | Path, format: str, *, threads: int = 0) -> Runner:
     return RUNTIMES[format](Path(path), threads)
 
 
+# ExecuTorch programs are lowered with a static batch of one (executorch_export.MAX_BATCH).
+PTE_BATCH = 1
+
+
 def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
     """``fn`` over ``x`` in chunks of at most ``batch`` (runtimes have a maximum batch size)."""
     return np.concatenate([np.asarray(fn(np.ascontiguousarray(x[i:i + batch])), dtype=np.float32)

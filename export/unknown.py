@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from fieldid.training.negatives import generated_unknowns
 
-from .bundle import ExportContext, converting, run_batched
+from .registry import PTE_BATCH, converting, run_batched
+
+if TYPE_CHECKING:  # verify.py imports this module; the context is only an annotation here
+    from .verify import ExportContext
 from .phone import preprocess
 
 __all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "score_only_nodes",
@@ -84,9 +87,7 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
     elif format == "executorch":
         from executorch.runtime import Runtime
 
-        from .executorch_export import MAX_BATCH
-
-        batch = MAX_BATCH  # .pte files have a fixed batch size
+        batch = PTE_BATCH  # .pte files have a fixed batch size
         method = Runtime.get().load_program(path).load_method("forward")
         run = lambda b: method.execute([torch.from_numpy(b)])[1].numpy()  # noqa: E731
     elif format == "torchscript":
