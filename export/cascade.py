@@ -51,14 +51,16 @@ def _test_split(run: Path) -> tuple[list[Path], list[int], str]:
 
 
 def cascade_bench(device_run: str | Path, server_run: str | Path, *, device_bundle: str | Path | None = None,
-                  server_bundle: str | Path | None = None, out: str | Path | None = None,
-                  limit: int | None = None) -> dict[str, Any]:
+                  server_bundle: str | Path | None = None, alone_run: str | Path | None = None,
+                  out: str | Path | None = None, limit: int | None = None) -> dict[str, Any]:
     """Measure device alone / server alone / cascade; write ``cascade.json`` and ``cascade.md``.
 
     Args:
         device_run: the device model's run (its bundle's int8 ONNX model answers first).
         server_run: the server model's run (its bundle's fp32 ONNX model answers the rest).
         device_bundle / server_bundle: bundles (default ``RUN/export``).
+        alone_run: the same device model trained *without* the teacher (its ``export/`` bundle):
+            adds its rows, alone and in the cascade, so the table shows what distillation buys.
         out: output folder (default ``DEVICE_RUN/bench``).
         limit: use at most this many held-out images (quick runs).
 
@@ -73,47 +75,80 @@ def cascade_bench(device_run: str | Path, server_run: str | Path, *, device_bund
     s_path, s_man = _bundle(server_run, server_bundle)
     check_pair(d_man, s_man)
     paths, targets, which = _test_split(device_run)
-    s_paths, _, _ = _test_split(server_run)
-    if sorted(map(str, paths)) != sorted(map(str, s_paths)):
-        raise CascadeError(f"{device_run} and {server_run} hold out different images; train both on the same "
-                           f"dataset with the same seed (or the server may have trained on the device's test photos)")
+    heldout = list(paths)
+    _check_same_heldout(device_run, heldout, server_run)
     if limit:
         paths, targets = paths[:limit], targets[:limit]
-    d_art, s_art = d_man.find("onnx", "int8"), s_man.find("onnx", "fp32")
-    dev = score_images(onnx_session(d_path / d_art.file), paths, d_man.preprocess_spec, f"device {d_art.file}")
+    s_art = s_man.find("onnx", "fp32")
     srv = score_images(onnx_session(s_path / s_art.file), paths, s_man.preprocess_spec, f"server {s_art.file}")
-    if dev["kept"] != srv["kept"]:
-        raise CascadeError("device and server could not read the same images")
-    y = np.asarray(targets)[dev["kept"]]
-    d_pred, s_pred = dev["logits"].argmax(1), srv["logits"].argmax(1)
-    conf = softmax(dev["logits"], d_man.temperature).max(1)
-    unknown = (dev["unknown_score"] > float(d_man.unknown["threshold"])) if (
-        dev["unknown_score"] is not None and d_man.unknown) else np.zeros(len(y), bool)
-    sent = unknown | (conf < d_man.fallback_threshold)
-    c_pred = np.where(sent, s_pred, d_pred)
-    d_lat, s_lat = float(dev["latency_ms"].mean()), float(srv["latency_ms"].mean())
-    acc = {k: float((p == y).mean()) for k, p in (("device", d_pred), ("server", s_pred), ("cascade", c_pred))}
+    y = np.asarray(targets)[srv["kept"]]
+    s_pred, s_lat = srv["logits"].argmax(1), float(srv["latency_ms"].mean())
+    dev = _device_side(d_path, d_man, paths, srv["kept"], s_pred, s_lat, y)
     rows = [
-        {"answer": f"device alone ({d_man.backbone}, {d_art.file})", "accuracy": acc["device"], "sent": 0.0,
-         "latency_ms": d_lat},
-        {"answer": f"server alone ({s_man.backbone}, {s_art.file})", "accuracy": acc["server"], "sent": 1.0,
-         "latency_ms": s_lat},
-        {"answer": "cascade (device, server when needs_fallback)", "accuracy": acc["cascade"],
-         "sent": float(sent.mean()), "latency_ms": d_lat + float(sent.mean()) * s_lat},
+        {"answer": f"device alone ({d_man.backbone}, {dev['file']})", "accuracy": dev["accuracy"], "sent": 0.0,
+         "latency_ms": dev["latency_ms"]},
+        {"answer": f"server alone ({s_man.backbone}, {s_art.file})", "accuracy": float((s_pred == y).mean()),
+         "sent": 1.0, "latency_ms": s_lat},
+        {"answer": "cascade (device, server when needs_fallback)", "accuracy": dev["cascade_accuracy"],
+         "sent": dev["sent"], "latency_ms": dev["cascade_latency_ms"]},
     ]
-    gap = acc["server"] - acc["cascade"]
+    alone = None
+    if alone_run is not None:
+        alone_run = Path(alone_run)
+        a_path, a_man = _bundle(alone_run, None)
+        check_pair(a_man, s_man)
+        _check_same_heldout(device_run, heldout, alone_run)
+        alone = _device_side(a_path, a_man, paths, srv["kept"], s_pred, s_lat, y)
+        rows += [
+            {"answer": f"device trained without the teacher ({alone['file']})", "accuracy": alone["accuracy"],
+             "sent": 0.0, "latency_ms": alone["latency_ms"]},
+            {"answer": "cascade with it", "accuracy": alone["cascade_accuracy"], "sent": alone["sent"],
+             "latency_ms": alone["cascade_latency_ms"]},
+        ]
+    gap = rows[1]["accuracy"] - dev["cascade_accuracy"]
     goals = {"cascade_within_0.5pt_of_server": bool(gap <= CASCADE_GOALS["max_gap_to_server"] + 1e-12),
-             "sent_at_most_25pct": bool(sent.mean() <= CASCADE_GOALS["max_sent"])}
-    table = _table(rows, goals, gap, len(y), which, d_man, int(unknown.sum()))
+             "sent_at_most_25pct": bool(dev["sent"] <= CASCADE_GOALS["max_sent"])}
+    distillation = _distillation(device_run)
+    if alone is not None:
+        distillation = {**distillation, "alone_run": str(alone_run.resolve()),
+                        "device_accuracy_gain": dev["accuracy"] - alone["accuracy"],
+                        "cascade_accuracy_gain": dev["cascade_accuracy"] - alone["cascade_accuracy"],
+                        "sent_change": dev["sent"] - alone["sent"]}
+    table = _table(rows, goals, gap, len(y), which, d_man, dev["unknown"], distillation if alone else None)
     report = {"device_run": str(device_run.resolve()), "server_run": str(server_run.resolve()), "split": which,
-              "images": int(len(y)), "rows": rows, "sent_unknown": int(unknown.sum()),
-              "sent_low_confidence": int((sent & ~unknown).sum()), "fallback_threshold": d_man.fallback_threshold,
+              "images": int(len(y)), "rows": rows, "sent_unknown": dev["unknown"],
+              "sent_low_confidence": dev["low_confidence"], "fallback_threshold": d_man.fallback_threshold,
               "unknown_threshold": d_man.unknown.get("threshold"), "gap_to_server": gap, "goals": goals,
-              "distillation": _distillation(device_run), "table": table}
+              "distillation": distillation, "table": table}
     out = Path(out) if out else device_run / "bench"
     atomic_write_json(out / "cascade.json", report)
     atomic_write_text(out / "cascade.md", "```\n" + table + "\n```\n")
     return report
+
+
+def _check_same_heldout(device_run: Path, paths: list[Path], other_run: Path) -> None:
+    if sorted(map(str, paths)) != sorted(map(str, _test_split(other_run)[0])):
+        raise CascadeError(f"{device_run} and {other_run} hold out different images; train both on the same "
+                           f"dataset with the same seed (or the server may have trained on the device's test photos)")
+
+
+def _device_side(path: Path, man: Manifest, paths: list[Path], kept: Any, s_pred: np.ndarray, s_lat: float,
+                 y: np.ndarray) -> dict[str, Any]:
+    """A device bundle's int8 ONNX model alone and in the cascade, at the thresholds it records."""
+    art = man.find("onnx", "int8")
+    dev = score_images(onnx_session(path / art.file), paths, man.preprocess_spec, f"device {art.file}")
+    if list(dev["kept"]) != list(kept):
+        raise CascadeError("device and server could not read the same images")
+    d_pred = dev["logits"].argmax(1)
+    conf = softmax(dev["logits"], man.temperature).max(1)
+    unknown = (dev["unknown_score"] > float(man.unknown["threshold"])) if (
+        dev["unknown_score"] is not None and man.unknown) else np.zeros(len(y), bool)
+    sent = unknown | (conf < man.fallback_threshold)
+    d_lat = float(dev["latency_ms"].mean())
+    return {"file": art.file, "accuracy": float((d_pred == y).mean()),
+            "cascade_accuracy": float((np.where(sent, s_pred, d_pred) == y).mean()), "sent": float(sent.mean()),
+            "latency_ms": d_lat, "cascade_latency_ms": d_lat + float(sent.mean()) * s_lat,
+            "unknown": int(unknown.sum()), "low_confidence": int((sent & ~unknown).sum())}
 
 
 def _distillation(run: Path) -> dict[str, Any]:
@@ -124,12 +159,17 @@ def _distillation(run: Path) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]], goals: dict[str, bool], gap: float, n: int, which: str, d_man: Manifest,
-           unknown: int) -> str:
+           unknown: int, distillation: dict[str, Any] | None = None) -> str:
     lines = [f"cascade on the {which} split ({n} images): device answers unless unknown or confidence < "
              f"{d_man.fallback_threshold:.2f}",
              f"{'answer':<58} {'accuracy':>8} {'sent':>6} {'mean ms/answer':>15}"]
     for r in rows:
         lines.append(f"{r['answer']:<58} {r['accuracy']:>8.2%} {r['sent']:>6.1%} {r['latency_ms']:>15.2f}")
-    lines += [f"sent as unknown: {unknown}; cascade is {gap * 100:+.2f} pt below the server",
+    lines.append(f"sent as unknown: {unknown}; cascade is {gap * 100:+.2f} pt below the server")
+    if distillation:
+        lines.append(f"distillation (weight {distillation.get('weight')}, T {distillation.get('temperature')}) "
+                     f"buys: device {distillation['device_accuracy_gain'] * 100:+.2f} pt, cascade "
+                     f"{distillation['cascade_accuracy_gain'] * 100:+.2f} pt, sent {distillation['sent_change'] * 100:+.1f} pt")
+    lines += [
               "goals: " + "; ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items())]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from fieldid.api import export
 
     m = export(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
-               calibration_size=args.calibration_size, data=args.data).manifest
+               calibration_size=args.calibration_size, data=args.data, int8=not args.no_int8).manifest
     for a in m.artifact_list():
         v = a.verification
         detail = ""
@@ -38,7 +38,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.server_run is None:
             raise ValueError("bench cascade needs --server-run SERVER_RUN")
         r = cascade_bench(args.run, args.server_run, device_bundle=args.bundle, server_bundle=args.server_bundle,
-                          out=args.out, limit=args.limit)
+                          alone_run=args.alone_run, out=args.out, limit=args.limit)
         print(r["table"])
         print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["cascade.json", "cascade.md"],
                           "goals": r["goals"]}))
@@ -83,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training images used to calibrate the int8 models (streamed; the run keeps 400)")
     p.add_argument("--data", type=Path, default=None,
                    help="read images from this dataset folder instead of the run's stored samples (RUN/samples)")
+    p.add_argument("--no-int8", action="store_true",
+                   help="fp32 artifacts only (fp16 for Core ML): for a server model, which runs fp32 -- skips "
+                        "the int8 calibration and recipe search")
     p.set_defaults(func=_cmd_export)
 
     b = sub.add_parser(
@@ -99,6 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--run", type=Path, required=True, help="run directory whose bundle is benchmarked")
     b.add_argument("--server-run", type=Path, default=None, help="cascade: the server model's run directory")
     b.add_argument("--server-bundle", type=Path, default=None, help="cascade: server bundle (default: SERVER_RUN/export)")
+    b.add_argument("--alone-run", type=Path, default=None,
+                   help="cascade: the same device model trained without --teacher; adds its rows, so the table "
+                        "shows what distillation buys")
     b.add_argument("--data", type=Path, default=None,
                    help="ImageFolder to measure accuracy on (default: the run's held-out split)")
     b.add_argument("--bundle", type=Path, default=None, help="export bundle (default: RUN/export)")

@@ -282,6 +282,8 @@ def export_coreml(ctx: ExportContext) -> list[Artifact]:
     fp16 = _artifact(ctx, "model.mlpackage", "fp16",
                      "coremltools ct.convert, ML Program, fp16 compute, iOS16 target, ClassifierConfig",
                      program_check, int8_weights=False)
+    if not ctx.int8:
+        return [fp16]
     with _quiet(), converting("coreml int8"):
         config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric",
                                                                                    dtype="int8"))

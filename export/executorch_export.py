@@ -311,6 +311,8 @@ def export_executorch(ctx: ExportContext) -> list[Artifact]:
             delegation = _lower(_export(ctx.model, ctx), ctx, ctx.stage / "model.pte")
         fp32 = _pte_artifact(ctx, "model.pte", "fp32", "torch.export + to_edge_transform_and_lower, XNNPACK delegate",
                              delegation)
+        if not ctx.int8:
+            return [fp32]
         q, recipe, search = _choose_int8(ctx)
         with converting("executorch int8"):
             delegation = _lower(_export(q, ctx), ctx, ctx.stage / "model.int8.pte")

@@ -356,4 +356,4 @@ def export_onnx(ctx: ExportContext) -> list[Artifact]:
     ver = verify_artifact(ctx, path.name, "onnx", "fp32")
     fp32 = make_artifact(ctx, path.name, "onnx", "fp32", method=f"torch.onnx.export dynamo, opset {OPSET}",
                          input=input_spec(ctx), labels_in_file="metadata_props['fieldid.labels']", verification=ver)
-    return [fp32, export_onnx_int8(ctx, path)]
+    return [fp32, export_onnx_int8(ctx, path)] if ctx.int8 else [fp32]

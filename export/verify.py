@@ -63,6 +63,9 @@ class ExportContext:
     calibration: PhoneImages  # (M, 3, H, W) training images, phone preprocessing, read lazily
     reference_logits: np.ndarray  # fp32 PyTorch logits on ``heldout``
     allow_drop: bool = False
+    # False: fp32 (fp16 for Core ML) artifacts only -- a server model runs fp32, and the int8
+    # recipe search is most of an ONNX export's time.
+    int8: bool = True
     failures: list[str] = field(default_factory=list)
     # Images int8 recipes are *chosen* on (agreement with fp32 needs no labels): the val split
     # when the held-out split is test, else unused training images; topped up with calibration

@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fieldid.records import replace_dir
+
 from .registry import ExportError
 
 __all__ = ["check_writable", "make_stage", "swap_in", "clean_leftovers", "is_fieldid_bundle"]
@@ -28,19 +30,11 @@ def swap_in(stage: Path, out: Path) -> None:
     Raises:
         ExportError: the new bundle could not be moved into place (the old one is put back).
     """
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
     try:
-        os.replace(stage, out)
+        replace_dir(stage, out)
     except OSError as e:
-        if old is not None:
-            os.replace(old, out)  # put the previous bundle back where it was
         raise ExportError(f"{out}: could not move the new bundle into place ({e.strerror or e}); "
                           f"the previous bundle is unchanged") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)(?:-.*)?")

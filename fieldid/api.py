@@ -176,7 +176,8 @@ def evaluate(run: Run | PathLike, data: PathLike | None = None, *, out: PathLike
 
 
 def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: PathLike | None = None,
-           allow_drop: bool = False, calibration_size: int = 200, data: PathLike | None = None) -> Bundle:
+           allow_drop: bool = False, calibration_size: int = 200, data: PathLike | None = None,
+           int8: bool = True) -> Bundle:
     """Export a run to verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML; fp32 + int8).
 
     Args:
@@ -185,6 +186,7 @@ def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: 
         out: bundle folder (default ``RUN/export``); replaced only when the export succeeds.
         allow_drop: keep artifacts that miss a verification bar (recorded as failed).
         calibration_size: training images used to calibrate the int8 models.
+        int8: False writes the fp32 artifacts only (a server model runs fp32).
         data: read images from this dataset folder instead of the run's stored samples.
 
     Returns:
@@ -197,13 +199,13 @@ def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: 
 
     out = Path(out) if out is not None else Path(run) / "export"
     export_run(Path(run), formats=formats, out=out, allow_drop=allow_drop, calibration_size=calibration_size,
-               data=data)
+               data=data, int8=int8)
     return Bundle(out)
 
 
 def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike], *, artifact: str | None = None,
-            server: str | None = None, key_file: PathLike | None = None, ca_file: PathLike | None = None, k: int = 5,
-            progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+            server: str | None = None, server_run: PathLike | None = None, key_file: PathLike | None = None,
+            ca_file: PathLike | None = None, k: int = 5, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos with one of the bundle's artifacts, as the phone would.
 
     Args:
@@ -213,6 +215,10 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
             choice -- the verified int8 ONNX model, else the best other one with a runtime here).
         server: the fallback server's URL (``http://HOST:PORT``); photos the device is unsure
             about (``needs_fallback``) are sent there and its answer is added as ``server``.
+        server_run: the server model's bundle or run (e.g. ``runs/reef-server``): the server is asked
+            for that model, after checking it lists the device's labels in the same order. Without
+            it the server is asked for the device model's name; an answer with labels the device
+            does not have is then an error row.
         key_file: the server's ``key_file.json`` (default: the one of the server that
             ``fieldid serve start`` started for this bundle); a key goes only to its own server.
         ca_file: PEM certificate to verify an https server with (default: the system's CAs).
@@ -226,8 +232,8 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
     """
     from fieldid.classify import classify_photos
 
-    return classify_photos(Bundle(model).path, photos, artifact=artifact, server=server, key_file=key_file,
-                           ca_file=ca_file, k=k, progress=progress)
+    return classify_photos(Bundle(model).path, photos, artifact=artifact, server=server, server_run=server_run,
+                           key_file=key_file, ca_file=ca_file, k=k, progress=progress)
 
 
 def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, free_ports: bool = False,

@@ -200,16 +200,22 @@ def _row(path: Path, answer: dict[str, Any] | None, artifact: str, error: str = 
 
 
 def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path], *, artifact: str | None = None,
-                    server: str | None = None, key_file: str | Path | None = None, ca_file: str | Path | None = None,
+                    server: str | None = None, server_run: str | Path | None = None,
+                    key_file: str | Path | None = None, ca_file: str | Path | None = None,
                     k: int = 5, threads: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos on the device model and, where it is unsure, on the server (see :func:`fieldid.predict`).
 
     Returns:
         One row per photo, in ``collect_photos`` order (see :data:`CSV_COLUMNS`; ``device`` and
         ``server`` hold the full answers).
+
+    Raises:
+        fieldid.export.manifest.CascadeError: ``server_run``'s labels differ from the device model's.
     """
     from fieldid.export.phone import ImageInputError
 
+    if server_run is not None and not server:
+        raise ValueError("server_run names the server's model; give the server's URL too (--server URL)")
     items = [photos] if isinstance(photos, (str, Path)) or hasattr(photos, "__fspath__") else list(photos)
     files = collect_photos(items)
     device = DevicePredictor.load(bundle, artifact, threads=threads)
@@ -217,7 +223,7 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
     if server:
         from fieldid.serve.client import ServeClient
 
-        client = ServeClient(_prediction_url(server, device.manifest.name),
+        client = ServeClient(_prediction_url(server, _server_model(device.manifest, server_run)),
                              _server_token(device.bundle, server, key_file), ca_file=ca_file)
     rows: list[dict[str, Any]] = []
     try:
@@ -230,7 +236,7 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
             except OSError as e:
                 row, data = _row(f, None, device.artifact.file, f"cannot read: {e.strerror or first_line(e)}"), b""
             if client is not None and row["needs_fallback"]:
-                row["server"] = _ask(client, data)
+                row["server"] = _ask(client, data, device.manifest.labels)
             rows.append(row)
             if progress:
                 progress(i, len(files))
@@ -240,16 +246,35 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
     return rows
 
 
-def _ask(client: Any, data: bytes) -> dict[str, Any]:
-    """The server's answer, or ``{"error": ...}``: an unreachable or refusing server is a row, not a crash."""
+def _server_model(device: "Manifest", server_run: str | Path | None) -> str:
+    """The model name to ask the server for: ``server_run``'s (a bundle or run of the server model,
+    checked to have the device's labels in the device's order), else the device model's own."""
+    if server_run is None:
+        return device.name
+    from fieldid.export.manifest import check_pair, load_manifest
+
+    server = load_manifest(server_run)
+    check_pair(device, server)
+    return server.name
+
+
+def _ask(client: Any, data: bytes, labels: Sequence[str]) -> dict[str, Any]:
+    """The server's answer, or ``{"error": ...}``: an unreachable or refusing server is a row, not a
+    crash, and so is an answer naming classes the device model does not have (a server hosting
+    another model under this name: its answer cannot stand in for the device's)."""
     from fieldid.serve.client import PredictionError
 
     try:
-        return client.predict(data)
+        answer = client.predict(data)
     except PredictionError as e:
         return {"error": first_line(e)}
     except (OSError, ValueError) as e:
         return {"error": f"server not reachable: {type(e).__name__}: {first_line(e)}"}
+    foreign = sorted({t.get("label") for t in answer.get("top_k", [])} - set(labels))
+    if foreign:
+        return {"error": f"server model {answer.get('model')!r} answered labels the device model does not have "
+                         f"({', '.join(map(repr, foreign[:3]))}); pair them with --server-run"}
+    return answer
 
 
 def _csv_cell(row: dict[str, Any], col: str) -> Any:

@@ -38,7 +38,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be >= 1 (got {args.k})")
     bar = Progress("predict", 0, enabled=not args.quiet)
     rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
-                   key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
+                   server_run=args.server_run, key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
     write_table(rows, args.out)
     errors = sum(1 for r in rows if r["error"])
     sent = [r for r in rows if r["server"] is not None]
@@ -67,6 +67,9 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                         "ships, else the best other one with a runtime here)")
     p.add_argument("--server", default=None,
                    help="fallback server URL (http://HOST:PORT) for the photos the device is unsure about")
+    p.add_argument("--server-run", type=Path, default=None, metavar="RUN_OR_BUNDLE",
+                   help="the server model's run or bundle (e.g. runs/reef-server): ask the server for that model, "
+                        "after checking its labels are the device's, in the same order")
     p.add_argument("--key-file", type=Path, default=None,
                    help="the server's key_file.json (default: the key of the server `fieldid serve start` "
                         "started for this bundle, sent only when it is the server at --server)")

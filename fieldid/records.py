@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -30,6 +31,7 @@ __all__ = [
     "file_sha256",
     "labels_difference",
     "load_record",
+    "replace_dir",
 ]
 
 RUN_SCHEMA_VERSION = 1
@@ -94,6 +96,32 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` where ``out`` is, with two renames; the old ``out`` is
+    restored if the second fails, and deleted only once the new one is in place.
+
+    The old folder waits as ``.OUT.old-PID`` next to ``out``: a process killed between the two
+    renames leaves it under that name, and the next export's cleanup puts it back
+    (:func:`fieldid.export.writer.clean_leftovers`). Bundles and app builds both use this.
+
+    Raises:
+        OSError: the new folder could not be moved in (``out`` is as it was).
+    """
+    new, out = Path(new), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)  # put the previous folder back where it was
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -58,15 +58,22 @@ def test_distillation_is_recorded(distilled_run: Path, tiny_run: Path) -> None:
 
 def test_cascade_bench_on_the_tiny_pair(distilled_run: Path, tiny_run: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "cascade", "--run", str(distilled_run),
-                          "--server-run", str(tiny_run), "--out", str(tmp_path)],
+                          "--server-run", str(tiny_run), "--alone-run", str(tiny_run), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "cascade.json").read_text())
-    dev, srv, cas = r["rows"]
+    dev, srv, cas, alone, alone_cas = r["rows"]
     assert srv["sent"] == 1.0 and dev["sent"] == 0.0 and 0.0 <= cas["sent"] <= 1.0
     # The cascade's latency is the device's plus the server's for the sent share, by definition.
     assert cas["latency_ms"] == pytest.approx(dev["latency_ms"] + cas["sent"] * srv["latency_ms"])
     assert r["distillation"]["weight"] == 0.7 and "cascade" in res.stdout and "goals:" in res.stdout
+    # The model trained without the teacher (here the teacher's own run, exported int8): its rows,
+    # and what distillation buys is the difference between the two device models.
+    assert "without the teacher" in alone["answer"] and alone["sent"] == 0.0
+    d = r["distillation"]
+    assert d["device_accuracy_gain"] == pytest.approx(dev["accuracy"] - alone["accuracy"])
+    assert d["cascade_accuracy_gain"] == pytest.approx(cas["accuracy"] - alone_cas["accuracy"])
+    assert d["sent_change"] == pytest.approx(cas["sent"] - alone_cas["sent"]) and "distillation" in res.stdout
 
 
 def test_cascade_refuses_a_pair_with_other_labels(distilled_run: Path, tiny_run: Path, tiny_bundle: Path,

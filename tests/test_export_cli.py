@@ -114,10 +114,15 @@ def test_bench_includes_size_only_rows_and_other_data(tiny_run: Path, full_bundl
              "coreml": ("model.int8.mlpackage", "model.mlpackage")}
     got = {g["format"]: g for g in r["meta"]["goals"]["int8_size"]["formats"]}
     assert set(got) == set(pairs)
+    # The unknown detector is float in both ONNX and both .pte files: left out of both sides there.
+    det = json.loads((full_bundle / "manifest.json").read_text())["unknown"]["detector_float_bytes"]
+    assert det > 0
     for fmt, (q, f) in pairs.items():
-        ratio = size(q) / size(f)
+        d = 0 if fmt == "coreml" else det
+        ratio = (size(q) - d) / (size(f) - d)
         assert (got[fmt]["int8"], got[fmt]["float"]) == (q, f)
         assert got[fmt]["ratio"] == pytest.approx(ratio) and got[fmt]["met"] is (ratio <= 0.30), fmt
+        assert got[fmt]["ratio_whole_files"] == pytest.approx(size(q) / size(f)), fmt
     assert got["coreml"]["float_precision"] == "fp16" and got["coreml"]["vs_fp32_weights"] == "model.pth"
     assert got["coreml"]["ratio_vs_fp32_weights"] == pytest.approx(size("model.int8.mlpackage") / size("model.pth"))
     assert "of model.pth (fp32)" in r["table"]
@@ -440,3 +445,24 @@ def test_bench_refuses_a_corrupt_artifact_in_one_line(capsys, tiny_run: Path, sm
     assert "model.ptl" in lines[0]
     assert ("loading and running model.ptl failed" if manifest_updated else "sha256") in lines[0], lines[0]
     assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_no_int8_writes_fp32_only_and_the_server_engine_runs_it(capsys, tiny_run: Path, tmp_path: Path,
+                                                               shapes_dir: Path) -> None:
+    """--no-int8 (server models run fp32): no int8 file, no recipe search, and the bundle serves."""
+    from fieldid.serve.engine import ClassifierEngine
+
+    out = tmp_path / "server-bundle"
+    rc, stdout, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "onnx", "--no-int8",
+                            "--out", str(out))
+    assert rc == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert [(a["file"], a["precision"]) for a in m["artifacts"]] == [("model.pth", "fp32"), ("model.onnx", "fp32")]
+    assert not list(out.glob("*int8*"))
+    assert all("quantization" not in a or not a["quantization"] for a in m["artifacts"])
+    assert any("--no-int8" in n for n in m["notes"])
+    onnx = next(a for a in m["artifacts"] if a["file"] == "model.onnx")
+    assert onnx["verification"]["status"] == "passed" and onnx.get("unknown_output") == "unknown_score"
+    photo = next(p for p in sorted(shapes_dir.rglob("*.png")))
+    answer = ClassifierEngine.from_bundle(out, threads=1).predict(photo.read_bytes())
+    assert answer["top_k"][0]["label"] in m["labels"] and isinstance(answer["unknown"], bool)

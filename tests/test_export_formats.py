@@ -143,6 +143,7 @@ def test_int8_artifacts_meet_the_bars_on_a_real_fine_tuned_run(full_bundle: Path
         # score), so its bytes are taken out of both sides.
         fp32 = manifest.find(art.format, "fp32")
         det = _detector_bytes(tiny_run) if art.unknown_output else 0
+        assert not det or manifest.unknown["detector_float_bytes"] == det  # what `fieldid bench` leaves out
         assert art.size_bytes - det <= 0.30 * (fp32.size_bytes - det), (art.file, art.size_bytes, fp32.size_bytes, det)
 
 

@@ -152,3 +152,55 @@ def test_server_answers_the_photos_the_device_sent(served_tiny, tiny_bundle: Pat
     rows = json.loads((tmp_path / "rows.json").read_text())
     sent = [r for r in rows if r["server"] is not None]
     assert sent and summary["server_errors"] == len(sent) and all("HTTP 4" in r["server"]["error"] for r in sent)
+
+
+@pytest.mark.slow
+def test_server_model_pairing_is_checked(served_tiny, tiny_bundle: Path, shapes_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--server-run names the server's model and must have the device's labels in the same order;
+    without it, an answer with classes the device does not have is an error row, never taken."""
+    photos = _photos(shapes_dir, tmp_path / "photos")
+    unsure = tmp_path / "unsure"
+    shutil.copytree(tiny_bundle, unsure)
+    m = json.loads((unsure / "manifest.json").read_text())
+    m["fallback_threshold"] = 1.0
+    (unsure / "manifest.json").write_text(json.dumps(m))
+    key = ["--key-file", str(served_tiny.key_file)]
+
+    # The served bundle itself as the server model: labels identical, every sent photo answered by it.
+    out = tmp_path / "paired.csv"
+    rc, summary, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url, *key,
+                                "--server-run", str(tiny_bundle), str(photos), "--out", str(out))
+    assert rc == 0, err
+    assert summary["sent_to_server"] > 0 and summary["server_errors"] == 0
+
+    # A server model whose labels come in another order: one line, exit 2, no table written.
+    other = tmp_path / "other-server"
+    shutil.copytree(tiny_bundle, other)
+    o = json.loads((other / "manifest.json").read_text())
+    o["labels"] = list(reversed(o["labels"]))
+    (other / "manifest.json").write_text(json.dumps(o))
+    never = tmp_path / "never.csv"
+    rc, _, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url, *key,
+                          "--server-run", str(other), str(photos), "--out", str(never))
+    assert rc == 2 and "labels differ" in err and len(err.strip().splitlines()) == 1, err
+    assert not never.exists()
+    # --server-run without --server is refused the same way.
+    rc, _, err = _predict(capsys, "--bundle", str(unsure), "--server-run", str(tiny_bundle), str(photos),
+                          "--out", str(never))
+    assert rc == 2 and "--server" in err and not never.exists()
+
+    # A device model whose classes the server's model does not list, asked by name: each sent photo
+    # is an error row naming the foreign labels; none of the server's labels reaches the table.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(unsure, renamed)
+    r = json.loads((renamed / "manifest.json").read_text())
+    r["labels"] = [f"not-{x}" for x in r["labels"]]
+    (renamed / "manifest.json").write_text(json.dumps(r))
+    out = tmp_path / "foreign.json"
+    rc, summary, err = _predict(capsys, "--bundle", str(renamed), "--server", served_tiny.base_url, *key,
+                                str(photos), "--out", str(out))
+    assert rc == 0, err
+    sent = [row for row in json.loads(out.read_text()) if row["server"] is not None]
+    assert sent and summary["server_errors"] == len(sent)
+    assert all("labels the device model does not have" in row["server"]["error"] for row in sent)
