@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fieldid.training.cli import HelpFormatter
+from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
 
