@@ -80,12 +80,18 @@ else
 	done; done
 endif
 
+# Device runs are exported with --allow-drop: an artifact that misses a verification bar is kept but
+# recorded as failed in the manifest (and printed as failed), and the demo and the app then pick a
+# verified artifact instead. Measured 2026-12-02: the distilled salmon model's int8 files miss the
+# unknown_score bar (generated non-photos lose their "unknown" under int8; README, Measured here).
+# DEVICE_EXPORT_ARGS= (empty) makes any miss fail the target instead.
+DEVICE_EXPORT_ARGS ?= --allow-drop
 # Recipes expand when they run, so `make train export` sees the runs train just wrote.
 export: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/run.json)"; \
 	[ -n "$$runs" ] || { echo "make export: no run in $(RUNS)/; run 'make train' first" >&2; exit 2; }; \
 	for run in $$runs; do \
-	  case $$run in *-server/run.json) formats="--formats onnx --no-int8";; *) formats="";; esac; \
+	  case $$run in *-server/run.json) formats="--formats onnx --no-int8";; *) formats="$(DEVICE_EXPORT_ARGS)";; esac; \
 	  $(FIELDID) export --run $$(dirname $$run) $$formats || exit $$?; \
 	done
 
