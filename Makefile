@@ -129,7 +129,7 @@ bench-cascade: $(STAMP)
 	  test -f $(RUNS)/$$name-alone/export/manifest.json || { \
 	    rm -rf $(RUNS)/$$name-alone; \
 	    $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name-alone --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) && \
-	    $(FIELDID) export --run $(RUNS)/$$name-alone --formats onnx; } || exit $$?; \
+	    $(FIELDID) export --run $(RUNS)/$$name-alone --formats onnx $(DEVICE_EXPORT_ARGS); } || exit $$?; \
 	  $(FIELDID) bench cascade --run $(RUNS)/$$name --server-run $(RUNS)/$$name-server --alone-run $(RUNS)/$$name-alone || exit $$?; \
 	done
 

@@ -2,7 +2,8 @@
 
 On the device run's held-out test split, with the thresholds the runs recorded:
 
-* **device alone** — the device bundle's int8 ONNX model (what the phone runs);
+* **device alone** — the ONNX model the phone runs from the device bundle (its verified int8
+  file, else fp32, as the demo and the app choose);
 * **server alone** — the server bundle's fp32 ONNX model (what ``fieldid serve`` runs);
 * **cascade** — the device answers unless its answer ``needs_fallback`` (unknown, or
   confidence below the device's fallback threshold); then the server's answer counts.
@@ -56,7 +57,7 @@ def cascade_bench(device_run: str | Path, server_run: str | Path, *, device_bund
     """Measure device alone / server alone / cascade; write ``cascade.json`` and ``cascade.md``.
 
     Args:
-        device_run: the device model's run (its bundle's int8 ONNX model answers first).
+        device_run: the device model's run (the ONNX model its phone runs answers first).
         server_run: the server model's run (its bundle's fp32 ONNX model answers the rest).
         device_bundle / server_bundle: bundles (default ``RUN/export``).
         alone_run: the same device model trained *without* the teacher (its ``export/`` bundle):
@@ -134,8 +135,14 @@ def _check_same_heldout(device_run: Path, paths: list[Path], other_run: Path) ->
 
 def _device_side(path: Path, man: Manifest, paths: list[Path], kept: Any, s_pred: np.ndarray, s_lat: float,
                  y: np.ndarray) -> dict[str, Any]:
-    """A device bundle's int8 ONNX model alone and in the cascade, at the thresholds it records."""
-    art = man.find("onnx", "int8")
+    """The ONNX model a phone runs from this bundle (the verified int8 file, else fp32: the demo's
+    and the app's rule) alone and in the cascade, at the thresholds the bundle records."""
+    from fieldid.edge_demo.device import DemoError, select_artifact
+
+    try:
+        art, _ = select_artifact(man, "auto")
+    except DemoError as e:
+        raise CascadeError(str(e)) from None
     dev = score_images(onnx_session(path / art.file), paths, man.preprocess_spec, f"device {art.file}")
     if list(dev["kept"]) != list(kept):
         raise CascadeError("device and server could not read the same images")
