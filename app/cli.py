@@ -31,8 +31,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     srv = make_server(args.dir, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile,
                       quiet=not args.log, proxy=args.proxy or "")
     via = f"; POST /predictions/ -> {args.proxy.rstrip('/')}" if args.proxy else ""
-    print(f"fieldid app at {srv.url} (COOP/COEP sent: WebAssembly threads on{via}; Ctrl-C to stop)", flush=True)
-    try:
+    try:  # Ctrl-C right after the banner (a script that waits for it, then stops us) is a clean stop too
+        print(f"fieldid app at {srv.url} (COOP/COEP sent: WebAssembly threads on{via}; Ctrl-C to stop)", flush=True)
         srv.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -171,7 +171,6 @@ def test_serve_cli_refuses_a_folder_that_is_not_a_build(tmp_path: Path) -> None:
 
 def test_serve_cli_serves_until_interrupted(built: Path) -> None:
     import signal
-    import time
 
     p = subprocess.Popen([sys.executable, "-m", "fieldid", "app", "serve", str(built), "--port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -182,6 +181,11 @@ def test_serve_cli_serves_until_interrupted(built: Path) -> None:
         assert _get(url, "/config.json")[0] == 200
     finally:
         p.send_signal(signal.SIGINT)
-        t0 = time.time()
-        assert p.wait(timeout=20) == 0, p.stderr.read()
-        assert time.time() - t0 < 20
+        # Generous: CI once needed more than 20 s here on a 2-core machine shared with a benchmark
+        # (the stop itself takes well under a second when the machine is idle).
+        try:
+            assert p.wait(timeout=90) == 0, p.stderr.read()
+        finally:
+            if p.poll() is None:  # never leave a server behind, even when the assertion failed
+                p.kill()
+                p.wait()
