@@ -26,6 +26,19 @@ def _photos(shapes_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def _bundle_copy(src: Path, dest: Path, edit) -> tuple[Path, dict]:
+    """A copy of bundle ``src`` at ``dest`` whose manifest ``edit(manifest_dict)`` changed."""
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    edit(m)
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest, m
+
+
+def _send_all(m: dict) -> None:
+    m["fallback_threshold"] = 1.0  # every photo goes to the server
+
+
 def _predict(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
     rc = main(["predict", *argv])
     out, err = capsys.readouterr()
@@ -114,11 +127,7 @@ def test_server_answers_the_photos_the_device_sent(served_tiny, tiny_bundle: Pat
 
     photos = _photos(shapes_dir, tmp_path / "photos")
     # A copy of the bundle whose threshold sends every photo to the server.
-    unsure = tmp_path / "unsure"
-    shutil.copytree(tiny_bundle, unsure)
-    m = json.loads((unsure / "manifest.json").read_text())
-    m["fallback_threshold"] = 1.0
-    (unsure / "manifest.json").write_text(json.dumps(m))
+    unsure, m = _bundle_copy(tiny_bundle, tmp_path / "unsure", _send_all)
 
     out = tmp_path / "rows.csv"
     rc, summary, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url,
@@ -160,11 +169,7 @@ def test_server_model_pairing_is_checked(served_tiny, tiny_bundle: Path, shapes_
     """--server-run names the server's model and must have the device's labels in the same order;
     without it, an answer with classes the device does not have is an error row, never taken."""
     photos = _photos(shapes_dir, tmp_path / "photos")
-    unsure = tmp_path / "unsure"
-    shutil.copytree(tiny_bundle, unsure)
-    m = json.loads((unsure / "manifest.json").read_text())
-    m["fallback_threshold"] = 1.0
-    (unsure / "manifest.json").write_text(json.dumps(m))
+    unsure, _ = _bundle_copy(tiny_bundle, tmp_path / "unsure", _send_all)
     key = ["--key-file", str(served_tiny.key_file)]
 
     # The served bundle itself as the server model: labels identical, every sent photo answered by it.
@@ -175,11 +180,8 @@ def test_server_model_pairing_is_checked(served_tiny, tiny_bundle: Path, shapes_
     assert summary["sent_to_server"] > 0 and summary["server_errors"] == 0
 
     # A server model whose labels come in another order: one line, exit 2, no table written.
-    other = tmp_path / "other-server"
-    shutil.copytree(tiny_bundle, other)
-    o = json.loads((other / "manifest.json").read_text())
-    o["labels"] = list(reversed(o["labels"]))
-    (other / "manifest.json").write_text(json.dumps(o))
+    other, _ = _bundle_copy(tiny_bundle, tmp_path / "other-server",
+                            lambda o: o.update(labels=list(reversed(o["labels"]))))
     never = tmp_path / "never.csv"
     rc, _, err = _predict(capsys, "--bundle", str(unsure), "--server", served_tiny.base_url, *key,
                           "--server-run", str(other), str(photos), "--out", str(never))
@@ -192,14 +194,13 @@ def test_server_model_pairing_is_checked(served_tiny, tiny_bundle: Path, shapes_
 
     # A device model whose classes the server's model does not list, asked by name: each sent photo
     # is an error row naming the foreign labels; none of the server's labels reaches the table.
-    renamed = tmp_path / "renamed"
-    shutil.copytree(unsure, renamed)
-    r = json.loads((renamed / "manifest.json").read_text())
-    for ex in r.get("examples", []):  # the bundle's example photos name their class too
-        if ex["label"] in r["labels"]:
-            ex["label"] = f"not-{ex['label']}"
-    r["labels"] = [f"not-{x}" for x in r["labels"]]
-    (renamed / "manifest.json").write_text(json.dumps(r))
+    def rename(r: dict) -> None:
+        for ex in r.get("examples", []):  # the bundle's example photos name their class too
+            if ex["label"] in r["labels"]:
+                ex["label"] = f"not-{ex['label']}"
+        r["labels"] = [f"not-{x}" for x in r["labels"]]
+
+    renamed, _ = _bundle_copy(unsure, tmp_path / "renamed", rename)
     out = tmp_path / "foreign.json"
     rc, summary, err = _predict(capsys, "--bundle", str(renamed), "--server", served_tiny.base_url, *key,
                                 str(photos), "--out", str(out))
