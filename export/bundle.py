@@ -313,7 +313,7 @@ def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, r
 
     manifest.unknown = manifest_unknown(record)
     if manifest.unknown and (record.unknown or {}).get("file"):
-        # The detector stays float in the int8 files too (export/unknown.py); `fieldid bench`
+        # The detector's constants stay float in the int8 ONNX and .pte files too; `fieldid bench`
         # compares int8 and fp32 sizes without these bytes, so a small network's int8 file is
         # judged on its network, not on a detector that is the same in both.
         manifest.unknown["detector_float_bytes"] = _detector_float_bytes(run_dir / record.unknown["file"])

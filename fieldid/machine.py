@@ -37,13 +37,16 @@ def cpu_features() -> list[str]:
         >>> set(cpu_features()) <= set(_FEATURES)
         True
     """
-    _, flags = _cpuinfo()
+    return _features(_cpuinfo()[1])
+
+
+def _features(flags: set[str]) -> list[str]:
     return [f for f in _FEATURES if f in flags]
 
 
 def describe_machine() -> str:
     """One line for a benchmark table, e.g. ``CPU: AMD EPYC 9B14, 2 logical cores; features: avx2 avx512f ...``."""
-    model, _ = _cpuinfo()
-    features = cpu_features()
+    model, flags = _cpuinfo()  # one read of /proc/cpuinfo for both
+    features = _features(flags)
     return (f"CPU: {model}, {os.cpu_count()} logical cores visible; int8/bf16 features: "
             f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}")
