@@ -172,8 +172,12 @@ def test_serve_cli_refuses_a_folder_that_is_not_a_build(tmp_path: Path) -> None:
 def test_serve_cli_serves_until_interrupted(built: Path) -> None:
     import signal
 
+    # A shell that starts the test suite in the background (`.ci/run &`) ignores SIGINT, the child
+    # inherits that, and Python then installs no Ctrl-C handler: the server never sees the signal
+    # (found on a server left running after such a CI run). Give the child the terminal's default.
     p = subprocess.Popen([sys.executable, "-m", "fieldid", "app", "serve", str(built), "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stdout.readline()
         assert line.startswith("fieldid app at http://127.0.0.1:"), line + p.stderr.read()
@@ -181,10 +185,8 @@ def test_serve_cli_serves_until_interrupted(built: Path) -> None:
         assert _get(url, "/config.json")[0] == 200
     finally:
         p.send_signal(signal.SIGINT)
-        # Generous: CI once needed more than 20 s here on a 2-core machine shared with a benchmark
-        # (the stop itself takes well under a second when the machine is idle).
         try:
-            assert p.wait(timeout=90) == 0, p.stderr.read()
+            assert p.wait(timeout=20) == 0, p.stderr.read()
         finally:
             if p.poll() is None:  # never leave a server behind, even when the assertion failed
                 p.kill()
