@@ -33,6 +33,7 @@ from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
 from .unknown import first_output
 from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
+from .pte_runtime import load_pte_method, native_stderr_silenced, set_threads
 
 __all__ = ["export_executorch", "load_executorch", "read_pte_constants", "set_threads", "PteInt8Recipe", "MAX_BATCH",
            "delegation_counts"]
@@ -68,30 +69,6 @@ def _constant_methods(ctx: ExportContext) -> dict[str, Any]:
             "fieldid_temperature": float(r.temperature), "fieldid_fallback_threshold": float(r.fallback_threshold)}
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """XNNPACK's cpuinfo prints "[cpuinfo_utils.cpp] ..." lines from C++ on first use; hide them.
-
-    Works on file descriptor 2 (C++ does not go through ``sys.stderr``). Failures still raise
-    Python exceptions, so nothing actionable is lost; debug logging keeps everything.
-    """
-    if log.isEnabledFor(logging.DEBUG):
-        yield
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _program(path: Path):
     from executorch.runtime import Runtime
 
@@ -101,7 +78,7 @@ def _program(path: Path):
 def read_pte_constants(path: str | Path) -> dict[str, Any]:
     """The fieldid constant methods of a ``.pte`` (labels and preprocess decoded from JSON)."""
     out: dict[str, Any] = {}
-    with _quiet(), _native_stderr_silenced():
+    with _quiet(), native_stderr_silenced():
         prog = _program(Path(path))
         for name in _CONSTANTS:
             if name in prog.method_names:
@@ -115,28 +92,15 @@ def _pte_labels(path: Path) -> list[str]:
     return read_pte_constants(path).get("fieldid_labels", [])
 
 
-def set_threads(threads: int) -> None:
-    """Resize ExecuTorch's process-wide XNNPACK threadpool (0 = leave it as it is).
-
-    The pool is replaced, not resized: methods loaded before must not run afterwards (they
-    would use the old pool, which crashes), so set threads first, then load.
-    """
-    if threads:
-        with _quiet(), _native_stderr_silenced():  # "[threadpool.cpp] Resetting threadpool to N threads."
-            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-            _unsafe_reset_threadpool(threads)
-
-
 @register_runtime("executorch")
 def load_executorch(path: Path, threads: int = 0) -> Runner:
     """``executorch.runtime`` on a ``.pte``; ``threads`` resizes the (process-wide) XNNPACK pool."""
-    with _quiet(), _native_stderr_silenced():
-        set_threads(threads)
-        method = _program(path).load_method("forward")
+    with _quiet():
+        set_threads(threads)  # before loading: a pool reset invalidates methods loaded earlier
+        execute = load_pte_method(path)
 
     def run(x: np.ndarray) -> np.ndarray:
-        return method.execute([torch.from_numpy(x)])[0].numpy()
+        return execute([torch.from_numpy(x)])[0].numpy()
 
     return lambda x: run_batched(run, x, MAX_BATCH)
 

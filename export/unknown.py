@@ -96,11 +96,11 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
         inp = sess.get_inputs()[0].name
         run: ScoreRunner = lambda b: sess.run([UNKNOWN_OUTPUT], {inp: b})[0]  # noqa: E731
     elif format == "executorch":
-        from executorch.runtime import Runtime
+        from .pte_runtime import load_pte_method
 
         batch = PTE_BATCH  # .pte files have a fixed batch size
-        method = Runtime.get().load_program(path).load_method("forward")
-        run = lambda b: method.execute([torch.from_numpy(b)])[1].numpy()  # noqa: E731
+        execute = load_pte_method(path)
+        run = lambda b: execute([torch.from_numpy(b)])[1].numpy()  # noqa: E731
     elif format == "torchscript":
         run = _torch_runner(torch.jit.load(str(path), map_location="cpu"))
     elif format == "torchscript_lite":

@@ -121,12 +121,15 @@ class DevicePredictor:
         if file_sha256(path) != art.sha256:
             raise ValueError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced, "
                              f"re-export the bundle")
+        # The logits runner first: it sets the runtime's threads, and ExecuTorch's pool is process-wide
+        # (a reset after the score method was loaded would leave that method on a freed pool).
+        runner = load_runtime(path, art.format, threads=threads)
         score_runner = None
         if getattr(art, "unknown_output", ""):  # bundles with an unknown detector; others answer without it
             from fieldid.export.unknown import load_unknown_runtime
 
             score_runner = load_unknown_runtime(path, art.format)
-        return cls(bundle, manifest, art, load_runtime(path, art.format, threads=threads), score_runner)
+        return cls(bundle, manifest, art, runner, score_runner)
 
     @property
     def version(self) -> str:

@@ -242,3 +242,37 @@ def test_manifest_rejects_tampering(full_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="missing"):
         load_manifest(tmp_path)  # names files that are not there
+
+
+def test_pte_methods_and_executorchs_process_wide_threadpool(full_bundle: Path, manifest: Manifest, eager) -> None:
+    """A pool reset frees the pool earlier methods run on (CI segfaulted in ``fieldid predict``).
+
+    Same thread count: no reset, earlier methods still run. A real change: an earlier method
+    refuses to run (a clear error, not a use-after-free). ``DevicePredictor`` sets threads before
+    it loads the score method, so it answers whatever pool size it found.
+    """
+    import io
+
+    import torch
+    from PIL import Image
+
+    from fieldid.classify import DevicePredictor
+    from fieldid.export.pte_runtime import load_pte_method, pool_threads, set_threads
+
+    x = torch.from_numpy(eager[0][:1])
+    execute = load_pte_method(full_bundle / "model.pte")
+    first = execute([x])[0]
+    set_threads(pool_threads())  # the size it has: a no-op
+    torch.testing.assert_close(execute([x])[0], first)
+    other = 1 if pool_threads() != 1 else 2
+    set_threads(other)
+    assert pool_threads() == other
+    with pytest.raises(RuntimeError, match="threadpool was replaced"):
+        execute([x])
+    assert any(a.file == "model.pte" and a.unknown_output for a in manifest.artifact_list())
+    photo = io.BytesIO()
+    Image.fromarray(np.full((60, 80, 3), (200, 90, 40), np.uint8)).save(photo, format="PNG")
+    for threads in (3 - other, other):  # a reset, then none
+        answer = DevicePredictor.load(full_bundle, "model.pte", threads=threads).predict(photo.getvalue())
+        assert pool_threads() == threads and answer["top_k"][0]["label"] in manifest.labels
+        assert isinstance(answer["unknown"], bool)
