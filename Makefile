@@ -136,6 +136,10 @@ bench-cascade: $(STAMP)
 bench-serve: $(STAMP)
 	@test -f $(RUNS)/reef/export/manifest.json || { echo "make bench-serve: no $(RUNS)/reef/export; run 'make train export' first" >&2; exit 2; }
 	$(PY) -m fieldid.serve.bench --run $(RUNS)/reef
+	@# The handler goal on the real path too: the 224-px bundle make bench-export builds.
+	@if [ -f $(RUNS)/bench-export/reef224/manifest.json ]; then \
+	  $(PY) -m fieldid.serve.bench --bundle $(RUNS)/bench-export/reef224 --handler-only --requests 150; \
+	else echo "make bench-serve: no $(RUNS)/bench-export/reef224 (run 'make bench-export') - 224-px handler rows skipped"; fi
 
 # DEMO_ARGS passes flags through, e.g. DEMO_ARGS="--port 7861 --server http://gpu-box:8080".
 # The server models (runs/<name>-server) are served by TorchServe for the demo's fallback (labels

@@ -279,7 +279,7 @@ def _fmt(row: dict[str, Any]) -> str:
 def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, batch_size: int = 8,
                 max_batch_delay_ms: int = 5, concurrency: int = 8, device: str = "auto", precision: str = "auto",
                 images: Path | None = None, state_dir: Path | None = None, out: Path | None = None,
-                netty_threads: int = 0) -> dict[str, Any]:
+                netty_threads: int = 0, handler_only: bool = False) -> dict[str, Any]:
     """Benchmark the server against in-process inference of the same bundle.
 
     Args:
@@ -295,6 +295,8 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
             ``fieldid serve`` from ``RUN/serve`` is not disturbed).
         out: results JSON (default ``STATE_DIR/bench.json``).
         netty_threads: the servers' frontend threads (0 = TorchServe's default).
+        handler_only: only the in-process rows (handler vs bare ONNX, 24 MP draft decode), no
+            TorchServe: what the handler goal needs, e.g. for a second, 224-px bundle.
 
     Returns:
         ``{"rows": [...], "overhead_p50_pct": float, "goal_pct": 5.0, "meets_goal": bool, ...}``.
@@ -315,7 +317,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
 
     dev, prec = _same_settings(device, precision, bundle)
     engine = ClassifierEngine.from_bundle(bundle, threads=threads, device=dev, precision=prec)
-    print(f"bench: both sides on {engine.device} ({engine.precision})", flush=True)
+    print(f"bench: both sides on {engine.device} ({engine.precision}), {engine.spec.crop_size} px input", flush=True)
 
     def in_process(data: bytes) -> float:
         return float(engine.predict(data)["latency_ms"])
@@ -335,6 +337,14 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
     print(f"24 MP JPEG through the handler: full decode {big['full_decode_p50_ms']:.0f} ms -> draft decode "
           f"{big['draft_decode_p50_ms']:.0f} ms ({big['speedup']:g}x; same top-1: {big['same_top1']}, "
           f"max probability change {big['max_prob_change']:.4f})", flush=True)
+    if handler_only:
+        result = {"bundle": str(bundle), "px": engine.spec.crop_size, "threads": threads, "images": len(photos),
+                  "load_avg_1m": [load0, round(os.getloadavg()[0], 2)], "device": str(engine.device),
+                  "precision": engine.precision, "handler_vs_onnx": handler, "draft_decode_24mp": big}
+        out = Path(out or state_dir / "bench-handler.json")
+        atomic_write_json(out, result)
+        print(f"results: {out}")
+        return result
 
     off, on = "torchserve batch off", f"torchserve batch {batch_size} ({max_batch_delay_ms} ms)"
     same = {"device": device, "precision": precision, "expect": (str(engine.device), engine.precision),
@@ -408,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=None, help="folder of request images (default: real sample photos)")
     p.add_argument("--state-dir", type=Path, default=None, help="benchmark server state (default: RUN/serve-bench)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: STATE_DIR/bench.json)")
+    p.add_argument("--handler-only", action="store_true",
+                   help="only the in-process handler rows (no TorchServe), e.g. for a second bundle")
     args = p.parse_args(argv)
     target = args.bundle or args.run
     if target is None:
@@ -416,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_serve(target, requests=args.requests, threads=args.threads, concurrency=args.concurrency,
                     batch_size=args.batch_size, device=args.device, precision=args.precision,
                     max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
-                    out=args.out, netty_threads=args.netty_threads)
+                    out=args.out, netty_threads=args.netty_threads, handler_only=args.handler_only)
     except ValueError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2

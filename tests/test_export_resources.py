@@ -229,3 +229,25 @@ def test_manifest_paths_must_stay_inside_the_bundle(tiny_bundle: Path, tmp_path:
     (bundle / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="must stay inside the bundle"):
         load_manifest(bundle)
+
+
+def test_bench_export_table_lists_what_failed_verification() -> None:
+    """bench-export exports with --allow-drop so its table prints; a kept failure is named under it."""
+    from fieldid.export.bench_export import _failed_artifacts, export_stats_table
+
+    manifest = {"artifacts": [
+        {"file": "model.onnx", "verification": {"status": "passed"}},
+        {"file": "model.mlpackage", "verification": {"status": "structure_only", "reason": "Core ML runs only on macOS"}},
+        {"file": "model.int8.pte", "verification": {"status": "failed", "unknown_score": {"status": "failed"}}},
+        {"file": "model.int8.onnx", "verification": {"status": "failed"}}],
+        "verification_summary": {"status": "failed", "failures": [
+            "model.int8.pte unknown_score missed its bar: decision agreement 90.80%"]}}
+    failed = _failed_artifacts(manifest)
+    assert failed == ["model.int8.pte unknown_score missed its bar: decision agreement 90.80%",
+                      "model.int8.onnx failed verification"]
+    stats = {"inputs": {"seconds": 7.0, "peak_rss_mb": 1300}, "total": {"seconds": 262.0, "peak_rss_mb": 2260,
+                                                                       "calibration_images": 200}}
+    info = {"name": "reef224", "backbone": "mobilenetv2_100", "px": 224, "train_images": 1058, "train_s": 534.0}
+    table = export_stats_table([{"info": info, "stats": stats, "failed": failed}])
+    assert "0.49x the training time (534 s) -> met" in table and "peak RSS 2260 MB (goal <= 3000 MB) -> met" in table
+    assert "reef224: kept but failed verification (--allow-drop): model.int8.pte unknown_score missed" in table

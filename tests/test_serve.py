@@ -290,6 +290,26 @@ def test_bench_compares_like_with_like(served_tiny, engine) -> None:
     assert _served_on(served_tiny.state_dir) == (str(engine.device), engine.precision) == _same_settings("cpu", "auto")
 
 
+def test_bench_handler_only_measures_in_process(tiny_bundle: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--handler-only`` (the 224-px rows of make bench-serve): handler vs bare ONNX, no TorchServe."""
+    from fieldid.serve.bench import main
+
+    out = tmp_path / "handler.json"
+    assert main(["--bundle", str(tiny_bundle), "--handler-only", "--requests", "20", "--device", "cpu",
+                 "--state-dir", str(tmp_path / "state"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "px input" in printed and "handler p50" in printed and "vs bare ONNX fp32 p50" in printed
+    assert "torchserve" not in printed.lower()
+    r = json.loads(out.read_text())
+    h = r["handler_vs_onnx"]
+    assert r["px"] == load_manifest(tiny_bundle).preprocess_spec.crop_size and "rows" not in r
+    # The handler does the bare run and more (decode, resize, answer): it cannot be faster.
+    assert h["handler_p50_cpu_ms"] > h["onnx_fp32_p50_cpu_ms"] > 0
+    assert h["ratio_cpu"] == pytest.approx(h["handler_p50_cpu_ms"] / h["onnx_fp32_p50_cpu_ms"], rel=0.01)
+    assert not (tmp_path / "state" / "config.properties").exists()
+
+
 # --------------------------------------------------------------------------- load, batching, recovery
 def test_load_300_requests_at_concurrency_8(served_tiny, shape_files, engine) -> None:
     refs = [_probs(engine.predict(f)) for f in shape_files]
