@@ -40,8 +40,8 @@ log = logging.getLogger("fieldid.bench")
 SPEEDUP_GOAL = 10.0
 INT8_SIZE_GOAL = 0.30
 # Formats whose int8 file keeps the unknown detector's constants in float32, as the fp32 file does
-# (ONNX leaves its score-only nodes out of quantization; the int8 .pte measured as large as the int8
-# ONNX file, so its detector constants stay float too, though some detector activations are quantized).
+# (both leave the nodes only unknown_score depends on out of quantization: unknown.score_only_nodes,
+# executorch_export.score_only_nodes).
 # Core ML's weight quantization takes the detector's constants too, so its file is compared whole.
 _FLOAT_DETECTOR_FORMATS = ("onnx", "executorch")
 

@@ -281,7 +281,7 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     sel = ctx.selection if ctx.selection is not None and len(ctx.selection) else ctx.calibration
     ref = load_onnx(fp32)(sel)
-    search = RecipeSearch("onnx int8")
+    search = RecipeSearch("onnx int8", SELECTION_TARGET)
     window = calibration_window(ctx.activation_mb)
     caches: dict[tuple[str, float | None], Path] = {}
 

@@ -37,7 +37,8 @@ if TYPE_CHECKING:  # verify.py imports this module; the context is only an annot
     from .verify import ExportContext
 from .phone import preprocess
 
-__all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "score_only_nodes",
+__all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "selection_scores",
+           "score_only_nodes",
            "verify_unknown", "manifest_unknown", "int8_unknown_bar", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT",
            "INT8_THRESHOLD_BAND", "INT8_MIN_OVERALL_AGREEMENT", "INT8_MAX_MEDIAN_REL_DIFF"]
 
@@ -50,6 +51,7 @@ INT8_THRESHOLD_BAND = 0.25  # |fp32 score - threshold| <= this x threshold: "nea
 INT8_MIN_OVERALL_AGREEMENT = 0.97  # on all images, near ones included
 INT8_MAX_MEDIAN_REL_DIFF = 0.20
 _PROBES = 24  # generated non-photos added to the held-out split for the check
+_SELECTION_SEED = 11  # non-photos for choosing an int8 recipe: others than the check's (seed 7)
 _BATCH = 32
 
 ScoreRunner = Callable[[np.ndarray], np.ndarray]
@@ -118,6 +120,23 @@ def _probes(ctx: ExportContext) -> np.ndarray:
         ctx.unknown_probe["probes"] = np.concatenate(
             [preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size, seed=7)])
     return ctx.unknown_probe["probes"]
+
+
+def selection_scores(ctx: ExportContext, sel: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Inputs for choosing an int8 recipe by its ``unknown_score`` -- the selection images ``sel``
+    plus generated non-photos of another seed than the check's, so the choice is not fitted to the
+    verification -- and the PyTorch fp32 scores on them. ``None`` for a run without a detector."""
+    if not has_unknown(ctx):
+        return None
+    if "selection" not in ctx.unknown_probe:
+        spec = ctx.record.preprocess_spec
+        neg = [preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size,
+                                                                        seed=_SELECTION_SEED)]
+        x = np.concatenate([np.asarray(sel[0:len(sel)], np.float32), *neg])
+        with torch.no_grad():
+            ref = run_batched(lambda b: ctx.model(torch.from_numpy(b))[1].numpy().reshape(-1, 1), x, _BATCH)
+        ctx.unknown_probe["selection"] = (x, ref.reshape(-1))
+    return ctx.unknown_probe["selection"]
 
 
 def reference_scores(ctx: ExportContext) -> tuple[np.ndarray, np.ndarray]:

@@ -144,7 +144,11 @@ def test_int8_artifacts_meet_the_bars_on_a_real_fine_tuned_run(full_bundle: Path
         fp32 = manifest.find(art.format, "fp32")
         det = _detector_bytes(tiny_run) if art.unknown_output else 0
         assert not det or manifest.unknown["detector_float_bytes"] == det  # what `fieldid bench` leaves out
-        assert art.size_bytes - det <= 0.30 * (fp32.size_bytes - det), (art.file, art.size_bytes, fp32.size_bytes, det)
+        # A .pte recipe that kept the feature conv in fp32 for unknown_score is larger on purpose
+        # (executorch_export._choose_int8); it must say so, and is still far below fp32.
+        bound = 0.50 if q.get("for_unknown") else 0.30
+        assert not q.get("for_unknown") or "for unknown_score" in art.method, art.method
+        assert art.size_bytes - det <= bound * (fp32.size_bytes - det), (art.file, art.size_bytes, fp32.size_bytes, det)
 
 
 def test_label_order_read_back_from_every_file(full_bundle: Path, manifest: Manifest, tiny_run: Path) -> None:

@@ -111,6 +111,27 @@ def _check_images(run: Path, spec) -> np.ndarray:
     return np.concatenate([x, gen])
 
 
+def test_int8_pte_leaves_the_score_only_ops_in_fp32() -> None:
+    """The .pte quantizer skips exactly the ops only ``unknown_score`` needs (as ONNX does): int8
+    ranges calibrated on in-distribution photos would clip an unknown photo's distance."""
+    from fieldid.export.executorch_export import score_only_nodes
+    from fieldid.training.models import create_model, example_input
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 4, pretrained=False).eval()
+    det = UnknownDetector(torch.eye(1280)[:, :8], torch.ones(8), torch.tensor(1.0), torch.zeros(4, 1280))
+    x = example_input("mobilenet_v2", 64, batch_size=2)
+    gm = torch.export.export(ScoredModel(model, det), (x,)).module()
+    skip = score_only_nodes(gm)
+    stacks = {n.name: " ".join(str(v[0]) for v in (n.meta.get("nn_module_stack") or {}).values())
+              for n in gm.graph.nodes if n.op == "call_function"}
+    assert skip and all("detector" in stacks[name] for name in skip)
+    # Every op of the detector is skipped, none of the network's or the classifier's is.
+    assert {n for n, st in stacks.items() if "detector" in st} == skip
+    assert not any("head" in stacks[name] or "body" in stacks[name] for name in skip)
+    assert score_only_nodes(torch.export.export(model, (x,)).module()) == set()  # no unknown_score output
+
+
 def test_every_artifact_unknown_score_matches_pytorch(full_bundle: Path, tiny_run: Path) -> None:
     from fieldid.export.manifest import load_manifest
     from fieldid.export.onnx_export import read_onnx_metadata
