@@ -1,0 +1,63 @@
+"""The int8 recipe search's choice: the unknown check first, then logits at target, then fidelity."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fieldid.export.recipes import RecipeSearch
+
+
+@dataclass
+class _Recipe:
+    name: str
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _logits(flips: int, n: int = 100, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(n, 4)).astype(np.float32)
+    ref[np.arange(n), ref.argmax(1)] += 2.0
+    got = ref + noise
+    for i in range(flips):  # swap the top two classes of image i
+        top = np.argsort(-ref[i])[:2]
+        got[i, top] = ref[i, top[::-1]]
+    return got, ref
+
+
+def _unknown(passed: bool, agreement: float) -> dict:
+    return {"passed": passed, "clear_agreement": agreement, "decision_agreement": agreement,
+            "median_diff_over_threshold": 0.1}
+
+
+def test_a_candidate_that_passes_the_unknown_check_beats_better_logits() -> None:
+    s = RecipeSearch("t", 0.99)
+    perfect, ref = _logits(0)
+    one_flip, _ = _logits(1)
+    s.add(_Recipe("small"), perfect, ref, time.time(), "small", unknown=_unknown(False, 0.90))
+    s.add(_Recipe("larger"), one_flip, ref, time.time(), "larger", unknown=_unknown(True, 0.98))
+    assert s.best[1] == "larger" and s.best_agreement == 0.99
+    assert [t["unknown_selection"]["passed"] for t in s.tried] == [False, True]
+
+
+def test_when_none_passes_logits_at_target_come_first_then_unknown_agreement() -> None:
+    s = RecipeSearch("t", 0.99)
+    perfect, ref = _logits(0)
+    five_flips, _ = _logits(5)
+    s.add(_Recipe("bad logits, closer score"), five_flips, ref, time.time(), "a", unknown=_unknown(False, 0.96))
+    s.add(_Recipe("full int8"), perfect, ref, time.time(), "b", unknown=_unknown(False, 0.90))
+    assert s.best[1] == "b"  # logits below target lose, whatever their score
+    s.add(_Recipe("fp32 features"), perfect + 0.01, ref, time.time(), "c", unknown=_unknown(False, 0.94))
+    assert s.best[1] == "c"  # both at target: the closer unknown score wins over the lower logit error
+
+
+def test_without_a_detector_the_lower_logit_error_breaks_ties() -> None:
+    s = RecipeSearch("t", 0.99)
+    close, ref = _logits(0, noise=0.01)
+    far, _ = _logits(0, noise=0.2)
+    s.add(_Recipe("far"), far, ref, time.time(), "far")
+    s.add(_Recipe("close"), close, ref, time.time(), "close")
+    assert s.best[1] == "close" and "unknown_selection" not in s.tried[0]
