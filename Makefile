@@ -111,10 +111,12 @@ bench-export: $(STAMP)
 	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224
 	$(PY) -m fieldid.export.bench_export --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
 
-# Reference fine-tune vs `fieldid train` defaults on five small datasets, the CPU speed choices,
+# Reference fine-tune vs `fieldid train` defaults on five small datasets, the augmentation sweep the
+# defaults are chosen by, the CPU speed choices,
 # then the decode-cache rows.
 bench-train: $(STAMP)
 	$(PY) -m fieldid.training.bench compare --work $(RUNS)/bench-train
+	$(PY) -m fieldid.training.bench augment --work $(RUNS)/bench-train
 	$(PY) -m fieldid.training.bench choices
 	$(FIELDID) data demo reef $(DATA)/reef
 	$(PY) -m fieldid.training.bench --data $(DATA)/reef

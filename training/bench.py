@@ -1,6 +1,7 @@
 """``make bench-train``: fieldid's training defaults against a plain fine-tune, and the speed choices.
 
     python -m fieldid.training.bench compare [--work runs/bench-train] [--sets digits,faces,textures,reef,salmon]
+    python -m fieldid.training.bench augment [--work runs/bench-train] [--variants defaults,strong,none]
     python -m fieldid.training.bench choices            # fp32 / bf16 autocast / channels-last step times
     python -m fieldid.training.bench --data data/reef [--model mobilenet_v2] [--image-size 128] [--batches 12]
 
@@ -10,6 +11,10 @@ photos) plus the two demo sets, then runs, on the same split and one after the o
 the reference (:mod:`fieldid.training.reference`: 3 epochs, AdamW 3e-4, 160 px, no
 augmentation) and ``fieldid train`` with its defaults, and prints test accuracy, wall time
 and their ratio. Goal: fieldid >= reference accuracy in <= 2x its wall time.
+
+``augment`` trains ``fieldid train`` on the same datasets once per augmentation variant
+(:data:`AUGMENT_VARIANTS`: the shipped defaults, the strong kind they replaced, none) and prints
+test accuracy per dataset and variant: the measurement the defaults are chosen by.
 
 The last form (no subcommand) is the decode-cache benchmark:
 
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +44,8 @@ from .data import CachedImageDataset, ImageCache, make_split, train_transform
 from .models import create_model, get_backbone
 from .records import atomic_write_json
 
-__all__ = ["bench_train", "bench_compare", "bench_choices", "make_bench_datasets", "BENCH_SETS"]
+__all__ = ["bench_train", "bench_compare", "bench_augment", "bench_choices", "make_bench_datasets", "BENCH_SETS",
+           "AUGMENT_VARIANTS"]
 
 BENCH_SETS = ("digits", "faces", "textures", "reef", "salmon")
 
@@ -252,6 +259,80 @@ def format_compare(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- augmentation sweep
+# ``augment:`` overrides of each variant (AugmentConfig keys; {} = the shipped defaults).
+AUGMENT_VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    # The kind the defaults replaced: crops down to 35% of the area, more rotation and blur.
+    "strong": {"scale_min": 0.35, "rotate_degrees": 15.0, "blur_prob": 0.3},
+    # Full-area crops only (RandomResizedCrop still varies the aspect ratio a little).
+    "none": {"scale_min": 1.0, "hflip": False, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0,
+             "blur_prob": 0.0, "rotate_degrees": 0.0},
+}
+
+
+def _variant_config(work: Path, name: str) -> list[str]:
+    """``fieldid train`` flags for variant ``name``: a YAML with its ``augment`` overrides."""
+    overrides = AUGMENT_VARIANTS[name]
+    if not overrides:
+        return []
+    import yaml
+
+    path = work / f"augment-{name}.yaml"
+    path.write_text(yaml.safe_dump({"augment": overrides}, sort_keys=True))
+    return ["--config", str(path)]
+
+
+def bench_augment(work: str | Path, names: tuple[str, ...] = BENCH_SETS, variants: tuple[str, ...] = tuple(AUGMENT_VARIANTS),
+                  *, demo_scale: float = 0.12) -> list[dict]:
+    """``fieldid train`` per dataset and augmentation variant, everything else at its defaults."""
+    from .records import atomic_write_json
+
+    unknown = [v for v in variants if v not in AUGMENT_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(AUGMENT_VARIANTS)}")
+    work = Path(work)
+    sets = make_bench_datasets(work / "data", names, demo_scale=demo_scale)
+    rows = []
+    for name, folder in sets.items():
+        for variant in variants:
+            run = work / "augment-runs" / variant / name
+            if run.exists():
+                import shutil
+
+                shutil.rmtree(run)
+            print(f"[{name}] fieldid train, augmentation {variant} ...", flush=True)
+            secs, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run),
+                              *_variant_config(work, variant)], work / f"{name}-augment-{variant}.log")
+            metrics = json.loads((run / "metrics.json").read_text())
+            rows.append({"dataset": name, "variant": variant, "test": metrics["num_images"],
+                         "accuracy": round(metrics["accuracy"], 4), "val_accuracy": round(metrics["val"]["accuracy"], 4),
+                         "seconds": round(secs, 1), "epochs": metrics["training"]["epochs"]})
+            print(f"[{name}] {variant}: test accuracy {rows[-1]['accuracy']:.3f} in {secs:.0f} s", flush=True)
+            atomic_write_json(work / "bench-augment.json", rows)
+    return rows
+
+
+def format_augment(rows: list[dict]) -> str:
+    """Test accuracy (and seconds) per dataset and variant, the mean per variant, and the best one."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    sets = list(dict.fromkeys(r["dataset"] for r in rows))
+    cell = {(r["dataset"], r["variant"]): r for r in rows}
+    lines = ["| dataset | test images | " + " | ".join(f"{v} acc (s)" for v in variants) + " |",
+             "|---|---:|" + "---:|" * len(variants)]
+    for d in sets:
+        n = next(r["test"] for r in rows if r["dataset"] == d)
+        lines.append(f"| {d} | {n} | " + " | ".join(
+            f"{cell[d, v]['accuracy']:.3f} ({cell[d, v]['seconds']:.0f})" if (d, v) in cell else "-" for v in variants) + " |")
+    means = {v: float(np.mean([cell[d, v]["accuracy"] for d in sets if (d, v) in cell])) for v in variants}
+    lines.append("| mean | | " + " | ".join(f"{means[v]:.3f}" for v in variants) + " |")
+    best = max(means, key=means.get)
+    lines.append(f"best mean test accuracy: {best} ({means[best]:.3f})"
+                 + ("" if best == "defaults" or "defaults" not in means else
+                    f"; the shipped defaults: {means['defaults']:.3f}"))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- speed choices
 def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4) -> list[dict]:
     """Seconds per training step of MobileNetV2 under each CPU setting training could pick."""
@@ -300,6 +381,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,
                              train_args=a.train_args.split())
         print("\n" + format_compare(rows))
+        return 0
+    if argv[:1] == ["augment"]:
+        p = argparse.ArgumentParser(prog="python -m fieldid.training.bench augment")
+        p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
+        p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
+        p.add_argument("--variants", default=",".join(AUGMENT_VARIANTS), help="comma-separated augmentation variants")
+        p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
+        a = p.parse_args(argv[1:])
+        try:
+            rows = bench_augment(a.work, tuple(x for x in a.sets.split(",") if x),
+                                 tuple(x for x in a.variants.split(",") if x), demo_scale=a.demo_scale)
+        except ValueError as e:
+            print(f"bench augment: error: {e}", file=sys.stderr)
+            return 2
+        print("\n" + format_augment(rows))
         return 0
     if argv[:1] == ["choices"]:
         rows = bench_choices()
