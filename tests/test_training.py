@@ -295,8 +295,23 @@ def test_temperature_scaling_fixes_overconfidence() -> None:
 def test_fallback_threshold_meets_target_on_accepted() -> None:
     probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.55, 0.45]])
     y = torch.tensor([0, 0, 1, 0])  # the 0.6 one is wrong
-    c = choose_fallback_threshold(probs, y, target_accuracy=0.99, min_threshold=0.5)
+    c = choose_fallback_threshold(probs, y, target_accuracy=0.9, min_threshold=0.5)
     assert 0.6 < c.threshold <= 0.9 and c.accepted_accuracy == 1.0 and c.accepted_fraction == 0.5
+
+
+def test_fallback_threshold_rises_above_the_floor_on_a_perfect_but_unsure_val_set() -> None:
+    """All val answers right, yet the calibrated confidences expect ~1.5% wrong (the salmon demo):
+    the threshold rises until the answers the phone keeps are expected >= 99% right."""
+    conf = torch.tensor([0.995] * 85 + [0.69, 0.79, 0.82, 0.90, 0.92])
+    probs = torch.stack([conf, 1 - conf], dim=1)
+    y = torch.zeros(len(conf), dtype=torch.long)  # every answer is right
+    c = choose_fallback_threshold(probs, y, target_accuracy=0.99, min_threshold=0.5)
+    assert 0.69 < c.threshold <= 0.92 and c.accepted_accuracy == 1.0
+    kept = conf[conf >= c.threshold]
+    assert kept.mean() >= 0.99 and conf[conf >= c.threshold - 0.01].mean() < 0.99  # the smallest such t
+    # Confident and right: the floor stays.
+    sure = torch.stack([torch.full((90,), 0.998), torch.full((90,), 0.002)], dim=1)
+    assert choose_fallback_threshold(sure, torch.zeros(90, dtype=torch.long)).threshold == 0.5
 
 
 # --------------------------------------------------------------------------- end to end

@@ -72,7 +72,9 @@ class TrainConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str | None = None  # None -> bf16/16-mixed on CUDA, 32-true on CPU (bench-train: bf16 is slower there)
-    fallback_target_accuracy: float = 0.97
+    # The phone's own answers: >= 99% right (issue 10's bar for answered photos), observed and
+    # expected from the calibrated confidences (calibrate.choose_fallback_threshold).
+    fallback_target_accuracy: float = 0.99
     min_fallback_threshold: float = 0.5
     limit_train_batches: float | int = 1.0
     # Knowledge distillation (training/distill.py): a finished run (the server model) to learn from.
