@@ -1,7 +1,8 @@
 """``fieldid tune`` with two processes on one study in a real PostgreSQL server started by the test.
 
-One process is killed with -9 in the middle of a trial: the other finishes the study, the killed
-trial is marked failed and retried (continued from its checkpoint), and no trial counts twice.
+One process is killed with -9 in the middle of a trial; the other, started once the killed one's
+heartbeat is stale, finishes the study: the killed trial is marked failed and retried (continued
+from its checkpoint), and no trial counts twice.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +28,7 @@ lr: {type: float, low: 1.0e-4, high: 2.0e-3, log: true}
 label_smoothing: {type: float, low: 0.0, high: 0.2}
 """
 TRIALS = 3
+HEARTBEAT = 2  # seconds (--heartbeat)
 
 
 def _free_port() -> int:
@@ -99,17 +102,21 @@ def test_two_processes_share_a_postgres_study_and_survive_a_kill(postgres_url: s
     def args(out: Path) -> list[str]:
         return ["tune", "--data", str(shapes_dir), "--trials", str(TRIALS), "--out", str(out), "--space", str(space),
                 "--storage", postgres_url, "--study", "shapes-pg", "--epochs", "3", "--image-size", "48",
-                "--batch-size", "16", "--accelerator", "cpu", "--heartbeat", "2", "--pruner", "none",
+                "--batch-size", "16", "--accelerator", "cpu", "--heartbeat", str(HEARTBEAT), "--pruner", "none",
                 "--num-workers", "0"]
 
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     a = fieldid_proc(*args(out_a))
-    b = fieldid_proc(*args(out_b))
     wait_for(lambda: _trial_with_checkpoint(out_a), a, 600, "process A's trial to checkpoint mid-training")
     os.killpg(a.pid, signal.SIGKILL)
     a.wait()
     killed = [p for p in out_a.glob("trial-*") if '"training"' in (p / "run.json").read_text()]
     assert killed, "A was killed after its trial finished, not in the middle of it"
+    # B joins once A's heartbeat is stale (tune's grace period: 2 x HEARTBEAT). Joining earlier made the outcome a
+    # race: on a fast machine B reached the study's target before its next ask could fail A's trial
+    # (CI: the killed trial was left RUNNING). Here B's first ask fails it, deterministically.
+    time.sleep(2 * HEARTBEAT + 2)
+    b = fieldid_proc(*args(out_b))
 
     assert b.wait(timeout=900) == 0, Path(b.log_path).read_text()[-3000:]
     summary = json.loads(Path(b.log_path).read_text().strip().splitlines()[-1])
