@@ -31,7 +31,7 @@ from .registry import (PTE_BATCH, Runner, converting, quiet_third_party, registe
                        register_runtime, run_batched)
 from .verify import ExportContext, input_spec, make_artifact, verify_artifact
 from .manifest import Artifact
-from .unknown import first_output, has_unknown
+from .unknown import first_output, has_unknown, upstream_names
 from .onnx_export import FLOAT_PARAM_BUDGET, SELECTION_TARGET
 from .pte_runtime import load_pte_method, native_stderr_silenced, set_threads
 
@@ -228,14 +228,8 @@ def score_only_nodes(gm: torch.fx.GraphModule) -> set[str]:
     results = out.args[0]
     if not isinstance(results, (tuple, list)) or len(results) < 2:
         return set()  # no unknown_score output
-    needed: set[str] = set()
-    stack = [results[0]]  # the logits
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, torch.fx.Node) or node.name in needed:
-            continue
-        needed.add(node.name)
-        stack.extend(node.all_input_nodes)
+    logits = [results[0]] if isinstance(results[0], torch.fx.Node) else []
+    needed = upstream_names(logits, lambda n: n.all_input_nodes)
     return {n.name for n in gm.graph.nodes if n.op == "call_function" and n.name not in needed}
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # verify.py imports this module; the context is only an annot
 from .phone import preprocess
 
 __all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "selection_scores",
-           "score_only_nodes",
+           "score_only_nodes", "upstream_names",
            "verify_unknown", "manifest_unknown", "int8_unknown_bar", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT",
            "INT8_THRESHOLD_BAND", "INT8_MIN_OVERALL_AGREEMENT", "INT8_MAX_MEDIAN_REL_DIFF"]
 
@@ -114,11 +114,21 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
     return lambda x: run_batched(lambda b: np.asarray(run(b)).reshape(-1, 1), x, batch).reshape(-1)
 
 
+def _generated(spec: Any, seed: int) -> np.ndarray:
+    """``_PROBES`` generated non-photos (gradients, noise, ...) through the phone preprocessing."""
+    return np.concatenate([preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size,
+                                                                                    seed=seed)])
+
+
+def _fp32_scores(ctx: ExportContext, x: np.ndarray) -> np.ndarray:
+    """PyTorch fp32 ``unknown_score`` of ``ctx.model`` on ``x``, shape ``(N,)``."""
+    with torch.no_grad():
+        return run_batched(lambda b: ctx.model(torch.from_numpy(b))[1].numpy().reshape(-1, 1), x, _BATCH).reshape(-1)
+
+
 def _probes(ctx: ExportContext) -> np.ndarray:
-    spec = ctx.record.preprocess_spec
     if "probes" not in ctx.unknown_probe:
-        ctx.unknown_probe["probes"] = np.concatenate(
-            [preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size, seed=7)])
+        ctx.unknown_probe["probes"] = _generated(ctx.record.preprocess_spec, seed=7)
     return ctx.unknown_probe["probes"]
 
 
@@ -129,24 +139,16 @@ def selection_scores(ctx: ExportContext, sel: Any) -> tuple[np.ndarray, np.ndarr
     if not has_unknown(ctx):
         return None
     if "selection" not in ctx.unknown_probe:
-        spec = ctx.record.preprocess_spec
-        neg = [preprocess(img, spec) for _, img in generated_unknowns(_PROBES, size=spec.resize_size,
-                                                                        seed=_SELECTION_SEED)]
-        x = np.concatenate([np.asarray(sel[0:len(sel)], np.float32), *neg])
-        with torch.no_grad():
-            ref = run_batched(lambda b: ctx.model(torch.from_numpy(b))[1].numpy().reshape(-1, 1), x, _BATCH)
-        ctx.unknown_probe["selection"] = (x, ref.reshape(-1))
+        x = np.concatenate([np.asarray(sel[0:len(sel)], np.float32),
+                            _generated(ctx.record.preprocess_spec, seed=_SELECTION_SEED)])
+        ctx.unknown_probe["selection"] = (x, _fp32_scores(ctx, x))
     return ctx.unknown_probe["selection"]
 
 
 def reference_scores(ctx: ExportContext) -> tuple[np.ndarray, np.ndarray]:
     """Inputs of the check (held-out + generated) and the PyTorch fp32 unknown scores on them."""
     if "reference" not in ctx.unknown_probe:
-        probes = _probes(ctx)
-        with torch.no_grad():
-            ref = np.concatenate([ctx.model(torch.from_numpy(probes[i:i + _BATCH]))[1].numpy()
-                                  for i in range(0, len(probes), _BATCH)])
-        ctx.unknown_probe["reference"] = np.concatenate([ctx.reference_unknown, ref])
+        ctx.unknown_probe["reference"] = np.concatenate([ctx.reference_unknown, _fp32_scores(ctx, _probes(ctx))])
     return np.concatenate([ctx.heldout, _probes(ctx)]), ctx.unknown_probe["reference"]
 
 
@@ -230,12 +232,19 @@ def score_only_nodes(path: str | Path) -> list[str]:
     if UNKNOWN_OUTPUT not in [o.name for o in g.output]:
         return []
     producer = {out: n for n in g.node for out in n.output}
+    needed = upstream_names([producer["logits"]] if "logits" in producer else [],
+                            lambda n: [producer[i] for i in n.input if i in producer])
+    return [n.name for n in g.node if n.name not in needed]
+
+
+def upstream_names(roots: list[Any], parents: Callable[[Any], list[Any]]) -> set[str]:
+    """``.name`` of ``roots`` and of every graph node they depend on (ONNX or torch.fx nodes alike)."""
     needed: set[str] = set()
-    stack = ["logits"]
+    stack = list(roots)
     while stack:
-        node = producer.get(stack.pop())
-        if node is None or node.name in needed:
+        node = stack.pop()
+        if node.name in needed:
             continue
         needed.add(node.name)
-        stack.extend(node.input)
-    return [n.name for n in g.node if n.name not in needed]
+        stack.extend(parents(node))
+    return needed

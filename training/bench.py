@@ -204,11 +204,21 @@ def _timed(cmd: list[str], log_path: Path) -> tuple[float, str]:
     return time.perf_counter() - t0, r.stdout
 
 
+def _fieldid_train(folder: Path, run: Path, flags: list[str], log_path: Path) -> tuple[float, dict, dict]:
+    """A fresh ``fieldid train`` run (an old ``run`` is removed first): seconds, metrics.json, run.json."""
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    secs, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run), *flags],
+                     log_path)
+    return secs, json.loads((run / "metrics.json").read_text()), json.loads((run / "run.json").read_text())
+
+
 def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
                   train_args: list[str] | None = None) -> list[dict]:
     """Reference vs ``fieldid train`` (defaults) on each dataset, same split, one after the other."""
     from .data import make_split
-    from .records import atomic_write_json
 
     work = Path(work)
     sets = make_bench_datasets(work / "data", names, demo_scale=demo_scale)
@@ -223,16 +233,9 @@ def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo
         ref_s, ref_out = _timed([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
                                 work / f"{name}-reference.log")
         ref = json.loads(ref_out.strip().splitlines()[-1])
-        run = work / "runs" / name
-        if run.exists():
-            import shutil
-
-            shutil.rmtree(run)
         print(f"[{name}] fieldid train (defaults) ...", flush=True)
-        ours_s, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run),
-                            *(train_args or [])], work / f"{name}-fieldid.log")
-        metrics = json.loads((run / "metrics.json").read_text())
-        record = json.loads((run / "run.json").read_text())
+        ours_s, metrics, record = _fieldid_train(folder, work / "runs" / name, train_args or [],
+                                                 work / f"{name}-fieldid.log")
         row = {"dataset": name, "train": len(split.files["train"]), "val": len(split.files["val"]),
                "test": len(split.files["test"]), "classes": len(split.labels),
                "reference_accuracy": round(ref["test_accuracy"], 4), "reference_s": round(ref_s, 1),
@@ -286,25 +289,18 @@ def _variant_config(work: Path, name: str) -> list[str]:
 def bench_augment(work: str | Path, names: tuple[str, ...] = BENCH_SETS, variants: tuple[str, ...] = tuple(AUGMENT_VARIANTS),
                   *, demo_scale: float = 0.12) -> list[dict]:
     """``fieldid train`` per dataset and augmentation variant, everything else at its defaults."""
-    from .records import atomic_write_json
-
     unknown = [v for v in variants if v not in AUGMENT_VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(AUGMENT_VARIANTS)}")
     work = Path(work)
     sets = make_bench_datasets(work / "data", names, demo_scale=demo_scale)
+    flags = {v: _variant_config(work, v) for v in variants}  # one YAML per variant, shared by every dataset
     rows = []
     for name, folder in sets.items():
         for variant in variants:
-            run = work / "augment-runs" / variant / name
-            if run.exists():
-                import shutil
-
-                shutil.rmtree(run)
             print(f"[{name}] fieldid train, augmentation {variant} ...", flush=True)
-            secs, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run),
-                              *_variant_config(work, variant)], work / f"{name}-augment-{variant}.log")
-            metrics = json.loads((run / "metrics.json").read_text())
+            secs, metrics, _ = _fieldid_train(folder, work / "augment-runs" / variant / name, flags[variant],
+                                              work / f"{name}-augment-{variant}.log")
             rows.append({"dataset": name, "variant": variant, "test": metrics["num_images"],
                          "accuracy": round(metrics["accuracy"], 4), "val_accuracy": round(metrics["val"]["accuracy"], 4),
                          "seconds": round(secs, 1), "epochs": metrics["training"]["epochs"]})
