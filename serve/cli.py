@@ -150,8 +150,9 @@ def _add_targets(p: argparse.ArgumentParser, with_devices: bool = False) -> None
                        help="device model (run or bundle) whose fallback the served model answers, one per --run/--bundle "
                             "in the same order; their labels must be identical (default: not checked)")
     p.add_argument("--state-dir", type=Path, default=None,
-                   help="where the server keeps config, model store, logs, key file (default: RUN/serve of the first "
-                        "run; stop/status/rotate-key without it act on every server started with a given run)")
+                   help="where the server keeps config, model store, logs, key file: a new or empty folder, or one "
+                        "fieldid made (start clears parts of it) (default: RUN/serve of the first run; "
+                        "stop/status/rotate-key without it act on every server started with a given run)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

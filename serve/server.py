@@ -18,9 +18,12 @@ What this hides from a user (each one a known TorchServe trap):
   ends the group and verifies that no Java frontend or Python worker remains.
 
 Everything a server owns lives in its state directory (default ``RUN/serve``): ``server.json``,
-``config.properties``, ``model-store/``, ``logs/``, ``key_file.json`` and ``tmp/``. The only
-thing written elsewhere: ``served_by.json`` in the default state dir of every other model it
-serves, so that ``stop``/``status --run B`` find the server started as ``--run A --run B``.
+``config.properties``, ``model-store/``, ``logs/``, ``key_file.json``, ``tmp/`` and the marker
+``.fieldid-serve-state``. ``start`` clears ``model-store/``, ``tmp/`` and ``key_file.json``, so it
+uses only a folder that carries the marker, or a new or empty one (which it marks): never a
+folder a user filled (``--state-dir ~`` is refused, nothing deleted). The only thing written
+elsewhere: ``served_by.json`` in the default state dir of every other model it serves, so that
+``stop``/``status --run B`` find the server started as ``--run A --run B``.
 """
 from __future__ import annotations
 
@@ -65,6 +68,8 @@ __all__ = [
     "wait_ready",
     "read_server_state",
     "STATE_FILE",
+    "STATE_MARKER",
+    "claim_state_dir",
 ]
 
 log = logging.getLogger("fieldid.serve")
@@ -72,6 +77,8 @@ log = logging.getLogger("fieldid.serve")
 MIN_JAVA = 17
 # In RUN/serve of every model served from another state dir: {"state_dirs": [...]}.
 POINTER_FILE = "served_by.json"
+# In every state folder fieldid made (or adopted empty): only such a folder is ever cleared.
+STATE_MARKER = ".fieldid-serve-state"
 # Markers of processes that belong to a TorchServe server (launcher, Java frontend, workers).
 _TS_MARKERS = ("ts.model_server", "org.pytorch.serve.ModelServer", "model_service_worker")
 
@@ -81,6 +88,44 @@ def default_state_dir(bundle: str | Path) -> Path:
     """``RUN/serve`` for a run's ``export/`` bundle, else ``<bundle>-serve`` next to the bundle."""
     b = bundle_dir_of(bundle).resolve()
     return b.parent / "serve" if b.name == "export" else b.parent / f"{b.name}-serve"
+
+
+def claim_state_dir(state_dir: str | Path, *, create: bool = True) -> Path:
+    """``state_dir`` resolved, as a server state folder fieldid may clear: one that carries
+    :data:`STATE_MARKER`, or a new or empty folder (created owner-only and marked now).
+
+    Args:
+        state_dir: the folder given (``--state-dir``) or the default ``RUN/serve``.
+        create: create (and mark) a new or empty folder now; False only checks.
+
+    Returns:
+        The resolved folder.
+
+    Raises:
+        ServeError: it is a file, or a non-empty folder without the marker (nothing is touched).
+
+    Example:
+        >>> claim_state_dir("runs/reef/serve")  # doctest: +SKIP
+        PosixPath('/.../runs/reef/serve')
+    """
+    d = Path(state_dir).expanduser().resolve()
+    if (d / STATE_MARKER).is_file():
+        return d
+    if d.exists() and not d.is_dir():
+        raise ServeError(f"state folder {d} is a file; give a new or empty folder with --state-dir")
+    if d.is_dir() and any(d.iterdir()):
+        raise ServeError(f"{d} is not a fieldid server state folder (no {STATE_MARKER}) and is not empty; "
+                         f"a server clears model-store/, tmp/ and key_file.json in its folder, so give a new "
+                         f"or empty one with --state-dir")
+    if not create:
+        return d
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)  # never chmod a folder the user already had
+    atomic_write_text(d / STATE_MARKER, json.dumps({"what": "fieldid serve state folder"}) + "\n")
+    return d
+
+
+def _is_marked(state_dir: Path) -> bool:
+    return (state_dir / STATE_MARKER).is_file()
 
 
 def _pointer_targets(own: Path) -> list[str]:
@@ -110,7 +155,10 @@ def _write_pointers(bundles: list[Path], state_dir: Path) -> None:
         b = b.resolve()
         keep = [d for d in _pointer_targets(own) if d != str(state_dir) and _serves(Path(d), b)]
         try:
-            own.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                claim_state_dir(own)  # created here: `serve start --run B` may use it as its own later
+            except ServeError:
+                pass  # a folder the user filled: the pointer is added, nothing in it is cleared
             atomic_write_text(own / POINTER_FILE, json.dumps({"state_dirs": keep + [str(state_dir)]}) + "\n")
         except OSError as e:  # e.g. a read-only bundle: serving still works, only the lookup does not
             log.warning("cannot record the server in %s (%s); stop it with --state-dir %s", own, e, state_dir)
@@ -316,7 +364,8 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     if not bundles:
         raise ServeError("nothing to serve: pass --run RUN (or --bundle DIR) at least once")
     bundles = [bundle_dir_of(b) for b in bundles]
-    state_dir = Path(state_dir or default_state_dir(bundles[0])).resolve()
+    # First: a folder fieldid may clear, or one line and nothing touched (created further down).
+    state_dir = claim_state_dir(state_dir or default_state_dir(bundles[0]), create=False)
     if (state_dir / STATE_FILE).is_file():
         old = load_state(state_dir)
         if _is_running(old):
@@ -326,7 +375,7 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     for what, port in opts.ports().items():
         _check_port(opts.host if what == "inference" else "127.0.0.1", port, what)
 
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # never chmod a folder the user already had
+    claim_state_dir(state_dir)
     store = state_dir / "model-store"
     shutil.rmtree(store, ignore_errors=True)  # only the requested models, freshly archived
     mars = build_model_store(bundles, store)
@@ -392,6 +441,10 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
 def stop_server(state_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     """Stop the server of ``state_dir``: its whole process group, verified gone.
 
+    Only ``state_dir`` itself is cleaned up (its ``tmp/`` and ``key_file.json``; ``server.json``
+    marked stopped), and only when it carries :data:`STATE_MARKER`; never the folder named
+    inside ``server.json``.
+
     Returns:
         ``{"state_dir", "was_running", "stopped_pids"}``.
 
@@ -400,7 +453,9 @@ def stop_server(state_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     """
     import psutil
 
-    state = load_state(state_dir)
+    given = Path(state_dir)
+    sd = (given.parent if given.name == STATE_FILE or given.is_file() else given).resolve()
+    state = load_state(sd)
     procs = server_processes(state)
     was_running = bool(procs)
     if procs:
@@ -427,11 +482,13 @@ def stop_server(state_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
     left = server_processes(state)
     if left:
         raise ServeError(f"processes {', '.join(str(p.pid) for p in left)} of the server in {state_dir} survived SIGKILL")
-    sd = Path(state.state_dir)
-    (sd / "key_file.json").unlink(missing_ok=True)  # its keys died with the server
-    shutil.rmtree(sd / "tmp", ignore_errors=True)
-    state.status = "stopped"
-    state.to_json(sd / STATE_FILE)
+    if _is_marked(sd):
+        (sd / "key_file.json").unlink(missing_ok=True)  # its keys died with the server
+        shutil.rmtree(sd / "tmp", ignore_errors=True)
+        state.status = "stopped"
+        state.to_json(sd / STATE_FILE)
+    else:
+        log.warning("%s has no %s: stopped the server, left the folder as it is", sd, STATE_MARKER)
     return {"state_dir": str(sd), "was_running": was_running, "stopped_pids": sorted(p.pid for p in procs)}
 
 

@@ -1,0 +1,104 @@
+"""Defects found by the review of issue 17, each pinned by a test that failed on the code before its fix."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fieldid(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fieldid", *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _manifest_only_bundle(folder: Path) -> Path:
+    """A bundle whose manifest is valid but lists no artifact: anything that reads it works, archiving
+    it fails (no ONNX file to serve). No training needed."""
+    from fieldid.export.manifest import Manifest
+    from fieldid.records import PreprocessSpec
+
+    folder.mkdir(parents=True)
+    Manifest(name="nothing", labels=["a", "b"], preprocess=PreprocessSpec(72, 64).to_dict(), temperature=1.0,
+             fallback_threshold=0.5, fallback_rule="", backbone="mobilenet_v2", num_classes=2, source_run="",
+             source_checkpoint="", artifacts=[]).to_json(folder / "manifest.json")
+    return folder
+
+
+# ----------------------------------------------------------------- 1. serve state folders
+def _users_folder(root: Path) -> dict[Path, bytes]:
+    """A folder a user made (no fieldid marker) holding what `serve start` used to clear."""
+    files = {root / "tmp" / "notes.txt": b"mine", root / "model-store" / "keep.bin": b"\0\1",
+             root / "key_file.json": b'{"mine": true}'}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def test_serve_start_refuses_a_users_folder_and_deletes_nothing(tmp_path: Path) -> None:
+    """`--state-dir ~` used to delete ~/tmp, ~/model-store and ~/key_file.json before anything else failed."""
+    bundle = _manifest_only_bundle(tmp_path / "bundle")
+    home = tmp_path / "home"
+    files = _users_folder(home)
+    from fieldid.serve.config import ServeOptions
+
+    o = ServeOptions.on_free_ports()  # free ports: the old code got as far as clearing the folder
+    proc = _fieldid("serve", "start", "--bundle", str(bundle), "--state-dir", str(home), "--port", str(o.port),
+                    "--management-port", str(o.management_port), "--metrics-port", str(o.metrics_port),
+                    "--grpc-port", str(o.grpc_inference_port), "--grpc-management-port", str(o.grpc_management_port))
+    for path, data in files.items():
+        assert path.is_file() and path.read_bytes() == data, f"{path} was deleted or changed"
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "not a fieldid server state folder" in lines[0], proc.stderr
+
+
+def test_serve_start_adopts_a_new_or_empty_folder(tmp_path: Path) -> None:
+    """What fieldid creates (or an empty folder it is given) carries its marker afterwards."""
+    from fieldid.serve.server import STATE_MARKER, claim_state_dir
+
+    new, empty = tmp_path / "a" / "serve", tmp_path / "empty"
+    empty.mkdir()
+    for d in (new, empty):
+        assert claim_state_dir(d) == d.resolve() and (d / STATE_MARKER).is_file()
+        claim_state_dir(d)  # a marked folder stays usable
+
+
+def test_stop_server_cleans_only_the_folder_it_is_given(tmp_path: Path) -> None:
+    """stop_server used to delete tmp/ and key_file.json in the folder named *inside* server.json."""
+    from fieldid.serve.server import claim_state_dir, stop_server
+    from fieldid.serve.state import ServerState
+
+    victim = tmp_path / "victim"
+    files = _users_folder(victim)
+    own = claim_state_dir(tmp_path / "own")
+    (own / "tmp").mkdir()
+    ServerState(pid=1, create_time=0.0, state_dir=str(victim), host="127.0.0.1", ports={}, models={},
+                auth=True, key_file=str(victim / "key_file.json"), config="", log_dir="",
+                started="2025-01-01T00:00:00+00:00").to_json(own / "server.json")
+    res = stop_server(own)
+    assert res["state_dir"] == str(own)
+    for path, data in files.items():
+        assert path.read_bytes() == data, f"{path} was changed"
+    assert not (victim / "server.json").exists()
+    assert not (own / "tmp").exists()  # its own scratch space is cleared
+    assert json.loads((own / "server.json").read_text())["status"] == "stopped"
+
+
+def test_stop_server_leaves_an_unmarked_folder_alone(tmp_path: Path) -> None:
+    from fieldid.serve.server import stop_server
+    from fieldid.serve.state import ServerState
+
+    home = tmp_path / "home"
+    files = _users_folder(home)
+    ServerState(pid=1, create_time=0.0, state_dir=str(home), host="127.0.0.1", ports={}, models={},
+                auth=False, key_file="", config="", log_dir="",
+                started="2025-01-01T00:00:00+00:00").to_json(home / "server.json")
+    stop_server(home)
+    for path, data in files.items():
+        assert path.read_bytes() == data, f"{path} was changed"
