@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from fieldid.records import confined_path
+
 if TYPE_CHECKING:  # only for annotations: the readers below must not import training
     from .manifest import Manifest
 
@@ -57,7 +59,8 @@ def inside(root: str | Path, rel: object, *, what: str) -> Path:
         what: names the file and field for the error, e.g. ``"manifest.json: examples[3].file"``.
 
     Raises:
-        ValueError: ``rel`` is not a string, is empty, absolute, or contains ``..``.
+        RecordError: a ValueError: ``rel`` is not a string, is empty, absolute, or contains ``..``
+            (:func:`fieldid.records.confined_path`, the rule every record's paths follow).
 
     Example:
         >>> inside("/b", "examples/cat/1.jpg", what="x").as_posix()
@@ -65,14 +68,9 @@ def inside(root: str | Path, rel: object, *, what: str) -> Path:
         >>> inside("/b", "../secret", what="manifest.json: examples[0].file")
         Traceback (most recent call last):
         ...
-        ValueError: manifest.json: examples[0].file '../secret' must be a relative path inside the folder (no '..')
+        fieldid.records.RecordError: manifest.json: examples[0].file: '../secret' must stay inside the folder (no absolute path, no '..')
     """
-    if not isinstance(rel, str) or not rel:
-        raise ValueError(f"{what} must be a non-empty relative path, got {rel!r}")
-    parts = PurePosixPath(rel.replace("\\", "/"))
-    if parts.is_absolute() or Path(rel).is_absolute() or ".." in parts.parts or (parts.parts and ":" in parts.parts[0]):
-        raise ValueError(f"{what} {rel!r} must be a relative path inside the folder (no '..')")
-    return Path(root) / Path(*parts.parts)
+    return confined_path(root, rel, what=what)
 
 
 def check_entries(entries: object, labels: list[str], source: str) -> None:

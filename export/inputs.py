@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from fieldid.training.images import ImageError, load_rgb
-from fieldid.training.records import PreprocessSpec, RunRecord
+from fieldid.training.records import PreprocessSpec, RunRecord, confined_path
 
 from .phone import center_crop, normalize
 from .registry import ExportError
@@ -202,10 +202,7 @@ def samples_index(run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
 
 def _inside(root: Path, rel: str, what: str) -> Path:
     """``root / rel``, refusing absolute paths and ``..`` (files named in a record stay in its folder)."""
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts:
-        raise ExportError(f"{what}: {rel!r} must be a path inside {root} (no absolute path, no '..')")
-    return root / p
+    return confined_path(root, rel, what=what, where=str(root), error=ExportError)
 
 
 def heldout_from_run(index: dict[str, Any], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, str]:

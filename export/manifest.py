@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.records import PreprocessSpec, Record, RecordError, file_sha256, labels_difference
+from fieldid.records import PreprocessSpec, Record, RecordError, confined_path, file_sha256, labels_difference
 
 from .examples import check_entries
 
@@ -41,12 +41,7 @@ def check_inside_bundle(name: Any, what: str) -> str:
     Raises:
         ManifestError: not a non-empty string, absolute (POSIX or Windows), or with a ``..`` part.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ManifestError(f"manifest.json: {what}: the file name must be a non-empty string")
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise ManifestError(f"manifest.json: {what}: {name!r} must stay inside the bundle "
-                            f"(no absolute path, no '..')")
+    confined_path(".", name, what=f"manifest.json: {what}", where="the bundle", error=ManifestError)
     return name
 
 

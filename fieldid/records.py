@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "check_field_types",
+    "confined_path",
     "file_sha256",
     "labels_difference",
     "load_record",
@@ -41,6 +42,45 @@ T = TypeVar("T", bound="Record")
 
 class RecordError(ValueError):
     """A record on disk is missing, malformed or of an unsupported schema version."""
+
+
+def confined_path(root: str | os.PathLike, rel: Any, *, what: str, where: str = "the folder",
+                  error: type[ValueError] = RecordError) -> Path:
+    """``root / rel`` for a path read from a record (``run.json``, ``manifest.json``), refusing
+    anything that could point outside ``root``: the one rule for every path a record names.
+
+    Servers, apps, ``evaluate`` and ``export`` open (and some write) the files a record names,
+    and records travel (a copied run, a shared ``--teacher``, a downloaded bundle): an absolute
+    path or a ``..`` part would let a crafted record make them read or overwrite any file.
+
+    Args:
+        root: the folder the record's paths are relative to (``"."`` to check only).
+        rel: the path as read from the record.
+        what: names the file and field for the error, e.g. ``"run.json: metrics"``.
+        where: how the error names ``root`` (``"the run folder"``, ``"the bundle"``).
+        error: the exception type to raise (the caller's own error type).
+
+    Raises:
+        error: ``rel`` is not a non-empty string, is absolute (POSIX or Windows, a drive), or
+            has a ``..`` part.
+
+    Example:
+        >>> confined_path("/runs/reef", "checkpoints/best.ckpt", what="run.json: best_checkpoint").as_posix()
+        '/runs/reef/checkpoints/best.ckpt'
+        >>> confined_path("/runs/reef", "../other/metrics.json", what="run.json: metrics", where="the run folder")
+        Traceback (most recent call last):
+        ...
+        fieldid.records.RecordError: run.json: metrics: '../other/metrics.json' must stay inside the run folder (no absolute path, no '..')
+    """
+    if not isinstance(rel, str) or not rel.strip():
+        raise error(f"{what}: the file name must be a non-empty string")
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+        raise error(f"{what}: {rel!r} must stay inside {where} (no absolute path, no '..')")
+    inner = [p for p in parts if p not in ("", ".")]
+    if not inner:
+        raise error(f"{what}: {rel!r} names {where} itself, not a file in it")
+    return Path(root).joinpath(*inner)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -356,7 +396,8 @@ class PreprocessSpec(Record):
 class RunRecord(Record):
     """``RUN/run.json``: everything downstream needs to rebuild and describe the model.
 
-    Paths are relative to the run directory.
+    Paths are relative to the run directory and must stay inside it (:func:`confined_path`,
+    checked on load): the path fields below, ``unknown["file"]`` and ``extra["samples"]``.
     """
 
     name: str
@@ -397,10 +438,25 @@ class RunRecord(Record):
         if not 0.0 <= self.fallback_threshold <= 1.0:
             raise RecordError(f"{source}: fallback_threshold must be in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
+        for name, rel in self.paths().items():
+            confined_path(".", rel, what=f"{source}: {name}", where="the run folder")
+
+    def paths(self) -> dict[str, Any]:
+        """Every file this record names, relative to the run folder: ``{field: path}``."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _RUN_PATH_FIELDS}
+        for holder, key in (("unknown", "file"), ("extra", "samples")):
+            d = getattr(self, holder)
+            if isinstance(d, dict) and d.get(key) is not None:
+                out[f"{holder}.{key}"] = d[key]
+        return out
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.preprocess)
+
+
+# RunRecord fields that name a file in the run folder (besides unknown.file and extra.samples).
+_RUN_PATH_FIELDS = ("weights", "best_checkpoint", "last_checkpoint", "split", "config", "metrics")
 
 
 def load_record(run_dir: str | os.PathLike) -> RunRecord:
@@ -411,6 +467,6 @@ def load_record(run_dir: str | os.PathLike) -> RunRecord:
     rec = RunRecord.from_json(run_dir / "run.json")
     if rec.status != "trained":
         raise RecordError(f"{run_dir}: run is incomplete (status {rec.status!r}); finish it with --resume")
-    if not (run_dir / rec.weights).is_file():
+    if not confined_path(run_dir, rec.weights, what="run.json: weights").is_file():
         raise RecordError(f"{run_dir}: weights file {rec.weights} missing")
     return rec

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 
 def _fieldid(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fieldid", *args], cwd=cwd or REPO, capture_output=True,
+    """``python -m fieldid ARGS``; run from tests/ (no fieldid package there: the installed one is used)."""
+    return subprocess.run([sys.executable, "-m", "fieldid", *args], cwd=cwd or TESTS, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -102,3 +103,49 @@ def test_stop_server_leaves_an_unmarked_folder_alone(tmp_path: Path) -> None:
     stop_server(home)
     for path, data in files.items():
         assert path.read_bytes() == data, f"{path} was changed"
+
+
+# ----------------------------------------------------------------- 2. run.json paths stay in the run
+def _run_dict(**changes: object) -> dict:
+    from fieldid.records import PreprocessSpec, RunRecord
+
+    rec = RunRecord(name="r", backbone="mobilenet_v2", num_classes=2, labels=["a", "b"],
+                    preprocess=PreprocessSpec(72, 64).to_dict(), unknown={"file": "unknown.pth", "threshold": 0.5},
+                    extra={"samples": "samples/samples.json"})
+    d = rec.to_dict()
+    for key, value in changes.items():
+        holder, _, inner = key.partition(".")
+        if inner:
+            d[holder] = {**d[holder], inner: value}
+        else:
+            d[key] = value
+    return d
+
+
+@pytest.mark.parametrize("field", ["weights", "split", "metrics", "best_checkpoint", "last_checkpoint", "config",
+                                   "unknown.file", "extra.samples"])
+@pytest.mark.parametrize("bad", ["../other/file", "/etc/passwd", "a/../../b", "C:\\x"])
+def test_run_json_paths_must_stay_in_the_run(field: str, bad: str) -> None:
+    from fieldid.records import RecordError, RunRecord
+
+    RunRecord.from_dict(_run_dict(), source="run.json")  # the defaults are fine
+    with pytest.raises(RecordError, match=f"run.json: {field}: .* must stay inside the run folder"):
+        RunRecord.from_dict(_run_dict(**{field: bad}), source="run.json")
+
+
+def test_evaluate_never_writes_outside_a_copied_run(tiny_run: Path, tmp_path: Path) -> None:
+    """`evaluate` wrote its metrics through run.json's `metrics`: a copied run could overwrite any file."""
+    import shutil
+
+    run = tmp_path / "copied"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "serve", "bench"))
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"keep": true}\n')
+    rec = json.loads((run / "run.json").read_text())
+    rec["metrics"] = "../victim.json"
+    (run / "run.json").write_text(json.dumps(rec))
+    proc = _fieldid("evaluate", "--run", str(run))
+    assert victim.read_text() == '{"keep": true}\n'
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "metrics: '../victim.json' must stay inside the run folder" in lines[0], proc.stderr
