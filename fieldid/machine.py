@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_features", "describe_machine"]
+__all__ = ["cpu_features", "describe_machine", "git_commit"]
 
 # /proc/cpuinfo flags that decide int8 / bf16 kernel speed, in the order they are printed.
 _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -50,3 +50,25 @@ def describe_machine() -> str:
     features = _features(flags)
     return (f"CPU: {model}, {os.cpu_count()} logical cores visible; int8/bf16 features: "
             f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}")
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """The short commit (``+dirty`` with uncommitted changes) a benchmark ran on; ``unknown`` outside git.
+
+    Example:
+        >>> isinstance(git_commit(), str)
+        True
+    """
+    import subprocess
+
+    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -354,7 +354,7 @@ def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:
     # head_feature_cache off: this checks the head-only epoch that runs inside Lightning (DDP, two heads).
     rec = train(data, tmp_path / "run", TrainConfig(epochs=2, head_epochs=1, image_size=32, batch_size=16,
                                                     val_fraction=0.2, test_fraction=0.2, head_feature_cache=False,
-                                                    early_stopping_patience=5), callbacks=[spy])
+                                                    early_stopping_patience=5, imbalance="loss"), callbacks=[spy])
     # Head-only epoch: frozen backbone (BatchNorm statistics too), head training; after it, all of
     # the model trains - also after the validation loop in between has put it in eval mode.
     assert spy.modes == {0: {(False, True)}, 1: {(True, True)}}

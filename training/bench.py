@@ -393,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print("\n" + format_augment(rows))
         return 0
+    if argv[:1] == ["real"]:
+        from .bench_real import main as real_main
+
+        return real_main(argv[1:])
     if argv[:1] == ["choices"]:
         rows = bench_choices()
         print("\n| setting | s/step | vs fp32 |\n|---|---:|---:|")

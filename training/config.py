@@ -12,7 +12,10 @@ from fieldid.cli_common import first_line
 
 from .records import RecordError, atomic_write_text, check_field_types
 
-__all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config"]
+__all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config", "IMBALANCE_MODES", "OBJECTIVES"]
+
+IMBALANCE_MODES = ("auto", "none", "loss", "sqrt", "sampler", "logit_adjust")
+OBJECTIVES = ("accuracy", "balanced")
 
 
 class ConfigError(ValueError):
@@ -49,18 +52,29 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None  # local state dict overriding the default weight source
     image_size: int | None = None  # crop size; None -> matched to the photos (see image_size_rule)
-    epochs: int = 5  # total, including the head-only epochs
+    # A cap, not a count: early stopping ends the run when the val objective plateaus
+    # (early_stopping_patience epochs without a gain). Chosen on make bench-real.
+    epochs: int = 8  # total, including the head-only epochs
     head_epochs: int = 1  # backbone frozen, only the new head trains
     head_feature_cache: bool = True  # head-only epochs on backbone features computed once per image
     batch_size: int = 32
-    lr: float = 1e-3  # full fine-tuning peak learning rate
+    # Full fine-tuning peak rate. 1e-3 (the old default) left a real 4-grade inspection set's training
+    # loss at chance; fine-tuning from the fitted probe head at 3e-4 is chosen on make bench-real.
+    lr: float = 3e-4
     head_lr: float = 5e-3  # head-only phase peak learning rate
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     warmup_frac: float = 0.1  # fraction of each phase spent in linear warmup
     dropout: float | None = 0.2
-    imbalance: str = "auto"  # auto | loss | sampler | none
-    imbalance_auto_ratio: float = 2.0  # "auto" turns weighting on above this largest/smallest ratio
+    # What model selection, early stopping and the probe guard optimise: "accuracy" on the photos'
+    # own class distribution, or "balanced" accuracy (every class counts the same).
+    objective: str = "accuracy"
+    # auto | none | loss (inverse frequency) | sqrt (inverse square root) | sampler | logit_adjust.
+    # auto = none for objective accuracy (weights trade the photos' own accuracy for rare-class
+    # recall nobody asked for), and the mode chosen on the real-data benchmark for balanced.
+    imbalance: str = "auto"
+    imbalance_auto_ratio: float = 2.0  # "auto" (objective balanced) weights only above this largest/smallest ratio
+    head_init: str = "probe"  # probe: L-BFGS logistic regression on cached features | sgd: head_epochs of AdamW
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -90,7 +104,9 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.imbalance in ("auto", "loss", "sampler", "none"), "imbalance must be auto|loss|sampler|none"),
+            (self.imbalance in IMBALANCE_MODES, f"imbalance must be {'|'.join(IMBALANCE_MODES)}"),
+            (self.objective in OBJECTIVES, f"objective must be {'|'.join(OBJECTIVES)}"),
+            (self.head_init in ("probe", "sgd"), "head_init must be probe|sgd"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction must be < 1"),
             (self.image_size is None or 32 <= self.image_size <= 1024, "image_size must be in [32, 1024]"),

@@ -35,7 +35,8 @@ class Classifier(L.LightningModule):
     backbone and wrecks its features in the first steps; training the head first avoids that.
     """
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, class_weights: torch.Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, class_weights: torch.Tensor | None = None,
+                 logit_offset: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -43,8 +44,12 @@ class Classifier(L.LightningModule):
         self.head_names = [name for name, _ in classifier_modules(model)]
         num_classes = model_num_classes(model)
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(num_classes))
+        # Post-hoc logit adjustment (imbalance: logit_adjust): val answers are judged as the shipped
+        # model will give them, with -log(prior) added (finalising folds it into the head's bias).
+        self.register_buffer("logit_offset", logit_offset if logit_offset is not None else torch.zeros(num_classes))
         self.loss_fn = nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=cfg.label_smoothing)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_bal_acc = MulticlassAccuracy(num_classes=num_classes, average="macro")  # mean per-class recall
         self.val_f1 = MulticlassF1Score(num_classes=num_classes, average="macro")
 
     def _is_head(self, param_name: str) -> bool:
@@ -89,16 +94,28 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self(x) + self.logit_offset
         loss = nn.functional.cross_entropy(logits, y)
         self.val_acc.update(logits, y)
+        self.val_bal_acc.update(logits, y)
         self.val_f1.update(logits, y)
+        self._val_loss_sum = getattr(self, "_val_loss_sum", 0.0) + float(loss) * len(y)
+        self._val_count = getattr(self, "_val_count", 0) + len(y)
         self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_acc", self.val_acc.compute(), prog_bar=True, sync_dist=True)
+        acc, bal = self.val_acc.compute(), self.val_bal_acc.compute()
+        self.log("val_acc", acc, prog_bar=True, sync_dist=True)
+        self.log("val_bal_acc", bal, sync_dist=True)
         self.log("val_macro_f1", self.val_f1.compute(), prog_bar=True, sync_dist=True)
+        # The monitor of best checkpoint and early stopping: the objective's metric, ties (common on
+        # small val sets, where accuracy moves in steps of one photo) broken by the lower val loss.
+        val_loss = self._val_loss_sum / max(1, self._val_count)
+        metric = bal if self.cfg.objective == "balanced" else acc
+        self.log("val_objective", metric - 1e-4 * min(val_loss, 10.0), sync_dist=True)
+        self._val_loss_sum, self._val_count = 0.0, 0
         self.val_acc.reset()
+        self.val_bal_acc.reset()
         self.val_f1.reset()
 
     def configure_optimizers(self):  # type: ignore[override]

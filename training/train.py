@@ -34,12 +34,15 @@ from fieldid.cli_common import first_line
 
 from .calibrate import choose_fallback_threshold, fit_temperature
 from .config import ConfigError, TrainConfig, load_config
-from .data import (CachedImageDataset, ImageCache, Split, class_weights, eval_transform, imbalance_ratio,
+from .data import (CachedImageDataset, ImageCache, Split, eval_transform, imbalance_ratio,
                    load_split, make_split, train_transform)
 from .samples import write_samples
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
-from .models import create_model, get_backbone, load_run_model  # load_run_model: re-exported here too
+from .probe import majority_scores
+from .baselines import (backbone_features, choose_shipped, fit_run_baselines, imbalance_plan, load_probe_head,
+                        set_head, val_scores)
+from .models import classifier_modules, create_model, get_backbone, load_run_model  # load_run_model: re-exported too
 from .records import (PreprocessSpec, RecordError, RunRecord, atomic_write_bytes, atomic_write_json,
                       load_record)
 
@@ -541,16 +544,30 @@ def _require_validation(split: Split, cfg: TrainConfig) -> None:
 
 
 def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
-                      weights: torch.Tensor | None, counts: list[int], mode: str) -> list[float]:
-    """The head-only phase of :func:`train` on cached features of the un-augmented training images."""
-    sample_weights = _sample_weights(counts, datasets["train"].cache.targets) if mode == "sampler" else None
+                      weights: torch.Tensor | None, counts: list[int], mode: str, out: Path) -> None:
+    """The head phase of :func:`train` on cached features of the un-augmented training photos.
+
+    The features also give the run its baselines (majority answer and linear probe, scored on val);
+    with ``head_init: probe`` (the default) the probe is the head the fine-tuning starts from.
+    """
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    name, head = _head_module(model)  # type: ignore[misc]  # _uses_feature_head checked there is one
     t = time.time()
-    losses = train_head_on_features(model, plain, cfg, class_weights=weights, sample_weights=sample_weights,
-                                    device=device)
-    log.info("head phase: %d epoch(s) on cached features in %.1f s", cfg.head_epochs, time.time() - t)
-    return losses
+    workers = _resolve_num_workers(cfg)
+    feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
+                                  device=device, label="head phase")
+    val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
+                                          num_workers=workers, device=device)
+    probe = fit_run_baselines(feats, ys, val_feats, val_ys, len(counts), cfg, out)
+    if cfg.head_init == "probe" and isinstance(head, torch.nn.Linear):
+        set_head(head, probe.weight, probe.bias)
+        log.info("head phase: the linear probe is the starting head (%.1f s)", time.time() - t)
+    else:
+        sample_weights = _sample_weights(counts, datasets["train"].cache.targets) if mode == "sampler" else None
+        train_head_on_features(model, plain, cfg, class_weights=weights, sample_weights=sample_weights, device=device)
+        log.info("head phase: %d epoch(s) on cached features in %.1f s", cfg.head_epochs, time.time() - t)
+    model.train()
 
 
 # --------------------------------------------------------------------------- train
@@ -644,11 +661,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         from .distill import with_teacher
 
         datasets["train"], record.distillation = with_teacher(datasets["train"], cfg, split.labels)
-    mode = cfg.imbalance
-    if mode == "auto":
-        mode = "loss" if ratio > cfg.imbalance_auto_ratio else "none"
-    log.info("train %d / val %d / test %d images, %d classes; imbalance ratio %.2f -> weighting: %s",
-             len(datasets["train"]), len(datasets["val"]), len(datasets["test"]), len(counts), ratio, mode)
+    mode, weights, logit_offset = imbalance_plan(cfg, counts)
+    log.info("train %d / val %d / test %d images, %d classes; imbalance ratio %.2f; objective %s -> imbalance: %s",
+             len(datasets["train"]), len(datasets["val"]), len(datasets["test"]), len(counts), ratio, cfg.objective,
+             mode)
     if cfg.cache:
         log.info("decode cache: %.1f MB uint8", sum(d.cache.nbytes for d in datasets.values()) / 1e6)
 
@@ -656,7 +672,6 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     fresh = ckpt_path is None
     model = create_model(cfg.model, len(split.labels), pretrained=cfg.pretrained and fresh,
                          weights_file=cfg.weights if fresh else None, dropout=cfg.dropout)
-    weights = class_weights(counts) if mode == "loss" else None
     # The head-only epochs run on cached backbone features before Lightning starts; Lightning
     # then runs only the full fine-tuning epochs (same decision on --resume: it depends on cfg).
     feature_head = _uses_feature_head(cfg, model)
@@ -666,7 +681,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
                        f"--epochs must be more than that to continue")
     if any(v is not None for v in (resume_overrides or {}).values()):
         cfg.to_yaml(out / "config.yaml")  # a later --resume continues with what this one applied
-    module = Classifier(model.train(), fit_cfg, weights)
+    module = Classifier(model.train(), fit_cfg, weights, logit_offset)
     train_loader, val_loader = _loaders(datasets, cfg, counts, use_sampler=mode == "sampler")
     precision = _resolve_precision(cfg)
     log.info("speed: precision %s (CPU bf16 support: %s), %d decode worker(s), head phase %s", precision,
@@ -681,13 +696,15 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         loggers.append(TensorBoardLogger(str(out), name="logs", version="tensorboard"))
     except ImportError:
         pass
-    ckpt_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val_macro_f1",
+    ckpt_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val_objective",
                               mode="max", save_top_k=1, enable_version_counter=False)
     # Lightning 2.6's save_last writes last.ckpt only in epochs that improve best.ckpt; --resume
     # must lose at most one epoch, so a monitor-free callback rewrites last.ckpt every epoch.
     last_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
                               enable_version_counter=False)
-    early = EarlyStopping(monitor="val_macro_f1", mode="max", patience=cfg.early_stopping_patience)
+    # Stop on the objective's own plateau; the best checkpoint breaks its ties by val loss (val_objective).
+    early = EarlyStopping(monitor="val_bal_acc" if cfg.objective == "balanced" else "val_acc", mode="max",
+                          patience=cfg.early_stopping_patience)
     # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
     tty = sys.stdout.isatty()
     progress = [] if tty else [LogProgress(log, epoch_offset=cfg.epochs - fit_cfg.epochs, total_epochs=cfg.epochs)]
@@ -704,7 +721,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if new_run is not None:
             _write_new_run(out, cfg, split, spec, record)
         if feature_head and fresh:
-            _run_feature_head(model, datasets, cfg, spec, weights, counts, mode)
+            _run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out)
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     except Exception:
         # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
@@ -718,23 +735,63 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         _prepend_log_rows(out / "logs" / "metrics.csv", history)
     return _finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
                      skipped=skipped, imbalance={"ratio": ratio, "mode": mode, "train_counts": counts},
+                     logit_offset=logit_offset,
                      seconds=time.time() - t0, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
                      head_phase={"head_phase": "cached features" if feature_head else "through the backbone",
                                  "precision": precision, "num_workers": _resolve_num_workers(cfg)})
 
 
+def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.Tensor, cfg: TrainConfig, out: Path,
+                 split: Split, val_dataset: Any) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
+    """The fine-tuned model, or the run's linear probe when that scored higher on val; logged beside the baselines."""
+    n = len(split.labels)
+    shipped, baselines = choose_shipped(val_scores(val_logits, val_y, n), out, cfg.objective)
+    baselines.setdefault("majority", majority_scores(torch.tensor(split.targets("train")), val_y, n))
+    if shipped == "probe":
+        probe_model = create_model(cfg.model, n, pretrained=cfg.pretrained, weights_file=cfg.weights,
+                                   dropout=cfg.dropout).eval()
+        _, head = classifier_modules(probe_model)[0]
+        head_state = load_probe_head(out)
+        set_head(head, head_state["weight"], head_state["bias"])
+        model = probe_model
+        val_logits, _ = predict_logits(model, val_dataset)
+    key = "balanced_accuracy" if cfg.objective == "balanced" else "accuracy"
+    parts = [f"fine-tuned {baselines['fine_tuned'][key]:.4f}"]
+    if "probe" in baselines:
+        parts.append(f"linear probe {baselines['probe'][key]:.4f}")
+    if "majority" in baselines:
+        parts.append(f"always the commonest class {baselines['majority'][key]:.4f}")
+    log.info("val %s: %s -> shipping the %s model", key.replace("_", " "), ", ".join(parts), shipped)
+    if shipped == "probe":
+        log.warning("the fine-tuned model scored lower on val than the linear probe on its frozen backbone; "
+                    "the run ships the probe (backbone + fitted linear head)")
+    shipped_scores = val_scores(val_logits, val_y, n)
+    if "majority" in baselines and shipped_scores["accuracy"] < baselines["majority"]["accuracy"]:
+        log.error("the shipped model answers fewer val photos right (%.4f) than always answering the commonest "
+                  "class (%.4f): check the labels and the data before using it", shipped_scores["accuracy"],
+                  baselines["majority"]["accuracy"])
+    return model, val_logits, baselines
+
+
 def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datasets: dict, best_path: str, *,
-              skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict) -> RunRecord:
-    """Best weights -> model.pth, temperature + fallback threshold + unknown detector on val, metrics on test."""
+              skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict,
+              logit_offset: torch.Tensor | None = None) -> RunRecord:
+    """Best weights (or the probe, when it beat them on val) -> model.pth, temperature + fallback
+    threshold + unknown detector on val, metrics on test."""
     spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
     model = create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout)
     model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     model.eval()
-    _write_state_dict(model, out / record.weights)
+    if logit_offset is not None:  # post-hoc logit adjustment ships inside the head's bias
+        _, head = classifier_modules(model)[0]
+        with torch.no_grad():
+            head.bias.add_(logit_offset.to(head.bias))
 
     cal_name = "val" if len(datasets["val"]) else "train"
     val_logits, val_y = predict_logits(model, datasets[cal_name])
+    model, val_logits, baselines = _ship_better(model, val_logits, val_y, cfg, out, split, datasets[cal_name])
+    _write_state_dict(model, out / record.weights)
     temperature = fit_temperature(val_logits, val_y)
     fallback = choose_fallback_threshold((val_logits / temperature).softmax(1), val_y,
                                          target_accuracy=cfg.fallback_target_accuracy,
@@ -754,6 +811,8 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
                     "training": {"seconds": round(seconds, 1), "epochs": epochs_run, "speed": head_phase,
                                  "skipped_unreadable": skipped, "imbalance": imbalance,
+                                 "objective": cfg.objective, "baselines": baselines,
+                                 "shipped": baselines["shipped"],
                                  "best_checkpoint": Path(best_path).name}})
     atomic_write_json(out / record.metrics, metrics)
     plot_confusion(metrics, out / "plots" / "confusion_matrix.png", title=f"{out.name} ({eval_name})")
@@ -771,6 +830,8 @@ def _finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, data
     record.best_checkpoint = f"checkpoints/{Path(best_path).name}"
     record.status = "trained"
     record.extra = {**record.extra, "data_root": split.root, "test_accuracy": metrics["accuracy"],
+                    "objective": cfg.objective, "imbalance_mode": imbalance["mode"], "shipped": baselines["shipped"],
+                    "baselines_val": {k: baselines[k] for k in ("majority", "probe", "fine_tuned") if k in baselines},
                     "test_macro_f1": metrics["macro_f1"], "image_size": record.preprocess["crop_size"]}
     record.extra["samples"] = write_samples(out, split, record.preprocess_spec, datasets)  # export needs no dataset
     record.to_json(out / "run.json")

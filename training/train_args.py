@@ -11,10 +11,16 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     """Training flags; reused by ``fieldid tune`` so both accept the same knobs."""
     p.add_argument("--data", type=Path, default=None, help="ImageFolder dataset root (flat or train/val/test)")
     p.add_argument("--model", default=None, help="backbone: mobilenet_v2, efficientnet_lite0, efficientnet_lite2 or timm/<name> (default from config: mobilenet_v2)")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs incl. head-only ones (default from config: 5)")
+    p.add_argument("--epochs", type=int, default=None, help="most epochs, incl. head-only ones; early stopping ends sooner on a val plateau (default from config: 8)")
     p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: matched to the photos when they are smaller than the backbone's native size, else native)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default from config: 32)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default from config: 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default from config: 3e-4)")
+    p.add_argument("--objective", choices=("accuracy", "balanced"), default=None,
+                   help="what model selection, early stopping and the probe guard optimise: accuracy on the photos' "
+                        "own class mix, or balanced accuracy (every class counts the same) (default from config: accuracy)")
+    p.add_argument("--imbalance", choices=("auto", "none", "loss", "sqrt", "sampler", "logit_adjust"), default=None,
+                   help="class-imbalance handling; auto = none for --objective accuracy, logit adjustment for "
+                        "balanced (default from config: auto)")
     p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")
     p.add_argument("--seed", type=int, default=None, help="random seed (default from config: 0)")
     p.add_argument("--weights", default=None, help="local state-dict file for the backbone (overrides the default source)")
@@ -41,6 +47,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "epochs": args.epochs, "image_size": args.image_size,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "weights": args.weights,
+        "objective": args.objective, "imbalance": args.imbalance,
         "pretrained": False if args.no_pretrained else None, "augment.hue": 0.0 if args.no_hue else None,
         "cache": False if args.no_cache else None, "accelerator": args.accelerator,
         "devices": args.devices, "strategy": args.strategy, "num_nodes": args.num_nodes,

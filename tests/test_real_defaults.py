@@ -1,0 +1,134 @@
+"""The defaults chosen on real photos: imbalance modes, the objective switch, the probe guard, plateau stopping,
+and the real-data benchmark's table and arguments. Tiny data, real training steps."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_shapes_dataset
+
+from fieldid.training import TrainConfig
+from fieldid.training.baselines import BALANCED_AUTO_MODE, choose_shipped, imbalance_plan
+from fieldid.training.probe import fit_logistic, fit_probe, majority_scores, score_predictions
+from fieldid.training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fieldid", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+# --------------------------------------------------------------------------- imbalance modes
+def test_auto_imbalance_follows_the_objective() -> None:
+    counts = [140, 10]  # 14x, as the real inspection set
+    mode, weights, offset = imbalance_plan(TrainConfig(), counts)
+    assert (mode, weights, offset) == ("none", None, None)  # accuracy: the photos' own mix decides
+    mode, weights, offset = imbalance_plan(TrainConfig(objective="balanced"), counts)
+    assert mode == BALANCED_AUTO_MODE
+    # Below the ratio nothing is re-weighted even for the balanced objective.
+    assert imbalance_plan(TrainConfig(objective="balanced"), [11, 10])[0] == "none"
+
+
+def test_each_imbalance_mode_gives_what_it_names() -> None:
+    counts = [100, 25, 4]
+    _, w_loss, _ = imbalance_plan(TrainConfig(imbalance="loss"), counts)
+    _, w_sqrt, _ = imbalance_plan(TrainConfig(imbalance="sqrt"), counts)
+    assert w_loss is not None and w_sqrt is not None
+    torch.testing.assert_close(w_loss.mean(), torch.tensor(1.0))
+    assert float(w_loss[2] / w_loss[0]) == pytest.approx(25.0)  # inverse frequency
+    assert float(w_sqrt[2] / w_sqrt[0]) == pytest.approx(5.0)  # its square root: softened
+    mode, w, offset = imbalance_plan(TrainConfig(imbalance="logit_adjust"), counts)
+    assert w is None and offset is not None
+    # -log prior: the rare class gets log(100/4) more than the common one.
+    assert float(offset[2] - offset[0]) == pytest.approx(math.log(25.0), rel=1e-5)
+    assert imbalance_plan(TrainConfig(imbalance="sampler"), counts)[1:] == (None, None)
+
+
+def test_bad_objective_or_imbalance_is_one_clear_line(tmp_path: Path, shapes_dir: Path) -> None:
+    r = run_cli("train", "--data", shapes_dir, "--out", tmp_path / "r", "--objective", "recall")
+    assert r.returncode == 2 and "invalid choice: 'recall'" in r.stderr and "Traceback" not in r.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("imbalance: inverse\n")
+    r = run_cli("train", "--data", shapes_dir, "--out", tmp_path / "r", "--config", cfg)
+    assert r.returncode == 2 and "imbalance must be" in r.stderr and not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- probe and baselines
+def test_probe_fits_separable_features_and_scores_are_right() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 4
+    y = torch.arange(3).repeat(40)
+    x = centres[y] + torch.randn(120, 16, generator=g)
+    probe = fit_probe(x[:90], y[:90], x[90:], y[90:], 3)
+    assert probe.val["accuracy"] == 1.0
+    assert int(probe.logits(x[90:]).argmax(1).eq(y[90:]).sum()) == 30
+    # Balanced accuracy is the mean recall; macro-F1 the mean F1 over present classes.
+    s = score_predictions(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 0, 0, 1, 1]), 2)
+    assert s == {"accuracy": 0.8, "macro_f1": pytest.approx((6 / 7 + 2 / 3) / 2, abs=1e-4), "balanced_accuracy": 0.75}
+    m = majority_scores(torch.tensor([1, 1, 0]), torch.tensor([0, 1, 1, 1]), 2)
+    assert m["class"] == 1 and m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5
+
+
+def test_probe_weight_applies_to_raw_features() -> None:
+    # Standardisation is folded back in: raw features with very different scales still classify.
+    x = torch.tensor([[1000.0, 0.001], [1001.0, 0.002], [0.0, 0.001], [1.0, 0.002]]).repeat(5, 1)
+    y = torch.tensor([1, 1, 0, 0]).repeat(5)
+    w, b = fit_logistic(x, y, 2, l2=1e-3)
+    assert torch.equal((x @ w.T + b).argmax(1), y)
+
+
+def test_choose_shipped_takes_the_probe_only_when_strictly_better(tmp_path: Path) -> None:
+    (tmp_path / "baselines.json").write_text(json.dumps({"probe": {"accuracy": 0.8, "balanced_accuracy": 0.5},
+                                                         "majority": {"accuracy": 0.6, "balanced_accuracy": 0.25}}))
+    (tmp_path / "probe_head.pt").write_bytes(b"x")
+    assert choose_shipped({"accuracy": 0.8, "balanced_accuracy": 0.4}, tmp_path, "accuracy")[0] == "fine-tuned"
+    assert choose_shipped({"accuracy": 0.79, "balanced_accuracy": 0.9}, tmp_path, "accuracy")[0] == "probe"
+    # The objective decides which score counts.
+    assert choose_shipped({"accuracy": 0.79, "balanced_accuracy": 0.9}, tmp_path, "balanced")[0] == "fine-tuned"
+    assert choose_shipped({"accuracy": 0.7, "balanced_accuracy": 0.4}, tmp_path, "balanced")[0] == "probe"
+
+
+def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path, caplog) -> None:
+    """A learning rate of 5 wrecks the fine-tune on purpose (the reason the guard exists); the run
+    must say so and ship the probe: the pretrained backbone with the fitted head, scored on val."""
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 24, "square": 24, "triangle": 24}, size=48)
+    caplog.set_level("INFO", logger="fieldid.train")
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=2, image_size=48, batch_size=16, lr=5.0,
+                                                   val_fraction=0.25, test_fraction=0.25))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    base = m["training"]["baselines"]
+    assert m["training"]["shipped"] == "probe", base
+    assert base["probe"]["accuracy"] > base["fine_tuned"]["accuracy"]
+    assert "ships the probe" in caplog.text
+    assert rec.extra["shipped"] == "probe" and rec.extra["baselines_val"]["probe"] == base["probe"]
+    # The shipped weights are the probe's: the test photos are answered as the probe answers them.
+    from fieldid.training.models import classifier_modules, create_model
+
+    sd = torch.load(tmp_path / "run" / "model.pth", weights_only=True)
+    head = torch.load(tmp_path / "run" / "probe_head.pt", weights_only=True)
+    name = classifier_modules(create_model("mobilenet_v2", 3, pretrained=False))[0][0]
+    torch.testing.assert_close(sd[f"{name}.weight"], head["weight"])
+    pretrained = create_model("mobilenet_v2", 3).state_dict()
+    torch.testing.assert_close(sd["features.0.0.weight"], pretrained["features.0.0.weight"])
+    assert m["accuracy"] >= 2 / 3  # the probe of a pretrained backbone tells shapes apart
+
+
+def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=40, image_size=48, batch_size=16, objective="balanced",
+                                                   early_stopping_patience=2, val_fraction=0.25, test_fraction=0.25))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # A val metric that stops rising ends the run long before the 40-epoch cap.
+    assert m["training"]["epochs"] < 15, m["training"]["epochs"]
+    assert m["training"]["objective"] == "balanced" and rec.extra["objective"] == "balanced"
+    rows = [r for r in (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[1:] if r]
+    header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_bal_acc" in header and "val_objective" in header and rows

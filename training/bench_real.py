@@ -1,0 +1,218 @@
+"""``make bench-real`` / ``fieldid bench real``: fieldid's defaults on real photos, beside the baselines.
+
+    python -m fieldid.training.bench real [--work runs/bench-real] [--sets elpv,digits,...] [--train-args "..."]
+
+Per set of :mod:`fieldid.training.realsets` (and the two synthetic demo sets, which decide nothing
+alone), on the split ``fieldid train`` makes with its default seed, one after the other:
+
+- **majority**: always the commonest training class (scikit-learn's DummyClassifier);
+- **linear probe**: L2 logistic regression on frozen ImageNet MobileNetV2 features at 224 px, its L2
+  strength chosen on the val photos (:mod:`fieldid.training.probe`);
+- **reference**: the plain 30-line fine-tune (:mod:`fieldid.training.reference`);
+- **fieldid**: ``fieldid train --data SET --out RUN`` with nothing else.
+
+It prints test accuracy, macro-F1, balanced accuracy and wall time per row, fieldid's time ratio
+to the reference, and whether the goals hold (fieldid >= reference and >= probe accuracy, never
+below majority, <= 3x the reference's time); the table goes to ``WORK/bench-real.json`` and to
+``docs/measured/bench-real.md`` with date, commit and machine line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import _fieldid_train, _timed
+from .probe import fit_probe, majority_scores, score_predictions
+from .realsets import REAL_SETS, RealSetError, build_real_set
+from .records import atomic_write_json, atomic_write_text
+
+__all__ = ["bench_real", "format_real", "REAL_BENCH_SETS"]
+
+REAL_BENCH_SETS = (*REAL_SETS, "reef", "salmon")
+TIME_GOAL = 3.0  # fieldid's wall time at most this many times the reference's
+
+
+def _dataset(name: str, root: Path, demo_scale: float) -> Path:
+    if name in ("reef", "salmon"):
+        from .demo_data import make_demo_dataset
+
+        make_demo_dataset(name, root / name, scale=demo_scale, progress=False)
+        return root / name
+    return build_real_set(name, root)
+
+
+@torch.no_grad()
+def _features(paths: list[Path], model_name: str = "mobilenet_v2", size: int = 224) -> torch.Tensor:
+    """Pooled frozen ImageNet features (the classifier's input) of ``paths`` at the backbone's eval preprocessing."""
+    from PIL import Image
+
+    from .data import eval_transform
+    from .models import classifier_modules, create_model, get_backbone
+
+    spec = get_backbone(model_name).preprocess(size)
+    tf = eval_transform(spec)
+    model = create_model(model_name, 2).eval()
+    head = model.get_submodule(classifier_modules(model)[0][0])
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(1)))
+    try:
+        for i in range(0, len(paths), 64):
+            batch = []
+            for p in paths[i:i + 64]:
+                with Image.open(p) as im:
+                    batch.append(tf(im.convert("RGB")))
+            model(torch.stack(batch))
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
+def _probe_row(split: Any, num_classes: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    feats = {part: _features(split.paths(part)) for part in ("train", "val", "test")}
+    ys = {part: torch.tensor(split.targets(part)) for part in ("train", "val", "test")}
+    probe = fit_probe(feats["train"], ys["train"], feats["val"], ys["val"], num_classes)
+    scores = score_predictions(probe.logits(feats["test"]).argmax(1), ys["test"], num_classes)
+    return {**scores, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _reference_row(split: Any, work: Path, name: str, num_classes: int) -> dict[str, Any]:
+    split_file = atomic_write_json(work / f"{name}-split.json", {
+        "labels": split.labels,
+        "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
+        "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
+    secs, out = _timed([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+                       work / f"{name}-reference.log")
+    ref = json.loads(out.strip().splitlines()[-1])
+    scores = score_predictions(torch.tensor(ref["test_predictions"]), torch.tensor(split.targets("test")), num_classes)
+    return {**scores, "seconds": round(secs, 1)}
+
+
+def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[str, Any]:
+    secs, metrics, record = _fieldid_train(folder, work / "runs" / name, flags, work / f"{name}-fieldid.log")
+    recalls = [c["recall"] for c in metrics["per_class"].values() if c["support"]]
+    training = metrics.get("training", {})
+    return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+            "balanced_accuracy": round(sum(recalls) / max(1, len(recalls)), 4), "seconds": round(secs, 1),
+            "epochs": training.get("epochs"), "image_size": record.get("extra", {}).get("image_size"),
+            "shipped": training.get("shipped", "fine-tuned"), "baselines_val": training.get("baselines")}
+
+
+def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, train_args: list[str] | None = None,
+               demo_scale: float = 0.12, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One row per set and method (majority, probe, reference, fieldid); written as it goes."""
+    from .data import make_split
+
+    work = Path(work)
+    unknown = [n for n in names if n not in REAL_BENCH_SETS]
+    if unknown:
+        raise ValueError(f"unknown set(s) {', '.join(unknown)}; valid: {', '.join(REAL_BENCH_SETS)}")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        folder = _dataset(name, work / "data", demo_scale)
+        split = make_split(folder, seed=0)  # the split `fieldid train` makes with its default seed
+        k = len(split.labels)
+        counts = torch.bincount(torch.tensor(split.targets("train")), minlength=k)
+        info = {"dataset": name, "real": name in REAL_SETS, "classes": k,
+                "train": len(split.files["train"]), "val": len(split.files["val"]), "test": len(split.files["test"]),
+                "imbalance": round(float(counts.max() / counts.clamp_min(1).min()), 1)}
+        test_y = torch.tensor(split.targets("test"))
+        methods = {"majority": lambda: {**majority_scores(torch.tensor(split.targets("train")), test_y, k), "seconds": 0.0},
+                   "probe": lambda: _probe_row(split, k),
+                   "reference": lambda: _reference_row(split, work, name, k),
+                   "fieldid": lambda: _fieldid_row(folder, work, name, train_args or [])}
+        for method, run in methods.items():
+            if method in skip:
+                continue
+            print(f"[{name}] {method} ...", flush=True)
+            rows.append({**info, "method": method, **run()})
+            r = rows[-1]
+            print(f"[{name}] {method}: accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, "
+                  f"balanced {r['balanced_accuracy']:.3f} in {r['seconds']:.0f} s", flush=True)
+            atomic_write_json(work / "bench-real.json", rows)
+    return rows
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per set: fieldid vs reference, probe and majority accuracy, and its time ratio to the reference."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        by = {r["method"]: r for r in rows if r["dataset"] == name}
+        if "fieldid" not in by:
+            continue
+        f = by["fieldid"]
+        g: dict[str, Any] = {}
+        if "reference" in by:
+            g["time_ratio"] = round(f["seconds"] / max(by["reference"]["seconds"], 1e-9), 2)
+            g[">= reference"] = f["accuracy"] >= by["reference"]["accuracy"]
+            g[f"<= {TIME_GOAL:g}x time"] = g["time_ratio"] <= TIME_GOAL
+        if "probe" in by:
+            g[">= probe"] = f["accuracy"] >= by["probe"]["accuracy"]
+        if "majority" in by:
+            g["> majority"] = f["accuracy"] > by["majority"]["accuracy"]
+        out[name] = g
+    return out
+
+
+def format_real(rows: list[dict[str, Any]]) -> str:
+    """The markdown table: one line per set and method, then the goals per set."""
+    lines = ["| set | real | classes | train/val/test | imbalance | method | accuracy | macro-F1 | balanced acc | s | "
+             "notes |", "|---|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        note = ""
+        if r["method"] == "fieldid":
+            note = f"{r.get('image_size')} px, {r.get('epochs')} epochs, shipped {r.get('shipped')}"
+        lines.append(f"| {r['dataset']} | {'yes' if r['real'] else 'synthetic'} | {r['classes']} | "
+                     f"{r['train']}/{r['val']}/{r['test']} | {r['imbalance']:g}x | {r['method']} | {r['accuracy']:.3f} | "
+                     f"{r['macro_f1']:.3f} | {r['balanced_accuracy']:.3f} | {r['seconds']:.0f} | {note} |")
+    lines += ["", "| set | fieldid / reference time | goals |", "|---|---:|---|"]
+    for name, g in goals(rows).items():
+        checks = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in g.items() if isinstance(v, bool))
+        lines.append(f"| {name} | {g.get('time_ratio', '-')} | {checks} |")
+    return "\n".join(lines)
+
+
+def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) -> Path:
+    """``docs/measured/bench-real.md``: the table with the date, commit and machine it was measured on."""
+    from fieldid.machine import describe_machine, git_commit
+
+    text = (f"# Real photos: fieldid's defaults against the baselines\n\n"
+            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}.\n\n"
+            f"{describe_machine()}\n\n{format_real(rows)}\n")
+    return atomic_write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fieldid bench real", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/bench-real"),
+                   help="datasets, runs and logs go here (default: runs/bench-real)")
+    p.add_argument("--sets", default=",".join(REAL_BENCH_SETS),
+                   help=f"comma-separated sets (default: {','.join(REAL_BENCH_SETS)})")
+    p.add_argument("--skip", default="", help="comma-separated methods to leave out: majority,probe,reference,fieldid "
+                                              "(default: none)")
+    p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config x.yaml' (default: none)")
+    p.add_argument("--demo-scale", type=float, default=0.12, help="size of the synthetic demo sets (default: 0.12)")
+    p.add_argument("--page", type=Path, default=Path("docs/measured/bench-real.md"),
+                   help="markdown page the table is written to (default: docs/measured/bench-real.md)")
+    a = p.parse_args(argv)
+    try:
+        rows = bench_real(a.work, tuple(x for x in a.sets.split(",") if x), train_args=a.train_args.split(),
+                          demo_scale=a.demo_scale, skip=tuple(x for x in a.skip.split(",") if x))
+    except (ValueError, RealSetError) as e:
+        print(f"fieldid bench real: error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + format_real(rows))
+    if a.page and not a.train_args and not a.skip:  # only the defaults' full comparison is the published page
+        print(f"written: {write_page(rows, a.page, command='make bench-real')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
