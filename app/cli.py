@@ -19,15 +19,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import is_loopback, make_server
+    from fieldid.serve.config import exposure_warning
+
+    from .server import make_server
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a port number (0-65535)")
     if args.keyfile and not args.certfile:
         raise ValueError("--keyfile needs --certfile")
-    if not is_loopback(args.host):
-        print(f"warning: serving on {args.host}: anyone who can reach this address can load the app "
-              f"(it holds no secrets: the token stays on each phone)", file=sys.stderr, flush=True)
+    exposed = exposure_warning("the app", args.host, " (it holds no secrets: the token stays on each phone)")
+    if exposed:
+        print(f"warning: {exposed}", file=sys.stderr, flush=True)
     srv = make_server(args.dir, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile,
                       quiet=not args.log, proxy=args.proxy or "")
     via = f"; POST /predictions/ -> {args.proxy.rstrip('/')}" if args.proxy else ""

@@ -270,5 +270,7 @@ def launch_app(app: gr.Blocks, *, host: str = "127.0.0.1", port: int = DEFAULT_P
                            share=False, inbrowser=False, quiet=quiet, ssr_mode=False,
                            # Gradio's own limit: a larger upload is refused (413) before it is stored.
                            footer_links=["api", "settings"], max_file_size=MAX_FILE_BYTES, theme=THEME, css=CSS,
-                           show_error=True)
+                           # An exception's text can hold paths and server details: the user sees a
+                           # generic error, the traceback goes to the log (the demo's stderr).
+                           show_error=False)
     return url

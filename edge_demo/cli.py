@@ -111,11 +111,25 @@ def _server_for(model: str, args: argparse.Namespace, state_dirs: list[Path]):  
     url = args.server or (found.url if found else DEFAULT_SERVER)
     # The recorded server's key file goes along; fallback.ask_server sends its key only to the
     # server that key file belongs to (serve.client.token_for), never to another --server.
+    # Never ./key_file.json from the working directory: a key is attached only when named.
     key_file = args.key_file or (found.key_file if found else None)
-    if key_file is None and not args.server and Path("key_file.json").is_file():
-        key_file = Path("key_file.json")  # TorchServe started by hand here writes it to its cwd (local server)
     ca_file = getattr(args, "ca_file", None) or (found.ca_file if found and found.url == url else None)
     return ServerConfig(url, key_file, ca_file)
+
+
+def _warn_exposure(host: str, modes: list) -> None:
+    """Say it when the demo listens beyond this machine; above all when its fallback attaches a key:
+    anyone who reaches the page can then use that server with this user's inference key."""
+    import logging
+
+    from fieldid.serve.config import exposure_warning
+
+    keyed = [m.server for m in modes if m.server is not None and m.server.key_file is not None]
+    consequence = "".join(f"; anyone who reaches it can make it ask {s.url} with the inference key in {s.key_file}"
+                          for s in dict.fromkeys(keyed))
+    exposed = exposure_warning("the demo", host, consequence)
+    if exposed:
+        logging.getLogger("fieldid.edge_demo").warning("%s", exposed)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -153,6 +167,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"note: {m.notice}", file=sys.stderr, flush=True)
     import logging
 
+    _warn_exposure(args.host, modes)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     url = launch_app(app, host=args.host, port=args.port, block=False, quiet=True)
     print(f"fieldid demo running at {url} (Ctrl-C to stop)", flush=True)
@@ -191,9 +206,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="TorchServe inference URL asked when the device is unsure (default: the server "
                         f"`fieldid serve start` recorded in RUN/serve, else {_DEFAULT_SERVER})")
     p.add_argument("--key-file", type=Path, default=None,
-                   help="TorchServe key_file.json with the inference token (default: the recorded "
-                        "server's, else ./key_file.json if present and no --server is given); its key is "
-                        "sent only to the server it belongs to")
+                   help="TorchServe key_file.json with the inference token (default: the key of the server "
+                        "`fieldid serve start` recorded, else none); its key is sent only to the server it "
+                        "belongs to")
     p.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
                    help="PEM CA (or the server's self-signed certificate) to verify an https --server "
                         "with (default: the recorded server's certificate, else the system's CAs)")

@@ -16,7 +16,7 @@ from fieldid.export.phone import DEFAULT_MAX_PIXELS
 from .archive import ServeError
 
 __all__ = ["ServeOptions", "config_properties", "log_config", "free_port", "url_host", "is_loopback",
-           "CORS_METHODS", "CORS_HEADERS"]
+           "exposure_warning", "CORS_METHODS", "CORS_HEADERS"]
 
 # One browser origin (RFC 6454 serialisation: scheme://host[:port], no path), or "*".
 _CORS_ORIGIN_RE = re.compile(r"\*|https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
@@ -40,6 +40,26 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def exposure_warning(what: str, host: str, consequence: str = "") -> str | None:
+    """The one warning for a listener on an address other machines can reach (``None`` on
+    loopback): ``fieldid serve start``, ``fieldid app serve`` and ``fieldid demo`` all say it.
+
+    Args:
+        what: the listener, e.g. ``"the inference API"``.
+        host: the address it binds.
+        consequence: what that exposes, appended as it is (e.g. ``" WITHOUT token authorization"``).
+
+    Example:
+        >>> exposure_warning("the demo", "0.0.0.0")
+        'binding the demo to 0.0.0.0: it is reachable from other machines'
+        >>> exposure_warning("the demo", "127.0.0.1") is None
+        True
+    """
+    if is_loopback(host):
+        return None
+    return f"binding {what} to {host}: it is reachable from other machines{consequence}"
 
 
 @dataclass

@@ -47,7 +47,7 @@ from fieldid.records import atomic_write_text
 
 from .archive import ServeError, build_model_store, bundle_dir_of, bundle_version
 from .client import http_json
-from .config import ServeOptions, config_properties, free_port, is_loopback, log_config
+from .config import ServeOptions, config_properties, exposure_warning, free_port, log_config
 from .state import STATE_FILE, ServerState, load_state, read_server_state
 
 __all__ = [
@@ -186,11 +186,12 @@ def state_dirs_for(target: str | Path) -> list[Path]:
 
 
 def _warn_exposure(opts: ServeOptions) -> None:
-    if not is_loopback(opts.host):
-        clear = ("" if opts.tls else "; NO TLS: tokens and photos cross the network in clear text "
-                 "(give --certificate FILE --private-key FILE)")
-        log.warning("binding the inference API to %s: it is reachable from other machines%s%s", opts.host,
-                    "" if opts.auth else " WITHOUT token authorization", clear)
+    clear = ("" if opts.tls else "; NO TLS: tokens and photos cross the network in clear text "
+             "(give --certificate FILE --private-key FILE)")
+    exposed = exposure_warning("the inference API", opts.host,
+                               ("" if opts.auth else " WITHOUT token authorization") + clear)
+    if exposed:
+        log.warning("%s", exposed)
     if opts.cors_origin and opts.auth:
         # Measured on TorchServe 0.12: the token check runs before CORS, so a browser's preflight
         # (OPTIONS, which never carries the Authorization header) gets HTTP 400 and the browser

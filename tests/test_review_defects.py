@@ -149,3 +149,48 @@ def test_evaluate_never_writes_outside_a_copied_run(tiny_run: Path, tmp_path: Pa
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "metrics: '../victim.json' must stay inside the run folder" in lines[0], proc.stderr
+
+
+# ----------------------------------------------------------------- 3. the demo on a public address
+def test_demo_never_picks_up_a_key_file_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from fieldid.edge_demo.cli import _server_for
+
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "someone-elses"}}))
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(no_server=False, server=None, key_file=None, ca_file=None)
+    assert _server_for("reef", args, []).key_file is None
+    given = tmp_path / "mine.json"
+    assert _server_for("reef", argparse.Namespace(no_server=False, server=None, key_file=given, ca_file=None),
+                       []).key_file == given
+
+
+def test_demo_on_a_public_address_warns_that_it_lends_the_key(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`serve start` and `app serve` warn about a public --host; the demo, which attaches the server's
+    inference key to every visitor's fallback request, said nothing."""
+    import time
+
+    from fieldid.serve.config import free_port
+
+    key = tmp_path / "key_file.json"
+    key.write_text(json.dumps({"inference": {"key": "k", "expiration time": "never"}}))
+    server = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "fieldid", "demo", "--bundle", str(tiny_bundle), "--host", "0.0.0.0",
+                             "--port", str(free_port()), "--server", server, "--key-file", str(key)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # the banner comes once the app listens
+            if "fieldid demo running at" in line or time.monotonic() > deadline:
+                break
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    warnings = [ln for ln in err.splitlines() if "binding the demo to 0.0.0.0: it is reachable from other machines" in ln]
+    assert len(warnings) == 1, err
+    assert server in warnings[0] and str(key) in warnings[0]
+
+
+def test_demo_shows_no_error_details_to_visitors(demo_app) -> None:
+    assert demo_app.app.show_error is False
