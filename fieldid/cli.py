@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from fieldid import __version__
-from fieldid.cli_common import HelpFormatter, Parser, Progress, first_line
+from fieldid.cli_common import HelpFormatter, Parser, Progress, RedactingFilter, first_line, redact_url_passwords
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="fieldid: %(message)s",
                         stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # e.g. a storage URL in an Optuna or SQLAlchemy line
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     for noisy in ("torch", "PIL", "matplotlib", "onnxscript", "onnx_ir", "coremltools", "executorch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for own_handler in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -140,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if verbose:
             raise
-        msg = first_line(e)
+        msg = redact_url_passwords(first_line(e))
         # Our error types (DataError, ConfigError, ModelError, RunError, ...) are ValueErrors.
         if isinstance(e, (ValueError, OSError, LookupError)) or _is_misconfiguration(e):
             print(f"error: {msg}", file=sys.stderr)
             return 2
         # A bug, not bad input: still one line, but a distinct exit code.
-        print(f"error: internal error {type(e).__name__}: {first_line(e, '')} "
+        print(f"error: internal error {type(e).__name__}: {redact_url_passwords(first_line(e, ''))} "
               f"(rerun with -v for the traceback)", file=sys.stderr)
         return 1
 

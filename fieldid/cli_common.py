@@ -6,10 +6,16 @@ imitates a phone without torch.
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 from typing import NoReturn, TextIO
 
-__all__ = ["HelpFormatter", "Parser", "first_line", "Progress"]
+__all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter"]
+
+# scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
+# white space or quotes, so a URL inside a sentence or a repr() is matched alone.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)[^@\s'\"]*@")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,6 +54,31 @@ def first_line(e: BaseException | str, default: str | None = None) -> str:
     if text:
         return text.splitlines()[0].strip()
     return default if default is not None else (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def redact_url_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL replaced by ``***``.
+
+    Optuna storage URLs (``postgresql://user:password@host/db``) appear in error messages, in
+    the JSON ``fieldid tune`` prints and in third-party log lines; none of them may show it.
+
+    Example:
+        >>> redact_url_passwords("cannot open 'postgresql://tuner:s3cret@db:5432/tune'")
+        "cannot open 'postgresql://tuner:***@db:5432/tune'"
+    """
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts URL passwords (:func:`redact_url_passwords`) in every record,
+    whichever library logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_url_passwords(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 class Progress:

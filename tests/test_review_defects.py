@@ -194,3 +194,57 @@ def test_demo_on_a_public_address_warns_that_it_lends_the_key(tiny_bundle: Path,
 
 def test_demo_shows_no_error_details_to_visitors(demo_app) -> None:
     assert demo_app.app.show_error is False
+
+
+# ----------------------------------------------------------------- 4. storage passwords are never echoed
+def test_redaction_hides_only_the_password() -> None:
+    from fieldid.cli_common import redact_url_passwords as r
+
+    assert r("cannot open 'postgresql+psycopg://fieldid:s3cr%40t@db.example:5432/tune': refused") == \
+        "cannot open 'postgresql+psycopg://fieldid:***@db.example:5432/tune': refused"
+    assert r("sqlite:////tmp/x/study.db and http://user@host/ and mysql://u:@h/d") == \
+        "sqlite:////tmp/x/study.db and http://user@host/ and mysql://u:***@h/d"
+
+
+def test_tune_storage_error_does_not_echo_the_password(tmp_path: Path) -> None:
+    from fieldid.serve.config import free_port
+    from fieldid.training.tune import TuneError, _open_storage
+
+    url = f"postgresql+psycopg://fieldid:s3cret-pw@127.0.0.1:{free_port()}/tune"  # nobody listens there
+    with pytest.raises(TuneError) as e:
+        _open_storage(url, 2, 1)
+    assert "s3cret-pw" not in str(e.value) and "fieldid:***@127.0.0.1" in str(e.value)
+    data = tmp_path / "data" / "a"
+    data.mkdir(parents=True)
+    proc = _fieldid("tune", "--data", str(data.parent), "--storage", url, "--trials", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr
+    assert "s3cret-pw" not in proc.stdout + proc.stderr and "***" in proc.stderr, proc.stderr
+
+
+def test_cli_redacts_passwords_in_every_log_line(capsys) -> None:
+    """Anything that logs a URL (Optuna, SQLAlchemy, our own lines) goes through the CLI's handler."""
+    import logging
+
+    from fieldid.cli import _configure_logging
+    from fieldid.training.tune import _route_optuna_logging
+
+    _route_optuna_logging()  # what `fieldid tune` does before it opens the storage
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        for h in before:
+            root.removeHandler(h)
+        _configure_logging(verbose=False)
+        logging.getLogger("optuna.storages").warning("lost %s", "postgresql://u:hunter2@db/x")
+        logging.getLogger("sqlalchemy.pool").warning("lost postgresql://u:hunter3@db/y")
+        for h in root.handlers:
+            h.flush()
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+        for h in before:
+            root.addHandler(h)
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "postgresql://u:***@db/x" in err, err
+    assert "hunter3" not in err and "postgresql://u:***@db/y" in err, err

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from fieldid.cli_common import first_line
+from fieldid.cli_common import first_line, redact_url_passwords
 
 from .config import AugmentConfig, ConfigError, TrainConfig
 from .records import atomic_write_bytes, atomic_write_text
@@ -67,7 +67,7 @@ class TuneResult:
     """What a search produced (also printed as a table and written to ``OUT``)."""
 
     study: str
-    storage: str
+    storage: str  # the storage URL, its password (if any) replaced by ***
     out: Path
     best_value: float
     best_params: dict[str, Any]
@@ -228,6 +228,16 @@ def _is_schema_race(e: BaseException) -> bool:
         "already exists" in text or "duplicate key" in text or "uniqueviolation" in text)
 
 
+def _route_optuna_logging() -> None:
+    """Optuna's warnings only (our own per-trial line replaces its INFO lines), through the
+    application's handlers instead of Optuna's own: the CLI's redacts storage passwords."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
 def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -256,10 +266,10 @@ def _open_storage(url: str, heartbeat: int, retries: int) -> Any:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
     except (ImportError, optuna.exceptions.StorageInternalError, ValueError) as e:
-        raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
+        raise TuneError(redact_url_passwords(f"cannot open storage {url!r}: {first_line(e)}")) from None
     except Exception as e:  # sqlalchemy errors (bad URL, server down) are not ours to type
         if type(e).__module__.startswith("sqlalchemy"):
-            raise TuneError(f"cannot open storage {url!r}: {first_line(e)}") from None
+            raise TuneError(redact_url_passwords(f"cannot open storage {url!r}: {first_line(e)}")) from None
         raise
 
 
@@ -524,13 +534,13 @@ def tune(data_dir: str | Path, trials: int, *, base: TrainConfig | None = None,
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out.resolve() / 'study.db'}"
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own per-trial line replaces Optuna's
+    _route_optuna_logging()
     rdb = _open_storage(storage, heartbeat, retries)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize", sampler=sampler,
                                 pruner=_make_pruner(pruner, base.epochs), load_if_exists=True)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise TuneError(f"study {study_name!r} in {storage} is not a fieldid study (it minimises)")
+        raise TuneError(f"study {study_name!r} in {redact_url_passwords(storage)} is not a fieldid study (it minimises)")
     _note_space(study, space, base)
 
     finished = sum(t.state.name in _FINISHED for t in study.get_trials(deepcopy=False))
@@ -590,7 +600,7 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
         last = f"; trial {errors[-1].number} failed with {errors[-1].user_attrs['error']}" if errors else ""
         raise TuneError(f"study {study.study_name!r}: no trial completed ({counts}){last}; see {out}") from None
     _, best = _write_best_config(study, base, space, out / "best.yaml")
-    return TuneResult(study=study.study_name, storage=storage, out=out, best_value=float(best.value),
+    return TuneResult(study=study.study_name, storage=redact_url_passwords(storage), out=out, best_value=float(best.value),
                       best_params=dict(best.params), best_trial=best.number, best_run=best.user_attrs.get("run", ""),
                       best_config=out / "best.yaml", plot=plot, table=table, counts=counts, rows=rows)
 
