@@ -20,6 +20,9 @@ from fixtures_export import *  # noqa: F401,F403,E402
 from fixtures_edge_demo import *  # noqa: F401,F403,E402
 from fixtures_scaleout import *  # noqa: F401,F403,E402
 from fixtures_browser import *  # noqa: F401,F403,E402
+# Under CI=true an unexpected skip fails the run (only `gpu`-marked tests may skip there).
+from fixtures_ci import (pytest_collectreport, pytest_runtest_makereport, pytest_sessionfinish,  # noqa: F401,E402
+                         pytest_terminal_summary)
 
 
 @pytest.fixture(scope="session")
