@@ -6,9 +6,12 @@ from its checkpoint), and no trial counts twice.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +25,6 @@ import pytest
 
 from fixtures_scaleout import wait_for
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SPACE = """\
 lr: {type: float, low: 1.0e-4, high: 2.0e-3, log: true}
 label_smoothing: {type: float, low: 0.0, high: 0.2}
@@ -35,6 +37,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pg_bin() -> Path | None:
+    """The PostgreSQL server binaries: ``FIELDID_PG_BIN``, else Debian's newest ``/usr/lib/postgresql/<v>/bin``
+    (any version: the Makefile's system-deps accepts any), else the folder of an ``initdb`` on PATH."""
+    if os.environ.get("FIELDID_PG_BIN"):
+        return Path(os.environ["FIELDID_PG_BIN"])
+
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", Path(path).parent.parent.name)) or (0,)
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("initdb")
+    return Path(on_path).parent if on_path else None
+
+
+def test_pg_bin_takes_any_installed_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL 16 or 17 install is found as well as 15 (the old path was hard-coded)."""
+    made = []
+    for v in ("9.6", "15", "17"):
+        b = tmp_path / "usr/lib/postgresql" / v / "bin"
+        b.mkdir(parents=True)
+        (b / "initdb").write_text("")
+        made.append(b)
+    real_glob = glob.glob
+    monkeypatch.setattr(glob, "glob", lambda pattern: real_glob(str(tmp_path) + pattern))
+    monkeypatch.delenv("FIELDID_PG_BIN", raising=False)
+    assert pg_bin() == made[-1]  # the newest, 17, not the lexically last
+    monkeypatch.setenv("FIELDID_PG_BIN", str(made[1]))
+    assert pg_bin() == made[1]
 
 
 def _as_user() -> tuple[list[str], int, int]:
@@ -51,12 +85,12 @@ def _as_user() -> tuple[list[str], int, int]:
     pytest.skip("running as root and no postgres/nobody user with runuser to run PostgreSQL as")
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throw-away PostgreSQL cluster on a free port; stopped and deleted afterwards."""
-    pytest.importorskip("psycopg", reason="the `tune` extra (psycopg) is not installed")
-    if not (PG_BIN / "initdb").is_file():
-        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (Debian package postgresql-15)")
+@contextlib.contextmanager
+def pg_cluster(bin_dir: Path) -> Iterator[str]:
+    """A throw-away PostgreSQL cluster of ``bin_dir``'s server on a free port; stopped and deleted afterwards.
+
+    A server that does not initialise or start is a test failure (``pytest.fail``), never a skip.
+    """
     prefix, uid, gid = _as_user()
     root = Path(tempfile.mkdtemp(prefix="fieldid-pg-", dir="/tmp"))  # pytest's tmp dirs are root-only (0700)
     os.chmod(root, 0o755)
@@ -66,21 +100,49 @@ def postgres_url() -> Iterator[str]:
     def pg(*cmd: str, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout)
 
-    r = pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "fieldid", "--no-sync", "-E", "UTF8")
+    r = pg(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "fieldid", "--no-sync", "-E", "UTF8")
     if r.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"initdb failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-    r = pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+        pytest.fail(f"initdb ({bin_dir}) failed with {r.returncode}: {(r.stderr or r.stdout).strip()[-1000:]}")
+    r = pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
     try:
         if r.returncode != 0:
-            pytest.skip(f"PostgreSQL did not start: {(root / 'server.log').read_text()[-500:]}")
-        r = pg(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fieldid", "tune")
+            log = root / "server.log"
+            pytest.fail(f"PostgreSQL ({bin_dir}) did not start (pg_ctl {r.returncode}): "
+                        f"{log.read_text()[-1000:] if log.is_file() else r.stderr.strip()[-1000:]}")
+        r = pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fieldid", "tune")
         assert r.returncode == 0, r.stderr
         yield f"postgresql+psycopg://fieldid@127.0.0.1:{port}/tune"
     finally:
-        pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_server_that_does_not_initialise_is_a_failure_not_a_skip() -> None:
+    fake = Path(tempfile.mkdtemp(prefix="fieldid-fake-pg-", dir="/tmp"))  # readable by the user runuser picks
+    try:
+        os.chmod(fake, 0o755)
+        (fake / "initdb").write_text("#!/bin/sh\necho 'initdb: error: cannot be run as root' >&2\nexit 1\n")
+        os.chmod(fake / "initdb", 0o755)
+        with pytest.raises(pytest.fail.Exception, match="initdb .* failed with 1: initdb: error"):
+            with pg_cluster(fake):
+                pass
+    finally:
+        shutil.rmtree(fake, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """The cluster the study runs in. Missing software skips (and fails under CI=true,
+    tests/fixtures_ci.py: `make test` installs it); a server that does not start fails."""
+    pytest.importorskip("psycopg", reason="the `tune` extra (psycopg) is not installed")
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin, PATH or FIELDID_PG_BIN; "
+                    "Debian package postgresql)")
+    with pg_cluster(bin_dir) as url:
+        yield url
 
 
 def _trial_with_checkpoint(out: Path) -> bool:
