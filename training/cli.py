@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter
+from fieldid.cli_common import HelpFormatter, UsageError
 
 # The training flags live in their own module so that tune.py (which adds them to `fieldid tune`)
 # and this module do not import each other.
@@ -21,20 +21,32 @@ _D = HelpFormatter
 def _cmd_train(args: argparse.Namespace) -> int:
     from fieldid.api import train
 
+    from .datacheck import check_notice
+    from .exclusions import excluding
+
     if args.resume is not None:
-        extra = [f for f, v in (("--data", args.data), ("--out", args.out), ("--config", args.config)) if v is not None]
+        extra = [f for f, v in (("--data", args.data), ("--out", args.out), ("--config", args.config),
+                                ("--exclude", args.exclude)) if v is not None]
         if extra:
-            raise ValueError(f"--resume continues the run with its own {', '.join(extra)}; drop {', '.join(extra)}")
+            raise UsageError(f"--resume continues the run with its own {', '.join(extra)}; drop {', '.join(extra)}")
         rec = train(None, None, resume=args.resume, **train_overrides(args)).record
     else:
         if args.data is None or args.out is None:
-            raise ValueError("need --data DIR and --out RUN (or --resume RUN)")
-        rec = train(args.data, args.out, config=args.config, **train_overrides(args)).record
+            raise UsageError("need --data DIR and --out RUN (or --resume RUN)")
+        # Only the summary a previous `fieldid data check` left: training never adds a feature pass for it.
+        notice = check_notice(args.data)
+        if notice:
+            print(f"fieldid: {notice}" + (f" (--exclude {args.exclude} given)" if args.exclude else ""),
+                  file=sys.stderr, flush=True)
+        # make_split (inside train) drops the listed photos after splitting and records them in split.json.
+        with excluding(args.exclude):
+            rec = train(args.data, args.out, config=args.config, **train_overrides(args)).record
     if rec.status != "trained":
         return 0  # a DDP rank other than 0: rank 0 finalises the run and prints the summary
     print(json.dumps({"run": str(args.resume or args.out), "test_accuracy": rec.extra.get("test_accuracy"),
                       "test_macro_f1": rec.extra.get("test_macro_f1"), "temperature": rec.temperature,
-                      "fallback_threshold": rec.fallback_threshold}))
+                      "fallback_threshold": rec.fallback_threshold, "shipped": rec.extra.get("shipped"),
+                      "val_baselines": rec.extra.get("baselines_val")}))
     return 0
 
 
@@ -44,17 +56,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate(args.run, args.data, out=args.out)
     print(json.dumps({"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "split": m["split"],
                       "num_images": m["num_images"], "ece_calibrated": m["ece_calibrated"],
-                      "metrics_file": m["metrics_file"]}))
+                      "metrics_file": m["metrics_file"],
+                      # What the run checked itself against on val (majority, linear probe, fine-tuned).
+                      "shipped": m.get("training", {}).get("shipped"),
+                      "val_baselines": m.get("training", {}).get("baselines")}))
     return 0
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from .datacheck import main_check
+    from .datacheck import run_check
 
-    argv = [str(args.dir), "--near-threshold", str(args.near_threshold), "--min-side", str(args.min_side)]
-    if args.json:
-        argv += ["--json", str(args.json)]
-    return main_check(argv)
+    return run_check(args)
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
@@ -80,6 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", type=Path, default=None,
                    help="continue an interrupted run directory with its own settings; only --epochs, --num-workers, "
                         "--no-cache, --accelerator and --precision may change (others are refused)")
+    p.add_argument("--exclude", type=Path, default=None, metavar="FILE",
+                   help="leave out the photos listed in FILE (one path relative to --data per line, '# reason' "
+                        "after it; `fieldid data check --write-exclude` writes one); recorded in split.json "
+                        "(default: none)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix and calibration of a run", formatter_class=_D)
@@ -96,11 +112,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    c = dsub.add_parser("check", help="counts, imbalance, unreadable files, duplicates, leakage", formatter_class=_D)
-    c.add_argument("dir", type=Path, help="ImageFolder dataset root")
-    c.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
-    c.add_argument("--near-threshold", type=int, default=4, help="perceptual-hash Hamming distance for near duplicates")
-    c.add_argument("--min-side", type=int, default=32, help="images with a smaller side are reported as tiny")
+    from .datacheck import add_check_args  # torch-free
+
+    c = dsub.add_parser("check", help="label issues, duplicates, leakage, outliers, photo quality, unreadable files; "
+                                      "an HTML report and an exclude list for training", formatter_class=_D)
+    add_check_args(c)
     c.set_defaults(func=_cmd_data_check)
     d = dsub.add_parser("demo", help="generate a built-in synthetic demo dataset", formatter_class=_D)
     d.add_argument("name", choices=["reef", "salmon"], help="which demo dataset")
