@@ -4,7 +4,7 @@ Builds the app for one bundle, serves it on loopback (cross-origin isolated, so 
 threads work), and lets Debian's Chromium classify the same photos through the page's own code
 path (decode, Pillow-exact preprocessing, onnxruntime-web) -- with WebAssembly threads off (1)
 and on (all cores) -- for every ONNX precision the bundle ships. Python ONNX Runtime runs the
-same file with the same thread count (``fieldid.edge_demo.device.OnDeviceModel``). Prints a
+same file with the same thread count (``fieldid.export.phone.PhoneModel``). Prints a
 table of p50/p95 per photo and the browser/Python ratio, checks the goal (in-browser model p50
 <= 3x Python ORT at the same thread count) and writes the rows to JSON.
 """
@@ -58,9 +58,9 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def _python_rows(bundle: Path, precision: str, threads: int, photos: list[bytes]) -> dict[str, list[float]]:
-    from fieldid.edge_demo.device import OnDeviceModel
+    from fieldid.export.phone import PhoneModel
 
-    model = OnDeviceModel(bundle, precision=precision, threads=threads)
+    model = PhoneModel(bundle, precision=precision, threads=threads)
     for p in photos[:3]:
         model.predict(p)  # warm-up, as the browser gets
     rows = [model.predict(p).timings_ms for p in photos]

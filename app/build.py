@@ -7,10 +7,16 @@ The build folder holds everything the phone needs and nothing it would fetch els
   icons (installable);
 * onnxruntime-web's WebAssembly build (``ort/``), copied from the pinned npm package in
   ``app/node_modules`` (``make app-deps`` runs ``npm ci``);
-* per mode (Dive, Shop) the bundle's verified ONNX files under ``models/<mode>/``;
+* per model (a tab of the app) the bundle's verified ONNX files under ``models/<key>/``;
 * ``config.json``: labels, preprocessing, temperature, thresholds, unknown detector and model
-  files -- all copied from the bundle's ``manifest.json``, nothing else. The server's inference
-  token is never written: the user pastes it into the app, which keeps it in local storage.
+  files -- all copied from the bundle's ``manifest.json`` -- and the words the app shows
+  (title, description, class notes: :mod:`fieldid.appmeta`). The server's inference token is
+  never written: the user pastes it into the app, which keeps it in local storage.
+
+Which ONNX file the app runs by default is the phone contract's answer
+(:func:`fieldid.export.phone.select_artifact`: the verified int8 model, else fp32), the same file
+the Gradio demo, ``fieldid predict`` and the cascade bench run; the other precision ships too and
+stays selectable in the app's settings.
 
 The folder is written next to ``--out`` and swapped in at the end, so a failed build leaves a
 previous one untouched.
@@ -28,18 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from fieldid import __version__
-from fieldid.edge_demo.device import DemoError, bundle_dir_of, onnx_precisions
-from fieldid.edge_demo.modes import MAX_FILE_BYTES, MODES, mode_for_labels
-from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
-from fieldid.export.phone import DEFAULT_MAX_PIXELS
+from fieldid.appmeta import KEY_PATTERN, AppMeta, MetaError, apply_meta, default_meta, load_meta, preset_for_labels
+from fieldid.export.manifest import Artifact, Manifest, ManifestError, bundle_dir_of, file_sha256, load_manifest
+from fieldid.export.phone import (DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, PhoneError, checked_file, onnx_precisions,
+                                  select_artifact)
 from fieldid.records import replace_dir
 
 __all__ = ["AppBuildError", "AppMode", "APP_SCHEMA_VERSION", "SAME_ORIGIN", "check_server_url", "resolve_modes", "BROWSER_PRECISIONS", "ORT_FILES", "build_app",
            "default_ort_dir", "ort_web_version", "load_app_config"]
 
 APP_SCHEMA_VERSION = 1
-# In-browser order of preference. fp32 first: onnxruntime-web's WebAssembly int8 kernels are
-# slower than its fp32 ones (`make bench-app` measures both); int8 stays selectable for its size.
+# The ONNX precisions the app ships (the default is select_artifact's; the other stays selectable:
+# onnxruntime-web's WebAssembly int8 kernels can be slower than fp32, `fieldid bench app` measures both).
 BROWSER_PRECISIONS = ("fp32", "int8")
 # onnxruntime-web's WebAssembly-only build: the ES module, its worker/loader and the SIMD+threads binary.
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
@@ -55,10 +61,11 @@ class AppBuildError(ValueError):
 
 @dataclass(frozen=True)
 class AppMode:
-    """One mode of the app: its key (``dive`` / ``shop``) and the bundle folder that feeds it."""
+    """One model of the app (a tab): its key, the bundle folder that feeds it and the words it shows."""
 
     key: str
     bundle_dir: Path
+    meta: AppMeta
 
 
 def default_ort_dir() -> Path:
@@ -99,7 +106,7 @@ def _browser_models(manifest: Manifest, include_failed: bool = False) -> list[Ar
             continue
         art = manifest.find("onnx", precision)
         if art.verification.get("status") == "failed" and not include_failed:
-            continue  # a phone ships only verified models (same rule as the Gradio demo)
+            continue  # a phone ships only verified models (the phone contract's rule)
         arts.append(art)
     if not arts:
         raise AppBuildError(f"bundle {manifest.name!r} has no verified ONNX model for the browser; "
@@ -117,11 +124,11 @@ def _check_preprocess(manifest: Manifest, source: Path) -> dict[str, Any]:
             "mean": list(spec.mean), "std": list(spec.std)}
 
 
-def _model_entry(bundle: Path, key: str, art: Artifact, raw: dict[str, Any]) -> dict[str, Any]:
-    path = bundle / art.file
-    if file_sha256(path) != art.sha256:
-        raise AppBuildError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced, "
-                            f"re-export the bundle")
+def _model_entry(bundle: Path, key: str, art: Artifact) -> dict[str, Any]:
+    try:
+        path = checked_file(bundle, art)
+    except PhoneError as e:
+        raise AppBuildError(str(e)) from None
     return {
         "precision": art.precision,
         "file": f"models/{key}/{Path(art.file).name}",
@@ -130,10 +137,26 @@ def _model_entry(bundle: Path, key: str, art: Artifact, raw: dict[str, Any]) -> 
         "input_name": art.input_name,
         "output_name": art.output_name,
         # Contract 2: the unknown detector's output, "" when the file has none.
-        "unknown_output": str(raw.get("unknown_output") or ""),
+        "unknown_output": art.unknown_output or "",
         "verification": {k: art.verification[k] for k in ("status", "top1_agreement", "max_abs_logit_diff")
                          if k in art.verification},
     }
+
+
+def default_precision(manifest: Manifest, shipped: list[str], precision: str = "auto") -> str:
+    """The precision the app runs first: ``precision`` when named, else the phone contract's choice
+    (:func:`fieldid.export.phone.select_artifact`: verified int8, else fp32).
+
+    Raises:
+        AppBuildError: ``precision`` is not among the ``shipped`` models.
+    """
+    if precision != "auto":
+        if precision not in shipped:
+            raise AppBuildError(f"bundle {manifest.name!r} has no verified {precision} ONNX model "
+                                f"(has: {', '.join(shipped)})")
+        return precision
+    chosen = select_artifact(manifest, "auto")[0].precision
+    return chosen if chosen in shipped else shipped[0]
 
 
 def _mode_config(mode: AppMode, precision: str,
@@ -144,22 +167,16 @@ def _mode_config(mode: AppMode, precision: str,
     except (ManifestError, OSError) as e:
         raise AppBuildError(str(e)) from None
     arts = _browser_models(manifest, include_failed)
-    raw_by_file = {a["file"]: a for a in manifest.artifacts}
-    models = [_model_entry(mode.bundle_dir, mode.key, a, raw_by_file[a.file]) for a in arts]
-    have = [m["precision"] for m in models]
-    if precision == "auto":
-        default = have[0]
-    elif precision in have:
-        default = precision
-    else:
-        raise AppBuildError(f"bundle {manifest.name!r} has no verified {precision} ONNX model (has: {', '.join(have)})")
-    unknown = dict(getattr(manifest, "unknown", {}) or {})
-    info = MODES[mode.key]
+    models = [_model_entry(mode.bundle_dir, mode.key, a) for a in arts]
+    default = default_precision(manifest, [m["precision"] for m in models], precision)
+    unknown = dict(manifest.unknown or {})
+    info = mode.meta
     entry = {
-        "key": mode.key, "title": info.title, "tagline": info.tagline, "summary": info.summary, "cue": info.cue,
+        # "tagline" is the description line under the title (its name in the app's page).
+        "key": mode.key, "title": info.title, "tagline": info.description, "summary": info.summary, "cue": info.cue,
         "class_notes": {k: v for k, v in info.class_notes.items() if k in manifest.labels},
         "name": manifest.name,
-        "model_version": str(getattr(manifest, "model_version", "") or ""),
+        "model_version": str(manifest.model_version or ""),
         "labels": list(manifest.labels),
         "preprocess": _check_preprocess(manifest, mode.bundle_dir / "manifest.json"),
         "temperature": manifest.temperature,
@@ -174,27 +191,82 @@ def _mode_config(mode: AppMode, precision: str,
     return entry, copies
 
 
-def resolve_modes(sources: list[tuple[str, str]]) -> list[AppMode]:
-    """``--run``/``--bundle`` values (``[MODE=]PATH``) -> modes, by the Gradio demo's rules.
+def _split_key(value: str) -> tuple[str | None, str]:
+    """``"KEY=PATH"`` -> ``(KEY, PATH)``; a value whose part before ``=`` is no key (``runs/a=b``) is a path."""
+    key, sep, rest = value.partition("=")
+    if sep and KEY_PATTERN.match(key.lower()):
+        return key.lower(), rest
+    return None, value
 
-    A bundle whose classes are the built-in reef fish goes to Dive, wild/farmed to Shop; any
-    other fills Dive first, then Shop (:func:`fieldid.edge_demo.cli.assign_modes`).
+
+def _slug(name: str) -> str:
+    s = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return (s or "model")[:40]
+
+
+def resolve_modes(sources: list[tuple[str, str]], *, meta: list[str] | None = None, title: str | None = None,
+                  description: str | None = None) -> list[AppMode]:
+    """``--run``/``--bundle`` values (``[KEY=]PATH``) and the words options -> the app's modes (tabs).
+
+    Keys: ``KEY=`` when given, else ``dive`` / ``shop`` for the two demo models (their classes are
+    a demo preset's), else the model's name. Words: :mod:`fieldid.appmeta` (the model's own --
+    defaults, ``app.yaml`` in the bundle or run folder, ``meta`` files, then ``title`` and
+    ``description``); only the demo models get the Dive/Shop words.
+
+    Args:
+        sources: ``(kind, "[KEY=]PATH")`` pairs in command-line order (a run folder means its bundle).
+        meta: ``[KEY=]FILE`` YAML files of words (``KEY=`` may be left out with one model).
+        title / description: the words of the one model (only with a single model).
+
+    Raises:
+        AppBuildError: no model, a key given twice, a meta file that cannot be used, ...
+
+    Example:
+        >>> [m.key for m in resolve_modes([("run", "runs/reef"), ("run", "runs/salmon")])]  # doctest: +SKIP
+        ['dive', 'shop']
     """
-    from fieldid.edge_demo.cli import assign_modes
-
-    def mode_of(path: Path) -> str | None:
+    if not sources:
+        raise AppBuildError("give a model: --run RUN or --bundle DIR (e.g. --run runs/textures)")
+    found: list[tuple[str, str, Path, Manifest]] = []
+    for kind, value in sources:
+        key, path = _split_key(value)
         try:
-            return mode_for_labels(load_manifest(bundle_dir_of(path)).labels)
-        except (DemoError, ManifestError, OSError, ValueError):
-            return None  # reported below when the bundle is resolved
-
-    try:
-        assigned = assign_modes(sources, mode_of)
-        return [AppMode(key, bundle_dir_of(path)) for key, path in assigned.items()]
-    except DemoError as e:
-        raise AppBuildError(str(e)) from None
-    except ValueError as e:
-        raise AppBuildError(str(e)) from None
+            bundle = bundle_dir_of(path)
+            manifest = load_manifest(bundle)
+        except (ManifestError, OSError) as e:
+            raise AppBuildError(str(e)) from None
+        key = key or preset_for_labels(manifest.labels) or _slug(manifest.name)
+        if key in [f[0] for f in found]:
+            raise AppBuildError(f"model key {key!r} is given twice (--{kind} {value}); name them: --{kind} KEY=PATH")
+        found.append((key, value, bundle, manifest))
+    keys = [f[0] for f in found]
+    files: dict[str, Path] = {}
+    for item in meta or []:
+        key, path = _split_key(item)
+        if key is None and len(found) == 1:
+            key = keys[0]
+        if key not in keys:
+            raise AppBuildError(f"--meta {item}: name the model it describes, KEY=FILE with KEY one of: "
+                                f"{', '.join(keys)}")
+        files[key] = Path(path)
+    flags = {k: v for k, v in (("title", title), ("description", description)) if v}
+    if flags and len(found) != 1:
+        raise AppBuildError("--title and --description describe one model; with several, use --meta KEY=FILE")
+    modes = []
+    for key, _value, bundle, manifest in found:
+        labels = list(manifest.labels)
+        words = default_meta(key, manifest.name, labels)
+        try:
+            own = [bundle / "app.yaml"] + ([bundle.parent / "app.yaml"] if (bundle.parent / "run.json").is_file() else [])
+            for f in [f for f in own if f.is_file()][:1]:  # the bundle's, else its run's
+                words = apply_meta(words, load_meta(f), labels, str(f))
+            if key in files:
+                words = apply_meta(words, load_meta(files[key]), labels, str(files[key]))
+            words = apply_meta(words, flags, labels, "--title/--description")
+        except MetaError as e:
+            raise AppBuildError(str(e)) from None
+        modes.append(AppMode(key, bundle, words))
+    return modes
 
 
 def load_app_config(app_dir: str | Path) -> dict[str, Any]:
@@ -252,13 +324,13 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
     """Build the static web app for ``modes`` into ``out``.
 
     Args:
-        modes: one or two modes (``dive`` / ``shop``) and their bundles (see :func:`resolve_modes`).
+        modes: the app's models (tabs), their bundles and words (see :func:`resolve_modes`).
         out: the build folder; replaced as a whole when it holds an earlier build.
         server: TorchServe inference API root the app asks when unsure ("" = none; the user can
             set one in the app's settings), or ``"same-origin"``: the app's own host, where a reverse
             proxy (``fieldid app serve --proxy``, nginx) forwards ``/predictions/`` to TorchServe.
-        precision: default in-browser ONNX model: ``auto`` (fp32 when present: faster in
-            onnxruntime-web), ``fp32`` or ``int8``. The other stays selectable in the app.
+        precision: default in-browser ONNX model: ``auto`` (the phone contract's choice: the verified
+            int8 model, else fp32), ``fp32`` or ``int8``. The other stays selectable in the app.
         ort_dir: onnxruntime-web's ``dist/`` folder (default: ``app/node_modules``, see ``make app-deps``).
         top_k: classes shown per answer.
         timeout_s: seconds the app waits for the server.

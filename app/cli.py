@@ -13,8 +13,9 @@ __all__ = ["register"]
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build import build_app, resolve_modes
 
-    build_app(resolve_modes(args.sources or []), args.out, server=args.server or "", precision=args.precision,
-              ort_dir=args.ort_dir, top_k=args.top_k, timeout_s=args.timeout)
+    modes = resolve_modes(args.sources or [], meta=args.meta, title=args.title, description=args.description)
+    build_app(modes, args.out, server=args.server or "", precision=args.precision, ort_dir=args.ort_dir,
+              top_k=args.top_k, timeout_s=args.timeout)
     return 0
 
 
@@ -62,12 +63,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = p.add_subparsers(dest="app_command", required=True, metavar="{build,serve}")
     b = cmds.add_parser("build", formatter_class=HelpFormatter, help="bundle(s) -> static app folder",
                         description=("Write the app (page, service worker, onnxruntime-web, the bundles' ONNX "
-                                     "models and their manifest settings) into --out. Two runs give the Dive and "
-                                     "Shop modes (chosen by their classes, or name them: --run dive=runs/reef)."))
-    b.add_argument("--run", dest="sources", action="append", type=_source("run"), metavar="[MODE=]RUN", default=None,
-                   help="run folder whose export/ bundle feeds a mode (dive or shop); repeatable")
-    b.add_argument("--bundle", dest="sources", action="append", type=_source("bundle"), metavar="[MODE=]DIR",
-                   default=None, help="export bundle folder (with manifest.json) feeding a mode")
+                                     "models and their manifest settings) into --out. Each model is a tab with "
+                                     "its own words: title and description from the model (its name and classes), "
+                                     "app.yaml in its bundle or run folder, --meta FILE, or --title/--description. "
+                                     "The two demo models (reef, salmon) get the demo's Dive and Shop words."))
+    b.add_argument("--run", dest="sources", action="append", type=_source("run"), metavar="[KEY=]RUN", default=None,
+                   help="run folder whose export/ bundle is a tab of the app; KEY names the tab (default: dive/shop "
+                        "for the demo models, else the model's name); repeatable")
+    b.add_argument("--bundle", dest="sources", action="append", type=_source("bundle"), metavar="[KEY=]DIR",
+                   default=None, help="export bundle folder (with manifest.json) that is a tab of the app; as --run")
+    b.add_argument("--meta", action="append", default=None, metavar="[KEY=]FILE",
+                   help="YAML file of the words a tab shows: title, description, summary, cue, class_notes "
+                        "(label: note); KEY may be left out with one model; repeatable")
+    b.add_argument("--title", default=None, help="the app's title for its one model (default: the model's name)")
+    b.add_argument("--description", default=None,
+                   help="the line under the title for its one model (default: the classes it tells apart)")
     b.add_argument("--out", type=Path, required=True, help="build folder (replaced when it holds an earlier build)")
     b.add_argument("--server", default=None, metavar="URL",
                    help="TorchServe asked when the device is unsure: its inference API root, e.g. "
@@ -76,8 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "/predictions/ (`fieldid app serve --proxy`, nginx; keeps token auth). Default: none, "
                         "settable in the app. The token is pasted in the app, never built in")
     b.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
-                   help="default in-browser model; auto = fp32 (faster in onnxruntime-web, see "
-                        "`make bench-app`), int8 stays selectable")
+                   help="default in-browser model; auto = the phone's choice, the verified int8 model else fp32 "
+                        "(as the demo and `fieldid predict`); the other stays selectable")
     b.add_argument("--top-k", type=int, default=3, help="classes shown per answer")
     b.add_argument("--timeout", type=float, default=5.0, help="seconds the app waits for the server")
     b.add_argument("--ort-dir", type=Path, default=None,

@@ -1,7 +1,7 @@
 """fieldid edge_demo: a Gradio field app that behaves like the phone app it imitates.
 
-The bundle's ONNX model runs on the device (ONNX Runtime + ``fieldid.export.phone`` preprocessing;
-this package never imports torch); only when the device is unsure does the photo go to the
+The bundle's ONNX model runs on the device through the phone contract
+(:class:`fieldid.export.phone.PhoneModel`; this package never imports torch); only when the device is unsure does the photo go to the
 TorchServe server. Names are re-exported lazily: importing the package (as ``fieldid --help``
 does) loads neither Gradio nor ONNX Runtime.
 
@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "DemoError", "OnDeviceModel", "DeviceAnswer", "select_artifact", "bundle_dir_of",
+    "DemoError", "bundle_dir_of",
     "ServerConfig", "ServerReply", "ask_server", "find_server",
     "Example", "example_images", "data_origin",
     "DemoMode", "Outcome", "MODES",
@@ -24,8 +24,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "DemoError": "device", "OnDeviceModel": "device", "DeviceAnswer": "device", "select_artifact": "device",
-    "bundle_dir_of": "device",
+    "DemoError": "device", "bundle_dir_of": "device",
     "ServerConfig": "fallback", "ServerReply": "fallback", "ask_server": "fallback", "find_server": "fallback",
     "Example": "examples", "example_images": "examples", "data_origin": "examples",
     "DemoMode": "modes", "Outcome": "modes", "MODES": "modes",

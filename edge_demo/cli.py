@@ -77,11 +77,12 @@ def _mode_by_labels(path: Path) -> str | None:
     """The mode whose built-in classes the bundle at ``path`` has; None when unknown or unreadable."""
     from fieldid.export.manifest import ManifestError, load_manifest
 
+    from fieldid.appmeta import preset_for_labels
+
     from .device import DemoError, bundle_dir_of
-    from .modes import mode_for_labels
 
     try:
-        return mode_for_labels(load_manifest(bundle_dir_of(path)).labels)
+        return preset_for_labels(load_manifest(bundle_dir_of(path)).labels)
     except (DemoError, ManifestError, OSError, ValueError):
         return None  # DemoMode reports a bad source when it loads it
 

@@ -7,96 +7,23 @@ was unsure or the user asked). ``fieldid.edge_demo.app`` only renders outcomes. 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
+from fieldid.appmeta import DEMO_PRESETS, pretty_label
 from fieldid.export.manifest import Manifest, ManifestError, check_pair, load_manifest
-from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError
+from fieldid.export.phone import (DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageInputError, PhoneAnswer, PhoneError,
+                                  PhoneModel, onnx_precisions, select_artifact)
 from fieldid.intake import ACCEPTED_NAMES
 
-from .device import DemoError, DeviceAnswer, OnDeviceModel, bundle_dir_of, onnx_precisions, select_artifact
+from .device import DemoError, bundle_dir_of
 from .examples import DataOrigin, Example, data_origin, example_images, unknown_examples
 from .fallback import DEFAULT_TIMEOUT_S, ServerConfig, ServerReply, ask_server
 
-__all__ = ["MODES", "ModeInfo", "DemoMode", "Outcome", "MAX_FILE_BYTES", "pretty_label", "friendly_image_error",
-           "file_too_large", "mode_for_labels"]
+__all__ = ["MODES", "DemoMode", "Outcome", "friendly_image_error", "file_too_large"]
 
-MAX_FILE_BYTES = 30_000_000  # larger than any phone photo; refused before decoding
-
-
-@dataclass(frozen=True)
-class ModeInfo:
-    """The fixed words of a mode; class lists and data provenance come from the bundle."""
-
-    key: str
-    title: str
-    tagline: str
-    summary: str  # one visible line: what the model looks at
-    cue: str  # the longer, honest version
-    class_notes: dict[str, str] = field(default_factory=dict)  # label -> field marks
-
-
-MODES: dict[str, ModeInfo] = {
-    "dive": ModeInfo(
-        key="dive",
-        title="Dive",
-        tagline="Reef fish ID for divers and snorkellers: photograph a fish, get the species.",
-        summary="Looks at body shape, colour pattern and fins; murky water or a head-on fish makes it unsure.",
-        cue=("The model looks at body shape, colour pattern and fins. Murky water, blur and a fish "
-             "seen head-on make it unsure; then it asks the server."),
-        class_notes={
-            "sergeant_major": "yellow back, five dark vertical bars",
-            "blue_tang": "all blue, oval body, yellow tail spine",
-            "yellowtail_snapper": "yellow stripe along the side, bright yellow forked tail",
-            "stoplight_parrotfish": "green body with a yellow spot, beak-like mouth",
-            "foureye_butterflyfish": "pale disc-shaped body, dark eye-spot near the tail",
-            "french_angelfish": "black with yellow-rimmed scales",
-            "queen_angelfish": "blue-yellow with a blue 'crown' spot on the forehead",
-            "lionfish": "red-white stripes and long spines (invasive in the Caribbean)",
-            "spotted_drum": "black-white stripes, tall first dorsal fin, white spots",
-        },
-    ),
-    "shop": ModeInfo(
-        key="shop",
-        title="Shop",
-        tagline="Wild or farmed salmon? Photograph the fillet at the counter.",
-        summary=("Colour is the cue: wild is deep red-orange with thin fat lines, farmed is paler with thick "
-                 "white fat bands. A photo cannot prove origin; check the label."),
-        cue=("Colour is the cue, together with the fat lines: wild flesh is deep red-orange with thin, "
-             "widely spaced fat lines; farmed flesh is paler with thick, dense white fat bands. Shop "
-             "lighting and white balance shift colours, and farmed salmon is often fed pigment, so a "
-             "photo can never prove origin: treat a low-confidence answer as \"don't know\" and check "
-             "the label."),
-        class_notes={
-            "wild": "deep red-orange, thin widely spaced fat lines",
-            "farmed": "paler orange, thick dense white fat bands",
-        },
-    ),
-}
-
-
-def mode_for_labels(labels: Iterable[str]) -> str | None:
-    """The mode whose built-in classes include all of ``labels``, or None when none (or several) do.
-
-    Example:
-        >>> mode_for_labels(["wild", "farmed"]), mode_for_labels(["lionfish"]), mode_for_labels(["cat"])
-        ('shop', 'dive', None)
-    """
-    labels = set(labels)
-    fits = [key for key, info in MODES.items() if labels and labels <= set(info.class_notes)]
-    return fits[0] if len(fits) == 1 else None
-
-
-def pretty_label(label: str) -> str:
-    """``"sergeant_major"`` -> ``"Sergeant major"`` (what the user reads).
-
-    Example:
-        >>> pretty_label("yellowtail_snapper")
-        'Yellowtail snapper'
-    """
-    s = label.replace("_", " ").strip()
-    return s[:1].upper() + s[1:]
+# The demo's two modes are the demo models' presets (reef fish -> Dive, salmon -> Shop).
+MODES = DEMO_PRESETS
 
 
 def friendly_image_error(e: ImageInputError) -> str:
@@ -117,7 +44,7 @@ def file_too_large(num_bytes: int, limit: int = MAX_FILE_BYTES) -> ImageInputErr
 class Outcome:
     """Everything one tap produced; ``error`` is set (and answers empty) for unusable input."""
 
-    device: DeviceAnswer | None = None
+    device: PhoneAnswer | None = None
     server: ServerReply | None = None
     asked_because: str = ""  # "low confidence" | "you asked" | "" (server not asked)
     error: str = ""
@@ -168,7 +95,7 @@ class DemoMode:
         # was paired with it (use_server_model, after the label check).
         self.server_model = ""
         self.threads, self.top_k, self.max_pixels = threads, top_k, max_pixels
-        self._models: dict[str, OnDeviceModel] = {}
+        self._models: dict[str, PhoneModel] = {}
         # Load the default model now: a broken bundle must fail at start, not at the first photo.
         first = self._load(precision)
         self.manifest: Manifest = first.manifest
@@ -187,12 +114,17 @@ class DemoMode:
     def key(self) -> str:
         return self.info.key
 
-    def _load(self, precision: str) -> OnDeviceModel:
-        m = OnDeviceModel(self.bundle_dir, precision, threads=self.threads, max_pixels=self.max_pixels)
+    def _load(self, precision: str) -> PhoneModel:
+        try:
+            m = PhoneModel(self.bundle_dir, precision, threads=self.threads, max_pixels=self.max_pixels)
+        except PhoneError:
+            raise  # no such precision, a damaged file: the phone contract's own message
+        except ManifestError as e:  # an unreadable bundle: the demo cannot start with it
+            raise DemoError(str(e)) from None
         self._models[m.precision] = m
         return m
 
-    def model(self, precision: str | None = None) -> OnDeviceModel:
+    def model(self, precision: str | None = None) -> PhoneModel:
         """The on-device model of ``precision`` (default: the mode's), loaded once."""
         precision = precision or self.default_precision
         if precision not in self._models:
@@ -227,7 +159,7 @@ class DemoMode:
             answer = self.model(precision).predict(image_bytes, k=self.top_k)
         except ImageInputError as e:
             return Outcome(error=friendly_image_error(e))
-        except DemoError as e:  # e.g. a precision this bundle does not have
+        except PhoneError as e:  # e.g. a precision this bundle does not have
             return Outcome(error=str(e))
         out = Outcome(device=answer, true_label=self._truth.get(hashlib.sha256(image_bytes).hexdigest(), ""))
         if force_server:
@@ -279,7 +211,7 @@ class DemoMode:
         """The always-visible lines under the tab: what it does, its cue, and the data caveat."""
         what = (self.info.summary if self.knows_demo_classes else
                 "This bundle's classes: " + ", ".join(pretty_label(x) for x in self.manifest.labels) + ".")
-        text = f"**{self.info.tagline}** {what}"
+        text = f"**{self.info.description}** {what}"
         if self.origin.synthetic:
             text += "  \n<small>⚠ Trained on synthetic pictures, not photographs: see *About this mode*.</small>"
         return text
@@ -287,7 +219,7 @@ class DemoMode:
     def explanation_markdown(self) -> str:
         """What this mode does, what the classes mean and where the training data came from."""
         notes = self.info.class_notes
-        lines = [f"**{self.info.tagline}**", "",
+        lines = [f"**{self.info.description}**", "",
                  f"This model knows {len(self.manifest.labels)} classes:"]
         for label in self.manifest.labels:
             note = notes.get(label)

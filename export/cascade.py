@@ -2,11 +2,13 @@
 
 On the device run's held-out test split, with the thresholds the runs recorded:
 
-* **device alone** — the ONNX model the phone runs from the device bundle (its verified int8
-  file, else fp32, as the demo and the app choose);
+* **device alone** — the ONNX model the phone runs from the device bundle
+  (:func:`fieldid.export.phone.select_artifact`: its verified int8 file, else fp32 -- the file the
+  demo, the app build and ``fieldid predict`` run);
 * **server alone** — the server bundle's fp32 ONNX model (what ``fieldid serve`` runs);
-* **cascade** — the device answers unless its answer ``needs_fallback`` (unknown, or
-  confidence below the device's fallback threshold); then the server's answer counts.
+* **cascade** — the device answers unless the phone contract's fallback decision says so
+  (:func:`fieldid.export.phone.needs_fallback`: unknown, or calibrated confidence below the
+  device's fallback threshold); then the server's answer counts.
 
 Reported: accuracy of each, the share of photos sent to the server, and the mean latency per
 answer (device latency + server latency for the sent share; both are model calls in ONNX
@@ -28,8 +30,8 @@ import numpy as np
 from fieldid.records import atomic_write_json, atomic_write_text
 
 from .manifest import CascadeError, Manifest, check_pair, load_manifest
-from .ood_bench import onnx_session, score_images
-from .phone import softmax
+from .ood_bench import score_images
+from .phone import PhoneError, is_unknown, needs_fallback, onnx_session, select_artifact, softmax
 
 __all__ = ["CASCADE_GOALS", "CascadeError", "check_pair", "cascade_bench"]
 
@@ -135,22 +137,20 @@ def _check_same_heldout(device_run: Path, paths: list[Path], other_run: Path) ->
 
 def _device_side(path: Path, man: Manifest, paths: list[Path], kept: Any, s_pred: np.ndarray, s_lat: float,
                  y: np.ndarray) -> dict[str, Any]:
-    """The ONNX model a phone runs from this bundle (the verified int8 file, else fp32: the demo's
-    and the app's rule) alone and in the cascade, at the thresholds the bundle records."""
-    from fieldid.edge_demo.device import DemoError, select_artifact
-
+    """The ONNX model a phone runs from this bundle (the phone contract's select_artifact) alone and
+    in the cascade, with the contract's unknown and fallback decisions at the thresholds the bundle records."""
     try:
         art, _ = select_artifact(man, "auto")
-    except DemoError as e:
+    except PhoneError as e:
         raise CascadeError(str(e)) from None
     dev = score_images(onnx_session(path / art.file), paths, man.preprocess_spec, f"device {art.file}")
     if list(dev["kept"]) != list(kept):
         raise CascadeError("device and server could not read the same images")
     d_pred = dev["logits"].argmax(1)
     conf = softmax(dev["logits"], man.temperature).max(1)
-    unknown = (dev["unknown_score"] > float(man.unknown["threshold"])) if (
-        dev["unknown_score"] is not None and man.unknown) else np.zeros(len(y), bool)
-    sent = unknown | (conf < man.fallback_threshold)
+    scores = dev["unknown_score"]
+    unknown = is_unknown(scores, (man.unknown or {}).get("threshold")) if scores is not None else np.zeros(len(y), bool)
+    sent = needs_fallback(conf, unknown, man.fallback_threshold)
     d_lat = float(dev["latency_ms"].mean())
     return {"file": art.file, "accuracy": float((d_pred == y).mean()),
             "cascade_accuracy": float((np.where(sent, s_pred, d_pred) == y).mean()), "sent": float(sent.mean()),

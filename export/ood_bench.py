@@ -1,6 +1,7 @@
-"""``fieldid bench --ood DIR``: does the int8 phone artifact know when it doesn't know?
+"""``fieldid bench --ood DIR``: does the phone's artifact know when it doesn't know?
 
-On the bundle's int8 ONNX model (what a phone runs), with the manifest's recorded threshold:
+On the ONNX model a phone runs (:func:`fieldid.export.phone.select_artifact`: the verified int8
+file, else fp32), with the manifest's recorded threshold and the phone contract's unknown rule:
 
 * ``DIR/other/**``  — photos of other kinds of things (other datasets, scikit-image photos,
   generated gradients / noise): goal flagged unknown >= 95%;
@@ -21,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from fieldid.training.images import ImageError, load_rgb
 from fieldid.training.records import atomic_write_json, atomic_write_text
 
 from .manifest import ManifestError, load_manifest
-from .phone import preprocess, softmax
+from .phone import is_unknown, onnx_session, prepare, select_artifact, softmax
 
-__all__ = ["OOD_GOALS", "ood_bench", "auroc", "ood_table", "onnx_session", "score_images", "OodBenchError"]
+__all__ = ["OOD_GOALS", "ood_bench", "auroc", "ood_table", "score_images", "OodBenchError"]
 
 log = logging.getLogger("fieldid.bench")
 
@@ -68,19 +68,9 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _EXTS)
 
 
-def onnx_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session (``threads`` intra-op threads; 1 = what a phone core gives a model)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def score_images(sess: Any, paths: list[Path], spec: Any, what: str) -> dict[str, Any]:
-    """Run every readable image through ``sess`` one at a time, as a phone would.
+    """Run every readable image through ``sess`` one at a time, as a phone would (the phone
+    contract's :func:`~fieldid.export.phone.prepare`: its decode, draft size, pixel limit and preprocessing).
 
     Returns:
         ``{"logits" (N, C), "unknown_score" (N,) or None, "kept" [indices of paths], "latency_ms" (N,)}``;
@@ -95,8 +85,8 @@ def score_images(sess: Any, paths: list[Path], spec: Any, what: str) -> dict[str
     logits, scores, kept, lat = [], [], [], []
     for i, p in enumerate(paths):
         try:
-            x = preprocess(load_rgb(p), spec)
-        except (ImageError, ValueError, OSError) as e:
+            x = prepare(p.read_bytes(), spec)
+        except (ValueError, OSError) as e:  # ImageInputError is a ValueError
             log.warning("skipping unreadable %s (%s)", p, e)
             continue
         t0 = time.perf_counter()
@@ -129,7 +119,7 @@ def _baselines(logits: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
 
 def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | None = None,
               out: str | Path | None = None) -> dict[str, Any]:
-    """Measure the unknown answer of the int8 ONNX artifact; write ``ood.json`` and ``ood.md``.
+    """Measure the unknown answer of the ONNX file a phone runs; write ``ood.json`` and ``ood.md``.
 
     Args:
         run_dir: the run (its held-out test split is the in-distribution set).
@@ -154,8 +144,8 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
         raise OodBenchError(f"{ood_dir}: needs images under other/ and/or unseen/")
     try:
         manifest = load_manifest(Path(bundle) if bundle else run_dir / "export")
-        art = manifest.find("onnx", "int8")
-    except ManifestError as e:
+        art, _ = select_artifact(manifest)
+    except ManifestError as e:  # incl. PhoneError: no ONNX model a phone could run
         raise OodBenchError(str(e)) from None
     if not art.unknown_output or not manifest.unknown:
         raise OodBenchError(f"{art.file}: has no unknown_score output (exported from a run without a detector); "
@@ -169,7 +159,7 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
     in_logits, in_scores, kept = _run(sess, split.paths(which), spec, f"in-distribution ({which})")
     in_y = np.asarray(split.targets(which))[kept]
     results: dict[str, Any] = {}
-    answered = in_scores <= threshold
+    answered = ~is_unknown(in_scores, threshold)
     acc_answered = float((in_logits.argmax(1)[answered] == in_y[answered]).mean()) if answered.any() else 0.0
     rows = [{"set": f"in-distribution ({which} split)", "images": int(len(in_scores)),
              "measure": "answered on device", "value": float(answered.mean()), "goal": OOD_GOALS["in_answered"]},
@@ -182,11 +172,11 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
         lo, sc, _ = _run(sess, paths, spec, g)
         goal = OOD_GOALS[f"{g}_flagged"]
         rows.append({"set": f"{g} ({'other kinds of things' if g == 'other' else 'same kind, not trained on'})",
-                     "images": int(len(sc)), "measure": "flagged unknown", "value": float((sc > threshold).mean()),
+                     "images": int(len(sc)), "measure": "flagged unknown", "value": float(is_unknown(sc, threshold).mean()),
                      "goal": goal})
         results[g] = {"scores": sc.tolist()}
         methods["mahalanobis (in the artifact)"][g] = {"auroc": auroc(in_scores, sc),
-                                                        "flagged": float((sc > threshold).mean())}
+                                                        "flagged": float(is_unknown(sc, threshold).mean())}
         for name, s in _baselines(lo, manifest.temperature).items():
             # The same in-distribution acceptance as the detector, so the flagged shares compare fairly.
             cut = float(np.quantile(base_in[name], accept)) if len(base_in[name]) else 0.0

@@ -1,9 +1,10 @@
 """``fieldid predict``: classify unlabelled photos with a bundle's artifact, as the phone does, to CSV or JSON.
 
-Each photo goes through the phone's intake and preprocessing (:mod:`fieldid.export.phone`) and
-one of the bundle's artifacts in its runtime here (ONNX Runtime, ExecuTorch, TorchScript: the
-export's runtime registry), and is answered in the one response schema
-(:func:`fieldid.export.phone.prediction`). With a server, the photos the device is unsure
+Each photo goes through the phone contract (:mod:`fieldid.export.phone`): its decode (JPEG
+draft, pixel limit, EXIF) and preprocessing, the file the phone runs
+(:func:`~fieldid.export.phone.select_artifact`; any other artifact by name, in its runtime here:
+ONNX Runtime, ExecuTorch, TorchScript), calibration, unknown score and fallback decision, and
+the one response schema (:func:`~fieldid.export.phone.answer`). With a server, the photos the device is unsure
 about (``needs_fallback``) are sent to the TorchServe fallback and its answer is added.
 A photo that cannot be read becomes a row with ``error`` set; it never stops the others.
 
@@ -66,8 +67,9 @@ def collect_photos(items: Iterable[str | Path]) -> list[Path]:
 def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
     """The artifact to run: ``name`` (a file in the bundle), else the one the phone ships.
 
-    The phone's choice is the verified int8 ONNX model (else fp32 ONNX), as the field demo picks
-    it; a bundle without ONNX falls back to the first verified artifact with a runtime here.
+    The phone's choice is :func:`fieldid.export.phone.select_artifact` (the verified int8 ONNX
+    model, else fp32); a bundle without ONNX falls back to the first verified artifact with a
+    runtime here.
 
     Raises:
         ValueError: ``name`` is not in the bundle, or has no runtime on this machine.
@@ -88,7 +90,7 @@ def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
                              f"{', '.join(a.file for a in runnable) or 'none'})")
         return match[0]
     if any(a.format == "onnx" and a.outputs == "logits" for a in arts):
-        from fieldid.edge_demo.device import select_artifact  # the phone's rule, in one place
+        from fieldid.export.phone import select_artifact  # the phone's rule, in one place
 
         return select_artifact(manifest, "auto")[0]
     verified = [a for a in runnable if a.verification.get("status") == "passed"] or runnable
@@ -104,32 +106,22 @@ class DevicePredictor:
     bundle: Path
     manifest: Manifest
     artifact: Artifact
-    runner: Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) -> logits (N, C)
-    # (N, 3, H, W) -> unknown_score (N,), when the artifact has that output (Artifact.unknown_output)
-    score_runner: Callable[[np.ndarray], np.ndarray] | None = None
+    # (N, 3, H, W) -> (logits (N, C), unknown_score (N,) or None when the artifact has no such output)
+    runner: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
     @classmethod
     def load(cls, bundle: str | Path, artifact: str | None = None, *, threads: int = 1) -> "DevicePredictor":
         """Load ``artifact`` (default: the phone's choice) of ``bundle``; its sha256 is checked first."""
-        from fieldid.export.bundle import load_runtime
-        from fieldid.export.manifest import bundle_dir_of, file_sha256, load_manifest
+        from fieldid.export.manifest import bundle_dir_of, load_manifest
+        from fieldid.export.phone import OnnxRunner, checked_file, onnx_session
 
         bundle = bundle_dir_of(bundle)
         manifest = load_manifest(bundle)
         art = choose_artifact(manifest, artifact)
-        path = bundle / art.file
-        if file_sha256(path) != art.sha256:
-            raise ValueError(f"{path}: sha256 differs from the manifest; the file is damaged or was replaced, "
-                             f"re-export the bundle")
-        # The logits runner first: it sets the runtime's threads, and ExecuTorch's pool is process-wide
-        # (a reset after the score method was loaded would leave that method on a freed pool).
-        runner = load_runtime(path, art.format, threads=threads)
-        score_runner = None
-        if getattr(art, "unknown_output", ""):  # bundles with an unknown detector; others answer without it
-            from fieldid.export.unknown import load_unknown_runtime
-
-            score_runner = load_unknown_runtime(path, art.format)
-        return cls(bundle, manifest, art, runner, score_runner)
+        path = checked_file(bundle, art)
+        if art.format == "onnx":  # the phone's runner: one session gives logits and the unknown score
+            return cls(bundle, manifest, art, OnnxRunner(onnx_session(path, threads=threads), art))
+        return cls(bundle, manifest, art, _other_runner(path, art, threads))
 
     @property
     def version(self) -> str:
@@ -141,24 +133,34 @@ class DevicePredictor:
         Raises:
             fieldid.export.phone.ImageInputError: not an accepted image (its ``status`` says why).
         """
-        from fieldid.export.phone import check_resize_fits, decode_image, prediction, preprocess
+        from fieldid.export.phone import answer, prepare
 
-        m = self.manifest
         t0 = time.perf_counter()
-        img = decode_image(data)
-        spec = m.preprocess_spec
-        check_resize_fits(img.size, spec.resize_size)
-        x = preprocess(img, spec)
-        logits = np.asarray(self.runner(x))
-        extra: dict[str, Any] = {}
-        if self.score_runner is not None:  # prediction() applies the manifest's threshold to it
-            extra = {"unknown_score": float(np.asarray(self.score_runner(x)).reshape(-1)[0]),
-                     "unknown_threshold": (getattr(m, "unknown", None) or {}).get("threshold")}
-        if getattr(m, "model_version", ""):  # the run's checkpoint identity, the same on device and server
-            extra["model_version"] = m.model_version
-        return prediction(logits.reshape(-1), m.labels, temperature=m.temperature,
-                          fallback_threshold=m.fallback_threshold, model=m.name, version=self.version,
-                          source="device", latency_ms=(time.perf_counter() - t0) * 1e3, k=k, **extra)
+        logits, unknown = self.runner(prepare(data, self.manifest.preprocess_spec))
+        return answer(self.manifest, self.artifact, logits[0], None if unknown is None else float(unknown[0]),
+                      source="device", latency_ms=(time.perf_counter() - t0) * 1e3, k=k, version=self.version)
+
+
+def _other_runner(path: Path, art: Artifact,
+                  threads: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]:
+    """A non-ONNX artifact (ExecuTorch, TorchScript) in its runtime from the export's registry,
+    shaped like the phone contract's :class:`~fieldid.export.phone.OnnxRunner`."""
+    from fieldid.export.bundle import load_runtime
+
+    # The logits runner first: it sets the runtime's threads, and ExecuTorch's pool is process-wide
+    # (a reset after the score method was loaded would leave that method on a freed pool).
+    logits_runner = load_runtime(path, art.format, threads=threads)
+    score_runner = None
+    if art.unknown_output:  # bundles with an unknown detector; others answer without it
+        from fieldid.export.unknown import load_unknown_runtime
+
+        score_runner = load_unknown_runtime(path, art.format)
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        scores = None if score_runner is None else np.asarray(score_runner(x), np.float32).reshape(len(x))
+        return np.asarray(logits_runner(x)), scores
+
+    return run
 
 
 def _server_token(bundle: Path, url: str, key_file: str | Path | None) -> str | None:

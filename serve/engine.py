@@ -25,9 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fieldid.export.manifest import Artifact, Manifest, ManifestError, file_sha256, load_manifest
-from fieldid.export.phone import (DEFAULT_MAX_PIXELS, ImageInputError, check_resize_fits, decode_image, prediction,
-                                  preprocess)
+from fieldid.export.manifest import Artifact, Manifest, load_manifest
+from fieldid.export.phone import DEFAULT_MAX_PIXELS, ImageInputError, OnnxRunner, answer, checked_file, onnx_session, prepare
 
 from .archive import ServeError, bundle_dir_of, bundle_version, has_verified, served_artifact
 
@@ -125,12 +124,8 @@ class ClassifierEngine:
         # The shorter side the photo is resized to: JPEGs decode at reduced size for it (intake's
         # draft rule); 0 decodes every pixel (bench-serve's 'before' row).
         self.draft_side = int(self.spec.resize_size)
-        # Contract 2: a bundle with an unknown-score detector names its output; older bundles do not.
-        self.unknown_output = getattr(artifact, "unknown_output", "") or ""
-        unknown = getattr(manifest, "unknown", None) or {}
-        self.unknown_threshold = unknown.get("threshold") if self.unknown_output else None
-        self._outputs = [artifact.output_name] + ([self.unknown_output] if self.unknown_output else [])
-        self._input_dtype = np.float16 if precision == "fp16" else np.float32
+        # The phone contract's runner: logits and, for bundles with an unknown detector, its score.
+        self.runner = OnnxRunner(session, artifact, input_dtype=np.float16 if precision == "fp16" else np.float32)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -170,15 +165,7 @@ class ClassifierEngine:
         elif precision == "auto":
             precision = "fp16" if has_verified(manifest, "onnx", "fp16") else "fp32"
         art = served_artifact(manifest, precision)
-        path = bundle_dir / art.file
-        _check_sha256(path, art.sha256)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1  # one graph at a time; parallelism is inside each operator
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        path = checked_file(bundle_dir, art)
         if dev.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ServeError("device cuda asked for, but this ONNX Runtime has no CUDAExecutionProvider "
@@ -186,7 +173,7 @@ class ClassifierEngine:
             providers: list[Any] = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = onnx_session(path, threads=threads, providers=providers)
         eng = cls(session, manifest, art, version=version or bundle_version(manifest), device=dev,
                   precision=precision, max_pixels=max_pixels, top_k=top_k)
         if warmup:
@@ -203,18 +190,12 @@ class ClassifierEngine:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> preprocessed ``(3, H, W)`` float32. Raises :class:`ImageInputError`."""
-        img = decode_image(bytes(data), max_pixels=self.max_pixels, target=self.draft_side or None)  # JPEG draft
-        check_resize_fits(img.size, self.spec.resize_size, self.max_pixels)  # the phone's rule, same 413
-        return preprocess(img, self.spec)[0]
+        return prepare(bytes(data), self.spec, max_pixels=self.max_pixels, draft=bool(self.draft_side))[0]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``(N, 3, H, W)`` float32 -> ``(N, num_classes)`` float32 logits and, when the
         artifact has one, the ``(N,)`` unknown scores (else ``None``)."""
-        x = np.ascontiguousarray(batch, dtype=self._input_dtype)
-        outs = self.session.run(self._outputs, {self.artifact.input_name: x})
-        logits = np.asarray(outs[0], dtype=np.float32)
-        unknown = np.asarray(outs[1], dtype=np.float32).reshape(len(x)) if self.unknown_output else None
-        return logits, unknown
+        return self.runner(batch)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """``(N, 3, H, W)`` float32 -> ``(N, num_classes)`` float32 logits."""
@@ -222,22 +203,17 @@ class ClassifierEngine:
 
     def answer(self, logits: np.ndarray, latency_ms: float, unknown_score: float | None = None) -> dict[str, Any]:
         """One image's logits (and unknown score) -> the shared response schema (``source`` = ``server``)."""
-        m = self.manifest
-        extra: dict[str, Any] = {}
-        if unknown_score is not None:  # only bundles with a detector; their phone.prediction takes these
-            extra = {"unknown_score": float(unknown_score), "unknown_threshold": self.unknown_threshold}
-        if getattr(m, "model_version", ""):
-            extra["model_version"] = m.model_version
-        return prediction(logits, m.labels, temperature=m.temperature, fallback_threshold=m.fallback_threshold,
-                          model=m.name, version=self.version, source="server", latency_ms=latency_ms,
-                          k=self.top_k, **extra)
+        return answer(self.manifest, self.artifact, logits, None if unknown_score is None else float(unknown_score),
+                      source="server", latency_ms=latency_ms, k=self.top_k, version=self.version)
 
     # ------------------------------------------------------------------ whole requests
     def handle(self, bodies: Sequence[bytes | None | ImageInputError]) -> list[Reply]:
         """A batch of request bodies -> one :class:`Reply` each, never raising for bad input.
 
         An entry may already be an :class:`ImageInputError` (the adapter found no usable body);
-        it is answered with its status. Good images share one inference run.
+        it is answered with its status. Good images share one inference run. Only an
+        :class:`ImageInputError` is the client's fault (4xx); any other failure preparing one
+        image is the server's (500, or 503 when memory ran out), logged with its traceback.
 
         Example:
             >>> [r.status for r in eng.handle([b"", png_bytes])]  # doctest: +SKIP
@@ -252,12 +228,15 @@ class ClassifierEngine:
                     raise body
                 arrays.append(self.decode(body or b""))
                 index.append(i)
-            except ImageInputError as e:
+            except ImageInputError as e:  # the client's fault, and only that: decoding types every bad image
                 replies[i] = Reply(e.status, error_body(e.status, str(e)))
-            except Exception as e:  # an image that breaks decoding/preprocessing fails alone
-                log.exception("cannot process request %d of the batch", i)
-                status = 413 if isinstance(e, MemoryError) else 415
-                replies[i] = Reply(status, error_body(status, f"cannot process this image ({type(e).__name__})"))
+            except MemoryError:  # pixels are limited before decoding: the server is short, not the photo wrong
+                log.exception("out of memory preparing request %d of the batch", i)
+                replies[i] = Reply(503, error_body(503, "the server is out of memory; try again later"))
+            except Exception as e:  # a server bug: 500, the traceback in the log; the batch-mates go on
+                log.exception("bug preparing request %d of the batch", i)
+                replies[i] = Reply(500, error_body(500, f"internal server error ({type(e).__name__}); "
+                                                        f"the server log has the details"))
         if arrays:
             logits, unknown = self.run(np.stack(arrays))
             ms = (time.perf_counter() - t0) * 1000.0
@@ -276,8 +255,3 @@ class ClassifierEngine:
         logits, unknown = self.run(x[None])
         return self.answer(logits[0], (time.perf_counter() - t0) * 1000.0, None if unknown is None else unknown[0])
 
-
-def _check_sha256(path: Path, expected: str) -> None:
-    digest = file_sha256(path)
-    if digest != expected:
-        raise ManifestError(f"{path}: sha256 {digest[:12]}... does not match the manifest ({expected[:12]}...)")

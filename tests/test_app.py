@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from fieldid.app.build import ORT_FILES, AppBuildError, build_app, default_ort_dir, resolve_modes
+from fieldid.appmeta import DEMO_PRESETS
 from fieldid.app.server import ISOLATION_HEADERS, running_app_server
 from fieldid.export.manifest import file_sha256, load_manifest
+from fieldid.export.phone import select_artifact
 
 pytestmark = pytest.mark.skipif(not (default_ort_dir() / ORT_FILES[0]).is_file(),
                                 reason="onnxruntime-web not installed: run `make app-deps` (npm ci in app/)")
@@ -31,7 +33,7 @@ def built(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("app") / "build"
     r = _fieldid("app", "build", "--bundle", str(tiny_bundle), "--out", str(out), "--server", "http://127.0.0.1:9/")
     assert r.returncode == 0, r.stderr
-    assert "[1/1] dive" in r.stdout and "app built in" in r.stdout  # progress lines
+    assert "[1/1] shapes" in r.stdout and "app built in" in r.stdout  # progress lines
     return out
 
 
@@ -40,21 +42,21 @@ def test_build_carries_the_manifest_and_nothing_else(built: Path, tiny_bundle: P
     cfg = json.loads((built / "config.json").read_text())
     assert cfg["server"] == "http://127.0.0.1:9" and cfg["top_k"] == 3
     (mode,) = cfg["modes"]
-    assert mode["key"] == "dive" and mode["name"] == m.name
+    assert mode["key"] == m.name == "shapes"
     assert mode["labels"] == m.labels and mode["temperature"] == m.temperature
     assert mode["fallback_threshold"] == m.fallback_threshold
     spec = m.preprocess_spec
     assert mode["preprocess"] == {"resize_size": spec.resize_size, "crop_size": spec.crop_size,
                                   "interpolation": spec.interpolation, "mean": list(spec.mean), "std": list(spec.std)}
-    # Every verified ONNX file of the bundle, byte for byte, fp32 first and the default.
-    onnx = {a.precision: a for a in m.artifact_list() if a.format == "onnx"}
-    raw = {a["file"]: a for a in m.artifacts}
+    # Every verified ONNX file of the bundle, byte for byte, fp32 first; the default is the phone's file.
+    onnx = {a.precision: a for a in m.artifact_list() if a.format == "onnx"
+            if a.verification.get("status") != "failed"}
     assert [x["precision"] for x in mode["models"]] == [p for p in ("fp32", "int8") if p in onnx]
-    assert mode["default_precision"] == "fp32"
+    assert mode["default_precision"] == select_artifact(m)[0].precision
     for x in mode["models"]:
         assert file_sha256(built / x["file"]) == x["sha256"] == onnx[x["precision"]].sha256
         # Contract 2: the unknown detector's output name as the manifest has it ("" = none: the app works without).
-        assert x["unknown_output"] == (raw[onnx[x["precision"]].file].get("unknown_output") or "")
+        assert x["unknown_output"] == onnx[x["precision"]].unknown_output
     unknown = getattr(m, "unknown", None) or {}
     assert mode["unknown_threshold"] == unknown.get("threshold")
     # onnxruntime-web's files, unchanged, and the pinned version recorded.
@@ -84,14 +86,55 @@ def test_rebuild_replaces_and_changes_the_build_id(built: Path, tiny_bundle: Pat
     assert not [p for p in tmp_path.iterdir() if p.name != "app"]  # no temp or old folders left
 
 
-def test_two_runs_become_dive_and_shop(tiny_bundle: Path, tiny_salmon_run: Path, tmp_path: Path) -> None:
-    # Given in the "wrong" order: salmon's wild/farmed classes put it into Shop anyway.
+def test_a_demo_model_gets_its_preset_and_a_users_model_its_own_words(tiny_bundle: Path, tiny_salmon_run: Path,
+                                                                      tmp_path: Path) -> None:
+    """Dive and Shop are the demo's stories, not every model's: the salmon demo model (wild/farmed) gets the
+    Shop words, the shapes model its own name and classes. (Every model used to be titled Dive or Shop.)"""
     out = build_app(resolve_modes([("run", str(tiny_salmon_run)), ("bundle", str(tiny_bundle))]), tmp_path / "a",
                     progress=False)
     cfg = json.loads((out / "config.json").read_text())
-    assert [(m["key"], m["labels"]) for m in cfg["modes"]] == [
-        ("dive", load_manifest(tiny_bundle).labels), ("shop", load_manifest(tiny_salmon_run).labels)]
+    shop, shapes = cfg["modes"]
+    assert (shop["key"], shop["labels"]) == ("shop", load_manifest(tiny_salmon_run).labels)
+    assert (shop["title"], shop["tagline"]) == (DEMO_PRESETS["shop"].title, DEMO_PRESETS["shop"].description)
+    assert shapes["key"] == "shapes" and shapes["labels"] == load_manifest(tiny_bundle).labels
+    words = json.dumps(shapes)
+    for preset in DEMO_PRESETS.values():
+        assert preset.title not in words and preset.description not in words and preset.summary not in words
+    assert shapes["title"] == "Shapes" and all(x.capitalize() in shapes["tagline"] for x in shapes["labels"])
+    assert shapes["class_notes"] == {}
     assert (out / "models" / "shop" / "model.onnx").is_file()
+
+
+def test_a_users_words_from_meta_yaml_app_yaml_and_flags(tiny_bundle: Path, tmp_path: Path) -> None:
+    labels = load_manifest(tiny_bundle).labels
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(f"title: Garden shapes\ndescription: Which shape is it?\nclass_notes:\n  {labels[0]}: round\n")
+    (mode,) = resolve_modes([("bundle", f"garden={tiny_bundle}")], meta=[f"garden={meta}"])
+    assert (mode.key, mode.meta.title, mode.meta.description) == ("garden", "Garden shapes", "Which shape is it?")
+    assert mode.meta.class_notes == {labels[0]: "round"}
+    # A flag wins over the file; with one model, --meta needs no key.
+    (mode,) = resolve_modes([("bundle", str(tiny_bundle))], meta=[str(meta)], title="Shapes at home")
+    assert (mode.meta.title, mode.meta.description) == ("Shapes at home", "Which shape is it?")
+    # app.yaml in the bundle folder is the model's own.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "app.yaml").write_text("title: From the bundle\n")
+    assert resolve_modes([("bundle", str(bundle))])[0].meta.title == "From the bundle"
+    # Naming a demo preset's key asks for its words.
+    assert resolve_modes([("bundle", f"dive={tiny_bundle}")])[0].meta.title == DEMO_PRESETS["dive"].title
+
+
+@pytest.mark.parametrize("meta_text, expected", [
+    ("colour: red\n", "unknown key 'colour'"),
+    ("class_notes:\n  dragon: scaly\n", "not one of the model's classes"),
+    ("- a list\n", "must be a mapping"),
+    ("title: [unclosed\n", "not valid YAML"),
+])
+def test_bad_meta_is_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path, meta_text: str, expected: str) -> None:
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(meta_text)
+    r = _fieldid("app", "build", "--bundle", str(tiny_bundle), "--meta", str(meta), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -101,8 +144,10 @@ def test_two_runs_become_dive_and_shop(tiny_bundle: Path, tiny_salmon_run: Path,
     (["--run", "{bundle}", "--precision", "fp16"], "invalid choice"),
     (["--run", "{bundle}", "--top-k", "0"], "--top-k must be 1..20"),
     (["--run", "{bundle}", "--ort-dir", "{missing}"], "make app-deps"),
-    (["--run", "{bundle}", "--run", "{bundle}", "--run", "{bundle}"], "only 2 modes"),
+    (["--run", "{bundle}", "--run", "{bundle}"], "given twice"),
     (["--run", "dive={bundle}", "--run", "dive={bundle}"], "given twice"),
+    (["--run", "{bundle}", "--run", "b={bundle}", "--title", "T"], "describe one model"),
+    (["--run", "{bundle}", "--run", "b={bundle}", "--meta", "{missing}"], "name the model it describes"),
 ])
 def test_build_bad_input_is_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path, args: list[str],
                                                 expected: str) -> None:

@@ -197,9 +197,11 @@ def screenshot(app: AppPage, name: str, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_mode_app(tiny_bundle: Path, tiny_salmon_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Dive (tiny shapes bundle) + Shop (tiny salmon run), no server configured, served on loopback."""
-    out = build_app(resolve_modes([("bundle", str(tiny_bundle)), ("run", str(tiny_salmon_run))]),
-                    tmp_path_factory.mktemp("app2") / "build", progress=False)
+    """Dive (tiny shapes bundle, named so) + Shop (tiny salmon run), no server configured, served on loopback.
+
+    fp32 by default (the tests compare with Python's fp32 answers); int8 is chosen in the app's settings."""
+    out = build_app(resolve_modes([("bundle", f"dive={tiny_bundle}"), ("run", str(tiny_salmon_run))]),
+                    tmp_path_factory.mktemp("app2") / "build", precision="fp32", progress=False)
     with running_app_server(out) as srv:
         yield srv
 
@@ -369,6 +371,7 @@ def test_server_down_the_device_answer_stands(browser: Any, tiny_bundle: Path, p
 
     down = f"http://127.0.0.1:{unused_port()}"
     out = build_app(resolve_modes([("bundle", str(_strict_copy(tiny_bundle, tmp_path / "b")))]), tmp_path / "app",
+                    precision="fp32",
                     server=down, timeout_s=3, progress=False)
     with running_app_server(out) as srv:
         app = AppPage(browser, srv.url, allowed=(down,))
@@ -396,6 +399,7 @@ def app_with_server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("app_srv")
     with torchserve_server([tiny_bundle], tmp / "state", device="cpu") as served:
         out = build_app(resolve_modes([("bundle", str(_strict_copy(tiny_bundle, tmp / "bundle")))]), tmp / "app",
+                        precision="fp32",
                         server="same-origin", timeout_s=30, progress=False)
         with running_app_server(out, proxy=served.base_url) as srv:
             yield srv, served, out

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,12 @@ from fixtures_edge_demo import demo_client, unused_port
 from helpers import malformed_exif_jpeg, png_header
 
 from fieldid.edge_demo.cli import _mode_by_labels, assign_modes
-from fieldid.edge_demo.device import DemoError, OnDeviceModel, onnx_precisions, select_artifact
+from fieldid.appmeta import preset_for_labels
+from fieldid.edge_demo.device import DemoError
 from fieldid.edge_demo.examples import UNKNOWN_LABEL, data_origin, example_images
 from fieldid.edge_demo.fallback import ServerConfig, ask_server, find_server
-from fieldid.edge_demo.modes import MAX_FILE_BYTES, DemoMode, mode_for_labels, pretty_label
-from fieldid.export.manifest import Artifact, load_manifest
+from fieldid.edge_demo.modes import MAX_FILE_BYTES, DemoMode, pretty_label
+from fieldid.export.manifest import load_manifest
 from fieldid.export.phone import ImageInputError, check_resize_fits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,9 @@ def test_assign_modes_positional_and_named() -> None:
 
 
 def test_an_unnamed_model_goes_to_the_mode_of_its_classes(tiny_salmon_run: Path, tiny_run: Path) -> None:
-    assert mode_for_labels(["wild", "farmed"]) == "shop"
-    assert mode_for_labels(["lionfish", "blue_tang"]) == "dive"
-    assert mode_for_labels(["circle", "square"]) is None and mode_for_labels([]) is None
+    assert preset_for_labels(["wild", "farmed"]) == "shop"
+    assert preset_for_labels(["lionfish", "blue_tang"]) == "dive"
+    assert preset_for_labels(["circle", "square"]) is None and preset_for_labels([]) is None
     # What `fieldid demo --run runs/salmon` does: the salmon run's manifest says wild/farmed -> Shop.
     assert _mode_by_labels(tiny_salmon_run) == "shop"
     assert _mode_by_labels(tiny_run) is None  # shapes: no mode's classes
@@ -109,40 +109,6 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
 
 
 # --------------------------------------------------------------------------- on-device path
-
-
-def test_select_artifact_prefers_int8_and_says_when_it_cannot(tiny_bundle: Path) -> None:
-    m = load_manifest(tiny_bundle)
-    fp32 = m.find("onnx", "fp32")
-    assert onnx_precisions(m) == ["int8", "fp32"]  # export builds model.int8.onnx too
-    int8 = m.find("onnx", "int8")
-    # The same manifest without its int8 artifact: fp32, and a notice saying why.
-    m.artifacts = [a for a in m.artifacts if a["file"] != int8.file]
-    art, notice = select_artifact(m, "auto")
-    assert art.precision == "fp32" and "no int8" in notice
-    with pytest.raises(DemoError, match="no int8 ONNX"):
-        select_artifact(m, "int8")
-    m.set_artifact(int8)
-    art, notice = select_artifact(m, "auto")
-    assert (art.precision, notice) == ("int8", "")
-    assert select_artifact(m, "fp32")[0].file == fp32.file
-    # An int8 file kept despite failing verification (--allow-drop) is not shipped by default.
-    failed = Artifact(**{**asdict(m.find("onnx", "int8")), "verification": {"status": "failed", "top1_agreement": 0.85}})
-    m.set_artifact(failed)
-    art, notice = select_artifact(m, "auto")
-    assert art.precision == "fp32" and "failed its verification" in notice and "85.0%" in notice
-    assert select_artifact(m, "int8")[0].precision == "int8"  # still selectable on purpose
-    with pytest.raises(DemoError, match="not one of"):
-        select_artifact(m, "fp16")
-
-
-def test_damaged_artifact_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    onnx = bundle / load_manifest(bundle).find("onnx", "fp32").file
-    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
-    with pytest.raises(DemoError, match="sha256 differs"):
-        OnDeviceModel(bundle, "fp32")
 
 
 @pytest.fixture(scope="module")

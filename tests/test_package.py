@@ -361,3 +361,63 @@ def test_no_private_name_imported_from_another_package() -> None:
                     bad += [f"{name}: {node.module}.{a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__")]
     assert bad == []
+
+
+# --------------------------------------------------------------------------- one phone contract
+# The consumers of a bundle: each answers photos through the phone contract (fieldid.export.phone)
+# and none reaches into another. The server's client side (client, state, config, server process
+# control) is its published interface for other processes, so asking a running server is allowed.
+CONSUMERS = {
+    "serve": ("fieldid.serve.engine", "fieldid.serve.fieldid_handler", "fieldid.serve.bench"),
+    "edge_demo": ("fieldid.edge_demo",),
+    "app": ("fieldid.app",),
+    "classify": ("fieldid.classify",),
+    "cascade": ("fieldid.export.cascade",),
+}
+PHONE_CONTRACT = "fieldid.export.phone"
+
+
+def _owner(module: str) -> str | None:
+    for name, prefixes in CONSUMERS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return name
+    return None
+
+
+def test_no_consumer_imports_another_and_all_use_the_phone_contract() -> None:
+    """String imports count too (``_imports`` follows import_module and module-path strings)."""
+    mods = _modules()
+    bad, uses_contract = [], set()
+    for name, path in mods.items():
+        own = _owner(name)
+        if own is None:
+            continue
+        targets = _imports(name, mods)
+        if PHONE_CONTRACT in targets:
+            uses_contract.add(own)
+        bad += [f"{name} -> {t}" for t in sorted(targets) if _owner(t) not in (None, own)]
+    assert bad == [], bad
+    assert uses_contract == set(CONSUMERS), set(CONSUMERS) - uses_contract
+    # The contract itself imports no consumer (and stays torch-free: tests/test_phone.py).
+    assert not [t for t in _imports(PHONE_CONTRACT, mods) if _owner(t)]
+    # The rule bites: the app's old import of the demo's mode assignment is found.
+    planted = {**{m: _imports(m, mods) for m in mods}}
+    planted["fieldid.app.build"] = planted["fieldid.app.build"] | {"fieldid.edge_demo.cli"}
+    assert any(_owner(t) not in (None, "app") for t in planted["fieldid.app.build"])
+
+
+def test_one_decode_and_one_preprocess_implementation() -> None:
+    """Only the phone contract calls the intake's decoder on photo bytes and builds model inputs; every
+    consumer goes through it (``grep`` finds one decode/preprocess path)."""
+    mods = _modules()
+    callers: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        if _owner(name) is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if fn in ("open_image", "decode_image", "check_resize_fits", "center_crop", "normalize", "preprocess",
+                          "InferenceSession"):
+                    callers.setdefault(fn, set()).add(name)
+    assert callers == {}, callers

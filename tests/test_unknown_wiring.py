@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fieldid.edge_demo.device import OnDeviceModel
+from fieldid.export.phone import PhoneModel
 from fieldid.edge_demo.fallback import ServerConfig
 from fieldid.edge_demo.modes import DemoMode
 from fieldid.export.examples import UNKNOWN_EXAMPLES, UNKNOWN_LABEL
@@ -61,8 +61,8 @@ def test_device_server_and_predict_apply_the_threshold_alike(tiny_bundle: Path) 
     thr = m.unknown["threshold"]
     fp32 = m.find("onnx", "fp32")
     assert fp32.unknown_output == "unknown_score" and m.model_version
-    device = OnDeviceModel(tiny_bundle, "fp32")
-    device_int8 = OnDeviceModel(tiny_bundle, "int8")  # what a phone ships
+    device = PhoneModel(tiny_bundle, "fp32")
+    device_int8 = PhoneModel(tiny_bundle, "int8")  # what a phone ships
     assert device_int8.unknown_output == "unknown_score"
     server = ClassifierEngine.from_bundle(tiny_bundle, device="cpu", threads=1)
     predict = DevicePredictor.load(tiny_bundle, fp32.file)
@@ -97,7 +97,7 @@ def test_a_bundle_without_a_detector_still_answers(tiny_bundle: Path, tmp_path: 
         a["unknown_output"] = ""
     old = _copy_bundle(tiny_bundle, tmp_path / "old", unknown={}, artifacts=d["artifacts"], examples=[
         e for e in d["examples"] if e["label"] != UNKNOWN_LABEL])
-    r = OnDeviceModel(old, "fp32").predict(_non_photos(64)[0]).response
+    r = PhoneModel(old, "fp32").predict(_non_photos(64)[0]).response
     assert r["unknown"] is False and r["unknown_score"] is None and r["unknown_threshold"] is None
     assert DemoMode("dive", old).unknown_examples == []
 
