@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fieldid.callable_module import forward_calls_to
-
 __all__ = ["import_exporters", "export_run", "ExportError", "bench_run", "BenchError", "Manifest", "Artifact", "load_manifest",
            "ManifestError"]
 
@@ -36,8 +34,3 @@ def __getattr__(name: str) -> Any:
     if name in ("bench_run", "BenchError"):
         return getattr(importlib.import_module(".bench", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# `fieldid.export(...)` is the API call and `fieldid.export` this package: make the package callable
-# so both work whatever was imported first (fieldid/callable_module.py says why).
-forward_calls_to(__name__, "fieldid.api:export")

@@ -11,9 +11,9 @@ __all__ = ["register"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fieldid.api import export
+    from fieldid.api import export_bundle
 
-    m = export(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
+    m = export_bundle(args.run, formats=args.formats, out=args.out, allow_drop=args.allow_drop,
                calibration_size=args.calibration_size, data=args.data, int8=not args.no_int8).manifest
     for a in m.artifact_list():
         v = a.verification

@@ -1,18 +1,20 @@
-"""The Python API: train, evaluate, export, predict, serve -- what the ``fieldid`` CLI calls.
+"""The Python API: train, evaluate, export_bundle, predict, serve_bundles -- what the ``fieldid`` CLI calls.
 
-Five calls take a folder of photos to answers::
+Five plain functions take a folder of photos to answers, one spelling each::
 
     import fieldid
     run = fieldid.train("photos/", "runs/fish", epochs=10, image_size=160)
-    run.evaluate()["accuracy"]
-    bundle = fieldid.export(run)
-    bundle.predict(["new/photo.jpg"])[0]["label"]
-    server = fieldid.serve(bundle)          # TorchServe fallback server; server.prediction_url("fish")
+    fieldid.evaluate(run)["accuracy"]
+    bundle = fieldid.export_bundle(run)
+    fieldid.predict(bundle, ["new/photo.jpg"])[0]["label"]
+    server = fieldid.serve_bundles(bundle)   # TorchServe fallback server; server.prediction_url("fish")
 
 :class:`Run` and :class:`Bundle` are thin handles on the folders the stages write (the run
-directory, the bundle with ``manifest.json``); every call reads and writes those folders, so
-the CLI and a notebook see the same state. Importing this module is torch-free: each call
-imports its stage when it runs.
+directory, the bundle with ``manifest.json``): they read those folders (``run.record``,
+``bundle.manifest``, ``labels``) and every function accepts them or a plain path, so the CLI and
+a notebook see the same state. The names do not collide with the subpackages
+(``fieldid.export``, ``fieldid.serve``), which stay plain packages. Importing this module is
+torch-free: each call imports its stage when it runs.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:  # only for annotations; importing them at run time would pull
     from fieldid.serve.server import ServerState
     from fieldid.training.records import RunRecord
 
-__all__ = ["Run", "Bundle", "train", "evaluate", "export", "predict", "serve", "bundle_dir_of"]
+__all__ = ["Run", "Bundle", "train", "evaluate", "export_bundle", "predict", "serve_bundles", "bundle_dir_of"]
 
 PathLike = str | os.PathLike
 
@@ -51,8 +53,8 @@ class Run:
 
     Example:
         >>> run = Run("runs/reef")  # doctest: +SKIP
-        >>> run.record.labels[:2], run.evaluate()["accuracy"]  # doctest: +SKIP
-        (['blue_tang', 'foureye_butterflyfish'], 0.97)
+        >>> run.labels[:2], run.record.status  # doctest: +SKIP
+        (['blue_tang', 'foureye_butterflyfish'], 'trained')
     """
 
     def __init__(self, path: PathLike, record: RunRecord | None = None) -> None:
@@ -76,14 +78,6 @@ class Run:
     @property
     def labels(self) -> list[str]:
         return list(self.record.labels)
-
-    def evaluate(self, data: PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Held-out metrics (see :func:`evaluate`)."""
-        return evaluate(self, data, **kwargs)
-
-    def export(self, **kwargs: Any) -> "Bundle":
-        """Export this run (see :func:`export`)."""
-        return export(self, **kwargs)
 
     @property
     def bundle(self) -> "Bundle":
@@ -118,14 +112,6 @@ class Bundle:
     @property
     def labels(self) -> list[str]:
         return list(self.manifest.labels)
-
-    def predict(self, photos: PathLike | Iterable[PathLike], **kwargs: Any) -> list[dict[str, Any]]:
-        """One answer per photo (see :func:`predict`)."""
-        return predict(self, photos, **kwargs)
-
-    def serve(self, **options: Any) -> ServerState:
-        """Start the fallback server on this bundle (see :func:`serve`)."""
-        return serve(self, **options)
 
 
 def train(data: PathLike | None, out: PathLike | None, *, config: PathLike | None = None,
@@ -175,7 +161,7 @@ def evaluate(run: Run | PathLike, data: PathLike | None = None, *, out: PathLike
     return _evaluate(Path(run), data, out=out)
 
 
-def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: PathLike | None = None,
+def export_bundle(run: Run | PathLike, *, formats: list[str] | str | None = None, out: PathLike | None = None,
            allow_drop: bool = False, calibration_size: int = 200, data: PathLike | None = None,
            int8: bool = True) -> Bundle:
     """Export a run to verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML; fp32 + int8).
@@ -193,7 +179,7 @@ def export(run: Run | PathLike, *, formats: list[str] | str | None = None, out: 
         The :class:`Bundle`.
 
     Example:
-        >>> bundle = export("runs/salmon", formats="onnx")  # doctest: +SKIP
+        >>> bundle = export_bundle("runs/salmon", formats="onnx")  # doctest: +SKIP
     """
     from fieldid.export.bundle import export_run  # registers the exporters itself
 
@@ -232,11 +218,17 @@ def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike
     """
     from fieldid.classify import classify_photos
 
-    return classify_photos(Bundle(model).path, photos, artifact=artifact, server=server, server_run=server_run,
-                           key_file=key_file, ca_file=ca_file, k=k, progress=progress)
+    items = [photos] if isinstance(photos, (str, os.PathLike)) else list(photos)
+    return classify_photos(Bundle(model).path, [Path(p) for p in items], artifact=artifact, server=server,
+                           server_run=_path(server_run), key_file=_path(key_file), ca_file=_path(ca_file), k=k,
+                           progress=progress)
 
 
-def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, free_ports: bool = False,
+def _path(p: PathLike | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def serve_bundles(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, free_ports: bool = False,
           **options: Any) -> ServerState:
     """Start the TorchServe fallback server on one or more bundles; returns when it is READY.
 
@@ -251,7 +243,7 @@ def serve(*models: Bundle | Run | PathLike, state_dir: PathLike | None = None, f
         ``fieldid.serve.stop_server(state.state_dir)``.
 
     Example:
-        >>> st = serve("runs/reef", port=8080)  # doctest: +SKIP
+        >>> st = serve_bundles("runs/reef", port=8080)  # doctest: +SKIP
         >>> st.prediction_url("reef")  # doctest: +SKIP
         'http://127.0.0.1:8080/predictions/reef'
     """

@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fieldid.callable_module import forward_calls_to
-
 __all__ = [
     "ClassifierEngine", "archive_bundle", "build_model_store", "ServeError", "ServeOptions", "ServerState",
     "start_server", "stop_server", "server_status", "predict", "PredictionError", "ServeClient", "read_token",
@@ -39,8 +37,3 @@ def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# `fieldid.serve(...)` is the API call and `fieldid.serve` this package: make the package callable
-# so both work whatever was imported first (fieldid/callable_module.py says why).
-forward_calls_to(__name__, "fieldid.api:serve")

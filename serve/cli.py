@@ -51,13 +51,13 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from fieldid.api import serve
+    from fieldid.api import serve_bundles
 
     if args.device_run:  # before anything starts: a server that answers with other labels is refused
         from .archive import check_device_pairs
 
         check_device_pairs(_bundles(args), args.device_run)
-    st = serve(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
+    st = serve_bundles(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
     for name, info in st.models.items():
         print(f"serving {name} (version {info['version']}): {st.prediction_url(name)}")
     if st.auth:

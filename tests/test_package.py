@@ -289,11 +289,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# Upward edges that exist by design: ``fieldid.export`` and ``fieldid.serve`` are both subpackages and
-# the API calls, so each forwards a call to ``fieldid.api`` at call time (fieldid/callable_module.py,
-# ``forward_calls_to(__name__, "fieldid.api:export")``), and the API uses their modules. The graph
-# sees these edges (the test below checks that they are found and still exist); only they are exempt.
-_FACADE_EDGES = {("fieldid.export", "fieldid.api"), ("fieldid.serve", "fieldid.api")}
+# No exemption: the subpackages are plain packages (the API's names do not collide with them), so no
+# stage package imports the API layer by name any more.
+_FACADE_EDGES: set[tuple[str, str]] = set()
 
 
 def test_no_import_cycle_among_fieldid_modules() -> None:
@@ -307,7 +305,7 @@ def test_no_import_cycle_among_fieldid_modules() -> None:
     assert {"fieldid.training.cli", "fieldid.export.cli", "fieldid.serve.cli"} <= graph["fieldid.cli"]
     assert {"fieldid.training.config", "fieldid.training.ood"} <= graph["fieldid.training"]
     assert {"fieldid.export.onnx_export", "fieldid.export.manifest"} <= graph["fieldid.export"]
-    assert all(b in graph[a] for a, b in _FACADE_EDGES), "a facade edge is gone: drop it from _FACADE_EDGES"
+    assert "fieldid.api" not in graph["fieldid.export"] | graph["fieldid.serve"]
     checked = {m: targets - {b for a, b in _FACADE_EDGES if a == m} for m, targets in graph.items()}
     assert _cycles(checked) == []
     # The check sees cycles: config imports records, so a planted edge back is found.
