@@ -10,6 +10,8 @@ FIELDID := $(VENV)/bin/fieldid
 STAMP := $(VENV)/.fieldid-installed
 DATA ?= data
 RUNS ?= runs
+# Benchmark targets write their tables here (date, commit, machine line): the docs' measured pages.
+MEASURED ?= docs/measured
 # Demo models use the shipped per-dataset configs (training/configs/<name>.yaml).
 DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
@@ -21,9 +23,10 @@ help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | clean"
+	@echo "make bench | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
-install: $(STAMP) app-deps
+# Python only: the phone app's npm packages install when the app is built or tested (make app, test, bench-app).
+install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -98,7 +101,8 @@ export: $(STAMP)
 bench: $(STAMP)
 	@runs="$(wildcard $(RUNS)/*/export/manifest.json)"; \
 	[ -n "$$runs" ] || { echo "make bench: no export bundle in $(RUNS)/; run 'make train export' first" >&2; exit 2; }; \
-	for m in $$runs; do $(FIELDID) bench --run $$(dirname $$(dirname $$m)) || exit $$?; done
+	for m in $$runs; do run=$$(dirname $$(dirname $$m)); \
+	  $(FIELDID) bench bundle --run $$run --page $(MEASURED)/bench-bundle-$$(basename $$run).md || exit $$?; done
 
 # Export time and peak memory per format: a 224-px MobileNetV2 run (~1,000 training images, the
 # CLI's native size, trained with the defaults) next to the 128-px reef demo run; each exported in
@@ -109,17 +113,17 @@ bench-export: $(STAMP)
 	$(FIELDID) data demo reef $(DATA)/reef224 --scale 2
 	@# The CLI defaults at 224 px: the goal holds the export against the training a user actually runs.
 	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224
-	$(PY) -m fieldid.export.bench_export --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
+	$(FIELDID) bench export --page $(MEASURED)/bench-export.md --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
 
 # Reference fine-tune vs `fieldid train` defaults on five small datasets, the augmentation sweep the
 # defaults are chosen by, the CPU speed choices,
 # then the decode-cache rows.
 bench-train: $(STAMP)
-	$(PY) -m fieldid.training.bench compare --work $(RUNS)/bench-train
-	$(PY) -m fieldid.training.bench augment --work $(RUNS)/bench-train
-	$(PY) -m fieldid.training.bench choices
+	$(FIELDID) bench train --page $(MEASURED)/bench-train-compare.md compare --work $(RUNS)/bench-train
+	$(FIELDID) bench train --page $(MEASURED)/bench-train-augment.md augment --work $(RUNS)/bench-train
+	$(FIELDID) bench train --page $(MEASURED)/bench-train-choices.md choices
 	$(FIELDID) data demo reef $(DATA)/reef
-	$(PY) -m fieldid.training.bench --data $(DATA)/reef
+	$(FIELDID) bench train --page $(MEASURED)/bench-train-cache.md --data $(DATA)/reef
 
 # Per demo set: device alone, server alone and the cascade at the recorded thresholds, next to the
 # same device model trained without the teacher (runs/<name>-alone, trained here if missing):
@@ -132,15 +136,16 @@ bench-cascade: $(STAMP)
 	    rm -rf $(RUNS)/$$name-alone; \
 	    $(FIELDID) train --data $(DATA)/$$name --out $(RUNS)/$$name-alone --config training/configs/$$name.yaml $(DEMO_TRAIN_ARGS) && \
 	    $(FIELDID) export --run $(RUNS)/$$name-alone --formats onnx $(DEVICE_EXPORT_ARGS); } || exit $$?; \
-	  $(FIELDID) bench cascade --run $(RUNS)/$$name --server-run $(RUNS)/$$name-server --alone-run $(RUNS)/$$name-alone || exit $$?; \
+	  $(FIELDID) bench cascade --run $(RUNS)/$$name --server-run $(RUNS)/$$name-server --alone-run $(RUNS)/$$name-alone \
+	    --page $(MEASURED)/bench-cascade-$$name.md || exit $$?; \
 	done
 
 bench-serve: $(STAMP)
 	@test -f $(RUNS)/reef/export/manifest.json || { echo "make bench-serve: no $(RUNS)/reef/export; run 'make train export' first" >&2; exit 2; }
-	$(PY) -m fieldid.serve.bench --run $(RUNS)/reef
+	$(FIELDID) bench serve --page $(MEASURED)/bench-serve.md --run $(RUNS)/reef
 	@# The handler goal on the real path too: the 224-px bundle make bench-export builds.
 	@if [ -f $(RUNS)/bench-export/reef224/manifest.json ]; then \
-	  $(PY) -m fieldid.serve.bench --bundle $(RUNS)/bench-export/reef224 --handler-only --requests 150; \
+	  $(FIELDID) bench serve --page $(MEASURED)/bench-serve-224.md --bundle $(RUNS)/bench-export/reef224 --handler-only --requests 150; \
 	else echo "make bench-serve: no $(RUNS)/bench-export/reef224 (run 'make bench-export') - 224-px handler rows skipped"; fi
 
 # DEMO_ARGS passes flags through, e.g. DEMO_ARGS="--port 7861 --server http://gpu-box:8080".
@@ -159,7 +164,7 @@ demo: $(STAMP)
 	fi; \
 	trap '[ -n "$$started" ] && $(FIELDID) serve stop --state-dir $(DEMO_SERVE_STATE) >/dev/null' EXIT INT TERM; \
 	$(FIELDID) demo --run $(RUNS)/reef --run $(RUNS)/salmon --server-run $(RUNS)/reef-server \
-	  --server-run $(RUNS)/salmon-server --serve-state $(DEMO_SERVE_STATE) $(DEMO_ARGS)
+	  --server-run $(RUNS)/salmon-server --state-dir $(DEMO_SERVE_STATE) $(DEMO_ARGS)
 
 # The phone app: a static folder (serve it with `fieldid app serve build/app`, or any HTTPS host).
 APP_OUT ?= build/app
@@ -172,7 +177,7 @@ app: $(STAMP) $(APP_DEPS)
 BENCH_APP_RUN ?= $(RUNS)/reef
 bench-app: $(STAMP) $(APP_DEPS) system-deps
 	@test -f $(BENCH_APP_RUN)/export/manifest.json || { echo "make bench-app: no $(BENCH_APP_RUN)/export; run 'make train export' first" >&2; exit 2; }
-	$(PY) -m fieldid.app.bench --run $(BENCH_APP_RUN)
+	$(FIELDID) bench app --page $(MEASURED)/bench-app.md --run $(BENCH_APP_RUN)
 
 tune: $(STAMP)
 	$(FIELDID) data demo salmon $(DATA)/salmon
@@ -181,5 +186,10 @@ tune: $(STAMP)
 test: $(STAMP) $(APP_DEPS) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
+# under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.
+DEMO_RUNS := reef salmon reef-server salmon-server reef-alone salmon-alone reef224 bench-export bench-train \
+	bench-real tune-salmon tune.db
 clean:
-	rm -rf $(RUNS) $(DATA) .pytest_cache
+	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache
+	-rmdir $(RUNS) $(DATA) 2>/dev/null || true

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from fieldid.cli_vocabulary import add_renamed
 from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register", "assign_modes"]
@@ -201,8 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "for instead of its own model; its labels must equal the device model's (checked at "
                         "start); modes assigned as for --run; repeatable (default: each mode asks for its own model)")
     p.add_argument("--precision", choices=["auto", "int8", "fp32"], default="auto",
-                   help="on-device ONNX model; auto = int8 when the bundle has it, else fp32 "
-                        "(switchable in the app)")
+                   help="on-device ONNX model; auto = the phone's choice, the verified int8 model else fp32 "
+                        "(as `fieldid app build` and `fieldid predict`; switchable in the app)")
     p.add_argument("--server", default=None, metavar="URL",
                    help="TorchServe inference URL asked when the device is unsure (default: the server "
                         f"`fieldid serve start` recorded in RUN/serve, else {_DEFAULT_SERVER})")
@@ -213,7 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
                    help="PEM CA (or the server's self-signed certificate) to verify an https --server "
                         "with (default: the recorded server's certificate, else the system's CAs)")
-    p.add_argument("--serve-state", type=Path, default=None, metavar="DIR",
+    p.add_argument("--state-dir", dest="serve_state", type=Path, default=None, metavar="DIR",
                    help="state directory of a `fieldid serve start` server to use (default: each "
                         "mode's RUN/serve)")
     p.add_argument("--no-server", action="store_true", help="never ask a server (on-device answers only)")
@@ -222,4 +223,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=_DEFAULT_PORT, help="port the app listens on")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (a phone uses few)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per answer")
+    add_renamed(p, "demo")
     p.set_defaults(func=_cmd_demo)

@@ -191,7 +191,7 @@ def export_bundle(run: Run | PathLike, *, formats: list[str] | str | None = None
 
 def predict(model: Bundle | Run | PathLike, photos: PathLike | Iterable[PathLike], *, artifact: str | None = None,
             server: str | None = None, server_run: PathLike | None = None, key_file: PathLike | None = None,
-            ca_file: PathLike | None = None, k: int = 5, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+            ca_file: PathLike | None = None, k: int = 3, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos with one of the bundle's artifacts, as the phone would.
 
     Args:

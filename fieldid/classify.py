@@ -127,7 +127,7 @@ class DevicePredictor:
     def version(self) -> str:
         return self.artifact.sha256[:12]
 
-    def predict(self, data: bytes, *, k: int = 5) -> dict[str, Any]:
+    def predict(self, data: bytes, *, k: int = 3) -> dict[str, Any]:
         """Photo bytes -> the device answer (``source="device"``).
 
         Raises:
@@ -207,7 +207,7 @@ def _row(path: Path, answer: dict[str, Any] | None, artifact: str, error: str = 
 def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path], *, artifact: str | None = None,
                     server: str | None = None, server_run: str | Path | None = None,
                     key_file: str | Path | None = None, ca_file: str | Path | None = None,
-                    k: int = 5, threads: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                    k: int = 3, threads: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Classify photos on the device model and, where it is unsure, on the server (see :func:`fieldid.predict`).
 
     Returns:

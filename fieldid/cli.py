@@ -75,7 +75,7 @@ def _register_predict(sub: argparse._SubParsersAction) -> None:
                         "started for this bundle, sent only when it is the server at --server)")
     p.add_argument("--ca-file", type=Path, default=None,
                    help="PEM certificate to verify an https --server with (default: the system's CAs)")
-    p.add_argument("--top-k", dest="k", type=int, default=5, help="classes listed per photo")
+    p.add_argument("--top-k", dest="k", type=int, default=3, help="classes listed per photo")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_predict)
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.register(sub)
     _register_predict(sub)
+    from fieldid import bench_cli  # every benchmark, across the stages: fieldid bench <what>
+
+    bench_cli.register(sub)
     return parser
 
 

@@ -19,19 +19,29 @@ _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)[^@\s'\
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` only where a flag has a real default (not None/False)."""
+    """Every flag's help shows its default: ``(default: X)``, ``(default: none)`` for an unset value,
+    ``(default: off)`` for a switch -- unless the help already says what the default is in words."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help or ""
+        text = action.help or ""
+        if (action.default is argparse.SUPPRESS or not action.option_strings or action.required
+                or "default" in text.lower() or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if action.default is None or action.default is False or action.default == []:
+            return f"{text} (default: {'off' if action.default is False else 'none'})"
         return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
     """Usage mistakes as one ``PROG: error: ...`` line and exit code 2, like every other bad input.
 
-    Sub-command parsers are made by ``add_subparsers``, which reuses this class.
+    Sub-command parsers are made by ``add_subparsers``, which reuses this class (and its help
+    formatter, :class:`HelpFormatter`, unless a parser names another).
     """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"{self.prog.split()[0]}: error: {message} (see `{self.prog} --help`)\n")

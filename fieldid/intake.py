@@ -181,7 +181,7 @@ def open_image(source: bytes | bytearray | memoryview | str | Path, *, target: i
     return _decode(io.BytesIO(data), target=target, max_pixels=max_pixels, prefix=prefix)
 
 
-def _bench(argv: list[str] | None = None) -> int:
+def bench_decode(argv: list[str] | None = None) -> int:
     """``python -m fieldid.intake``: decode time of a 24 MP JPEG, full vs draft (a table)."""
     import argparse
     import time
@@ -233,4 +233,4 @@ def _bench(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - run by hand / README
-    raise SystemExit(_bench())
+    raise SystemExit(bench_decode())

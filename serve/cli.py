@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from fieldid.cli_vocabulary import add_renamed
 from fieldid.cli_common import HelpFormatter
 
 __all__ = ["register"]
@@ -184,7 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--token-expiry-min", type=float, default=d.token_expiry_min, help="minutes until the keys in key_file.json expire (renew: fieldid serve rotate-key)")
     s.add_argument("--workers", type=int, default=d.workers, help="Python workers per model")
     s.add_argument("--threads", type=int, default=d.threads, help="CPU threads per worker (1 is robust on shared CPUs)")
-    s.add_argument("--batch-size", type=int, default=d.batch_size, help="server-side batch size (1 = batching off)")
+    s.add_argument("--max-batch", dest="batch_size", type=int, default=d.batch_size,
+                   help="server-side batch size (1 = batching off)")
     s.add_argument("--max-batch-delay-ms", type=int, default=d.max_batch_delay_ms, help="how long a batch waits to fill up")
     s.add_argument("--max-request-mb", type=float, default=d.max_request_mb, help="larger request bodies are refused (413)")
     s.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger decoded images are refused (413)")
@@ -193,25 +195,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "verified one, else fp32; CPU always runs the verified fp32 file)")
     s.add_argument("--device", default=d.device, choices=("auto", "cpu"), help="auto uses GPUs when present")
     s.add_argument("--response-timeout", type=int, default=d.response_timeout_s, help="seconds before a stuck worker is restarted")
-    s.add_argument("--timeout", type=float, default=d.startup_timeout_s, help="seconds to wait for the workers to be READY")
+    s.add_argument("--start-timeout", dest="timeout", type=float, default=d.startup_timeout_s,
+                   help="seconds to wait for the workers to be READY")
     s.add_argument("--job-queue-size", type=int, default=d.job_queue_size,
                    help="requests queued per model before the server answers 503")
     s.add_argument("--netty-threads", type=int, default=d.netty_threads,
                    help="frontend (Netty) server threads; 0 = TorchServe's default, one per core")
     s.add_argument("--netty-client-threads", type=int, default=d.netty_client_threads,
                    help="frontend threads talking to the workers; 0 = TorchServe's default")
-    s.add_argument("--certificate", type=Path, default=None, metavar="FILE",
-                   help="PEM certificate: the inference API speaks HTTPS (with --private-key; default: plain HTTP)")
-    s.add_argument("--private-key", type=Path, default=None, metavar="FILE", help="PEM private key of --certificate")
+    s.add_argument("--certfile", dest="certificate", type=Path, default=None, metavar="FILE",
+                   help="PEM certificate: the inference API speaks HTTPS (with --keyfile; default: plain HTTP)")
+    s.add_argument("--keyfile", dest="private_key", type=Path, default=None, metavar="FILE",
+                   help="PEM private key of --certfile")
     s.add_argument("--cors-origin", default=None, metavar="ORIGIN",
                    help="browser origin allowed to call the inference API, e.g. https://app.example.org "
                         "(the field app's; none: no CORS headers)")
+    add_renamed(s, "serve start")
     s.set_defaults(func=_cmd_start)
 
     t = ssub.add_parser("stop", help="stop the server(s) of the given runs and every process they started",
                         formatter_class=HelpFormatter)
     _add_targets(t)
-    t.add_argument("--timeout", type=float, default=30.0, help="seconds of graceful shutdown before SIGKILL")
+    t.add_argument("--stop-timeout", dest="timeout", type=float, default=30.0,
+                   help="seconds of graceful shutdown before SIGKILL")
+    add_renamed(t, "serve stop")
     t.set_defaults(func=_cmd_stop)
 
     u = ssub.add_parser("status", help="running?, URLs, key file, worker states as JSON (a list when the runs are "

@@ -127,14 +127,14 @@ class ServeOptions:
             raise ServeError(f"--cors-origin {self.cors_origin!r}: give one origin as scheme://host[:port] "
                              f"(no path), or * for any origin")
         if bool(self.certificate) != bool(self.private_key):
-            raise ServeError("TLS needs both --certificate FILE and --private-key FILE")
-        for what, f in (("--certificate", self.certificate), ("--private-key", self.private_key)):
+            raise ServeError("TLS needs both --certfile FILE and --keyfile FILE")
+        for what, f in (("--certfile", self.certificate), ("--keyfile", self.private_key)):
             if f and not Path(f).is_file():
                 raise ServeError(f"{what} {f}: no such file")
         if self.certificate and "BEGIN CERTIFICATE" not in Path(self.certificate).read_text(errors="replace"):
-            raise ServeError(f"--certificate {self.certificate}: not a PEM certificate")
+            raise ServeError(f"--certfile {self.certificate}: not a PEM certificate")
         if self.private_key and "PRIVATE KEY" not in Path(self.private_key).read_text(errors="replace"):
-            raise ServeError(f"--private-key {self.private_key}: not a PEM private key")
+            raise ServeError(f"--keyfile {self.private_key}: not a PEM private key")
         if self.token_expiry_min < 5:  # keys must outlive start-up, or start can never see READY
             raise ServeError("token expiry must be at least 5 minutes")
 

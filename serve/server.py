@@ -187,7 +187,7 @@ def state_dirs_for(target: str | Path) -> list[Path]:
 
 def _warn_exposure(opts: ServeOptions) -> None:
     clear = ("" if opts.tls else "; NO TLS: tokens and photos cross the network in clear text "
-             "(give --certificate FILE --private-key FILE)")
+             "(give --certfile FILE --keyfile FILE)")
     exposed = exposure_warning("the inference API", opts.host,
                                ("" if opts.auth else " WITHOUT token authorization") + clear)
     if exposed:

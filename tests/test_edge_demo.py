@@ -100,7 +100,7 @@ def test_cli_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--run", "--bundle", "--precision", "--server", "--key-file", "--serve-state", "--no-server",
+    for flag in ("--run", "--bundle", "--precision", "--server", "--key-file", "--state-dir", "--no-server",
                  "--timeout", "--host", "--port", "--threads", "--top-k"):
         assert flag in out
     assert "dive=runs/reef" in out and "Dive" in out and "Shop" in out  # how modes are assigned

@@ -60,7 +60,7 @@ def test_cli_export_end_to_end(small_bundle: Path) -> None:
 
 def test_cli_bench_end_to_end(tiny_run: Path, small_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc = subprocess.run(FIELDID + ["bench", "--run", str(tiny_run), "--bundle", str(small_bundle), "--out", str(out),
+    proc = subprocess.run(FIELDID + ["bench", "bundle", "--run", str(tiny_run), "--bundle", str(small_bundle), "--out", str(out),
                                      "--iters", "3", "--batches", "1", "--settle", "0"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -408,7 +408,7 @@ def test_cli_export_onnx_executorch_to_the_default_bundle(tiny_run: Path, tmp_pa
 
 
 def test_bench_without_a_bundle(capsys, tiny_run: Path, tmp_path: Path) -> None:
-    code, _, err = _main(capsys, "bench", "--run", str(tiny_run), "--bundle", str(tmp_path / "nope"))
+    code, _, err = _main(capsys, "bench", "bundle", "--run", str(tiny_run), "--bundle", str(tmp_path / "nope"))
     assert code == 2 and "fieldid export" in _one_error_line(err)
 
 
@@ -418,7 +418,7 @@ def test_help_lists_formats_and_defaults(capsys) -> None:
     text = capsys.readouterr().out
     assert all(f in text for f in ("onnx", "executorch", "torchscript", "coreml", "--allow-drop", "default: 200"))
     with pytest.raises(SystemExit):
-        fieldid.main(["bench", "--help"])
+        fieldid.main(["bench", "bundle", "--help"])
     assert "--data" in capsys.readouterr().out
 
 
@@ -438,7 +438,7 @@ def test_bench_refuses_a_corrupt_artifact_in_one_line(capsys, tiny_run: Path, sm
         arts = m["artifacts"] if isinstance(m["artifacts"], list) else list(m["artifacts"].values())
         next(a for a in arts if a["file"] == "model.ptl")["sha256"] = B.file_sha256(bundle / "model.ptl")
         (bundle / "manifest.json").write_text(json.dumps(m))
-    code, _, err = _main(capsys, "bench", "--run", str(tiny_run), "--bundle", str(bundle), "--out",
+    code, _, err = _main(capsys, "bench", "bundle", "--run", str(tiny_run), "--bundle", str(bundle), "--out",
                          str(tmp_path / "out"), "--iters", "1", "--batches", "1", "--settle", "0")
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err

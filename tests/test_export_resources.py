@@ -157,7 +157,7 @@ def test_a_moved_run_exports_without_its_dataset(tiny_run: Path, shapes_dir: Pat
     onnx = next(a for a in m["artifacts"] if a["file"] == "model.onnx")
     assert onnx["verification"]["num_images"] == len(split["files"]["test"])
     # bench reads the same stored held-out images.
-    proc = subprocess.run(FIELDID + ["bench", "--run", str(moved), "--iters", "1", "--batches", "1", "--settle", "0"],
+    proc = subprocess.run(FIELDID + ["bench", "bundle", "--run", str(moved), "--iters", "1", "--batches", "1", "--settle", "0"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == len(split["files"]["test"])

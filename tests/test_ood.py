@@ -176,18 +176,22 @@ def test_bench_ood_prints_the_goals_table(tiny_run: Path, tiny_bundle: Path, tmp
     ood = tmp_path / "ood"
     counts = make_ood_set(ood, generated=12)
     assert counts["other/generated"] == 12 and counts["other/skimage"] >= 10
-    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "--run", str(tiny_run), "--ood", str(ood),
+    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "ood", "--run", str(tiny_run), "--dir", str(ood),
                           "--out", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "flagged unknown" in res.stdout and "answered on device" in res.stdout and "energy" in res.stdout
     report = json.loads((tmp_path / "bench" / "ood.json").read_text())
-    assert report["artifact"] == "model.int8.onnx" and {r["measure"] for r in report["rows"]} >= {"flagged unknown"}
+    from fieldid.export.manifest import load_manifest
+    from fieldid.export.phone import select_artifact
+
+    phone_file = select_artifact(load_manifest(tiny_run / "export"))[0].file  # the file a phone runs
+    assert report["artifact"] == phone_file and {r["measure"] for r in report["rows"]} >= {"flagged unknown"}
     other = next(r for r in report["rows"] if r["set"].startswith("other"))
     assert other["images"] == counts["other/generated"] + counts["other/skimage"]
 
 
 def test_bench_ood_bad_folder_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "--run", str(tiny_run), "--ood",
+    res = subprocess.run([sys.executable, "-m", "fieldid", "bench", "ood", "--run", str(tiny_run), "--dir",
                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "no such folder" in res.stderr and "Traceback" not in res.stderr
 

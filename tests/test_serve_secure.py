@@ -168,8 +168,8 @@ def test_public_host_without_tls_warns_loudly(tiny_bundle: Path, tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="fieldid.serve"):
         with pytest.raises(ServeError, match="nothing to serve"):
             start_server([], tmp_path / "s", ServeOptions(host="0.0.0.0"))
-    assert any("NO TLS" in r.getMessage() and "--certificate" in r.getMessage() for r in caplog.records)
-    with pytest.raises(ServeError, match="both --certificate FILE and --private-key FILE"):
+    assert any("NO TLS" in r.getMessage() and "--certfile" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ServeError, match="both --certfile FILE and --keyfile FILE"):
         ServeOptions(certificate=str(tmp_path)).validate()
     (tmp_path / "k.pem").write_text("not a key")
     with pytest.raises(ServeError, match="not a PEM certificate"):

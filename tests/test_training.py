@@ -484,7 +484,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, shapes_dir: Path, case
     elif case == "bad_strategy":
         extra = ["--strategy", "bogus"]
     elif case == "bad_precision":
-        extra = ["--precision", "bogus"]
+        extra = ["--train-precision", "bogus"]
     elif case == "bad_devices":
         extra = ["--accelerator", "cpu", "--devices", "abc"]
     elif case == "empty_out_dir":

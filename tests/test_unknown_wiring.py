@@ -203,7 +203,7 @@ def test_demo_fallback_reaches_the_server_model(tiny_bundle: Path, tmp_path: Pat
     with torchserve_server([server_bundle], tmp_path / "state") as served:
         mode = DemoMode("dive", tiny_bundle, precision="fp32", timeout=30.0)
         assert mode.use_server_model(server_bundle).name == "shapes-server"
-        # The CLI finds that server through the state the server run recorded (--serve-state).
+        # The CLI finds that server through the state the server run recorded (--state-dir).
         import argparse
 
         args = argparse.Namespace(no_server=False, server=None, key_file=None, ca_file=None,

@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="new run directory")
     p.add_argument("--resume", type=Path, default=None,
                    help="continue an interrupted run directory with its own settings; only --epochs, --num-workers, "
-                        "--no-cache, --accelerator and --precision may change (others are refused)")
+                        "--no-cache, --accelerator and --train-precision may change (others are refused)")
     p.add_argument("--exclude", type=Path, default=None, metavar="FILE",
                    help="leave out the photos listed in FILE (one path relative to --data per line, '# reason' "
                         "after it; `fieldid data check --write-exclude` writes one); recorded in split.json "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fieldid.cli_vocabulary import add_renamed
+
 __all__ = ["add_train_args", "train_overrides"]
 
 
@@ -31,7 +33,10 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--devices", default=None, help="devices per node, e.g. 1, 2 or auto (Lightning; default 1)")
     p.add_argument("--strategy", default=None, help="auto, ddp, ddp_spawn ... (Lightning; default auto)")
     p.add_argument("--num-nodes", type=int, default=None, help="nodes for multi-node DDP via torchrun/SLURM (default 1)")
-    p.add_argument("--precision", default=None, help="32-true, 16-mixed, bf16-mixed (default: AMP on GPU, 32-true on CPU)")
+    p.add_argument("--train-precision", dest="precision", default=None,
+                   help="Lightning numeric precision of training: 32-true, 16-mixed, bf16-mixed (default: AMP on GPU, "
+                        "32-true on CPU); --precision names an exported model's precision elsewhere")
+    add_renamed(p, "train")  # the old --precision: refused with a hint for one release
     p.add_argument("--num-workers", type=int, default=None,
                    help="decode/augmentation worker processes (default: half the cores on CPU, up to 8 on GPU)")
     p.add_argument("--teacher", default=None,
