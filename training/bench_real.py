@@ -109,7 +109,10 @@ def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, tr
     """One row per set and method (majority, probe, reference, fieldid); written as it goes."""
     from .data import make_split
 
+    from fieldid.machine import git_commit
+
     work = Path(work)
+    commit = git_commit()
     unknown = [n for n in names if n not in REAL_BENCH_SETS]
     if unknown:
         raise ValueError(f"unknown set(s) {', '.join(unknown)}; valid: {', '.join(REAL_BENCH_SETS)}")
@@ -131,7 +134,8 @@ def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, tr
             if method in skip:
                 continue
             print(f"[{name}] {method} ...", flush=True)
-            rows.append({**info, "method": method, **run()})
+            rows.append({**info, "method": method, **run(), "commit": commit,
+                         "date": time.strftime("%Y-%m-%d %H:%M")})
             r = rows[-1]
             print(f"[{name}] {method}: accuracy {r['accuracy']:.3f}, macro-F1 {r['macro_f1']:.3f}, "
                   f"balanced {r['balanced_accuracy']:.3f} in {r['seconds']:.0f} s", flush=True)
@@ -182,9 +186,10 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) ->
     """``docs/measured/bench-real.md``: the table with the date, commit and machine it was measured on."""
     from fieldid.machine import describe_machine, git_commit
 
+    measured = sorted({f"{r.get('date', '?')} (commit {r.get('commit', '?')})" for r in rows})
     text = (f"# Real photos: fieldid's defaults against the baselines\n\n"
-            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}.\n\n"
-            f"{describe_machine()}\n\n{format_real(rows)}\n")
+            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}; rows measured "
+            f"{', '.join(measured)}.\n\n{describe_machine()}\n\n{format_real(rows)}\n")
     return atomic_write_text(path, text)
 
 
@@ -199,9 +204,23 @@ def main(argv: list[str] | None = None) -> int:
                                               "(default: none)")
     p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config x.yaml' (default: none)")
     p.add_argument("--demo-scale", type=float, default=0.12, help="size of the synthetic demo sets (default: 0.12)")
+    p.add_argument("--collect", type=Path, nargs="+", default=None,
+                   help="no training: write the page from the rows of earlier runs' WORK/bench-real.json files "
+                        "(sets measured separately, e.g. the long inspection set on a quiet machine)")
     p.add_argument("--page", type=Path, default=Path("docs/measured/bench-real.md"),
                    help="markdown page the table is written to (default: docs/measured/bench-real.md)")
     a = p.parse_args(argv)
+    if a.collect:
+        try:
+            rows = [r for f in a.collect for r in json.loads(f.read_text())]
+        except (OSError, ValueError) as e:
+            print(f"fieldid bench real: error: cannot read rows: {e}", file=sys.stderr)
+            return 2
+        order = {name: i for i, name in enumerate(REAL_BENCH_SETS)}
+        rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
+        print(format_real(rows))
+        print(f"written: {write_page(rows, a.page, command='python -m fieldid.training.bench real --collect ...')}")
+        return 0
     try:
         rows = bench_real(a.work, tuple(x for x in a.sets.split(",") if x), train_args=a.train_args.split(),
                           demo_scale=a.demo_scale, skip=tuple(x for x in a.skip.split(",") if x))
