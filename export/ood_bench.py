@@ -1,4 +1,4 @@
-"""``fieldid bench --ood DIR``: does the phone's artifact know when it doesn't know?
+"""``fieldid bench ood --run RUN --dir DIR``: does the phone's artifact know when it doesn't know?
 
 On the ONNX model a phone runs (:func:`fieldid.export.phone.select_artifact`: the verified int8
 file, else fp32), with the manifest's recorded threshold and the phone contract's unknown rule:

@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="generator seed")
     d.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts")
     d.set_defaults(func=_cmd_data_demo)
-    o = dsub.add_parser("ood", help="the folder `fieldid bench --ood` measures the unknown answer on",
+    o = dsub.add_parser("ood", help="the folder `fieldid bench ood --dir` measures the unknown answer on",
                         formatter_class=_D)
     o.add_argument("out", type=Path, help="output folder (gets other/ and unseen/)")
     o.add_argument("--unseen", type=Path, nargs="*", default=[],
