@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fieldid import __version__
+
 __all__ = [
     "RUN_SCHEMA_VERSION",
     "Record",
@@ -416,7 +418,7 @@ class RunRecord(Record):
     metrics: str = "metrics.json"
     status: str = "trained"  # "training" while in progress, "trained" when complete
     created: str = ""
-    fieldid_version: str = "0.1.0"
+    fieldid_version: str = __version__  # the fieldid that wrote this run
     extra: dict[str, Any] = field(default_factory=dict)
     # The unknown-score detector (training/ood.py): threshold, method, how it was fitted; {} = none.
     unknown: dict[str, Any] = field(default_factory=dict)

@@ -248,3 +248,11 @@ def test_cli_redacts_passwords_in_every_log_line(capsys) -> None:
     err = capsys.readouterr().err
     assert "hunter2" not in err and "postgresql://u:***@db/x" in err, err
     assert "hunter3" not in err and "postgresql://u:***@db/y" in err, err
+
+
+# ----------------------------------------------------------------- 6. run.json says which fieldid wrote it
+def test_run_json_records_the_installed_fieldid_version(tiny_run: Path) -> None:
+    import fieldid
+
+    assert fieldid.__version__ != "0.1.0"  # what run.json said, hard-coded, while the package was 0.2.0
+    assert json.loads((tiny_run / "run.json").read_text())["fieldid_version"] == fieldid.__version__
