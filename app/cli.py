@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter
+from fieldid.cli_common import HelpFormatter, UsageError
 
 __all__ = ["register"]
 
@@ -25,9 +25,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import make_server
 
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port} is not a port number (0-65535)")
+        raise UsageError(f"--port {args.port} is not a port number (0-65535)")
     if args.keyfile and not args.certfile:
-        raise ValueError("--keyfile needs --certfile")
+        raise UsageError("--keyfile needs --certfile")
     exposed = exposure_warning("the app", args.host, " (it holds no secrets: the token stays on each phone)")
     if exposed:
         print(f"warning: {exposed}", file=sys.stderr, flush=True)

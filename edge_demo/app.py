@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from fieldid.cli_common import UsageError  # noqa: E402
 from fieldid.export.phone import ImageInputError  # noqa: E402
 
 from .examples import UNKNOWN_LABEL  # noqa: E402
@@ -248,7 +249,7 @@ def build_app(modes: Sequence[DemoMode], *, delete_cache: tuple[int, int] = DELE
         >>> launch_app(app, port=7860, block=False)  # doctest: +SKIP
     """
     if not modes:
-        raise ValueError("the demo needs at least one mode")
+        raise UsageError("the demo needs at least one mode")
     with gr.Blocks(title="fieldid field ID", analytics_enabled=False, delete_cache=delete_cache) as app:
         gr.Markdown(_HEADER, elem_id="fieldid-header")
         with gr.Tabs():

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from fieldid.cli_vocabulary import add_renamed
-from fieldid.cli_common import HelpFormatter
+from fieldid.cli_common import HelpFormatter, UsageError
 
 __all__ = ["register", "assign_modes"]
 
@@ -48,7 +48,7 @@ def assign_modes(sources: list[tuple[str, str]],
         {'dive': PosixPath('runs/reef'), 'shop': PosixPath('runs/salmon')}
     """
     if not sources:
-        raise ValueError("give a model: --run RUN or --bundle DIR (e.g. --run runs/reef --run runs/salmon)")
+        raise UsageError("give a model: --run RUN or --bundle DIR (e.g. --run runs/reef --run runs/salmon)")
     named: dict[str, Path] = {}
     unnamed: list[Path] = []
     for kind, value in sources:
@@ -56,12 +56,12 @@ def assign_modes(sources: list[tuple[str, str]],
         if sep and mode.lower() in _MODE_ORDER:
             mode = mode.lower()
             if mode in named:
-                raise ValueError(f"mode {mode!r} is given twice (--{kind} {value})")
+                raise UsageError(f"mode {mode!r} is given twice (--{kind} {value})")
             named[mode] = Path(path)
         else:
             unnamed.append(Path(value))
     if len(named) + len(unnamed) > len(_MODE_ORDER):
-        raise ValueError(f"{len(sources)} models given but there are only {len(_MODE_ORDER)} modes "
+        raise UsageError(f"{len(sources)} models given but there are only {len(_MODE_ORDER)} modes "
                          f"({', '.join(_MODE_ORDER)})")
     rest = []
     for path in unnamed:
@@ -138,15 +138,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .modes import DemoMode
 
     if args.key_file is not None and not args.key_file.is_file():
-        raise ValueError(f"--key-file {args.key_file} not found")
+        raise UsageError(f"--key-file {args.key_file} not found")
     if args.ca_file is not None and not args.ca_file.is_file():
-        raise ValueError(f"--ca-file {args.ca_file} not found")
+        raise UsageError(f"--ca-file {args.ca_file} not found")
     sources = assign_modes(args.sources or [], _mode_by_labels)
     # A stronger server model per mode (--server-run), matched to modes by the same rules.
     server_sources = assign_modes(args.server_sources, _mode_by_labels) if args.server_sources else {}
     if set(server_sources) - set(sources):
         extra = ", ".join(sorted(set(server_sources) - set(sources)))
-        raise ValueError(f"--server-run for mode {extra}, which has no device model (--run)")
+        raise UsageError(f"--server-run for mode {extra}, which has no device model (--run)")
     modes = [DemoMode(key, path, precision=args.precision, timeout=args.timeout, threads=args.threads,
                       top_k=args.top_k) for key, path in sources.items()]
     for m in modes:  # labels must match, else the server's answers cannot stand in: one line, exit 2

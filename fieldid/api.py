@@ -23,6 +23,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from fieldid.cli_common import UsageError
+
 if TYPE_CHECKING:  # only for annotations; importing them at run time would pull in the stages
     from fieldid.export.manifest import Manifest
     from fieldid.serve.server import ServerState
@@ -39,7 +41,7 @@ def bundle_dir_of(path: PathLike) -> Path:
     Raises:
         ValueError: neither holds a ``manifest.json``.
 
-    Example:
+    Examples:
         >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
         PosixPath('runs/reef/export')
     """
@@ -51,7 +53,7 @@ def bundle_dir_of(path: PathLike) -> Path:
 class Run:
     """A finished (or interrupted) run directory, as written by :func:`train`.
 
-    Example:
+    Examples:
         >>> run = Run("runs/reef")  # doctest: +SKIP
         >>> run.labels[:2], run.record.status  # doctest: +SKIP
         (['blue_tang', 'foureye_butterflyfish'], 'trained')
@@ -88,7 +90,7 @@ class Run:
 class Bundle:
     """An export bundle: verified artifacts + ``manifest.json``. A run folder means its ``export/``.
 
-    Example:
+    Examples:
         >>> b = Bundle("runs/reef")  # doctest: +SKIP
         >>> [a.file for a in b.manifest.artifact_list()][:2]  # doctest: +SKIP
         ['model.pth', 'model.onnx']
@@ -130,7 +132,7 @@ def train(data: PathLike | None, out: PathLike | None, *, config: PathLike | Non
     Returns:
         The :class:`Run` (``run.record`` holds test accuracy, temperature, fallback threshold).
 
-    Example:
+    Examples:
         >>> run = train("data/salmon", "runs/salmon", epochs=3, image_size=128)  # doctest: +SKIP
     """
     from fieldid.training.config import TrainConfig, load_config
@@ -140,7 +142,7 @@ def train(data: PathLike | None, out: PathLike | None, *, config: PathLike | Non
         changes = {k: v for k, v in overrides.items() if v is not None}
         return Run(resume, _train(None, None, resume=resume, resume_overrides=changes or None))
     if data is None or out is None:
-        raise ValueError("need data and out (or resume=RUN)")
+        raise UsageError("need data and out (or resume=RUN)")
     cfg = load_config(config) if config else TrainConfig()
     return Run(out, _train(data, out, cfg.replace(**overrides)))
 
@@ -178,7 +180,7 @@ def export_bundle(run: Run | PathLike, *, formats: list[str] | str | None = None
     Returns:
         The :class:`Bundle`.
 
-    Example:
+    Examples:
         >>> bundle = export_bundle("runs/salmon", formats="onnx")  # doctest: +SKIP
     """
     from fieldid.export.bundle import export_run  # registers the exporters itself
@@ -242,7 +244,7 @@ def serve_bundles(*models: Bundle | Run | PathLike, state_dir: PathLike | None =
         The server's state: ``prediction_url(name)``, ``key_file``, ``token()``; stop it with
         ``fieldid.serve.stop_server(state.state_dir)``.
 
-    Example:
+    Examples:
         >>> st = serve_bundles("runs/reef", port=8080)  # doctest: +SKIP
         >>> st.prediction_url("reef")  # doctest: +SKIP
         'http://127.0.0.1:8080/predictions/reef'
@@ -252,5 +254,5 @@ def serve_bundles(*models: Bundle | Run | PathLike, state_dir: PathLike | None =
     try:
         opts = ServeOptions.on_free_ports(**options) if free_ports else ServeOptions(**options)
     except TypeError as e:  # an unknown option name is bad input, like an unknown CLI flag
-        raise ValueError(f"serve: {e}") from None
+        raise UsageError(f"serve: {e}") from None
     return start_server([Bundle(m).path for m in models], state_dir, opts)

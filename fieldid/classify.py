@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from fieldid.cli_common import Progress, first_line
+from fieldid.cli_common import Progress, UsageError, first_line
 
 if TYPE_CHECKING:
     from fieldid.export.manifest import Artifact, Manifest
@@ -58,9 +58,9 @@ def collect_photos(items: Iterable[str | Path]) -> list[Path]:
         elif p.exists():
             out.append(p)  # given by name: tried even with an odd suffix; unreadable -> an error row
         else:
-            raise ValueError(f"{p}: no such file or folder")
+            raise UsageError(f"{p}: no such file or folder")
     if not out:
-        raise ValueError(f"no photos found in {', '.join(map(str, items))}")
+        raise UsageError(f"no photos found in {', '.join(map(str, items))}")
     return list(dict.fromkeys(out))
 
 
@@ -83,10 +83,10 @@ def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
     if name:
         match = [a for a in arts if a.file == name]
         if not match:
-            raise ValueError(f"bundle {manifest.name!r} has no artifact {name!r} (has: "
+            raise UsageError(f"bundle {manifest.name!r} has no artifact {name!r} (has: "
                              f"{', '.join(a.file for a in arts)})")
         if match[0] not in runnable:
-            raise ValueError(f"{name}: no runtime for {match[0].format} artifacts on this machine (runnable: "
+            raise UsageError(f"{name}: no runtime for {match[0].format} artifacts on this machine (runnable: "
                              f"{', '.join(a.file for a in runnable) or 'none'})")
         return match[0]
     if any(a.format == "onnx" and a.outputs == "logits" for a in arts):
@@ -95,7 +95,7 @@ def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
         return select_artifact(manifest, "auto")[0]
     verified = [a for a in runnable if a.verification.get("status") == "passed"] or runnable
     if not verified:
-        raise ValueError(f"bundle {manifest.name!r} has no artifact with a runtime on this machine")
+        raise UsageError(f"bundle {manifest.name!r} has no artifact with a runtime on this machine")
     return verified[0]
 
 
@@ -220,7 +220,7 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
     from fieldid.export.phone import ImageInputError
 
     if server_run is not None and not server:
-        raise ValueError("server_run names the server's model; give the server's URL too (--server URL)")
+        raise UsageError("server_run names the server's model; give the server's URL too (--server URL)")
     items = [photos] if isinstance(photos, (str, Path)) or hasattr(photos, "__fspath__") else list(photos)
     files = collect_photos(items)
     device = DevicePredictor.load(bundle, artifact, threads=threads)
@@ -318,5 +318,5 @@ def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
             w.writerow([_csv_cell(r, c) for c in CSV_COLUMNS])
         text = buf.getvalue()
     else:
-        raise ValueError(f"{out}: --out must end in {' or '.join(TABLE_FORMATS)}")
+        raise UsageError(f"{out}: --out must end in {' or '.join(TABLE_FORMATS)}")
     return atomic_write_text(out, text)

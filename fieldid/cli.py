@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from fieldid import __version__
-from fieldid.cli_common import HelpFormatter, Parser, Progress, RedactingFilter, first_line, redact_url_passwords
+from fieldid.cli_common import (HelpFormatter, Parser, Progress, RedactingFilter, UsageError, first_line, is_bad_input,
+                                 redact_url_passwords)
 
 __all__ = ["main", "build_parser"]
 
@@ -29,13 +30,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from fieldid.classify import TABLE_FORMATS, write_table
 
     if (args.run is None) == (args.bundle is None):
-        raise ValueError("give exactly one of --run RUN or --bundle DIR")
+        raise UsageError("give exactly one of --run RUN or --bundle DIR")
     if args.out.suffix.lower() not in TABLE_FORMATS:  # before any work: a typo must not cost a whole run
-        raise ValueError(f"{args.out}: --out must end in {' or '.join(TABLE_FORMATS)}")
+        raise UsageError(f"{args.out}: --out must end in {' or '.join(TABLE_FORMATS)}")
     if args.out.is_dir():
-        raise ValueError(f"{args.out}: is a folder; --out names the result file")
+        raise UsageError(f"{args.out}: is a folder; --out names the result file")
     if args.k < 1:
-        raise ValueError(f"--top-k must be >= 1 (got {args.k})")
+        raise UsageError(f"--top-k must be >= 1 (got {args.k})")
     bar = Progress("predict", 0, enabled=not args.quiet)
     rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
                    server_run=args.server_run, key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
@@ -132,8 +133,21 @@ def _is_misconfiguration(e: BaseException) -> bool:
                for c in type(e).__mro__)
 
 
+def _crash_log(e: BaseException) -> str:
+    """Write ``e``'s traceback (URL passwords redacted) to an owner-only file; its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="fieldid-crash-", suffix=".log")  # mode 0600
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"fieldid {__version__}: {' '.join(sys.argv)}\n")
+        fh.write(redact_url_passwords("".join(traceback.format_exception(e))))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Bad input -> one ``error:`` line on stderr and exit code 2."""
+    """Entry point. Bad input (:func:`fieldid.cli_common.is_bad_input`) -> one ``error:`` line on
+    stderr and exit code 2; a bug -> one line naming a file with its traceback, exit code 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose or os.environ.get("FIELDID_DEBUG") == "1"
@@ -145,15 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if verbose:
-            raise
-        msg = redact_url_passwords(first_line(e))
-        # Our error types (DataError, ConfigError, ModelError, RunError, ...) are ValueErrors.
-        if isinstance(e, (ValueError, OSError, LookupError)) or _is_misconfiguration(e):
-            print(f"error: {msg}", file=sys.stderr)
+            import traceback
+
+            print(redact_url_passwords("".join(traceback.format_exception(e))), file=sys.stderr, end="")
+        if is_bad_input(e) or _is_misconfiguration(e):
+            print(f"error: {redact_url_passwords(first_line(e))}", file=sys.stderr)
             return 2
-        # A bug, not bad input: still one line, but a distinct exit code.
+        # A bug, not bad input (a stray KeyError, a library's ValueError): one line, a distinct
+        # exit code, and the traceback where a bug report can quote it.
+        try:
+            where = f"traceback in {_crash_log(e)}"
+        except OSError:
+            where = "rerun with -v for the traceback"
         print(f"error: internal error {type(e).__name__}: {redact_url_passwords(first_line(e, ''))} "
-              f"(rerun with -v for the traceback)", file=sys.stderr)
+              f"(a bug in fieldid; {where})", file=sys.stderr)
         return 1
 
 

@@ -11,11 +11,40 @@ import re
 import sys
 from typing import NoReturn, TextIO
 
-__all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter"]
+__all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
+           "is_bad_input"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*:)[^@\s'\"]*@")
+
+
+class UsageError(ValueError):
+    """Bad input a user can fix (a flag, a path, a file's content) where no more specific fieldid
+    error type fits: the CLI prints one ``error:`` line and exits 2.
+
+    A builtin ``ValueError`` (or ``KeyError``, ``IndexError``) is not bad input: raised by a
+    library or a slip in fieldid, it is a bug (exit 1). See :func:`is_bad_input`.
+    """
+
+
+def is_bad_input(e: BaseException) -> bool:
+    """Is ``e`` bad input (exit 2, HTTP 4xx) rather than a bug (exit 1, HTTP 5xx)?
+
+    Bad input is explicit: fieldid's own error types (:class:`UsageError`, ``DataError``,
+    ``ConfigError``, ``RecordError``, ``ServeError``, ... - every one a ``ValueError`` subclass
+    defined in a fieldid module) and ``OSError`` (a missing file, a refused permission, a port in
+    use, a server that does not answer: the environment the user pointed at). Anything else,
+    a builtin ``ValueError``, ``KeyError`` or ``IndexError`` included, is a bug.
+
+    Example:
+        >>> is_bad_input(UsageError("--top-k must be >= 1")), is_bad_input(KeyError("labels"))
+        (True, False)
+    """
+    if isinstance(e, OSError):
+        return True
+    return isinstance(e, ValueError) and any(
+        issubclass(c, ValueError) and c.__module__.split(".")[0] == "fieldid" for c in type(e).__mro__)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

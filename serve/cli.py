@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fieldid.cli_vocabulary import add_renamed
-from fieldid.cli_common import HelpFormatter
+from fieldid.cli_common import HelpFormatter, UsageError
 
 __all__ = ["register"]
 
@@ -15,7 +15,7 @@ __all__ = ["register"]
 def _bundles(args: argparse.Namespace) -> list[Path]:
     items = list(args.run or []) + list(args.bundle or [])
     if not items:
-        raise ValueError("pass --run RUN (or --bundle DIR) at least once")
+        raise UsageError("pass --run RUN (or --bundle DIR) at least once")
     return items
 
 

@@ -20,6 +20,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from fieldid.cli_common import UsageError
+
 # read_token lives in keys.py so that state.py (ServerState.token) and this module, which asks
 # state.py which server issued a key file, do not import each other.
 from .keys import read_token
@@ -66,7 +68,7 @@ def origin(url: str) -> tuple[str, str, int]:
     """
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL")
+        raise UsageError(f"{url!r} is not an http(s) URL")
     return u.scheme, u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80)
 
 
@@ -153,7 +155,7 @@ class ServeClient:
                  ca_file: str | Path | None = None) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"{url!r} is not an http(s) URL")
+            raise UsageError(f"{url!r} is not an http(s) URL")
         self.url, self.token, self.timeout = url, token, timeout
         self._tls = tls_context(ca_file) if u.scheme == "https" else None
         self._conn_args = (u.hostname, u.port or (443 if u.scheme == "https" else 80))

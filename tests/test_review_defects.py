@@ -256,3 +256,73 @@ def test_run_json_records_the_installed_fieldid_version(tiny_run: Path) -> None:
 
     assert fieldid.__version__ != "0.1.0"  # what run.json said, hard-coded, while the package was 0.2.0
     assert json.loads((tiny_run / "run.json").read_text())["fieldid_version"] == fieldid.__version__
+
+
+# ----------------------------------------------------------------- 5. a bug is not the user's fault
+def _main(monkeypatch, capsys, raise_in_command=None, argv: list[str] | None = None) -> tuple[int, list[str]]:
+    """``fieldid predict ...`` through the real entry point; ``raise_in_command`` stands in for a
+    bug inside the command (the one thing replaced: what the command does)."""
+    import fieldid.cli
+
+    if raise_in_command is not None:
+        monkeypatch.setattr(fieldid.cli, "_cmd_predict", lambda args: raise_in_command())
+    monkeypatch.delenv("FIELDID_DEBUG", raising=False)
+    code = fieldid.cli.main(argv or ["predict", "photo.jpg", "--bundle", "b", "--out", "o.csv"])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("bug", [lambda: {}["missing"], lambda: [][0],
+                                 lambda: __import__("numpy").zeros(3).reshape(2)],
+                         ids=["KeyError", "IndexError", "ValueError from a library"])
+def test_cli_reports_a_bug_as_a_bug_with_its_traceback_in_a_log(monkeypatch, capsys, bug) -> None:
+    code, lines = _main(monkeypatch, capsys, bug)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: internal error ") and "traceback in " in lines[0], lines
+    log = Path(lines[0].split("traceback in ", 1)[1].split(";")[0].split(")")[0])
+    assert "Traceback (most recent call last)" in log.read_text()
+    log.unlink()
+
+
+def test_cli_bad_input_is_still_one_line_and_exit_2(monkeypatch, capsys, tmp_path: Path) -> None:
+    code, lines = _main(monkeypatch, capsys, argv=["predict", "p.jpg", "--bundle", "b", "--run", "r", "--out", "o.csv"])
+    assert code == 2 and lines == ["error: give exactly one of --run RUN or --bundle DIR"], lines
+    code, lines = _main(monkeypatch, capsys, argv=["predict", str(tmp_path / "none.jpg"), "--bundle", str(tmp_path),
+                                                  "--out", "o.csv"])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "internal" not in lines[0], lines
+
+
+def test_every_fieldid_error_type_counts_as_bad_input() -> None:
+    from fieldid.cli_common import UsageError, is_bad_input
+    from fieldid.records import RecordError
+    from fieldid.serve.archive import ServeError
+
+    for e in (UsageError("x"), RecordError("x"), ServeError("x"), FileNotFoundError("x")):
+        assert is_bad_input(e), e
+    for e in (ValueError("x"), KeyError("x"), IndexError("x"), TypeError("x"), RuntimeError("x")):
+        assert not is_bad_input(e), e
+
+
+def test_server_bug_is_a_500_not_the_clients_415(tiny_bundle: Path, shapes_dir: Path, caplog) -> None:
+    """The engine answered 415 "cannot process this image" for *any* exception while preparing an
+    image; a fault of the server's own preprocessing (here a spec it cannot run) blamed the client."""
+    import dataclasses
+    import logging
+
+    import onnxruntime as ort
+
+    from fieldid.export.manifest import load_manifest
+    from fieldid.serve.engine import ClassifierEngine
+
+    good = sorted((shapes_dir / "circle").iterdir())[0].read_bytes()
+    manifest = load_manifest(tiny_bundle)
+    art = manifest.find("onnx", "fp32")  # the engine as from_bundle builds it, whatever the export's bars said
+    session = ort.InferenceSession(str(tiny_bundle / art.file), providers=["CPUExecutionProvider"])
+    engine = ClassifierEngine(session, manifest, art, version="test")
+    assert [r.status for r in engine.handle([good, b"not an image"])] == [200, 415]
+    engine.spec = dataclasses.replace(engine.spec, interpolation="lanczos")  # no such resampler: a server bug
+    with caplog.at_level(logging.ERROR, logger="fieldid.serve"):
+        replies = engine.handle([good, b"not an image"])
+    assert [r.status for r in replies] == [500, 415]
+    assert replies[0].body == {"error": "internal server error (KeyError); the server log has the details",
+                               "status": 500}
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)

@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from fieldid.cli_common import UsageError
+
 from .records import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -93,7 +95,7 @@ def demo_counts(name: str, scale: float = 1.0) -> dict[str, int]:
     """Images per class for demo ``name`` at ``scale`` (at least ``MIN_PER_CLASS`` each)."""
     _check_name(name)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+        raise UsageError(f"scale must be a positive number, got {scale!r}")
     return {c: max(MIN_PER_CLASS, int(math.floor(n * scale + 0.5))) for c, n in _COUNTS[name].items()}
 
 
@@ -101,7 +103,7 @@ def render_demo_image(name: str, class_name: str, rng: np.random.Generator, imag
     """Draw one demo image of ``class_name`` (before JPEG encoding)."""
     _check_name(name)
     if class_name not in _COUNTS[name]:
-        raise ValueError(f"unknown class {class_name!r} for demo {name!r}; valid: {', '.join(_COUNTS[name])}")
+        raise UsageError(f"unknown class {class_name!r} for demo {name!r}; valid: {', '.join(_COUNTS[name])}")
     arr = _render_reef(class_name, rng, image_size) if name == "reef" else _render_salmon(class_name, rng, image_size)
     return _to_image(arr)
 
@@ -127,9 +129,9 @@ def make_demo_dataset(
     """
     counts = demo_counts(name, scale)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 32 <= image_size <= 2048:
-        raise ValueError(f"image_size must be an integer in [32, 2048], got {image_size!r}")
+        raise UsageError(f"image_size must be an integer in [32, 2048], got {image_size!r}")
     seed, image_size = int(seed), int(image_size)
     out = Path(out)
     summary = DemoSummary(name=name, out=out, counts=counts, seed=seed)
@@ -178,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_name(name: str) -> None:
     if name not in DEMO_DATASETS:
-        raise ValueError(f"unknown demo dataset {name!r}; valid names: {', '.join(DEMO_DATASETS)}")
+        raise UsageError(f"unknown demo dataset {name!r}; valid names: {', '.join(DEMO_DATASETS)}")
 
 
 def _marker(name: str, seed: int, scale: float, image_size: int, counts: dict[str, int], *, complete: bool) -> dict:
@@ -220,13 +222,13 @@ def _is_temp(rel: str) -> bool:
 def _prepare_out(out: Path, want: dict) -> bool:
     """Make ``out`` ready for writing; True when it already holds exactly the wanted demo."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
+        raise UsageError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.iterdir()):
         return False
     old = _read_marker(out)
     if old is None:
-        raise ValueError(
+        raise UsageError(
             f"{out} is not empty and is not a fieldid demo folder (no valid {MARKER_NAME}); "
             "refusing to overwrite it - choose a new or empty folder"
         )
@@ -237,7 +239,7 @@ def _prepare_out(out: Path, want: dict) -> bool:
     foreign = sorted(r for r in present - _expected_files(old["counts"]) if not _is_temp(r))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise ValueError(f"{out} holds files the demo generator did not write ({shown}); refusing to overwrite it")
+        raise UsageError(f"{out} holds files the demo generator did not write ({shown}); refusing to overwrite it")
     (out / MARKER_NAME).unlink()
     for rel in present:
         (out / rel).unlink()

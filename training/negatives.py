@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from fieldid.cli_common import UsageError
+
 from .records import atomic_write_bytes
 
 __all__ = ["NEGATIVE_KINDS", "SKIMAGE_PHOTOS", "generated_unknown", "generated_unknowns", "write_generated_unknowns",
@@ -58,7 +60,7 @@ def generated_unknown(kind: str, rng: np.random.Generator, size: int = 192) -> I
     elif kind == "flat":
         arr = np.broadcast_to(_colour(rng), (size, size, 3)) + rng.normal(0, 0.02, (size, size, 3))
     else:
-        raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(NEGATIVE_KINDS)}")
+        raise UsageError(f"unknown kind {kind!r}; valid: {', '.join(NEGATIVE_KINDS)}")
     return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), "RGB")
 
 
@@ -145,7 +147,7 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts) \
                 if folder.is_dir() else []
             if not files:
-                raise ValueError(f"{folder}: no such folder or no images in it")
+                raise UsageError(f"{folder}: no such folder or no images in it")
             if len(files) > per_folder:
                 files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
             for p in files:
