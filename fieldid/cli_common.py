@@ -6,13 +6,15 @@ imitates a phone without torch.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import re
 import sys
+from types import ModuleType
 from typing import NoReturn, TextIO
 
 __all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
-           "is_bad_input"]
+           "is_bad_input", "MissingExtra", "require_extra"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.
@@ -26,6 +28,37 @@ class UsageError(ValueError):
     A builtin ``ValueError`` (or ``KeyError``, ``IndexError``) is not bad input: raised by a
     library or a slip in fieldid, it is a bug (exit 1). See :func:`is_bad_input`.
     """
+
+
+class MissingExtra(UsageError):
+    """An optional package a command needs is not installed; the message names the extra to install."""
+
+
+# Import name -> the distribution pip installs (where they differ).
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "skimage": "scikit-image"}
+
+
+def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import ``module``, an optional dependency declared in ``fieldid[extra]``.
+
+    Args:
+        module: the import name, e.g. ``"skimage.data"``.
+        extra: the extra in pyproject.toml that declares its package, e.g. ``"bench"``.
+        purpose: what needs it, for the message, e.g. ``"fieldid data ood"``.
+
+    Raises:
+        MissingExtra: one line: what needs which package, and the pip command installing it.
+
+    Example:
+        >>> require_extra("json", "bench", "a doctest").__name__
+        'json'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise MissingExtra(f"{purpose} needs {_DISTRIBUTIONS.get(top, top)}, which is not installed: "
+                           f"pip install 'fieldid[{extra}]'") from None
 
 
 def is_bad_input(e: BaseException) -> bool:

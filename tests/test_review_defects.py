@@ -326,3 +326,42 @@ def test_server_bug_is_a_500_not_the_clients_415(tiny_bundle: Path, shapes_dir: 
     assert replies[0].body == {"error": "internal server error (KeyError); the server log has the details",
                                "status": 500}
     assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
+# ----------------------------------------------------------------- 7. optional packages are declared
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    return tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_bench_and_ood_packages_are_a_declared_extra() -> None:
+    """training/bench.py imports scikit-learn, `fieldid data ood` scikit-image: neither was declared
+    for the paths that use them (scikit-image only as a test dependency)."""
+    extras = _extras()
+    names = {req.split(">")[0].split("=")[0].split("[")[0].strip() for req in extras["bench"]}
+    assert {"scikit-learn", "scikit-image"} <= names
+    assert "bench" in extras["all"][0]  # make install installs it (with the torch constraints file)
+
+
+def _without(module: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a Python where ``module`` cannot be imported (as if its extra were not installed)."""
+    pre = f"import sys; sys.modules[{module!r}] = None; "
+    return subprocess.run([sys.executable, "-c", pre + code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_data_ood_without_scikit_image_names_the_extra(tmp_path: Path) -> None:
+    proc = _without("skimage", f"from fieldid.cli import main; sys.exit(main(['data', 'ood', "
+                               f"{str(tmp_path / 'ood')!r}]))", tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "needs scikit-image" in lines[0] and "pip install 'fieldid[bench]'" in lines[0], lines
+    assert "bench" in _extras()
+
+
+def test_bench_without_scikit_learn_names_the_extra(tmp_path: Path) -> None:
+    proc = _without("sklearn", f"from fieldid.training.bench import main; sys.exit(main(['compare', '--sets', "
+                               f"'digits', '--work', {str(tmp_path / 'w')!r}]))", tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "needs scikit-learn" in lines[0] and "pip install 'fieldid[bench]'" in lines[0], lines

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fieldid.cli_common import UsageError, is_bad_input, require_extra
+
 from .config import TrainConfig
 from .data import CachedImageDataset, ImageCache, make_split, train_transform
 from .models import create_model, get_backbone
@@ -125,9 +127,8 @@ def _save(img: np.ndarray, path: Path) -> None:
 def _digits(out: Path, per_class: tuple[int, int] = (12, 6)) -> None:
     """scikit-learn's 8x8 handwritten digits (real scans, 16 grey levels), saved as 32-px photos."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
+    d = require_extra("sklearn.datasets", "bench", "the digits bench set").load_digits()
     seen: dict[tuple[str, int], int] = {}
     for img, y in zip(d.images, d.target):
         for part, quota in zip(("train", "test"), per_class):
@@ -141,7 +142,7 @@ def _digits(out: Path, per_class: tuple[int, int] = (12, 6)) -> None:
 
 def _faces(out: Path, per_class: tuple[int, int] = (40, 20)) -> None:
     """scikit-image's LFW subset: 100 real 25x25 face crops and 100 non-face patches."""
-    from skimage import data
+    data = require_extra("skimage.data", "bench", "the faces bench set")
 
     imgs = data.lfw_subset()
     for cls, block in (("face", imgs[:100]), ("not_face", imgs[100:])):
@@ -154,8 +155,8 @@ def _textures(out: Path, per_class: tuple[int, int] = (20, 10), size: int = 64, 
     """Crops of scikit-image's texture photos; train crops from the top 70% of each photo, test from
     the rest, so no test pixel was seen in training."""
     from PIL import Image
-    from skimage import data
 
+    data = require_extra("skimage.data", "bench", "the textures bench set")
     rng = np.random.default_rng(seed)
     for cls in ("brick", "grass", "gravel", "moon"):
         photo = getattr(data, cls)()
@@ -189,7 +190,7 @@ def make_bench_datasets(root: str | Path, names: tuple[str, ...] = BENCH_SETS, *
                 builders[name](folder)
                 (folder / ".complete").touch()
         else:
-            raise ValueError(f"unknown bench dataset {name!r}; valid: {', '.join(BENCH_SETS)}")
+            raise UsageError(f"unknown bench dataset {name!r}; valid: {', '.join(BENCH_SETS)}")
         out[name] = folder
     return out
 
@@ -374,8 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
         p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config old.yaml'")
         a = p.parse_args(argv[1:])
-        rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,
-                             train_args=a.train_args.split())
+        try:
+            rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,
+                                 train_args=a.train_args.split())
+        except ValueError as e:  # an unknown set, a missing optional package (MissingExtra)
+            if not is_bad_input(e):
+                raise
+            print(f"bench compare: error: {e}", file=sys.stderr)
+            return 2
         print("\n" + format_compare(rows))
         return 0
     if argv[:1] == ["augment"]:

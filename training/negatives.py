@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fieldid.cli_common import UsageError
+from fieldid.cli_common import UsageError, require_extra
 
 from .records import atomic_write_bytes
 
@@ -93,12 +93,12 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "co
 
 
 def _skimage_photos() -> list[tuple[str, Image.Image]]:
-    import skimage.data
+    skimage_data = require_extra("skimage.data", "bench", "`fieldid data ood` (its photos of other things)")
 
     out = []
     for name in SKIMAGE_PHOTOS:
         try:
-            arr = np.asarray(getattr(skimage.data, name)())
+            arr = np.asarray(getattr(skimage_data, name)())
         except Exception:  # noqa: BLE001 - a photo a given scikit-image version lacks or cannot open
             continue
         if arr.dtype != np.uint8:
