@@ -5,6 +5,7 @@ log4j2 config). Pure functions, no processes: :mod:`fieldid.serve.server` superv
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -159,11 +160,74 @@ class ServeOptions:
                 "grpc_inference": self.grpc_inference_port, "grpc_management": self.grpc_management_port}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on ``host`` (for tests and benchmarks)."""
+# A port handed out is not handed out again (to any fieldid process of this user) for this long:
+# longer than a server takes to start and bind it.
+_PORT_CLAIM_S = 600.0
+_PORT_FLOOR = 10000  # below: well-known services' registered ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel picks from for ``bind(port 0)`` and outgoing connections."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 49152, 65535  # IANA's dynamic range (macOS, Windows)
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server that binds it a little later (tests,
+    benchmarks, ``ServeOptions.on_free_ports``): the one free-port helper.
+
+    A port found free and released before Java binds it can be taken in between. Two things
+    narrow that window to other programs binding that exact port on purpose: the port comes from
+    *outside* the kernel's ephemeral range (where ``bind(0)`` and every outgoing connection get
+    their ports), and it is recorded in a per-user claims file (under an ``fcntl`` lock) so no
+    other fieldid process - a parallel test, a benchmark - is handed it for ten minutes.
+
+    Example:
+        >>> lo, hi = _ephemeral_range()
+        >>> not lo <= free_port() <= hi
+        True
+    """
+    import fcntl  # POSIX, as TorchServe's process handling here is
+    import random
+    import tempfile
+    import time
+
+    lo, hi = _ephemeral_range()
+    pool = [r for r in (range(_PORT_FLOOR, min(lo, 65536)), range(max(hi + 1, _PORT_FLOOR), 65536)) if r]
+    pool = pool or [range(_PORT_FLOOR, 65536)]  # the ephemeral range covers everything: claims still help
+    claims = Path(tempfile.gettempdir()) / f"fieldid-ports-{os.getuid()}.json"
+    fd = os.open(claims, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        now = time.time()
+        try:
+            taken = {int(p): float(t) for p, t in json.loads(os.read(fd, 1 << 20) or b"{}").items() if float(t) > now}
+        except (ValueError, AttributeError):
+            taken = {}  # a damaged claims file: start over
+        rng = random.Random()
+        for _ in range(1000):
+            port = rng.choice(rng.choices(pool, weights=[len(r) for r in pool])[0])
+            if port not in taken and _bindable(host, port):
+                taken[port] = now + _PORT_CLAIM_S
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(taken).encode())
+                return port
+    finally:
+        os.close(fd)
+    raise ServeError(f"no free TCP port on {host} found outside the ephemeral range {lo}-{hi}")
 
 
 def _prop(value: str) -> str:

@@ -27,6 +27,7 @@ elsewhere: ``served_by.json`` in the default state dir of every other model it s
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -40,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fieldid.export.manifest import load_manifest
 from fieldid.records import atomic_write_text
@@ -352,7 +353,8 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
         The :class:`ServerState` (also in ``STATE_DIR/server.json``).
 
     Raises:
-        ServeError: no Java, port taken, a server already running there, start-up failure.
+        ServeError: no Java, port taken, a server already running there (or being started there by
+            another ``start`` right now), start-up failure.
 
     Example:
         >>> st = start_server(["runs/reef", "runs/salmon"])  # doctest: +SKIP
@@ -367,6 +369,45 @@ def start_server(bundles: list[str | Path], state_dir: str | Path | None = None,
     bundles = [bundle_dir_of(b) for b in bundles]
     # First: a folder fieldid may clear, or one line and nothing touched (created further down).
     state_dir = claim_state_dir(state_dir or default_state_dir(bundles[0]), create=False)
+    # "Is one running? No: start one" holds only if no other start runs between the two.
+    with _start_lock(state_dir):
+        return _start_locked(bundles, state_dir, opts)
+
+
+def _start_lock_path(state_dir: Path) -> Path:
+    """The lock a start of ``state_dir`` holds: in the user's temp folder, so a start that fails
+    early (no Java, a port taken) leaves no trace in a state folder it never created."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"fieldid-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"serve-start-{hashlib.sha256(str(state_dir).encode()).hexdigest()[:20]}.lock"
+
+
+@contextlib.contextmanager
+def _start_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the start lock of ``state_dir`` (resolved) for the ``with`` block, or refuse at once.
+
+    Raises:
+        ServeError: another ``fieldid serve start`` of the same folder holds it.
+    """
+    import fcntl
+
+    fd = os.open(_start_lock_path(state_dir), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with fd, also if this process dies
+        except BlockingIOError:
+            raise ServeError(f"another `fieldid serve start` is starting a server from {state_dir} right now; "
+                             f"when it is done: fieldid serve status --state-dir {state_dir}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _start_locked(bundles: list[Path], state_dir: Path, opts: ServeOptions) -> ServerState:
+    """:func:`start_server` once the state folder is checked and its start lock held."""
     if (state_dir / STATE_FILE).is_file():
         old = load_state(state_dir)
         if _is_running(old):

@@ -9,21 +9,18 @@ of the synthetic salmon set, for what depends on the Shop classes and on synthet
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from fieldid.serve.config import free_port
+
 __all__ = ["DemoApp", "demo_app", "unused_port", "demo_client", "tiny_salmon_run"]
 
-
-def unused_port() -> int:
-    """A loopback port with nothing listening (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A loopback port with nothing listening: the one free-port helper (see its docstring for why).
+unused_port = free_port
 
 
 @dataclass

@@ -365,3 +365,43 @@ def test_bench_without_scikit_learn_names_the_extra(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "needs scikit-learn" in lines[0] and "pip install 'fieldid[bench]'" in lines[0], lines
+
+
+# ----------------------------------------------------------------- 8. ports and concurrent starts
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
+    """A port found with bind(0) and released is in the range the kernel hands to the next bind(0)
+    and to every outgoing connection, so anything may take it before Java binds it."""
+    from fieldid.serve.config import free_port
+
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())  # Linux, as TorchServe here
+    ports = [free_port() for _ in range(20)]
+    assert not [p for p in ports if lo <= p <= hi], (lo, hi, ports)
+    assert len(set(ports)) == len(ports)
+
+
+def test_concurrent_processes_are_never_handed_the_same_port(tmp_path: Path) -> None:
+    code = "from fieldid.serve.config import free_port; print(*[free_port() for _ in range(40)])"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    got = [set(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+    assert all(len(g) == 40 for g in got)
+    assert not (got[0] & got[1] or got[0] & got[2] or got[1] & got[2])
+
+
+def test_a_second_start_of_the_same_folder_waits_for_no_one(tmp_path: Path) -> None:
+    """start_server checked "is one running?" and then started one, unlocked: two starts at once both
+    passed the check (server.json is written seconds later) and cleared each other's files."""
+    from fieldid.serve.archive import ServeError
+    from fieldid.serve.config import ServeOptions
+    from fieldid.serve.server import _start_lock, start_server
+
+    bundle = _manifest_only_bundle(tmp_path / "bundle")
+    state = tmp_path / "state"
+    with _start_lock(state.resolve()):  # another start, between its check and its server.json
+        with pytest.raises(ServeError, match="another `fieldid serve start` is starting a server from"):
+            start_server([bundle], state, ServeOptions.on_free_ports())
+        assert not state.exists()
+    with pytest.raises(ServeError, match="neither a pytorch nor an ONNX"):  # the lock went with the first start
+        start_server([bundle], state, ServeOptions.on_free_ports())
+    with pytest.raises(ServeError, match="neither a pytorch nor an ONNX"):  # and a failed start releases it
+        start_server([bundle], state, ServeOptions.on_free_ports())

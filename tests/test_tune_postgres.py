@@ -14,7 +14,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Iterator
 
 import pytest
 
+from fieldid.serve.config import free_port
 from fixtures_scaleout import wait_for
 
 SPACE = """\
@@ -31,12 +31,6 @@ label_smoothing: {type: float, low: 0.0, high: 0.2}
 """
 TRIALS = 3
 HEARTBEAT = 2  # seconds (--heartbeat)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_bin() -> Path | None:
@@ -95,7 +89,7 @@ def pg_cluster(bin_dir: Path) -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="fieldid-pg-", dir="/tmp"))  # pytest's tmp dirs are root-only (0700)
     os.chmod(root, 0o755)
     os.chown(root, uid, gid)
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def pg(*cmd: str, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout)
