@@ -344,27 +344,26 @@ def test_bench_and_ood_packages_are_a_declared_extra() -> None:
     assert "bench" in extras["all"][0]  # make install installs it (with the torch constraints file)
 
 
-def _without(module: str, code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run ``code`` in a Python where ``module`` cannot be imported (as if its extra were not installed)."""
+def _one_line_without(module: str, code: str, tmp_path: Path) -> str:
+    """The one error line of ``code`` (exit 2) run in a Python where ``module`` cannot be imported,
+    as if its extra were not installed."""
     pre = f"import sys; sys.modules[{module!r}] = None; "
-    return subprocess.run([sys.executable, "-c", pre + code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", pre + code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 def test_data_ood_without_scikit_image_names_the_extra(tmp_path: Path) -> None:
-    proc = _without("skimage", f"from fieldid.cli import main; sys.exit(main(['data', 'ood', "
-                               f"{str(tmp_path / 'ood')!r}]))", tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "needs scikit-image" in lines[0] and "pip install 'fieldid[bench]'" in lines[0], lines
-    assert "bench" in _extras()
+    line = _one_line_without("skimage", f"from fieldid.cli import main; sys.exit(main(['data', 'ood', "
+                                        f"{str(tmp_path / 'ood')!r}]))", tmp_path)
+    assert "needs scikit-image" in line and "pip install 'fieldid[bench]'" in line, line
 
 
 def test_bench_without_scikit_learn_names_the_extra(tmp_path: Path) -> None:
-    proc = _without("sklearn", f"from fieldid.training.bench import main; sys.exit(main(['compare', '--sets', "
-                               f"'digits', '--work', {str(tmp_path / 'w')!r}]))", tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "needs scikit-learn" in lines[0] and "pip install 'fieldid[bench]'" in lines[0], lines
+    line = _one_line_without("sklearn", f"from fieldid.training.bench import main; sys.exit(main(['compare', "
+                                        f"'--sets', 'digits', '--work', {str(tmp_path / 'w')!r}]))", tmp_path)
+    assert "needs scikit-learn" in line and "pip install 'fieldid[bench]'" in line, line
 
 
 # ----------------------------------------------------------------- 8. ports and concurrent starts
