@@ -114,7 +114,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: i
         ImageInputError: 400 empty body, 415 not an accepted format or undecodable (incl. a
             malformed EXIF block), 413 more than ``max_pixels`` pixels.
 
-    Example:
+    Examples:
         >>> decode_image(b"")
         Traceback (most recent call last):
         ...
@@ -132,7 +132,7 @@ def check_resize_fits(size: tuple[int, int], resize_size: int, max_pixels: int =
     Raises:
         ImageInputError: 413, the image is too elongated.
 
-    Example:
+    Examples:
         >>> check_resize_fits((20_000, 1), 256)
         Traceback (most recent call last):
         ...
@@ -214,7 +214,7 @@ def prepare(data: bytes, spec: PreprocessSpec, *, max_pixels: int = DEFAULT_MAX_
     Raises:
         ImageInputError: 400 / 413 / 415 (see :func:`decode_for_model`).
 
-    Example:
+    Examples:
         >>> prepare(open("fish.jpg", "rb").read(), manifest.preprocess_spec).shape  # doctest: +SKIP
         (1, 3, 128, 128)
     """
@@ -248,7 +248,7 @@ def select_artifact(manifest: Manifest, precision: str = "auto") -> tuple[Artifa
     Raises:
         PhoneError: the bundle has no ONNX model (of that precision), or ``precision`` is not valid.
 
-    Example:
+    Examples:
         >>> art, notice = select_artifact(load_manifest("runs/reef"))  # doctest: +SKIP
         >>> art.file  # doctest: +SKIP
         'model.int8.onnx'
@@ -342,7 +342,7 @@ class OnnxRunner:
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Calibrated probabilities ``softmax(logits / temperature)`` along the last axis (float64).
 
-    Example:
+    Examples:
         >>> softmax(np.array([0.0, 0.0])).tolist()
         [0.5, 0.5]
     """
@@ -357,7 +357,7 @@ def is_unknown(scores: np.ndarray | float | None, threshold: float | None) -> np
 
     ``None`` scores or threshold (a bundle without a detector) flag nothing.
 
-    Example:
+    Examples:
         >>> is_unknown(np.array([1.0, 3.0]), 2.0).tolist()
         [False, True]
     """
@@ -371,7 +371,7 @@ def needs_fallback(confidence: np.ndarray | float, unknown: np.ndarray | bool,
     """The fallback decision: ask the server when the photo is unknown or the calibrated top-1
     probability is below ``fallback_threshold``.
 
-    Example:
+    Examples:
         >>> needs_fallback(np.array([0.9, 0.5, 0.9]), np.array([False, False, True]), 0.8).tolist()
         [False, True, True]
     """
@@ -403,7 +403,7 @@ def prediction(logits: np.ndarray, labels: Sequence[str], *, temperature: float,
         photo is none of the classes), ``needs_fallback`` (unknown, or confidence below
         ``fallback_threshold``) and the provenance fields.
 
-    Example:
+    Examples:
         >>> p = prediction(np.array([2.0, 0.0]), ["wild", "farmed"], temperature=1.0,
         ...                fallback_threshold=0.5, model="salmon", version="1", source="device",
         ...                latency_ms=1.0, unknown_score=3.0, unknown_threshold=2.0)
@@ -480,7 +480,7 @@ class PhoneModel:
     Raises:
         PhoneError: no such ONNX model, or a damaged file. ManifestError: no readable bundle.
 
-    Example:
+    Examples:
         >>> m = PhoneModel("runs/reef")  # doctest: +SKIP
         >>> m.predict(open("fish.jpg", "rb").read()).response["top_k"][0]["label"]  # doctest: +SKIP
         'lionfish'

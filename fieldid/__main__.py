@@ -3,4 +3,5 @@ import sys
 
 from fieldid.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (API docs, tools) runs nothing
+    sys.exit(main())
