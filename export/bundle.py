@@ -22,6 +22,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,9 @@ from .registry import (EXPORTERS, LABEL_READERS, RUNTIMES, ExportError, Runner, 
                        quiet_third_party, register_exporter, register_label_reader, register_runtime, run_batched,
                        runtime_name, unsupported_op)
 from .resources import MemoryRefusal, check_memory, measure
-from .verify import (EVAL_BATCH, FP32_MAX_ABS_DIFF, INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT, ExportContext, LogitsModel,
-                     check_labels, input_spec, make_artifact, verify_artifact, verify_logits)
+from .verify import (EVAL_BATCH, FP32_MAX_ABS_DIFF, INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT, MIN_BAR_IMAGES,
+                     ExportContext, LogitsModel, bar_images, check_labels, input_spec, make_artifact, verify_artifact,
+                     verify_logits)
 from .writer import check_writable, clean_leftovers, make_stage, swap_in
 
 __all__ = [
@@ -77,6 +79,8 @@ __all__ = [
     "FP32_MAX_ABS_DIFF",
     "INT8_MIN_AGREEMENT",
     "INT8_MAX_ACCURACY_DROP",
+    "MIN_BAR_IMAGES",
+    "missed_artifacts",
 ]
 
 log = logging.getLogger("fieldid.export")
@@ -145,12 +149,25 @@ def _rebased_split(data: Path, record: RunRecord, run_split: Any | None) -> Any:
     return split
 
 
-def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int, data: Path | None) -> ExportInputs:
-    """Held-out, calibration and selection images: the run's stored samples unless ``data`` is given."""
+def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int,
+            data: Path | None) -> tuple[ExportInputs, np.ndarray | None]:
+    """Held-out, calibration and selection images: the run's stored samples unless ``data`` is given.
+
+    Returns:
+        The inputs, and the classes of the selection images when they are val photos (``None``
+        otherwise): :func:`bar_images` may add them to the bar images.
+    """
     spec = record.preprocess_spec
     index = samples_index(run_dir, record) if data is None else None
     if index is not None:
-        return run_inputs(index, spec, calibration_size)
+        inp = run_inputs(index, spec, calibration_size)
+        files = index["groups"]["selection"]["files"]
+        if inp.selection_source != "val split" or len(files) < len(inp.selection):
+            return inp, None
+        try:
+            return inp, np.asarray([f["target"] for f in files[:len(inp.selection)]], np.int64)
+        except (KeyError, TypeError, ValueError):
+            return inp, None  # samples without classes: the bars top up with views instead
     split_path = run_dir / record.split
     run_split = None
     if split_path.is_file():
@@ -170,13 +187,19 @@ def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int, data: Pa
         if not Path(split.root).is_dir():
             raise ExportError(f"{run_dir}: its dataset {split.root} is gone and the run kept no samples "
                               f"(trained before fieldid stored them); give --data DIR")
-    return folder_inputs(split, spec, calibration_size, root=split.root)
+    inp = folder_inputs(split, spec, calibration_size, root=split.root)
+    if inp.selection_source != "val split":
+        return inp, None
+    val_targets = np.asarray(split.targets("val")[:calibration_size], np.int64)
+    # An unreadable val photo was skipped: the classes no longer line up row for row, so none are used.
+    return inp, (val_targets if len(val_targets) == len(inp.selection) else None)
 
 
-def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, allow_drop: bool,
-             data: Path | None = None, int8: bool = True) -> ExportContext:
-    inp = _inputs(run_dir, record, calibration_size=calibration_size, data=data)
+def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size: int, strict: bool = False,
+             data: Path | None = None, int8: bool = True, min_bar_images: int = MIN_BAR_IMAGES) -> ExportContext:
+    inp, val_targets = _inputs(run_dir, record, calibration_size=calibration_size, data=data)
     selection, sel_source = inp.selection, inp.selection_source
+    val = selection if val_targets is not None else None  # read lazily: only the top-up's rows
     if len(selection) < _MIN_SELECTION and len(inp.calibration):
         # Too few to tell recipes apart (one image = several points of agreement): top up with
         # calibration images. Every recipe calibrates on them alike, so the comparison stays fair.
@@ -188,19 +211,22 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
 
     # With a detector the model has two outputs, (logits, unknown_score), in every artifact.
     model = LogitsModel(scored_model(run_dir, record, _load_model(run_dir, record))).eval()
-    heldout = inp.heldout
+    heldout, targets, decided_on = bar_images(inp.heldout, inp.heldout_targets, record.preprocess_spec, val=val,
+                                              val_targets=val_targets, min_images=min_bar_images)
     with torch.no_grad():
         outs = [model(torch.from_numpy(heldout[i:i + EVAL_BATCH])) for i in range(0, len(heldout), EVAL_BATCH)]
     scored = isinstance(outs[0], tuple)
     ref = torch.cat([o[0] if scored else o for o in outs]).numpy()
     ref_unknown = torch.cat([o[1] for o in outs]).numpy() if scored else None
-    log.info("images from %s: held-out %s %d; calibration: %d training images; recipe selection: %d (%s)",
-             inp.source, inp.heldout_split, len(heldout), len(inp.calibration), len(selection), sel_source)
+    log.info("images from %s: held-out %s %d; bars decided on %d (%d held-out, %d val, %d augmented views); "
+             "calibration: %d training images; recipe selection: %d (%s)", inp.source, inp.heldout_split,
+             len(inp.heldout), decided_on["images"], decided_on["heldout"], decided_on["val"],
+             decided_on["augmented_views"], len(inp.calibration), len(selection), sel_source)
     ctx = ExportContext(run_dir=run_dir, record=record, model=model, stage=stage, heldout=heldout,
-                        heldout_targets=inp.heldout_targets, heldout_split=inp.heldout_split,
-                        calibration=inp.calibration, reference_logits=ref, allow_drop=allow_drop,
+                        heldout_targets=targets, heldout_split=inp.heldout_split,
+                        calibration=inp.calibration, reference_logits=ref, strict=strict,
                         selection=selection, selection_source=sel_source, reference_unknown=ref_unknown,
-                        int8=int8)
+                        int8=int8, decided_on=decided_on)
     ctx.activation_mb = _activation_mb(model, ctx.example)
     ctx.images_source = inp.source
     return ctx
@@ -324,16 +350,23 @@ def _add_unknown(manifest: Manifest, artifacts: list[Artifact], run_dir: Path, r
 
 
 def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, out: str | Path | None = None,
-               allow_drop: bool = False, calibration_size: int = 200, data: str | Path | None = None,
-               memory_limit_mb: float | None = None, int8: bool = True) -> Manifest:
+               strict: bool = False, allow_drop: bool = False, calibration_size: int = 200,
+               data: str | Path | None = None, memory_limit_mb: float | None = None, int8: bool = True,
+               min_bar_images: int = MIN_BAR_IMAGES) -> Manifest:
     """Export a finished run to every requested format, verify each, write ``manifest.json``.
+
+    An artifact that misses its bar is kept in the bundle marked ``failed`` (the server, the demo,
+    the app and ``predict`` then use a verified one), the others are kept as they passed, and
+    ``verification_summary`` says ``partial`` and lists the ``missed`` ones with the reason: an int8
+    file that does not hold never costs the user the fp32 files that do.
 
     Args:
         run_dir: a finished ``fieldid train`` run directory.
         formats: subset of ``ALL_FORMATS`` (default: all). ``pytorch`` is always included.
-        out: bundle folder (default ``RUN/export``); replaced only when the export succeeds, and
-            only if it is empty or a fieldid bundle.
-        allow_drop: keep artifacts that miss a verification bar instead of failing.
+        out: bundle folder (default ``RUN/export``); replaced only when the export writes a bundle,
+            and only if it is empty or a fieldid bundle.
+        strict: any missed bar fails the whole export (no bundle written; the previous one stays).
+        allow_drop: deprecated, the default behaviour now; accepted for one release.
         calibration_size: training images used to calibrate int8 quantization (streamed: memory
             does not grow with it).
         data: read the images from this dataset folder instead of the run's stored samples.
@@ -341,14 +374,17 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             what the machine has free); a format estimated to need more is refused before it starts.
         int8: False writes only the fp32 artifacts (fp16 for Core ML): for a server model, which
             runs fp32; it skips the int8 recipe search and calibration.
+        min_bar_images: the fewest images each statistical bar is decided on (see
+            :data:`~fieldid.export.verify.MIN_BAR_IMAGES`; the held-out split is topped up to it).
 
     Returns:
-        The written :class:`Manifest` (``export_stats`` holds seconds and peak RSS per format).
+        The written :class:`Manifest` (``export_stats`` holds seconds and peak RSS per format;
+        ``verification_summary["missed"]`` the artifacts that missed a bar, see :func:`missed_artifacts`).
 
     Raises:
         ExportError: bad run, unknown format, unwritable output, a model a format cannot
-            express, not enough memory, or (without ``allow_drop``) an artifact that missed its
-            bar. The previous bundle is untouched in every case.
+            express, not enough memory, no artifact passing its bar, or (``strict``) any artifact
+            that missed its bar. The previous bundle is untouched in every case.
 
     Example:
         >>> m = export_run("runs/salmon", formats=["onnx"])  # doctest: +SKIP
@@ -360,8 +396,15 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     _import_exporters()
     run_dir = Path(run_dir)
     wanted = parse_formats(formats)
+    if allow_drop and strict:
+        raise ExportError("--allow-drop and --strict contradict each other (--allow-drop is the default now)")
+    if allow_drop:
+        warnings.warn("export_run(allow_drop=True): keeping the artifacts that passed is the default now; "
+                      "allow_drop will be removed in the next release", DeprecationWarning, stacklevel=2)
     if calibration_size < 1:
         raise ExportError(f"calibration size must be >= 1 (got {calibration_size})")
+    if min_bar_images < 1:
+        raise ExportError(f"min_bar_images must be >= 1 (got {min_bar_images})")
     try:
         record = load_record(run_dir)
     except RecordError as e:
@@ -374,8 +417,8 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     # Everything that can reject the run (held-out split, images, weights) runs before the
     # output's parent folder or the staging folder is created.
     with measure("reading images and the model") as st:
-        ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, allow_drop=allow_drop,
-                       data=Path(data) if data is not None else None, int8=int8)
+        ctx = _context(run_dir, record, Path(), calibration_size=calibration_size, strict=strict,
+                       data=Path(data) if data is not None else None, int8=int8, min_bar_images=min_bar_images)
     stats["inputs"] = st.to_dict()
     stage = ctx.stage = make_stage(out)
     try:
@@ -405,16 +448,16 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             tool_versions=_tool_versions(), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             metrics=_run_metrics(run_dir, record),
             notes=[f"export seconds per format: { {k: v['seconds'] for k, v in stats.items()} } (total {total_s:.0f} s)",
-                   f"verification: every artifact with a runtime here was reloaded from its file and run on the "
-                   f"{ctx.heldout_split} split ({len(ctx.heldout)} images, phone preprocessing) against the PyTorch "
+                   f"verification: every artifact with a runtime here was reloaded from its file and run on "
+                   f"{_decided_text(ctx.decided_on, ctx.heldout_split)} (phone preprocessing) against the PyTorch "
                    + (f"fp32 model; int8 recipes were chosen on {len(ctx.selection)} images from the "
                       f"{ctx.selection_source}, never on the held-out split" if ctx.int8
                       else "fp32 model; no int8 artifacts (exported with --no-int8)")],
-            verification_summary={"status": "failed" if ctx.failures else "passed", "failures": list(ctx.failures),
-                                  "allow_drop": allow_drop},
             export_stats=stats,
         )
         _add_unknown(manifest, artifacts, run_dir, record)
+        missed = _mark_missed(artifacts, ctx.failures)
+        manifest.verification_summary = _summary(missed, ctx, strict=strict, min_bar_images=min_bar_images)
         for a in artifacts:
             manifest.set_artifact(a)
         add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
@@ -424,12 +467,17 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
                                   "(spec type, input, labels and order, outputs, op set); see each verification")
         manifest.validate()
         manifest.to_json(stage / "manifest.json")
-        if ctx.failures and not allow_drop:
+        if ctx.failures and strict:
             raise ExportError("verification failed: " + "; ".join(ctx.failures)
-                              + " (use --allow-drop to keep them anyway)")
+                              + " (without --strict the artifacts that passed are kept)")
+        unplaced = [f for f in ctx.failures if not any(_names(f, a.file) for a in artifacts)]
+        if unplaced:  # a failed check no artifact owns: nothing says which files to trust
+            raise ExportError("verification failed: " + "; ".join(unplaced))
+        if len(missed) == len(artifacts):
+            raise ExportError("verification failed: no artifact passed its bar: " + "; ".join(ctx.failures))
         swap_in(stage, out)
-        log.info("bundle %s: %d artifacts in %.0f s, peak RSS %.0f MB", out, len(artifacts), total_s,
-                 stats["total"]["peak_rss_mb"])
+        log.info("bundle %s: %d artifacts (%d missed a bar) in %.0f s, peak RSS %.0f MB", out, len(artifacts),
+                 len(missed), total_s, stats["total"]["peak_rss_mb"])
         return manifest
     finally:
         if stage.exists():
@@ -437,6 +485,60 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         for imgs in (ctx.calibration, ctx.selection):  # temporary row files of images read from --data
             if isinstance(imgs, PhoneImages):
                 imgs.close()
+
+
+# Precisions whose artifact is the model itself, not a compressed copy: one of them missing its bar
+# means an exporter or runtime is wrong, not that quantization did not hold (the CLI exits 3).
+FULL_PRECISIONS = ("fp32", "fp16")
+
+
+def _names(failure: str, file: str) -> bool:
+    """A failure line is about ``file``: every check writes ``"FILE missed ..."`` or ``"FILE: ..."``."""
+    return failure.startswith((f"{file} ", f"{file}:"))
+
+
+def _mark_missed(artifacts: list[Artifact], failures: list[str]) -> list[dict[str, Any]]:
+    """Mark every artifact a failure line names as ``failed``; the ``missed`` entries of the summary."""
+    missed = []
+    for a in artifacts:
+        why = [f[len(a.file):].lstrip(": ").replace(" missed its bar: ", ": ", 1).replace("missed its bar: ", "", 1)
+               for f in failures if _names(f, a.file)]
+        if a.verification.get("status") == "failed" or why:
+            a.verification["status"] = "failed"
+            missed.append({"file": a.file, "format": a.format, "precision": a.precision,
+                           "why": "; ".join(why) or "failed its verification"})
+    return missed
+
+
+def _decided_text(decided: dict[str, int], split: str) -> str:
+    parts = [f"{decided.get('heldout', 0)} {split} photos"]
+    if decided.get("val"):
+        parts.append(f"{decided['val']} val photos")
+    if decided.get("augmented_views"):
+        parts.append(f"{decided['augmented_views']} augmented views of the {split} photos")
+    return f"{decided.get('images', 0)} images (" + " + ".join(parts) + ")"
+
+
+def _summary(missed: list[dict[str, Any]], ctx: ExportContext, *, strict: bool, min_bar_images: int) -> dict[str, Any]:
+    """The manifest's ``verification_summary``: ``passed`` or ``partial`` (``missed`` lists why)."""
+    return {"status": "partial" if missed else "passed", "failures": list(ctx.failures), "missed": missed,
+            "strict": strict, "min_bar_images": min_bar_images, "decided_on": dict(ctx.decided_on)}
+
+
+def missed_artifacts(manifest: Manifest) -> list[dict[str, Any]]:
+    """The artifacts of a bundle that missed a verification bar: ``[{"file", "format", "precision", "why"}]``.
+
+    Bundles written before ``missed`` was recorded: every artifact whose verification status is ``failed``.
+
+    Example:
+        >>> [m["file"] for m in missed_artifacts(load_manifest("runs/reef"))]  # doctest: +SKIP
+        ['model.int8.pte']
+    """
+    recorded = manifest.verification_summary.get("missed")
+    if isinstance(recorded, list):
+        return recorded
+    return [{"file": a.file, "format": a.format, "precision": a.precision, "why": "failed its verification"}
+            for a in manifest.artifact_list() if a.verification.get("status") == "failed"]
 
 
 def _refuse_if_short(step: str, need_mb: float, wanted: list[str], limit_mb: float | None) -> None:

@@ -6,7 +6,8 @@ runtimes keep returning the logits (output 0). This module reads output 1 back o
 written file with the same runtime an app uses and compares it with PyTorch's:
 
 * fp32 artifacts: max |score diff| <= ``FP32_MAX_REL_DIFF`` x threshold, and every unknown
-  decision (score > threshold) identical;
+  decision (score > threshold) identical, except for a score within that tolerance of the
+  threshold (a float tie);
 * int8 artifacts (:func:`int8_unknown_bar`): the score moves with the quantized features, so
   decisions of images whose fp32 score lies near the threshold can flip either way. Measured on
   the reef demo's MobileNetV2 (int8 .pte, 136 images): median |score diff| 12% of the threshold,
@@ -183,9 +184,13 @@ def verify_unknown(ctx: ExportContext, file: str, format: str, precision: str) -
     diff = np.abs(got - ref)
     agree = float(((got > threshold) == (ref > threshold)).mean())
     rel = float(diff.max() / threshold)
+    # A score within the fp32 tolerance of the threshold is a float tie: either decision is the model's.
+    # The threshold is a quantile of the val photos' scores, so one of them can sit exactly on it.
+    tie = np.abs(ref - threshold) <= FP32_MAX_REL_DIFF * threshold
     if precision == "fp32":
-        passed = rel <= FP32_MAX_REL_DIFF and agree == 1.0
-        bar = f"max |score diff| <= {FP32_MAX_REL_DIFF:g} x threshold and 100% identical unknown decisions"
+        passed = rel <= FP32_MAX_REL_DIFF and bool(((got > threshold) == (ref > threshold))[~tie].all())
+        bar = (f"max |score diff| <= {FP32_MAX_REL_DIFF:g} x threshold and 100% identical unknown decisions "
+               f"(a score within that of the threshold may go either way)")
     else:
         int8 = int8_unknown_bar(got, ref, threshold)
         passed = int8["passed"]
@@ -198,7 +203,7 @@ def verify_unknown(ctx: ExportContext, file: str, format: str, precision: str) -
         "threshold": threshold, "num_images": int(len(x)), "heldout_images": n_in,
         "generated_unknown_images": int(len(x) - n_in), "max_abs_score_diff": float(diff.max()),
         "max_diff_over_threshold": rel, "median_abs_score_diff": float(np.median(diff)),
-        "decision_agreement": agree,
+        "decision_agreement": agree, "threshold_ties": int(tie.sum()),
         **({"clear_images": int8["clear_images"], "clear_agreement": int8["clear_agreement"]}
            if precision != "fp32" else {}),
         "heldout_flagged": float((got[:n_in] > threshold).mean()),

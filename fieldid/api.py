@@ -164,15 +164,18 @@ def evaluate(run: Run | PathLike, data: PathLike | None = None, *, out: PathLike
 
 
 def export_bundle(run: Run | PathLike, *, formats: list[str] | str | None = None, out: PathLike | None = None,
-           allow_drop: bool = False, calibration_size: int = 200, data: PathLike | None = None,
-           int8: bool = True) -> Bundle:
+                  strict: bool = False, allow_drop: bool = False, calibration_size: int = 200,
+                  data: PathLike | None = None, int8: bool = True) -> Bundle:
     """Export a run to verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML; fp32 + int8).
 
     Args:
         run: the run (or its folder).
         formats: subset of ``pytorch, onnx, executorch, torchscript, coreml`` (default: all).
-        out: bundle folder (default ``RUN/export``); replaced only when the export succeeds.
-        allow_drop: keep artifacts that miss a verification bar (recorded as failed).
+        out: bundle folder (default ``RUN/export``); replaced only when the export writes a bundle.
+        strict: any artifact that misses its bar fails the export (default: the bundle keeps the
+            artifacts that passed; the ones that missed are marked failed and listed in
+            ``manifest.verification_summary["missed"]``).
+        allow_drop: deprecated (the default now); accepted for one release.
         calibration_size: training images used to calibrate the int8 models.
         int8: False writes the fp32 artifacts only (a server model runs fp32).
         data: read images from this dataset folder instead of the run's stored samples.
@@ -186,8 +189,8 @@ def export_bundle(run: Run | PathLike, *, formats: list[str] | str | None = None
     from fieldid.export.bundle import export_run  # registers the exporters itself
 
     out = Path(out) if out is not None else Path(run) / "export"
-    export_run(Path(run), formats=formats, out=out, allow_drop=allow_drop, calibration_size=calibration_size,
-               data=data, int8=int8)
+    export_run(Path(run), formats=formats, out=out, strict=strict, allow_drop=allow_drop,
+               calibration_size=calibration_size, data=data, int8=int8)
     return Bundle(out)
 
 
