@@ -2,9 +2,12 @@
 
 Each format is one exporter function registered in ``EXPORTERS`` (:mod:`.registry`). An exporter
 writes its files into a staging folder and returns :class:`Artifact` records; verification
-against the PyTorch model on the held-out split is part of every export (:mod:`.verify`), int8
-recipes are chosen by :mod:`.recipes`, and the staging folder replaces the old bundle only when
-everything succeeded (:mod:`.writer`), so a failed export never destroys a good one.
+against the PyTorch model on the bar images (the held-out split, topped up to at least
+``MIN_BAR_IMAGES``) is part of every export (:mod:`.verify`), int8 recipes are chosen by
+:mod:`.recipes`, and the staging folder replaces the old bundle only when the export writes one
+(:mod:`.writer`): an artifact that misses its bar is kept marked failed beside those that passed
+(``--strict``: any miss writes nothing), an error or a bundle where nothing passed never
+destroys a good one.
 
 The images come from the run's stored samples (:mod:`.inputs`), or from ``--data DIR``. Each
 format's wall time and peak resident memory are measured (:mod:`.resources`) and written into

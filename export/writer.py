@@ -1,7 +1,7 @@
 """Writing a bundle safely: staging folder, atomic swap, cleanup of what dead exports left.
 
-The finished staging folder replaces the old bundle only when everything succeeded, and only
-a folder that *is* a fieldid bundle (its ``manifest.json`` reads as a fieldid manifest) is ever
+The finished staging folder replaces the old bundle only when the export writes one (something
+passed its bar; with ``--strict`` everything did), and only a folder that *is* a fieldid bundle (its ``manifest.json`` reads as a fieldid manifest) is ever
 replaced; the pid in staging names lets a later export tell a dead process's leftovers from a
 running one's.
 """
