@@ -36,8 +36,9 @@ def fit_logistic(features: torch.Tensor, targets: torch.Tensor, num_classes: int
                  sample_weights: torch.Tensor | None = None, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of an L2-regularised softmax regression on raw ``features``.
 
-    Features are standardised for a well-conditioned L-BFGS and the scaling is folded back into the
-    returned weight and bias, so they apply to raw features (and drop into a model's ``nn.Linear``).
+    Features are centred and scaled (one scale for all) for a well-conditioned L-BFGS, and that is
+    folded back into the returned weight and bias, so they apply to raw features (and drop into a
+    model's ``nn.Linear``) with the weight magnitudes the fit chose.
 
     Example:
         >>> w, b = fit_logistic(torch.eye(4).repeat(5, 1), torch.arange(4).repeat(5), 4)
@@ -46,7 +47,11 @@ def fit_logistic(features: torch.Tensor, targets: torch.Tensor, num_classes: int
     """
     x = features.detach().float().cpu()
     y = targets.detach().long().cpu()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    # One scale for all features, not one per feature: per-feature standardisation folded back
+    # into the weight blows up the weights of near-constant channels (1/std), and the fine-tuning
+    # that starts from this head then sees logits in the hundreds on augmented photos (a real
+    # inspection set's first-epoch training loss was 13) and wrecks the backbone it should spare.
+    mean, std = x.mean(0), x.std().clamp_min(1e-6)
     z = (x - mean) / std
     w = torch.zeros(num_classes, z.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
