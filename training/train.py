@@ -40,7 +40,7 @@ from .samples import write_samples
 from .evaluate import compute_metrics, plot_confusion, plot_curves, predict_logits
 from .images import DataError
 from .probe import majority_scores
-from .baselines import (backbone_features, choose_shipped, fit_run_baselines, imbalance_plan, load_probe_head,
+from .baselines import (adapt_batchnorm, backbone_features, batchnorm_state, choose_shipped, fit_run_baselines, imbalance_plan, load_probe_head,
                         set_head, val_scores)
 from .models import classifier_modules, create_model, get_backbone, load_run_model  # load_run_model: re-exported too
 from .records import (PreprocessSpec, RecordError, RunRecord, atomic_write_bytes, atomic_write_json,
@@ -555,11 +555,15 @@ def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, 
     name, head = _head_module(model)  # type: ignore[misc]  # _uses_feature_head checked there is one
     t = time.time()
     workers = _resolve_num_workers(cfg)
+    adapted = adapt_batchnorm(model, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers, device=device)
+    if adapted:
+        log.info("head phase: BatchNorm statistics re-estimated on %d training photos (%.1f s)", adapted,
+                 time.time() - t)
     feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
                                   device=device, label="head phase")
     val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
                                           num_workers=workers, device=device)
-    probe = fit_run_baselines(feats, ys, val_feats, val_ys, len(counts), cfg, out)
+    probe = fit_run_baselines(feats, ys, val_feats, val_ys, len(counts), cfg, out, batchnorm_state(model))
     if cfg.head_init == "probe" and isinstance(head, torch.nn.Linear):
         set_head(head, probe.weight, probe.bias)
         log.info("head phase: the linear probe is the starting head (%.1f s)", time.time() - t)
@@ -753,6 +757,10 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
         _, head = classifier_modules(probe_model)[0]
         head_state = load_probe_head(out)
         set_head(head, head_state["weight"], head_state["bias"])
+        # The BatchNorm statistics the probe was fitted under (re-estimated on the training photos).
+        bn = {k[len("bn."):]: v for k, v in head_state.items() if k.startswith("bn.")}
+        if bn:
+            probe_model.load_state_dict(bn, strict=False)
         model = probe_model
         val_logits, _ = predict_logits(model, val_dataset)
     key = "balanced_accuracy" if cfg.objective == "balanced" else "accuracy"
