@@ -132,3 +132,57 @@ def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Pa
     rows = [r for r in (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[1:] if r]
     header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val_bal_acc" in header and "val_objective" in header and rows
+
+
+# --------------------------------------------------------------------------- the real-data benchmark
+def _rows(fieldid_acc: float, seconds: float) -> list[dict]:
+    base = {"dataset": "elpv", "real": True, "classes": 4, "train": 10, "val": 2, "test": 4, "imbalance": 14.0}
+    return [{**base, "method": "majority", "accuracy": 0.575, "macro_f1": 0.18, "balanced_accuracy": 0.25, "seconds": 0},
+            {**base, "method": "probe", "accuracy": 0.774, "macro_f1": 0.5, "balanced_accuracy": 0.48, "seconds": 90},
+            {**base, "method": "reference", "accuracy": 0.77, "macro_f1": 0.57, "balanced_accuracy": 0.56,
+             "seconds": 100},
+            {**base, "method": "fieldid", "accuracy": fieldid_acc, "macro_f1": 0.6, "balanced_accuracy": 0.6,
+             "seconds": seconds, "epochs": 6, "image_size": 224, "shipped": "fine-tuned"}]
+
+
+def test_bench_real_goals_and_table() -> None:
+    from fieldid.training.bench_real import format_real, goals
+
+    g = goals(_rows(0.80, 250))["elpv"]
+    assert g == {"time_ratio": 2.5, ">= reference": True, "<= 3x time": True, ">= probe": True, "> majority": True}
+    g = goals(_rows(0.772, 400))["elpv"]  # between reference and probe, too slow
+    assert g[">= reference"] and not g[">= probe"] and not g["<= 3x time"] and g["time_ratio"] == 4.0
+    table = format_real(_rows(0.80, 250))
+    assert "| elpv | yes | 4 | 10/2/4 | 14x | fieldid | 0.800 |" in table
+    assert "224 px, 6 epochs, shipped fine-tuned" in table and ">= probe: met" in table
+
+
+def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--sets", "imagenet",
+                        "--work", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "unknown set(s) imagenet; valid: elpv," in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--collect", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "cannot read rows" in r.stderr
+    good = tmp_path / "rows.json"
+    good.write_text(json.dumps([{**row, "commit": "abc1234", "date": "2026-12-05 09:00"} for row in _rows(0.8, 250)]))
+    page = tmp_path / "page.md"
+    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--collect", str(good), "--page",
+                        str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    assert "2026-12-05 09:00 (commit abc1234)" in text and "CPU:" in text and "| elpv | yes |" in text
+
+
+def test_real_sets_are_built_once_with_their_split(tmp_path: Path) -> None:
+    from fieldid.training.realsets import build_real_set, class_counts
+
+    folder = build_real_set("faces", tmp_path)
+    assert class_counts(folder, "train") == {"face": 70, "not_face": 70}
+    assert class_counts(folder, "test") == {"face": 30, "not_face": 30}
+    stamp = (folder / ".complete").stat().st_mtime_ns
+    assert build_real_set("faces", tmp_path) == folder and (folder / ".complete").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="unknown real set 'cifar'"):
+        build_real_set("cifar", tmp_path)

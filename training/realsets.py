@@ -35,10 +35,12 @@ from typing import Callable
 
 import numpy as np
 
+from fieldid.cli_common import UsageError, require_extra
+
 __all__ = ["REAL_SETS", "build_real_set", "build_real_sets", "RealSetError"]
 
 
-class RealSetError(RuntimeError):
+class RealSetError(UsageError):
     """A benchmark set whose source package is not installed (the message names the install)."""
 
 
@@ -100,9 +102,8 @@ def _elpv(out: Path, *, train_per_class: int | None = None, seed: int = 0) -> No
 
 def _digits(out: Path, seed: int = 0) -> None:
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    d = load_digits()
+    d = require_extra("sklearn.datasets", "bench", "the digits set of fieldid bench real").load_digits()
     test = _stratified(list(d.target), 0.25, seed)
     for i, (img, y) in enumerate(zip(d.images, d.target)):
         arr = (255 - img * (255 / 16)).astype(np.uint8)  # dark ink on paper, as scanned
@@ -111,8 +112,7 @@ def _digits(out: Path, seed: int = 0) -> None:
 
 
 def _faces(out: Path, seed: int = 0) -> None:
-    from skimage import data
-
+    data = require_extra("skimage.data", "bench", "the faces set of fieldid bench real")
     imgs = data.lfw_subset()
     targets = [0] * 100 + [1] * 100
     test = _stratified(targets, 0.3, seed)
@@ -157,8 +157,7 @@ def _split_crops(out: Path, photos: dict[str, np.ndarray], counts: dict[str, tup
 
 
 def _textures(out: Path, seed: int = 0) -> None:
-    from skimage import data
-
+    data = require_extra("skimage.data", "bench", "the textures set of fieldid bench real")
     photos = {name: getattr(data, name)() for name in ("brick", "grass", "gravel", "moon")}
     counts = {"brick": (96, 24), "grass": (48, 12), "gravel": (24, 6), "moon": (8, 2)}
     _split_crops(out, photos, counts, size=64, side_fraction=(0.1, 0.25), seed=seed)
@@ -167,8 +166,9 @@ def _textures(out: Path, seed: int = 0) -> None:
 def _scene_photos() -> dict[str, np.ndarray]:
     from matplotlib import cbook
     from PIL import Image
-    from skimage import data
-    from sklearn.datasets import load_sample_images
+
+    data = require_extra("skimage.data", "bench", "the scenes set of fieldid bench real")
+    load_sample_images = require_extra("sklearn.datasets", "bench", "the scenes set of fieldid bench real").load_sample_images
 
     names = ("astronaut", "camera", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "moon", "coins",
              "page", "immunohistochemistry", "cell", "microaneurysms", "motorcycle_left", "clock", "brick", "grass",
