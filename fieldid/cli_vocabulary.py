@@ -144,7 +144,7 @@ VOCABULARY: dict[str, Flag] = {
     "--write-relabel": Flag("write the label issues as CSV to this file"),
     "--fast": Flag("hashes, files and photo quality only (no backbone features)", False),
     "--folds": Flag("cross-validation folds of the linear probe", 5),
-    "--dup-cosine": Flag("feature cosine similarity at or above which two photos are near-duplicates", 0.95),
+    "--dup-similarity": Flag("aligned-thumbnail similarity at or above which two photos are near-duplicates", 0.95),
     "--cache-dir": Flag("feature cache folder"),
     "--near-threshold": Flag("max perceptual-hash Hamming distance for near duplicates", 4),
     "--min-side": Flag("flag images whose shorter side is below N pixels", 32),

@@ -29,7 +29,7 @@ from fieldid.edge_demo.examples import UNKNOWN_LABEL, data_origin, example_image
 from fieldid.edge_demo.fallback import ServerConfig, ask_server, find_server
 from fieldid.edge_demo.modes import MAX_FILE_BYTES, DemoMode, pretty_label
 from fieldid.export.manifest import load_manifest
-from fieldid.export.phone import ImageInputError, check_resize_fits
+from fieldid.export.phone import ImageInputError, check_resize_fits, select_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -522,15 +522,19 @@ def test_app_bad_input_is_friendly_and_app_keeps_working(demo_app, tmp_path: Pat
     _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path, "int8")
     assert "int8 ONNX" in device_text
     _, device_text, *_ = _call(client, "/dive_identify", demo_app.modes["dive"].examples[0].path)
-    assert "on this device ·" in device_text and "int8 ONNX" in device_text  # the default, like a phone
+    phone = select_artifact(demo_app.modes["dive"].manifest)[0].precision  # the phone contract's file
+    assert "on this device ·" in device_text and f"{phone} ONNX" in device_text  # the default, like a phone
 
 
-def test_app_default_precision_is_int8(demo_app) -> None:
+def test_app_default_precision_is_the_phones(demo_app) -> None:
+    """The verified int8 file, else fp32 (with a notice saying why): select_artifact, as a phone ships it."""
     client = demo_client(demo_app.url)
     for key, mode in demo_app.modes.items():
-        assert mode.default_precision == "int8" and mode.notice == ""
+        phone, notice = select_artifact(mode.manifest)
+        assert (mode.default_precision, mode.notice) == (phone.precision, notice)
+        assert (phone.precision == "int8") == (mode.manifest.find("onnx", "int8").verification.get("status") == "passed")
         _, device_text, *_ = _call(client, f"/{key}_identify", mode.examples[0].path)
-        assert "int8 ONNX" in device_text
+        assert f"{phone.precision} ONNX" in device_text
         _, device_text, *_ = _call(client, f"/{key}_identify", mode.examples[0].path, "fp32")
         assert "fp32 ONNX" in device_text
 

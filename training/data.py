@@ -6,9 +6,9 @@ import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import AugmentConfig
+from .exclusions import active_exclusions, resolve_entries
 from .images import DataError, ImageError, load_rgb, scan_image_folder
 from .records import PreprocessSpec, atomic_write_json
 
@@ -48,11 +49,14 @@ class Split:
     files: dict[str, list[tuple[str, int]]]  # split -> [(relpath, class index)]
     presplit: bool
     seed: int
+    # Photos left out by an exclude file: {"file", "split", "label", "reason"} (split: the one it would have had).
+    excluded: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self, path: str | Path) -> Path:
         return atomic_write_json(path, {
             "schema_version": 1, "root": self.root, "labels": self.labels, "presplit": self.presplit,
             "seed": self.seed, "files": {k: [[p, y] for p, y in v] for k, v in self.files.items()},
+            "excluded": self.excluded,
         })
 
     def counts(self, split: str) -> list[int]:
@@ -107,15 +111,21 @@ def load_split(path: str | Path) -> Split:
                 raise DataError(f"{path}: files.{name}[{i}] {e[0]!r} leaves the dataset folder (absolute or '..')")
             out.append((e[0], e[1]))
         files[name] = out
+    excluded = d.get("excluded", [])
+    if not isinstance(excluded, list) or not all(isinstance(e, dict) for e in excluded):
+        raise DataError(f"{path}: 'excluded' must be a list of {{file, split, label, reason}} objects")
     return Split(root=d["root"], labels=labels, presplit=bool(d["presplit"]), seed=int(d["seed"]) if
-                 isinstance(d["seed"], int) else 0, files=files)
+                 isinstance(d["seed"], int) else 0, files=files, excluded=excluded)
 
 
 def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-               seed: int = 0) -> Split:
+               seed: int = 0, exclude: Mapping[str, str] | None = None) -> Split:
     """Stratified, seeded split of a flat ImageFolder; a pre-split tree is taken as it is.
 
     When a pre-split tree has no ``val/``, val is carved out of train (stratified, seeded).
+    ``exclude`` (``{relative path: reason}``; default: the active
+    :func:`fieldid.training.exclusions.excluding`, ``{}`` for none) drops photos *after* the
+    split, so every other photo keeps its split; they are listed in ``Split.excluded``.
 
     Example:
         >>> s = make_split("data/reef", seed=0)  # doctest: +SKIP
@@ -156,9 +166,22 @@ def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fractio
         carve(listing.splits["all"], {"val": val_fraction, "test": test_fraction})
     for k in files:
         files[k].sort()
+    excluded: list[dict[str, str]] = []
+    source = "exclude list"
+    if exclude is None and (active := active_exclusions()) is not None:
+        source, exclude = active
+    if exclude:
+        drop = resolve_entries(exclude, root, {p for v in files.values() for p, _ in v}, source)
+        excluded = [{"file": p, "split": k, "label": labels[y], "reason": drop[p]}
+                    for k, v in files.items() for p, y in v if p in drop]
+        files = {k: [(p, y) for p, y in v if p not in drop] for k, v in files.items()}
+        emptied = sorted(set(labels) - {labels[y] for _, y in files["train"]})
+        if emptied:
+            raise DataError(f"{source} leaves no training photo of class(es) {', '.join(emptied)}")
+        log.info("left out %d photo(s) listed in %s (recorded in split.json)", len(excluded), source)
     if not files["train"]:
         raise DataError(f"{data_dir}: no training images after the split")
-    return Split(root=str(root), labels=labels, files=files, presplit=listing.presplit, seed=seed)
+    return Split(root=str(root), labels=labels, files=files, presplit=listing.presplit, seed=seed, excluded=excluded)
 
 
 def decode_for_cache(path: Path, resize_size: int, interpolation: str) -> np.ndarray:

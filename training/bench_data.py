@@ -1,0 +1,316 @@
+"""``make bench-data`` / ``python -m fieldid.training.bench_data``: does ``fieldid data check`` find planted problems?
+
+    python -m fieldid.training.bench_data [--work runs/bench-data] [--sets elpv,digits,...]
+
+Per set (the real sets of :mod:`fieldid.training.realsets` and the two demo sets, the demo sets
+laid out pre-split the way ``fieldid train`` splits them so a planted copy stays in its split):
+
+1. **Time.** One plain feature pass over every photo (:func:`load_or_compute_features`, training's
+   backbone and image size, cold), then the full check on the cache that pass left. A cold check
+   decodes each photo once for hashes *and* features, so it costs at most the feature pass plus
+   the warm check; the table shows both.
+2. **Label flips.** A copy of the set (hard links) with 5 % of *all* photos (seeded) moved into
+   another, random class folder. Precision and recall of the first k flagged photos, k = the
+   number planted (fewer when fewer are flagged), and of everything flagged. The goal is >= 0.6
+   both on every real set (about half of what the published audit flagged was confirmed wrong by
+   people). Photos whose original label was already wrong count as false here.
+3. **Near-duplicates across splits.** A copy of the set with, for 5 % of the test photos (at least
+   10), a copy in ``train/`` of the same class: each side trimmed by up to 5 %, resized to
+   60-95 % (photos under 64 px to 110-160 %: a halved 25-px photo is no longer the same photo),
+   re-encoded as JPEG at quality 50-90. Found: the pair is reported as cross-split leakage. False:
+   every other reported cross-split pair, counted twice: among all reported pairs, and among those
+   not already reported on the unplanted set (those are the set's own look-alikes, shown to people
+   in the report; digits at 8x8 px have many pixel-identical scans).
+
+It prints a markdown table and writes it to ``docs/measured/bench-data.md`` with the date, commit
+and machine; the rows also go to ``WORK/bench-data.json``. Not part of the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .realsets import REAL_SETS, RealSetError, build_real_set
+from .records import atomic_write_json, atomic_write_text
+
+__all__ = ["BENCH_SETS", "bench_data", "format_table", "main"]
+
+BENCH_SETS = (*REAL_SETS, "reef", "salmon")
+FLIP_FRACTION = 0.05
+DUP_FRACTION = 0.05
+MIN_DUPS = 10
+LABEL_GOAL = 0.6
+FOUND_GOAL = 0.95
+FALSE_GOAL = 0.01
+
+
+def _log(msg: str) -> None:
+    print(f"bench-data: {msg}", file=sys.stderr, flush=True)
+
+
+def _link_tree(files: dict[Path, Path]) -> None:
+    """Hard-link (or copy, keeping mtimes) ``src -> dst``: the feature cache keys stay valid."""
+    for src, dst in files.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _presplit_demo(name: str, work: Path) -> Path:
+    """The demo set laid out as ``train/val/test`` the way ``fieldid train`` splits the flat folder."""
+    from .data import make_split
+    from .demo_data import make_demo_dataset
+
+    flat = work / "data" / f"{name}-flat"
+    make_demo_dataset(name, flat, progress=False)
+    out = work / "data" / name
+    if (out / ".complete").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    split = make_split(flat, exclude={})
+    files = {Path(split.root) / rel: out / part / split.labels[y] / Path(rel).name
+             for part, rows in split.files.items() for rel, y in rows}
+    _link_tree(files)
+    (out / ".complete").touch()
+    return out
+
+
+def _dataset(name: str, work: Path) -> Path:
+    if name in ("reef", "salmon"):
+        return _presplit_demo(name, work)
+    return build_real_set(name, work / "data")
+
+
+def _photos(root: Path) -> list[Path]:
+    from .images import scan_image_folder
+
+    listing = scan_image_folder(root)
+    return [p for classes in listing.splits.values() for paths in classes.values() for p in paths]
+
+
+def _fresh_copy(root: Path, dst: Path, cache_from: Path, cache_to: Path) -> dict[Path, Path]:
+    """A hard-linked copy of the photos of ``root`` at ``dst`` with the feature cache copied along."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(cache_to, ignore_errors=True)
+    files = {p: dst / p.relative_to(root) for p in _photos(root)}
+    _link_tree(files)
+    shutil.copytree(cache_from, cache_to, ignore=shutil.ignore_patterns("check-summary.json"))
+    return files
+
+
+def _deep(cache_dir: Path) -> Any:
+    from .datacheck import DeepOptions
+
+    return DeepOptions(cache_dir=cache_dir)
+
+
+def _time_row(root: Path, work: Path, name: str) -> tuple[dict[str, Any], Any]:
+    from .datacheck import check_dataset
+    from .features import load_or_compute_features
+
+    cache = work / "cache" / name
+    shutil.rmtree(cache, ignore_errors=True)
+    # The size the check (and `fieldid train`) picks: one warm-up call of the check's own rule.
+    from .config import TrainConfig
+    from .data import make_split
+    from .train import choose_image_size
+
+    size, _ = choose_image_size(make_split(root, exclude={}), TrainConfig())
+    photos = _photos(root)
+    t = time.perf_counter()
+    feats = load_or_compute_features(photos, "mobilenet_v2", size, root=root, cache_dir=cache)
+    t_feat = time.perf_counter() - t
+    t = time.perf_counter()
+    report = check_dataset(root, deep=_deep(cache), progress=False)
+    t_check = time.perf_counter() - t
+    assert report.deep is not None
+    return {"photos": len(photos), "image_size": report.deep["image_size"], "feature_dim": int(feats.shape[1]),
+            "feature_pass_s": round(t_feat, 1), "warm_check_s": round(t_check, 1),
+            "warm_from_cache": report.deep["features_from_cache"],
+            "probe_accuracy": report.deep["probe"]["accuracy"], "clean_label_issues": len(report.label_issues),
+            "clean_cross_split_pairs": sum(1 for r in report.leakage if "cross-split" in r["kinds"]),
+            "clean_outliers": len(report.outliers)}, report
+
+
+def _flip_row(root: Path, work: Path, name: str, seed: int) -> dict[str, Any]:
+    from .datacheck import check_dataset
+    from .images import scan_image_folder
+
+    dst = work / "planted" / f"{name}-flips"
+    files = _fresh_copy(root, dst, work / "cache" / name, work / "cache" / f"{name}-flips")
+    listing = scan_image_folder(dst)
+    labels = listing.labels
+    rng = np.random.default_rng(seed)
+    rels = sorted(q.relative_to(dst).as_posix() for q in files.values())
+    m = max(1, int(round(FLIP_FRACTION * len(rels))))
+    planted: dict[str, str] = {}
+    for rel in sorted(rng.choice(rels, m, replace=False).tolist()):
+        parts = rel.split("/")
+        new = str(rng.choice([c for c in labels if c != parts[-2]]))
+        target = dst.joinpath(*parts[:-2], new, parts[-1])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).rename(target)
+        planted[target.relative_to(dst).as_posix()] = parts[-2]
+    report = check_dataset(dst, deep=_deep(work / "cache" / f"{name}-flips"), progress=False)
+    flagged = [r["file"] for r in report.label_issues]
+    top = flagged[:m]
+    hits_top = sum(1 for f in top if f in planted)
+    hits_all = sum(1 for f in flagged if f in planted)
+    right = sum(1 for r in report.label_issues if r["file"] in planted and planted[r["file"]] == r["suggested"])
+    return {"planted_flips": m, "flagged": len(flagged), "precision_at_k": round(hits_top / max(1, len(top)), 3),
+            "recall_at_k": round(hits_top / m, 3), "flagged_precision": round(hits_all / max(1, len(flagged)), 3),
+            "flagged_recall": round(hits_all / m, 3),
+            "suggested_right": round(right / max(1, hits_all), 3),
+            "confused_pairs": [f"{p['classes'][0]}<->{p['classes'][1]}" for p in report.confused_pairs]}
+
+
+def _copy_image(path: Path, rng: np.random.Generator) -> bytes:
+    """A resized, slightly cropped, re-encoded copy of one photo (JPEG bytes)."""
+    from PIL import Image
+
+    from .images import load_rgb
+
+    img = load_rgb(path)
+    w, h = img.size
+    left, top, right, bottom = rng.uniform(0.0, 0.05, 4)
+    img = img.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
+    scale = rng.uniform(0.6, 0.95) if min(w, h) >= 64 else rng.uniform(1.1, 1.6)
+    img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=int(rng.integers(50, 91)))
+    return buf.getvalue()
+
+
+def _dup_row(root: Path, work: Path, name: str, seed: int, clean_pairs: set[frozenset[str]]) -> dict[str, Any]:
+    from .datacheck import check_dataset
+
+    dst = work / "planted" / f"{name}-dups"
+    files = _fresh_copy(root, dst, work / "cache" / name, work / "cache" / f"{name}-dups")
+    tests = sorted(q.relative_to(dst).as_posix() for q in files.values() if q.relative_to(dst).parts[0] == "test")
+    rng = np.random.default_rng(seed + 1)
+    d = min(len(tests), max(MIN_DUPS, int(round(DUP_FRACTION * len(tests)))))
+    planted: set[frozenset[str]] = set()
+    for k, rel in enumerate(sorted(rng.choice(tests, d, replace=False).tolist())):
+        parts = rel.split("/")
+        copy = dst / "train" / parts[-2] / f"planted-copy-{k:03d}.jpg"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(_copy_image(dst / rel, rng))
+        planted.add(frozenset((rel, copy.relative_to(dst).as_posix())))
+    report = check_dataset(dst, deep=_deep(work / "cache" / f"{name}-dups"), progress=False)
+    reported = {frozenset((r["a"], r["b"])) for r in report.leakage if "cross-split" in r["kinds"]}
+    found = len(planted & reported)
+    false = reported - planted
+    new_false = {p for p in false if p not in clean_pairs}
+    return {"planted_dups": d, "found": round(found / d, 3), "reported_cross_split": len(reported),
+            "false_pairs": round(len(false) / max(1, len(reported)), 3),
+            "false_pairs_new": round(len(new_false) / max(1, len(reported) - len(false & clean_pairs)), 3)}
+
+
+def bench_data(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Run the benchmark on ``names``; one row per set (also written to ``WORK/bench-data.json``)."""
+    from fieldid.machine import git_commit
+
+    work = Path(work)
+    bad = [n for n in names if n not in BENCH_SETS]
+    if bad:
+        raise ValueError(f"unknown set(s) {', '.join(bad)}; valid: {', '.join(BENCH_SETS)}")
+    rows = []
+    for name in names:
+        root = _dataset(name, work)
+        _log(f"{name}: feature pass and warm check")
+        row: dict[str, Any] = {"dataset": name, "real": name in REAL_SETS, "date": time.strftime("%Y-%m-%d"),
+                               "commit": git_commit()}
+        timing, report = _time_row(root, work, name)
+        row.update(timing)
+        clean = {frozenset((r["a"], r["b"])) for r in report.leakage if "cross-split" in r["kinds"]}
+        _log(f"{name}: planted label flips")
+        row.update(_flip_row(root, work, name, seed))
+        _log(f"{name}: planted near-duplicates")
+        row.update(_dup_row(root, work, name, seed, clean))
+        rows.append(row)
+        _log(f"{name}: " + json.dumps(row))
+        atomic_write_json(work / "bench-data.json", rows)
+    return rows
+
+
+def _ok(v: bool) -> str:
+    return "met" if v else "NOT met"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown tables: label flips, near-duplicates, time."""
+    lines = ["| set | photos | probe acc. (out of sample) | flips planted | flagged | precision@k | recall@k | "
+             "precision (all flagged) | recall (all flagged) | suggested label right | confused both ways | goal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        goal = (_ok(r["precision_at_k"] >= LABEL_GOAL and r["recall_at_k"] >= LABEL_GOAL) if r["real"]
+                else "(synthetic)")
+        lines.append(f"| {r['dataset']} | {r['photos']} | {r['probe_accuracy']:.3f} | {r['planted_flips']} | "
+                     f"{r['flagged']} | {r['precision_at_k']:.2f} | {r['recall_at_k']:.2f} | "
+                     f"{r['flagged_precision']:.2f} | {r['flagged_recall']:.2f} | {r['suggested_right']:.2f} | "
+                     f"{', '.join(r['confused_pairs']) or '-'} | {goal} |")
+    lines += ["", "| set | copies planted | found | cross-split pairs reported | on the unplanted set | false pairs "
+                  "(all) | false pairs (not on the unplanted set) | goal (>= 95 % found, <= 1 % false of all) |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        goal = _ok(r["found"] >= FOUND_GOAL and r["false_pairs"] <= FALSE_GOAL)
+        lines.append(f"| {r['dataset']} | {r['planted_dups']} | {100 * r['found']:.0f} % | {r['reported_cross_split']} | "
+                     f"{r['clean_cross_split_pairs']} | {100 * r['false_pairs']:.1f} % | "
+                     f"{100 * r['false_pairs_new']:.1f} % | {goal} |")
+    lines += ["", "| set | image size | one feature pass (s) | full check on its cache (s) | cold check at most |",
+              "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['image_size']} | {r['feature_pass_s']:.1f} | {r['warm_check_s']:.1f} | "
+                     f"feature pass + {r['warm_check_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) -> Path:
+    """``docs/measured/bench-data.md``: the tables with date, commit and machine."""
+    from fieldid.machine import describe_machine, git_commit
+
+    text = (f"# Data check: planted label flips and near-duplicates\n\n"
+            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}.\n\n"
+            f"{describe_machine()}\n\nMobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
+            f"{int(100 * FLIP_FRACTION)} % of each set's photos moved to another class; near-duplicate copies of "
+            f"{int(100 * DUP_FRACTION)} % of the test photos (at least {MIN_DUPS}) put into train/. How the rows are "
+            f"made: `python -m fieldid.training.bench_data --help` and docs/data-check.md.\n\n{format_table(rows)}\n")
+    return atomic_write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fieldid.training.bench_data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/bench-data"),
+                   help="datasets, planted copies and caches go here (default: runs/bench-data)")
+    p.add_argument("--sets", default=",".join(BENCH_SETS), help=f"comma-separated (default: {','.join(BENCH_SETS)})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the planted flips and copies (default: 0)")
+    p.add_argument("--page", type=Path, default=Path("docs/measured/bench-data.md"),
+                   help="markdown page for the table (default: docs/measured/bench-data.md; written only for "
+                        "the default sets and seed)")
+    a = p.parse_args(argv)
+    names = tuple(x for x in a.sets.split(",") if x)
+    try:
+        rows = bench_data(a.work, names, seed=a.seed)
+    except (ValueError, RealSetError) as e:
+        print(f"bench-data: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if a.page and names == BENCH_SETS and a.seed == 0:
+        print(f"written: {write_page(rows, a.page, command='make bench-data')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

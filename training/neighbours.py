@@ -1,0 +1,262 @@
+"""Near-duplicates (aligned thumbnails, candidates from backbone features) and outliers (k-NN in
+feature space). numpy + Pillow only, so ``--fast`` can use the duplicate half without torch.
+
+**Near-duplicates** (:func:`near_duplicate_pairs`). Feature cosine alone does not separate copies
+from look-alikes: measured on the benchmark sets (docs/data-check.md), a resized, re-encoded,
+slightly cropped copy kept a MobileNetV2 cosine of only 0.43-0.92 to its original, while different
+photos of one class reached 0.94-0.98. So:
+
+1. *candidates*: for every photo its :data:`CANDIDATES` nearest photos by backbone-feature cosine
+   (when features are given) and by a whole-frame thumbnail descriptor;
+2. *verification*: the best normalised correlation of small colour thumbnails over the crops a
+   copy may have had (each side trimmed by 0, 2.5 or 5 %, in either photo) and a horizontal
+   flip (training flips photos, so a mirrored copy leaks too). Same pixels in the same place
+   correlate >= 0.95 after resizing and JPEG; different photos of the same scene rarely do.
+
+Each channel of a descriptor is made zero-mean and the descriptor unit-length, so the
+correlation ignores brightness and contrast; the pair must therefore also agree on them
+(mean of each channel within :data:`MAX_MEAN_SHIFT` of 255, contrast within a factor
+:data:`MAX_CONTRAST_RATIO`), or a dark and a bright photo with the same layout would match (the
+benchmark's featureless "not a face" patches did). A flat photo (no structure) matches nothing
+here (byte copies of it are still exact duplicates).
+
+The matrix products run in torch on one thread: they are many small products, and on a busy
+CPU a BLAS thread pool waits for its other threads far longer than it computes (measured on 2
+loaded cores: 0.24 s per photo's views with numpy's threaded OpenBLAS, 0.007 s on one thread).
+
+**Outliers** (:func:`knn_outliers`): for every photo and every class, the mean cosine distance to
+its ``k`` nearest photos of that class; a photo is far from a class when that distance is above
+what the class's own photos show (robust z-score against the class's distribution). A photo far
+from *every* class (a photo of something else, another domain, a blank frame) is an outlier; its
+score is the smallest of those z-scores.
+
+All-pairs work runs in row blocks, so memory stays flat with thousands of photos.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "knn_outliers", "near_duplicate_pairs",
+           "one_thread", "thumbnail", "unit_rows"]
+
+DEFAULT_DUP_SIMILARITY = 0.95
+DEFAULT_OUTLIER_Z = 5.0
+CANDIDATES = 5
+THUMB_SIDE = 48  # stored per photo (uint8 RGB, 6.9 kB)
+VIEW_SIDE = 12  # compared at this size: detail enough to tell photos apart, coarse enough for JPEG and resizing
+CROP_STEPS = (0.0, 0.025, 0.05)  # trimmed off each side, independently
+MAX_MEAN_SHIFT = 20.0  # grey levels a copy's channel means may move (re-encoding, a mild edit)
+MAX_CONTRAST_RATIO = 1.5
+_KNN = 5
+_MIN_CLASS = 4  # a class with fewer photos has no distribution to compare against
+_BLOCK_ELEMENTS = 1 << 23
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside the block (small products: see the module docstring)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float32 through torch (call inside :func:`one_thread`)."""
+    return (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            @ torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))).numpy()
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (zero rows stay zero)."""
+    x = np.asarray(features, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """The whole frame as a ``THUMB_SIDE`` square (aspect squashed, box filter), uint8 RGB."""
+    return np.asarray(image.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def _sampling(lo: float, hi: float, n_out: int = VIEW_SIDE, n_in: int = THUMB_SIDE) -> np.ndarray:
+    """Matrix that box-averages the fraction ``[lo, hi]`` of ``n_in`` samples into ``n_out`` cells."""
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    for k in range(n_out):
+        a = (lo + (hi - lo) * k / n_out) * n_in
+        b = (lo + (hi - lo) * (k + 1) / n_out) * n_in
+        for j in range(int(np.floor(a)), min(n_in, int(np.ceil(b)))):
+            m[k, j] = max(0.0, min(b, j + 1) - max(a, j))
+        m[k] /= m[k].sum()
+    return m
+
+
+# One (lo, hi) window per pair of trims; window 0 is the whole frame.
+_WINDOWS = np.stack([_sampling(a, 1.0 - b) for a in CROP_STEPS for b in CROP_STEPS])
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    """``(n, side, side, channels)`` -> unit rows, each channel zero-mean first."""
+    v = v - v.mean(axis=(1, 2), keepdims=True)
+    flat = v.reshape(len(v), -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-6)
+
+
+def _resample(images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """``(n, T, T, C)`` images -> ``(n, Wy, Wx, V, V, C)``: every row window x every column window."""
+    n, t, _, c = images.shape
+    k = len(windows)
+    flat = windows.reshape(-1, t)  # (k*V, T)
+    rows = _mm(flat, images.transpose(1, 0, 2, 3).reshape(t, -1))  # (k*V, n*T*C): rows resampled
+    rows = rows.reshape(k * VIEW_SIDE, n, t, c).transpose(2, 1, 0, 3).reshape(t, -1)  # (T, n*k*V*C)
+    both = _mm(flat, rows).reshape(k, VIEW_SIDE, n, k, VIEW_SIDE, c)  # (x, w, n, y, v, c)
+    return both.transpose(2, 3, 0, 4, 1, 5)  # (n, y, x, v, w, c)
+
+
+def _whole(thumbs: np.ndarray) -> np.ndarray:
+    """Whole-frame descriptors of ``(n, T, T, 3)`` thumbnails."""
+    out = [_resample(thumbs[i:i + 256].astype(np.float32), _WINDOWS[:1]) for i in range(0, len(thumbs), 256)]
+    v = np.concatenate(out)
+    return _normalise(v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1]))
+
+
+def _views(thumbs: np.ndarray) -> np.ndarray:
+    """``(n, views, dim)``: every trimmed window of each thumbnail and of its mirror image."""
+    t = thumbs.astype(np.float32)
+    both = np.concatenate([_resample(t, _WINDOWS), _resample(t[:, :, ::-1], _WINDOWS)], axis=1)
+    n, c = len(t), t.shape[-1]
+    flat = _normalise(both.reshape(-1, VIEW_SIDE, VIEW_SIDE, c))
+    return flat.reshape(n, -1, flat.shape[-1])
+
+
+def _top_neighbours(unit: np.ndarray, m: int) -> np.ndarray:
+    """Indices of each row's ``m`` most similar other rows (by dot product)."""
+    n = len(unit)
+    m = min(m, n - 1)
+    out = np.zeros((n, m), dtype=np.int64)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, n))
+    for start in range(0, n, rows):
+        sims = _mm(unit[start:start + rows], unit.T)
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        out[start:start + rows] = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+    return out
+
+
+def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None, *,
+                         threshold: float = DEFAULT_DUP_SIMILARITY,
+                         candidates: int = CANDIDATES) -> list[tuple[int, int, float, float | None]]:
+    """Photo pairs that are the same photo up to resizing, re-encoding, a slight crop or a mirror.
+
+    Args:
+        thumbs: ``(n, THUMB_SIDE, THUMB_SIDE, 3)`` uint8 from :func:`thumbnail`.
+        features: backbone features ``(n, dim)`` to draw candidates from too (None: thumbnails only).
+        threshold: aligned-thumbnail similarity at or above which a pair is a near-duplicate.
+        candidates: nearest photos per photo (by features and by thumbnail) that are verified.
+
+    Returns:
+        ``(i, j, similarity, cosine)`` with ``i < j``, sorted; ``cosine`` is the feature cosine
+        (None without features).
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> t = rng.integers(0, 255, (3, THUMB_SIDE, THUMB_SIDE, 3)).astype(np.uint8)
+        >>> t[1] = t[0][:, ::-1]  # a mirrored copy
+        >>> [(i, j) for i, j, _, _ in near_duplicate_pairs(t)]
+        [(0, 1)]
+    """
+    n = len(thumbs)
+    if n < 2:
+        return []
+    with one_thread():
+        whole = _whole(thumbs)
+        partners: list[set[int]] = [set() for _ in range(n)]
+        sources = [whole] + ([unit_rows(features)] if features is not None else [])
+        for unit in sources:
+            for i, row in enumerate(_top_neighbours(unit, candidates)):
+                for j in row:
+                    partners[i].add(int(j))
+                    partners[int(j)].add(i)
+        flat = thumbs.reshape(n, -1, thumbs.shape[-1]).astype(np.float32)
+        means, contrast = flat.mean(axis=1), flat.std(axis=(1, 2)) + 1.0
+        for i in range(n):  # drop candidates whose exposure alone rules out a copy
+            partners[i] = {j for j in partners[i] if np.abs(means[i] - means[j]).max() <= MAX_MEAN_SHIFT
+                           and max(contrast[i], contrast[j]) <= MAX_CONTRAST_RATIO * min(contrast[i], contrast[j])}
+        # best[i, j]: best match of a trimmed/mirrored view of i against the whole of j.
+        best: dict[tuple[int, int], float] = {}
+        batch = 32  # photos whose views are made in one product (bounded memory, few calls)
+        for start in range(0, n, batch):
+            views = _views(thumbs[start:start + batch])
+            for k, v in enumerate(views):
+                i = start + k
+                others = sorted(partners[i])
+                if others:
+                    for j, s in zip(others, _mm(v, whole[others].T).max(axis=0)):
+                        best[(i, j)] = float(s)
+    unit_f = unit_rows(features) if features is not None else None
+    out = []
+    for (i, j), s in best.items():
+        if i < j:
+            sim = max(s, best.get((j, i), -1.0))
+            if sim >= threshold:
+                cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
+                out.append((i, j, round(sim, 4), cos))
+    out.sort()
+    return out
+
+
+def _class_knn_distance(u: np.ndarray, labels: np.ndarray, classes: Sequence[int], k: int) -> np.ndarray:
+    """``d[i, c]``: mean cosine distance of photo ``i`` to its ``k`` nearest photos of class ``c`` (itself excluded)."""
+    n = len(u)
+    d = np.full((n, len(classes)), np.nan)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    rows = max(1, _BLOCK_ELEMENTS // max(1, n))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        sims = _mm(u[start:stop], u.T)
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # never your own neighbour
+        for ci, idx in enumerate(members):
+            kk = min(k, len(idx) - 1)
+            if kk < 1:
+                continue
+            part = sims[:, idx]
+            top = -np.partition(-part, kk - 1, axis=1)[:, :kk]
+            # A photo of this class has one member fewer to choose from (itself): -inf is dropped.
+            top = np.where(np.isfinite(top), top, np.nan)
+            d[start:stop, ci] = 1.0 - np.nanmean(top, axis=1)
+    return d
+
+
+def knn_outliers(features: np.ndarray, labels: Sequence[int], *, z_limit: float = DEFAULT_OUTLIER_Z,
+                 k: int = _KNN) -> list[dict[str, Any]]:
+    """Photos far from every class: ``{"index", "score", "nearest_class"}``, highest score first.
+
+    ``score`` is the smallest robust z-score of the photo's k-NN distance over the classes with at
+    least 4 photos (z of class ``c`` = (distance to ``c`` - median of ``c``'s own photos'
+    distances) / (1.4826 x their MAD)); ``nearest_class`` is the class where that minimum falls.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    classes = [c for c in np.unique(y) if (y == c).sum() >= _MIN_CLASS]
+    if not classes:
+        return []
+    u = unit_rows(features)
+    with one_thread():
+        d = _class_knn_distance(u, y, classes, k)
+    z = np.full_like(d, np.nan)
+    for ci, c in enumerate(classes):
+        own = d[y == c, ci]
+        med = float(np.median(own))
+        scale = max(1.4826 * float(np.median(np.abs(own - med))), 1e-3)
+        z[:, ci] = (d[:, ci] - med) / scale
+    score = np.nanmin(z, axis=1)
+    nearest = np.nanargmin(z, axis=1)
+    out = [{"index": int(i), "score": round(float(score[i]), 2), "nearest_class": int(classes[nearest[i]])}
+           for i in np.flatnonzero(score > z_limit)]
+    out.sort(key=lambda r: (-r["score"], r["index"]))
+    return out
