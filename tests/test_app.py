@@ -80,9 +80,9 @@ def test_rebuild_replaces_and_changes_the_build_id(built: Path, tiny_bundle: Pat
     out = tmp_path / "app"
     build_app(resolve_modes([("bundle", str(tiny_bundle))]), out, progress=False)
     first = json.loads((out / "config.json").read_text())["build_id"]
-    build_app(resolve_modes([("bundle", str(tiny_bundle))]), out, precision="int8", progress=False)
+    build_app(resolve_modes([("bundle", str(tiny_bundle))]), out, precision="fp32", top_k=5, progress=False)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["modes"][0]["default_precision"] == "int8" and cfg["build_id"] != first
+    assert cfg["modes"][0]["default_precision"] == "fp32" and cfg["build_id"] != first
     assert not [p for p in tmp_path.iterdir() if p.name != "app"]  # no temp or old folders left
 
 
