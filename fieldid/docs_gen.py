@@ -26,7 +26,8 @@ __all__ = ["cli_reference", "measured_index", "mkdocs_config", "generate", "api_
 # Help text is wrapped to the terminal's width: fix it, so the page is the same on every machine.
 _COLUMNS = "100"
 # Pages in the nav, in reading order (title, file under docs/).
-_NAV = [("Home", "index.md"), ("Quickstart", "quickstart.md"), ("Training", "training.md"), ("Export", "export.md"),
+_NAV = [("Home", "index.md"), ("Quickstart", "quickstart.md"), ("Data check", "data-check.md"),
+        ("Training", "training.md"), ("Export", "export.md"),
         ("Phone contract", "phone.md"), ("Unknown and cascade", "unknown.md"), ("Serving", "serve.md"),
         ("Field demo", "demo.md"), ("Phone app", "app.md"), ("Predict", "predict.md"), ("Python API", "api.md"),
         ("CLI reference", "cli.md"), ("Tests and limits", "testing.md")]
