@@ -44,6 +44,7 @@ from fieldid.cli_common import UsageError, is_bad_input, require_extra
 from .config import TrainConfig
 from .data import CachedImageDataset, ImageCache, make_split, train_transform
 from .models import create_model, get_backbone
+from .benchrun import fieldid_train, timed_run
 from .records import atomic_write_json
 
 __all__ = ["bench_train", "bench_compare", "bench_augment", "bench_choices", "make_bench_datasets", "BENCH_SETS",
@@ -196,26 +197,6 @@ def make_bench_datasets(root: str | Path, names: tuple[str, ...] = BENCH_SETS, *
 
 
 # --------------------------------------------------------------------------- compare
-def _timed(cmd: list[str], log_path: Path) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    with open(log_path, "w") as fh:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {r.returncode}); see {log_path}")
-    return time.perf_counter() - t0, r.stdout
-
-
-def _fieldid_train(folder: Path, run: Path, flags: list[str], log_path: Path) -> tuple[float, dict, dict]:
-    """A fresh ``fieldid train`` run (an old ``run`` is removed first): seconds, metrics.json, run.json."""
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
-    secs, _ = _timed([sys.executable, "-m", "fieldid", "train", "--data", str(folder), "--out", str(run), *flags],
-                     log_path)
-    return secs, json.loads((run / "metrics.json").read_text()), json.loads((run / "run.json").read_text())
-
-
 def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
                   train_args: list[str] | None = None) -> list[dict]:
     """Reference vs ``fieldid train`` (defaults) on each dataset, same split, one after the other."""
@@ -231,11 +212,11 @@ def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo
             "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
             "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
         print(f"[{name}] reference fine-tune ...", flush=True)
-        ref_s, ref_out = _timed([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+        ref_s, ref_out = timed_run([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
                                 work / f"{name}-reference.log")
         ref = json.loads(ref_out.strip().splitlines()[-1])
         print(f"[{name}] fieldid train (defaults) ...", flush=True)
-        ours_s, metrics, record = _fieldid_train(folder, work / "runs" / name, train_args or [],
+        ours_s, metrics, record = fieldid_train(folder, work / "runs" / name, train_args or [],
                                                  work / f"{name}-fieldid.log")
         row = {"dataset": name, "train": len(split.files["train"]), "val": len(split.files["val"]),
                "test": len(split.files["test"]), "classes": len(split.labels),
@@ -300,7 +281,7 @@ def bench_augment(work: str | Path, names: tuple[str, ...] = BENCH_SETS, variant
     for name, folder in sets.items():
         for variant in variants:
             print(f"[{name}] fieldid train, augmentation {variant} ...", flush=True)
-            secs, metrics, _ = _fieldid_train(folder, work / "augment-runs" / variant / name, flags[variant],
+            secs, metrics, _ = fieldid_train(folder, work / "augment-runs" / variant / name, flags[variant],
                                               work / f"{name}-augment-{variant}.log")
             rows.append({"dataset": name, "variant": variant, "test": metrics["num_images"],
                          "accuracy": round(metrics["accuracy"], 4), "val_accuracy": round(metrics["val"]["accuracy"], 4),

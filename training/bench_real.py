@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .bench import _fieldid_train, _timed
+from .benchrun import fieldid_train, timed_run
 from .probe import fit_probe, majority_scores, score_predictions
 from .realsets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
@@ -87,7 +87,7 @@ def _reference_row(split: Any, work: Path, name: str, num_classes: int) -> dict[
         "labels": split.labels,
         "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
         "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
-    secs, out = _timed([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+    secs, out = timed_run([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
                        work / f"{name}-reference.log")
     ref = json.loads(out.strip().splitlines()[-1])
     scores = score_predictions(torch.tensor(ref["test_predictions"]), torch.tensor(split.targets("test")), num_classes)
@@ -95,7 +95,7 @@ def _reference_row(split: Any, work: Path, name: str, num_classes: int) -> dict[
 
 
 def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[str, Any]:
-    secs, metrics, record = _fieldid_train(folder, work / "runs" / name, flags, work / f"{name}-fieldid.log")
+    secs, metrics, record = fieldid_train(folder, work / "runs" / name, flags, work / f"{name}-fieldid.log")
     recalls = [c["recall"] for c in metrics["per_class"].values() if c["support"]]
     training = metrics.get("training", {})
     return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
