@@ -189,7 +189,10 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) ->
     measured = sorted({f"{r.get('date', '?')} (commit {r.get('commit', '?')})" for r in rows})
     text = (f"# Real photos: fieldid's defaults against the baselines\n\n"
             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}; rows measured "
-            f"{', '.join(measured)}.\n\n{describe_machine()}\n\n{format_real(rows)}\n")
+            f"{', '.join(measured)}.\n\n{describe_machine()}\n\n"
+            f"Wall times are only comparable between rows measured in one run on an otherwise idle machine; "
+            f"rows collected from separate runs (`--collect`) may have run under different load.\n\n"
+            f"{format_real(rows)}\n")
     return atomic_write_text(path, text)
 
 
