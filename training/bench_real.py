@@ -47,30 +47,12 @@ def _dataset(name: str, root: Path, demo_scale: float) -> Path:
     return build_real_set(name, root)
 
 
-@torch.no_grad()
-def _features(paths: list[Path], model_name: str = "mobilenet_v2", size: int = 224) -> torch.Tensor:
-    """Pooled frozen ImageNet features (the classifier's input) of ``paths`` at the backbone's eval preprocessing."""
-    from PIL import Image
+def _features(paths: list[Path]) -> torch.Tensor:
+    """Pooled frozen ImageNet MobileNetV2 features at 224 px (the data check's extractor, no cache:
+    the baseline must not reuse rows a run's own head phase could have written)."""
+    from .features import load_or_compute_features
 
-    from .data import eval_transform
-    from .models import classifier_modules, create_model, get_backbone
-
-    spec = get_backbone(model_name).preprocess(size)
-    tf = eval_transform(spec)
-    model = create_model(model_name, 2).eval()
-    head = model.get_submodule(classifier_modules(model)[0][0])
-    seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(1)))
-    try:
-        for i in range(0, len(paths), 64):
-            batch = []
-            for p in paths[i:i + 64]:
-                with Image.open(p) as im:
-                    batch.append(tf(im.convert("RGB")))
-            model(torch.stack(batch))
-    finally:
-        hook.remove()
-    return torch.cat(seen)
+    return torch.from_numpy(load_or_compute_features(paths, "mobilenet_v2", 224, use_cache=False, batch_size=64))
 
 
 def _probe_row(split: Any, num_classes: int) -> dict[str, Any]:
