@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import imagehash
 import numpy as np
@@ -169,7 +169,6 @@ class _Entry:
     label: str
     sha256: str
     phash: int
-    path: Path | None = None
 
 
 class _Progress:
@@ -462,7 +461,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
                 tiny.append(rel)
             # Leakage is judged on the split training will make (full check) or the folders.
             where = feature_side.where.get(rel, split) if feature_side is not None else split
-            entries.append(_Entry(rel, where, label, sha, _phash64(image), path))
+            entries.append(_Entry(rel, where, label, sha, _phash64(image)))
             measures.append(measure(image))
             if feature_side is not None:
                 feature_side.add(len(entries) - 1, path, image)
