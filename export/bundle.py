@@ -229,7 +229,7 @@ def _context(run_dir: Path, record: RunRecord, stage: Path, *, calibration_size:
                         heldout_targets=targets, heldout_split=inp.heldout_split,
                         calibration=inp.calibration, reference_logits=ref, strict=strict,
                         selection=selection, selection_source=sel_source, reference_unknown=ref_unknown,
-                        int8=int8, decided_on=decided_on)
+                        int8=int8, decided_on=decided_on, min_bar_images=min_bar_images)
     ctx.activation_mb = _activation_mb(model, ctx.example)
     ctx.images_source = inp.source
     return ctx

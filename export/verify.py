@@ -94,6 +94,7 @@ class ExportContext:
     activation_mb: float = 0.0  # MB of all layer outputs for one image (memory estimates)
     # What ``heldout`` holds: {"images": N, "heldout": n, "val": k, "augmented_views": m} (bar_images).
     decided_on: dict[str, int] = field(default_factory=dict)
+    min_bar_images: int = MIN_BAR_IMAGES  # the fewest images a statistical bar is decided on
     images_source: str = ""  # "run samples (...)" or the dataset folder the images were read from
 
     @property
@@ -335,8 +336,8 @@ def verify_artifact(ctx: ExportContext, file: str, format: str, precision: str, 
         from .unknown import verify_unknown
 
         ver["unknown_score"] = score = verify_unknown(ctx, file, format, precision)
-        # The score check runs on the bar images plus generated non-photos (the unknown side).
-        score["decided_on"] = {**_decided_on(ctx), "images": int(score["num_images"]),
+        # The score check runs on the photos among the bar images plus generated non-photos.
+        score["decided_on"] = {**_decided_on(ctx), "images": int(score["num_images"]), "augmented_views": 0,
                                "generated_unknowns": int(score["generated_unknown_images"])}
         if score["status"] == "failed":
             # The unknown answer is part of what the phone ships: a file whose score misses its bar
