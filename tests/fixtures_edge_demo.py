@@ -65,8 +65,6 @@ def tiny_salmon_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("salmon")
     data = make_demo_dataset("salmon", root / "data", scale=0.05, image_size=64, progress=False).out
     run = root / "run"
-    # Lightning head phase as in conftest's tiny_run: a toy set needs the augmented head epoch.
-    train(data, run, TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, seed=0,
-                                 head_feature_cache=False))
+    train(data, run, TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, seed=0))
     export_run(run, formats=["onnx"])
     return run

@@ -91,3 +91,47 @@ def malformed_exif_jpeg(photo: Image.Image) -> bytes:
             except Exception:  # noqa: BLE001
                 return bytes(d)
     raise AssertionError("no malformed EXIF block found; Pillow may have become tolerant of all of them")
+
+
+def shapes_photos(root: Path, per_class: int = 100, *, seed: int = 1) -> tuple[list[Path], np.ndarray]:
+    """New photos of the shapes set's distribution (another seed than the training set's): an
+    independent sample, large enough that a rate measured on it means something.
+
+    Returns:
+        The files (class by class, sorted) and their class indices (the order of ``SHAPES``).
+    """
+    make_shapes_dataset(root, {k: per_class for k in SHAPES}, seed=seed)
+    paths = sorted(root.rglob("*.png"))
+    return paths, np.asarray([SHAPES.index(p.parent.name) for p in paths], np.int64)
+
+
+# An int8 file may change the top-1 answer only where fp32 itself was nearly undecided: a top-2 margin
+# below this fraction of the median margin. Which images those are is a property of the fp32 model, the
+# same on every CPU; how int8 kernels round (AVX2, AVX-512, VNNI) decides only which of them move.
+NEAR_TIE_FRACTION = 0.25
+
+
+def int8_flips(ref: np.ndarray, got: np.ndarray, *, near_tie: float = NEAR_TIE_FRACTION) -> dict:
+    """Top-1 changes of ``got`` (an int8 artifact's logits) against ``ref`` (fp32) on the same images.
+
+    Returns:
+        ``{"images", "moved", "near_ties", "moved_clear", "median_margin", "moved_margins", "ok", "message"}``:
+        ``ok`` when no image whose fp32 margin is at least ``near_tie`` x the median margin moved
+        (the moved ones are counted and bounded by the near-tie images); ``message`` says how many
+        images decided it, for assertion messages.
+    """
+    ref = np.asarray(ref, np.float32)
+    got = np.asarray(got, np.float32).reshape(ref.shape)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    median = float(np.median(margin))
+    near = margin < near_tie * median
+    moved = got.argmax(1) != ref.argmax(1)
+    clear_moved = int((moved & ~near).sum())
+    out = {"images": int(len(ref)), "moved": int(moved.sum()), "near_ties": int(near.sum()), "moved_clear": clear_moved,
+           "median_margin": median, "moved_margins": sorted(round(float(m), 3) for m in margin[moved])}
+    out["ok"] = clear_moved == 0
+    out["message"] = (f"{out['moved']} of {out['images']} images changed their top-1 answer, {clear_moved} of them "
+                      f"clear of a near tie (fp32 margin >= {near_tie} x median {median:.2f}; {out['near_ties']} "
+                      f"near ties); moved margins {out['moved_margins'][:10]}")
+    return out

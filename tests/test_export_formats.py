@@ -82,25 +82,30 @@ def _runnable(manifest: Manifest) -> list[Artifact]:
     return [a for a in manifest.artifact_list() if a.format in B.RUNTIMES]
 
 
-def test_round_trip_eager_vs_exported_vs_reloaded(full_bundle: Path, manifest: Manifest, eager) -> None:
-    """Reload each file with its own runtime now and compare with eager PyTorch computed in this test."""
+def test_round_trip_eager_vs_exported_vs_reloaded(full_bundle: Path, manifest: Manifest, eager, tiny_run: Path,
+                                                  tmp_path: Path) -> None:
+    """Reload each file with its own runtime now: fp32 files equal eager PyTorch computed in this test;
+    every file's agreement on the export's own bar images is what the manifest recorded."""
+    from fieldid.training.records import load_record
+
     x, y, ref = eager
     runnable = _runnable(manifest)
     assert {a.format for a in runnable} == {"onnx", "executorch", "torchscript", "torchscript_lite"}
+    # The bar images again (the held-out split, topped up: seeded, so the same images as the export's).
+    ctx = B._context(tiny_run, load_record(tiny_run), tmp_path, calibration_size=1)
     for art in runnable:
         logits = B.load_runtime(full_bundle / art.file, art.format, threads=1)(x)
         assert logits.shape == ref.shape, art.file
-        agree = float((logits.argmax(1) == ref.argmax(1)).mean())
-        if art.precision == "fp32":
+        if art.precision == "fp32":  # exact checks: no statistics involved
             np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=0, err_msg=art.file)
-            assert agree == 1.0, art.file
-        else:
-            assert agree >= 0.99, art.file
+            assert (logits.argmax(1) == ref.argmax(1)).all(), art.file
         # What the export recorded is what the file does now (reloaded == exported).
         v = art.verification
         assert v["status"] == "passed" and v["reloaded_from_file"] is True, art.file
-        assert v["top1_agreement"] == pytest.approx(agree), art.file
-        assert v["num_images"] == len(y) and v["split"] == "test"
+        assert v["num_images"] == len(ctx.heldout) == v["decided_on"]["images"] and v["split"] == "test"
+        now = B.load_runtime(full_bundle / art.file, art.format, threads=1)(ctx.heldout)
+        moved = int((now.argmax(1) != ctx.reference_logits.argmax(1)).sum())
+        assert moved == v["moved_images"], (art.file, moved, v["moved_images"], v["num_images"])
 
 
 def test_batch_one_and_dynamic_batch(full_bundle: Path, manifest: Manifest, eager) -> None:
@@ -123,18 +128,25 @@ def _detector_bytes(run: Path) -> int:
     return 4 * sum(int(t.numel()) for t in sd.values() if isinstance(t, torch.Tensor) and t.numel() > 1)
 
 
-def test_int8_artifacts_meet_the_bars_on_a_real_fine_tuned_run(full_bundle: Path, manifest: Manifest, eager,
-                                                               tiny_run: Path) -> None:
-    x, y, ref = eager
+def test_int8_artifacts_follow_fp32_on_300_new_photos(full_bundle: Path, manifest: Manifest, check_set,
+                                                      tiny_run: Path) -> None:
+    """On 300 new photos (not the export's bar images) an int8 file changes the answer only where fp32
+    itself was nearly undecided: which images those are is the fp32 model's property, the same on every
+    CPU; int8 kernels (AVX2, AVX-512, VNNI) only decide which of them move."""
+    from helpers import int8_flips
+
+    ref, y = check_set.logits, check_set.y
     ref_acc = float((ref.argmax(1) == y).mean())
-    assert ref_acc >= 0.75  # the tiny run really learned something, so agreement is meaningful
+    # The run really learned the shapes (chance is 1/3), so agreement with it is meaningful.
+    assert ref_acc >= 0.9, f"fp32 accuracy {ref_acc:.3f} on {len(y)} new photos"
     int8 = [a for a in manifest.artifact_list() if a.precision == "int8"]
     assert {a.file for a in int8} == {"model.int8.onnx", "model.int8.pte"}
     for art in int8:
-        logits = B.load_runtime(full_bundle / art.file, art.format)(x)
-        acc = float((logits.argmax(1) == y).mean())
-        assert float((logits.argmax(1) == ref.argmax(1)).mean()) >= B.INT8_MIN_AGREEMENT, art.file
-        assert ref_acc - acc <= B.INT8_MAX_ACCURACY_DROP + 1e-9, art.file
+        logits = B.load_runtime(full_bundle / art.file, art.format)(check_set.x)
+        flips = int8_flips(ref, logits)
+        assert flips["ok"], f"{art.file}: {flips['message']}"
+        # The near ties are few: the check above constrains almost every image.
+        assert flips["near_ties"] <= 0.1 * flips["images"], f"{art.file}: {flips['message']}"
         q = art.quantization
         assert q["method"] and q["calibration_images"] > 0 and q["candidates_tried"], art.file
         assert "per-channel" in art.method, art.file
@@ -280,3 +292,65 @@ def test_pte_methods_and_executorchs_process_wide_threadpool(full_bundle: Path, 
         answer = DevicePredictor.load(full_bundle, "model.pte", threads=threads).predict(photo.getvalue())
         assert pool_threads() == threads and answer["top_k"][0]["label"] in manifest.labels
         assert isinstance(answer["unknown"], bool)
+
+
+# --------------------------------------------------------------------------- what each bar is decided on
+def test_bar_images_top_up_with_val_photos_then_views_of_held_out_ones() -> None:
+    """A small held-out split is topped up to MIN_BAR_IMAGES: val photos first (class by class, so each
+    class keeps its share), then seeded augmented views of the held-out photos, labelled as their photo."""
+    from fieldid.export.phone import normalize
+    from fieldid.export.verify import MIN_BAR_IMAGES, bar_images
+    from fieldid.records import PreprocessSpec
+
+    spec = PreprocessSpec(resize_size=36, crop_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    rng = np.random.default_rng(0)
+    held_px = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    held, held_y = normalize(held_px, spec), np.arange(12) % 3
+    val, val_y = normalize(rng.integers(0, 256, (90, 32, 32, 3), dtype=np.uint8), spec), np.repeat([0, 1, 2], 30)
+    x, y, decided = bar_images(held, held_y, spec, val=val, val_targets=val_y, min_images=100)
+    assert decided == {"images": 100, "heldout": 12, "val": 88, "augmented_views": 0}
+    assert len(x) == len(y) == 100 and np.array_equal(x[:12], held) and np.array_equal(y[:12], held_y)
+    assert np.bincount(y[12:], minlength=3).min() >= 29  # val spread over its three classes
+    # Too few val photos: views of the held-out photos fill the rest, each labelled as its photo.
+    x, y, decided = bar_images(held, held_y, spec, val=val[:10], val_targets=val_y[:10], min_images=MIN_BAR_IMAGES)
+    assert decided == {"images": MIN_BAR_IMAGES, "heldout": 12, "val": 10, "augmented_views": MIN_BAR_IMAGES - 22}
+    views = x[22:]
+    assert np.array_equal(y[22:], held_y[np.arange(len(views)) % 12])
+    # A view is another shot of its photo: close to it, never a copy of it or of another view.
+    src = held[np.arange(len(views)) % 12]
+    assert all(not np.array_equal(v, s) for v, s in zip(views, src))
+    assert len({v.tobytes() for v in views}) == len(views)
+    assert float(np.abs(views - src).mean()) < float(np.abs(views - np.roll(src, 1, axis=0)).mean())
+    # Seeded: the same images every time (a bar decided twice gives the same answer).
+    again = bar_images(held, held_y, spec, val=val[:10], val_targets=val_y[:10], min_images=MIN_BAR_IMAGES)[0]
+    assert np.array_equal(again, x)
+    # Enough held-out photos: nothing is added.
+    x, y, decided = bar_images(held, held_y, spec, val=val, val_targets=val_y, min_images=12)
+    assert decided == {"images": 12, "heldout": 12, "val": 0, "augmented_views": 0} and len(x) == 12
+
+
+def test_every_bar_records_what_it_was_decided_on(manifest: Manifest, tiny_run: Path) -> None:
+    from fieldid.export.verify import MIN_BAR_IMAGES
+    from fieldid.training.data import load_split
+    from fieldid.training.records import load_record
+
+    test_photos = len(load_split(tiny_run / load_record(tiny_run).split).paths("test"))
+    summary = manifest.verification_summary
+    decided = summary["decided_on"]
+    assert summary["min_bar_images"] == MIN_BAR_IMAGES and decided["images"] >= MIN_BAR_IMAGES
+    assert decided["heldout"] == test_photos < MIN_BAR_IMAGES  # the tiny split is topped up
+    assert decided["heldout"] + decided["val"] + decided["augmented_views"] == decided["images"]
+    assert decided["val"] > 0 and decided["augmented_views"] > 0
+    for art in _runnable(manifest):
+        v = art.verification
+        assert v["decided_on"] == decided and v["num_images"] == decided["images"], art.file
+        assert v["moved_images"] == round((1 - v["top1_agreement"]) * v["num_images"]), art.file
+        # The score check: the photos (views leave it: changed light moves the score toward the
+        # threshold) plus generated non-photos, at least MIN_BAR_IMAGES in all.
+        u = v["unknown_score"]
+        photos = decided["heldout"] + decided["val"]
+        assert u["heldout_images"] == photos and u["decided_on"]["augmented_views"] == 0
+        assert u["decided_on"]["images"] == u["num_images"] == photos + u["generated_unknown_images"] >= MIN_BAR_IMAGES
+        assert u["decided_on"]["generated_unknowns"] == u["generated_unknown_images"] >= 24
+    assert any(f"{decided['images']} images ({test_photos} test photos + {decided['val']} val photos" in n
+               for n in manifest.notes)
