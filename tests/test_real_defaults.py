@@ -173,7 +173,7 @@ def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
                         str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     text = page.read_text()
-    assert "2026-12-05 09:00 (commit abc1234)" in text and "CPU:" in text and "| elpv | yes |" in text
+    assert "2026-12-05 09:00 to 2026-12-05 09:00 at commit(s) abc1234" in text and "CPU:" in text and "| elpv | yes |" in text
 
 
 def test_real_sets_are_built_once_with_their_split(tmp_path: Path) -> None:
