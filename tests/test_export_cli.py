@@ -45,7 +45,7 @@ def small_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                                      "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {"bundle": str(out), "artifacts": 3, "verification": "passed"}
+    assert summary == {"bundle": str(out), "artifacts": 3, "verification": "passed", "missed": []}
     for f in ("model.pth", "model.pt", "model.ptl"):
         assert f in proc.stdout and (out / f).is_file()
     assert not list(out.parent.glob(".bundle.staging-*"))
@@ -176,11 +176,10 @@ def test_refuses_to_replace_a_folder_that_is_not_a_bundle(capsys, tiny_run: Path
     assert [p.name for p in keep.iterdir()] == ["thesis.txt"]
 
 
-def test_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, tiny_run: Path, small_bundle: Path,
-                                                                      tmp_path: Path, monkeypatch) -> None:
+def test_strict_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, tiny_run: Path,
+                                                                             small_bundle: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
     out = tmp_path / "bundle"
-    import shutil
-
     shutil.copytree(small_bundle, out)
     before = _snapshot(out)
     # An impossible fp32 bar (|diff| <= 0): real exported files, which differ from eager by
@@ -188,19 +187,74 @@ def test_missed_bar_fails_names_the_artifact_and_keeps_the_old_bundle(capsys, ti
     from fieldid.export import verify
 
     monkeypatch.setattr(verify, "FP32_MAX_ABS_DIFF", 0.0)  # the bars live in fieldid.export.verify
-    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out))
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out),
+                         "--strict")
     line = _one_error_line(err)
-    assert code == 2 and "model.pt missed its bar: max|diff|" in line and "(bar 0)" in line and "--allow-drop" in line
+    assert code == 2 and "model.pt missed its bar: max|diff|" in line and "(bar 0)" in line and "--strict" in line
     assert _snapshot(out) == before  # untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
-    # --allow-drop keeps them, recorded as failed (model.pth is bit-identical to eager: passes).
-    code, out_text, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out),
-                                "--allow-drop")
-    assert code == 0, err
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--out", str(out), "--strict", "--allow-drop")
+    assert code == 2 and "contradict" in _one_error_line(err) and _snapshot(out) == before
+
+
+def test_default_keeps_what_passed_and_an_fp32_miss_exits_3(capsys, tiny_run: Path, small_bundle: Path,
+                                                             tmp_path: Path, monkeypatch) -> None:
+    """Without --strict the bundle is written: what passed is usable, the misses are marked and named."""
+    out = tmp_path / "bundle"
+    shutil.copytree(small_bundle, out)
+    from fieldid.export import verify
+
+    monkeypatch.setattr(verify, "FP32_MAX_ABS_DIFF", 0.0)
+    code, stdout, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out))
+    # model.pth is bit-identical to eager (passes); the TorchScript files miss: a full-precision miss -> 3.
+    assert code == 3, err
+    partial = [ln for ln in err.splitlines() if ln.startswith("partial:")]
+    assert len(partial) == 2 and all("missed its bar (max|diff|" in ln and "(bar 0)" in ln for ln in partial)
+    assert {ln.split()[1] for ln in partial} == {"model.pt", "model.ptl"} and "error:" not in err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary == {"bundle": str(out), "artifacts": 3, "verification": "partial", "missed": ["model.pt", "model.ptl"]}
     m = json.loads((out / "manifest.json").read_text())
     status = {a["file"]: a["verification"]["status"] for a in m["artifacts"]}
     assert status == {"model.pth": "passed", "model.pt": "failed", "model.ptl": "failed"}
-    assert m["verification_summary"]["status"] == "failed" and m["verification_summary"]["allow_drop"] is True
+    vs = m["verification_summary"]
+    assert vs["status"] == "partial" and vs["strict"] is False and [x["file"] for x in vs["missed"]] == ["model.pt", "model.ptl"]
+    assert all(x["precision"] == "fp32" and "max|diff|" in x["why"] for x in vs["missed"])
+    assert all((out / f).exists() for f in status)
+    # --allow-drop is the default now: accepted, with a one-line hint, and the same result.
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out),
+                         "--allow-drop")
+    notes = [ln for ln in err.splitlines() if ln.startswith("note: --allow-drop")]
+    assert code == 3 and len(notes) == 1 and "default now" in notes[0] and "will be removed" in notes[0]
+    # Nothing passed (even the bit-identical model.pth misses a negative bar): no bundle to serve, an
+    # error, and the previous bundle stays.
+    before = _snapshot(out)
+    monkeypatch.setattr(verify, "FP32_MAX_ABS_DIFF", -1.0)
+    code, _, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "torchscript", "--out", str(out))
+    assert code == 2 and "no artifact passed its bar" in _one_error_line(err) and _snapshot(out) == before
+
+
+def test_an_int8_miss_is_a_partial_bundle_and_exit_0(capsys, tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """The case that used to leave no bundle: int8 misses, fp32 holds -> the fp32 files are served, exit 0."""
+    from fieldid.export import verify
+
+    monkeypatch.setattr(verify, "INT8_MIN_AGREEMENT", 1.01)  # no int8 file can reach it
+    out = tmp_path / "bundle"
+    code, stdout, err = _main(capsys, "export", "--run", str(tiny_run), "--formats", "onnx", "--out", str(out))
+    assert code == 0, err
+    partial = [ln for ln in err.splitlines() if ln.startswith("partial:")]
+    assert partial and all(ln.startswith("partial: model.int8.onnx missed its bar (") for ln in partial)
+    assert "agreement" in partial[0] and "(bar 101%)" in partial[0] and "images" in partial[0]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["verification"] == "partial" and summary["missed"] == ["model.int8.onnx"]
+    from fieldid.export.manifest import load_manifest
+
+    m = load_manifest(out)
+    assert m.find("onnx", "fp32").verification["status"] == "passed"
+    assert m.find("onnx", "int8").verification["status"] == "failed"
+    # What the phone and predict pick by default is the verified fp32 file.
+    from fieldid.classify import choose_artifact
+
+    assert choose_artifact(m).file == "model.onnx"
 
 
 def test_label_order_mismatch_in_a_file_is_caught(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
@@ -215,8 +269,17 @@ def test_label_order_mismatch_in_a_file_is_caught(tiny_run: Path, tmp_path: Path
 
     monkeypatch.setattr(torchscript_export, "_extra_files", swapped)
     with pytest.raises(B.ExportError, match=r"model\.pt: label order .* differs from the run's"):
-        B.export_run(tiny_run, formats=["torchscript"], out=tmp_path / "b")
+        B.export_run(tiny_run, formats=["torchscript"], out=tmp_path / "b", strict=True)
     assert not (tmp_path / "b").exists()
+    # By default the file is kept but marked failed: a file whose logits match but whose labels do not
+    # would answer with the wrong class names.
+    m = B.export_run(tiny_run, formats=["torchscript"], out=tmp_path / "b")
+    art = {a.file: a for a in m.artifact_list()}
+    assert art["model.pt"].verification["status"] == "failed"
+    assert art["model.pt"].verification["labels"]["status"] == "failed"
+    assert art["model.pth"].verification["status"] == "passed"
+    missed = {x["file"]: x["why"] for x in B.missed_artifacts(m)}
+    assert "model.pt" in missed and missed["model.pt"].startswith("label order")
 
 
 class _ErfinvNet(nn.Module):
@@ -382,7 +445,7 @@ def test_a_file_its_runtime_cannot_load_is_one_clear_error(tiny_run: Path, tmp_p
     from fieldid.export import _import_exporters
 
     _import_exporters()
-    ctx = B._context(tiny_run, load_record(tiny_run), tmp_path, calibration_size=4, allow_drop=False)
+    ctx = B._context(tiny_run, load_record(tiny_run), tmp_path, calibration_size=4)
     (tmp_path / file).write_bytes(b"PK\x03\x04 not a real " + file.encode())
     with pytest.raises(B.ExportError, match=rf"^{fmt}: loading {file} with .* failed: "):
         B.verify_artifact(ctx, file, fmt, "fp32")
@@ -395,7 +458,7 @@ def test_cli_export_onnx_executorch_to_the_default_bundle(tiny_run: Path, tmp_pa
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {"bundle": str(run / "export"), "artifacts": 5, "verification": "passed"}
+    assert summary == {"bundle": str(run / "export"), "artifacts": 5, "verification": "passed", "missed": []}
     m = json.loads((run / "export" / "manifest.json").read_text())
     assert [a["file"] for a in m["artifacts"]] == ["model.pth", "model.onnx", "model.int8.onnx", "model.pte",
                                                    "model.int8.pte"]
@@ -416,7 +479,11 @@ def test_help_lists_formats_and_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         fieldid.main(["export", "--help"])
     text = capsys.readouterr().out
-    assert all(f in text for f in ("onnx", "executorch", "torchscript", "coreml", "--allow-drop", "default: 200"))
+    assert all(f in text for f in ("onnx", "executorch", "torchscript", "coreml", "--strict", "--allow-drop",
+                                   "deprecated", "default: 200", "at least 300 images"))
+    # The exit codes are documented where a user looks: 0 (also a partial bundle), 2, 3.
+    flat = " ".join(text.split())
+    assert "exit codes: 0 = bundle written" in flat and "2 = bad input, or --strict" in flat and "3 = bundle written" in flat
     with pytest.raises(SystemExit):
         fieldid.main(["bench", "bundle", "--help"])
     assert "--data" in capsys.readouterr().out
