@@ -47,7 +47,13 @@ def test_two_process_cpu_ddp_run(tmp_path: Path, shapes_dir: Path, tiny_run: Pat
     assert {"run.json", "metrics.json", "model.pth", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
             "calibration.json", "plots/curves.png", "logs/metrics.csv"} <= multi
     metrics = json.loads((run / "metrics.json").read_text())
-    assert _structure(metrics) == _structure(json.loads((tiny_run / "metrics.json").read_text()))
+    single_metrics = json.loads((tiny_run / "metrics.json").read_text())
+    # The baselines differ by design: the DDP head phase runs through the backbone inside Lightning, so
+    # there are no cached features to fit the linear probe on; the majority answer is always there.
+    ddp_base, single_base = metrics["training"].pop("baselines"), single_metrics["training"].pop("baselines")
+    assert set(single_base) >= {"majority", "probe", "fine_tuned", "shipped"}
+    assert "probe" not in ddp_base and {"majority", "fine_tuned", "shipped"} <= set(ddp_base)
+    assert _structure(metrics) == _structure(single_metrics)
     assert metrics["training"]["epochs"] == EPOCHS
     assert json.loads((run / "run.json").read_text())["status"] == "trained"
 
