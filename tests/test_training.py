@@ -400,7 +400,7 @@ def test_cli_train_and_evaluate(tmp_path: Path, shapes_dir: Path) -> None:
     assert "image size: --image-size 48 px (explicit)" in r.stderr  # the size rule's decision is logged
     # Output to a pipe, not a terminal: the fine-tuning epochs show counted lines (rich's bar stays blank).
     assert re.search(r"epoch 2/2: batch \d+/\d+ \(\d+ s\)", r.stderr), r.stderr[-2000:]
-    assert re.search(r"epoch 2/2: val_acc [\d.]+, val_loss [\d.]+, val_macro_f1 [\d.]+", r.stderr), r.stderr[-2000:]
+    assert re.search(r"epoch 2/2: val_acc [\d.]+, val_bal_acc [\d.]+, val_loss [\d.]+, val_macro_f1 [\d.]+", r.stderr), r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     held = json.loads((out / "metrics.json").read_text())
     # The summary reports the run's own held-out number, and the model learned the shapes: a 3-class
