@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NoReturn
 
 from fieldid.cli_common import UsageError
 from fieldid.cli_vocabulary import add_renamed
@@ -108,10 +108,29 @@ def _cmd_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _parser_errors_as_one_line(name: str) -> Iterator[None]:
+    """A forwarded benchmark's own argparse error is one ``error:`` line and exit 2, as fieldid's own parsers do."""
+
+    def error(self: argparse.ArgumentParser, message: str) -> NoReturn:
+        self.exit(2, f"fieldid: error: bench {name}: {message} (see `fieldid bench {name} --help`)\n")
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
 def _forward(name: str) -> Callable[[argparse.Namespace], int]:
     target, what, _ = FORWARDED[name]
 
     def run(args: argparse.Namespace) -> int:
+        with _parser_errors_as_one_line(name):
+            return _run(args)
+
+    def _run(args: argparse.Namespace) -> int:
         module, _, func = target.partition(":")
         main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
         argv, page = list(args.args), None
