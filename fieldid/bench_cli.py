@@ -128,12 +128,12 @@ def _forward(name: str) -> Callable[[argparse.Namespace], int]:
 
     def run(args: argparse.Namespace) -> int:
         with _parser_errors_as_one_line(name):
-            return _run(args)
+            return _run(list(args.args))
 
-    def _run(args: argparse.Namespace) -> int:
+    def _run(argv: list[str]) -> int:
         module, _, func = target.partition(":")
         main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
-        argv, page = list(args.args), None
+        page: Path | None = None
         if name not in ("real", "data") and argv[:1] == ["--page"]:  # ours; everything else is the benchmark's own
             if len(argv) < 2:
                 raise UsageError("--page needs a FILE")
