@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(rows))
     if a.page and names == BENCH_SETS and a.seed == 0:
-        print(f"written: {write_page(rows, a.page, command='make bench-data')}")
+        command = " ".join(["python -m fieldid.training.bench_data", *(argv if argv is not None else sys.argv[1:])])
+        print(f"written: {write_page(rows, a.page, command=command)}")
     return 0
 
 
