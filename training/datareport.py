@@ -37,7 +37,7 @@ text-align:center;font-size:13px;margin-left:6px} .bad .count{background:#f8d7d2
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f0f0f0} td.num{text-align:right}
 .grid{display:flex;flex-wrap:wrap;gap:10px} .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px;
-width:140px;font-size:12px;word-break:break-all} .card img{width:128px;height:128px;object-fit:contain;background:#eee;
+width:140px;font-size:12px;overflow-wrap:anywhere} .card img{width:128px;height:128px;object-fit:contain;background:#eee;
 display:block;margin:0 auto 4px} .pair{width:290px} .pair .imgs{display:flex;gap:6px} .pair img{width:136px;height:136px}
 .lab{font-weight:600} .sugg{color:#b03a2e;font-weight:600} .score{color:#555} .note{background:#fff7e0;border:1px solid #f0d890;
 padding:6px 10px;border-radius:6px;margin:6px 0} .more{color:#666;margin-top:6px}
