@@ -105,20 +105,25 @@ def shapes_photos(root: Path, per_class: int = 100, *, seed: int = 1) -> tuple[l
     return paths, np.asarray([SHAPES.index(p.parent.name) for p in paths], np.int64)
 
 
-# An int8 file may change the top-1 answer only where fp32 itself was nearly undecided: a top-2 margin
-# below this fraction of the median margin. Which images those are is a property of the fp32 model, the
-# same on every CPU; how int8 kernels round (AVX2, AVX-512, VNNI) decides only which of them move.
-NEAR_TIE_FRACTION = 0.25
+# An int8 file may change the top-1 answer only where fp32 itself was undecided: a top-2 margin below
+# this fraction of the median margin. Which images those are is a property of the fp32 model, the same
+# on every CPU; how int8 kernels round (AVX2, AVX-512, VNNI) decides only which of them move. Measured on
+# tiny shape runs, answers that moved had margins up to 0.4 x the median; a broken quantization moves
+# clear answers too.
+NEAR_TIE_FRACTION = 0.5
+# And few move at all: 3x the product's 1% bar, so a file that holds the bar (true rate <= 1%) passes
+# on 300 images with probability 0.999 (binomial), while one that moves 6% fails.
+MAX_MOVED_RATE = 0.03
 
 
-def int8_flips(ref: np.ndarray, got: np.ndarray, *, near_tie: float = NEAR_TIE_FRACTION) -> dict:
+def int8_flips(ref: np.ndarray, got: np.ndarray, *, near_tie: float = NEAR_TIE_FRACTION,
+               max_moved: float = MAX_MOVED_RATE) -> dict:
     """Top-1 changes of ``got`` (an int8 artifact's logits) against ``ref`` (fp32) on the same images.
 
     Returns:
         ``{"images", "moved", "near_ties", "moved_clear", "median_margin", "moved_margins", "ok", "message"}``:
-        ``ok`` when no image whose fp32 margin is at least ``near_tie`` x the median margin moved
-        (the moved ones are counted and bounded by the near-tie images); ``message`` says how many
-        images decided it, for assertion messages.
+        ``ok`` when at most ``max_moved`` of the images moved and none whose fp32 margin is at least
+        ``near_tie`` x the median margin; ``message`` says how many images decided it.
     """
     ref = np.asarray(ref, np.float32)
     got = np.asarray(got, np.float32).reshape(ref.shape)
@@ -130,8 +135,8 @@ def int8_flips(ref: np.ndarray, got: np.ndarray, *, near_tie: float = NEAR_TIE_F
     clear_moved = int((moved & ~near).sum())
     out = {"images": int(len(ref)), "moved": int(moved.sum()), "near_ties": int(near.sum()), "moved_clear": clear_moved,
            "median_margin": median, "moved_margins": sorted(round(float(m), 3) for m in margin[moved])}
-    out["ok"] = clear_moved == 0
-    out["message"] = (f"{out['moved']} of {out['images']} images changed their top-1 answer, {clear_moved} of them "
-                      f"clear of a near tie (fp32 margin >= {near_tie} x median {median:.2f}; {out['near_ties']} "
-                      f"near ties); moved margins {out['moved_margins'][:10]}")
+    out["ok"] = clear_moved == 0 and out["moved"] <= max_moved * out["images"]
+    out["message"] = (f"{out['moved']} of {out['images']} images changed their top-1 answer (at most "
+                      f"{max_moved:.0%} may), {clear_moved} of them clear of a near tie (fp32 margin >= {near_tie} x "
+                      f"median {median:.2f}; {out['near_ties']} near ties); moved margins {out['moved_margins'][:10]}")
     return out

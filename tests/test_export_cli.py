@@ -458,12 +458,17 @@ def test_cli_export_onnx_executorch_to_the_default_bundle(tiny_run: Path, tmp_pa
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {"bundle": str(run / "export"), "artifacts": 5, "verification": "passed", "missed": []}
     m = json.loads((run / "export" / "manifest.json").read_text())
+    # Exit 0 with every fp32 file passed; an int8 file that missed its bar is named in the summary and on
+    # a 'partial:' line (whether the tiny model's int8 files hold is checked on 300 new photos elsewhere).
+    missed = [a["file"] for a in m["artifacts"] if a["verification"]["status"] == "failed"]
+    assert summary == {"bundle": str(run / "export"), "artifacts": 5,
+                       "verification": "partial" if missed else "passed", "missed": missed}
+    assert all(f".int8." in f and f"partial: {f} missed its bar (" in proc.stderr for f in missed), proc.stderr[-2000:]
     assert [a["file"] for a in m["artifacts"]] == ["model.pth", "model.onnx", "model.int8.onnx", "model.pte",
                                                    "model.int8.pte"]
     for a in m["artifacts"]:
-        assert (run / "export" / a["file"]).is_file() and a["verification"]["status"] == "passed", a["file"]
+        assert (run / "export" / a["file"]).is_file() and (a["file"] in missed or a["verification"]["status"] == "passed")
         if a["format"] == "executorch":  # the XNNPACK lowering really took the network
             d = a["verification"]["delegation"]
             assert d["delegated_subgraphs"] >= 1 and d["delegated_nodes"] > d["non_delegated_nodes"], d

@@ -161,7 +161,9 @@ def test_every_artifact_unknown_score_matches_pytorch(full_bundle: Path, tiny_ru
             assert bar["passed"] and bar["clear_images"] >= len(x) // 2, (
                 f"{a.file}: decided on {len(x)} images ({len(x) - n_gen} photos, {n_gen} non-photos): "
                 f"{int((~same).sum())} decisions moved; {bar}")
-        assert a.verification["unknown_score"]["status"] == "passed", a.file
+        # The export's own verdict (decided on its bar images): fp32 files always pass; an int8 file is
+        # held to the bar above on these 400 images whatever the export decided.
+        assert a.precision != "fp32" or a.verification["unknown_score"]["status"] == "passed", a.file
         checked.append(a.file)
         if a.format == "onnx":
             assert float(read_onnx_metadata(full_bundle / a.file)["unknown_threshold"]) == thr
