@@ -112,7 +112,9 @@ def test_round_trip_eager_vs_exported_vs_reloaded(full_bundle: Path, manifest: M
         v = art.verification
         assert v["reloaded_from_file"] is True and (v["status"] == "passed" or art.precision == "int8"), art.file
         assert v["num_images"] == len(ctx.heldout) == v["decided_on"]["images"] and v["split"] == "test"
-        now = B.load_runtime(full_bundle / art.file, art.format, threads=1)(ctx.heldout)
+        # Counted answer by answer on the same 300 images: a file that answers otherwise after a reload
+        # than when the export verified it was not verified at all.
+        now = B.load_runtime(full_bundle / art.file, art.format)(ctx.heldout)
         moved = int((now.argmax(1) != ctx.reference_logits.argmax(1)).sum())
         assert moved == v["moved_images"], (art.file, moved, v["moved_images"], v["num_images"])
 
