@@ -39,6 +39,7 @@ import numpy as np
 
 from fieldid.intake import ACCEPTED_NAMES
 
+from .datareport import QUALITY_VALUE as _QUALITY_VALUE, UNTRUSTED as _UNTRUSTED, folder_label as _folder_label, write_html_report
 from .exclusions import write_exclude_file
 from .images import DataError, ImageError, load_rgb, scan_image_folder
 from .quality import QUALITY_KINDS, flag_quality, measure
@@ -675,13 +676,6 @@ def format_report(report: DataReport) -> str:
     return "\n".join(lines)
 
 
-_UNTRUSTED = ("warning: the linear probe is no better than always answering the commonest class; the label "
-              "issues below are noise (too few photos, or classes the backbone cannot tell apart) and "
-              "--write-exclude leaves them out")
-_QUALITY_VALUE = {"blurry": "sharpness", "dark": "brightness", "bright": "brightness", "low_information": "entropy",
-                  "odd_size": "shorter side", "odd_aspect": "aspect ratio"}
-
-
 def _pair_text(p: dict[str, Any]) -> str:
     (a, b), (ab, ba), (ea, eb) = p["classes"], p["counts"], p["expected"]
     return (f"{a} <-> {b}: {ab} photos given {a} look like {b} and {ba} the other way (chance: {ea} and {eb}); "
@@ -744,12 +738,6 @@ def exclusions(report: DataReport, kinds: Sequence[str] = DEFAULT_EXCLUDE_KINDS)
             for r in report.quality.get(kind, []):
                 add(r["file"], f"{kind.replace('_', ' ')} ({_QUALITY_VALUE[kind]} {r['value']})")
     return out
-
-
-def _folder_label(rel: str) -> str:
-    """The class folder of a relative path (``train/cat/x.jpg`` and ``cat/x.jpg`` -> ``cat``)."""
-    parts = rel.split("/")
-    return parts[-2] if len(parts) >= 2 else ""
 
 
 def _groups(pairs: list[tuple[str, str]]) -> list[list[str]]:
@@ -862,8 +850,6 @@ def run_check(args: argparse.Namespace) -> int:
     print(format_report(report))
     written = []
     if args.report:
-        from .datareport import write_html_report
-
         write_html_report(report, args.report)
         written.append(f"report {args.report}")
     if args.write_exclude:

@@ -44,6 +44,20 @@ padding:6px 10px;border-radius:6px;margin:6px 0} .more{color:#666;margin-top:6px
 """
 
 
+# Shared with datacheck's text report (which imports them from here: one direction, no cycle).
+UNTRUSTED = ("warning: the linear probe is no better than always answering the commonest class; the label "
+            "issues below are noise (too few photos, or classes the backbone cannot tell apart) and "
+            "--write-exclude leaves them out")
+QUALITY_VALUE = {"blurry": "sharpness", "dark": "brightness", "bright": "brightness", "low_information": "entropy",
+                  "odd_size": "shorter side", "odd_aspect": "aspect ratio"}
+
+
+def folder_label(rel: str) -> str:
+    """The class folder of a relative path (``train/cat/x.jpg`` and ``cat/x.jpg`` -> ``cat``)."""
+    parts = rel.split("/")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
 class _Thumbs:
     """Base64 JPEG thumbnails of dataset photos, each encoded once."""
 
@@ -134,14 +148,13 @@ def _bar_chart(counts: dict[str, dict[str, int]]) -> str:
 
 def _within_class_pairs(report: "DataReport") -> list[dict[str, Any]]:
     """Same-class duplicate pairs from all three matchers (exact, phash, feature), each pair once."""
-    from .datacheck import _folder_label
 
     seen: set[frozenset[str]] = set()
     out: list[dict[str, Any]] = []
 
     def add(a: str, b: str, how: str) -> None:
         key = frozenset((a, b))
-        if key not in seen and _folder_label(a) == _folder_label(b):
+        if key not in seen and folder_label(a) == folder_label(b):
             seen.add(key)
             out.append({"a": a, "b": b, "how": how})
 
@@ -158,11 +171,10 @@ def _within_class_pairs(report: "DataReport") -> list[dict[str, Any]]:
 
 
 def _quality_sections(report: "DataReport", thumbs: _Thumbs) -> Iterable[str]:
-    from .datacheck import _QUALITY_VALUE
 
     for kind in QUALITY_KINDS:
         rows = report.quality.get(kind, [])
-        what = _QUALITY_VALUE[kind]
+        what = QUALITY_VALUE[kind]
         yield _section(f"quality-{kind.replace('_', '-')}", f"Photo quality: {kind.replace('_', ' ')}", len(rows),
                        _cards(thumbs, rows, lambda r, w=what: f'<div class="lab">{_e(r["label"])}</div>'
                                                            f'<div class="score">{_e(w)} {_e(r["value"])}</div>'),
@@ -220,9 +232,8 @@ def render_html(report: "DataReport") -> str:
         f'{p["expected"][0]} and {p["expected"][1]}). Likely an unclear boundary (ordinal grades, a vague '
         f"definition), not typos: agree where it lies, or merge the classes.</p>" for p in report.confused_pairs)
     if deep and not deep.get("probe", {}).get("better_than_majority", True):
-        from .datacheck import _UNTRUSTED
 
-        pair_notes = f'<p class="note">{_e(_UNTRUSTED)}</p>' + pair_notes
+        pair_notes = f'<p class="note">{_e(UNTRUSTED)}</p>' + pair_notes
     out.append(_section(
         "label-issues", "Label issues: the given label is probably wrong", len(report.label_issues),
         pair_notes + _cards(thumbs, report.label_issues,
