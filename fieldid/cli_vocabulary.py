@@ -74,6 +74,7 @@ VOCABULARY: dict[str, Flag] = {
     "--seed": _cfg("random seed", 0),
     "--objective": _cfg("what model selection and early stopping optimise", "accuracy"),
     "--imbalance": _cfg("class-imbalance handling", "auto"),
+    "--batchnorm": _cfg("BatchNorm statistics while fine-tuning (auto, adapt, train, frozen)", "auto"),
     "--no-pretrained": Flag("random initialisation instead of ImageNet weights", False),
     "--no-hue": Flag("turn hue jitter off (colour is the signal)", False),
     "--no-cache": Flag("decode images from disk every epoch instead of the uint8 cache", False),

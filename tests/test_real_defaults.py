@@ -59,6 +59,36 @@ def test_bad_objective_or_imbalance_is_one_clear_line(tmp_path: Path, shapes_dir
     cfg.write_text("imbalance: inverse\n")
     r = run_cli("train", "--data", shapes_dir, "--out", tmp_path / "r", "--config", cfg)
     assert r.returncode == 2 and "imbalance must be" in r.stderr and not (tmp_path / "r").exists()
+    r = run_cli("train", "--data", shapes_dir, "--out", tmp_path / "r", "--batchnorm", "sync")
+    assert r.returncode == 2 and "invalid choice: 'sync'" in r.stderr and "Traceback" not in r.stderr
+    cfg.write_text("batchnorm: running\n")
+    r = run_cli("train", "--data", shapes_dir, "--out", tmp_path / "r", "--config", cfg)
+    assert r.returncode == 2 and "batchnorm must be" in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_batchnorm_settings_do_what_they_name(tmp_path: Path, shapes_dir: Path) -> None:
+    """frozen keeps the pretrained statistics through the fine-tune; adapt re-estimates them on the
+    training photos; auto fits the probe under both and keeps the pretrained ones only when theirs
+    scores strictly higher on val, and records both scores."""
+    from fieldid.training.models import create_model
+
+    key = "features.5.conv.1.1.running_var"
+    pretrained = create_model("mobilenet_v2", 3).state_dict()[key]
+    for mode in ("frozen", "adapt", "auto"):
+        run = tmp_path / mode
+        train(shapes_dir, run, TrainConfig(epochs=2, image_size=48, batch_size=16, batchnorm=mode))
+        choice = json.loads((run / "baselines.json").read_text())["batchnorm"]
+        probe_bn = torch.load(run / "probe_head.pt", weights_only=True)[f"bn.{key}"]  # what the probe was fitted under
+        after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"][f"model.{key}"]
+        assert choice["setting"] == mode
+        if mode == "frozen":
+            assert choice["used"] == "pretrained" and torch.equal(after, pretrained) and torch.equal(probe_bn, pretrained)
+        elif mode == "adapt":
+            assert choice["used"] == "re-estimated" and not torch.allclose(probe_bn, pretrained)
+        else:
+            wins = choice["pretrained_probe_val"] > choice["re-estimated_probe_val"]
+            assert choice["used"] == ("pretrained" if wins else "re-estimated"), choice
+            assert torch.equal(probe_bn, pretrained) == wins
 
 
 # --------------------------------------------------------------------------- probe and baselines

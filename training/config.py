@@ -12,10 +12,11 @@ from fieldid.cli_common import first_line
 
 from .records import RecordError, atomic_write_text, check_field_types
 
-__all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config", "IMBALANCE_MODES", "OBJECTIVES"]
+__all__ = ["AugmentConfig", "TrainConfig", "ConfigError", "load_config", "IMBALANCE_MODES", "OBJECTIVES", "BATCHNORM_MODES"]
 
 IMBALANCE_MODES = ("auto", "none", "loss", "sqrt", "sampler", "logit_adjust")
 OBJECTIVES = ("accuracy", "balanced")
+BATCHNORM_MODES = ("auto", "adapt", "train", "frozen")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,12 @@ class TrainConfig:
     imbalance: str = "auto"
     imbalance_auto_ratio: float = 2.0  # "auto" (objective balanced) weights only above this largest/smallest ratio
     head_init: str = "probe"  # probe: L-BFGS logistic regression on cached features | sgd: head_epochs of AdamW
+    # BatchNorm statistics while fine-tuning. adapt: re-estimated on the training photos first
+    # (AdaBN), then updated from each batch | train: the pretrained ones, updated from each batch |
+    # frozen: the pretrained ones, BatchNorm in inference mode throughout (scale/shift still train) |
+    # auto: adapt, unless the linear probe scores strictly higher on val with the pretrained
+    # statistics (then train). Measured on the real-data benchmark (docs/measured/bench-real.md).
+    batchnorm: str = "auto"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -107,6 +114,7 @@ class TrainConfig:
             (self.imbalance in IMBALANCE_MODES, f"imbalance must be {'|'.join(IMBALANCE_MODES)}"),
             (self.objective in OBJECTIVES, f"objective must be {'|'.join(OBJECTIVES)}"),
             (self.head_init in ("probe", "sgd"), "head_init must be probe|sgd"),
+            (self.batchnorm in BATCHNORM_MODES, f"batchnorm must be {'|'.join(BATCHNORM_MODES)}"),
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
              and self.val_fraction + self.test_fraction < 1, "val_fraction + test_fraction must be < 1"),
             (self.image_size is None or 32 <= self.image_size <= 1024, "image_size must be in [32, 1024]"),

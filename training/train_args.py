@@ -23,6 +23,11 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--imbalance", choices=("auto", "none", "loss", "sqrt", "sampler", "logit_adjust"), default=None,
                    help="class-imbalance handling; auto = none for --objective accuracy, logit adjustment for "
                         "balanced (default from config: auto)")
+    p.add_argument("--batchnorm", choices=("auto", "adapt", "train", "frozen"), default=None,
+                   help="BatchNorm statistics while fine-tuning: adapt = re-estimated on the training photos, "
+                        "train = the pretrained ones updated from each batch, frozen = the pretrained ones kept; "
+                        "auto = adapt unless the linear probe scores higher on val with the pretrained ones "
+                        "(default from config: auto)")
     p.add_argument("--config", type=Path, default=None, help="YAML file with TrainConfig keys")
     p.add_argument("--seed", type=int, default=None, help="random seed (default from config: 0)")
     p.add_argument("--weights", default=None, help="local state-dict file for the backbone (overrides the default source)")
@@ -52,7 +57,7 @@ def train_overrides(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "epochs": args.epochs, "image_size": args.image_size,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "weights": args.weights,
-        "objective": args.objective, "imbalance": args.imbalance,
+        "objective": args.objective, "imbalance": args.imbalance, "batchnorm": args.batchnorm,
         "pretrained": False if args.no_pretrained else None, "augment.hue": 0.0 if args.no_hue else None,
         "cache": False if args.no_cache else None, "accelerator": args.accelerator,
         "devices": args.devices, "strategy": args.strategy, "num_nodes": args.num_nodes,
