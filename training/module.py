@@ -76,11 +76,8 @@ class Classifier(L.LightningModule):
             # itself, so the eval() above would otherwise freeze BatchNorm and dropout for good.
             self.model.train()
             if self.cfg.batchnorm == "frozen":
-                # Statistics estimated from a few dozen photos of one kind (48 flat-colour shapes) have
-                # tiny variances: the normalised activations then saturate ReLU6, the model's margins
-                # shrink and int8 noise moves its answers (measured: 18 of 300 answers moved, the
-                # unknown score no longer told a gradient from a shape). Keeping the pretrained
-                # statistics also keeps the features the starting probe was fitted on (LP-FT).
+                # The pretrained running statistics stay as they are (inference-mode BatchNorm; its
+                # scale and shift still train): the features the starting probe was fitted on.
                 for m in self.model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()

@@ -567,11 +567,14 @@ def _run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, 
     pretrained_bn = batchnorm_state(model)
     choice: dict[str, Any] = {"setting": cfg.batchnorm, "used": "pretrained"}
     if cfg.batchnorm == "auto":
-        # The run's own evidence first: the probe under the pretrained statistics ...
-        feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
-                                      device=device, label="head phase (pretrained BatchNorm statistics)")
-        val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
-                                              num_workers=workers, device=device)
+        # The run's own evidence first: the probe under the pretrained statistics ... (in a forked RNG:
+        # each DataLoader pass draws a seed, and a run that then keeps the re-estimated statistics must
+        # be the very run `adapt` gives)
+        with torch.random.fork_rng(devices=[]):
+            feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
+                                          device=device, label="head phase (pretrained BatchNorm statistics)")
+            val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
+                                                  num_workers=workers, device=device)
         choice["pretrained_probe_val"] = _probe_val(feats, ys, val_feats, val_ys, len(counts), cfg)
     if cfg.batchnorm in ("adapt", "auto"):
         adapted = adapt_batchnorm(model, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
