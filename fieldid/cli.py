@@ -1,8 +1,9 @@
 """``fieldid`` command line: a thin layer over the fieldid.training, .export, .serve and .edge_demo APIs.
 
 Importing this module must not import torch: ``fieldid demo`` imitates a phone without it.
-Each package contributes its sub-commands through ``<package>.cli.register``; ``fieldid predict``
-(which reads a bundle and may ask a server, so belongs to no single stage) is registered here.
+Each stage's sub-commands come from :mod:`fieldid.commands` (``fieldid.commands.<stage>.register``);
+``fieldid predict`` (which reads a bundle and may ask a server, so belongs to no single stage) is
+registered here.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from fieldid.cli_common import (HelpFormatter, Parser, Progress, RedactingFilter
 
 __all__ = ["main", "build_parser"]
 
-# Packages that contribute sub-commands, in data-flow order.
-_CLI_PACKAGES = ("training", "export", "serve", "edge_demo", "app")
+# Stages whose sub-commands fieldid.commands holds, in data-flow order.
+_COMMAND_MODULES = ("training", "export", "serve", "edge_demo", "app")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -89,14 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fieldid {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for pkg in _CLI_PACKAGES:
-        try:
-            mod = importlib.import_module(f"fieldid.{pkg}.cli")
-        except ModuleNotFoundError as e:
-            if e.name != f"fieldid.{pkg}.cli":
-                raise
-            continue
-        mod.register(sub)
+    for stage in _COMMAND_MODULES:
+        importlib.import_module(f"fieldid.commands.{stage}").register(sub)
     _register_predict(sub)
     from fieldid import bench_cli  # every benchmark, across the stages: fieldid bench <what>
 

@@ -22,7 +22,7 @@ from PIL import Image
 from fixtures_edge_demo import demo_client, unused_port
 from helpers import malformed_exif_jpeg, png_header
 
-from fieldid.edge_demo.cli import _mode_by_labels, assign_modes
+from fieldid.commands.edge_demo import _mode_by_labels, assign_modes
 from fieldid.appmeta import preset_for_labels
 from fieldid.edge_demo.device import DemoError
 from fieldid.edge_demo.examples import UNKNOWN_LABEL, data_origin, example_images
@@ -399,7 +399,7 @@ def test_find_server_reads_the_serve_state(served_tiny, tmp_path: Path) -> None:
 def test_cli_finds_the_server_of_fieldid_serve_start(served_tiny, tmp_path: Path) -> None:
     import argparse
 
-    from fieldid.edge_demo.cli import _server_for
+    from fieldid.commands.edge_demo import _server_for
 
     def args(**kw) -> argparse.Namespace:
         return argparse.Namespace(**{"no_server": False, "server": None, "key_file": None, **kw})

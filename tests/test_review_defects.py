@@ -155,7 +155,7 @@ def test_evaluate_never_writes_outside_a_copied_run(tiny_run: Path, tmp_path: Pa
 def test_demo_never_picks_up_a_key_file_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     import argparse
 
-    from fieldid.edge_demo.cli import _server_for
+    from fieldid.commands.edge_demo import _server_for
 
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "someone-elses"}}))
     monkeypatch.chdir(tmp_path)

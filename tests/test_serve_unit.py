@@ -339,7 +339,7 @@ def test_java_here_is_recent_enough() -> None:
 
 
 def test_cli_help_and_torch_free_import() -> None:
-    code = ("import sys, fieldid; p = fieldid.build_parser(); import fieldid.serve, fieldid.serve.cli, fieldid.serve.server, "
+    code = ("import sys, fieldid; p = fieldid.build_parser(); import fieldid.serve, fieldid.commands.serve, fieldid.serve.server, "
             "fieldid.serve.client, fieldid.serve.archive; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
     for action in ("archive", "start", "stop", "status", "rotate-key"):

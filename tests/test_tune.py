@@ -11,7 +11,7 @@ import pytest
 
 import fieldid
 from fixtures_scaleout import wait_for
-from fieldid.training.cli import train_overrides
+from fieldid.commands.training import train_overrides
 from fieldid.training.config import load_config
 from fieldid.training.tune import TuneError, load_space, tune, validate_space
 from fieldid.training import TrainConfig

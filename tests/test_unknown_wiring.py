@@ -197,7 +197,7 @@ def test_demo_fallback_reaches_the_server_model(tiny_bundle: Path, tmp_path: Pat
     from fixtures_serve import torchserve_server
 
     from fieldid.edge_demo.app import _render
-    from fieldid.edge_demo.cli import _server_for, _state_dirs
+    from fieldid.commands.edge_demo import _server_for, _state_dirs
 
     server_bundle = _copy_bundle(tiny_bundle, tmp_path / "shapes-server" / "export", name="shapes-server")
     with torchserve_server([server_bundle], tmp_path / "state") as served:

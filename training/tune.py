@@ -627,7 +627,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def register_tune(sub: argparse._SubParsersAction) -> None:
-    """Add ``fieldid tune`` (called from :func:`fieldid.training.cli.register`)."""
+    """Add ``fieldid tune`` (called from :func:`fieldid.commands.training.register`)."""
     from fieldid.cli_common import HelpFormatter
 
     from .train_args import add_train_args

@@ -1,4 +1,4 @@
-"""CLI for edge_demo/: ``fieldid demo``. Torch-free, and Gradio is imported only when run."""
+"""`fieldid demo` (the Gradio field demo). Torch-free, and Gradio is imported only when run."""
 from __future__ import annotations
 
 import argparse
@@ -80,7 +80,7 @@ def _mode_by_labels(path: Path) -> str | None:
 
     from fieldid.appmeta import preset_for_labels
 
-    from .device import DemoError, bundle_dir_of
+    from fieldid.edge_demo.device import DemoError, bundle_dir_of
 
     try:
         return preset_for_labels(load_manifest(bundle_dir_of(path)).labels)
@@ -105,7 +105,7 @@ def _state_dirs(args: argparse.Namespace, sources: list[Path]) -> list[Path]:
 
 def _server_for(model: str, args: argparse.Namespace, state_dirs: list[Path]):  # -> ServerConfig | None
     """--server/--key-file when given, else the server found in a state dir, else the default URL."""
-    from .fallback import DEFAULT_SERVER, ServerConfig, find_server
+    from fieldid.edge_demo.fallback import DEFAULT_SERVER, ServerConfig, find_server
 
     if args.no_server:
         return None
@@ -135,7 +135,7 @@ def _warn_exposure(host: str, modes: list) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .modes import DemoMode
+    from fieldid.edge_demo.modes import DemoMode
 
     if args.key_file is not None and not args.key_file.is_file():
         raise UsageError(f"--key-file {args.key_file} not found")
@@ -155,7 +155,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     state_dirs = [] if args.no_server else _state_dirs(args, [*server_sources.values(), *sources.values()])
     for m in modes:  # the server's model name is a manifest's, known once the bundles are loaded
         m.server = _server_for(m.server_model_name, args, state_dirs)
-    from .app import build_app, launch_app  # Gradio: seconds to import, so only now
+    from fieldid.edge_demo.app import build_app, launch_app  # Gradio: seconds to import, so only now
 
     app = build_app(modes)
     summary = {m.key: {"bundle": str(m.bundle_dir), "precision": m.default_precision,

@@ -1,4 +1,4 @@
-"""CLI for training/: ``fieldid train``, ``evaluate`` and ``data``. Torch-free at import time."""
+"""`fieldid train`, `evaluate`, `tune` and `data` (the training stage's commands). Torch-free at import time."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from fieldid.cli_common import HelpFormatter, UsageError
 
 # The training flags live in their own module so that tune.py (which adds them to `fieldid tune`)
 # and this module do not import each other.
-from .train_args import add_train_args, train_overrides
+from fieldid.training.train_args import add_train_args, train_overrides
 
 __all__ = ["register", "add_train_args", "train_overrides", "HelpFormatter"]
 
@@ -21,8 +21,8 @@ _D = HelpFormatter
 def _cmd_train(args: argparse.Namespace) -> int:
     from fieldid.api import train
 
-    from .datacheck import check_notice
-    from .exclusions import excluding
+    from fieldid.training.datacheck import check_notice
+    from fieldid.training.exclusions import excluding
 
     if args.resume is not None:
         extra = [f for f, v in (("--data", args.data), ("--out", args.out), ("--config", args.config),
@@ -64,13 +64,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from .datacheck import run_check
+    from fieldid.training.datacheck import run_check
 
     return run_check(args)
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
-    from .demo_data import make_demo_dataset
+    from fieldid.training.demo_data import make_demo_dataset
 
     s = make_demo_dataset(args.name, args.out, seed=args.seed, scale=args.scale)
     print(json.dumps({"name": s.name, "out": str(s.out), "counts": s.counts}))
@@ -78,7 +78,7 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_ood(args: argparse.Namespace) -> int:
-    from .negatives import make_ood_set
+    from fieldid.training.negatives import make_ood_set
 
     counts = make_ood_set(args.out, unseen=args.unseen, other=args.other, generated=args.generated)
     print(json.dumps({"out": str(args.out), "counts": counts}))
@@ -106,13 +106,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "RUN/metrics-<folder>.json for any other folder)")
     p.set_defaults(func=_cmd_evaluate)
 
-    from .tune import register_tune  # torch-free: optuna and lightning load only when it runs
+    from fieldid.training.tune import register_tune  # torch-free: optuna and lightning load only when it runs
 
     register_tune(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    from .datacheck import add_check_args  # torch-free
+    from fieldid.training.datacheck import add_check_args  # torch-free
 
     c = dsub.add_parser("check", help="label issues, duplicates, leakage, outliers, photo quality, unreadable files; "
                                       "an HTML report and an exclude list for training", formatter_class=_D)

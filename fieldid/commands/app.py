@@ -1,4 +1,4 @@
-"""CLI for app/: ``fieldid app build`` and ``fieldid app serve``. Torch-free."""
+"""`fieldid app build` and `fieldid app serve` (the phone web app). Torch-free."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ __all__ = ["register"]
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_app, resolve_modes
+    from fieldid.app.build import build_app, resolve_modes
 
     modes = resolve_modes(args.sources or [], meta=args.meta, title=args.title, description=args.description)
     build_app(modes, args.out, server=args.server or "", precision=args.precision, ort_dir=args.ort_dir,
@@ -22,7 +22,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from fieldid.serve.config import exposure_warning
 
-    from .server import make_server
+    from fieldid.app.server import make_server
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number (0-65535)")

@@ -1,4 +1,4 @@
-"""CLI for serve/: ``fieldid serve archive|start|stop|status|rotate-key``. Torch-free at import time."""
+"""`fieldid serve archive|start|stop|status|rotate-key`. Torch-free at import time."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +20,13 @@ def _bundles(args: argparse.Namespace) -> list[Path]:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from .server import default_state_dir
+    from fieldid.serve.server import default_state_dir
 
     return args.state_dir or default_state_dir(_bundles(args)[0])
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
-    from .archive import build_model_store
+    from fieldid.serve.archive import build_model_store
 
     store = args.out or Path(_state_dir(args)) / "model-store"
     mars = build_model_store(_bundles(args), store, devices=args.device_run)
@@ -55,7 +55,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     from fieldid.api import serve_bundles
 
     if args.device_run:  # before anything starts: a server that answers with other labels is refused
-        from .archive import check_device_pairs
+        from fieldid.serve.archive import check_device_pairs
 
         check_device_pairs(_bundles(args), args.device_run)
     st = serve_bundles(*_bundles(args), state_dir=args.state_dir, **_options(args))  # warns itself about --host
@@ -80,8 +80,8 @@ def _servers_per_target(args: argparse.Namespace) -> list[list[Path]]:
     """For each given run/bundle, the state dirs of the servers started with it (``--state-dir``
     instead, when given). A model served from another run's folder is found through the
     ``served_by.json`` that ``start`` left in its own ``RUN/serve``."""
-    from .archive import ServeError
-    from .server import state_dirs_for
+    from fieldid.serve.archive import ServeError
+    from fieldid.serve.server import state_dirs_for
 
     if args.state_dir:
         return [[args.state_dir]]
@@ -99,7 +99,7 @@ def _unique(dirs: list[Path]) -> list[Path]:
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
-    from .server import stop_server
+    from fieldid.serve.server import stop_server
 
     results = []
     for state_dir in _unique([d for group in _servers_per_target(args) for d in group]):
@@ -113,7 +113,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 def _running_per_target(args: argparse.Namespace) -> tuple[dict[Path, dict], bool]:
     """Per target its running server(s), else its first (stopped) one, each with its
     :func:`server_status` (computed once per server); and whether every target is served."""
-    from .server import server_status
+    from fieldid.serve.server import server_status
 
     status: dict[Path, dict] = {}
     chosen, all_running = [], True
@@ -135,7 +135,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_key(args: argparse.Namespace) -> int:
-    from .server import rotate_key
+    from fieldid.serve.server import rotate_key
 
     for state_dir in _running_per_target(args)[0]:
         path = rotate_key(state_dir, args.kind)  # a stopped one: one clear error line
@@ -157,7 +157,7 @@ def _add_targets(p: argparse.ArgumentParser, with_devices: bool = False) -> None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .server import ServeOptions  # torch-free; its defaults are the flags' defaults
+    from fieldid.serve.server import ServeOptions  # torch-free; its defaults are the flags' defaults
 
     d = ServeOptions()
     p = sub.add_parser("serve", help="full-precision fallback server (TorchServe): archive, start, stop, status, rotate-key",

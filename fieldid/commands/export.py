@@ -1,4 +1,4 @@
-"""CLI for export/: ``fieldid export`` (``fieldid bench`` is fieldid/bench_cli.py). Torch-free at import time."""
+"""`fieldid export` (`fieldid bench` is fieldid/bench_cli.py). Torch-free at import time."""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +53,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .formats import FORMAT_NAMES
+    from fieldid.export.formats import FORMAT_NAMES
 
     p = sub.add_parser(
         "export", help="verified phone artifacts (ONNX, ExecuTorch, TorchScript, Core ML)",
