@@ -15,7 +15,6 @@ Inputs go through the phone preprocessing (``fieldid.export.phone``), as an app 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time

@@ -36,7 +36,7 @@ from torch import nn
 from fieldid.training.data import load_split, make_split
 from fieldid.training.images import DataError
 from fieldid.training.records import RecordError, RunRecord, load_record
-from fieldid.training.train import load_run_model
+from fieldid.training.models import load_run_model
 
 from .formats import FORMAT_NAMES
 from .inputs import ExportInputs, PhoneImages, folder_inputs, load_arrays, run_inputs, samples_index

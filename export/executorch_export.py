@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field

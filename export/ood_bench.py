@@ -15,7 +15,6 @@ photos as the detector does) — the measurement behind the choice of method.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -163,7 +162,7 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
     acc_answered = float((in_logits.argmax(1)[answered] == in_y[answered]).mean()) if answered.any() else 0.0
     rows = [{"set": f"in-distribution ({which} split)", "images": int(len(in_scores)),
              "measure": "answered on device", "value": float(answered.mean()), "goal": OOD_GOALS["in_answered"]},
-            {"set": f"in-distribution, answered", "images": int(answered.sum()), "measure": "accuracy",
+            {"set": "in-distribution, answered", "images": int(answered.sum()), "measure": "accuracy",
              "value": acc_answered, "goal": OOD_GOALS["answered_accuracy"]}]
     methods: dict[str, dict[str, Any]] = {"mahalanobis (in the artifact)": {}}
     base_in = _baselines(in_logits, manifest.temperature)

@@ -158,7 +158,7 @@ def evaluate(run: Run | PathLike, data: PathLike | None = None, *, out: PathLike
     Returns:
         ``accuracy``, ``macro_f1``, per-class precision/recall/F1, top-k, confusion matrix, ECE, ...
     """
-    from fieldid.training.train import evaluate as _evaluate
+    from fieldid.training.evaluate import evaluate as _evaluate
 
     return _evaluate(Path(run), data, out=out)
 

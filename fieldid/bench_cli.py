@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from fieldid.cli_common import UsageError
 from fieldid.cli_vocabulary import add_renamed

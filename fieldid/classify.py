@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from fieldid.cli_common import Progress, UsageError, first_line
+from fieldid.cli_common import UsageError, first_line
 
 if TYPE_CHECKING:
     from fieldid.export.manifest import Artifact, Manifest

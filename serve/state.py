@@ -74,10 +74,6 @@ class ServerState(Record):
         return read_token(self.key_file, kind) if self.auth else None
 
 
-def url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 def read_server_state(path: str | Path) -> ServerState:
     """The server described by ``path``: a ``server.json`` file or the state folder holding one.
 

@@ -70,7 +70,7 @@ def check_set(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Check
     from fieldid.training.negatives import generated_unknowns
     from fieldid.training.ood import scored_model
     from fieldid.training.records import load_record
-    from fieldid.training.train import load_run_model
+    from fieldid.training.models import load_run_model
 
     rec = load_record(tiny_run)
     spec = rec.preprocess_spec

@@ -10,7 +10,7 @@ import pytest
 from fixtures_scaleout import log_rows
 from fieldid.training import TrainConfig
 from fieldid.training.data import load_split
-from fieldid.training.train import _launch_rank, _strategy
+from fieldid.training.compute import launch_rank, lightning_strategy
 
 BATCH = 8
 EPOCHS = 2
@@ -75,7 +75,7 @@ def test_launch_rank_is_read_before_the_trainer(monkeypatch: pytest.MonkeyPatch,
         monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert (_launch_rank() == 0) == (rank == 0)
+    assert (launch_rank() == 0) == (rank == 0)
 
 
 @pytest.mark.parametrize(("kw", "expected"), [
@@ -87,4 +87,4 @@ def test_launch_rank_is_read_before_the_trainer(monkeypatch: pytest.MonkeyPatch,
     ({"strategy": "auto", "num_nodes": 2}, "ddp_find_unused_parameters_true"),
 ])
 def test_ddp_strategy_knows_about_the_frozen_backbone(kw: dict, expected: str) -> None:
-    assert _strategy(TrainConfig(**kw)) == expected
+    assert lightning_strategy(TrainConfig(**kw)) == expected

@@ -271,7 +271,7 @@ def test_on_device_answer_matches_pytorch(dive: DemoMode, tiny_run: Path) -> Non
     import torch
 
     from fieldid.training.data import eval_transform
-    from fieldid.training.train import load_run_model
+    from fieldid.training.models import load_run_model
 
     model = load_run_model(tiny_run)
     spec = dive.manifest.preprocess_spec

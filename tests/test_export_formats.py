@@ -58,7 +58,7 @@ def eager(tiny_run: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray, n
     """Held-out inputs, targets and the eager PyTorch logits computed here, independently of the export."""
     import torch
 
-    from fieldid.training.train import load_run_model
+    from fieldid.training.models import load_run_model
 
     x, y = _heldout(tiny_run, manifest)
     with torch.no_grad():

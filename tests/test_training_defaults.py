@@ -17,8 +17,10 @@ from fieldid.training.data import CachedImageDataset, ImageCache, eval_transform
 from fieldid.training.images import DataError
 from fieldid.training.models import get_backbone
 from fieldid.training.records import RecordError, RunRecord, load_record
-from fieldid.training.train import (CheckpointError, choose_image_size, load_checkpoint, matched_image_size, train,
-                                    train_head_on_features)
+from fieldid.training.checkpoints import CheckpointError, load_checkpoint
+from fieldid.training.head import train_head_on_features
+from fieldid.training.image_size import choose_image_size, matched_image_size
+from fieldid.training.train import train
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -194,15 +196,15 @@ def test_val_fraction_0_is_refused_without_a_val_folder(tmp_path: Path, shapes_d
     assert fieldid.main(["train", "--data", str(shapes_dir), "--out", str(out), "--config", str(cfg)]) == 2
     assert "val_fraction 0" in _error_line(capsys) and not out.exists()
     # A pre-split tree with its own val/ needs no carved validation set: accepted.
-    from fieldid.training.train import _require_validation
+    from fieldid.training.train import require_validation
 
     tree = tmp_path / "tree"
     for part in ("train", "val"):
         make_shapes_dataset(tree / part, {"circle": 3, "square": 3}, seed=3 if part == "val" else 0)
     split = make_split(tree, val_fraction=0.0, seed=0)
-    _require_validation(split, TrainConfig(val_fraction=0.0))
+    require_validation(split, TrainConfig(val_fraction=0.0))
     with pytest.raises(ConfigError, match="val_fraction 0"):
-        _require_validation(make_split(tree / "train", val_fraction=0.0, seed=0), TrainConfig(val_fraction=0.0))
+        require_validation(make_split(tree / "train", val_fraction=0.0, seed=0), TrainConfig(val_fraction=0.0))
 
 
 # --------------------------------------------------------------------------- --resume flags

@@ -1,7 +1,10 @@
 """fieldid training: ImageFolder dataset -> fine-tuned, calibrated model in a run directory.
 
-The entry points are ``fieldid.training.train.train`` and ``fieldid.training.train.evaluate`` (the module
-``fieldid.training.train`` shadows any package-level ``train`` name, so it is not re-exported here).
+The entry points are ``fieldid.training.train.train`` and ``fieldid.training.evaluate.evaluate`` (the
+modules shadow any package-level ``train`` / ``evaluate`` name, so they are not re-exported here).
+A run is made in steps, a module each: ``train`` (data, Lightning) -> ``head`` (cached-feature head
+phase, baselines) -> ``finalize`` (shipped model, calibration, metrics, unknown detector), with
+``rundir``, ``checkpoints``, ``resume``, ``image_size`` and ``compute`` (devices, precision, Trainer).
 Names are re-exported lazily so that torch-free users (the edge demo, the CLI parser) can
 import ``fieldid.training.records`` without pulling in torch.
 """
@@ -24,8 +27,8 @@ _WHERE = {
     "RunRecord": "records", "PreprocessSpec": "records", "load_record": "records", "RecordError": "records",
     "BackboneSpec": "models", "create_model": "models", "get_backbone": "models", "list_backbones": "models",
     "example_input": "models", "ModelError": "models",
-    "load_run_model": "models", "RunError": "train",
-    "CheckpointError": "train",
+    "load_run_model": "models", "RunError": "rundir",
+    "CheckpointError": "checkpoints",
     "DataError": "images", "ImageError": "images", "make_split": "data",
     "UnknownDetector": "ood", "ScoredModel": "ood", "refit_run_detector": "ood",
     "LabelsMismatch": "distill", "check_same_labels": "distill",

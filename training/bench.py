@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -314,7 +312,7 @@ def format_augment(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------- speed choices
 def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4) -> list[dict]:
     """Seconds per training step of MobileNetV2 under each CPU setting training could pick."""
-    from .train import cpu_supports_bf16
+    from .compute import cpu_supports_bf16
 
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, image_size, image_size)

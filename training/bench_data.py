@@ -124,7 +124,7 @@ def _time_row(root: Path, work: Path, name: str) -> tuple[dict[str, Any], Any]:
     # The size the check (and `fieldid train`) picks: one warm-up call of the check's own rule.
     from .config import TrainConfig
     from .data import make_split
-    from .train import choose_image_size
+    from .image_size import choose_image_size
 
     size, _ = choose_image_size(make_split(root, exclude={}), TrainConfig())
     photos = _photos(root)

@@ -297,3 +297,9 @@ def default_num_threads() -> int:
     """CPU cores this process may run on (its affinity mask, not the machine's count): training
     loaders and ``fieldid bench``'s "all threads" column both use it."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def balanced_sample_weights(counts: list[int], targets: list[int]) -> torch.Tensor:
+    """Per-image sampling weights that draw every class equally often (``imbalance: sampler``)."""
+    per_class = [1.0 / max(1, c) for c in counts]
+    return torch.tensor([per_class[y] for y in targets], dtype=torch.double)

@@ -316,7 +316,7 @@ class _Deep:
     def __init__(self, root: Path, options: DeepOptions) -> None:
         from .config import TrainConfig
         from .features import FeatureCache, FeatureCollector, FeatureExtractor, cache_file, default_cache_dir
-        from .train import choose_image_size
+        from .image_size import choose_image_size
 
         self.options = options
         self.t0 = time.perf_counter()

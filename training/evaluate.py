@@ -1,4 +1,4 @@
-"""Metrics, plots and ``fieldid evaluate``."""
+"""Metrics, plots and ``fieldid evaluate`` (a finished run scored on its held-out split or any folder)."""
 from __future__ import annotations
 
 import csv
@@ -11,9 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .calibrate import expected_calibration_error
-from .records import atomic_write_bytes
+from .data import CachedImageDataset, ImageCache, eval_transform, load_split
+from .images import DataError
+from .models import load_run_model
+from .records import atomic_write_bytes, atomic_write_json, load_record
+from .rundir import RunError
 
-__all__ = ["predict_logits", "compute_metrics", "plot_confusion", "plot_curves"]
+__all__ = ["predict_logits", "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +160,77 @@ def plot_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
     out = _save_fig(fig, Path(path))
     plt.close(fig)
     return out
+
+
+# --------------------------------------------------------------------------- fieldid evaluate
+def _other_metrics_name(data: Path) -> str:
+    """``metrics-<folder>.json`` for a folder that is not the run's dataset (safe file-name characters only)."""
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", data.name).strip("._") or "data"
+    return f"metrics-{stem}.json"
+
+
+def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_size: int = 64,
+             out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a finished run.
+
+    ``data_dir`` resolution: a tree with ``test/`` -> that split; the run's own dataset ->
+    its held-out test split (the split file is the truth, so no leakage); any other folder
+    -> every image in it (class folders must be among the run's labels).
+
+    Where it writes: the run's own held-out split -> ``RUN/metrics.json`` and the plots (the
+    numbers export copies into the bundle); any other folder -> ``RUN/metrics-<folder>.json``
+    and ``RUN/plots/confusion_matrix-<folder>.png``, never the run's held-out metrics.
+    ``out`` names the metrics file instead. The returned dict carries ``metrics_file``.
+    """
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    spec = record.preprocess_spec
+    split = load_split(run_dir / record.split)
+    index = {name: i for i, name in enumerate(record.labels)}
+    data = Path(data_dir).resolve() if data_dir else Path(split.root)
+    own = data == Path(split.root).resolve()
+    if own:
+        paths, targets, which = split.paths("test"), split.targets("test"), "test"
+        if not paths:
+            paths, targets, which = split.paths("val"), split.targets("val"), "val"
+    else:
+        from .images import scan_image_folder
+
+        listing = scan_image_folder(data)
+        part = "test" if "test" in listing.splits else ("all" if "all" in listing.splits else "val")
+        if part not in listing.splits:
+            raise DataError(f"{data}: no test/ or val/ split to evaluate")
+        unknown = sorted(set(listing.splits[part]) - set(index))
+        if unknown:
+            raise DataError(f"{data}: class folder(s) {', '.join(unknown)} not among the run's labels")
+        paths, targets = [], []
+        for name, files in listing.splits[part].items():
+            paths += files
+            targets += [index[name]] * len(files)
+        which = part
+    target = Path(out) if out is not None else run_dir / (record.metrics if own else _other_metrics_name(data))
+    if out is not None and target.resolve() == (run_dir / record.metrics).resolve() and not own:
+        raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
+    cache = ImageCache(paths, targets, resize_size=spec.resize_size, interpolation=spec.interpolation)
+    if len(cache) == 0:
+        raise DataError(f"{data}: no readable images to evaluate")
+    model = load_run_model(run_dir, record)
+    logits, y = predict_logits(model, CachedImageDataset(cache, eval_transform(spec)), batch_size=batch_size)
+    metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature)
+    metrics.update({"split": which, "data": str(data), "skipped_unreadable": len(cache.skipped)})
+    previous = run_dir / record.metrics
+    if own and previous.is_file():
+        import json
+
+        old = json.loads(previous.read_text())
+        if isinstance(old, dict) and "training" in old:
+            metrics["training"] = old["training"]
+    atomic_write_json(target, metrics)
+    suffix = "" if own and out is None else "-" + target.stem.removeprefix("metrics-")
+    plot_confusion(metrics, run_dir / "plots" / f"confusion_matrix{suffix}.png", title=f"{run_dir.name} ({which})")
+    if own and out is None:
+        plot_curves(run_dir / "logs" / "metrics.csv", run_dir / "plots" / "curves.png")
+    metrics["metrics_file"] = str(target)
+    return metrics
