@@ -26,7 +26,6 @@ import io
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
@@ -58,11 +57,10 @@ def write_measured_page(path: str | Path, title: str, command: str, body: str) -
 
     Every number in the docs comes from such a page, never typed by hand.
     """
-    from fieldid.machine import describe_machine, git_commit
+    from fieldid.machine import measured_header
     from fieldid.records import atomic_write_text
 
-    text = (f"# {title}\n\nWritten by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit "
-            f"{git_commit()}.\n\n{describe_machine()}\n\n``\n{body.rstrip()}\n``\n")
+    text = measured_header(title, command) + f"```\n{body.rstrip()}\n```\n"
     return atomic_write_text(Path(path), text)
 
 

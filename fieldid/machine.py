@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_features", "describe_machine", "git_commit"]
+__all__ = ["cpu_features", "describe_machine", "git_commit", "measured_header"]
 
 # /proc/cpuinfo flags that decide int8 / bf16 kernel speed, in the order they are printed.
 _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -72,3 +72,15 @@ def git_commit(repo: str | os.PathLike | None = None) -> str:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def measured_header(title: str, command: str, *, measured: str = "") -> str:
+    """The head of every measurement page: title, the command that wrote it, date, commit and machine.
+
+    ``measured`` adds when the rows were measured, for pages collected from earlier runs.
+    Every number in the docs comes from a page that starts with this, never typed by hand.
+    """
+    import time
+
+    return (f"# {title}\n\nWritten by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}"
+            f"{'; ' + measured if measured else ''}.\n\n{describe_machine()}\n\n")

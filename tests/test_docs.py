@@ -92,3 +92,12 @@ def test_no_docs_page_names_a_removed_spelling(page: str) -> None:
     for old in ("fieldid bench --run", "bench --ood", "--serve-state", "--certificate", "--private-key",
                 "fieldid.export(", "fieldid.serve(", "--allow-drop]", "OnDeviceModel"):
         assert old not in text, (page, old)
+
+
+def test_measurement_pages_share_one_header(tmp_path: Path) -> None:
+    """bench real, bench data and every `fieldid bench ... --page` start with the same head (fieldid.machine)."""
+    from fieldid.bench_cli import write_measured_page
+
+    text = write_measured_page(tmp_path / "x.md", "Title", "fieldid bench bundle", "a   b\n1   2\n").read_text()
+    assert text.startswith("# Title\n\nWritten by `fieldid bench bundle` on ") and ", commit " in text
+    assert "CPU:" in text and text.endswith("```\na   b\n1   2\n```\n")  # a table of aligned text stays fenced

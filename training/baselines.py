@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .probe import LinearProbe, fit_probe, majority_scores, score_predictions
+from .probe import LinearProbe, fit_probe, majority_scores, objective_score, score_predictions
 from .records import atomic_write_bytes, atomic_write_json
 
 __all__ = ["imbalance_plan", "backbone_features", "adapt_batchnorm", "batchnorm_state", "fit_run_baselines", "choose_shipped", "set_head", "load_probe_head",
@@ -178,10 +178,6 @@ def _tensor_bytes(obj: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def _objective(scores: dict[str, float], objective: str) -> float:
-    return scores["balanced_accuracy"] if objective == "balanced" else scores["accuracy"]
-
-
 def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str) -> tuple[str, dict[str, Any]]:
     """``("fine-tuned" | "probe", baselines)``: the probe wins only when strictly better on val.
 
@@ -196,7 +192,7 @@ def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str) 
     base["fine_tuned"] = fine_tuned_val
     shipped = "fine-tuned"
     probe = base.get("probe")
-    if probe is not None and (out / PROBE_HEAD_FILE).is_file() and _objective(probe, objective) > _objective(
+    if probe is not None and (out / PROBE_HEAD_FILE).is_file() and objective_score(probe, objective) > objective_score(
             fine_tuned_val, objective):
         shipped = "probe"
     base["shipped"] = shipped

@@ -278,11 +278,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) -> Path:
     """``docs/measured/bench-data.md``: the tables with date, commit and machine."""
-    from fieldid.machine import describe_machine, git_commit
+    from fieldid.machine import measured_header
 
-    text = (f"# Data check: planted label flips and near-duplicates\n\n"
-            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}.\n\n"
-            f"{describe_machine()}\n\nMobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
+    text = (measured_header("Data check: planted label flips and near-duplicates", command)
+            + "MobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
             f"{int(100 * FLIP_FRACTION)} % of each set's photos moved to another class; near-duplicate copies of "
             f"{int(100 * DUP_FRACTION)} % of the test photos (at least {MIN_DUPS}) put into train/. How the rows are "
             f"made: `python -m fieldid.training.bench_data --help` and docs/data-check.md.\n\n{format_table(rows)}\n")

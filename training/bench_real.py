@@ -168,16 +168,15 @@ def format_real(rows: list[dict[str, Any]]) -> str:
 
 def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) -> Path:
     """``docs/measured/bench-real.md``: the table with the date, commit and machine it was measured on."""
-    from fieldid.machine import describe_machine, git_commit
+    from fieldid.machine import measured_header
 
     dates = sorted(r["date"] for r in rows if r.get("date"))
     commits = sorted({r.get("commit") or "not recorded" for r in rows})
     measured = [f"{dates[0]} to {dates[-1]}" if dates else "at an unrecorded time",
                 f"at commit(s) {', '.join(commits)}"]
-    text = (f"# Real photos: fieldid's defaults against the baselines\n\n"
-            f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {git_commit()}; rows measured "
-            f"{' '.join(measured)}.\n\n{describe_machine()}\n\n"
-            f"Wall times are only comparable between rows measured in one run on an otherwise idle machine; "
+    text = (measured_header("Real photos: fieldid's defaults against the baselines", command,
+                            measured="rows measured " + " ".join(measured))
+            + f"Wall times are only comparable between rows measured in one run on an otherwise idle machine; "
             f"rows collected from separate runs (`--collect`) may have run under different load.\n\n"
             f"{format_real(rows)}\n")
     return atomic_write_text(path, text)

@@ -132,10 +132,10 @@ def uses_feature_head(cfg: TrainConfig, model: torch.nn.Module) -> bool:
 def _probe_val(feats: torch.Tensor, ys: torch.Tensor, val_feats: torch.Tensor, val_ys: torch.Tensor, num_classes: int,
                cfg: TrainConfig) -> float:
     """The linear probe's val score on ``cfg.objective`` (the number the run's choices compare)."""
-    from .probe import fit_probe
+    from .probe import fit_probe, objective_score
 
     val = fit_probe(feats, ys, val_feats, val_ys, num_classes, objective=cfg.objective).val
-    return round(float(val["balanced_accuracy"] if cfg.objective == "balanced" else val["accuracy"]), 4)
+    return round(float(objective_score(val, cfg.objective)), 4)
 
 
 def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,

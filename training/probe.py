@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LinearProbe", "fit_logistic", "fit_probe", "score_predictions", "majority_scores", "L2_GRID"]
+__all__ = ["LinearProbe", "fit_logistic", "fit_probe", "score_predictions", "majority_scores", "objective_score", "L2_GRID"]
 
 # Weight-decay strengths tried; the one with the best val score wins (ties: the stronger one).
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -98,7 +98,8 @@ def majority_scores(train_targets: torch.Tensor, targets: torch.Tensor, num_clas
             "class": commonest}
 
 
-def _objective_score(scores: dict[str, float], objective: str) -> float:
+def objective_score(scores: dict[str, float], objective: str) -> float:
+    """The score ``--objective`` optimises (accuracy or balanced accuracy): what every choice of a run compares."""
     return scores["balanced_accuracy"] if objective == "balanced" else scores["accuracy"]
 
 
@@ -117,7 +118,7 @@ def fit_probe(train_features: torch.Tensor, train_targets: torch.Tensor, val_fea
         w, b = fit_logistic(train_features, train_targets, num_classes, l2=l2, sample_weights=sw)
         pred = (val_features.float().cpu() @ w.T + b).argmax(1)
         scores = score_predictions(pred, val_targets, num_classes)
-        if best is None or _objective_score(scores, objective) > _objective_score(best.val, objective):
+        if best is None or objective_score(scores, objective) > objective_score(best.val, objective):
             best = LinearProbe(weight=w, bias=b, l2=l2, val=scores)
     assert best is not None
     return best
