@@ -32,13 +32,18 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 # --------------------------------------------------------------------------- image size rule
 def test_image_size_rule() -> None:
-    # Small photos: the crop the eval resize would cut from them, in multiples of 32.
-    assert matched_image_size([100] * 9, 224, 0.875)[0] == 96
-    assert matched_image_size([150, 160, 170], 224, 0.875)[0] == 128
-    assert matched_image_size([183] * 3, 224, 0.875)[0] == 160
+    # Small photos: the crop the eval resize would cut from them, in multiples of 32, at least 160 px.
+    assert matched_image_size([220] * 3, 224, 0.875)[0] == 192
+    assert matched_image_size([183] * 3, 224, 0.875) == (
+        160, "photos are small (median shorter side 183 px): training at 160 px instead of the native 224 px")
+    size, reason = matched_image_size([100] * 9, 224, 0.875)
+    assert size == 160 and "(upscaled)" in reason
+    assert matched_image_size([150, 160, 170], 224, 0.875)[0] == 160
     # Tiny photos stop at the floor; the median decides, not a few outliers.
-    assert matched_image_size([8] * 5, 224, 0.875)[0] == 96
-    assert matched_image_size([100] * 5 + [4000] * 4, 224, 0.875)[0] == 96
+    assert matched_image_size([8] * 5, 224, 0.875)[0] == 160
+    assert matched_image_size([100] * 5 + [4000] * 4, 224, 0.875)[0] == 160
+    # A backbone whose native size is at or below the floor trains at its native size.
+    assert matched_image_size([100] * 3, 128, 0.875)[0] == 128
     # Photos at or above the native size (or unreadable ones): the native size.
     size, reason = matched_image_size([480, 640, 3000], 224, 0.875)
     assert size == 224 and "native" in reason
@@ -50,7 +55,7 @@ def test_image_size_rule_reads_the_training_photos(tmp_path: Path) -> None:
     small = make_shapes_dataset(tmp_path / "small", {"circle": 6, "square": 6}, size=72)
     split = make_split(small, seed=0)
     size, reason = choose_image_size(split, TrainConfig())
-    assert size == 96 and "72 px" in reason
+    assert size == 160 and "72 px" in reason
     # An explicit size always wins, even below the rule's floor.
     assert choose_image_size(split, TrainConfig(image_size=48)) == (48, "--image-size 48 px (explicit)")
     big = make_shapes_dataset(tmp_path / "big", {"circle": 6, "square": 6}, size=300)
@@ -119,11 +124,11 @@ def test_training_with_num_workers_and_the_decode_cache(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["training"]["speed"] == {"head_phase": "cached features", "precision": "32-true", "num_workers": 2}
     assert m["training"]["epochs"] == 2
-    # No --image-size: the photos (40 px) are far below 224, so the rule chose the size, and the
-    # run records it where export, server and demo read it.
-    assert rec.preprocess["crop_size"] == 96 and rec.extra["image_size"] == 96
+    # No --image-size: the photos (40 px) are far below 224, so the rule chose the size (its floor),
+    # and the run records it where export, server and demo read it.
+    assert rec.preprocess["crop_size"] == 160 and rec.extra["image_size"] == 160
     assert "40 px" in rec.extra["image_size_rule"]
-    assert json.loads((tmp_path / "run" / "preprocess.json").read_text())["crop_size"] == 96
+    assert json.loads((tmp_path / "run" / "preprocess.json").read_text())["crop_size"] == 160
 
 
 # --------------------------------------------------------------------------- checkpoints
