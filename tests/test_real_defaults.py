@@ -185,6 +185,24 @@ def test_bench_real_goals_and_table() -> None:
     table = format_real(_rows(0.80, 250))
     assert "| elpv | yes | 4 | 10/2/4 | 14x | fieldid | 0.800 |" in table
     assert "224 px, 6 epochs, shipped fine-tuned" in table and ">= probe: met" in table
+    assert "to server" not in table  # rows measured before the share was recorded judge nothing about it
+    # The share of test photos the fallback threshold sends to the server, and its goal.
+    rows = _rows(0.80, 250)
+    rows[-1].update(to_server=0.3, kept_accuracy=0.97)
+    assert goals(rows)["elpv"]["<= 25% to server"] is False
+    assert "30% of test photos to the server (device answers 0.970 right)" in format_real(rows)
+    rows[-1].update(to_server=0.1)
+    assert "<= 25% to server: met" in format_real(rows)
+
+
+def test_metrics_carry_the_fallback_share() -> None:
+    from fieldid.training.evaluate import compute_metrics
+
+    logits = torch.tensor([[3.0, 0.0], [0.1, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    m = compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"], fallback_threshold=0.8)
+    # The near-tie (second photo) goes to the server; of the three kept, two are right.
+    assert m["fallback"]["sent_to_server"] == 0.25 and abs(m["fallback"]["kept_accuracy"] - 2 / 3) < 1e-6
+    assert "fallback" not in compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"])
 
 
 def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:

@@ -124,6 +124,8 @@ def test_training_with_num_workers_and_the_decode_cache(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["training"]["speed"] == {"head_phase": "cached features", "precision": "32-true", "num_workers": 2}
     assert m["training"]["epochs"] == 2
+    # The held-out metrics say how many photos the run's fallback threshold sends to the server.
+    assert m["fallback"]["threshold"] == rec.fallback_threshold and 0.0 <= m["fallback"]["sent_to_server"] <= 1.0
     # No --image-size: the photos (40 px) are far below 224, so the rule chose the size (its floor),
     # and the run records it where export, server and demo read it.
     assert rec.preprocess["crop_size"] == 160 and rec.extra["image_size"] == 160

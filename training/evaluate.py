@@ -37,8 +37,12 @@ def predict_logits(model: nn.Module, dataset: Dataset, *, batch_size: int = 64,
 
 
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str], *,
-                    temperature: float = 1.0) -> dict[str, Any]:
+                    temperature: float = 1.0, fallback_threshold: float | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1, top-k, confusion matrix and ECE (raw and calibrated).
+
+    With ``fallback_threshold``, also ``fallback``: the share of photos whose calibrated top-1
+    probability is below it (the phone asks the server about those; photos flagged unknown add to
+    them) and the accuracy of the answers kept on the device.
 
     Example:
         >>> m = compute_metrics(torch.eye(2) * 5, torch.tensor([0, 1]), ["a", "b"])
@@ -69,6 +73,14 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequenc
         top_k[f"top{kk}"] = float((topk == targets[:, None]).any(1).float().mean()) if n else 0.0
     probs_raw = logits.softmax(1)
     probs_cal = (logits / temperature).softmax(1)
+    extra: dict[str, Any] = {}
+    if fallback_threshold is not None:
+        kept = probs_cal.max(1).values >= fallback_threshold
+        extra["fallback"] = {
+            "threshold": fallback_threshold,
+            "sent_to_server": float(1.0 - kept.float().mean()) if n else 0.0,
+            "kept_accuracy": float((pred[kept] == targets[kept]).float().mean()) if int(kept.sum()) else None,
+        }
     return {
         "num_images": n,
         "accuracy": float((pred == targets).float().mean()) if n else 0.0,
@@ -82,6 +94,7 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequenc
         "ece_calibrated": expected_calibration_error(probs_cal, targets) if n else 0.0,
         "nll_raw": float(nn.functional.cross_entropy(logits, targets)) if n else 0.0,
         "nll_calibrated": float(nn.functional.cross_entropy(logits / temperature, targets)) if n else 0.0,
+        **extra,
     }
 
 
@@ -218,7 +231,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
         raise DataError(f"{data}: no readable images to evaluate")
     model = load_run_model(run_dir, record)
     logits, y = predict_logits(model, CachedImageDataset(cache, eval_transform(spec)), batch_size=batch_size)
-    metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature)
+    metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature,
+                              fallback_threshold=record.fallback_threshold)
     metrics.update({"split": which, "data": str(data), "skipped_unreadable": len(cache.skipped)})
     previous = run_dir / record.metrics
     if own and previous.is_file():

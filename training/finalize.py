@@ -94,7 +94,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     })
     eval_name = "test" if len(datasets["test"]) else cal_name
     logits, y = (val_logits, val_y) if eval_name == cal_name else predict_logits(model, datasets[eval_name])
-    metrics = compute_metrics(logits, y, split.labels, temperature=temperature)
+    metrics = compute_metrics(logits, y, split.labels, temperature=temperature, fallback_threshold=fallback.threshold)
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
                     "training": {"seconds": round(seconds, 1), "epochs": epochs_run, "speed": head_phase,
                                  "skipped_unreadable": skipped, "imbalance": imbalance,
@@ -122,6 +122,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
                     "test_macro_f1": metrics["macro_f1"], "image_size": record.preprocess["crop_size"]}
     record.extra["samples"] = write_samples(out, split, record.preprocess_spec, datasets)  # export needs no dataset
     record.to_json(out / "run.json")
-    log.info("run %s: %s accuracy %.4f macro-F1 %.4f (T=%.3f, fallback below %.2f) in %.0f s", out, eval_name,
-             metrics["accuracy"], metrics["macro_f1"], temperature, fallback.threshold, seconds)
+    log.info("run %s: %s accuracy %.4f macro-F1 %.4f (T=%.3f; below %.2f confidence, %.1f %% of the %s photos go "
+             "to the server) in %.0f s", out, eval_name, metrics["accuracy"], metrics["macro_f1"], temperature,
+             fallback.threshold, 100 * metrics["fallback"]["sent_to_server"], eval_name, seconds)
     return record
