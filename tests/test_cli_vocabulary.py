@@ -161,7 +161,8 @@ def _recipe(target: str) -> str:
 
 
 @pytest.mark.parametrize("target", ["bench", "bench-export", "bench-train", "bench-serve", "bench-cascade",
-                                    "bench-app"])
+                                    "bench-app", "bench-real", "bench-data", "bench-real-image-size",
+                                    "bench-real-batchnorm"])
 def test_every_make_bench_target_runs_fieldid_bench(target: str) -> None:
     recipe = _recipe(target)
     assert "$(FIELDID) bench " in recipe and "-m fieldid." not in recipe, recipe
@@ -193,7 +194,8 @@ def test_make_install_needs_no_npm() -> None:
 def test_make_clean_removes_only_what_make_made(tmp_path: Path) -> None:
     runs, data, app = tmp_path / "runs", tmp_path / "data", tmp_path / "build" / "app"
     made = [runs / "reef" / "run.json", runs / "salmon-server" / "run.json", runs / "bench-export" / "x",
-            runs / "tune.db", data / "reef" / "a" / "1.jpg", app / "index.html"]
+            runs / "tune.db", runs / "bench-data" / "x", runs / "bench-real-image-size" / "96" / "x",
+            data / "reef" / "a" / "1.jpg", app / "index.html"]
     mine = [runs / "my-model" / "run.json", data / "my-photos" / "cat" / "1.jpg"]
     for f in made + mine:
         f.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -177,7 +178,10 @@ def format_real(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) -> Path:
+TITLE = "Real photos: fieldid's defaults against the baselines"
+
+
+def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str, title: str = TITLE) -> Path:
     """``docs/measured/bench-real.md``: the table with the date, commit and machine it was measured on."""
     from fieldid.machine import measured_header
 
@@ -185,7 +189,7 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) ->
     commits = sorted({r.get("commit") or "not recorded" for r in rows})
     measured = [f"{dates[0]} to {dates[-1]}" if dates else "at an unrecorded time",
                 f"at commit(s) {', '.join(commits)}"]
-    text = (measured_header("Real photos: fieldid's defaults against the baselines", command,
+    text = (measured_header(title, command,
                             measured="rows measured " + " ".join(measured))
             + f"Wall times are only comparable between rows measured in one run on an otherwise idle machine; "
             f"rows collected from separate runs (`--collect`) may have run under different load.\n\n"
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(sets measured separately, e.g. the long inspection set on a quiet machine)")
     p.add_argument("--page", type=Path, default=Path("docs/measured/bench-real.md"),
                    help="markdown page the table is written to (default: docs/measured/bench-real.md)")
+    p.add_argument("--title", default=TITLE, help=f"the page's title (default: {TITLE!r})")
     a = p.parse_args(argv)
     if a.collect:
         try:
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         order = {name: i for i, name in enumerate(REAL_BENCH_SETS)}
         rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
         print(format_real(rows))
-        print(f"written: {write_page(rows, a.page, command='python -m fieldid.training.bench real --collect ...')}")
+        command = "fieldid bench real --collect " + " ".join(str(f) for f in a.collect)
+        print(f"written: {write_page(rows, a.page, command=command, title=a.title)}")
         return 0
     try:
         rows = bench_real(a.work, tuple(x for x in a.sets.split(",") if x), train_args=a.train_args.split(),
@@ -229,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n" + format_real(rows))
     if a.page and not a.train_args and not a.skip:  # only the defaults' full comparison is the published page
-        print(f"written: {write_page(rows, a.page, command='make bench-real')}")
+        command = "fieldid bench real " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"written: {write_page(rows, a.page, command=command.strip(), title=a.title)}")
     return 0
 
 
