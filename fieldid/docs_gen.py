@@ -34,8 +34,8 @@ _NAV = [("Home", "index.md"), ("Quickstart", "quickstart.md"), ("Data check", "d
 # Where mkdocs' hook lays out the package for the API pages (git-ignored, under build/).
 _API_SRC = "build/api-src"
 # Measurement pages with a fixed nav title; any other docs/measured/bench-*.md is listed under its file name.
-_MEASURED_TITLES = {"bench-real.md": "Real photos", "bench-data.md": "Data check", "bench-real-image-size.md": "Image size",
-                    "bench-real-batchnorm.md": "BatchNorm statistics"}
+_MEASURED_TITLES = {"bench-real.md": "Real photos", "bench-data.md": "Data check",
+                    "bench-real-image-size.md": "Image size", "bench-real-batchnorm.md": "BatchNorm statistics"}
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, argparse.ArgumentParser]]:

@@ -14,8 +14,8 @@ alone), on the split ``fieldid train`` makes with its default seed, one after th
 It prints test accuracy, macro-F1, balanced accuracy and wall time per row, fieldid's time ratio
 to the reference, the share of test photos below the run's fallback threshold (the phone asks the
 server about those) and whether the goals hold (fieldid >= reference and >= probe accuracy, never
-below majority, <= 3x the reference's time, <= 25 % of photos to the server); the table goes to ``WORK/bench-real.json`` and to
-``docs/measured/bench-real.md`` with date, commit and machine line.
+below majority, <= 3x the reference's time, <= 25 % of photos to the server); the table goes to
+``WORK/bench-real.json`` and to ``docs/measured/bench-real.md`` with date, commit and machine line.
 """
 from __future__ import annotations
 
