@@ -190,7 +190,7 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fieldid.app.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="fieldid bench app", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder (its export/ bundle) or bundle folder")
     p.add_argument("--photos", type=int, default=50, help="photos per row")
     p.add_argument("--threads", type=int, nargs="*", default=None,

@@ -82,7 +82,7 @@ def export_stats_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fieldid.export.bench_export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fieldid bench export", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, action="append", required=True, help="run directory (repeat for more)")
     p.add_argument("--formats", default=None, help="comma-separated formats (default: all)")
     p.add_argument("--out", type=Path, default=None, help="folder for the bundles (default: RUN/export)")

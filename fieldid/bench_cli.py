@@ -132,10 +132,12 @@ def _forward(name: str) -> Callable[[argparse.Namespace], int]:
         module, _, func = target.partition(":")
         main: Callable[[list[str]], int] = getattr(importlib.import_module(module), func)
         page: Path | None = None
-        if name not in ("real", "data") and argv[:1] == ["--page"]:  # ours; everything else is the benchmark's own
-            if len(argv) < 2:
+        given = list(argv)  # as typed, for the page's "Written by" line
+        if name not in ("real", "data") and "--page" in argv:  # ours, anywhere; the rest is the benchmark's own
+            at = argv.index("--page")
+            if at + 1 >= len(argv) or argv[at + 1].startswith("-"):
                 raise UsageError("--page needs a FILE")
-            page, argv = Path(argv[1]), argv[2:]
+            page, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2:]
         if page is None:
             return int(main(argv) or 0)
         buf = io.StringIO()
@@ -148,7 +150,7 @@ def _forward(name: str) -> Callable[[argparse.Namespace], int]:
         with contextlib.redirect_stdout(_Tee()):
             rc = int(main(argv) or 0)
         if rc == 0:
-            _page(argparse.Namespace(page=page, argv=["bench", name, "--page", str(page), *argv]),
+            _page(argparse.Namespace(page=page, argv=["bench", name, *given]),
                   what[:1].upper() + what[1:], buf.getvalue())
         return rc
 
@@ -230,8 +232,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         f = what.add_parser(name, help=summary, add_help=False, prefix_chars="\x00",
                             description=f"{summary[:1].upper() + summary[1:]}. The arguments after the name are "
                                         f"this benchmark's own (as `{spelling}`)"
-                                        + ("." if name == "real" else "; first `--page FILE` to also write the "
-                                           "table to a markdown page."))
+                                        + ("." if name in ("real", "data") else "; `--page FILE` (anywhere) also "
+                                           "writes the table to a markdown page."))
         f.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                        help=f"the benchmark's own arguments (`{spelling} --help`)")
         f.set_defaults(func=_forward(name))

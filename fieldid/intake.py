@@ -188,7 +188,7 @@ def bench_decode(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    p = argparse.ArgumentParser(prog="python -m fieldid.intake",
+    p = argparse.ArgumentParser(prog="fieldid bench intake",
                                 description="Time full vs draft decoding of a 24 MP JPEG made from a "
                                             "scikit-image photo (6000x4000, quality 92).")
     p.add_argument("--target", type=int, default=256, help="resize target (shorter side, px)")

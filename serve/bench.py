@@ -401,7 +401,7 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
 def main(argv: list[str] | None = None) -> int:
     from fieldid.cli_common import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="python -m fieldid.serve.bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="fieldid bench serve", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--run", type=Path, default=None, help="run directory (its export/ bundle is served)")
     p.add_argument("--bundle", type=Path, default=None, help="export bundle directory (instead of --run)")

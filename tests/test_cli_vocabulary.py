@@ -180,6 +180,19 @@ def test_a_forwarded_benchmark_and_its_python_m_spelling_agree(what: str, module
     assert flags[0] == flags[1] and flags[0], flags  # the same parser answers both spellings
 
 
+def test_a_forwarded_benchmark_takes_page_anywhere(tmp_path: Path) -> None:
+    page = tmp_path / "intake.md"
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "intake", "--repeat", "1", "--page", str(page)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    assert text.startswith("# Full vs JPEG-draft decoding") and "fieldid bench intake --repeat 1 --page" in text
+    assert "full decode" in text and "CPU:" in text
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "intake", "--repeat", "1", "--page"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--page needs a FILE" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_make_install_needs_no_npm() -> None:
     make = shutil.which("make")
     if make is None:

@@ -348,7 +348,7 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
-        p = argparse.ArgumentParser(prog="python -m fieldid.training.bench compare")
+        p = argparse.ArgumentParser(prog="fieldid bench train compare")
         p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
         p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
         p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + format_compare(rows))
         return 0
     if argv[:1] == ["augment"]:
-        p = argparse.ArgumentParser(prog="python -m fieldid.training.bench augment")
+        p = argparse.ArgumentParser(prog="fieldid bench train augment")
         p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
         p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
         p.add_argument("--variants", default=",".join(AUGMENT_VARIANTS), help="comma-separated augmentation variants")
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_cache(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fieldid bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="ImageFolder dataset")
     p.add_argument("--model", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
     p.add_argument("--image-size", type=int, default=128, help="crop size (default: 128)")

@@ -289,7 +289,7 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fieldid.training.bench_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="fieldid bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=Path("runs/bench-data"),
                    help="datasets, planted copies and caches go here (default: runs/bench-data)")
