@@ -15,7 +15,8 @@ from PIL import Image, ImageEnhance
 skimage_data = pytest.importorskip("skimage.data")
 
 from fieldid.training import datacheck  # noqa: E402
-from fieldid.training.datacheck import DataReport, check_dataset, format_report, hamming_pairs, main_check  # noqa: E402
+from fieldid.commands.data_check import main_check  # noqa: E402
+from fieldid.training.datacheck import DataReport, check_dataset, format_report, hamming_pairs  # noqa: E402
 
 # Real photos whose phashes are far apart (pairwise Hamming distance >= 20 at this size), so any
 # near-duplicate the check reports among them would be a false positive.

@@ -349,8 +349,22 @@ def test_stage_packages_import_nothing_above_them() -> None:
     assert {f"fieldid.commands.{s.split('.')[1]}" for s in STAGES} <= set(mods)
     assert "fieldid.api" in graph["fieldid.commands.training"] | graph["fieldid.commands.export"]
     # The rule bites: the old `fieldid train` command inside the training package called the API.
-    planted = {**graph, "fieldid.training.train_args": graph["fieldid.training.train_args"] | {"fieldid.api"}}
+    planted = {**graph, "fieldid.training.config": graph["fieldid.training.config"] | {"fieldid.api"}}
     assert any(_under(t, FACE) for m, ts in planted.items() if _under(m, STAGES) for t in ts)
+
+
+def test_command_line_parsers_live_with_the_commands() -> None:
+    """No stage module builds a command line, except the benchmarks `fieldid bench` forwards to (their parsers
+    are their `fieldid bench <what>` arguments): the commands and their flags are fieldid.commands'."""
+    mods = _modules()
+    parsers = set()
+    for name, path in mods.items():
+        if _under(name, STAGES):
+            tree = ast.parse(path.read_text())
+            if any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names) for n in ast.walk(tree)):
+                parsers.add(name)
+    assert parsers and all(m.rpartition(".")[2].startswith("bench") for m in parsers), sorted(parsers)
+    assert {"fieldid.commands.training", "fieldid.commands.train_args", "fieldid.commands.data_check"} <= set(mods)
 
 
 def test_import_cycle_through_string_imports_is_found(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ smaller ``scale`` gives a prefix of a larger one. Torch-free on purpose (numpy +
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -45,7 +44,6 @@ __all__ = [
     "demo_counts",
     "make_demo_dataset",
     "render_demo_image",
-    "main",
 ]
 
 DEMO_DATASETS = ("reef", "salmon")
@@ -153,24 +151,6 @@ def make_demo_dataset(
     atomic_write_json(out / MARKER_NAME, want)
     report.done(out)
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fieldid.training.demo_data NAME OUT [--seed S] [--scale X] [--image-size N]``."""
-    p = argparse.ArgumentParser(prog="python -m fieldid.training.demo_data", description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=DEMO_DATASETS)
-    p.add_argument("out", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=192)
-    a = p.parse_args(argv)
-    try:
-        s = make_demo_dataset(a.name, a.out, seed=a.seed, scale=a.scale, image_size=a.image_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"name": s.name, "out": str(s.out), "counts": s.counts, "seed": s.seed}))
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -1107,7 +1087,3 @@ def _render_salmon(class_name: str, rng: np.random.Generator, size: int) -> np.n
     if rng.random() < HARD_CASE_SHARE:
         img = _hard_case(img, None, rng)
     return _camera_finish(img, rng, blur_max=0.9)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -17,7 +17,6 @@ Outputs in ``OUT/``: ``best.yaml`` (a config ``fieldid train --config`` accepts)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -603,58 +602,3 @@ def _report(study: Any, base: TrainConfig, space: dict[str, Any], out: Path, sto
     return TuneResult(study=study.study_name, storage=redact_url_passwords(storage), out=out, best_value=float(best.value),
                       best_params=dict(best.params), best_trial=best.number, best_run=best.user_attrs.get("run", ""),
                       best_config=out / "best.yaml", plot=plot, table=table, counts=counts, rows=rows)
-
-
-# --------------------------------------------------------------------------- CLI
-def _cmd_tune(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train_args import train_overrides
-
-    if args.data is None:
-        raise TuneError("need --data DIR")
-    overrides = train_overrides(args)
-    base = (load_config(args.config) if args.config else TrainConfig()).replace(**overrides)
-    # A flag given on the command line fixes that knob for every trial instead of searching it.
-    space = load_space(args.space, pinned=[k for k, v in overrides.items() if v is not None])
-    r = tune(args.data, args.trials, base=base, space=space, out_dir=args.out, storage=args.storage,
-             study_name=args.study, pruner=args.pruner, heartbeat=args.heartbeat, sampler_seed=args.sampler_seed)
-    print(format_table(r.rows))
-    print(json.dumps({"study": r.study, "storage": r.storage, "best_trial": r.best_trial,
-                      "best_val_macro_f1": r.best_value, "best_params": r.best_params,
-                      "best_config": str(r.best_config), "best_run": r.best_run, "plot": str(r.plot),
-                      "trials": r.counts}))
-    return 0
-
-
-def register_tune(sub: argparse._SubParsersAction) -> None:
-    """Add ``fieldid tune`` (called from :func:`fieldid.commands.training.register`)."""
-    from fieldid.cli_common import HelpFormatter
-
-    from .train_args import add_train_args
-
-    p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",
-                       formatter_class=HelpFormatter,
-                       description="Searches lr, weight decay, label smoothing, dropout, head-only epochs, "
-                                   "image size and backbone. Training flags set here are fixed for every "
-                                   "trial and not searched. Processes sharing --storage and --study "
-                                   "cooperate; rerunning an interrupted command resumes the study.")
-    add_train_args(p)
-    p.add_argument("--trials", type=int, required=True,
-                   help="finished trials the study should reach (shared by every cooperating process)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="trial runs, best.yaml, search.png, trials.csv (default: runs/tune-<study>)")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL: sqlite:///FILE for one machine, postgresql://... or "
-                        "mysql+pymysql://... for many (default: sqlite:///<out>/study.db)")
-    p.add_argument("--study", default=None, help="study name (default: the dataset folder's name)")
-    p.add_argument("--space", type=Path, default=None,
-                   help="YAML search space: key: {type: float|int|categorical, low, high, log | choices} "
-                        "(default: the built-in space)")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
-                   help="how bad trials are stopped early on their per-epoch val macro-F1")
-    p.add_argument("--heartbeat", type=int, default=60,
-                   help="seconds between a trial's heartbeats; a trial silent for twice this is "
-                        "failed and retried from its last checkpoint")
-    p.add_argument("--sampler-seed", type=int, default=None,
-                   help="TPE sampler seed (leave unset when several processes share a study)")
-    p.set_defaults(func=_cmd_tune)

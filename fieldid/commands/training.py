@@ -10,7 +10,7 @@ from fieldid.cli_common import HelpFormatter, UsageError
 
 # The training flags live in their own module so that tune.py (which adds them to `fieldid tune`)
 # and this module do not import each other.
-from fieldid.training.train_args import add_train_args, train_overrides
+from .train_args import add_train_args, train_overrides
 
 __all__ = ["register", "add_train_args", "train_overrides", "HelpFormatter"]
 
@@ -64,7 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from fieldid.training.datacheck import run_check
+    from .data_check import run_check
 
     return run_check(args)
 
@@ -83,6 +83,56 @@ def _cmd_data_ood(args: argparse.Namespace) -> int:
     counts = make_ood_set(args.out, unseen=args.unseen, other=args.other, generated=args.generated)
     print(json.dumps({"out": str(args.out), "counts": counts}))
     return 0
+
+
+# --------------------------------------------------------------------------- fieldid tune
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fieldid.training.config import TrainConfig, load_config
+    from fieldid.training.tune import TuneError, format_table, load_space, tune
+
+    if args.data is None:
+        raise TuneError("need --data DIR")
+    overrides = train_overrides(args)
+    base = (load_config(args.config) if args.config else TrainConfig()).replace(**overrides)
+    # A flag given on the command line fixes that knob for every trial instead of searching it.
+    space = load_space(args.space, pinned=[k for k, v in overrides.items() if v is not None])
+    r = tune(args.data, args.trials, base=base, space=space, out_dir=args.out, storage=args.storage,
+             study_name=args.study, pruner=args.pruner, heartbeat=args.heartbeat, sampler_seed=args.sampler_seed)
+    print(format_table(r.rows))
+    print(json.dumps({"study": r.study, "storage": r.storage, "best_trial": r.best_trial,
+                      "best_val_macro_f1": r.best_value, "best_params": r.best_params,
+                      "best_config": str(r.best_config), "best_run": r.best_run, "plot": str(r.plot),
+                      "trials": r.counts}))
+    return 0
+
+
+def _register_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable, multi-process)",
+                       formatter_class=HelpFormatter,
+                       description="Searches lr, weight decay, label smoothing, dropout, head-only epochs, "
+                                   "image size and backbone. Training flags set here are fixed for every "
+                                   "trial and not searched. Processes sharing --storage and --study "
+                                   "cooperate; rerunning an interrupted command resumes the study.")
+    add_train_args(p)
+    p.add_argument("--trials", type=int, required=True,
+                   help="finished trials the study should reach (shared by every cooperating process)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="trial runs, best.yaml, search.png, trials.csv (default: runs/tune-<study>)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL: sqlite:///FILE for one machine, postgresql://... or "
+                        "mysql+pymysql://... for many (default: sqlite:///<out>/study.db)")
+    p.add_argument("--study", default=None, help="study name (default: the dataset folder's name)")
+    p.add_argument("--space", type=Path, default=None,
+                   help="YAML search space: key: {type: float|int|categorical, low, high, log | choices} "
+                        "(default: the built-in space)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                   help="how bad trials are stopped early on their per-epoch val macro-F1")
+    p.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between a trial's heartbeats; a trial silent for twice this is "
+                        "failed and retried from its last checkpoint")
+    p.add_argument("--sampler-seed", type=int, default=None,
+                   help="TPE sampler seed (leave unset when several processes share a study)")
+    p.set_defaults(func=_cmd_tune)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,13 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "RUN/metrics-<folder>.json for any other folder)")
     p.set_defaults(func=_cmd_evaluate)
 
-    from fieldid.training.tune import register_tune  # torch-free: optuna and lightning load only when it runs
-
-    register_tune(sub)
+    _register_tune(sub)  # torch-free: optuna and lightning load only when it runs
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    from fieldid.training.datacheck import add_check_args  # torch-free
+    from .data_check import add_check_args  # torch-free
 
     c = dsub.add_parser("check", help="label issues, duplicates, leakage, outliers, photo quality, unreadable files; "
                                       "an HTML report and an exclude list for training", formatter_class=_D)

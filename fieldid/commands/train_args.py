@@ -1,4 +1,4 @@
-"""The ``fieldid train`` flags, shared by ``fieldid train`` (cli.py) and ``fieldid tune`` (tune.py). Torch-free."""
+"""The ``fieldid train`` flags, shared by ``fieldid train`` and ``fieldid tune`` (training.py). Torch-free."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--data", type=Path, default=None, help="ImageFolder dataset root (flat or train/val/test)")
     p.add_argument("--model", default=None, help="backbone: mobilenet_v2, efficientnet_lite0, efficientnet_lite2 or timm/<name> (default from config: mobilenet_v2)")
     p.add_argument("--epochs", type=int, default=None, help="most epochs, incl. head-only ones; early stopping ends sooner on a val plateau (default from config: 8)")
-    p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: matched to the photos when they are smaller than the backbone's native size, else native)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: matched to the photos, at least 160, when they are smaller than the backbone's native size, else native)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default from config: 32)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default from config: 3e-4)")
     p.add_argument("--objective", choices=("accuracy", "balanced"), default=None,
