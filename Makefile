@@ -132,7 +132,8 @@ bench-real-image-size: $(STAMP)
 	  --page $(RUNS)/bench-real-image-size/default.md
 	for s in 96 224; do $(FIELDID) bench real --work $(RUNS)/bench-real-image-size/$$s --sets $(SMALL_SETS) \
 	  --skip majority,probe,reference --train-args "--image-size $$s" || exit 1; done
-	$(FIELDID) bench real --page $(MEASURED)/bench-real-image-size.md --title "Image size: small photos at 96, 160 and 224 px" \
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-image-size.md \
+	  --page-title "Image size: small photos at 96, 160 and 224 px" \
 	  --collect $(addprefix $(RUNS)/bench-real-image-size/,default/bench-real.json 96/bench-real.json 224/bench-real.json)
 
 bench-real-batchnorm: $(STAMP)
@@ -140,7 +141,8 @@ bench-real-batchnorm: $(STAMP)
 	$(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/auto --page $(RUNS)/bench-real-batchnorm/auto.md
 	for m in adapt train frozen; do $(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/$$m \
 	  --skip majority,probe,reference --train-args "--batchnorm $$m" || exit 1; done
-	$(FIELDID) bench real --page $(MEASURED)/bench-real-batchnorm.md --title "BatchNorm statistics: auto, adapt, train, frozen" \
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-batchnorm.md \
+	  --page-title "BatchNorm statistics: auto, adapt, train, frozen" \
 	  --collect $(addprefix $(RUNS)/bench-real-batchnorm/,auto/bench-real.json adapt/bench-real.json \
 	  train/bench-real.json frozen/bench-real.json)
 
@@ -155,11 +157,11 @@ bench-data: $(STAMP)
 # defaults are chosen by, the CPU speed choices,
 # then the decode-cache rows.
 bench-train: $(STAMP)
-	$(FIELDID) bench train --page $(MEASURED)/bench-train-compare.md compare --work $(RUNS)/bench-train
-	$(FIELDID) bench train --page $(MEASURED)/bench-train-augment.md augment --work $(RUNS)/bench-train
-	$(FIELDID) bench train --page $(MEASURED)/bench-train-choices.md choices
+	$(FIELDID) bench train compare --page $(MEASURED)/bench-train-compare.md --work $(RUNS)/bench-train
+	$(FIELDID) bench train augment --page $(MEASURED)/bench-train-augment.md --work $(RUNS)/bench-train
+	$(FIELDID) bench train choices --page $(MEASURED)/bench-train-choices.md
 	$(FIELDID) data demo reef $(DATA)/reef
-	$(FIELDID) bench train --page $(MEASURED)/bench-train-cache.md --data $(DATA)/reef
+	$(FIELDID) bench train cache --page $(MEASURED)/bench-train-cache.md --data $(DATA)/reef
 
 # Per demo set: device alone, server alone and the cascade at the recorded thresholds, next to the
 # same device model trained without the teacher (runs/<name>-alone, trained here if missing):

@@ -10,7 +10,6 @@ table of p50/p95 per photo and the browser/Python ratio, checks the goal (in-bro
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import os
@@ -25,7 +24,7 @@ import numpy as np
 from fieldid.records import atomic_write_json
 from fieldid.machine import describe_machine
 
-__all__ = ["RATIO_GOAL", "bench_app", "bench_photos", "main"]
+__all__ = ["RATIO_GOAL", "bench_app", "bench_photos", "run_bench_app"]
 
 RATIO_GOAL = 3.0  # in-browser p50 <= 3x Python ONNX Runtime, same thread count (issue 13)
 _CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -189,22 +188,13 @@ def _print_table(result: dict[str, Any]) -> None:
           f"fastest in the browser: " + ", ".join(f"{p} at {t} thread(s)" for t, p in result["fastest_in_browser"].items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fieldid bench app", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run folder (its export/ bundle) or bundle folder")
-    p.add_argument("--photos", type=int, default=50, help="photos per row")
-    p.add_argument("--threads", type=int, nargs="*", default=None,
-                   help="thread counts to measure (default: 1 and all cores)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: RUN/bench/app.json)")
-    args = p.parse_args(argv)
+def run_bench_app(run: str | Path, *, photos: int = 50, thread_counts: list[int] | None = None,
+                  out: Path | None = None) -> int:
+    """``fieldid bench app``: :func:`bench_app` on ``run`` (a run folder or a bundle), which prints its table;
+    2 for bad input (one line)."""
     try:
-        bench_app(args.run, photos=args.photos, out=args.out,
-                  thread_counts=tuple(args.threads) if args.threads else None)
+        bench_app(run, photos=photos, out=out, thread_counts=tuple(thread_counts) if thread_counts else None)
     except (ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,11 +7,10 @@ is an export that takes no longer than the training did, and peak RSS <= 3 GB.
 
 Usage::
 
-    python -m fieldid.export.bench_export --run runs/reef224 --run runs/reef [--formats ...]
+    fieldid bench export --run runs/reef224 --run runs/reef [--formats ...]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from fieldid.machine import describe_machine
 
-__all__ = ["export_stats_table", "main", "PEAK_RSS_GOAL_MB"]
+__all__ = ["export_stats_table", "run_bench_export", "PEAK_RSS_GOAL_MB"]
 
 PEAK_RSS_GOAL_MB = 3000  # issue 9: fits beside other work on a 16 GB laptop
 _STEPS = ("inputs", "pytorch", "onnx", "executorch", "torchscript", "coreml", "total")
@@ -81,25 +80,23 @@ def export_stats_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fieldid bench export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, action="append", required=True, help="run directory (repeat for more)")
-    p.add_argument("--formats", default=None, help="comma-separated formats (default: all)")
-    p.add_argument("--out", type=Path, default=None, help="folder for the bundles (default: RUN/export)")
-    p.add_argument("--reuse", action="store_true", help="read existing bundles' export_stats instead of exporting")
-    args = p.parse_args(argv)
+def run_bench_export(runs: list[Path], *, formats: str | None = None, out: Path | None = None,
+                     reuse: bool = False) -> int:
+    """``fieldid bench export``: export each run in its own process (or, with ``reuse``, read an existing
+    bundle's ``export_stats``), print the table and the machine line; the exit code (2 for a folder that
+    is not a run, an export's own code when it fails)."""
     results = []
-    for run in args.run:
+    for run in map(Path, runs):
         if not (run / "run.json").is_file():
             print(f"bench-export: error: {run}: not a run directory (no run.json)", file=sys.stderr)
             return 2
-        bundle = (args.out / run.name) if args.out else run / "export"
-        if not args.reuse or not (bundle / "manifest.json").is_file():
+        bundle = (Path(out) / run.name) if out else run / "export"
+        if not reuse or not (bundle / "manifest.json").is_file():
             # Export keeps an artifact that misses a verification bar, marked failed (the default; not
             # --strict), so the time and memory table is printed anyway; the failures are listed under it.
             cmd = [sys.executable, "-m", "fieldid", "export", "--run", str(run), "--out", str(bundle)]
-            if args.formats:
-                cmd += ["--formats", args.formats]
+            if formats:
+                cmd += ["--formats", formats]
             print(f"bench-export: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=os.environ.copy())
             if proc.returncode:
@@ -110,7 +107,3 @@ def main(argv: list[str] | None = None) -> int:
     print(export_stats_table(results))
     print(describe_machine())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

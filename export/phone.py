@@ -108,7 +108,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, target: i
         max_pixels: pixel limit, checked before decoding.
         target: the manifest's ``resize_size``; a JPEG then decodes at reduced size, its shorter
             side still >= ``fieldid.intake.DRAFT_MARGIN x target`` (2.5x faster on a 24 MP photo,
-            see ``python -m fieldid.intake``). The pixel limit applies to the full size either way.
+            see ``fieldid bench intake``). The pixel limit applies to the full size either way.
 
     Raises:
         ImageInputError: 400 empty body, 415 not an accepted format or undecodable (incl. a

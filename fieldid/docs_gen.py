@@ -14,9 +14,6 @@ generated (the test suite runs it, so a stale page fails). ``make docs`` runs th
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import os
 import sys
 from pathlib import Path
@@ -47,17 +44,6 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[t
     return out
 
 
-def _forwarded_help(name: str) -> str:
-    """A forwarded benchmark's own ``--help`` (its parser lives in its module)."""
-    from fieldid.bench_cli import FORWARDED
-
-    module, _, func = FORWARDED[name][0].partition(":")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
-        getattr(importlib.import_module(module), func)(["--help"])
-    return buf.getvalue()
-
-
 def cli_reference() -> str:
     """``docs/cli.md``: the vocabulary, then every command's help as argparse prints it."""
     from fieldid.cli import build_parser
@@ -75,16 +61,7 @@ def cli_reference() -> str:
                  "the server model it falls back to, `fieldid serve` names the device model a served model "
                  "answers for.", "", vocabulary_markdown()]
         for cmd, parser in _walk(build_parser()):
-            if parser._defaults.get("func") is None and cmd:
-                parts += [f"## fieldid {cmd}", "", "```", parser.format_help().rstrip(), "```", ""]
-                continue
             parts += [f"## fieldid {cmd}".rstrip(), "", "```", parser.format_help().rstrip(), "```", ""]
-            name = cmd.split()[-1] if cmd.startswith("bench ") else ""
-            from fieldid.bench_cli import FORWARDED
-
-            if name in FORWARDED:
-                parts += [f"Its own arguments (`fieldid bench {name} --help`):", "", "```",
-                          _forwarded_help(name).rstrip(), "```", ""]
         return "\n".join(parts).rstrip() + "\n"
     finally:
         if old is None:

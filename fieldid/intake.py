@@ -59,7 +59,7 @@ MAX_PIXELS = 100_000_000
 # Draft decoding keeps the shorter side >= DRAFT_MARGIN x the target, so the final bilinear resize
 # still averages 4+ source pixels per output pixel: on a 24 MP JPEG the result differs from a full
 # decode by about 1 grey level at margin 4, 2 at margin 2 and 9 at margin 1, for a decode time that
-# shrinks accordingly (`python -m fieldid.intake` prints the table). The server and the demo use
+# shrinks accordingly (`fieldid bench intake` prints the table). The server and the demo use
 # the same margin, so device and server answers on one photo stay identical.
 DRAFT_MARGIN = 4
 # ImageInputError.reason values, as `fieldid data check` lists them.
@@ -181,19 +181,13 @@ def open_image(source: bytes | bytearray | memoryview | str | Path, *, target: i
     return _decode(io.BytesIO(data), target=target, max_pixels=max_pixels, prefix=prefix)
 
 
-def bench_decode(argv: list[str] | None = None) -> int:
-    """``python -m fieldid.intake``: decode time of a 24 MP JPEG, full vs draft (a table)."""
-    import argparse
+def bench_decode(*, target: int = 256, repeat: int = 7) -> int:
+    """``fieldid bench intake``: decode time of a 24 MP JPEG made from a scikit-image photo (6000x4000,
+    quality 92), full vs draft (a table): ``repeat`` timed decodes per row (median shown), resized to
+    ``target`` px on the shorter side."""
     import time
 
     import numpy as np
-
-    p = argparse.ArgumentParser(prog="fieldid bench intake",
-                                description="Time full vs draft decoding of a 24 MP JPEG made from a "
-                                            "scikit-image photo (6000x4000, quality 92).")
-    p.add_argument("--target", type=int, default=256, help="resize target (shorter side, px)")
-    p.add_argument("--repeat", type=int, default=7, help="timed decodes per row (median shown)")
-    args = p.parse_args(argv)
     from skimage import data as skdata
 
     rng = np.random.default_rng(0)
@@ -206,15 +200,15 @@ def bench_decode(argv: list[str] | None = None) -> int:
 
     def small(im: Image.Image) -> np.ndarray:  # what the model sees: shorter side -> target
         w, h = im.size
-        s = args.target / min(w, h)
+        s = target / min(w, h)
         return np.asarray(im.resize((round(w * s), round(h * s)), Image.Resampling.BILINEAR), np.float32)
 
     rows, ref = [], None
-    cases = (("full decode", None, 1), (f"draft, margin {DRAFT_MARGIN} (default)", args.target, DRAFT_MARGIN),
-             ("draft, margin 2", args.target, 2), ("draft, margin 1", args.target, 1))
+    cases = (("full decode", None, 1), (f"draft, margin {DRAFT_MARGIN} (default)", target, DRAFT_MARGIN),
+             ("draft, margin 2", target, 2), ("draft, margin 1", target, 1))
     for name, tgt, margin in cases:
         decode_ms, total_ms = [], []
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             im = _decode(io.BytesIO(data), target=tgt, max_pixels=MAX_PIXELS, prefix="", margin=margin)
             t1 = time.perf_counter()
@@ -224,13 +218,9 @@ def bench_decode(argv: list[str] | None = None) -> int:
         ref = arr if ref is None else ref
         rows.append((name, f"{im.width}x{im.height}", f"{np.median(decode_ms):.0f}", f"{np.median(total_ms):.0f}",
                      f"{np.abs(arr - ref).max():.0f}", f"{np.abs(arr - ref).mean():.2f}"))
-    print(f"24 MP JPEG, {len(data) / 1e6:.1f} MB, median of {args.repeat}")
+    print(f"24 MP JPEG, {len(data) / 1e6:.1f} MB, median of {repeat}")
     header = ("decode", "decoded size", "decode ms", "decode+resize ms", "max |diff| vs full (0-255)", "mean |diff|")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for r in (header, tuple("-" * w for w in widths), *rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - run by hand / README
-    raise SystemExit(bench_decode())

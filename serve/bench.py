@@ -13,11 +13,10 @@ worker hop. Printed, each against its goal:
 
 Usage::
 
-    python -m fieldid.serve.bench --run runs/reef [--requests 200] [--threads 1]
+    fieldid bench serve --run runs/reef [--requests 200] [--threads 1]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -40,7 +39,7 @@ from .client import ServeClient
 from .server import ServeOptions, default_state_dir, start_server, stop_server
 from fieldid.machine import describe_machine
 
-__all__ = ["bench_serve", "main", "OVERHEAD_GOAL_PCT", "HANDLER_GOAL_X", "AB_ADDED_GOAL_MS"]
+__all__ = ["bench_serve", "run_bench_serve", "OVERHEAD_GOAL_PCT", "HANDLER_GOAL_X", "AB_ADDED_GOAL_MS"]
 
 OVERHEAD_GOAL_PCT = 5.0
 HANDLER_GOAL_X = 2.0  # handler p50 <= 2x the bare ONNX fp32 p50
@@ -398,42 +397,21 @@ def bench_serve(bundle: str | Path, *, requests: int = 200, threads: int = 1, ba
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fieldid.cli_common import HelpFormatter
-
-    p = argparse.ArgumentParser(prog="fieldid bench serve", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--run", type=Path, default=None, help="run directory (its export/ bundle is served)")
-    p.add_argument("--bundle", type=Path, default=None, help="export bundle directory (instead of --run)")
-    p.add_argument("--requests", type=int, default=200, help="measured requests per row")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads in-process and per server worker")
-    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients measured besides 1")
-    p.add_argument("--batch-size", type=int, default=8, help="server batch size for the batching-on rows")
-    p.add_argument("--max-batch-delay-ms", type=int, default=5, help="server batch delay for the batching-on rows")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu"),
-                   help="auto: first GPU when present (server and in-process alike), else CPU")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16"),
-                   help="GPU precision on both sides (auto = fp16 where the bundle verified it; CPU always fp32)")
-    p.add_argument("--netty-threads", type=int, default=0, help="servers' frontend threads (0 = TorchServe's default)")
-    p.add_argument("--images", type=Path, default=None, help="folder of request images (default: real sample photos)")
-    p.add_argument("--state-dir", type=Path, default=None, help="benchmark server state (default: RUN/serve-bench)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: STATE_DIR/bench.json)")
-    p.add_argument("--handler-only", action="store_true",
-                   help="only the in-process handler rows (no TorchServe), e.g. for a second bundle")
-    args = p.parse_args(argv)
-    target = args.bundle or args.run
+def run_bench_serve(run: Path | None = None, bundle: Path | None = None, *, requests: int = 200, threads: int = 1,
+                    concurrency: int = 8, batch_on: int = 8, max_batch_delay_ms: int = 5, device: str = "auto",
+                    precision: str = "auto", netty_threads: int = 0, images: Path | None = None,
+                    state_dir: Path | None = None, out: Path | None = None, handler_only: bool = False) -> int:
+    """``fieldid bench serve``: :func:`bench_serve` on ``bundle`` (or ``run``'s bundle), which prints its rows;
+    2 for bad input (one line)."""
+    target = bundle or run
     if target is None:
-        p.error("pass --run RUN or --bundle DIR")
+        print("error: pass --run RUN or --bundle DIR", file=sys.stderr)
+        return 2
     try:
-        bench_serve(target, requests=args.requests, threads=args.threads, concurrency=args.concurrency,
-                    batch_size=args.batch_size, device=args.device, precision=args.precision,
-                    max_batch_delay_ms=args.max_batch_delay_ms, images=args.images, state_dir=args.state_dir,
-                    out=args.out, netty_threads=args.netty_threads, handler_only=args.handler_only)
+        bench_serve(target, requests=requests, threads=threads, concurrency=concurrency, batch_size=batch_on,
+                    device=device, precision=precision, max_batch_delay_ms=max_batch_delay_ms, images=images,
+                    state_dir=state_dir, out=out, netty_threads=netty_threads, handler_only=handler_only)
     except ValueError as e:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

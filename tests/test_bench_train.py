@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fieldid.training.bench import AUGMENT_VARIANTS, _variant_config, format_augment, main
+from fieldid.cli import main
+from fieldid.training.bench import AUGMENT_VARIANTS, _variant_config, format_augment
 from fieldid.training.config import AugmentConfig, TrainConfig, load_config
 
 
@@ -34,7 +35,7 @@ def test_table_has_a_cell_per_dataset_and_variant_and_names_the_best() -> None:
 
 
 def test_unknown_variant_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["augment", "--work", str(tmp_path), "--variants", "defaults,wild"]) == 2
+    assert main(["bench", "train", "augment", "--work", str(tmp_path), "--variants", "defaults,wild"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "bench augment: error: unknown variant(s) wild; known: defaults, strong, none"
     assert not any(tmp_path.iterdir())  # refused before any dataset was built

@@ -8,7 +8,6 @@ import argparse
 import ast
 import importlib
 import inspect
-import re
 import shutil
 import subprocess
 import sys
@@ -169,28 +168,58 @@ def test_every_make_bench_target_runs_fieldid_bench(target: str) -> None:
     assert "--page $(MEASURED)/bench-" in recipe  # each writes its table to the docs' measured pages
 
 
-@pytest.mark.parametrize("what, module", [("intake", "fieldid.intake"), ("train", "fieldid.training.bench"),
-                                          ("export", "fieldid.export.bench_export")])
-def test_a_forwarded_benchmark_and_its_python_m_spelling_agree(what: str, module: str) -> None:
-    via_cli = subprocess.run([sys.executable, "-m", "fieldid", "bench", what, "--help"], capture_output=True,
-                             text=True, timeout=120)
-    via_m = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
-    assert via_cli.returncode == via_m.returncode == 0, via_cli.stderr + via_m.stderr
-    flags = [set(re.findall(r"--[a-z][a-z-]+", out.stdout)) for out in (via_cli, via_m)]
-    assert flags[0] == flags[1] and flags[0], flags  # the same parser answers both spellings
+def _bench_parsers() -> dict[str, argparse.ArgumentParser]:
+    return {cmd: p for cmd, p in _parsers(build_parser()) if cmd.startswith("bench ")}
 
 
-def test_a_forwarded_benchmark_takes_page_anywhere(tmp_path: Path) -> None:
+def test_every_benchmark_is_a_subcommand_whose_help_lists_its_flags(capsys: pytest.CaptureFixture) -> None:
+    from fieldid.bench_cli import BENCHMARKS, TRAIN_MODES
+
+    parsers = _bench_parsers()
+    assert {f"bench {name}" for name in BENCHMARKS} | {f"bench train {m}" for m in TRAIN_MODES} == set(parsers)
+    for cmd, p in parsers.items():
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*cmd.split(), "--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(f"usage: fieldid {cmd}"), (cmd, out[:200])
+        flags = {s for a in p._actions if a.option_strings and a.help != argparse.SUPPRESS for s in a.option_strings}
+        assert flags and all(f in out for f in flags), (cmd, flags)
+    assert "compare" in parsers["bench train"].format_help() and "cache" in parsers["bench train"].format_help()
+
+
+def test_the_benchmark_defaults_bench_cli_holds_are_the_modules() -> None:
+    """bench_cli keeps its parsers torch-free, so it repeats a few defaults of the benchmark modules: the same."""
+    from fieldid import bench_cli
+    from fieldid.training import bench, bench_data, bench_real
+
+    assert bench_cli._TRAIN_SETS == ",".join(bench.BENCH_SETS)
+    assert bench_cli._AUGMENT_VARIANTS == ",".join(bench.AUGMENT_VARIANTS)
+    assert bench_cli._REAL_SETS == ",".join(bench_real.REAL_BENCH_SETS)
+    assert bench_cli._DATA_SETS == ",".join(bench_data.BENCH_SETS)
+    assert bench_cli._REAL_TITLE == bench_real.TITLE
+
+
+@pytest.mark.parametrize("argv, hint", [(["bench", "train"], "fieldid bench train {compare,augment,choices,cache}"),
+                                        (["bench"], "fieldid bench {bundle,"),
+                                        (["bench", "train", "real"], "invalid choice: 'real'")])
+def test_a_benchmark_without_its_mode_is_one_line(argv: list[str], hint: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "fieldid", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and hint in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_benchmark_page_has_the_table_and_the_command_as_typed(tmp_path: Path) -> None:
     page = tmp_path / "intake.md"
     r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "intake", "--repeat", "1", "--page", str(page)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "full decode" in r.stdout  # the table still goes to the terminal
     text = page.read_text()
     assert text.startswith("# Full vs JPEG-draft decoding") and "fieldid bench intake --repeat 1 --page" in text
     assert "full decode" in text and "CPU:" in text
     r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "intake", "--repeat", "1", "--page"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--page needs a FILE" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "--page: expected one argument" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_make_install_needs_no_npm() -> None:

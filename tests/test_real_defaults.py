@@ -206,18 +206,18 @@ def test_metrics_carry_the_fallback_share() -> None:
 
 
 def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--sets", "imagenet",
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--sets", "imagenet",
                         "--work", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "unknown set(s) imagenet; valid: elpv," in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--collect", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(bad)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "cannot read rows" in r.stderr
     good = tmp_path / "rows.json"
     good.write_text(json.dumps([{**row, "commit": "abc1234", "date": "2026-12-05 09:00"} for row in _rows(0.8, 250)]))
     page = tmp_path / "page.md"
-    r = subprocess.run([sys.executable, "-m", "fieldid.training.bench", "real", "--collect", str(good), "--page",
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(good), "--page",
                         str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     text = page.read_text()

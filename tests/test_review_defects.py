@@ -361,7 +361,7 @@ def test_data_ood_without_scikit_image_names_the_extra(tmp_path: Path) -> None:
 
 
 def test_bench_without_scikit_learn_names_the_extra(tmp_path: Path) -> None:
-    line = _one_line_without("sklearn", f"from fieldid.training.bench import main; sys.exit(main(['compare', "
+    line = _one_line_without("sklearn", f"from fieldid.cli import main; sys.exit(main(['bench', 'train', 'compare', "
                                         f"'--sets', 'digits', '--work', {str(tmp_path / 'w')!r}]))", tmp_path)
     assert "needs scikit-learn" in line and "pip install 'fieldid[bench]'" in line, line
 

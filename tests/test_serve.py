@@ -293,11 +293,11 @@ def test_bench_compares_like_with_like(served_tiny, engine) -> None:
 def test_bench_handler_only_measures_in_process(tiny_bundle: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``--handler-only`` (the 224-px rows of make bench-serve): handler vs bare ONNX, no TorchServe."""
-    from fieldid.serve.bench import main
+    from fieldid.serve.bench import run_bench_serve
 
     out = tmp_path / "handler.json"
-    assert main(["--bundle", str(tiny_bundle), "--handler-only", "--requests", "20", "--device", "cpu",
-                 "--state-dir", str(tmp_path / "state"), "--out", str(out)]) == 0
+    assert run_bench_serve(bundle=tiny_bundle, handler_only=True, requests=20, device="cpu",
+                           state_dir=tmp_path / "state", out=out) == 0
     printed = capsys.readouterr().out
     assert "px input" in printed and "handler p50" in printed and "vs bare ONNX fp32 p50" in printed
     assert "torchserve" not in printed.lower()

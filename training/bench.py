@@ -1,9 +1,9 @@
 """``make bench-train``: fieldid's training defaults against a plain fine-tune, and the speed choices.
 
-    python -m fieldid.training.bench compare [--work runs/bench-train] [--sets digits,faces,textures,reef,salmon]
-    python -m fieldid.training.bench augment [--work runs/bench-train] [--variants defaults,strong,none]
-    python -m fieldid.training.bench choices            # fp32 / bf16 autocast / channels-last step times
-    python -m fieldid.training.bench --data data/reef [--model mobilenet_v2] [--image-size 128] [--batches 12]
+    fieldid bench train compare [--work runs/bench-train] [--sets digits,faces,textures,reef,salmon]
+    fieldid bench train augment [--work runs/bench-train] [--variants defaults,strong,none]
+    fieldid bench train choices            # fp32 / bf16 autocast / channels-last step times
+    fieldid bench train cache --data data/reef [--model mobilenet_v2] [--image-size 128] [--steps 12]
 
 ``compare`` builds small real datasets from images that installed packages ship
 (scikit-learn's handwritten digits, scikit-image's LFW face/non-face patches and its texture
@@ -16,7 +16,7 @@ and their ratio. Goal: fieldid >= reference accuracy in <= 2x its wall time.
 (:data:`AUGMENT_VARIANTS`: the shipped defaults, the strong kind they replaced, none) and prints
 test accuracy per dataset and variant: the measurement the defaults are chosen by.
 
-The last form (no subcommand) is the decode-cache benchmark:
+``cache`` is the decode-cache benchmark:
 
 Each row runs real optimisation steps (forward, backward, AdamW) through the same
 DataLoader settings training uses; only where pixels come from differs. A second column
@@ -25,7 +25,6 @@ what the cache changes: on a 2-core CPU the backward pass of the model can hide 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -46,7 +45,7 @@ from .benchrun import fieldid_train, timed_run
 from .records import atomic_write_json
 
 __all__ = ["bench_train", "bench_compare", "bench_augment", "bench_choices", "make_bench_datasets", "BENCH_SETS",
-           "AUGMENT_VARIANTS"]
+           "AUGMENT_VARIANTS", "run_bench_compare", "run_bench_augment", "run_bench_choices", "run_bench_cache"]
 
 BENCH_SETS = ("digits", "faces", "textures", "reef", "salmon")
 
@@ -91,12 +90,17 @@ def _loader_images_per_second(dataset: CachedImageDataset, cfg: TrainConfig, bat
     return seen / (time.perf_counter() - t0)
 
 
-def bench_train(data: str | Path, *, model: str = "mobilenet_v2", image_size: int = 128, batch_size: int = 32,
-                batches: int = 12) -> list[dict]:
-    """Rows of ``{"mode", "setup_s", "images_per_s", "loader_images_per_s"}`` for cache off and on, then the ratios."""
+def bench_train(data: str | Path, *, model: str = "mobilenet_v2", image_size: int | None = None,
+                batch_size: int = 32, batches: int = 12) -> list[dict]:
+    """Rows of ``{"mode", "setup_s", "images_per_s", "loader_images_per_s"}`` for cache off and on, then the ratios.
+
+    ``image_size`` None: the size ``fieldid train`` picks for these photos."""
+    from .image_size import choose_image_size
+
     cfg = TrainConfig(model=model, image_size=image_size, batch_size=batch_size)
-    spec = get_backbone(model).preprocess(image_size)
     split = make_split(data, seed=0)
+    image_size, _ = choose_image_size(split, cfg)
+    spec = get_backbone(model).preprocess(image_size)
     rows = []
     for enabled in (False, True):
         t0 = time.perf_counter()
@@ -345,73 +349,51 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["compare"]:
-        p = argparse.ArgumentParser(prog="fieldid bench train compare")
-        p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
-        p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
-        p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
-        p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config old.yaml'")
-        a = p.parse_args(argv[1:])
-        try:
-            rows = bench_compare(a.work, tuple(x for x in a.sets.split(",") if x), demo_scale=a.demo_scale,
-                                 train_args=a.train_args.split())
-        except ValueError as e:  # an unknown set, a missing optional package (MissingExtra)
-            if not is_bad_input(e):
-                raise
-            print(f"bench compare: error: {e}", file=sys.stderr)
-            return 2
-        print("\n" + format_compare(rows))
-        return 0
-    if argv[:1] == ["augment"]:
-        p = argparse.ArgumentParser(prog="fieldid bench train augment")
-        p.add_argument("--work", type=Path, default=Path("runs/bench-train"), help="datasets, runs and logs go here")
-        p.add_argument("--sets", default=",".join(BENCH_SETS), help="comma-separated datasets")
-        p.add_argument("--variants", default=",".join(AUGMENT_VARIANTS), help="comma-separated augmentation variants")
-        p.add_argument("--demo-scale", type=float, default=0.12, help="size of the demo sets (1.0 = full)")
-        a = p.parse_args(argv[1:])
-        try:
-            rows = bench_augment(a.work, tuple(x for x in a.sets.split(",") if x),
-                                 tuple(x for x in a.variants.split(",") if x), demo_scale=a.demo_scale)
-        except ValueError as e:
-            print(f"bench augment: error: {e}", file=sys.stderr)
-            return 2
-        print("\n" + format_augment(rows))
-        return 0
-    if argv[:1] == ["real"]:
-        from .bench_real import main as real_main
-
-        return real_main(argv[1:])
-    if argv[:1] == ["choices"]:
-        rows = bench_choices()
-        print("\n| setting | s/step | vs fp32 |\n|---|---:|---:|")
-        for r in rows[:-1]:
-            print(f"| {r['setting']} | {r['s_per_step']} | {r['vs_fp32']} |")
-        print(rows[-1]["setting"])
-        return 0
-    return _main_cache(argv)
-
-
-def _main_cache(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fieldid bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="ImageFolder dataset")
-    p.add_argument("--model", default="mobilenet_v2", help="backbone (default: mobilenet_v2)")
-    p.add_argument("--image-size", type=int, default=128, help="crop size (default: 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
-    p.add_argument("--batches", type=int, default=12, help="timed steps per mode (default: 12)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = p.parse_args(argv)
-    rows = bench_train(args.data, model=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                       batches=args.batches)
-    print("\n| mode | setup s | train images/s | loader alone images/s |\n|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['mode']} | {r.get('setup_s', '')} | {r['images_per_s']} | {r['loader_images_per_s']} |")
-    if args.json:
-        atomic_write_json(args.json, rows)
-    print(json.dumps(rows[-1]))
+def run_bench_compare(work: str | Path, sets: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
+                      train_args: list[str] | None = None) -> int:
+    """``fieldid bench train compare``: :func:`bench_compare`, then its table; 2 for bad input (one line)."""
+    try:
+        rows = bench_compare(work, sets, demo_scale=demo_scale, train_args=train_args or [])
+    except ValueError as e:  # an unknown set, a missing optional package (MissingExtra)
+        if not is_bad_input(e):
+            raise
+        print(f"bench compare: error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + format_compare(rows))
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_bench_augment(work: str | Path, sets: tuple[str, ...] = BENCH_SETS,
+                      variants: tuple[str, ...] = tuple(AUGMENT_VARIANTS), *, demo_scale: float = 0.12) -> int:
+    """``fieldid bench train augment``: :func:`bench_augment`, then its table; 2 for bad input (one line)."""
+    try:
+        rows = bench_augment(work, sets, variants, demo_scale=demo_scale)
+    except ValueError as e:
+        print(f"bench augment: error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + format_augment(rows))
+    return 0
+
+
+def run_bench_choices() -> int:
+    """``fieldid bench train choices``: :func:`bench_choices` as a table."""
+    rows = bench_choices()
+    print("\n| setting | s/step | vs fp32 |\n|---|---:|---:|")
+    for r in rows[:-1]:
+        print(f"| {r['setting']} | {r['s_per_step']} | {r['vs_fp32']} |")
+    print(rows[-1]["setting"])
+    return 0
+
+
+def run_bench_cache(data: str | Path, *, model: str = "mobilenet_v2", image_size: int | None = None,
+                    batch_size: int = 32, steps: int = 12, json_out: Path | None = None) -> int:
+    """``fieldid bench train cache``: :func:`bench_train` (cache off and on) as a table; the rows also go to
+    ``json_out``."""
+    rows = bench_train(data, model=model, image_size=image_size, batch_size=batch_size, batches=steps)
+    print("\n| mode | setup s | train images/s | loader alone images/s |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r.get('setup_s', '')} | {r['images_per_s']} | {r['loader_images_per_s']} |")
+    if json_out:
+        atomic_write_json(json_out, rows)
+    print(json.dumps(rows[-1]))
+    return 0

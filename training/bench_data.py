@@ -1,6 +1,6 @@
-"""``make bench-data`` / ``python -m fieldid.training.bench_data``: does ``fieldid data check`` find planted problems?
+"""``make bench-data`` / ``fieldid bench data``: does ``fieldid data check`` find planted problems?
 
-    python -m fieldid.training.bench_data [--work runs/bench-data] [--sets elpv,digits,...]
+    fieldid bench data [--work runs/bench-data] [--sets elpv,digits,...] [--page FILE]
 
 Per set (the real sets of :mod:`fieldid.training.realsets` and the two demo sets, the demo sets
 laid out pre-split the way ``fieldid train`` splits them so a planted copy stays in its split):
@@ -22,12 +22,12 @@ laid out pre-split the way ``fieldid train`` splits them so a planted copy stays
    not already reported on the unplanted set (those are the set's own look-alikes, shown to people
    in the report; digits at 8x8 px have many pixel-identical scans).
 
-It prints a markdown table and writes it to ``docs/measured/bench-data.md`` with the date, commit
-and machine; the rows also go to ``WORK/bench-data.json``. Not part of the tests.
+It prints a markdown table and, with ``--page`` (``make bench-data``: ``docs/measured/bench-data.md``),
+writes it to a page with the date, commit and machine; the rows also go to ``WORK/bench-data.json``.
+Not part of the tests.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -42,7 +42,7 @@ import numpy as np
 from .realsets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
-__all__ = ["BENCH_SETS", "bench_data", "format_table", "main"]
+__all__ = ["BENCH_SETS", "bench_data", "format_table", "run_bench_data"]
 
 BENCH_SETS = (*REAL_SETS, "reef", "salmon")
 FLIP_FRACTION = 0.05
@@ -284,33 +284,20 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str) ->
             + "MobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
             f"{int(100 * FLIP_FRACTION)} % of each set's photos moved to another class; near-duplicate copies of "
             f"{int(100 * DUP_FRACTION)} % of the test photos (at least {MIN_DUPS}) put into train/. How the rows are "
-            f"made: `python -m fieldid.training.bench_data --help` and docs/data-check.md.\n\n{format_table(rows)}\n")
+            f"made: `fieldid bench data --help` and docs/data-check.md.\n\n{format_table(rows)}\n")
     return atomic_write_text(path, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fieldid bench data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("runs/bench-data"),
-                   help="datasets, planted copies and caches go here (default: runs/bench-data)")
-    p.add_argument("--sets", default=",".join(BENCH_SETS), help=f"comma-separated (default: {','.join(BENCH_SETS)})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the planted flips and copies (default: 0)")
-    p.add_argument("--page", type=Path, default=Path("docs/measured/bench-data.md"),
-                   help="markdown page for the table (default: docs/measured/bench-data.md; written only for "
-                        "the default sets and seed)")
-    a = p.parse_args(argv)
-    names = tuple(x for x in a.sets.split(",") if x)
+def run_bench_data(work: str | Path, sets: tuple[str, ...] = BENCH_SETS, *, seed: int = 0, page: Path | None = None,
+                   command: str = "fieldid bench data") -> int:
+    """``fieldid bench data``: :func:`bench_data`, its table, and the page at ``page`` (written only for the
+    default sets and seed) naming ``command``; 2 for bad input (one line)."""
     try:
-        rows = bench_data(a.work, names, seed=a.seed)
+        rows = bench_data(work, sets, seed=seed)
     except (ValueError, RealSetError) as e:
         print(f"bench-data: error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
-    if a.page and names == BENCH_SETS and a.seed == 0:
-        command = " ".join(["python -m fieldid.training.bench_data", *(argv if argv is not None else sys.argv[1:])])
-        print(f"written: {write_page(rows, a.page, command=command)}")
+    if page and tuple(sets) == BENCH_SETS and seed == 0:
+        print(f"written: {write_page(rows, page, command=command)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

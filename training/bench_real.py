@@ -1,6 +1,6 @@
 """``make bench-real`` / ``fieldid bench real``: fieldid's defaults on real photos, beside the baselines.
 
-    python -m fieldid.training.bench real [--work runs/bench-real] [--sets elpv,digits,...] [--train-args "..."]
+    fieldid bench real [--work runs/bench-real] [--sets elpv,digits,...] [--train-args "..."] [--page FILE]
 
 Per set of :mod:`fieldid.training.realsets` (and the two synthetic demo sets, which decide nothing
 alone), on the split ``fieldid train`` makes with its default seed, one after the other:
@@ -15,13 +15,12 @@ It prints test accuracy, macro-F1, balanced accuracy and wall time per row, fiel
 to the reference, the share of test photos below the run's fallback threshold (the phone asks the
 server about those) and whether the goals hold (fieldid >= reference and >= probe accuracy, never
 below majority, <= 3x the reference's time, <= 25 % of photos to the server); the table goes to
-``WORK/bench-real.json`` and to ``docs/measured/bench-real.md`` with date, commit and machine line.
+``WORK/bench-real.json`` and, with ``--page`` (``make bench-real``: ``docs/measured/bench-real.md``), to a
+page with date, commit and machine line.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from .probe import fit_probe, majority_scores, score_predictions
 from .realsets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
-__all__ = ["bench_real", "format_real", "REAL_BENCH_SETS"]
+__all__ = ["bench_real", "format_real", "run_bench_real", "REAL_BENCH_SETS"]
 
 REAL_BENCH_SETS = (*REAL_SETS, "reef", "salmon")
 TIME_GOAL = 3.0  # fieldid's wall time at most this many times the reference's
@@ -197,48 +196,31 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str, ti
     return atomic_write_text(path, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fieldid bench real", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("runs/bench-real"),
-                   help="datasets, runs and logs go here (default: runs/bench-real)")
-    p.add_argument("--sets", default=",".join(REAL_BENCH_SETS),
-                   help=f"comma-separated sets (default: {','.join(REAL_BENCH_SETS)})")
-    p.add_argument("--skip", default="", help="comma-separated methods to leave out: majority,probe,reference,fieldid "
-                                              "(default: none)")
-    p.add_argument("--train-args", default="", help="extra `fieldid train` flags, e.g. '--config x.yaml' (default: none)")
-    p.add_argument("--demo-scale", type=float, default=0.12, help="size of the synthetic demo sets (default: 0.12)")
-    p.add_argument("--collect", type=Path, nargs="+", default=None,
-                   help="no training: write the page from the rows of earlier runs' WORK/bench-real.json files "
-                        "(sets measured separately, e.g. the long inspection set on a quiet machine)")
-    p.add_argument("--page", type=Path, default=Path("docs/measured/bench-real.md"),
-                   help="markdown page the table is written to (default: docs/measured/bench-real.md)")
-    p.add_argument("--title", default=TITLE, help=f"the page's title (default: {TITLE!r})")
-    a = p.parse_args(argv)
-    if a.collect:
+def run_bench_real(work: str | Path, sets: tuple[str, ...] = REAL_BENCH_SETS, *, skip: tuple[str, ...] = (),
+                   train_args: list[str] | None = None, demo_scale: float = 0.12, collect: list[Path] | None = None,
+                   page: Path | None = None, title: str | None = None, command: str = "fieldid bench real") -> int:
+    """``fieldid bench real``: :func:`bench_real` (or, with ``collect``, the rows of earlier runs' JSON files),
+    its table, and the page at ``page`` (for the defaults' full comparison, or collected rows) named after
+    ``command``; 2 for bad input (one line)."""
+    title = title or TITLE
+    if collect:
         try:
-            rows = [r for f in a.collect for r in json.loads(f.read_text())]
+            rows = [r for f in collect for r in json.loads(Path(f).read_text())]
         except (OSError, ValueError) as e:
             print(f"fieldid bench real: error: cannot read rows: {e}", file=sys.stderr)
             return 2
         order = {name: i for i, name in enumerate(REAL_BENCH_SETS)}
         rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
         print(format_real(rows))
-        command = "fieldid bench real --collect " + " ".join(str(f) for f in a.collect)
-        print(f"written: {write_page(rows, a.page, command=command, title=a.title)}")
+        if page:
+            print(f"written: {write_page(rows, page, command=command, title=title)}")
         return 0
     try:
-        rows = bench_real(a.work, tuple(x for x in a.sets.split(",") if x), train_args=a.train_args.split(),
-                          demo_scale=a.demo_scale, skip=tuple(x for x in a.skip.split(",") if x))
+        rows = bench_real(work, sets, train_args=train_args or [], demo_scale=demo_scale, skip=skip)
     except (ValueError, RealSetError) as e:
         print(f"fieldid bench real: error: {e}", file=sys.stderr)
         return 2
     print("\n" + format_real(rows))
-    if a.page and not a.train_args and not a.skip:  # only the defaults' full comparison is the published page
-        command = "fieldid bench real " + shlex.join(sys.argv[1:] if argv is None else argv)
-        print(f"written: {write_page(rows, a.page, command=command.strip(), title=a.title)}")
+    if page and not train_args and not skip:  # only the defaults' full comparison is the published page
+        print(f"written: {write_page(rows, page, command=command, title=title)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
