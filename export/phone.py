@@ -3,7 +3,7 @@
 Every consumer of a bundle answers a photo through this module, so they cannot drift apart:
 the server engine (``serve/engine.py``), the Gradio demo (``edge_demo/``), the web app's build
 and latency bench (``app/``), ``fieldid predict`` (``fieldid/classify.py``) and the cascade and
-unknown-photo benchmarks (``export/cascade.py``, ``export/ood_bench.py``). None of them imports
+unknown-photo benchmarks (``export/bench_cascade.py``, ``export/bench_ood.py``). None of them imports
 another; each imports this.
 
 The contract, in the order a photo meets it:

@@ -108,7 +108,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def _cmd_cascade(args: argparse.Namespace) -> int:
-    from fieldid.export.cascade import cascade_bench
+    from fieldid.export.bench_cascade import cascade_bench
 
     r = cascade_bench(args.run, args.server_run, device_bundle=args.bundle, server_bundle=args.server_bundle,
                       alone_run=args.alone_run, out=args.out, limit=args.limit)
@@ -120,7 +120,7 @@ def _cmd_cascade(args: argparse.Namespace) -> int:
 
 
 def _cmd_ood(args: argparse.Namespace) -> int:
-    from fieldid.export.ood_bench import ood_bench
+    from fieldid.export.bench_ood import ood_bench
 
     r = ood_bench(args.run, args.dir, bundle=args.bundle, out=args.out)
     print(r["table"])

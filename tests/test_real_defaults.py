@@ -225,7 +225,7 @@ def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
 
 
 def test_real_sets_are_built_once_with_their_split(tmp_path: Path) -> None:
-    from fieldid.training.realsets import build_real_set, class_counts
+    from fieldid.training.bench_sets import build_real_set, class_counts
 
     folder = build_real_set("faces", tmp_path)
     assert class_counts(folder, "train") == {"face": 70, "not_face": 70}

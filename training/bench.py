@@ -8,7 +8,7 @@
 ``compare`` builds small real datasets from images that installed packages ship
 (scikit-learn's handwritten digits, scikit-image's LFW face/non-face patches and its texture
 photos) plus the two demo sets, then runs, on the same split and one after the other,
-the reference (:mod:`fieldid.training.reference`: 3 epochs, AdamW 3e-4, 160 px, no
+the reference (:mod:`fieldid.training.bench_reference`: 3 epochs, AdamW 3e-4, 160 px, no
 augmentation) and ``fieldid train`` with its defaults, and prints test accuracy, wall time
 and their ratio. Goal: fieldid >= reference accuracy in <= 2x its wall time.
 
@@ -214,7 +214,7 @@ def bench_compare(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, demo
             "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
             "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
         print(f"[{name}] reference fine-tune ...", flush=True)
-        ref_s, ref_out = timed_run([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+        ref_s, ref_out = timed_run([sys.executable, "-m", "fieldid.training.bench_reference", str(split_file)],
                                 work / f"{name}-reference.log")
         ref = json.loads(ref_out.strip().splitlines()[-1])
         print(f"[{name}] fieldid train (defaults) ...", flush=True)

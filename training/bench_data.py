@@ -2,7 +2,7 @@
 
     fieldid bench data [--work runs/bench-data] [--sets elpv,digits,...] [--page FILE]
 
-Per set (the real sets of :mod:`fieldid.training.realsets` and the two demo sets, the demo sets
+Per set (the real sets of :mod:`fieldid.training.bench_sets` and the two demo sets, the demo sets
 laid out pre-split the way ``fieldid train`` splits them so a planted copy stays in its split):
 
 1. **Time.** One plain feature pass over every photo (:func:`load_or_compute_features`, training's
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .realsets import REAL_SETS, RealSetError, build_real_set
+from .bench_sets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
 __all__ = ["BENCH_SETS", "bench_data", "format_table", "run_bench_data"]

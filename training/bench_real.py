@@ -2,13 +2,13 @@
 
     fieldid bench real [--work runs/bench-real] [--sets elpv,digits,...] [--train-args "..."] [--page FILE]
 
-Per set of :mod:`fieldid.training.realsets` (and the two synthetic demo sets, which decide nothing
+Per set of :mod:`fieldid.training.bench_sets` (and the two synthetic demo sets, which decide nothing
 alone), on the split ``fieldid train`` makes with its default seed, one after the other:
 
 - **majority**: always the commonest training class (scikit-learn's DummyClassifier);
 - **linear probe**: L2 logistic regression on frozen ImageNet MobileNetV2 features at 224 px, its L2
   strength chosen on the val photos (:mod:`fieldid.training.probe`);
-- **reference**: the plain 30-line fine-tune (:mod:`fieldid.training.reference`);
+- **reference**: the plain 30-line fine-tune (:mod:`fieldid.training.bench_reference`);
 - **fieldid**: ``fieldid train --data SET --out RUN`` with nothing else.
 
 It prints test accuracy, macro-F1, balanced accuracy and wall time per row, fieldid's time ratio
@@ -30,7 +30,7 @@ import torch
 
 from .benchrun import fieldid_train, timed_run
 from .probe import fit_probe, majority_scores, score_predictions
-from .realsets import REAL_SETS, RealSetError, build_real_set
+from .bench_sets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
 __all__ = ["bench_real", "format_real", "run_bench_real", "REAL_BENCH_SETS"]
@@ -71,7 +71,7 @@ def _reference_row(split: Any, work: Path, name: str, num_classes: int) -> dict[
         "labels": split.labels,
         "train": [[str(p), y] for p, y in zip(split.paths("train"), split.targets("train"))],
         "test": [[str(p), y] for p, y in zip(split.paths("test"), split.targets("test"))]})
-    secs, out = timed_run([sys.executable, "-m", "fieldid.training.reference", str(split_file)],
+    secs, out = timed_run([sys.executable, "-m", "fieldid.training.bench_reference", str(split_file)],
                        work / f"{name}-reference.log")
     ref = json.loads(out.strip().splitlines()[-1])
     scores = score_predictions(torch.tensor(ref["test_predictions"]), torch.tensor(split.targets("test")), num_classes)

@@ -30,7 +30,7 @@ import numpy as np
 from fieldid.records import atomic_write_json, atomic_write_text
 
 from .manifest import CascadeError, Manifest, check_pair, load_manifest
-from .ood_bench import score_images
+from .bench_ood import score_images
 from .phone import PhoneError, is_unknown, needs_fallback, onnx_session, select_artifact, softmax
 
 __all__ = ["CASCADE_GOALS", "CascadeError", "check_pair", "cascade_bench"]

@@ -1,6 +1,6 @@
 """The benchmark's reference: a plain fine-tune, used only by ``make bench-train``.
 
-    python -m fieldid.training.reference SPLIT.json   # {"labels": [...], "train": [[path, y]], "test": [...]}
+    python -m fieldid.training.bench_reference SPLIT.json   # {"labels": [...], "train": [[path, y]], "test": [...]}
 
 3 epochs of full fine-tuning of ImageNet MobileNetV2, AdamW 3e-4, 160-px squashed photos,
 no augmentation, no head phase, no early stopping: what a user writes in 30 lines.
