@@ -30,24 +30,9 @@ if TYPE_CHECKING:  # only for annotations; importing them at run time would pull
     from fieldid.serve.server import ServerState
     from fieldid.training.records import RunRecord
 
-__all__ = ["Run", "Bundle", "train", "evaluate", "export_bundle", "predict", "serve_bundles", "bundle_dir_of"]
+__all__ = ["Run", "Bundle", "train", "evaluate", "export_bundle", "predict", "serve_bundles"]
 
 PathLike = str | os.PathLike
-
-
-def bundle_dir_of(path: PathLike) -> Path:
-    """A bundle folder, or a run folder -> its ``export/`` bundle (the one rule every stage uses).
-
-    Raises:
-        ValueError: neither holds a ``manifest.json``.
-
-    Examples:
-        >>> bundle_dir_of("runs/reef")  # doctest: +SKIP
-        PosixPath('runs/reef/export')
-    """
-    from fieldid.export.manifest import bundle_dir_of as find_bundle  # torch-free: the one rule
-
-    return find_bundle(path)
 
 
 class Run:
@@ -97,6 +82,8 @@ class Bundle:
     """
 
     def __init__(self, path: PathLike) -> None:
+        from fieldid.export.manifest import bundle_dir_of  # torch-free: the one rule every stage uses
+
         self.path = bundle_dir_of(path)
 
     def __repr__(self) -> str:
