@@ -33,6 +33,26 @@ def test_no_measured_number_is_typed_by_hand_in_the_readme() -> None:
     assert found == [], f"README numbers belong on a generated docs/measured page: {found}"
 
 
+# Words that make a number on a docs page a setting, a limit or a goal rather than a measurement.
+_NOT_MEASURED = re.compile(r"goal|limit|at most|over |refuses|≤|<=|window|batch-1|sized to", re.I)
+
+
+def _typed_measurements(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines()
+            if _MEASURED.search(line) and not _NOT_MEASURED.search(line)]
+
+
+def test_no_measured_number_is_typed_by_hand_in_the_docs() -> None:
+    """Beyond the README: the hand-written docs pages state settings, limits and goals, never measurements
+    (those are on docs/measured/, written by the benchmark commands)."""
+    pages = [p for p in DOCS.glob("*.md") if p.name != "cli.md"]  # cli.md is generated from the parsers
+    found = {p.name: _typed_measurements(p.read_text()) for p in pages}
+    assert {k: v for k, v in found.items() if v} == {}
+    # The scan bites: a typed latency is found, a limit is not.
+    assert _typed_measurements("The int8 model answers in 3.2 ms on this CPU.") != []
+    assert _typed_measurements("Uploads over 30 MB are refused.") == []
+
+
 def test_generated_pages_are_current() -> None:
     r = subprocess.run([sys.executable, "-m", "fieldid.docs_gen", "--check", "--root", str(ROOT)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
