@@ -753,7 +753,8 @@ def test_fieldid_demo_never_imports_torch(tiny_run: Path, tmp_path: Path) -> Non
 
 _TRAINING_FREE_SCRIPT = textwrap.dedent("""
     import json, sys
-    from fieldid.edge_demo import app, cli, device, examples, modes
+    from fieldid.edge_demo import app, device, examples, modes
+    import fieldid.commands.edge_demo  # `fieldid demo`'s own command module
     mode = modes.DemoMode("dive", sys.argv[1], server=None)
     app.build_app([mode])
     out = mode.identify(mode.examples[0].path.read_bytes())
