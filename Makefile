@@ -133,7 +133,7 @@ bench-real-image-size: $(STAMP)
 	for s in 96 224; do $(FIELDID) bench real --work $(RUNS)/bench-real-image-size/$$s --sets $(SMALL_SETS) \
 	  --skip majority,probe,reference --train-args "--image-size $$s" || exit 1; done
 	$(FIELDID) bench real --page $(MEASURED)/bench-real-image-size.md \
-	  --page-title "Image size: small photos at 96, 160 and 224 px" \
+	  --page-title "Image size: small photos at 96, 160 (the default) and 224 px" \
 	  --collect $(addprefix $(RUNS)/bench-real-image-size/,default/bench-real.json 96/bench-real.json 224/bench-real.json)
 
 bench-real-batchnorm: $(STAMP)
