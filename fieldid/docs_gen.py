@@ -32,7 +32,8 @@ _NAV = [("Home", "index.md"), ("Quickstart", "quickstart.md"), ("Data check", "d
 _API_SRC = "build/api-src"
 # Measurement pages with a fixed nav title; any other docs/measured/bench-*.md is listed under its file name.
 _MEASURED_TITLES = {"bench-real.md": "Real photos", "bench-data.md": "Data check",
-                    "bench-real-image-size.md": "Image size", "bench-real-batchnorm.md": "BatchNorm statistics"}
+                    "bench-export-real.md": "Export of the real-set models", "bench-real-image-size.md": "Image size",
+                    "bench-real-batchnorm.md": "BatchNorm statistics"}
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, argparse.ArgumentParser]]:

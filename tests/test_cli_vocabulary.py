@@ -161,7 +161,7 @@ def _recipe(target: str) -> str:
 
 @pytest.mark.parametrize("target", ["bench", "bench-export", "bench-train", "bench-serve", "bench-cascade",
                                     "bench-app", "bench-real", "bench-data", "bench-real-image-size",
-                                    "bench-real-batchnorm"])
+                                    "bench-real-batchnorm", "bench-export-real"])
 def test_every_make_bench_target_runs_fieldid_bench(target: str) -> None:
     recipe = _recipe(target)
     assert "$(FIELDID) bench " in recipe and "-m fieldid." not in recipe, recipe
