@@ -150,6 +150,17 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
     name, head = head_module(model)  # type: ignore[misc]  # uses_feature_head checked there is one
     t = time.time()
     workers = resolve_num_workers(cfg)
+    batch = max(cfg.batch_size, 64)
+
+    def features(label: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head-input features and targets of the un-augmented training photos, then of the val photos,
+        under the model's current BatchNorm statistics."""
+        train_part = backbone_features(model, head, plain, batch_size=batch, num_workers=workers, device=device,
+                                       label=label)
+        val_part = backbone_features(model, head, datasets["val"], batch_size=batch, num_workers=workers,
+                                     device=device)
+        return (*train_part, *val_part)
+
     pretrained_bn = batchnorm_state(model)
     choice: dict[str, Any] = {"setting": cfg.batchnorm, "used": "pretrained"}
     if cfg.batchnorm == "auto":
@@ -157,23 +168,16 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
         # each DataLoader pass draws a seed, and a run that then keeps the re-estimated statistics must
         # be the very run `adapt` gives)
         with torch.random.fork_rng(devices=[]):
-            feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
-                                          device=device, label="head phase (pretrained BatchNorm statistics)")
-            val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
-                                                  num_workers=workers, device=device)
+            feats, ys, val_feats, val_ys = features("head phase (pretrained BatchNorm statistics)")
         choice["pretrained_probe_val"] = _probe_val(feats, ys, val_feats, val_ys, len(counts), cfg)
     if cfg.batchnorm in ("adapt", "auto"):
-        adapted = adapt_batchnorm(model, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
-                                  device=device)
+        adapted = adapt_batchnorm(model, plain, batch_size=batch, num_workers=workers, device=device)
         if adapted:
             choice["used"] = "re-estimated"
             log.info("head phase: BatchNorm statistics re-estimated on %d training photos (%.1f s)", adapted,
                      time.time() - t)
     if choice["used"] == "re-estimated" or cfg.batchnorm != "auto":
-        feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64), num_workers=workers,
-                                      device=device, label="head phase")
-        val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
-                                              num_workers=workers, device=device)
+        feats, ys, val_feats, val_ys = features("head phase")
     if cfg.batchnorm == "auto" and choice["used"] == "re-estimated":
         # ... against the probe under the re-estimated ones (better on the benchmark's real photos, see
         # docs/measured/bench-real.md). The pretrained statistics stay only when their probe scores
@@ -183,10 +187,9 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
         if choice["pretrained_probe_val"] > choice["re-estimated_probe_val"]:
             model.load_state_dict(pretrained_bn, strict=False)
             choice["used"] = "pretrained"
-            feats, ys = backbone_features(model, head, plain, batch_size=max(cfg.batch_size, 64),
-                                          num_workers=workers, device=device)
-            val_feats, val_ys = backbone_features(model, head, datasets["val"], batch_size=max(cfg.batch_size, 64),
-                                                  num_workers=workers, device=device)
+            # Computed again rather than kept from the forked pass: the draws of these DataLoader passes
+            # are part of the run's RNG stream, which the measured rows of docs/measured/ were made with.
+            feats, ys, val_feats, val_ys = features()
         log.info("head phase: BatchNorm statistics %s (linear probe val %s %.4f with the pretrained ones, "
                  "%.4f re-estimated)", choice["used"], cfg.objective, choice["pretrained_probe_val"],
                  choice["re-estimated_probe_val"])
