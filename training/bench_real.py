@@ -82,13 +82,12 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
     secs, metrics, record = fieldid_train(folder, work / "runs" / name, flags, work / f"{name}-fieldid.log")
     recalls = [c["recall"] for c in metrics["per_class"].values() if c["support"]]
     training = metrics.get("training", {})
+    fallback = metrics.get("fallback") or {}  # test photos below the fallback threshold go to the server
     return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
             "balanced_accuracy": round(sum(recalls) / max(1, len(recalls)), 4), "seconds": round(secs, 1),
             "epochs": training.get("epochs"), "image_size": record.get("extra", {}).get("image_size"),
             "shipped": training.get("shipped", "fine-tuned"), "baselines_val": training.get("baselines"),
-            # test photos below the fallback threshold (the phone asks the server about them)
-            "to_server": (metrics.get("fallback") or {}).get("sent_to_server"),
-            "kept_accuracy": (metrics.get("fallback") or {}).get("kept_accuracy")}
+            "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy")}
 
 
 def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, train_args: list[str] | None = None,

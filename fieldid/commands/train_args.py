@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from fieldid.cli_vocabulary import add_renamed
+from fieldid.training.config import BATCHNORM_MODES, IMBALANCE_MODES, OBJECTIVES  # torch-free
 
 __all__ = ["add_train_args", "train_overrides"]
 
@@ -17,13 +18,13 @@ def add_train_args(p: argparse.ArgumentParser, *, require_data: bool = True) -> 
     p.add_argument("--image-size", type=int, default=None, help="crop size in pixels (default: matched to the photos, at least 160, when they are smaller than the backbone's native size, else native)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default from config: 32)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default from config: 3e-4)")
-    p.add_argument("--objective", choices=("accuracy", "balanced"), default=None,
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="what model selection, early stopping and the probe guard optimise: accuracy on the photos' "
                         "own class mix, or balanced accuracy (every class counts the same) (default from config: accuracy)")
-    p.add_argument("--imbalance", choices=("auto", "none", "loss", "sqrt", "sampler", "logit_adjust"), default=None,
+    p.add_argument("--imbalance", choices=IMBALANCE_MODES, default=None,
                    help="class-imbalance handling; auto = none for --objective accuracy, logit adjustment for "
                         "balanced (default from config: auto)")
-    p.add_argument("--batchnorm", choices=("auto", "adapt", "train", "frozen"), default=None,
+    p.add_argument("--batchnorm", choices=BATCHNORM_MODES, default=None,
                    help="BatchNorm statistics while fine-tuning: adapt = re-estimated on the training photos, "
                         "train = the pretrained ones updated from each batch, frozen = the pretrained ones kept; "
                         "auto = adapt unless the linear probe scores higher on val with the pretrained ones "

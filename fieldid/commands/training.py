@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fieldid.cli_common import HelpFormatter, UsageError
 
-# The training flags live in their own module so that tune.py (which adds them to `fieldid tune`)
-# and this module do not import each other.
+# The training flags, in their own module: `fieldid train` and `fieldid tune` (both registered here)
+# take the same knobs.
 from .train_args import add_train_args, train_overrides
 
 __all__ = ["register", "add_train_args", "train_overrides", "HelpFormatter"]
