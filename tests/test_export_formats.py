@@ -338,6 +338,27 @@ def test_bar_images_top_up_with_val_photos_then_views_of_held_out_ones() -> None
     assert decided == {"images": 12, "heldout": 12, "val": 0, "augmented_views": 0} and len(x) == 12
 
 
+def test_views_of_a_smooth_photo_stay_smooth() -> None:
+    """A small photo reaches the model upscaled and smooth. Its views change the light, not the texture:
+    per-pixel noise there (sigma 2/255, the old views) was texture no photo has, and the benchmark's
+    fp32 models answered a quarter to a half of such views wrong."""
+    from PIL import Image
+
+    from fieldid.export.verify import augmented_views
+
+    rng = np.random.default_rng(1)
+    small = rng.integers(40, 216, (4, 12, 12, 3), dtype=np.uint8)  # 12-px photos, upscaled as training does
+    photos = np.stack([np.asarray(Image.fromarray(p).resize((96, 96), Image.Resampling.BILINEAR)) for p in small])
+    views, src = augmented_views(photos, 40)
+
+    def roughness(x: np.ndarray) -> np.ndarray:  # mean |difference| between a pixel and its right neighbour
+        d = np.abs(np.diff(x.astype(np.float32), axis=2)).mean(axis=(1, 2, 3))
+        return d / np.maximum(x.astype(np.float32).std(axis=(1, 2, 3)), 1e-6)  # per unit of contrast
+
+    assert np.all(roughness(views) <= roughness(photos)[src] * 1.05)
+    assert not any(np.array_equal(v, photos[s]) for v, s in zip(views, src))  # the light did change
+
+
 def test_every_bar_records_what_it_was_decided_on(manifest: Manifest, tiny_run: Path) -> None:
     from fieldid.export.verify import MIN_BAR_IMAGES
     from fieldid.training.data import load_split
