@@ -323,8 +323,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_cascade)
 
     o = what.add_parser("ood", help="the unknown answer of the phone's file on other and unseen photos",
-                        description="DIR/other/ (other kinds of things, goal >= 95%% flagged) and DIR/unseen/ (same "
-                                    "kind, not trained on, >= 80%%) vs the held-out split (>= 95%% answered, >= 99%% "
+                        description="DIR/other/ (other kinds of things, goal >= 95% flagged) and DIR/unseen/ (same "
+                                    "kind, not trained on, >= 80%) vs the held-out split (>= 95% answered, >= 99% "
                                     "accurate); `fieldid data ood` makes such a folder; writes ood.json and ood.md.")
     o.add_argument("--run", type=Path, required=True, help="run directory")
     o.add_argument("--dir", type=Path, required=True, help="folder with other/ and/or unseen/ photos")
