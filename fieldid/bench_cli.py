@@ -172,7 +172,7 @@ def _cmd_real(args: argparse.Namespace) -> int:
 
     return run_bench_real(args.work, _csv(args.sets), skip=_csv(args.skip), train_args=args.train_args.split(),
                           demo_scale=args.demo_scale, collect=args.collect, page=args.page, title=args.page_title,
-                          command=_command(args))
+                          command=_command(args), seeds=args.seeds)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -361,6 +361,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--train-args", default="",
                    help="extra `fieldid train` flags, e.g. '--config x.yaml' (default: none)")
     r.add_argument("--demo-scale", type=float, default=0.12, help="size of the synthetic demo sets (1.0 = full)")
+    r.add_argument("--seeds", type=int, default=1,
+                   help="run every method with seeds 0..N-1 (split, training and the reference's seed); the goals "
+                        "are judged on the means")
     r.add_argument("--collect", type=Path, nargs="+", default=None,
                    help="no training: the table from the rows of earlier runs' WORK/bench-real.json files (sets "
                         "measured separately, e.g. the long inspection set on a quiet machine)")

@@ -162,6 +162,7 @@ VOCABULARY: dict[str, Flag] = {
     "--work": Flag("the folder a benchmark builds its datasets, runs and logs in", PER_COMMAND),
     "--sets": Flag("comma-separated datasets a benchmark runs on", PER_COMMAND),
     "--demo-scale": Flag("size of a benchmark's synthetic demo sets (1.0 = full)", 0.12),
+    "--seeds": Flag("seeds per set and method of the real-photo benchmark; its goals are judged on the means", 1),
     "--train-args": Flag("extra `fieldid train` flags for a benchmark's fieldid runs, e.g. '--config x.yaml'", ""),
     "--skip": Flag("comma-separated methods a benchmark leaves out", ""),
     "--collect": Flag("JSON row files of earlier benchmark runs to make the table from, without training"),

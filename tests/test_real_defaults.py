@@ -179,11 +179,13 @@ def test_bench_real_goals_and_table() -> None:
     from fieldid.training.bench_real import format_real, goals
 
     g = goals(_rows(0.80, 250))["elpv"]
-    assert g == {"time_ratio": 2.5, ">= reference": True, "<= 3x time": True, ">= probe": True, "> majority": True}
+    assert g == {"seeds": 1, "accuracy": 0.8, "accuracy_sd": 0.0, "reference_accuracy": 0.77, "time_ratio": 2.5,
+                 ">= reference": True, "<= 3x time": True, ">= probe": True, "> majority": True}
     g = goals(_rows(0.772, 400))["elpv"]  # between reference and probe, too slow
     assert g[">= reference"] and not g[">= probe"] and not g["<= 3x time"] and g["time_ratio"] == 4.0
     table = format_real(_rows(0.80, 250))
     assert "| elpv | yes | 4 | 10/2/4 | 14x | fieldid | 0.800 |" in table
+    assert "| elpv | 1 | 0.800 | 0.770 | 2.5 | >= reference: met," in table
     assert "224 px, 6 epochs, shipped fine-tuned" in table and ">= probe: met" in table
     assert "to server" not in table  # rows measured before the share was recorded judge nothing about it
     # The share of test photos the fallback threshold sends to the server, and its goal.
@@ -193,6 +195,35 @@ def test_bench_real_goals_and_table() -> None:
     assert "30% of test photos to the server (device answers 0.970 right)" in format_real(rows)
     rows[-1].update(to_server=0.1)
     assert "<= 25% to server: met" in format_real(rows)
+
+
+def test_bench_real_judges_several_seeds_on_their_means() -> None:
+    """One seed's test photos move a small set's accuracy by a point each: with --seeds the goals compare means
+    over the seeds fieldid ran with, and the table names each row's seed and the spread."""
+    from fieldid.training.bench_real import format_real, goals
+
+    rows = [{**r, "seed": 0} for r in _rows(0.76, 250)]  # seed 0 alone: below the reference (0.77)
+    assert goals(rows)["elpv"][">= reference"] is False
+    again = [{**r, "seed": 1} for r in _rows(0.80, 350)]
+    again[2] = {**again[2], "accuracy": 0.76}  # the reference's own seed 1
+    g = goals(rows + again)["elpv"]
+    assert g["seeds"] == 2 and g["accuracy"] == 0.78 and g["reference_accuracy"] == 0.765
+    assert g[">= reference"] is True and g["time_ratio"] == 3.0 and abs(g["accuracy_sd"] - 0.0283) < 1e-4
+    table = format_real(rows + again)
+    assert "| fieldid (seed 1) | 0.800 |" in table and "| elpv | 2 | 0.780 ± 0.028 | 0.765 | 3.0 |" in table
+    # A reference measured on a seed fieldid did not run with is not compared.
+    g = goals(rows + [again[2]])["elpv"]
+    assert g["seeds"] == 1 and g["reference_accuracy"] == 0.77
+
+
+def test_bench_real_refuses_bad_seeds(tmp_path: Path) -> None:
+    for args, message in ((["--seeds", "0"], "--seeds must be at least 1, got 0"),
+                          (["--seeds", "2", "--train-args", "--seed 3"], "leave --seed out of --train-args")):
+        r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--sets", "faces", "--work",
+                            str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()  # refused before building anything
 
 
 def test_metrics_carry_the_fallback_share() -> None:

@@ -1,6 +1,6 @@
 """The benchmark's reference: a plain fine-tune, used only by ``make bench-train``.
 
-    python -m fieldid.training.bench_reference SPLIT.json   # {"labels": [...], "train": [[path, y]], "test": [...]}
+    python -m fieldid.training.bench_reference SPLIT.json   # {"labels", "seed", "train": [[path, y]], "test"}
 
 3 epochs of full fine-tuning of ImageNet MobileNetV2, AdamW 3e-4, 160-px squashed photos,
 no augmentation, no head phase, no early stopping: what a user writes in 30 lines.
@@ -20,8 +20,8 @@ from .models import create_model
 
 def main(split_json: str) -> None:
     t0 = time.time()
-    torch.manual_seed(0)
     d = json.loads(open(split_json).read())
+    torch.manual_seed(d.get("seed", 0))
     tf = T.Compose([T.Resize((160, 160)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     train = [(tf(Image.open(p).convert("RGB")), y) for p, y in d["train"]]
     test = [(tf(Image.open(p).convert("RGB")), y) for p, y in d["test"]]
