@@ -211,7 +211,7 @@ def bar_images(heldout: np.ndarray, targets: np.ndarray, spec: Any, *, val: np.n
     on them, which can only favour it slightly -- the held-out split's own agreement is recorded
     beside the bar's), then :func:`augmented_views` of the held-out photos, labelled as their photo.
     Views are correlated with their photo: a run with a few dozen photos gets a bar that is stable
-    under light and noise, not the confidence of 300 independent photos -- ``decided_on`` says
+    under light, not the confidence of 300 independent photos -- ``decided_on`` says
     which it was.
 
     Args:
