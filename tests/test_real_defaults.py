@@ -211,6 +211,8 @@ def test_bench_real_judges_several_seeds_on_their_means() -> None:
     assert g[">= reference"] is True and g["time_ratio"] == 3.0 and abs(g["accuracy_sd"] - 0.0283) < 1e-4
     table = format_real(rows + again)
     assert "| fieldid (seed 1) | 0.800 |" in table and "| elpv | 2 | 0.780 ± 0.028 | 0.765 | 3.0 |" in table
+    # A row given again (a re-measured one, collected from a later file) replaces the earlier one.
+    assert goals(rows + [{**rows[-1], "accuracy": 0.9}])["elpv"]["accuracy"] == 0.9
     # A reference measured on a seed fieldid did not run with is not compared.
     g = goals(rows + [again[2]])["elpv"]
     assert g["seeds"] == 1 and g["reference_accuracy"] == 0.77

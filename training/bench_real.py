@@ -167,7 +167,8 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        mine = [r for r in rows if r["dataset"] == name]
+        # One row per method and seed, the last one given (collected files may repeat a row re-measured later).
+        mine = list({(r["method"], r.get("seed", 0)): r for r in rows if r["dataset"] == name}.values())
         f_rows = [r for r in mine if r["method"] == "fieldid"]
         if not f_rows:
             continue
