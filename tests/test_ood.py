@@ -275,3 +275,21 @@ def test_fp32_unknown_decision_on_a_threshold_tie_may_go_either_way(tmp_path: Pa
     clear = tie.copy()
     clear[1] = 2.5  # a clear answer (half the threshold) turned unknown: a real miss
     assert check(clear)["status"] == "failed"
+
+
+def test_ood_set_keeps_folders_that_share_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--other faces/test scenes/test`: both are copied, under names that tell them apart (the second used to
+    land in other/test among the first one's files, overwriting those with the same name)."""
+    from PIL import Image
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    for i, (group, n) in enumerate((("faces", 3), ("scenes", 4))):
+        for k in range(n):
+            p = tmp_path / group / "test" / "a" / f"x{k}.png"  # same relative paths in both folders
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (40 * i, 10 * k, 0)).save(p)
+    counts = make_ood_set(tmp_path / "ood", other=[tmp_path / "faces" / "test", tmp_path / "scenes" / "test"],
+                          unseen=[tmp_path / "faces" / "test"], generated=2)
+    assert counts["other/faces-test"] == 3 and counts["other/scenes-test"] == 4 and counts["unseen/test"] == 3
+    assert len(list((tmp_path / "ood" / "other" / "faces-test").rglob("*.png"))) == 3
+    assert len(list((tmp_path / "ood" / "other" / "scenes-test").rglob("*.png"))) == 4

@@ -109,6 +109,27 @@ def _skimage_photos() -> list[tuple[str, Image.Image]]:
     return out
 
 
+def _distinct_names(folders: list[Path]) -> list[str]:
+    """A sub-folder name per folder: its own name, or as many of its parents as make it unique
+    (``faces/test`` and ``scenes/test`` become ``faces-test`` and ``scenes-test``; copied under one
+    name, the second folder's files would land among -- or over -- the first one's)."""
+    parts = [f.resolve().parts for f in folders]
+    depth = [1] * len(folders)
+    while True:
+        names = ["-".join(p[-d:]).strip("/") or "root" for p, d in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:  # the same folder given twice: numbered
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out
+
+
 def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[str | Path] = (),
                  generated: int = 120, per_folder: int = 200, seed: int = 0) -> dict[str, int]:
     """Write the ``fieldid bench --ood`` folder: ``OUT/other/`` and ``OUT/unseen/``.
@@ -142,7 +163,8 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
     exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
     rng = np.random.default_rng(seed)
     for group, folders in (("other", other), ("unseen", unseen)):
-        for folder in folders:
+        names = _distinct_names([Path(f) for f in folders])
+        for folder, name in zip(folders, names):
             folder = Path(folder)
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts) \
                 if folder.is_dir() else []
@@ -152,6 +174,6 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
                 files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
             for p in files:
                 rel = p.relative_to(folder)
-                atomic_write_bytes(out / group / folder.name / rel, p.read_bytes())
-            counts[f"{group}/{folder.name}"] = len(files)
+                atomic_write_bytes(out / group / name / rel, p.read_bytes())
+            counts[f"{group}/{name}"] = len(files)
     return counts
