@@ -14,7 +14,7 @@ import torch
 from fieldid.export.phone import prediction
 from fieldid.training.negatives import NEGATIVE_KINDS, generated_unknowns, make_ood_set
 from fieldid.training.ood import (ScoredModel, UnknownDetector, fit_detector, fit_threshold, load_detector,
-                                  model_version, scored_model)
+                                  model_version)
 
 
 # --------------------------------------------------------------------------- detector maths
