@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_features", "describe_machine", "git_commit", "measured_header"]
+__all__ = ["busy_load", "cpu_features", "describe_machine", "git_commit", "measured_header"]
 
 # /proc/cpuinfo flags that decide int8 / bf16 kernel speed, in the order they are printed.
 _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -50,6 +50,17 @@ def describe_machine() -> str:
     features = _features(flags)
     return (f"CPU: {model}, {os.cpu_count()} logical cores visible; int8/bf16 features: "
             f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}")
+
+
+def busy_load() -> tuple[float, int]:
+    """``(1-minute load average, logical cores)``: a benchmark row records them so a table can tell a
+    wall time measured beside other work from one on an idle machine (``(0.0, cores)`` where the OS
+    has no load average)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    return round(load, 1), os.cpu_count() or 1
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
