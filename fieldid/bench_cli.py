@@ -355,7 +355,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "accuracy, macro-F1, balanced accuracy, wall time, the share of photos sent to "
                                     "the server and whether the goals hold. The rows go to WORK/bench-real.json.")
     r.add_argument("--work", type=Path, default=Path("runs/bench-real"), help="datasets, runs and logs go here")
-    r.add_argument("--sets", default=_REAL_SETS, help="comma-separated sets")
+    r.add_argument("--sets", default=_REAL_SETS, help="comma-separated sets (with --collect: the sets kept)")
     r.add_argument("--skip", default="",
                    help="comma-separated methods to leave out: majority,probe,reference,fieldid (default: none)")
     r.add_argument("--train-args", default="",

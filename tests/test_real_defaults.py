@@ -270,6 +270,10 @@ def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     text = page.read_text()
     assert "2026-12-05 09:00 to 2026-12-05 09:00 at commit(s) abc1234" in text and "CPU:" in text and "| elpv | yes |" in text
+    # --sets picks among collected rows (a run stopped part-way into a set it was not meant to publish).
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(good), "--sets", "faces"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "| elpv |" not in r.stdout, r.stdout
 
 
 def test_real_sets_are_built_once_with_their_split(tmp_path: Path) -> None:

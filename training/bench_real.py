@@ -276,6 +276,7 @@ def run_bench_real(work: str | Path, sets: tuple[str, ...] = REAL_BENCH_SETS, *,
             print(f"fieldid bench real: error: cannot read rows: {e}", file=sys.stderr)
             return 2
         order = {name: i for i, name in enumerate(REAL_BENCH_SETS)}
+        rows = [r for r in rows if r.get("dataset") in sets]  # --sets picks among the collected rows too
         rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
         print(format_real(rows))
         if page:
