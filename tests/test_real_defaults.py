@@ -165,8 +165,9 @@ def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Pa
 
 
 # --------------------------------------------------------------------------- the real-data benchmark
-def _rows(fieldid_acc: float, seconds: float) -> list[dict]:
-    base = {"dataset": "elpv", "real": True, "classes": 4, "train": 10, "val": 2, "test": 4, "imbalance": 14.0}
+def _rows(fieldid_acc: float, seconds: float, load: float | None = None) -> list[dict]:
+    base = {"dataset": "elpv", "real": True, "classes": 4, "train": 10, "val": 2, "test": 4, "imbalance": 14.0,
+            **({"load": load, "cores": 2} if load is not None else {})}
     return [{**base, "method": "majority", "accuracy": 0.575, "macro_f1": 0.18, "balanced_accuracy": 0.25, "seconds": 0},
             {**base, "method": "probe", "accuracy": 0.774, "macro_f1": 0.5, "balanced_accuracy": 0.48, "seconds": 90},
             {**base, "method": "reference", "accuracy": 0.77, "macro_f1": 0.57, "balanced_accuracy": 0.56,
@@ -178,12 +179,12 @@ def _rows(fieldid_acc: float, seconds: float) -> list[dict]:
 def test_bench_real_goals_and_table() -> None:
     from fieldid.training.bench_real import format_real, goals
 
-    g = goals(_rows(0.80, 250))["elpv"]
+    g = goals(_rows(0.80, 250, load=2.0))["elpv"]
     assert g == {"seeds": 1, "accuracy": 0.8, "accuracy_sd": 0.0, "reference_accuracy": 0.77, "time_ratio": 2.5,
                  ">= reference": True, "<= 3x time": True, ">= probe": True, "> majority": True}
-    g = goals(_rows(0.772, 400))["elpv"]  # between reference and probe, too slow
+    g = goals(_rows(0.772, 400, load=2.0))["elpv"]  # between reference and probe, too slow
     assert g[">= reference"] and not g[">= probe"] and not g["<= 3x time"] and g["time_ratio"] == 4.0
-    table = format_real(_rows(0.80, 250))
+    table = format_real(_rows(0.80, 250, load=2.0))
     assert "| elpv | yes | 4 | 10/2/4 | 14x | fieldid | 0.800 |" in table
     assert "| elpv | 1 | 0.800 | 0.770 | 2.5 | >= reference: met," in table
     assert "224 px, 6 epochs, shipped fine-tuned" in table and ">= probe: met" in table
@@ -202,9 +203,9 @@ def test_bench_real_judges_several_seeds_on_their_means() -> None:
     over the seeds fieldid ran with, and the table names each row's seed and the spread."""
     from fieldid.training.bench_real import format_real, goals
 
-    rows = [{**r, "seed": 0} for r in _rows(0.76, 250)]  # seed 0 alone: below the reference (0.77)
+    rows = [{**r, "seed": 0} for r in _rows(0.76, 250, load=2.0)]  # seed 0 alone: below the reference (0.77)
     assert goals(rows)["elpv"][">= reference"] is False
-    again = [{**r, "seed": 1} for r in _rows(0.80, 350)]
+    again = [{**r, "seed": 1} for r in _rows(0.80, 350, load=2.0)]
     again[2] = {**again[2], "accuracy": 0.76}  # the reference's own seed 1
     g = goals(rows + again)["elpv"]
     assert g["seeds"] == 2 and g["accuracy"] == 0.78 and g["reference_accuracy"] == 0.765
@@ -225,6 +226,8 @@ def test_bench_real_does_not_judge_time_measured_on_a_busy_machine() -> None:
 
     idle = [{**r, "load": 2.1, "cores": 2} for r in _rows(0.80, 250)]
     assert goals(idle)["elpv"]["<= 3x time"] is True
+    unknown = goals(_rows(0.80, 250))["elpv"]  # rows measured before the load was recorded
+    assert "<= 3x time" not in unknown and unknown["time_judged"] == "not judged: the load was not recorded"
     busy = [dict(r) for r in idle]
     busy[2]["load"] = 5.3  # the reference ran beside another job
     g = goals(busy)["elpv"]

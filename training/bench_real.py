@@ -200,6 +200,8 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             g[">= reference"] = g["accuracy"] >= g["reference_accuracy"]
             if _busy(f_rows + ref):  # a wall time measured beside other work judges nothing
                 g["time_judged"] = "not judged: the machine was busy (load above 1.5x the cores)"
+            elif any(r.get("load") is None for r in f_rows + ref):  # rows from before the load was recorded
+                g["time_judged"] = "not judged: the load was not recorded"
             else:
                 g[f"<= {TIME_GOAL:g}x time"] = g["time_ratio"] <= TIME_GOAL
         if by["probe"]:
