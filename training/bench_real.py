@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from statistics import fmean, stdev
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fieldid.machine import busy_load
+from fieldid.machine import busy_load, git_commit, measured_header
 
 from .benchrun import fieldid_train, timed_run
 from .probe import fit_probe, majority_scores, score_predictions
@@ -142,8 +143,6 @@ def _set_rows(folder: Path, work: Path, name: str, seed: int, train_args: list[s
 def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, train_args: list[str] | None = None,
                demo_scale: float = 0.12, skip: tuple[str, ...] = (), seeds: int = 1) -> list[dict[str, Any]]:
     """One row per set, seed and method (majority, probe, reference, fieldid); written as it goes."""
-    from fieldid.machine import git_commit
-
     work = Path(work)
     commit = git_commit()
     unknown = [n for n in names if n not in REAL_BENCH_SETS]
@@ -159,18 +158,6 @@ def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, tr
         for seed in range(seeds):
             _set_rows(folder, work, name, seed, train_args or [], skip, commit, rows)
     return rows
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _sd(values: list[float]) -> float:
-    """Sample standard deviation (0 for one value)."""
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -191,26 +178,27 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         by = {m: [r for r in mine if r["method"] == m and r.get("seed", 0) in seeds]
               for m in ("majority", "probe", "reference")}
         acc = [r["accuracy"] for r in f_rows]
-        g: dict[str, Any] = {"seeds": len(seeds), "accuracy": round(_mean(acc), 4), "accuracy_sd": round(_sd(acc), 4)}
+        g: dict[str, Any] = {"seeds": len(seeds), "accuracy": round(fmean(acc), 4),
+                             "accuracy_sd": round(stdev(acc) if len(acc) > 1 else 0.0, 4)}
         if by["reference"]:
             ref = by["reference"]
-            g["reference_accuracy"] = round(_mean([r["accuracy"] for r in ref]), 4)
-            g["time_ratio"] = round(_mean([r["seconds"] for r in f_rows]) /
-                                    max(_mean([r["seconds"] for r in ref]), 1e-9), 2)
+            g["reference_accuracy"] = round(fmean([r["accuracy"] for r in ref]), 4)
+            g["time_ratio"] = round(fmean([r["seconds"] for r in f_rows]) /
+                                    max(fmean([r["seconds"] for r in ref]), 1e-9), 2)
             g[">= reference"] = g["accuracy"] >= g["reference_accuracy"]
             if _busy(f_rows + ref):  # a wall time measured beside other work judges nothing
-                g["time_judged"] = "not judged: the machine was busy (load above 1.5x the cores)"
+                g["time_judged"] = f"not judged: the machine was busy (load above {BUSY_LOAD:g}x the cores)"
             elif any(r.get("load") is None for r in f_rows + ref):  # rows from before the load was recorded
                 g["time_judged"] = "not judged: the load was not recorded"
             else:
                 g[f"<= {TIME_GOAL:g}x time"] = g["time_ratio"] <= TIME_GOAL
         if by["probe"]:
-            g[">= probe"] = g["accuracy"] >= round(_mean([r["accuracy"] for r in by["probe"]]), 4)
+            g[">= probe"] = g["accuracy"] >= round(fmean([r["accuracy"] for r in by["probe"]]), 4)
         if by["majority"]:
-            g["> majority"] = g["accuracy"] > round(_mean([r["accuracy"] for r in by["majority"]]), 4)
+            g["> majority"] = g["accuracy"] > round(fmean([r["accuracy"] for r in by["majority"]]), 4)
         shares = [r["to_server"] for r in f_rows if r.get("to_server") is not None]
         if len(shares) == len(f_rows):
-            g[f"<= {SERVER_GOAL:.0%} to server"] = _mean(shares) <= SERVER_GOAL
+            g[f"<= {SERVER_GOAL:.0%} to server"] = fmean(shares) <= SERVER_GOAL
         out[name] = g
     return out
 
@@ -249,8 +237,6 @@ TITLE = "Real photos: fieldid's defaults against the baselines"
 
 def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str, title: str = TITLE) -> Path:
     """``docs/measured/bench-real.md``: the table with the date, commit and machine it was measured on."""
-    from fieldid.machine import measured_header
-
     dates = sorted(r["date"] for r in rows if r.get("date"))
     commits = sorted({r.get("commit") or "not recorded" for r in rows})
     measured = [f"{dates[0]} to {dates[-1]}" if dates else "at an unrecorded time",
