@@ -113,10 +113,10 @@ def _distinct_names(folders: list[Path]) -> list[str]:
     """A sub-folder name per folder: its own name, or as many of its parents as make it unique
     (``faces/test`` and ``scenes/test`` become ``faces-test`` and ``scenes-test``; copied under one
     name, the second folder's files would land among -- or over -- the first one's)."""
-    parts = [f.resolve().parts for f in folders]
+    parts = [f.resolve().parts[1:] for f in folders]  # without the anchor ("/"): a name, not a path
     depth = [1] * len(folders)
     while True:
-        names = ["-".join(p[-d:]).strip("/") or "root" for p, d in zip(parts, depth)]
+        names = ["-".join(p[-d:]) or "root" for p, d in zip(parts, depth)]
         clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
         if not clash:
             break
