@@ -131,6 +131,51 @@ def test_near_duplicate_pairs_unit() -> None:
     assert [(i, j) for i, j, _, _ in near_duplicate_pairs(thumbs)] == [(1, 6), (4, 7)]
 
 
+def test_near_duplicate_with_its_frame_trimmed_off() -> None:
+    """A faint photo in a dark frame (a solar cell, a scan) and a copy cropped inside the frame.
+
+    The copy's exposure differs from the whole original (the frame was most of its contrast), and
+    its crop falls between the coarse trims: the match must be judged on the aligned window.
+    """
+    from fieldid.training.neighbours import near_duplicate_pairs, thumbnail
+
+    def framed(name: str) -> Image.Image:
+        inner = np.asarray(_photo(name, 150).convert("L").resize((150, 150)), dtype=np.float32)
+        faint = 150 + (inner - inner.mean()) * 0.6  # a low-contrast subject, like a cell's surface
+        out = np.full((166, 166), 20.0)
+        out[8:158, 8:158] = faint
+        return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).convert("RGB")
+
+    photos = [framed(n) for n in (*PHOTOS[:6], PHOTOS[9], PHOTOS[11])]  # moon and brick: nearly flat at 0.6x
+    inside = photos[2].crop((9, 10, 157, 158))  # the frame trimmed off: 5.4-6 % per side
+    inside = inside.resize((110, 110), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    inside.save(buf, "JPEG", quality=70)
+    copy = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    thumbs = np.stack([thumbnail(im) for im in [*photos, copy]])
+    assert [(i, j) for i, j, _, _ in near_duplicate_pairs(thumbs)] == [(2, 8)]
+
+
+def test_a_copy_pairs_with_its_original_not_with_its_look_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A photo, its messenger copy, and a look-alike (the photo with a sixth of its middle replaced).
+
+    The look-alike passes the similarity threshold against both (a cell of the same solar module
+    does against a copy's original), but the copy matches its original best: only that pair stays.
+    """
+    from fieldid.training import neighbours
+
+    photos = [_photo(n) for n in PHOTOS[:6]]
+    x = photos[1]
+    w, h = x.size
+    look_alike = x.copy()
+    look_alike.paste(_photo("camera").resize(x.size).crop((w // 3, h // 3, w // 3 + w // 6, h // 3 + h // 6)),
+                     (w // 3, h // 3))
+    thumbs = np.stack([neighbours.thumbnail(im) for im in [*photos, _messenger_copy(x), look_alike]])
+    assert [(i, j) for i, j, _, _ in neighbours.near_duplicate_pairs(thumbs)] == [(1, 6)]
+    monkeypatch.setattr(neighbours, "MUTUAL_MARGIN", 1.0)  # without the rule the look-alike is in both pairs
+    assert [(i, j) for i, j, _, _ in neighbours.near_duplicate_pairs(thumbs)] == [(1, 6), (1, 7), (6, 7)]
+
+
 # -- outliers and quality -----------------------------------------------------------------------
 
 def test_outlier_far_from_every_class() -> None:

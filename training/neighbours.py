@@ -7,11 +7,21 @@ slightly cropped copy kept a MobileNetV2 cosine of only 0.43-0.92 to its origina
 photos of one class reached 0.94-0.98. So:
 
 1. *candidates*: for every photo its :data:`CANDIDATES` nearest photos by backbone-feature cosine
-   (when features are given) and by a whole-frame thumbnail descriptor;
-2. *verification*: the best normalised correlation of small colour thumbnails over the crops a
-   copy may have had (each side trimmed by 0, 2.5 or 5 %, in either photo) and a horizontal
-   flip (training flips photos, so a mirrored copy leaks too). Same pixels in the same place
-   correlate >= 0.95 after resizing and JPEG; different photos of the same scene rarely do.
+   (when features are given), by a whole-frame thumbnail descriptor and by a descriptor of the
+   frame's middle (which a crop of a few % barely moves);
+2. *coarse verification*: the best normalised correlation of 12-px colour thumbnails over the
+   crops a copy may have had (each side trimmed by 0, 2.5 or 5 %, in either photo) and a
+   horizontal flip (training flips photos, so a mirrored copy leaks too);
+3. *alignment*: pairs that reach :data:`REFINE_FROM` there have their crop searched finely
+   (each side's trim a step either way, 1.25 % then 0.625 %, up to 6.25 %), and the aligned
+   correlation decides. Same pixels in the same place correlate >= 0.95 after resizing and JPEG;
+   different photos of the same scene rarely do. The coarse grid alone left a copy up to 1.25 %
+   of a side out of place, which on low-contrast photos (solar cells) cost a third of the
+   planted copies (docs/data-check.md);
+4. *best matches*: a pair is kept only when its similarity is within :data:`MUTUAL_MARGIN` of
+   each photo's best match. In a set of look-alikes (the cells of one solar module) a copy also
+   passes the threshold against its original's neighbours, but it matches its original best;
+   photos shot twice, or a copy and its original, are each other's best match.
 
 The set's mean descriptor is subtracted first (sets of 20 photos or more): in a set of aligned photos (solar cells, faces,
 scans) the shared layout would otherwise make every pair look alike (on the solar-cell set it
@@ -20,7 +30,8 @@ descriptor is made zero-mean and the descriptor unit-length, so the
 correlation ignores brightness and contrast; the pair must therefore also agree on them
 (mean of each channel within :data:`MAX_MEAN_SHIFT` of 255, contrast within a factor
 :data:`MAX_CONTRAST_RATIO`), or a dark and a bright photo with the same layout would match (the
-benchmark's featureless "not a face" patches did). A flat photo (no structure) matches nothing
+benchmark's featureless "not a face" patches did). The aligned window is what is compared, not
+the whole photo: a copy cropped inside a dark frame has lost most of the frame's contrast. A flat photo (no structure) matches nothing
 here (byte copies of it are still exact duplicates).
 
 The matrix products run in torch on one thread: they are many small products, and on a busy
@@ -49,10 +60,16 @@ __all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "knn_out
 
 DEFAULT_DUP_SIMILARITY = 0.95
 DEFAULT_OUTLIER_Z = 5.0
-CANDIDATES = 5
+CANDIDATES = 20
 THUMB_SIDE = 48  # stored per photo (uint8 RGB, 6.9 kB)
-VIEW_SIDE = 12  # compared at this size: detail enough to tell photos apart, coarse enough for JPEG and resizing
-CROP_STEPS = (0.0, 0.025, 0.05)  # trimmed off each side, independently
+VIEW_SIDE = 12  # the coarse pass: cheap, and forgiving of a misaligned crop
+TRIM_UNIT = 0.00625  # trims are whole multiples of this fraction of a side
+CROP_STEPS = (0.0, 0.025, 0.05)  # coarse trims off each side, independently
+REFINE_UNITS = (2, 1)  # then each side's trim is searched a step either way: 1.25 %, then 0.625 %
+MAX_TRIM_UNITS = 10  # 6.25 % per side at most
+MUTUAL_MARGIN = 0.01  # a pair is kept only within this of each photo's best match (see near_duplicate_pairs)
+REFINE_FROM = 0.85  # coarse similarity below which no planted copy was seen (lowest: 0.89, on the solar cells)
+CENTRE_TRIM = 0.05  # the middle used to draw candidates: the frame less 5 % per side
 MIN_CENTRED = 20  # photos needed before the set's mean descriptor is subtracted
 MAX_MEAN_SHIFT = 20.0  # grey levels a copy's channel means may move (re-encoding, a mild edit)
 MAX_CONTRAST_RATIO = 1.5
@@ -104,6 +121,11 @@ def _sampling(lo: float, hi: float, n_out: int = VIEW_SIDE, n_in: int = THUMB_SI
 
 # One (lo, hi) window per pair of trims; window 0 is the whole frame.
 _WINDOWS = np.stack([_sampling(a, 1.0 - b) for a in CROP_STEPS for b in CROP_STEPS])
+_COARSE_VIEWS = 2 * len(_WINDOWS) ** 2
+_CROP_UNITS = tuple(round(c / TRIM_UNIT) for c in CROP_STEPS)
+# _TRIM_TABLE[lo, hi]: the window that trims lo and hi units off the two ends of a side.
+_TRIM_TABLE = np.stack([np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT)
+                                  for hi in range(MAX_TRIM_UNITS + 1)]) for lo in range(MAX_TRIM_UNITS + 1)])
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -116,11 +138,11 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 def _resample(images: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """``(n, T, T, C)`` images -> ``(n, Wy, Wx, V, V, C)``: every row window x every column window."""
     n, t, _, c = images.shape
-    k = len(windows)
+    k, side = windows.shape[:2]
     flat = windows.reshape(-1, t)  # (k*V, T)
     rows = _mm(flat, images.transpose(1, 0, 2, 3).reshape(t, -1))  # (k*V, n*T*C): rows resampled
-    rows = rows.reshape(k * VIEW_SIDE, n, t, c).transpose(2, 1, 0, 3).reshape(t, -1)  # (T, n*k*V*C)
-    both = _mm(flat, rows).reshape(k, VIEW_SIDE, n, k, VIEW_SIDE, c)  # (x, w, n, y, v, c)
+    rows = rows.reshape(k * side, n, t, c).transpose(2, 1, 0, 3).reshape(t, -1)  # (T, n*k*V*C)
+    both = _mm(flat, rows).reshape(k, side, n, k, side, c)  # (x, w, n, y, v, c)
     return both.transpose(2, 3, 0, 4, 1, 5)  # (n, y, x, v, w, c)
 
 
@@ -129,6 +151,19 @@ def _whole(thumbs: np.ndarray) -> np.ndarray:
     out = [_resample(thumbs[i:i + 256].astype(np.float32), _WINDOWS[:1]) for i in range(0, len(thumbs), 256)]
     v = np.concatenate(out)
     return _normalise(v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1]))
+
+
+def _centres(thumbs: np.ndarray, centred: bool) -> np.ndarray:
+    """Descriptors of each thumbnail's middle (:data:`CENTRE_TRIM` off every side), minus their mean when ``centred``.
+
+    A crop of a few % moves the whole frame's edges but barely the middle: on the solar cells
+    this ranked a copy's original among its nearest photos where the whole frame did not.
+    """
+    window = _sampling(CENTRE_TRIM, 1.0 - CENTRE_TRIM)[None]
+    out = [_resample(thumbs[i:i + 256].astype(np.float32), window) for i in range(0, len(thumbs), 256)]
+    v = np.concatenate(out)
+    v = _normalise(v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1]))
+    return _residual(v, v.mean(axis=0)) if centred else v
 
 
 def _views(thumbs: np.ndarray) -> np.ndarray:
@@ -159,6 +194,79 @@ def _top_neighbours(unit: np.ndarray, m: int) -> np.ndarray:
     return out
 
 
+def _unit_views(raw: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``(..., V, V, C)`` views -> unit descriptors minus the set's mean (as :func:`_normalise` + :func:`_residual`)."""
+    v = raw - raw.mean(dim=(-3, -2), keepdim=True)
+    v = v.flatten(-3)
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) - mean
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole: np.ndarray,
+            mean: np.ndarray) -> list[tuple[float, bool]]:
+    """Similarity of each ``(i, j, coarse view)`` after aligning the crop finely, and whether the two agree in exposure.
+
+    Starts from the coarse view's trims and mirror and searches the trims a step either way
+    (:data:`REFINE_UNITS`: 1.25 %, then 0.625 %): both ends of the rows, then both ends of the
+    columns (a crop's rows and columns are independent). The best window of ``i`` is compared
+    with the whole of ``j`` at :data:`VIEW_SIDE`; the exposure check (channel means within
+    :data:`MAX_MEAN_SHIFT`, contrast within :data:`MAX_CONTRAST_RATIO`) compares that window,
+    not the whole of ``i``: trimming a dark border off a copy changes its contrast a lot.
+    """
+    out: list[tuple[float, bool]] = []
+    table = torch.from_numpy(_TRIM_TABLE)
+    mean_t = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
+    whole_t = torch.from_numpy(np.ascontiguousarray(whole, dtype=np.float32))
+    full = table[0, 0]  # the whole frame
+    mirror = _COARSE_VIEWS // 2
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start:start + 256]
+        b = len(chunk)
+        rows = np.arange(b)
+        x = torch.from_numpy(np.stack([thumbs[i] if v < mirror else thumbs[i][:, ::-1]
+                                       for i, _, v in chunk]).astype(np.float32))
+        target = whole_t[[j for _, j, _ in chunk]]
+        trims = np.array([_coarse_trims(v % mirror) for _, _, v in chunk], dtype=np.int64)  # lo_y, hi_y, lo_x, hi_x
+        raw = None
+        for step in REFINE_UNITS:
+            for axis in (0, 2):  # rows, then columns
+                opts = np.clip(trims[:, axis:axis + 2, None] + np.array([-step, 0, step]), 0, MAX_TRIM_UNITS)
+                search = table[opts[:, 0, :, None], opts[:, 1, None, :]].reshape(b, 9, VIEW_SIDE, THUMB_SIDE)
+                other = axis ^ 2
+                fixed = table[trims[:, other], trims[:, other + 1]].unsqueeze(1)  # (b, 1, V, T)
+                wy, wx = (search, fixed) if axis == 0 else (fixed, search)
+                r = torch.einsum("bkvt,btsc->bkvsc", wy, x)  # rows resampled
+                views = torch.einsum("blws,bkvsc->bklvwc", wx, r).reshape(b, 9, VIEW_SIDE, VIEW_SIDE, -1)
+                sims = torch.einsum("bkd,bd->bk", _unit_views(views, mean_t), target)
+                k = sims.argmax(dim=1).numpy()
+                trims[:, axis] = opts[rows, 0, k // 3]
+                trims[:, axis + 1] = opts[rows, 1, k % 3]
+                raw = views[rows, k]
+        best = torch.einsum("bd,bd->b", _unit_views(raw, mean_t), target).numpy()
+        j_raw = torch.einsum("vt,btsc->bvsc", full, torch.from_numpy(
+            np.stack([thumbs[j] for _, j, _ in chunk]).astype(np.float32)))
+        j_raw = torch.einsum("ws,bvsc->bvwc", full, j_raw).numpy()
+        raw_np = raw.numpy()
+        for m in range(b):
+            out.append((float(best[m]), _same_exposure(raw_np[m], j_raw[m])))
+    return out
+
+
+def _same_exposure(a: np.ndarray, b: np.ndarray) -> bool:
+    """Channel means within :data:`MAX_MEAN_SHIFT` grey levels and contrast within :data:`MAX_CONTRAST_RATIO`."""
+    shift = np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))).max()
+    ca, cb = float(a.std()) + 1.0, float(b.std()) + 1.0
+    return bool(shift <= MAX_MEAN_SHIFT and max(ca, cb) <= MAX_CONTRAST_RATIO * min(ca, cb))
+
+
+def _coarse_trims(view: int) -> tuple[int, int, int, int]:
+    """``(lo_y, hi_y, lo_x, hi_x)`` trims (in :data:`TRIM_UNIT`) of an unmirrored coarse view index."""
+    per_axis = len(CROP_STEPS) ** 2
+    wy, wx = divmod(view, per_axis)
+    n = len(CROP_STEPS)
+    return (_CROP_UNITS[wy // n], _CROP_UNITS[wy % n], _CROP_UNITS[wx // n], _CROP_UNITS[wx % n])
+
+
 def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None, *,
                          threshold: float = DEFAULT_DUP_SIMILARITY,
                          candidates: int = CANDIDATES) -> list[tuple[int, int, float, float | None]]:
@@ -187,22 +295,18 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
     with one_thread():
         raw = _whole(thumbs)
         # A mean of a few photos is mostly those photos (of two, centring makes them opposites).
-        mean = raw.mean(axis=0) if n >= MIN_CENTRED else np.zeros(raw.shape[1], dtype=np.float32)
+        centred = n >= MIN_CENTRED
+        mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
         whole = _residual(raw, mean)
         partners: list[set[int]] = [set() for _ in range(n)]
-        sources = [whole] + ([unit_rows(features)] if features is not None else [])
+        sources = [whole, _centres(thumbs, centred)] + ([unit_rows(features)] if features is not None else [])
         for unit in sources:
             for i, row in enumerate(_top_neighbours(unit, candidates)):
                 for j in row:
                     partners[i].add(int(j))
                     partners[int(j)].add(i)
-        flat = thumbs.reshape(n, -1, thumbs.shape[-1]).astype(np.float32)
-        means, contrast = flat.mean(axis=1), flat.std(axis=(1, 2)) + 1.0
-        for i in range(n):  # drop candidates whose exposure alone rules out a copy
-            partners[i] = {j for j in partners[i] if np.abs(means[i] - means[j]).max() <= MAX_MEAN_SHIFT
-                           and max(contrast[i], contrast[j]) <= MAX_CONTRAST_RATIO * min(contrast[i], contrast[j])}
-        # best[i, j]: best match of a trimmed/mirrored view of i against the whole of j.
-        best: dict[tuple[int, int], float] = {}
+        # Coarse: best[i, j] = (similarity, view) of the best trimmed/mirrored view of i against the whole of j.
+        best: dict[tuple[int, int], tuple[float, int]] = {}
         batch = 32  # photos whose views are made in one product (bounded memory, few calls)
         for start in range(0, n, batch):
             views = _views(thumbs[start:start + batch])
@@ -211,16 +315,30 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
                 i = start + k
                 others = sorted(partners[i])
                 if others:
-                    for j, s in zip(others, _mm(v, whole[others].T).max(axis=0)):
-                        best[(i, j)] = float(s)
+                    s = _mm(v, whole[others].T)
+                    for j, view, sim in zip(others, s.argmax(axis=0), s.max(axis=0)):
+                        best[(i, j)] = (float(sim), int(view))
+        # Fine: the pairs the coarse pass cannot rule out, in the direction that matched best.
+        todo: list[tuple[int, int, int]] = []
+        for (i, j), (s, view) in best.items():
+            if i < j:
+                back = best.get((j, i), (-1.0, 0))
+                if max(s, back[0]) >= REFINE_FROM:
+                    todo.append((i, j, view) if s >= back[0] else (j, i, back[1]))
+        fine = _refine(thumbs, todo, whole, mean)
+    # Each photo's best match: a look-alike (another cell of the same module) can pass the threshold
+    # too, but a copy matches its own original better, so a pair must be near both photos' best.
+    top = np.full(n, -1.0)
+    for (a, b, _), (sim, same_light) in zip(todo, fine):
+        if same_light:
+            top[a], top[b] = max(top[a], sim), max(top[b], sim)
     unit_f = unit_rows(features) if features is not None else None
     out = []
-    for (i, j), s in best.items():
-        if i < j:
-            sim = max(s, best.get((j, i), -1.0))
-            if sim >= threshold:
-                cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
-                out.append((i, j, round(sim, 4), cos))
+    for (a, b, _), (sim, same_light) in zip(todo, fine):
+        if sim >= threshold and same_light and sim >= max(top[a], top[b]) - MUTUAL_MARGIN:
+            i, j = min(a, b), max(a, b)
+            cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
+            out.append((i, j, round(sim, 4), cos))
     out.sort()
     return out
 
