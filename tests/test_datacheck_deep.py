@@ -176,6 +176,25 @@ def test_a_copy_pairs_with_its_original_not_with_its_look_alike(monkeypatch: pyt
     assert [(i, j) for i, j, _, _ in neighbours.near_duplicate_pairs(thumbs)] == [(1, 6), (1, 7), (6, 7)]
 
 
+def test_a_large_photo_is_held_to_its_own_copy_standard() -> None:
+    """A 300-px photo keeps >= 0.99 to a messenger copy of itself; a look-alike of it (a sixth of
+    its middle replaced) reaches the 0.95 threshold but not that standard, while a real messenger
+    copy does."""
+    from fieldid.training.neighbours import copy_thumbnail, near_duplicate_pairs, thumbnail
+
+    photos = [_photo(n, 300) for n in PHOTOS[:6]]
+    x = photos[1]
+    w, h = x.size
+    look_alike = x.copy()
+    look_alike.paste(_photo("camera", 300).resize(x.size).crop((w // 3, h // 3, w // 3 + w // 6, h // 3 + h // 6)),
+                     (w // 3, h // 3))
+    for extra, expected in ((look_alike, []), (_messenger_copy(x), [(1, 6)])):
+        ims = [*photos, extra]
+        thumbs, copies = np.stack([thumbnail(im) for im in ims]), np.stack([copy_thumbnail(im) for im in ims])
+        assert [(i, j) for i, j, _, _ in near_duplicate_pairs(thumbs)] == [(1, 6)]  # the threshold alone: both
+        assert [(i, j) for i, j, _, _ in near_duplicate_pairs(thumbs, copies=copies)] == expected
+
+
 # -- outliers and quality -----------------------------------------------------------------------
 
 def test_outlier_far_from_every_class() -> None:

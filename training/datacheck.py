@@ -325,12 +325,14 @@ class _Deep:
                              self.extractor.meta)
         self.collector = FeatureCollector(self.extractor, cache)
         self.thumbs: list[np.ndarray] = []
+        self.copies: list[np.ndarray] = []
 
     def add(self, index: int, path: Path, image: Any) -> None:
-        from .neighbours import thumbnail
+        from .neighbours import copy_thumbnail, thumbnail
 
         self.collector.add(index, path, image)
         self.thumbs.append(thumbnail(image))
+        self.copies.append(copy_thumbnail(image))
 
 
 def _pair_record(entries: list[_Entry], i: int, j: int, similarity: float, cosine: float | None) -> dict[str, Any]:
@@ -367,8 +369,9 @@ def _deep_findings(deep: _Deep, entries: list[_Entry], labels: list[str], reps: 
     t = time.perf_counter()
     dup_pairs: list[dict[str, Any]] = []
     leaks: list[dict[str, Any]] = []
-    thumbs = np.stack(deep.thumbs)
-    for a, b, sim, cos in near_duplicate_pairs(thumbs[reps], feats[reps], threshold=opts.dup_similarity):
+    thumbs, copies = np.stack(deep.thumbs), np.stack(deep.copies)
+    for a, b, sim, cos in near_duplicate_pairs(thumbs[reps], feats[reps], threshold=opts.dup_similarity,
+                                               copies=copies[reps]):
         dup_pairs.append(_pair_record(entries, reps[a], reps[b], sim, cos))
         for ia in members[reps[a]]:  # a pair stands for every byte-identical copy on either side
             for ib in members[reps[b]]:

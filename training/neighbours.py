@@ -18,7 +18,11 @@ photos of one class reached 0.94-0.98. So:
    different photos of the same scene rarely do. The coarse grid alone left a copy up to 1.25 %
    of a side out of place, which on low-contrast photos (solar cells) cost a third of the
    planted copies (docs/data-check.md);
-4. *best matches*: a pair is kept only when its similarity is within :data:`MUTUAL_MARGIN` of
+4. *the photo's own standard*: the pair must also be about as similar as a messenger copy of the
+   photo is to the photo itself (:func:`copy_thumbnail`, less :data:`SELF_MARGIN`) — a large
+   photo survives resizing and JPEG almost intact, so its look-alikes no longer pass where a
+   tiny photo's own copy would not;
+5. *best matches*: a pair is kept only when its similarity is within :data:`MUTUAL_MARGIN` of
    each photo's best match. In a set of look-alikes (the cells of one solar module) a copy also
    passes the threshold against its original's neighbours, but it matches its original best;
    photos shot twice, or a copy and its original, are each other's best match.
@@ -55,7 +59,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "knn_outliers", "near_duplicate_pairs",
+__all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "copy_thumbnail", "knn_outliers",
+           "near_duplicate_pairs",
            "one_thread", "thumbnail", "unit_rows"]
 
 DEFAULT_DUP_SIMILARITY = 0.95
@@ -67,6 +72,9 @@ TRIM_UNIT = 0.00625  # trims are whole multiples of this fraction of a side
 CROP_STEPS = (0.0, 0.025, 0.05)  # coarse trims off each side, independently
 REFINE_UNITS = (2, 1)  # then each side's trim is searched a step either way: 1.25 %, then 0.625 %
 MAX_TRIM_UNITS = 10  # 6.25 % per side at most
+COPY_SCALE, COPY_SCALE_SMALL, COPY_QUALITY = 0.6, 1.3, 50  # the copy of copy_thumbnail
+COPY_FROM_SIDE = 512
+SELF_MARGIN = 0.015  # a pair must reach its photos' self-copy similarity less this (alignment is never exact)
 MUTUAL_MARGIN = 0.01  # a pair is kept only within this of each photo's best match (see near_duplicate_pairs)
 REFINE_FROM = 0.85  # coarse similarity below which no planted copy was seen (lowest: 0.89, on the solar cells)
 CENTRE_TRIM = 0.05  # the middle used to draw candidates: the frame less 5 % per side
@@ -105,6 +113,24 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
 def thumbnail(image: Image.Image) -> np.ndarray:
     """The whole frame as a ``THUMB_SIDE`` square (aspect squashed, box filter), uint8 RGB."""
     return np.asarray(image.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def copy_thumbnail(image: Image.Image) -> np.ndarray:
+    """:func:`thumbnail` of the copy a messenger app would make of ``image``: 60 % size (130 % under
+    64 px, which no app shrinks further), JPEG quality 50. How similar a photo stays to such a copy
+    of itself sets how similar a pair of its must be (:func:`near_duplicate_pairs`)."""
+    import io
+
+    im = image.convert("RGB")
+    if max(im.size) > COPY_FROM_SIDE:  # a 12-MP photo: copy a 512-px version (no less degraded, far cheaper)
+        im.thumbnail((COPY_FROM_SIDE, COPY_FROM_SIDE), Image.Resampling.BOX)
+    scale = COPY_SCALE if min(im.size) >= 64 else COPY_SCALE_SMALL
+    im = im.resize((max(8, round(im.width * scale)), max(8, round(im.height * scale))), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=COPY_QUALITY)
+    buf.seek(0)
+    with Image.open(buf) as copy:
+        return thumbnail(copy)
 
 
 def _sampling(lo: float, hi: float, n_out: int = VIEW_SIDE, n_in: int = THUMB_SIDE) -> np.ndarray:
@@ -268,8 +294,8 @@ def _coarse_trims(view: int) -> tuple[int, int, int, int]:
 
 
 def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None, *,
-                         threshold: float = DEFAULT_DUP_SIMILARITY,
-                         candidates: int = CANDIDATES) -> list[tuple[int, int, float, float | None]]:
+                         threshold: float = DEFAULT_DUP_SIMILARITY, candidates: int = CANDIDATES,
+                         copies: np.ndarray | None = None) -> list[tuple[int, int, float, float | None]]:
     """Photo pairs that are the same photo up to resizing, re-encoding, a slight crop or a mirror.
 
     Args:
@@ -277,6 +303,11 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
         features: backbone features ``(n, dim)`` to draw candidates from too (None: thumbnails only).
         threshold: aligned-thumbnail similarity at or above which a pair is a near-duplicate.
         candidates: nearest photos per photo (by features and by thumbnail) that are verified.
+        copies: :func:`copy_thumbnail` of every photo (None: ``threshold`` alone decides). A pair
+            must then also reach the lower of its two photos' similarity to their own copies, less
+            :data:`SELF_MARGIN`: a 300-px photo keeps 0.99 to a messenger copy of itself and its
+            look-alikes (other cells of a solar module) reach 0.95-0.98, while a 25-px photo keeps
+            only 0.95-0.98 to its own copy.
 
     Returns:
         ``(i, j, similarity, cosine)`` with ``i < j``, sorted; ``cosine`` is the feature cosine
@@ -332,10 +363,16 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
     for (a, b, _), (sim, same_light) in zip(todo, fine):
         if same_light:
             top[a], top[b] = max(top[a], sim), max(top[b], sim)
+    need = np.full(n, threshold)
+    if copies is not None:
+        with one_thread():
+            own = (whole * _residual(_whole(copies), mean)).sum(axis=1)  # each photo vs its own copy
+        need = np.maximum(threshold, own - SELF_MARGIN)
     unit_f = unit_rows(features) if features is not None else None
     out = []
     for (a, b, _), (sim, same_light) in zip(todo, fine):
-        if sim >= threshold and same_light and sim >= max(top[a], top[b]) - MUTUAL_MARGIN:
+        if (sim >= min(need[a], need[b]) and same_light
+                and sim >= max(top[a], top[b]) - MUTUAL_MARGIN):
             i, j = min(a, b), max(a, b)
             cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
             out.append((i, j, round(sim, 4), cos))
