@@ -22,8 +22,9 @@ laid out pre-split the way ``fieldid train`` splits them so a planted copy stays
    not already reported on the unplanted set (those are the set's own look-alikes, shown to people
    in the report; digits at 8x8 px have many pixel-identical scans, and the solar-cell set holds
    the same cell photographed more than once). A third count needs no judgement of the set's own
-   pairs: among the reported pairs that hold a planted copy, those that pair it with a photo other
-   than its original (unless that photo and the original were a pair on the unplanted set).
+   pairs: among the reported cross-split pairs that hold a planted copy, those that pair it with a
+   photo other than its original (unless that photo and the original were a near-duplicate pair on
+   the unplanted set).
 
 It prints a markdown table and, with ``--page`` (``make bench-data``: ``docs/measured/bench-data.md``),
 writes it to a page with the date, commit and machine; the rows also go to ``WORK/bench-data.json``.

@@ -1,5 +1,5 @@
 """Near-duplicates (aligned thumbnails, candidates from backbone features) and outliers (k-NN in
-feature space). numpy + Pillow only, so ``--fast`` can use the duplicate half without torch.
+feature space). Only the full check uses this module (numpy, Pillow and torch's CPU products).
 
 **Near-duplicates** (:func:`near_duplicate_pairs`). Feature cosine alone does not separate copies
 from look-alikes: measured on the benchmark sets (docs/data-check.md), a resized, re-encoded,
@@ -19,13 +19,11 @@ photos of one class reached 0.94-0.98. So:
    of a side out of place, which on low-contrast photos (solar cells) cost a third of the
    planted copies (docs/data-check.md);
 4. *the photo's own standard*: the pair must also be about as similar as a messenger copy of the
-   photo is to the photo itself (:func:`copy_thumbnail`, less :data:`SELF_MARGIN`) — a large
-   photo survives resizing and JPEG almost intact, so its look-alikes no longer pass where a
-   tiny photo's own copy would not;
-5. *best matches*: a pair is kept only when its similarity is within :data:`MUTUAL_MARGIN` of
-   each photo's best match. In a set of look-alikes (the cells of one solar module) a copy also
-   passes the threshold against its original's neighbours, but it matches its original best;
-   photos shot twice, or a copy and its original, are each other's best match.
+   photo is to the photo itself (:func:`copy_thumbnail`, less :data:`SELF_MARGIN`; the lower of
+   the two photos' bars) — a large photo survives resizing and JPEG almost intact, so its
+   look-alikes (the other cells of a solar module) no longer pass, where a tiny photo's own copy
+   would not. (A rule that kept only each photo's best match did little more on the benchmark and
+   dropped a second copy of a photo altogether: its original's best match is the first copy.)
 
 The set's mean descriptor is subtracted first (sets of 20 photos or more): in a set of aligned photos (solar cells, faces,
 scans) the shared layout would otherwise make every pair look alike (on the solar-cell set it
@@ -35,8 +33,10 @@ correlation ignores brightness and contrast; the pair must therefore also agree 
 (mean of each channel within :data:`MAX_MEAN_SHIFT` of 255, contrast within a factor
 :data:`MAX_CONTRAST_RATIO`), or a dark and a bright photo with the same layout would match (the
 benchmark's featureless "not a face" patches did). The aligned window is what is compared, not
-the whole photo: a copy cropped inside a dark frame has lost most of the frame's contrast. A flat photo (no structure) matches nothing
-here (byte copies of it are still exact duplicates).
+the whole photo: a copy cropped inside a dark frame has lost most of the frame's contrast. A flat
+photo (thumbnail spread under :data:`FLAT_SPREAD` grey levels) matches nothing here: it has no
+structure to correlate, and after the set's mean is subtracted all flat photos would look the same
+(byte copies of it are still exact duplicates).
 
 The matrix products run in torch on one thread: they are many small products, and on a busy
 CPU a BLAS thread pool waits for its other threads far longer than it computes (measured on 2
@@ -75,7 +75,7 @@ MAX_TRIM_UNITS = 10  # 6.25 % per side at most
 COPY_SCALE, COPY_SCALE_SMALL, COPY_QUALITY = 0.6, 1.3, 50  # the copy of copy_thumbnail
 COPY_FROM_SIDE = 512
 SELF_MARGIN = 0.015  # a pair must reach its photos' self-copy similarity less this (alignment is never exact)
-MUTUAL_MARGIN = 0.01  # a pair is kept only within this of each photo's best match (see near_duplicate_pairs)
+FLAT_SPREAD = 2.0  # grey levels of standard deviation below which a thumbnail is flat
 REFINE_FROM = 0.85  # coarse similarity below which no planted copy was seen (lowest: 0.89, on the solar cells)
 CENTRE_TRIM = 0.05  # the middle used to draw candidates: the frame less 5 % per side
 MIN_CENTRED = 20  # photos needed before the set's mean descriptor is subtracted
@@ -321,6 +321,8 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
         [(0, 1)]
     """
     n = len(thumbs)
+    if copies is not None and copies.shape != thumbs.shape:
+        raise ValueError(f"copies {copies.shape} must match thumbs {thumbs.shape}")
     if n < 2:
         return []
     with one_thread():
@@ -331,11 +333,13 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
         whole = _residual(raw, mean)
         partners: list[set[int]] = [set() for _ in range(n)]
         sources = [whole, _centres(thumbs, centred)] + ([unit_rows(features)] if features is not None else [])
+        flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_SPREAD
         for unit in sources:
             for i, row in enumerate(_top_neighbours(unit, candidates)):
                 for j in row:
-                    partners[i].add(int(j))
-                    partners[int(j)].add(i)
+                    if not (flat[i] or flat[j]):
+                        partners[i].add(int(j))
+                        partners[int(j)].add(i)
         # Coarse: best[i, j] = (similarity, view) of the best trimmed/mirrored view of i against the whole of j.
         best: dict[tuple[int, int], tuple[float, int]] = {}
         batch = 32  # photos whose views are made in one product (bounded memory, few calls)
@@ -357,12 +361,6 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
                 if max(s, back[0]) >= REFINE_FROM:
                     todo.append((i, j, view) if s >= back[0] else (j, i, back[1]))
         fine = _refine(thumbs, todo, whole, mean)
-    # Each photo's best match: a look-alike (another cell of the same module) can pass the threshold
-    # too, but a copy matches its own original better, so a pair must be near both photos' best.
-    top = np.full(n, -1.0)
-    for (a, b, _), (sim, same_light) in zip(todo, fine):
-        if same_light:
-            top[a], top[b] = max(top[a], sim), max(top[b], sim)
     need = np.full(n, threshold)
     if copies is not None:
         with one_thread():
@@ -371,8 +369,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
     unit_f = unit_rows(features) if features is not None else None
     out = []
     for (a, b, _), (sim, same_light) in zip(todo, fine):
-        if (sim >= min(need[a], need[b]) and same_light
-                and sim >= max(top[a], top[b]) - MUTUAL_MARGIN):
+        if sim >= min(need[a], need[b]) and same_light:
             i, j = min(a, b), max(a, b)
             cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
             out.append((i, j, round(sim, 4), cos))
