@@ -275,7 +275,8 @@ class DeepOptions:
         image_size: crop size; None = the size ``fieldid train`` would pick for these photos.
         folds: cross-validation folds of the probe.
         seed: fold seed, and the split seed for a flat folder (``fieldid train --seed``).
-        dup_similarity: aligned-thumbnail similarity at or above which two photos are near-duplicates.
+        dup_similarity: least aligned-thumbnail similarity of two near-duplicates (a photo whose messenger
+            copy keeps more is held to that, less a margin: :func:`fieldid.training.neighbours.near_duplicate_pairs`).
         outlier_z: robust z-score above which a photo is far from every class.
         rank_by: ``self_confidence`` or ``normalized_margin``.
         cache_dir: feature cache folder (default ``DIR/.fieldid-cache``).

@@ -47,8 +47,9 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
                         "(default: 0)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear probe")
     p.add_argument("--dup-similarity", type=float, default=DeepOptions.dup_similarity, metavar="X",
-                   help="aligned-thumbnail similarity (0..1) at or above which two photos are near-duplicates; "
-                        "candidates are each photo's nearest by backbone features and by thumbnail")
+                   help="least aligned-thumbnail similarity (0..1) of two near-duplicate photos (a large photo "
+                        "is held to more: what a messenger copy of it keeps); candidates are each photo's "
+                        "nearest by backbone features and by thumbnail")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="feature cache folder (default: DIR/.fieldid-cache, shared with `fieldid train`)")
     p.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, metavar="N",
