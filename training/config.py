@@ -30,7 +30,9 @@ class AugmentConfig:
     # Defaults keep the subject: small, centred subjects lose what identifies them under
     # crops down to 35% of the area, strong blur or rotation (bench-train measured 0.35 -> 0.7).
     scale_min: float = 0.7  # RandomResizedCrop lower area bound
-    hflip: bool = True
+    # auto: on, unless the run's linear probe loses answers on mirror images of its training photos
+    # (digit scans: a mirrored 2 is no 2); decided in the head phase, written back as true/false.
+    hflip: bool | str = "auto"
     vflip: bool = False
     brightness: float = 0.2
     contrast: float = 0.2
@@ -123,6 +125,7 @@ class TrainConfig:
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
             (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
+            (isinstance(self.augment.hflip, bool) or self.augment.hflip == "auto", "augment.hflip must be true|false|auto"),
             (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),
         ]
@@ -158,7 +161,10 @@ class TrainConfig:
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
         cfg.devices = str(cfg.devices)
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
         return cfg
 
     def to_yaml(self, path: str | Path) -> Path:

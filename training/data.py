@@ -269,7 +269,7 @@ def train_transform(spec: PreprocessSpec, aug: AugmentConfig) -> Callable[[Image
     ]
     if aug.rotate_degrees > 0:
         steps.append(T.RandomRotation(aug.rotate_degrees, interpolation=InterpolationMode.BILINEAR))
-    if aug.hflip:
+    if aug.hflip:  # "auto" flips until the run's mirror check has decided (training/head.py)
         steps.append(T.RandomHorizontalFlip())
     if aug.vflip:
         steps.append(T.RandomVerticalFlip())

@@ -100,6 +100,18 @@ def require_validation(split: Split, cfg: TrainConfig) -> None:
 
 
 
+def _apply_flips(flips: dict[str, Any], train_ds: Any, cfg: TrainConfig, spec: PreprocessSpec, record: RunRecord,
+                 out: Path) -> None:
+    """The mirror check's decision: the training transform, ``config.yaml`` (``--resume`` reads it
+    there) and ``run.json``'s ``hflip`` entry with its numbers."""
+    cfg.augment.hflip = bool(flips["used"])
+    plain = getattr(train_ds, "base", train_ds)  # a distilled run wraps the photos with their soft labels
+    plain.transform = train_transform(spec, cfg.augment)
+    cfg.to_yaml(out / "config.yaml")
+    record.extra["hflip"] = flips
+    record.to_json(out / "run.json")
+
+
 # --------------------------------------------------------------------------- train
 def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainConfig | None = None, *,
           resume: str | Path | None = None, resume_overrides: dict[str, Any] | None = None,
@@ -252,7 +264,12 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if new_run is not None:
             write_new_run(out, cfg, split, spec, record)
         if feature_head and fresh:
-            run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out)
+            flips = run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out)
+            if flips is not None:
+                _apply_flips(flips, datasets["train"], cfg, spec, record, out)
+        elif cfg.augment.hflip == "auto" and fresh:
+            record.extra["hflip"] = {"setting": "auto", "used": True,
+                                     "rule": "no head phase on cached features to check mirror images: flips on"}
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     except Exception:
         # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
