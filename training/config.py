@@ -30,7 +30,7 @@ class AugmentConfig:
     # Defaults keep the subject: small, centred subjects lose what identifies them under
     # crops down to 35% of the area, strong blur or rotation (bench-train measured 0.35 -> 0.7).
     scale_min: float = 0.7  # RandomResizedCrop lower area bound
-    # auto: on, unless the run's linear probe loses answers on mirror images of its training photos
+    # auto: on, unless the run's linear probe loses answers on mirror images of its val photos
     # (digit scans: a mirrored 2 is no 2); decided in the head phase, written back as true/false.
     hflip: bool | str = "auto"
     vflip: bool = False

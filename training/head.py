@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from .baselines import adapt_batchnorm, backbone_features, batchnorm_state, fit_run_baselines, set_head
 from .compute import resolve_num_workers
@@ -151,16 +151,6 @@ def _probe_val(feats: torch.Tensor, ys: torch.Tensor, val_feats: torch.Tensor, v
     return round(float(objective_score(val, cfg.objective)), 4)
 
 
-class _Mirrored:
-    """``transform`` of the mirror image (a class, not a lambda: decode workers may need to pickle it)."""
-
-    def __init__(self, transform: Any) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(ImageOps.mirror(image))
-
-
 def mirror_check(model: torch.nn.Module, head: torch.nn.Module, cache: Any, spec: PreprocessSpec,
                  logits_of: Any, feats: torch.Tensor, ys: torch.Tensor, *, seed: int, batch_size: int = 64,
                  num_workers: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -173,12 +163,14 @@ def mirror_check(model: torch.nn.Module, head: torch.nn.Module, cache: Any, spec
     split of a few photos therefore keeps them on).
     """
     from torch.utils.data import Subset
+    from torchvision import transforms as T
 
     n = len(cache)
     if n == 0:
         return {"setting": "auto", "used": True, "photos_checked": 0, "rule": "no val photos to check: flips on"}
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:MIRROR_IMAGES]
-    mirrored = Subset(CachedImageDataset(cache, _Mirrored(eval_transform(spec, from_cache=True))), idx.tolist())
+    mirror = T.Compose([T.Lambda(ImageOps.mirror), eval_transform(spec, from_cache=True)])
+    mirrored = Subset(CachedImageDataset(cache, mirror), idx.tolist())
     feats_m, _ = backbone_features(model, head, mirrored, batch_size=batch_size, num_workers=num_workers,
                                    device=device)
     y = ys[idx]

@@ -172,11 +172,16 @@ def _resample(images: np.ndarray, windows: np.ndarray) -> np.ndarray:
     return both.transpose(2, 3, 0, 4, 1, 5)  # (n, y, x, v, w, c)
 
 
+def _window_views(thumbs: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """``(n, V, V, C)``: one window (``(1, V, T)``, the same on both axes) of every thumbnail, not normalised."""
+    out = [_resample(thumbs[i:i + 256].astype(np.float32), window) for i in range(0, len(thumbs), 256)]
+    v = np.concatenate(out)
+    return v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1])
+
+
 def _whole(thumbs: np.ndarray) -> np.ndarray:
     """Whole-frame descriptors of ``(n, T, T, 3)`` thumbnails."""
-    out = [_resample(thumbs[i:i + 256].astype(np.float32), _WINDOWS[:1]) for i in range(0, len(thumbs), 256)]
-    v = np.concatenate(out)
-    return _normalise(v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1]))
+    return _normalise(_window_views(thumbs, _WINDOWS[:1]))
 
 
 def _centres(thumbs: np.ndarray, centred: bool) -> np.ndarray:
@@ -185,10 +190,7 @@ def _centres(thumbs: np.ndarray, centred: bool) -> np.ndarray:
     A crop of a few % moves the whole frame's edges but barely the middle: on the solar cells
     this ranked a copy's original among its nearest photos where the whole frame did not.
     """
-    window = _sampling(CENTRE_TRIM, 1.0 - CENTRE_TRIM)[None]
-    out = [_resample(thumbs[i:i + 256].astype(np.float32), window) for i in range(0, len(thumbs), 256)]
-    v = np.concatenate(out)
-    v = _normalise(v.reshape(len(v), VIEW_SIDE, VIEW_SIDE, v.shape[-1]))
+    v = _normalise(_window_views(thumbs, _sampling(CENTRE_TRIM, 1.0 - CENTRE_TRIM)[None]))
     return _residual(v, v.mean(axis=0)) if centred else v
 
 
@@ -228,14 +230,15 @@ def _unit_views(raw: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole: np.ndarray,
+def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole_raw: np.ndarray, whole: np.ndarray,
             mean: np.ndarray) -> list[tuple[float, bool]]:
     """Similarity of each ``(i, j, coarse view)`` after aligning the crop finely, and whether the two agree in exposure.
 
     Starts from the coarse view's trims and mirror and searches the trims a step either way
     (:data:`REFINE_UNITS`: 1.25 %, then 0.625 %): both ends of the rows, then both ends of the
     columns (a crop's rows and columns are independent). The best window of ``i`` is compared
-    with the whole of ``j`` at :data:`VIEW_SIDE`; the exposure check (channel means within
+    with the whole of ``j`` at :data:`VIEW_SIDE` (``whole``; ``whole_raw`` the same views before
+    normalising); the exposure check (channel means within
     :data:`MAX_MEAN_SHIFT`, contrast within :data:`MAX_CONTRAST_RATIO`) compares that window,
     not the whole of ``i``: trimming a dark border off a copy changes its contrast a lot.
     """
@@ -243,7 +246,6 @@ def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole: np.nda
     table = torch.from_numpy(_TRIM_TABLE)
     mean_t = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
     whole_t = torch.from_numpy(np.ascontiguousarray(whole, dtype=np.float32))
-    full = table[0, 0]  # the whole frame
     mirror = _COARSE_VIEWS // 2
     for start in range(0, len(pairs), 256):
         chunk = pairs[start:start + 256]
@@ -269,12 +271,9 @@ def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole: np.nda
                 trims[:, axis + 1] = opts[rows, 1, k % 3]
                 raw = views[rows, k]
         best = torch.einsum("bd,bd->b", _unit_views(raw, mean_t), target).numpy()
-        j_raw = torch.einsum("vt,btsc->bvsc", full, torch.from_numpy(
-            np.stack([thumbs[j] for _, j, _ in chunk]).astype(np.float32)))
-        j_raw = torch.einsum("ws,bvsc->bvwc", full, j_raw).numpy()
         raw_np = raw.numpy()
-        for m in range(b):
-            out.append((float(best[m]), _same_exposure(raw_np[m], j_raw[m])))
+        for m, (_, j, _) in enumerate(chunk):
+            out.append((float(best[m]), _same_exposure(raw_np[m], whole_raw[j])))
     return out
 
 
@@ -326,7 +325,8 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
     if n < 2:
         return []
     with one_thread():
-        raw = _whole(thumbs)
+        whole_raw = _window_views(thumbs, _WINDOWS[:1])
+        raw = _normalise(whole_raw)
         # A mean of a few photos is mostly those photos (of two, centring makes them opposites).
         centred = n >= MIN_CENTRED
         mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
@@ -360,7 +360,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
                 back = best.get((j, i), (-1.0, 0))
                 if max(s, back[0]) >= REFINE_FROM:
                     todo.append((i, j, view) if s >= back[0] else (j, i, back[1]))
-        fine = _refine(thumbs, todo, whole, mean)
+        fine = _refine(thumbs, todo, whole_raw, whole, mean)
     need = np.full(n, threshold)
     if copies is not None:
         with one_thread():
