@@ -35,7 +35,7 @@ import yaml
 
 from fieldid.cli_common import first_line, redact_url_passwords
 
-from .config import AugmentConfig, ConfigError, TrainConfig
+from .config import AugmentConfig, ConfigError, TrainConfig, load_config
 from .records import atomic_write_bytes, atomic_write_text
 
 __all__ = ["tune", "TuneResult", "TuneError", "DEFAULT_SPACE", "default_space", "load_space", "validate_space",
@@ -454,7 +454,11 @@ def plot_search(study: Any, path: str | Path) -> Path:
 
 def _write_best_config(study: Any, base: TrainConfig, space: dict[str, Any], path: Path) -> tuple[TrainConfig, Any]:
     best = study.best_trial
-    if "config" in best.user_attrs:
+    run_config = Path(best.user_attrs.get("run", "")) / "config.yaml"
+    if best.user_attrs.get("run") and run_config.is_file():
+        # What the run trained with: it resolves its `auto` settings (augment.hflip) into config.yaml.
+        cfg = load_config(run_config)
+    elif "config" in best.user_attrs:
         cfg = TrainConfig.from_dict(best.user_attrs["config"], source=f"trial {best.number}")
     else:  # a trial recorded by an older process: rebuild from the base and its parameters
         cfg = base.replace(**{k: v for k, v in best.params.items() if k in space})
