@@ -152,16 +152,41 @@ def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path
 
 
 def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Path) -> None:
-    data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
+    # Two circles labelled "square" in val/: no model scores 1.0 there, so only the plateau can stop it.
+    shapes = make_shapes_dataset(tmp_path / "shapes", {"circle": 28, "square": 28, "triangle": 28}, size=48)
+    data = tmp_path / "d"
+    for kind in ("circle", "square", "triangle"):
+        files = sorted((shapes / kind).iterdir())
+        for split, part in (("train", files[:20]), ("val", files[20:26]), ("test", files[26:])):
+            (data / split / kind).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                f.rename(data / split / kind / f.name)
+    for f in sorted((data / "val" / "circle").iterdir())[:2]:
+        f.rename(data / "val" / "square" / f.name)
     rec = train(data, tmp_path / "run", TrainConfig(epochs=40, image_size=48, batch_size=16, objective="balanced",
-                                                   early_stopping_patience=2, val_fraction=0.25, test_fraction=0.25))
+                                                   early_stopping_patience=2))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # A val metric that stops rising ends the run long before the 40-epoch cap.
     assert m["training"]["epochs"] < 15, m["training"]["epochs"]
+    assert "did not improve for 2 epoch(s)" in rec.extra["stopped"]["reason"], rec.extra["stopped"]
     assert m["training"]["objective"] == "balanced" and rec.extra["objective"] == "balanced"
     rows = [r for r in (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[1:] if r]
     header = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val_bal_acc" in header and "val_objective" in header and rows
+
+
+def test_a_perfect_val_score_stops_at_once(tmp_path: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=2,
+                                                   val_fraction=0.25, test_fraction=0.25))
+    stopped = rec.extra["stopped"]
+    assert "every val photo right" in stopped["reason"] and stopped["epoch"] < 8, stopped
+    # The first epoch with val accuracy 1.0 is the last one trained: patience added none after it.
+    lines = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("val_acc")
+    accs = [float(v) for v in (r.split(",")[col] for r in lines[1:]) if v]
+    assert accs and accs[-1] == 1.0 and all(a < 1.0 for a in accs[:-1]), accs
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["epochs"] == stopped["epoch"]
 
 
 # --------------------------------------------------------------------------- the real-data benchmark
