@@ -24,6 +24,7 @@ import torch
 
 from .inputs import PhoneImages
 from .manifest import Artifact
+from .phone import onnx_session
 from .recipes import RecipeSearch
 from .registry import (Runner, converting, quiet_third_party, register_exporter, register_label_reader,
                        register_runtime, run_batched)
@@ -82,10 +83,7 @@ def _set_metadata(path: Path, meta: dict[str, str]) -> None:
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     """``metadata_props`` of an ONNX file, as ONNX Runtime (what an app uses) reports them."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(sess.get_modelmeta().custom_metadata_map)
+    return dict(onnx_session(path).get_modelmeta().custom_metadata_map)
 
 
 @register_label_reader("onnx")
@@ -96,13 +94,7 @@ def _onnx_labels(path: Path) -> list[str]:
 @register_runtime("onnx")
 def load_onnx(path: Path, threads: int = 0) -> Runner:
     """ONNX Runtime CPU session; ``threads`` = intra-op threads (0 = all cores)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # ORT warns about unused initializers of QDQ graphs; not actionable
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = onnx_session(path, threads=threads or None)
     name = sess.get_inputs()[0].name
     return lambda x: run_batched(lambda b: sess.run(None, {name: b})[0], x, _MAX_BATCH)
 

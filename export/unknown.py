@@ -38,7 +38,7 @@ from .registry import PTE_BATCH, converting, run_batched
 
 if TYPE_CHECKING:  # verify.py imports this module; the context is only an annotation here
     from .verify import ExportContext
-from .phone import preprocess
+from .phone import onnx_session, preprocess
 
 __all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "selection_scores",
            "score_only_nodes", "upstream_names",
@@ -90,11 +90,7 @@ def load_unknown_runtime(path: str | Path, format: str) -> ScoreRunner:
     path = Path(path)
     batch = _BATCH
     if format == "onnx":
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = onnx_session(path, threads=None)
         names = [o.name for o in sess.get_outputs()]
         if UNKNOWN_OUTPUT not in names:
             raise ValueError(f"{path.name}: no {UNKNOWN_OUTPUT} output (has {names})")

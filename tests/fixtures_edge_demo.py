@@ -9,6 +9,7 @@ of the synthetic salmon set, for what depends on the Shop classes and on synthet
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,15 +44,22 @@ def demo_app(tiny_bundle: Path, tiny_run: Path) -> Iterator[DemoApp]:
     from fieldid.edge_demo.fallback import ServerConfig
     from fieldid.edge_demo.modes import DemoMode
 
-    down = ServerConfig(f"http://127.0.0.1:{unused_port()}")
+    # A port bound but never listening, held for the whole session: connecting is refused, and no
+    # server started later in the run can be handed it (a claimed-then-freed port could be).
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    down = ServerConfig(f"http://127.0.0.1:{hold.getsockname()[1]}")
     modes = {"dive": DemoMode("dive", tiny_bundle, server=down, timeout=2.0),
              "shop": DemoMode("shop", tiny_run, server=down, timeout=2.0)}
-    app = build_app(list(modes.values()))
-    url = launch_app(app, port=unused_port(), block=False, quiet=True)
     try:
-        yield DemoApp(app=app, url=url, modes=modes)
+        app = build_app(list(modes.values()))
+        url = launch_app(app, port=unused_port(), block=False, quiet=True)
+        try:
+            yield DemoApp(app=app, url=url, modes=modes)
+        finally:
+            app.close()
     finally:
-        app.close()
+        hold.close()
 
 
 @pytest.fixture(scope="session")

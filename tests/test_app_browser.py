@@ -83,12 +83,12 @@ def python_ort(bundle: Path, precision: str, data: bytes) -> np.ndarray:
 
 def python_ort_outputs(bundle: Path, precision: str, data: bytes) -> tuple[np.ndarray, float | None]:
     """(probabilities, unknown_score or None when the file has no unknown detector), ONNX Runtime in Python."""
-    import onnxruntime as ort
+    from fieldid.export.phone import onnx_session  # the sessions fieldid makes: exact int8 on every x86
 
     m = load_manifest(bundle)
     art = m.find("onnx", precision)
     unknown_output = next(a for a in m.artifacts if a["file"] == art.file).get("unknown_output") or ""
-    sess = ort.InferenceSession(str(Path(bundle) / art.file), providers=["CPUExecutionProvider"])
+    sess = onnx_session(Path(bundle) / art.file, threads=None)
     x = preprocess(decode_image(data), m.preprocess_spec)
     names = [art.output_name] + ([unknown_output] if unknown_output else [])
     outs = sess.run(names, {art.input_name: x})

@@ -719,12 +719,15 @@ _TORCH_FREE_SCRIPT = textwrap.dedent("""
     threading.Thread(target=fieldid.main, args=(argv,), daemon=True).start()
     from gradio_client import Client, handle_file
 
-    for _ in range(600):
+    deadline = time.monotonic() + 200  # the demo thread imports gradio and onnxruntime first
+    while True:
         try:
             client = Client(f"http://127.0.0.1:{sys.argv[2]}/", verbose=False, analytics_enabled=False,
                             download_files=False)
             break
         except Exception:
+            if time.monotonic() > deadline:
+                raise
             time.sleep(0.1)
     out = client.predict(handle_file(sys.argv[4]), None, api_name="/dive_ask_server")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "lightning"))

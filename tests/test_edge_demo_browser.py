@@ -40,10 +40,19 @@ def _identify_by_upload(page, key: str, photo: Path) -> tuple[str, str]:
     before = info.inner_text()
     page.set_input_files(f"#{key}-photo input[type=file]", str(photo))
     page.wait_for_function(
-        "([sel, before]) => { const t = document.querySelector(sel).innerText;"
-        " return t !== before && (t.includes('ms on this device') || t.includes('⚠')); }",
+        # While the request runs Gradio overlays its status tracker ("queue: 1/1 | 0.1s") on the old
+        # text, which may already say "ms on this device": wait for the tracker to hide, too.
+        "([sel, before]) => { const el = document.querySelector(sel); const t = el.innerText;"
+        " const st = el.querySelector('[data-testid=\"status-tracker\"]');"
+        " return (!st || st.classList.contains('hide')) && t !== before"
+        " && (t.includes('ms on this device') || t.includes('⚠')); }",
         arg=[f"#{key}-device-info", before], timeout=60_000)
-    page.wait_for_timeout(300)  # let the label component finish rendering
+    # The label renders after the info text: wait for it (shown for an answer, cleared for a bad file).
+    answered = "ms on this device" in info.inner_text()
+    page.wait_for_function(
+        "([sel, answered]) => { const el = document.querySelector(sel);"
+        " const t = el ? el.innerText.trim() : ''; return answered ? t !== '' : t === ''; }",
+        arg=[f"#{key}-device-label [data-testid='label-output-value']", answered], timeout=30_000)
     label = page.locator(f"#{key}-device-label [data-testid='label-output-value']")
     return (label.first.inner_text().strip() if label.count() else ""), info.inner_text()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_corrupt_checkpoint_is_refused_with_one_line(killed_run: dict, tmp_path:
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     elif damage == "garbage":
-        last.write_bytes(os.urandom(4096))
+        last.write_bytes(random.Random(0).randbytes(4096))
     else:
         torch.save({"weights": torch.zeros(3)}, last)
     before = sorted(p.name for p in run.rglob("*"))
