@@ -175,17 +175,21 @@ def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Pa
     assert "val_bal_acc" in header and "val_objective" in header and rows
 
 
-def test_a_perfect_val_score_stops_at_once(tmp_path: Path) -> None:
+def test_a_perfect_val_score_stops_when_the_val_loss_stops_falling(tmp_path: Path) -> None:
     data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
-    rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=2,
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=3,
                                                    val_fraction=0.25, test_fraction=0.25))
     stopped = rec.extra["stopped"]
     assert "every val photo right" in stopped["reason"] and stopped["epoch"] < 8, stopped
-    # The first epoch with val accuracy 1.0 is the last one trained: patience added none after it.
+    # The last epoch trained is perfect and did not lower the val loss below every perfect epoch before
+    # it; each earlier perfect epoch did (else the run would have stopped there).
     lines = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
-    col = lines[0].split(",").index("val_acc")
-    accs = [float(v) for v in (r.split(",")[col] for r in lines[1:]) if v]
-    assert accs and accs[-1] == 1.0 and all(a < 1.0 for a in accs[:-1]), accs
+    head = lines[0].split(",")
+    rows = [dict(zip(head, r.split(","))) for r in lines[1:]]
+    vals = [(float(r["val_acc"]), float(r["val_objective"])) for r in rows if r.get("val_acc")]
+    assert vals[-1][0] == 1.0 and vals[-1][1] <= max(o for _, o in vals[:-1]), vals
+    for k, (acc, obj) in enumerate(vals[:-1]):
+        assert acc < 1.0 or obj > max([o for _, o in vals[:k]], default=-1.0), (k, vals)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["epochs"] == stopped["epoch"]
 
 

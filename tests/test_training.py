@@ -326,7 +326,7 @@ def test_train_writes_complete_run(tiny_run: Path) -> None:
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["split"] == "test" and m["accuracy"] >= 0.6
     assert set(m["per_class"]) == set(rec.labels) and len(m["confusion_matrix"]) == 3
-    # 3 epochs, or fewer when every val photo was right sooner (the run then says so).
+    # 3 epochs, or fewer when every val photo was right and the val loss stopped falling (it says so).
     stopped = rec.extra.get("stopped")
     assert m["training"]["epochs"] == 3 or (m["training"]["epochs"] < 3 and "every val photo right" in stopped["reason"])
     sd = torch.load(tiny_run / "model.pth", weights_only=True)

@@ -37,6 +37,7 @@ from .head import run_feature_head, uses_feature_head
 from .image_size import choose_image_size
 from .images import DataError
 from .models import create_model, get_backbone
+from .module import StopWhenPerfect
 from .records import PreprocessSpec, RunRecord
 from .resume import apply_resume_overrides, prepend_log_rows, read_log_rows
 from .rundir import NewRun, RunError, check_out_dir, utc_now, write_new_run
@@ -45,9 +46,6 @@ __all__ = ["train", "build_datasets"]
 
 log = logging.getLogger("fieldid.train")
 
-# Early stopping's threshold for "every val photo right" (Lightning compares with >, and an accuracy
-# of n/n is exactly 1.0).
-PERFECT_VAL = 1.0 - 1e-6
 
 
 def build_datasets(split: Split, cfg: TrainConfig, spec: PreprocessSpec):
@@ -103,15 +101,16 @@ def require_validation(split: Split, cfg: TrainConfig) -> None:
                           "or give the dataset a val/ folder")
 
 
-
-def _record_stop(early: Any, epochs_run: int, cfg: TrainConfig, record: RunRecord) -> None:
+def _record_stop(early: Any, perfect: StopWhenPerfect | None, epochs_run: int, cfg: TrainConfig,
+                 record: RunRecord) -> None:
     """Say in the log and ``run.json`` (``extra.stopped``) why training ended before the epoch cap."""
     from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
-    reason = early.stopping_reason
-    if reason == EarlyStoppingReason.STOPPING_THRESHOLD:
-        why = f"every val photo right ({early.monitor} 1.0): no later epoch can score higher"
-    elif reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+    if epochs_run >= cfg.epochs:
+        return
+    if perfect is not None and perfect.stopped_epoch is not None:
+        why = f"every val photo right ({perfect.monitor} 1.0) and the val loss no longer falling"
+    elif early.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
         why = f"{early.monitor} did not improve for {cfg.early_stopping_patience} epoch(s)"
     else:
         return
@@ -264,13 +263,11 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     last_cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
                               enable_version_counter=False)
     # Stop on the objective's own plateau; the best checkpoint breaks its ties by val loss (val_objective).
-    # And at once when every val photo is right: no later epoch can score higher, only move the val-loss
-    # tie-break, which rose over the epochs patience added on the benchmark (digits 0.097 -> 0.101,
-    # faces 0.033 -> 0.070), so the best checkpoint stayed the first perfect one and the epochs were lost.
-    early = EarlyStopping(monitor="val_bal_acc" if cfg.objective == "balanced" else "val_acc", mode="max",
-                          patience=cfg.early_stopping_patience,
-                          # patience >= epochs asks for every epoch: then no early stop of either kind
-                          stopping_threshold=PERFECT_VAL if cfg.early_stopping_patience < fit_cfg.epochs else None)
+    monitor = "val_bal_acc" if cfg.objective == "balanced" else "val_acc"
+    early = EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience)
+    # And once every val photo is right and the val loss stops falling (StopWhenPerfect says why);
+    # patience >= epochs asks for every epoch: then no early stop of either kind.
+    perfect = StopWhenPerfect(monitor) if cfg.early_stopping_patience < fit_cfg.epochs else None
     # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
     tty = sys.stdout.isatty()
     progress = [] if tty else [LogProgress(log, epoch_offset=cfg.epochs - fit_cfg.epochs, total_epochs=cfg.epochs)]
@@ -278,7 +275,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         max_epochs=fit_cfg.epochs, min_epochs=min(fit_cfg.epochs, fit_cfg.head_epochs + 1),
         accelerator=cfg.accelerator, devices=lightning_devices(cfg), strategy=lightning_strategy(fit_cfg),
         num_nodes=cfg.num_nodes,
-        precision=precision, logger=loggers, callbacks=[ckpt_cb, last_cb, early, *progress, *(callbacks or [])],
+        precision=precision, logger=loggers, callbacks=[ckpt_cb, last_cb, early, *([perfect] if perfect else []), *progress,
+                                                     *(callbacks or [])],
         enable_progress_bar=tty,
         plugins=[atomic_checkpoint_io()], deterministic=False, log_every_n_steps=1,
         limit_train_batches=cfg.limit_train_batches, enable_model_summary=False,
@@ -303,7 +301,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         raise
     if trainer.global_rank != 0:
         return record  # rank 0 alone finalises the run directory
-    _record_stop(early, trainer.current_epoch + cfg.epochs - fit_cfg.epochs, cfg, record)
+    _record_stop(early, perfect, trainer.current_epoch + cfg.epochs - fit_cfg.epochs, cfg, record)
     if history:
         prepend_log_rows(out / "logs" / "metrics.csv", history)
     return finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
