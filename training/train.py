@@ -109,7 +109,8 @@ def _record_stop(early: Any, perfect: StopWhenPerfect | None, epochs_run: int, c
     if epochs_run >= cfg.epochs:
         return
     if perfect is not None and perfect.stopped_epoch is not None:
-        why = f"every val photo right ({perfect.monitor} 1.0) and the val loss no longer falling"
+        why = (f"every val photo has been right ({perfect.monitor} 1.0) and this epoch did not beat "
+               "the best (val loss as tie-break)")
     elif early.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
         why = f"{early.monitor} did not improve for {cfg.early_stopping_patience} epoch(s)"
     else:
@@ -265,7 +266,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     # Stop on the objective's own plateau; the best checkpoint breaks its ties by val loss (val_objective).
     monitor = "val_bal_acc" if cfg.objective == "balanced" else "val_acc"
     early = EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience)
-    # And once every val photo is right and the val loss stops falling (StopWhenPerfect says why);
+    # And, once every val photo has been right, at the first epoch that does not beat the best
+    # (StopWhenPerfect says why);
     # patience >= epochs asks for every epoch: then no early stop of either kind.
     perfect = StopWhenPerfect(monitor) if cfg.early_stopping_patience < fit_cfg.epochs else None
     # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
