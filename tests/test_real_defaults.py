@@ -177,7 +177,8 @@ def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Pa
 
 def test_after_a_perfect_val_score_the_first_epoch_not_beating_the_best_stops(tmp_path: Path) -> None:
     data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
-    rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=3,
+    # patience 6 of 7 fine-tuning epochs: the plateau rule cannot stop the run before this one.
+    rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=6,
                                                    val_fraction=0.25, test_fraction=0.25))
     stopped = rec.extra["stopped"]
     assert "every val photo has been right" in stopped["reason"] and stopped["epoch"] < 8, stopped
@@ -190,6 +191,10 @@ def test_after_a_perfect_val_score_the_first_epoch_not_beating_the_best_stops(tm
     for k in range(first + 1, len(vals) - 1):
         assert vals[k][1] > max(o for _, o in vals[:k]), (k, vals)
     assert len(vals) - 1 > first and vals[-1][1] <= max(o for _, o in vals[:-1]), vals
+    # The rule's state travels in the checkpoints: a --resume'd run stops where this one did.
+    states = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (state,) = [v for k, v in states.items() if "StopWhenPerfect" in k]
+    assert state["perfect_seen"] is True and state["best"] == pytest.approx(max(o for _, o in vals), abs=1e-6)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["epochs"] == stopped["epoch"]
 
 

@@ -162,14 +162,25 @@ class StopWhenPerfect(L.Callback):
     one test photo of 10). Early stopping's plateau rule still applies alongside.
     """
 
-    def __init__(self, monitor: str = "val_acc") -> None:
+    def __init__(self, monitor: str = "val_acc", head_epochs: int = 0) -> None:
         self.monitor = monitor
+        # Head-only epochs inside Lightning (DDP, no feature cache) are not fine-tuning: not counted,
+        # so a run decides alike on one device (head phase on cached features) and on several.
+        self.head_epochs = head_epochs
         self.best = -math.inf  # the best val_objective seen, this rule's own (not the checkpoint's)
         self.perfect_seen = False
         self.stopped_epoch: int | None = None
 
+    def state_dict(self) -> dict[str, float | bool]:
+        """Saved in the checkpoints, so a ``--resume``d run stops where an uninterrupted one would."""
+        return {"best": self.best, "perfect_seen": self.perfect_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = float(state_dict.get("best", -math.inf))
+        self.perfect_seen = bool(state_dict.get("perfect_seen", False))
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.current_epoch < self.head_epochs:
             return
         m = trainer.callback_metrics
         if self.monitor not in m or "val_objective" not in m:
@@ -177,9 +188,11 @@ class StopWhenPerfect(L.Callback):
         objective = float(m["val_objective"])
         improved, self.best = objective > self.best, max(self.best, objective)
         self.perfect_seen = self.perfect_seen or float(m[self.monitor]) >= 1.0
-        # Kept only while it holds: an epoch before min_epochs may signal and be overruled.
+        # Lightning keeps a should_stop raised before min_epochs and stops at min_epochs even after
+        # an epoch that beat the best: signal only where the run may really stop.
+        may_stop = trainer.current_epoch + 1 >= (trainer.fit_loop.min_epochs or 0)
         self.stopped_epoch = None
-        if self.perfect_seen and not improved:
+        if self.perfect_seen and not improved and may_stop:
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
 

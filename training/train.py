@@ -47,7 +47,6 @@ __all__ = ["train", "build_datasets"]
 log = logging.getLogger("fieldid.train")
 
 
-
 def build_datasets(split: Split, cfg: TrainConfig, spec: PreprocessSpec):
     """Caches and datasets for train/val/test."""
     caches = {
@@ -269,7 +268,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     # And, once every val photo has been right, at the first epoch that does not beat the best
     # (StopWhenPerfect says why);
     # patience >= epochs asks for every epoch: then no early stop of either kind.
-    perfect = StopWhenPerfect(monitor) if cfg.early_stopping_patience < fit_cfg.epochs else None
+    perfect = StopWhenPerfect(monitor, fit_cfg.head_epochs) if cfg.early_stopping_patience < fit_cfg.epochs else None
     # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
     tty = sys.stdout.isatty()
     progress = [] if tty else [LogProgress(log, epoch_offset=cfg.epochs - fit_cfg.epochs, total_epochs=cfg.epochs)]
