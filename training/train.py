@@ -266,8 +266,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     monitor = "val_bal_acc" if cfg.objective == "balanced" else "val_acc"
     early = EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience)
     # And, once every val photo has been right, at the first epoch that does not beat the best
-    # (StopWhenPerfect says why);
-    # patience >= epochs asks for every epoch: then no early stop of either kind.
+    # (StopWhenPerfect says why). Patience >= the fine-tuning epochs asks for every epoch: then
+    # no early stop of either kind.
     perfect = StopWhenPerfect(monitor, fit_cfg.head_epochs) if cfg.early_stopping_patience < fit_cfg.epochs else None
     # Lightning's bar (rich's) stays blank until the end when stdout is a file or pipe: counted lines then.
     tty = sys.stdout.isatty()
