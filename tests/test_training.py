@@ -236,6 +236,44 @@ def test_hue_jitter_can_be_switched_off() -> None:
     assert with_hue[0].hue is not None
 
 
+def test_pixel_noise_moves_pixels_within_its_bound_and_stays_in_range() -> None:
+    from fieldid.training.data import PixelNoise
+
+    torch.manual_seed(0)
+    x = torch.full((3, 32, 32), 0.5)
+    moved = [PixelNoise(4.0)(x.clone()) for _ in range(20)]
+    assert any(float((m - x).abs().max()) > 0 for m in moved)
+    assert all(float((m - x).std()) <= 4.0 / 255 * 1.2 for m in moved)  # std drawn from [0, 4/255]
+    assert float(PixelNoise(64.0)(torch.ones(3, 8, 8)).max()) <= 1.0  # clipped like a pixel
+    spec = PreprocessSpec.for_crop(64, 0.875)
+    names = [type(t).__name__ for t in train_transform(spec, TrainConfig().replace(**{"augment.noise": 3.0}).augment).transforms]
+    assert names.index("PixelNoise") == names.index("ToTensor") + 1  # on [0, 1] pixels, before Normalize
+    assert "PixelNoise" not in [type(t).__name__ for t in
+                                train_transform(spec, TrainConfig().replace(**{"augment.noise": 0.0}).augment).transforms]
+    with pytest.raises(ConfigError, match="augment.noise"):
+        TrainConfig().replace(**{"augment.noise": -1.0}).validate()
+
+
+def test_noise_stability_counts_answers_that_pixel_noise_changes() -> None:
+    from torch.utils.data import TensorDataset
+
+    from fieldid.training.evaluate import noise_stability
+
+    class Sign(torch.nn.Module):  # answers 1 when the mean pixel is above 0, else 0
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([-m, m], 1)
+
+    # half the images sit exactly on the boundary (any noise decides them), half far from it
+    x = torch.cat([torch.zeros(50, 3, 8, 8), torch.ones(50, 3, 8, 8)])
+    data = TensorDataset(x, torch.zeros(100, dtype=torch.long))
+    clean = Sign()(x)
+    out = noise_stability(Sign(), data, clean, ((0.5,) * 3, (0.25,) * 3), grey_levels=2.0)
+    assert out["images"] == 100 and out["grey_levels"] == 2.0
+    assert 0.6 <= out["unchanged"] <= 0.9  # the far half never moves; about half of the boundary half does
+    assert noise_stability(Sign(), data, clean, ((0.5,) * 3, (0.25,) * 3), grey_levels=2.0) == out  # seeded
+
+
 def test_class_weights_favour_rare_classes() -> None:
     w = class_weights([100, 10])
     assert w[1] / w[0] == pytest.approx(10.0)
@@ -326,6 +364,7 @@ def test_train_writes_complete_run(tiny_run: Path) -> None:
     m = json.loads((tiny_run / "metrics.json").read_text())
     assert m["split"] == "test" and m["accuracy"] >= 0.6
     assert set(m["per_class"]) == set(rec.labels) and len(m["confusion_matrix"]) == 3
+    assert m["noise_stability"]["images"] == m["num_images"] and 0 <= m["noise_stability"]["unchanged"] <= 1
     # 3 epochs, or fewer when every val photo had been right and an epoch did not beat the best (it says so).
     reason = (rec.extra.get("stopped") or {}).get("reason", "")
     assert m["training"]["epochs"] == 3 or (m["training"]["epochs"] < 3 and "every val photo" in reason), reason

@@ -94,7 +94,8 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
             "epochs": training.get("epochs"), "image_size": record.get("extra", {}).get("image_size"),
             "shipped": training.get("shipped", "fine-tuned"), "baselines_val": training.get("baselines"),
             "flips": (record.get("extra", {}).get("hflip") or {}).get("used"),
-            "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy")}
+            "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy"),
+            "noise_unchanged": (metrics.get("noise_stability") or {}).get("unchanged")}
 
 
 # A row whose 1-minute load average ended above this many times the cores ran beside other work: its own
@@ -218,6 +219,8 @@ def format_real(rows: list[dict[str, Any]]) -> str:
                 kept = r.get("kept_accuracy")
                 note += (f", {r['to_server']:.0%} of test photos to the server"
                          + (f" (device answers {kept:.3f} right)" if kept is not None else ""))
+            if r.get("noise_unchanged") is not None:
+                note += f", {r['noise_unchanged']:.1%} of test answers kept under half a grey level of pixel noise"
         if _busy([r]):
             note += ("; " if note else "") + f"busy machine: load {r['load']:g} on {r['cores']} cores"
         lines.append(f"| {r['dataset']} | {'yes' if r['real'] else 'synthetic'} | {r['classes']} | "

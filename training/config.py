@@ -40,6 +40,7 @@ class AugmentConfig:
     hue: float = 0.02
     blur_prob: float = 0.1  # Gaussian blur: underwater haze, out-of-focus phones
     rotate_degrees: float = 5.0
+    noise: float = 0.0  # most std of Gaussian pixel noise, in grey levels of 255
 
 
 @dataclass
@@ -126,6 +127,7 @@ class TrainConfig:
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
             (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
+            (0 <= self.augment.noise <= 64, "augment.noise must be in [0, 64] grey levels"),
             (isinstance(self.augment.hflip, bool) or self.augment.hflip == "auto", "augment.hflip must be true|false|auto"),
             (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),

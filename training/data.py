@@ -261,6 +261,21 @@ def eval_transform(spec: PreprocessSpec, *, from_cache: bool = True) -> Callable
     return T.Compose(steps)
 
 
+class PixelNoise:
+    """Gaussian noise on a ``[0, 1]`` image tensor, its standard deviation drawn per photo from
+    ``[0, max_grey_levels / 255]``; the result is clipped to ``[0, 1]`` like a real pixel."""
+
+    def __init__(self, max_grey_levels: float) -> None:
+        self.max_std = max_grey_levels / 255.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        std = float(torch.rand(())) * self.max_std
+        return (x + torch.randn_like(x) * std).clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"PixelNoise(max_std={self.max_std:.4f})"
+
+
 def train_transform(spec: PreprocessSpec, aug: AugmentConfig) -> Callable[[Image.Image], torch.Tensor]:
     """Field-photo augmentation. Hue jitter is separate so colour-coded tasks can turn it off."""
     steps: list[Callable] = [
@@ -277,7 +292,10 @@ def train_transform(spec: PreprocessSpec, aug: AugmentConfig) -> Callable[[Image
         steps.append(T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
     if aug.blur_prob > 0:
         steps.append(T.RandomApply([T.GaussianBlur(5, sigma=(0.1, 1.5))], p=aug.blur_prob))
-    steps += [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    steps.append(T.ToTensor())
+    if aug.noise > 0:
+        steps.append(PixelNoise(aug.noise))
+    steps.append(T.Normalize(spec.mean, spec.std))
     return T.Compose(steps)
 
 
