@@ -230,6 +230,10 @@ def test_bench_real_goals_and_table() -> None:
     assert "30% of test photos to the server (device answers 0.970 right)" in format_real(rows)
     rows[-1].update(to_server=0.1)
     assert "<= 25% to server: met" in format_real(rows)
+    # The run's noise check (metrics.json noise_stability) is shown where the row has it.
+    assert "grey level" not in format_real(rows)
+    rows[-1].update(noise_unchanged=0.903)
+    assert "90.3% of test answers kept under half a grey level of pixel noise" in format_real(rows)
 
 
 def test_bench_real_judges_several_seeds_on_their_means() -> None:
