@@ -246,7 +246,8 @@ def test_pixel_noise_moves_pixels_within_its_bound_and_stays_in_range() -> None:
     assert all(float((m - x).std()) <= 4.0 / 255 * 1.2 for m in moved)  # std drawn from [0, 4/255]
     assert float(PixelNoise(64.0)(torch.ones(3, 8, 8)).max()) <= 1.0  # clipped like a pixel
     spec = PreprocessSpec.for_crop(64, 0.875)
-    names = [type(t).__name__ for t in train_transform(spec, TrainConfig().replace(**{"augment.noise": 3.0}).augment).transforms]
+    noisy = TrainConfig().replace(**{"augment.noise": 3.0}).augment
+    names = [type(t).__name__ for t in train_transform(spec, noisy).transforms]
     assert names.index("PixelNoise") == names.index("ToTensor") + 1  # on [0, 1] pixels, before Normalize
     assert "PixelNoise" not in [type(t).__name__ for t in
                                 train_transform(spec, TrainConfig().replace(**{"augment.noise": 0.0}).augment).transforms]

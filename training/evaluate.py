@@ -17,7 +17,8 @@ from .models import load_run_model
 from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
-__all__ = ["predict_logits", "noise_stability", "NOISE_GREY_LEVELS", "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
+__all__ = ["predict_logits", "noise_stability", "NOISE_GREY_LEVELS", "compute_metrics", "plot_confusion",
+           "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ NOISE_GREY_LEVELS = 0.5
 
 
 @torch.no_grad()
-def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor, mean_std: tuple[Sequence[float], Sequence[float]],
-                    *, grey_levels: float = NOISE_GREY_LEVELS, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
+                    mean_std: tuple[Sequence[float], Sequence[float]], *, grey_levels: float = NOISE_GREY_LEVELS, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """Share of ``dataset``'s answers (``logits``: the model's clean ones) unchanged when every pixel
     moves by uniform noise of up to ``grey_levels`` of 255 (seeded, so a run is reproducible).
 
