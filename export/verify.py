@@ -254,9 +254,10 @@ def _decided_on(ctx: ExportContext) -> dict[str, int]:
                                     "augmented_views": 0}
 
 
-def fp32_noise_agreement(ctx: ExportContext, *, seed: int = 0) -> float:
-    """Share of the bar images whose fp32 PyTorch answer survives uniform pixel noise of up to
-    ``NOISE_GREY_LEVELS`` grey levels (the run's own check, ``metrics.json`` ``noise_stability``).
+def fp32_noise_agreement(ctx: ExportContext) -> float:
+    """Share of the bar images (all of them) whose fp32 PyTorch answer survives pixel noise of up to
+    ``NOISE_GREY_LEVELS`` grey levels: the run's own check (``training.evaluate.noise_stability``,
+    ``metrics.json`` ``noise_stability``) on the export's images.
 
     Half a grey level is what rounding the input to int8 does alone, before any layer is rounded,
     so a model that keeps fewer than 99 % of its answers under it is not expected to meet the int8
@@ -264,18 +265,15 @@ def fp32_noise_agreement(ctx: ExportContext, *, seed: int = 0) -> float:
     bar says so. Computed once per export, only on a miss.
     """
     if ctx.noise_agreement is None:
-        from fieldid.training.evaluate import NOISE_GREY_LEVELS
+        from torch.utils.data import TensorDataset
 
-        std = np.asarray(ctx.record.preprocess_spec.std, np.float32).reshape(1, -1, 1, 1)
-        rng = np.random.default_rng(seed)
-        answers = []
-        with torch.no_grad():
-            for i in range(0, len(ctx.heldout), EVAL_BATCH):
-                x = ctx.heldout[i:i + EVAL_BATCH]
-                noise = rng.uniform(-1.0, 1.0, x.shape).astype(np.float32) * (NOISE_GREY_LEVELS / 255.0) / std
-                out = ctx.model(torch.from_numpy(x + noise))
-                answers.append((out[0] if isinstance(out, tuple) else out).argmax(1).numpy())
-        ctx.noise_agreement = float((np.concatenate(answers) == ctx.reference_logits.argmax(1)).mean())
+        from fieldid.training.evaluate import noise_stability
+
+        spec = ctx.record.preprocess_spec
+        images = TensorDataset(torch.from_numpy(ctx.heldout), torch.from_numpy(ctx.heldout_targets))
+        ctx.noise_agreement = noise_stability(ctx.model, images, torch.from_numpy(ctx.reference_logits),
+                                              (spec.mean, spec.std), max_images=None,
+                                              batch_size=EVAL_BATCH)["unchanged"]
     return ctx.noise_agreement
 
 

@@ -273,15 +273,8 @@ def test_noise_stability_counts_answers_that_pixel_noise_changes() -> None:
     assert out["images"] == 100 and out["grey_levels"] == 2.0
     assert 0.6 <= out["unchanged"] <= 0.9  # the far half never moves; about half of the boundary half does
     assert noise_stability(Sign(), data, clean, ((0.5,) * 3, (0.25,) * 3), grey_levels=2.0) == out  # seeded
-    # A large split is checked on NOISE_MAX_IMAGES photos spread over it (both halves represented).
-    import fieldid.training.evaluate as ev
-
-    old = ev.NOISE_MAX_IMAGES
-    try:
-        ev.NOISE_MAX_IMAGES = 20
-        capped = ev.noise_stability(Sign(), data, clean, ((0.5,) * 3, (0.25,) * 3), grey_levels=2.0)
-    finally:
-        ev.NOISE_MAX_IMAGES = old
+    # A large split is checked on at most max_images photos spread over it (both halves represented).
+    capped = noise_stability(Sign(), data, clean, ((0.5,) * 3, (0.25,) * 3), grey_levels=2.0, max_images=20)
     assert capped["images"] == 20 and 0.5 <= capped["unchanged"] < 1.0
 
 

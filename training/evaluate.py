@@ -17,8 +17,8 @@ from .models import load_run_model
 from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
-__all__ = ["predict_logits", "noise_stability", "NOISE_GREY_LEVELS", "NOISE_MAX_IMAGES", "compute_metrics", "plot_confusion",
-           "plot_curves", "evaluate"]
+__all__ = ["predict_logits", "noise_stability", "NOISE_GREY_LEVELS", "NOISE_MAX_IMAGES", "compute_metrics",
+           "plot_confusion", "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,28 @@ NOISE_MAX_IMAGES = 200
 
 @torch.no_grad()
 def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
-                    mean_std: tuple[Sequence[float], Sequence[float]], *, grey_levels: float = NOISE_GREY_LEVELS, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+                    mean_std: tuple[Sequence[float], Sequence[float]], *, grey_levels: float = NOISE_GREY_LEVELS,
+                    max_images: int | None = NOISE_MAX_IMAGES, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """Share of ``dataset``'s answers (``logits``: the model's clean ones) unchanged when every pixel
     moves by uniform noise of up to ``grey_levels`` of 255 (seeded, so a run is reproducible), on at
-    most :data:`NOISE_MAX_IMAGES` of its items, evenly spaced.
+    most ``max_images`` of its items, evenly spaced (``None``: all).
 
     ``mean_std``: the normalisation the dataset applied (the noise is added to normalised tensors, in
-    pixel units). Returns ``{"grey_levels", "unchanged", "images"}``.
+    pixel units). A model with the outputs ``(logits, unknown_score)`` (``ood.ScoredModel``) is judged
+    by its logits. Returns ``{"grey_levels", "unchanged", "images"}``.
     """
     model = model.eval()
     total = int(logits.shape[0])
-    idx = torch.linspace(0, total - 1, min(total, NOISE_MAX_IMAGES)).round().long().unique() if total else \
-        torch.zeros(0, dtype=torch.long)
+    idx = torch.linspace(0, total - 1, min(total, max_images or total)).round().long().unique()
     std = torch.tensor(mean_std[1], dtype=torch.float32).view(1, -1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
     answers = []
     for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False):
         noise = (torch.rand(x.shape, generator=gen) * 2 - 1) * (grey_levels / 255.0) / std
-        answers.append(model(x + noise).float().argmax(1))
+        out = model(x + noise)
+        answers.append((out[0] if isinstance(out, tuple) else out).float().argmax(1))
     n = int(idx.numel())
-    same = float((torch.cat(answers) == logits[idx].argmax(1)).float().mean()) if answers and n else 1.0
+    same = float((torch.cat(answers) == logits[idx].argmax(1)).float().mean()) if n else 1.0
     return {"grey_levels": grey_levels, "unchanged": same, "images": n}
 
 
