@@ -28,9 +28,9 @@ def _logits(flips: int, n: int = 100, noise: float = 0.0) -> tuple[np.ndarray, n
     return got, ref
 
 
-def _unknown(passed: bool, agreement: float) -> dict:
-    return {"passed": passed, "clear_agreement": agreement, "decision_agreement": agreement,
-            "median_diff_over_threshold": 0.1}
+def _unknown(passed: bool, agreement: float, median: float = 0.1, clear: float | None = None) -> dict:
+    return {"passed": passed, "clear_agreement": agreement if clear is None else clear,
+            "decision_agreement": agreement, "median_diff_over_threshold": median}
 
 
 def test_a_candidate_that_passes_the_unknown_check_beats_better_logits() -> None:
@@ -39,19 +39,34 @@ def test_a_candidate_that_passes_the_unknown_check_beats_better_logits() -> None
     one_flip, _ = _logits(1)
     s.add(_Recipe("small"), perfect, ref, time.time(), "small", unknown=_unknown(False, 0.90))
     s.add(_Recipe("larger"), one_flip, ref, time.time(), "larger", unknown=_unknown(True, 0.98))
-    assert s.best[1] == "larger" and s.best_agreement == 0.99
+    assert s.best[1] == "larger" and s.best_agreement == 0.99 and s.best_unknown_passed
     assert [t["unknown_selection"]["passed"] for t in s.tried] == [False, True]
 
 
-def test_when_none_passes_logits_at_target_come_first_then_unknown_agreement() -> None:
-    s = RecipeSearch("t", 0.99)
+def test_when_none_passes_logits_at_the_bar_come_first_then_closeness_to_the_score_bar() -> None:
+    s = RecipeSearch("t", 0.995, bar=0.99)
     perfect, ref = _logits(0)
+    one_flip, _ = _logits(1)  # 99%: at the bar, under the selection target
     five_flips, _ = _logits(5)
-    s.add(_Recipe("bad logits, closer score"), five_flips, ref, time.time(), "a", unknown=_unknown(False, 0.96))
-    s.add(_Recipe("full int8"), perfect, ref, time.time(), "b", unknown=_unknown(False, 0.90))
-    assert s.best[1] == "b"  # logits below target lose, whatever their score
-    s.add(_Recipe("fp32 features"), perfect + 0.01, ref, time.time(), "c", unknown=_unknown(False, 0.94))
-    assert s.best[1] == "c"  # both at target: the closer unknown score wins over the lower logit error
+    s.add(_Recipe("bad logits, close score"), five_flips, ref, time.time(), "a",
+          unknown=_unknown(False, 0.99, median=0.21, clear=1.0))
+    s.add(_Recipe("full int8"), perfect, ref, time.time(), "b", unknown=_unknown(False, 0.93, median=0.30, clear=0.95))
+    assert s.best[1] == "b" and not s.best_unknown_passed  # logits below the bar lose, whatever their score
+    # At the bar, two of the score's three parts met (clear 100%, all 99%, median 0.2003 > 0.20) beat none met.
+    s.add(_Recipe("stem in fp32"), one_flip, ref, time.time(), "c", unknown=_unknown(False, 0.99, median=0.2003, clear=1.0))
+    assert s.best[1] == "c"
+    # As many parts met, the smaller median wins; perfect logits do not outrank it.
+    s.add(_Recipe("feature conv"), perfect, ref, time.time(), "d", unknown=_unknown(False, 0.99, median=0.28, clear=1.0))
+    assert s.best[1] == "c" and s.best_agreement == 0.99
+
+
+def test_candidates_that_pass_the_score_need_logits_at_the_target() -> None:
+    s = RecipeSearch("t", 0.995, bar=0.99)
+    perfect, ref = _logits(0)
+    one_flip, _ = _logits(1)
+    s.add(_Recipe("at the bar"), one_flip, ref, time.time(), "a", unknown=_unknown(True, 1.0, median=0.05))
+    s.add(_Recipe("at the target"), perfect, ref, time.time(), "b", unknown=_unknown(True, 0.99, median=0.15))
+    assert s.best[1] == "b"
 
 
 def test_without_a_detector_the_lower_logit_error_breaks_ties() -> None:
