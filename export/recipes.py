@@ -36,8 +36,11 @@ def fidelity(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def _closeness(unknown: dict[str, Any] | None) -> tuple[int, float]:
-    """How close a candidate's ``unknown_score`` is to its bar: (parts met, -median diff); no detector = met."""
-    if unknown is None:
+    """How close a candidate's ``unknown_score`` is to its bar: (parts met, -median diff).
+
+    A passed bar (or no detector) is (3, 0): among candidates that pass, the logits decide, not the median.
+    """
+    if unknown is None or unknown["passed"]:
         return 3, 0.0
     from .unknown import INT8_MAX_MEDIAN_REL_DIFF, INT8_MIN_DECISION_AGREEMENT, INT8_MIN_OVERALL_AGREEMENT
 

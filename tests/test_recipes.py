@@ -67,6 +67,13 @@ def test_candidates_that_pass_the_score_need_logits_at_the_target() -> None:
     s.add(_Recipe("at the bar"), one_flip, ref, time.time(), "a", unknown=_unknown(True, 1.0, median=0.05))
     s.add(_Recipe("at the target"), perfect, ref, time.time(), "b", unknown=_unknown(True, 0.99, median=0.15))
     assert s.best[1] == "b"
+    # Both under the target: the more faithful logits win; a passed score's median does not rank them.
+    s = RecipeSearch("t", 0.995, bar=0.99)
+    two_flips, _ = _logits(2)
+    four_flips, _ = _logits(4)
+    s.add(_Recipe("98%"), two_flips, ref, time.time(), "a", unknown=_unknown(True, 0.99, median=0.15))
+    s.add(_Recipe("96%, smaller median"), four_flips, ref, time.time(), "b", unknown=_unknown(True, 1.0, median=0.05))
+    assert s.best[1] == "a"
 
 
 def test_without_a_detector_the_lower_logit_error_breaks_ties() -> None:
