@@ -304,8 +304,9 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
     # also carry most of the int8 noise in the pooled features that unknown_score reads (textures,
     # converted model on the check's images: median |score diff| 24% of the threshold fully int8,
     # 22% with the stem conv in fp32, 16% with the stem conv and the first depthwise conv), so
-    # the queue goes on through them while the score misses.
-    queue = [r for r in (PteInt8Recipe(), keep(-1), keep(0, -1), keep(0, 1, -1), keep(0, 1, 2, -1)) if r is not None]
+    # the queue goes on through them while the score misses (a third stem layer only for the score).
+    stems = (keep(0, 1, 2, -1),) if scored is not None else ()
+    queue = [r for r in (PteInt8Recipe(), keep(-1), keep(0, -1), keep(0, 1, -1), *stems) if r is not None]
     feature = _feature_conv(layers)
     search = RecipeSearch("pte int8", SELECTION_TARGET, INT8_MIN_AGREEMENT)
     last_faithful: PteInt8Recipe | None = None  # the last candidate whose logits cleared the target

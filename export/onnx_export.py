@@ -112,7 +112,7 @@ class OnnxInt8Recipe:
     calibration: str  # MinMax | Percentile (Entropy still accepted, no longer a candidate)
     percentile: float | None = None
     float_nodes: list[str] = field(default_factory=list)  # nodes left in fp32
-    stem_in_fp32: int = 0  # of them, the first weighted layers kept for unknown_score
+    stem_in_fp32: int = 0  # the first this many weighted layers are among them, for unknown_score
     format: str = "QDQ"
     per_channel: bool = True
     activations: str = "uint8 (asymmetric, per tensor)"
@@ -120,9 +120,9 @@ class OnnxInt8Recipe:
 
     def describe(self) -> str:
         cal = f"{self.calibration}" + (f" {self.percentile}" if self.percentile else "")
-        sensitive = len(self.float_nodes) - self.stem_in_fp32
-        excl = f", {sensitive} sensitive node(s) kept in fp32" if sensitive else ""
-        excl += f", {self.stem_in_fp32} stem layer(s) kept in fp32 (for unknown_score)" if self.stem_in_fp32 else ""
+        sensitive = len(self.float_nodes) - self.stem_in_fp32  # the stem may include sensitive ones
+        excl = f", {sensitive} sensitive node(s) kept in fp32" if sensitive > 0 else ""
+        excl += f", the first {self.stem_in_fp32} layers kept in fp32 (for unknown_score)" if self.stem_in_fp32 else ""
         return f"ONNX Runtime static {self.format}, per-channel weights, {cal} calibration{excl}"
 
 
@@ -267,12 +267,14 @@ def _candidates() -> list[OnnxInt8Recipe]:
     return [OnnxInt8Recipe("MinMax"), OnnxInt8Recipe("Percentile", 99.999)]
 
 
-def _stem_nodes(pre: Path, count: int) -> list[str]:
-    """The first ``count`` weighted nodes (the stem conv, then the first depthwise conv), if within the fp32 budget."""
+def _stem_nodes(pre: Path, count: int, kept: list[str]) -> list[str]:
+    """The first ``count`` weighted nodes (the stem conv, then the first depthwise conv) not in ``kept``;
+    ``[]`` when ``kept`` plus them would hold more than the fp32 budget."""
     nodes = _weighted_nodes(pre)
     budget = FLOAT_PARAM_BUDGET * sum(n for _, n in nodes)
-    stem = nodes[:count]
-    return [name for name, _ in stem] if sum(n for _, n in stem) <= budget else []
+    size = dict(nodes)
+    stem = [name for name, _ in nodes[:count] if name not in kept]
+    return stem if sum(size.get(n, 0) for n in [*kept, *stem]) <= budget else []
 
 
 def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, OnnxInt8Recipe, RecipeSearch]:
@@ -280,8 +282,9 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
 
     With a detector, a candidate must also keep ``unknown_score`` within the int8 bar on the
     selection images plus generated non-photos (:func:`unknown.selection_scores`), as in the
-    ExecuTorch search. When the logits hold and the score does not, the next candidates keep the
-    stem in fp32 (the first 2, then 3 weighted layers): the score reads all 1280 pooled features,
+    ExecuTorch search. While no candidate holds both (mostly: the logits hold and the score does not),
+    the next candidates keep the stem in fp32 (the first 2, then 3 weighted layers) on top of the
+    candidate with the most faithful logits: the score reads all 1280 pooled features,
     and quantizing the input and the stem's activations moved them far more than the logits need.
     Measured on bench-real-quick's runs (check images, MinMax): pooled-feature cosine to fp32
     0.72 -> 0.81 (faces), 0.78 -> 0.87 (textures); known photos flagged unknown 81% -> 6% (faces,
@@ -356,8 +359,10 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
         # logit error: textures 0.31 -> 0.12).
         base = most_faithful()
         for count in (2, 3):
-            stem = [n for n in _stem_nodes(pre, count) if n not in base.float_nodes]
-            if stem and all(attempt(OnnxInt8Recipe(base.calibration, base.percentile, stem_in_fp32=len(stem),
+            stem = _stem_nodes(pre, count, base.float_nodes)
+            if count > 2 and stem == _stem_nodes(pre, 2, base.float_nodes):
+                break  # the third layer is already in fp32 (a sensitive node): the same recipe again
+            if stem and all(attempt(OnnxInt8Recipe(base.calibration, base.percentile, stem_in_fp32=count,
                                                    float_nodes=[*base.float_nodes, *stem]))):
                 break
     recipe, path = search.best

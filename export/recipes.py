@@ -51,7 +51,8 @@ def _closeness(unknown: dict[str, Any] | None) -> tuple[int, float]:
 
 
 class RecipeSearch:
-    """Keeps the most faithful int8 candidate: highest top-1 agreement, then lowest relative error.
+    """Keeps the best int8 candidate: the ``unknown_score`` bar (with a detector), then top-1 agreement,
+    then lowest relative error (:meth:`add` has the whole order).
 
     Top-1 agreement alone is too coarse on a few hundred images (two recipes can both reach
     100% there and still differ on the test split), so ties go to :func:`fidelity`'s error.

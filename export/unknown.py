@@ -152,7 +152,7 @@ def selection_scores(ctx: ExportContext, sel: Any) -> tuple[np.ndarray, np.ndarr
     plus generated non-photos of another seed than the check's, so the choice is not fitted to the
     verification -- and the PyTorch fp32 scores on them. ``None`` for a run without a detector.
 
-    As many non-photos as the check adds (:func:`_probes`), so the choice is made on the check's mix:
+    As many non-photos as the check adds (:func:`_probes`; the photos are the selection's, at least 100):
     with few photos the check is mostly non-photos, whose scores int8 moves less than photos' (textures,
     int8 .pte: check median |score diff| 15% of the threshold, 26% on 100 photos + 24 non-photos), and
     a selection of mostly photos turned down the recipes that pass the check.
