@@ -267,10 +267,9 @@ def _candidates() -> list[OnnxInt8Recipe]:
     return [OnnxInt8Recipe("MinMax"), OnnxInt8Recipe("Percentile", 99.999)]
 
 
-def _stem_nodes(pre: Path, count: int, kept: list[str]) -> list[str]:
-    """The first ``count`` weighted nodes (the stem conv, then the first depthwise conv) not in ``kept``;
-    ``[]`` when ``kept`` plus them would hold more than the fp32 budget."""
-    nodes = _weighted_nodes(pre)
+def _stem_nodes(nodes: list[tuple[str, int]], count: int, kept: list[str]) -> list[str]:
+    """The first ``count`` of the weighted ``nodes`` (:func:`_weighted_nodes`: the stem conv, then the first
+    depthwise conv, ...) not in ``kept``; ``[]`` when ``kept`` plus them would hold more than the fp32 budget."""
     budget = FLOAT_PARAM_BUDGET * sum(n for _, n in nodes)
     size = dict(nodes)
     stem = [name for name, _ in nodes[:count] if name not in kept]
@@ -304,11 +303,6 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
     search = RecipeSearch("onnx int8", SELECTION_TARGET, INT8_MIN_AGREEMENT)
     window = calibration_window(ctx.activation_mb)
     caches: dict[tuple[str, float | None], Path] = {}
-    attempts: list[tuple[tuple[float, float], OnnxInt8Recipe]] = []  # ((agreement, -logit error), recipe)
-
-    def most_faithful() -> OnnxInt8Recipe:
-        """The candidate whose logits follow fp32 best (the search's best may be one that holds the score)."""
-        return max(attempts, key=lambda a: a[0])[1]
 
     def ranges(recipe: OnnxInt8Recipe) -> Path:
         key = (recipe.calibration, recipe.percentile)
@@ -334,7 +328,6 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
             unknown = int8_unknown_bar(load_unknown_runtime(path, "onnx")(x), ref_scores,
                                        float(ctx.record.unknown["threshold"]))
         agreement = search.add(recipe, load_onnx(path)(sel), ref, t0, path, unknown=unknown)
-        attempts.append(((agreement, -search.tried[-1]["relative_logit_error"]), recipe))
         best = search.best[1]
         for p in work.glob("cand*.onnx"):  # only the best candidate's file is kept
             if p != best:
@@ -347,9 +340,9 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
         # A score that misses is fixed below on the same ranges, not by another calibration pass.
         if attempt(recipe)[0]:
             break
-    if max(a[0][0] for a in attempts) < SELECTION_TARGET:
+    if search.most_faithful[1] < SELECTION_TARGET:
         # Still short: keep the layers whose quantization hurts most in float (costs a little speed).
-        base = most_faithful()
+        base = search.most_faithful[0]
         ranked = _sensitive_nodes(pre, work, ranges(base), sel, ref, base)
         for k in sorted({min(k, len(ranked)) for k in (1, 2, 4)} - {0}):
             if attempt(OnnxInt8Recipe(base.calibration, base.percentile, float_nodes=ranked[:k]))[0]:
@@ -357,11 +350,14 @@ def _choose_int8(ctx: ExportContext, fp32: Path, work: Path) -> tuple[Path, Onnx
     if scored is not None and not (search.best_unknown_passed and search.best_agreement >= SELECTION_TARGET):
         # On top of the candidate with the most faithful logits (the stem in fp32 also cut the relative
         # logit error: textures 0.31 -> 0.12).
-        base = most_faithful()
+        base = search.most_faithful[0]
+        nodes = _weighted_nodes(pre)
+        tried_stem: list[str] = []
         for count in (2, 3):
-            stem = _stem_nodes(pre, count, base.float_nodes)
-            if count > 2 and stem == _stem_nodes(pre, 2, base.float_nodes):
+            stem = _stem_nodes(nodes, count, base.float_nodes)
+            if stem == tried_stem:
                 break  # the third layer is already in fp32 (a sensitive node): the same recipe again
+            tried_stem = stem
             if stem and all(attempt(OnnxInt8Recipe(base.calibration, base.percentile, stem_in_fp32=count,
                                                    float_nodes=[*base.float_nodes, *stem]))):
                 break

@@ -42,12 +42,10 @@ def _closeness(unknown: dict[str, Any] | None) -> tuple[int, float]:
     """
     if unknown is None or unknown["passed"]:
         return 3, 0.0
-    from .unknown import INT8_MAX_MEDIAN_REL_DIFF, INT8_MIN_DECISION_AGREEMENT, INT8_MIN_OVERALL_AGREEMENT
+    from .unknown import int8_unknown_parts_met
 
     median = float(unknown["median_diff_over_threshold"])
-    met = (int(unknown["clear_agreement"] >= INT8_MIN_DECISION_AGREEMENT)
-           + int(unknown["decision_agreement"] >= INT8_MIN_OVERALL_AGREEMENT) + int(median <= INT8_MAX_MEDIAN_REL_DIFF))
-    return met, -median
+    return int8_unknown_parts_met(unknown["clear_agreement"], unknown["decision_agreement"], median), -median
 
 
 class RecipeSearch:
@@ -64,6 +62,7 @@ class RecipeSearch:
         self.bar = bar  # the verification's top-1 agreement bar (export.verify.INT8_MIN_AGREEMENT)
         self.tried: list[dict[str, Any]] = []
         self._best: tuple[tuple[bool, bool, tuple[int, float], float, float], Any, Any] | None = None
+        self._faithful: tuple[tuple[float, float], Any] | None = None  # by logits alone: (agreement, -error), recipe
 
     def add(self, recipe: Any, logits: np.ndarray, ref: np.ndarray, started: float, result: Any,
             unknown: dict[str, Any] | None = None) -> float:
@@ -96,6 +95,9 @@ class RecipeSearch:
                  _closeness(unknown), fid["selection_agreement"], -fid["relative_logit_error"])
         if self._best is None or score > self._best[0]:
             self._best = (score, recipe, result)
+        faithful = (fid["selection_agreement"], -fid["relative_logit_error"])
+        if self._faithful is None or faithful > self._faithful[0]:
+            self._faithful = (faithful, recipe)
         return fid["selection_agreement"]
 
     @property
@@ -109,6 +111,14 @@ class RecipeSearch:
     def best_unknown_passed(self) -> bool:
         """The best candidate passes the ``unknown_score`` bar (or the run has no detector)."""
         return bool(self._best and self._best[0][0])
+
+    @property
+    def most_faithful(self) -> tuple[Any, float]:
+        """``(recipe, selection agreement)`` of the candidate whose logits follow fp32 best (highest
+        agreement, then lowest relative error; the first such one) -- the best may be one that holds the score."""
+        if self._faithful is None:
+            raise ExportError(f"{self.name}: no quantization candidate was tried")
+        return self._faithful[1], self._faithful[0][0]
 
     @property
     def best_agreement(self) -> float:

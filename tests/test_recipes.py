@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 from fieldid.export.recipes import RecipeSearch
 
@@ -60,20 +61,18 @@ def test_when_none_passes_logits_at_the_bar_come_first_then_closeness_to_the_sco
     assert s.best[1] == "c" and s.best_agreement == 0.99
 
 
-def test_candidates_that_pass_the_score_need_logits_at_the_target() -> None:
-    s = RecipeSearch("t", 0.995, bar=0.99)
-    perfect, ref = _logits(0)
-    one_flip, _ = _logits(1)
-    s.add(_Recipe("at the bar"), one_flip, ref, time.time(), "a", unknown=_unknown(True, 1.0, median=0.05))
-    s.add(_Recipe("at the target"), perfect, ref, time.time(), "b", unknown=_unknown(True, 0.99, median=0.15))
-    assert s.best[1] == "b"
+@pytest.mark.parametrize("first, second, winner", [
+    # Logits at the target beat logits at the bar, whatever the medians.
+    ((1, 0.05), (0, 0.15), "b"),
     # Both under the target: the more faithful logits win; a passed score's median does not rank them.
+    ((2, 0.15), (4, 0.05), "a"),
+])
+def test_candidates_that_pass_the_score_are_ranked_by_their_logits(first, second, winner) -> None:
     s = RecipeSearch("t", 0.995, bar=0.99)
-    two_flips, _ = _logits(2)
-    four_flips, _ = _logits(4)
-    s.add(_Recipe("98%"), two_flips, ref, time.time(), "a", unknown=_unknown(True, 0.99, median=0.15))
-    s.add(_Recipe("96%, smaller median"), four_flips, ref, time.time(), "b", unknown=_unknown(True, 1.0, median=0.05))
-    assert s.best[1] == "a"
+    for name, (flips, median) in zip("ab", (first, second)):
+        logits, ref = _logits(flips)
+        s.add(_Recipe(f"{100 - flips}%"), logits, ref, time.time(), name, unknown=_unknown(True, 1.0, median=median))
+    assert s.best[1] == winner
 
 
 def test_without_a_detector_the_lower_logit_error_breaks_ties() -> None:
