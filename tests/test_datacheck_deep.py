@@ -120,6 +120,29 @@ def test_near_duplicate_across_splits_found(leaky: tuple[Path, DataReport]) -> N
     assert [r for r in report.leakage if {r["a"], r["b"]} != set(pair)] == []
 
 
+def test_bench_data_counts_the_sets_own_pairs_in_any_split(leaky: tuple[Path, DataReport], tmp_path: Path) -> None:
+    """bench data: a pair the unplanted check linked is the set's own wherever the planted run's val draw puts it."""
+    from fieldid.training.bench_data import SHEET_SIDE, count_dups, linked_pairs, own_pairs_sheet
+
+    root, report = leaky
+    own = linked_pairs(report)
+    assert frozenset(("train/a/rocket_whatsapp.jpg", "test/a/rocket.png")) in own
+    fs = frozenset
+    # Unplanted: x and y were a pair inside train/ (not cross-split). Planted: val took y, and the copy c of x
+    # matched x (planted), y (x's own duplicate) and z (nothing the check ever linked).
+    set_pairs = {fs(("train/x", "train/y"))}
+    reported = {fs(("train/x", "val/c")), fs(("train/x", "train/y")), fs(("val/c", "train/y")), fs(("val/c", "t/z"))}
+    row = count_dups(reported, {fs(("train/x", "val/c"))}, {"val/c": "train/x"}, set_pairs)
+    assert row["found"] == 1.0 and row["own_pairs"] == 2
+    assert row["false_pairs"] == 0.75 and row["false_pairs_new"] == 0.5  # 1 of the 2 not the set's own
+    assert row["copy_matches"] == 3 and row["copy_false"] == round(1 / 3, 3)
+    # The sheet a person judges the set's own pairs by: one row per reported cross-split pair.
+    sheet = own_pairs_sheet(root, report, tmp_path / "own.jpg")
+    assert sheet is not None
+    with Image.open(sheet) as im:
+        assert im.format == "JPEG" and im.size == (2 * SHEET_SIDE + 8, SHEET_SIDE + 26)
+
+
 def test_near_duplicate_pairs_unit() -> None:
     from fieldid.training.datacheck import DeepOptions as Opts
     from fieldid.training.neighbours import DEFAULT_DUP_SIMILARITY, near_duplicate_pairs, thumbnail
