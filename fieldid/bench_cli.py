@@ -2,7 +2,8 @@
 
 * `bundle` -- size, accuracy, latency and throughput of every exported artifact (`make bench`);
 * `cascade` -- device alone vs server alone vs device-then-server (`make bench-cascade`);
-* `ood` -- the unknown answer of the phone's file on other and unseen photos;
+* `ood` -- the unknown answer of the phone's file on other and unseen photos; `ood-real` -- the
+  same on the real sets, with classes held out of training (`make bench-ood-real`);
 * `export` -- export time and peak memory per format (`make bench-export`);
 * `train compare|augment|choices|cache` -- the reference fine-tune vs the defaults, the augmentation
   sweep, the CPU speed choices and the decode cache (`make bench-train`);
@@ -34,7 +35,7 @@ from fieldid.cli_vocabulary import add_renamed
 __all__ = ["register", "BENCHMARKS", "write_measured_page"]
 
 # The subcommands of `fieldid bench`, in the order `fieldid bench --help` lists them.
-BENCHMARKS = ("bundle", "cascade", "ood", "export", "train", "real", "serve", "app", "intake", "data")
+BENCHMARKS = ("bundle", "cascade", "ood", "ood-real", "export", "train", "real", "serve", "app", "intake", "data")
 # The modes of `fieldid bench train`.
 TRAIN_MODES = ("compare", "augment", "choices", "cache")
 # Defaults the benchmark modules hold too (kept here so `fieldid --help` imports none of them).
@@ -42,6 +43,7 @@ _TRAIN_SETS = "digits,faces,textures,reef,salmon"  # fieldid.training.bench.BENC
 _AUGMENT_VARIANTS = "defaults,strong,none"  # fieldid.training.bench.AUGMENT_VARIANTS
 _REAL_SETS = "elpv,elpv_few,digits,faces,textures,scenes,reef,salmon"  # fieldid.training.bench_real.REAL_BENCH_SETS
 _DATA_SETS = _REAL_SETS  # fieldid.training.bench_data.BENCH_SETS
+_OOD_REAL_SETS = "digits,scenes"  # fieldid.export.bench_ood_real.OOD_REAL_SETS
 _REAL_TITLE = "Real photos: fieldid's defaults against the baselines"  # fieldid.training.bench_real.TITLE
 
 
@@ -128,6 +130,12 @@ def _cmd_ood(args: argparse.Namespace) -> int:
     print(json.dumps({"bench": str(args.out or Path(args.run) / "bench"), "files": ["ood.json", "ood.md"],
                       "goals_met": r["goals_met"]}))
     return 0
+
+
+def _cmd_ood_real(args: argparse.Namespace) -> int:
+    from fieldid.export.bench_ood_real import run_bench_ood_real
+
+    return run_bench_ood_real(args.work, _csv(args.sets), reuse=args.reuse, page=args.page, command=_command(args))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -332,6 +340,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--out", type=Path, default=None, help="folder for ood.json/.md (default: RUN/bench)")
     _add_page(o, "ood")
     o.set_defaults(func=_cmd_ood)
+
+    q = what.add_parser("ood-real", help="the unknown answer on the real sets, classes held out of training",
+                        description="Per real set with classes to spare (digits, scenes): `fieldid train` on its "
+                                    "first classes with every default, the default ONNX export, then `fieldid bench "
+                                    "ood` on the phone's file with the set's other classes as unseen photos and the "
+                                    "other real sets' test photos, scikit-image's photos and generated images as "
+                                    "other kinds of things. The rows go to WORK/bench-ood-real.json.")
+    q.add_argument("--work", type=Path, default=Path("runs/bench-ood-real"),
+                   help="datasets, runs, ood folders and logs go here")
+    q.add_argument("--sets", default=_OOD_REAL_SETS, help="comma-separated sets")
+    q.add_argument("--reuse", action="store_true",
+                   help="keep a set's run and export from an earlier call (default: train and export again)")
+    q.add_argument("--page", type=Path, default=None,
+                   help="write the table to this markdown page with date, commit and machine line, for the "
+                        "default sets only (default: none; `make bench-ood-real` writes "
+                        "docs/measured/bench-ood-real.md)")
+    q.set_defaults(func=_cmd_ood_real)
 
     e = what.add_parser("export", help="export time and peak memory per format",
                         description="Each run is exported in its own process (`fieldid export`), so one export's "

@@ -32,6 +32,7 @@ _NAV = [("Home", "index.md"), ("Quickstart", "quickstart.md"), ("Data check", "d
 _API_SRC = "build/api-src"
 # Measurement pages with a fixed nav title; any other docs/measured/bench-*.md is listed under its file name.
 _MEASURED_TITLES = {"bench-real.md": "Real photos", "bench-data.md": "Data check",
+                    "bench-ood-real.md": "Unknown photos on the real sets",
                     "bench-export-real.md": "Export of the real-set models", "bench-real-image-size.md": "Image size",
                     "bench-real-batchnorm.md": "BatchNorm statistics"}
 

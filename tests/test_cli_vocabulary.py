@@ -161,7 +161,7 @@ def _recipe(target: str) -> str:
 
 @pytest.mark.parametrize("target", ["bench", "bench-export", "bench-train", "bench-serve", "bench-cascade",
                                     "bench-app", "bench-real", "bench-data", "bench-real-image-size",
-                                    "bench-real-batchnorm", "bench-export-real"])
+                                    "bench-real-batchnorm", "bench-export-real", "bench-ood-real"])
 def test_every_make_bench_target_runs_fieldid_bench(target: str) -> None:
     recipe = _recipe(target)
     assert "$(FIELDID) bench " in recipe and "-m fieldid." not in recipe, recipe
@@ -190,12 +190,14 @@ def test_every_benchmark_is_a_subcommand_whose_help_lists_its_flags(capsys: pyte
 def test_the_benchmark_defaults_bench_cli_holds_are_the_modules() -> None:
     """bench_cli keeps its parsers torch-free, so it repeats a few defaults of the benchmark modules: the same."""
     from fieldid import bench_cli
+    from fieldid.export import bench_ood_real
     from fieldid.training import bench, bench_data, bench_real
 
     assert bench_cli._TRAIN_SETS == ",".join(bench.BENCH_SETS)
     assert bench_cli._AUGMENT_VARIANTS == ",".join(bench.AUGMENT_VARIANTS)
     assert bench_cli._REAL_SETS == ",".join(bench_real.REAL_BENCH_SETS)
     assert bench_cli._DATA_SETS == ",".join(bench_data.BENCH_SETS)
+    assert bench_cli._OOD_REAL_SETS == ",".join(bench_ood_real.OOD_REAL_SETS)
     assert bench_cli._REAL_TITLE == bench_real.TITLE
 
 

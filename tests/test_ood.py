@@ -293,3 +293,38 @@ def test_ood_set_keeps_folders_that_share_a_name(tmp_path: Path, monkeypatch: py
     assert counts["other/faces-test"] == 3 and counts["other/scenes-test"] == 4 and counts["unseen/test"] == 3
     assert len(list((tmp_path / "ood" / "other" / "faces-test").rglob("*.png"))) == 3
     assert len(list((tmp_path / "ood" / "other" / "scenes-test").rglob("*.png"))) == 4
+
+
+def test_bench_ood_real_folder_holds_the_unseen_classes_and_keeps_a_set_off_its_own_photos(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fieldid bench ood-real`: unseen = every photo of the held-out classes (both splits); other = the other
+    sets' test photos; a set cut from scikit-image's photos gets neither them nor the other set cut from them."""
+    from PIL import Image
+
+    from fieldid.export.bench_ood_real import _known_set, _ood_folder
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    sets = {}
+    for i, name in enumerate(("digits", "faces", "textures", "scenes")):
+        for part, n in (("train", 3), ("test", 2)):
+            for cls in ("a", "b", "c"):
+                for k in range(n):
+                    p = tmp_path / name / part / cls / f"{cls}{k}.png"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    Image.new("RGB", (8, 8), (40 * i, 10 * k, 0)).save(p)
+        sets[name] = tmp_path / name
+    known = _known_set(sets["digits"], ["a", "b"], tmp_path / "digits-known")
+    assert sorted(p.relative_to(known).as_posix() for p in known.rglob("*.png"))[:3] == [
+        "test/a/a0.png", "test/a/a1.png", "test/b/b0.png"] and not (known / "train" / "c").exists()
+    ood = _ood_folder("digits", sets["digits"], ["c"], sets, tmp_path / "ood-digits")
+    assert _images_in(ood / "unseen") == 5  # class c: 3 train + 2 test photos
+    assert sorted(d.name for d in (ood / "other").iterdir()) == ["faces-test", "generated", "scenes-test", "skimage",
+                                                                 "textures-test"]
+    assert _images_in(ood / "other" / "faces-test") == 6 and _images_in(ood / "other" / "skimage") >= 10
+    ood = _ood_folder("scenes", sets["scenes"], ["c"], sets, tmp_path / "ood-scenes")
+    # Scenes are crops of scikit-image's photos: no skimage, no textures (cut from them too), not itself.
+    assert sorted(d.name for d in (ood / "other").iterdir()) == ["digits-test", "faces-test", "generated"]
+
+
+def _images_in(folder: Path) -> int:
+    return len(list(folder.rglob("*.png")))

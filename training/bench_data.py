@@ -52,7 +52,8 @@ import numpy as np
 from .bench_sets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
-__all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "own_pairs_sheet", "run_bench_data"]
+__all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "own_pairs_sheet",
+           "run_bench_data"]
 
 BENCH_SETS = (*REAL_SETS, "reef", "salmon")
 FLIP_FRACTION = 0.05
@@ -293,7 +294,8 @@ def own_pairs_sheet(root: Path, report: Any, out: Path, *, seed: int = 0) -> Pat
         for m, (rel, note) in enumerate(((a, ""), (b, f" ({match})"))):
             x, y = m * (SHEET_SIDE + 8), k * row_h
             name = rel.rsplit("/", 1)[-1]
-            draw.text((x + 1, y), f"{splits[m]}: {labels[m]}"[:width], fill="black")  # the check's split, not the folder
+            # The check's split (val is drawn out of train/), not the folder.
+            draw.text((x + 1, y), f"{splits[m]}: {labels[m]}"[:width], fill="black")
             draw.text((x + 1, y + 11), (name + note)[-width:], fill="black")
             sheet.paste(load_rgb(root / rel).resize((SHEET_SIDE, SHEET_SIDE)), (x, y + 24))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def _distinct_names(folders: list[Path]) -> list[str]:
 
 
 def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[str | Path] = (),
-                 generated: int = 120, per_folder: int = 200, seed: int = 0) -> dict[str, int]:
+                 generated: int = 120, per_folder: int = 200, seed: int = 0, skimage: bool = True) -> dict[str, int]:
     """Write the ``fieldid bench --ood`` folder: ``OUT/other/`` and ``OUT/unseen/``.
 
     Args:
@@ -142,6 +142,8 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
         generated: generated gradients / noise / stripes images (``other/generated/``).
         per_folder: most images copied from one ``--other`` / ``--unseen`` folder.
         seed: seed of the generated images and of the subsampling.
+        skimage: also scikit-image's bundled photos (``other/skimage/``); off for a model trained on
+            crops of them.
 
     Returns:
         Image counts per sub-folder.
@@ -153,12 +155,13 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
 
     out = Path(out)
     counts: dict[str, int] = {}
-    photos = _skimage_photos()
+    photos = _skimage_photos() if skimage else []
     for name, img in photos:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         atomic_write_bytes(out / "other" / "skimage" / f"{name}.png", buf.getvalue())
-    counts["other/skimage"] = len(photos)
+    if skimage:
+        counts["other/skimage"] = len(photos)
     counts["other/generated"] = len(write_generated_unknowns(out / "other" / "generated", generated, seed=seed))
     exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
     rng = np.random.default_rng(seed)
