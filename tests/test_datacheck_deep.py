@@ -122,7 +122,7 @@ def test_near_duplicate_across_splits_found(leaky: tuple[Path, DataReport]) -> N
 
 def test_bench_data_counts_the_sets_own_pairs_in_any_split(leaky: tuple[Path, DataReport], tmp_path: Path) -> None:
     """bench data: a pair the unplanted check linked is the set's own wherever the planted run's val draw puts it."""
-    from fieldid.training.bench_data import SHEET_SIDE, count_dups, linked_pairs, own_pairs_sheet
+    from fieldid.training.bench_data import SHEET_SIDE, count_dups, linked_pairs, pairs_sheet
 
     root, report = leaky
     own = linked_pairs(report)
@@ -137,7 +137,7 @@ def test_bench_data_counts_the_sets_own_pairs_in_any_split(leaky: tuple[Path, Da
     assert row["false_pairs"] == 0.75 and row["false_pairs_new"] == 0.5  # 1 of the 2 not the set's own
     assert row["copy_matches"] == 3 and row["copy_false"] == round(1 / 3, 3)
     # The sheet a person judges the set's own pairs by: one row per reported cross-split pair.
-    sheet = own_pairs_sheet(root, report, tmp_path / "own.jpg")
+    sheet = pairs_sheet(root, [r for r in report.leakage if "cross-split" in r["kinds"]], tmp_path / "own.jpg")
     assert sheet is not None
     with Image.open(sheet) as im:
         assert im.format == "JPEG" and im.size == (2 * SHEET_SIDE + 8, SHEET_SIDE + 26)

@@ -26,8 +26,9 @@ laid out pre-split the way ``fieldid train`` splits them so a planted copy stays
    ``train/`` by a seeded draw over its files: the planted copies change that draw, so a pair both
    in ``train/`` on the unplanted set can be a train/val pair on the planted one (comparing only
    cross-split pairs counted those as new). Whether the set's own pairs are true is a judgement
-   no count makes: the benchmark draws a seeded sample of them into ``WORK/own-pairs-SET.jpg``
-   (beside the page with ``--page``) for a person to look at. A third count: among the reported
+   no count makes: the benchmark draws a seeded sample of them into ``WORK/own-pairs-SET.jpg``,
+   and of the false pairs that are not the set's own into ``WORK/false-pairs-SET.jpg`` (both
+   beside the page with ``--page``), for a person to look at. A third count: among the reported
    cross-split pairs that hold a planted copy, those that pair it with a photo other than its
    original (unless the check linked that photo and the original on the unplanted set).
    The goal column judges found and the second count.
@@ -52,7 +53,7 @@ import numpy as np
 from .bench_sets import REAL_SETS, RealSetError, build_real_set
 from .records import atomic_write_json, atomic_write_text
 
-__all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "own_pairs_sheet",
+__all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "pairs_sheet",
            "run_bench_data"]
 
 BENCH_SETS = (*REAL_SETS, "reef", "salmon")
@@ -229,8 +230,15 @@ def _dup_row(root: Path, work: Path, name: str, seed: int, set_pairs: set[frozen
         origin[copy.relative_to(dst).as_posix()] = rel
         planted.add(frozenset((rel, copy.relative_to(dst).as_posix())))
     report = check_dataset(dst, deep=_deep(work / "cache" / f"{name}-dups"), progress=False)
-    reported = {frozenset((r["a"], r["b"])) for r in report.leakage if "cross-split" in r["kinds"]}
-    return {"planted_dups": d, **count_dups(reported, planted, origin, set_pairs)}
+    cross = [r for r in report.leakage if "cross-split" in r["kinds"]]
+    reported = {frozenset((r["a"], r["b"])) for r in cross}
+    row = {"planted_dups": d, **count_dups(reported, planted, origin, set_pairs)}
+    # The pairs the goal counts as false, for a person to judge (the set's own are on their own sheet).
+    false_new = [r for r in cross if frozenset((r["a"], r["b"])) not in planted
+                 and frozenset((origin.get(r["a"], r["a"]), origin.get(r["b"], r["b"]))) not in set_pairs]
+    sheet = pairs_sheet(dst, false_new, work / f"false-pairs-{name}.jpg", seed=seed)
+    row["false_pairs_sheet"] = sheet.name if sheet else None
+    return row
 
 
 def count_dups(reported: set[frozenset[str]], planted: set[frozenset[str]], origin: dict[str, str],
@@ -270,18 +278,18 @@ SHEET_SIDE = 160
 SHEET_PREFIX = "bench-data-"  # the sheets' names beside the page
 
 
-def own_pairs_sheet(root: Path, report: Any, out: Path, *, seed: int = 0) -> Path | None:
-    """A seeded sample of the cross-split pairs the check reports on the unplanted set, side by side (JPEG).
+def pairs_sheet(root: Path, records: list[dict[str, Any]], out: Path, *, seed: int = 0) -> Path | None:
+    """A seeded sample of leakage records (at most :data:`SHEET_PAIRS`), each pair side by side with its
+    split, label, file and match (JPEG at ``out``). None when there are none.
 
-    The benchmark cannot tell whether the set's own pairs are true duplicates; this is what a person
-    looks at to judge. None when the set has none.
+    The benchmark cannot tell whether the pairs it does not plant are true duplicates; this is what a
+    person looks at to judge.
     """
     from PIL import Image, ImageDraw
 
     from .images import load_rgb
 
-    pairs = sorted((r["a"], r["b"], r["match"], r["splits"], r["labels"]) for r in report.leakage
-                   if "cross-split" in r["kinds"])
+    pairs = sorted((r["a"], r["b"], r["match"], r["splits"], r["labels"]) for r in records)
     if not pairs:
         return None
     rng = np.random.default_rng(seed)
@@ -321,7 +329,8 @@ def bench_data(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, seed: i
                                "commit": git_commit()}
         timing, report = _time_row(root, work, name)
         row.update(timing)
-        sheet = own_pairs_sheet(root, report, work / f"own-pairs-{name}.jpg", seed=seed)
+        sheet = pairs_sheet(root, [r for r in report.leakage if "cross-split" in r["kinds"]],
+                            work / f"own-pairs-{name}.jpg", seed=seed)
         row["own_pairs_sheet"] = sheet.name if sheet else None
         _log(f"{name}: planted label flips")
         row.update(_flip_row(root, work, name, seed))
@@ -369,6 +378,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       f"is planted), {SHEET_PAIRS} drawn at random per set for a person to judge: "
                   + ", ".join(f"[{r['dataset']}]({SHEET_PREFIX}{r['own_pairs_sheet']}) "
                               f"({r['clean_cross_split_pairs']} pairs)" for r in sheets) + "."]
+    sheets = [r for r in rows if r.get("false_pairs_sheet")]
+    if sheets:
+        lines += ["", "The false pairs that are not the set's own (what the goal counts), at most "
+                      f"{SHEET_PAIRS} per set: "
+                  + ", ".join(f"[{r['dataset']}]({SHEET_PREFIX}{r['false_pairs_sheet']})" for r in sheets) + "."]
     lines += ["", "| set | image size | one feature pass (s) | full check on its cache (s) | cold check at most |",
               "|---|---:|---:|---:|---|"]
     for r in rows:
@@ -379,13 +393,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str, work: str | Path | None = None) -> Path:
     """``docs/measured/bench-data.md``: the tables with date, commit and machine; the sample sheets of
-    ``work`` go beside it (``bench-data-own-pairs-SET.jpg``)."""
+    ``work`` go beside it (``bench-data-own-pairs-SET.jpg``, ``bench-data-false-pairs-SET.jpg``)."""
     from fieldid.machine import measured_header
 
     path = Path(path)
     for r in rows:
-        if work is not None and r.get("own_pairs_sheet"):
-            shutil.copyfile(Path(work) / r["own_pairs_sheet"], path.parent / f"{SHEET_PREFIX}{r['own_pairs_sheet']}")
+        for sheet in (r.get("own_pairs_sheet"), r.get("false_pairs_sheet")):
+            if work is not None and sheet:
+                shutil.copyfile(Path(work) / sheet, path.parent / f"{SHEET_PREFIX}{sheet}")
     text = (measured_header("Data check: planted label flips and near-duplicates", command)
             + "MobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
             f"{int(100 * FLIP_FRACTION)} % of each set's photos moved to another class; near-duplicate copies of "
