@@ -199,6 +199,36 @@ def test_two_copies_of_one_photo_both_pair_with_it() -> None:
     assert [(i, j) for i, j, _, _ in near_duplicate_pairs(thumbs, copies=copies)] == [(1, 6), (1, 7), (6, 7)]
 
 
+def _cell(seed: int, side: int = 192) -> Image.Image:
+    """A solar cell of one module: the layout every cell shares (shading, three busbars) and its own fine grain."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    base = 60 + 120 * xx + 60 * yy
+    for y in (0.25, 0.5, 0.75):
+        base = base - 100 * (np.abs(yy - y) < 0.015)
+    grain = np.asarray(Image.fromarray(rng.uniform(0, 255, (96, 96)).astype(np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC), dtype=np.float64)
+    return Image.fromarray(np.clip(base + 8 * (grain - 128) / 128, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def test_full_check_keeps_a_phash_match_only_when_the_fine_detail_agrees(tmp_path: Path) -> None:
+    """Cells of one module match by pHash (the layout); the full check keeps only the soft re-shot of the same cell."""
+    root = tmp_path / "cells"
+    for k in range(26):
+        part, cls = ("test" if k >= 24 else "train"), ("a" if k % 2 else "b")
+        (root / part / cls).mkdir(parents=True, exist_ok=True)
+        _cell(k).save(root / part / cls / f"cell{k:02d}.png")
+    _cell(0).filter(ImageFilter.GaussianBlur(1.0)).save(root / "test" / "b" / "cell00_soft.png")
+    fast = check_dataset(root, near_threshold=24, progress=False)
+    assert sum(len(g) for g in fast.near_duplicates) > 10  # the layout alone links most cells by pHash
+    full = check_dataset(root, near_threshold=24, deep=DeepOptions(image_size=SIZE), progress=False)
+    assert full.near_duplicates == [["train/b/cell00.png", "test/b/cell00_soft.png"]]
+    assert full.deep is not None and full.deep["phash_not_confirmed"] > 10
+    assert {frozenset((r["a"], r["b"])) for r in full.leakage} == {
+        frozenset(("test/b/cell00_soft.png", "train/b/cell00.png"))}  # no conflict between two different cells
+    assert "pHash matches left out" in format_report(full)
+
+
 def test_flat_photos_match_nothing() -> None:
     """Blank frames have no structure to correlate; with the set's mean subtracted (20 photos or
     more) they would otherwise all look alike, whatever their grey."""

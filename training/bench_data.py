@@ -152,6 +152,7 @@ def _time_row(root: Path, work: Path, name: str) -> tuple[dict[str, Any], Any]:
             "warm_from_cache": report.deep["features_from_cache"],
             "probe_accuracy": report.deep["probe"]["accuracy"], "clean_label_issues": len(report.label_issues),
             "clean_cross_split_pairs": sum(1 for r in report.leakage if "cross-split" in r["kinds"]),
+            "phash_not_confirmed": report.deep.get("phash_not_confirmed", 0),
             "clean_outliers": len(report.outliers)}, report
 
 
@@ -362,14 +363,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['flagged']} | {r['precision_at_k']:.2f} | {r['recall_at_k']:.2f} | "
                      f"{r['flagged_precision']:.2f} | {r['flagged_recall']:.2f} | {r['suggested_right']:.2f} | "
                      f"{', '.join(r['confused_pairs']) or '-'} | {goal} |")
-    lines += ["", "| set | copies planted | found | cross-split pairs reported | of them the set's own | false pairs "
+    lines += ["", "| set | copies planted | found | cross-split pairs reported | of them the set's own | "
+                  "pHash matches left out (unplanted set) | false pairs "
                   "(all) | false pairs (not the set's own) | copies' matches | false among them | "
                   "goal (>= 95 % found, <= 1 % false not the set's own) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         goal = _ok(r["found"] >= FOUND_GOAL and r["false_pairs_new"] <= FALSE_GOAL)
-        lines.append(f"| {r['dataset']} | {r['planted_dups']} | {100 * r['found']:.0f} % | {r['reported_cross_split']} | "
-                     f"{r.get('own_pairs', '-')} | {100 * r['false_pairs']:.1f} % | "
+        lines.append(f"| {r['dataset']} | {r['planted_dups']} | {100 * r['found']:.0f} % | "
+                     f"{r['reported_cross_split']} | {r.get('own_pairs', '-')} | {r.get('phash_not_confirmed', '-')} | "
+                     f"{100 * r['false_pairs']:.1f} % | "
                      f"{100 * r['false_pairs_new']:.1f} % | {r.get('copy_matches', '-')} | "
                      f"{_pct(r.get('copy_false'))} | {goal} |")
     sheets = [r for r in rows if r.get("own_pairs_sheet")]

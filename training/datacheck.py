@@ -99,8 +99,9 @@ class DataReport:
             ``"too large"`` (over the pixel limit); hidden files are ignored.
         exact_duplicates: groups (>= 2) of byte-identical files.
         near_duplicates: groups (>= 2) of perceptually similar files (phash Hamming distance
-            <= ``near_threshold``, linked transitively). Byte-identical copies are collapsed
-            to the first file of their exact group, so a group is never just exact copies.
+            <= ``near_threshold``, linked transitively; in the full check only pairs whose fine
+            detail agrees, ``deep["phash_not_confirmed"]`` counts the rest). Byte-identical copies
+            are collapsed to the first file of their exact group, so a group is never just exact copies.
         leakage: one dict per duplicate or near-duplicate pair whose members sit in different
             splits (``"cross-split"``) and/or carry different class labels
             (``"conflicting-labels"``); see :func:`check_dataset` for the keys.
@@ -345,6 +346,24 @@ def _pair_record(entries: list[_Entry], i: int, j: int, similarity: float, cosin
             "splits": [a.split, b.split], "labels": [a.label, b.label]}
 
 
+def _confirm_phash(deep: _Deep, reps: list[int], pairs: list[tuple[int, int, int]]
+                   ) -> tuple[list[tuple[int, int, int]], int]:
+    """The full check keeps a pHash match only when the two photos' fine detail agrees
+    (:func:`fieldid.training.neighbours.detail_similarity` >= :data:`~fieldid.training.neighbours.PHASH_DETAIL`).
+
+    A 64-bit pHash sees the layout: on the solar cells, different cells of one module (the same busbars,
+    different cracks) were within 4 bits of each other, and a pair of them labelled "functional" and
+    "defective" would be reported as a label conflict and excluded by ``--write-exclude``. The aligned
+    detail tells them apart (docs/data-check.md). Returns the kept pairs and how many were dropped.
+    """
+    from .neighbours import PHASH_DETAIL, detail_similarity
+
+    thumbs = np.stack(deep.thumbs)[reps]
+    sims = detail_similarity(thumbs, [(a, b) for a, b, _ in pairs])
+    kept = [p for p, sim in zip(pairs, sims) if sim >= PHASH_DETAIL]
+    return kept, len(pairs) - len(kept)
+
+
 def _deep_findings(deep: _Deep, entries: list[_Entry], labels: list[str], reps: list[int],
                    members: dict[int, list[int]], known_pairs: set[tuple[str, str]],
                    progress: bool) -> dict[str, Any]:
@@ -495,6 +514,9 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
 
     # Near duplicates among representatives only, so byte-identical copies never count twice.
     near_pairs = hamming_pairs([entries[r].phash for r in reps], near_threshold)
+    phash_rejected = 0
+    if feature_side is not None and near_pairs:
+        near_pairs, phash_rejected = _confirm_phash(feature_side, reps, near_pairs)
     near_groups = [[reps[k] for k in comp] for comp in _components(len(reps), ((a, b) for a, b, _ in near_pairs))]
 
     leakage: list[dict[str, Any]] = []
@@ -516,6 +538,7 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
         found = _deep_findings(feature_side, entries, listing.labels, reps, members,
                                {(r["a"], r["b"]) for r in leakage}, progress)
         leakage += found.pop("feature_leaks")
+        found["deep"]["phash_not_confirmed"] = phash_rejected
     # Listing order (split, class, file name) everywhere, so train-side files come first.
     order = {e.rel: k for k, e in enumerate(entries)}
     leakage.sort(key=lambda r: (order[r["a"]], order[r["b"]]))
@@ -645,8 +668,12 @@ def format_report(report: DataReport) -> str:
     lines += _finding("skipped files (training will not use them)",
                       [f"{r['file']}: {r['reason']} ({r['detail']})" for r in report.skipped])
     lines += _finding("exact duplicate groups", [", ".join(g) for g in report.exact_duplicates])
-    lines += _finding(f"near-duplicate groups (phash distance <= {report.near_threshold})",
+    lines += _finding(f"near-duplicate groups (phash distance <= {report.near_threshold}"
+                      + (", fine detail confirmed" if report.deep else "") + ")",
                       [", ".join(g) for g in report.near_duplicates])
+    if report.deep and report.deep.get("phash_not_confirmed"):
+        lines.append(f"  ({report.deep['phash_not_confirmed']} pHash matches left out: their fine detail differs, "
+                     "look-alikes rather than copies)")
     if report.deep:
         lines += _finding(f"near-duplicate pairs (aligned similarity >= {report.deep['dup_similarity']})",
                           [f"{r['a']} <-> {r['b']} [{', '.join(r['kinds'])}; similarity {r['similarity']}]"

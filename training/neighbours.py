@@ -25,6 +25,10 @@ photos of one class reached 0.94-0.98. So:
    would not. (A rule that kept only each photo's best match did little more on the benchmark and
    dropped a second copy of a photo altogether: its original's best match is the first copy.)
 
+**pHash confirmation** (:func:`detail_similarity`): the full check keeps a pHash match only when
+the aligned pair's fine detail correlates (:data:`PHASH_DETAIL`): a pHash sees the layout, which
+every cell of a solar module shares.
+
 The set's mean descriptor is subtracted first (sets of 20 photos or more): in a set of aligned photos (solar cells, faces,
 scans) the shared layout would otherwise make every pair look alike (on the solar-cell set it
 halved the look-alike pairs; on the other sets it changed nothing measurable). Each channel of a
@@ -59,7 +63,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "copy_thumbnail", "knn_outliers",
+__all__ = ["CANDIDATES", "DEFAULT_DUP_SIMILARITY", "DEFAULT_OUTLIER_Z", "PHASH_DETAIL", "copy_thumbnail",
+           "detail_similarity", "knn_outliers",
            "near_duplicate_pairs",
            "one_thread", "thumbnail", "unit_rows"]
 
@@ -76,6 +81,8 @@ COPY_SCALE, COPY_SCALE_SMALL, COPY_QUALITY = 0.6, 1.3, 50  # the copy of copy_th
 COPY_FROM_SIDE = 512
 SELF_MARGIN = 0.015  # a pair must reach its photos' self-copy similarity less this (alignment is never exact)
 FLAT_SPREAD = 0.25  # grey levels of standard deviation below which a thumbnail is flat (no structure survives)
+DETAIL_CELL = THUMB_SIDE // VIEW_SIDE  # the detail is each pixel less the mean of its 4 x 4 square
+PHASH_DETAIL = 0.7  # fine-detail correlation a pHash match must reach in the full check (:func:`detail_similarity`)
 REFINE_FROM = 0.85  # coarse similarity below which no planted copy was seen (lowest: 0.89, on the solar cells)
 CENTRE_TRIM = 0.05  # the middle used to draw candidates: the frame less 5 % per side
 MIN_CENTRED = 20  # photos needed before the set's mean descriptor is subtracted
@@ -231,7 +238,7 @@ def _unit_views(raw: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole_raw: np.ndarray, whole: np.ndarray,
-            mean: np.ndarray) -> list[tuple[float, bool]]:
+            mean: np.ndarray) -> list[tuple[float, bool, tuple[int, int, int, int], bool]]:
     """Similarity of each ``(i, j, coarse view)`` after aligning the crop finely, and whether the two agree in exposure.
 
     Starts from the coarse view's trims and mirror and searches the trims a step either way
@@ -240,9 +247,10 @@ def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole_raw: np
     with the whole of ``j`` at :data:`VIEW_SIDE` (``whole``; ``whole_raw`` the same views before
     normalising); the exposure check (channel means within
     :data:`MAX_MEAN_SHIFT`, contrast within :data:`MAX_CONTRAST_RATIO`) compares that window,
-    not the whole of ``i``: trimming a dark border off a copy changes its contrast a lot.
+    not the whole of ``i``: trimming a dark border off a copy changes its contrast a lot. Also returns
+    the trims (``lo_y, hi_y, lo_x, hi_x`` in :data:`TRIM_UNIT`) and whether ``i`` was mirrored.
     """
-    out: list[tuple[float, bool]] = []
+    out: list[tuple[float, bool, tuple[int, int, int, int], bool]] = []
     table = torch.from_numpy(_TRIM_TABLE)
     mean_t = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32))
     whole_t = torch.from_numpy(np.ascontiguousarray(whole, dtype=np.float32))
@@ -272,9 +280,70 @@ def _refine(thumbs: np.ndarray, pairs: list[tuple[int, int, int]], whole_raw: np
                 raw = views[rows, k]
         best = torch.einsum("bd,bd->b", _unit_views(raw, mean_t), target).numpy()
         raw_np = raw.numpy()
-        for m, (_, j, _) in enumerate(chunk):
-            out.append((float(best[m]), _same_exposure(raw_np[m], whole_raw[j])))
+        for m, (_, j, v) in enumerate(chunk):
+            out.append((float(best[m]), _same_exposure(raw_np[m], whole_raw[j]),
+                        (int(trims[m, 0]), int(trims[m, 1]), int(trims[m, 2]), int(trims[m, 3])), v >= mirror))
     return out
+
+
+def _detail_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(b, T, T, C)`` -> unit rows of the fine detail: each pixel less the mean of its :data:`DETAIL_CELL` square
+    (what the :data:`VIEW_SIDE` views keep is taken out)."""
+    b, t, _, c = x.shape
+    k = t // DETAIL_CELL
+    cells = x.reshape(b, k, DETAIL_CELL, k, DETAIL_CELL, c)
+    d = (cells - cells.mean(dim=(2, 4), keepdim=True)).reshape(b, -1)
+    return d / d.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def detail_similarity(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Correlation of the fine detail of each pair at :data:`THUMB_SIDE` px, after aligning the pair.
+
+    The pair is aligned the way :func:`near_duplicate_pairs` aligns a copy (the best trimmed or mirrored
+    coarse view either way, then the fine crop search); the detail is each pixel less the mean of its
+    4 x 4 square, less the set's mean detail (sets of :data:`MIN_CENTRED` photos or more: the busbars or
+    frame every photo shares), and the correlation is that of the two unit rows. It is what tells two
+    photos with the same layout apart: different solar cells of one module share busbars and a pHash
+    within 4 bits, but not their cracks, grain and busbar segments. A soft and a sharp photo of the
+    same cell still correlate (blur lowers the detail on both sides alike); a different photo does not.
+    """
+    n = len(thumbs)
+    if not len(pairs):
+        return np.zeros(0, dtype=np.float32)
+    with one_thread():
+        whole_raw = _window_views(thumbs, _WINDOWS[:1])
+        raw = _normalise(whole_raw)
+        centred = n >= MIN_CENTRED
+        mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
+        whole = _residual(raw, mean)
+        todo: list[tuple[int, int, int]] = []
+        for i, j in pairs:
+            best: tuple[float, tuple[int, int, int]] = (-np.inf, (i, j, 0))
+            for a, b in ((i, j), (j, i)):
+                s = _residual(_views(thumbs[a:a + 1])[0], mean) @ whole[b]
+                k = int(s.argmax())
+                if s[k] > best[0]:
+                    best = (float(s[k]), (a, b, k))
+            todo.append(best[1])
+        fine = _refine(thumbs, todo, whole_raw, whole, mean)
+        t = torch.from_numpy(thumbs.astype(np.float32))
+        dmean = torch.zeros(1)
+        if centred:
+            dmean = sum(_detail_rows(t[k:k + 256]).sum(dim=0) for k in range(0, n, 256)) / n
+        side = MAX_TRIM_UNITS + 1
+        table = torch.from_numpy(np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT, THUMB_SIDE, THUMB_SIDE)
+                                           for lo in range(side) for hi in range(side)]))
+        table = table.reshape(side, side, THUMB_SIDE, THUMB_SIDE)
+        x = torch.stack([t[a].flip(1) if flip else t[a] for (a, _, _), (_, _, _, flip) in zip(todo, fine)])
+        tr = torch.tensor([trims for _, _, trims, _ in fine])
+        view = torch.einsum("bvt,btsc,bws->bvwc", table[tr[:, 0], tr[:, 1]], x, table[tr[:, 2], tr[:, 3]])
+        a_rows = _unit(_detail_rows(view) - dmean)
+        b_rows = _unit(_detail_rows(t[[b for _, b, _ in todo]]) - dmean)
+        return (a_rows * b_rows).sum(dim=1).numpy()
 
 
 def _same_exposure(a: np.ndarray, b: np.ndarray) -> bool:
@@ -368,7 +437,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
         need = np.maximum(threshold, own - SELF_MARGIN)
     unit_f = unit_rows(features) if features is not None else None
     out = []
-    for (a, b, _), (sim, same_light) in zip(todo, fine):
+    for (a, b, _), (sim, same_light, _, _) in zip(todo, fine):
         if sim >= min(need[a], need[b]) and same_light:
             i, j = min(a, b), max(a, b)
             cos = round(float(unit_f[i] @ unit_f[j]), 4) if unit_f is not None else None
