@@ -400,15 +400,16 @@ def write_page(rows: list[dict[str, Any]], path: str | Path, *, command: str, wo
     from fieldid.machine import measured_header
 
     path = Path(path)
-    for r in rows:
-        for sheet in (r.get("own_pairs_sheet"), r.get("false_pairs_sheet")):
-            if work is not None and sheet:
-                shutil.copyfile(Path(work) / sheet, path.parent / f"{SHEET_PREFIX}{sheet}")
+    # The header first: it reads the commit, and the sheets copied below may replace tracked files (+dirty).
     text = (measured_header("Data check: planted label flips and near-duplicates", command)
             + "MobileNetV2 (ImageNet) features at the size `fieldid train` picks, "
             f"{int(100 * FLIP_FRACTION)} % of each set's photos moved to another class; near-duplicate copies of "
             f"{int(100 * DUP_FRACTION)} % of the test photos (at least {MIN_DUPS}) put into train/. How the rows are "
             f"made: `fieldid bench data --help` and docs/data-check.md.\n\n{format_table(rows)}\n")
+    for r in rows:
+        for sheet in (r.get("own_pairs_sheet"), r.get("false_pairs_sheet")):
+            if work is not None and sheet:
+                shutil.copyfile(Path(work) / sheet, path.parent / f"{SHEET_PREFIX}{sheet}")
     return atomic_write_text(path, text)
 
 
