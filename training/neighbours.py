@@ -216,6 +216,18 @@ def _residual(desc: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return r / np.maximum(np.linalg.norm(r, axis=-1, keepdims=True), 1e-6)
 
 
+def _whole_descriptors(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(whole_raw, whole, mean, centred)``: each thumbnail's whole-frame view before normalising, its
+    descriptor less the set's mean, that mean, and whether it was subtracted (:data:`MIN_CENTRED` photos or more).
+    """
+    whole_raw = _window_views(thumbs, _WINDOWS[:1])
+    raw = _normalise(whole_raw)
+    # A mean of a few photos is mostly those photos (of two, centring makes them opposites).
+    centred = len(thumbs) >= MIN_CENTRED
+    mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
+    return whole_raw, _residual(raw, mean), mean, centred
+
+
 def _top_neighbours(unit: np.ndarray, m: int) -> np.ndarray:
     """Indices of each row's ``m`` most similar other rows (by dot product)."""
     n = len(unit)
@@ -315,11 +327,7 @@ def detail_similarity(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> n
     if not len(pairs):
         return np.zeros(0, dtype=np.float32)
     with one_thread():
-        whole_raw = _window_views(thumbs, _WINDOWS[:1])
-        raw = _normalise(whole_raw)
-        centred = n >= MIN_CENTRED
-        mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
-        whole = _residual(raw, mean)
+        whole_raw, whole, mean, centred = _whole_descriptors(thumbs)
         todo: list[tuple[int, int, int]] = []
         for i, j in pairs:
             best: tuple[float, tuple[int, int, int]] = (-np.inf, (i, j, 0))
@@ -394,12 +402,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
     if n < 2:
         return []
     with one_thread():
-        whole_raw = _window_views(thumbs, _WINDOWS[:1])
-        raw = _normalise(whole_raw)
-        # A mean of a few photos is mostly those photos (of two, centring makes them opposites).
-        centred = n >= MIN_CENTRED
-        mean = raw.mean(axis=0) if centred else np.zeros(raw.shape[1], dtype=np.float32)
-        whole = _residual(raw, mean)
+        whole_raw, whole, mean, centred = _whole_descriptors(thumbs)
         partners: list[set[int]] = [set() for _ in range(n)]
         sources = [whole, _centres(thumbs, centred)] + ([unit_rows(features)] if features is not None else [])
         flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_SPREAD
