@@ -221,6 +221,15 @@ def _add_page(p: argparse.ArgumentParser, name: str) -> None:
                         f"(default: none; `make` writes docs/measured/bench-{name}.md)")
 
 
+def _add_set_benchmark_flags(p: argparse.ArgumentParser, name: str, work_help: str, sets: str, only: str) -> None:
+    """``--work``, ``--sets`` and ``--page`` of a benchmark over the real sets (`make bench-NAME`)."""
+    p.add_argument("--work", type=Path, default=Path(f"runs/bench-{name}"), help=work_help)
+    p.add_argument("--sets", default=sets, help="comma-separated sets")
+    p.add_argument("--page", type=Path, default=None,
+                   help=f"write the table to this markdown page with date, commit and machine line, for the {only} "
+                        f"only (default: none; `make bench-{name}` writes docs/measured/bench-{name}.md)")
+
+
 def _cmd_missing(args: argparse.Namespace) -> int:
     raise UsageError(f"name what to measure: {args.command_path} {{{','.join(args.names)}}} ... "
                      f"({args.command_path} --help lists them)")
@@ -347,15 +356,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "ood` on the phone's file with the set's other classes as unseen photos and the "
                                     "other real sets' test photos, scikit-image's photos and generated images as "
                                     "other kinds of things. The rows go to WORK/bench-ood-real.json.")
-    q.add_argument("--work", type=Path, default=Path("runs/bench-ood-real"),
-                   help="datasets, runs, ood folders and logs go here")
-    q.add_argument("--sets", default=_OOD_REAL_SETS, help="comma-separated sets")
+    _add_set_benchmark_flags(q, "ood-real", "datasets, runs, ood folders and logs go here", _OOD_REAL_SETS,
+                             "default sets")
     q.add_argument("--reuse", action="store_true",
                    help="keep a set's run and export from an earlier call (default: train and export again)")
-    q.add_argument("--page", type=Path, default=None,
-                   help="write the table to this markdown page with date, commit and machine line, for the "
-                        "default sets only (default: none; `make bench-ood-real` writes "
-                        "docs/measured/bench-ood-real.md)")
     q.set_defaults(func=_cmd_ood_real)
 
     e = what.add_parser("export", help="export time and peak memory per format",
@@ -453,12 +457,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "precision and recall of the flagged photos with 5% of the labels flipped and "
                                     "of the cross-split pairs with planted near-duplicates. The rows go to "
                                     "WORK/bench-data.json.")
-    d.add_argument("--work", type=Path, default=Path("runs/bench-data"),
-                   help="datasets, planted copies and caches go here")
-    d.add_argument("--sets", default=_DATA_SETS, help="comma-separated sets")
+    _add_set_benchmark_flags(d, "data", "datasets, planted copies and caches go here", _DATA_SETS,
+                             "default sets and seed")
     d.add_argument("--seed", type=int, default=0, help="seed of the planted flips and copies")
-    d.add_argument("--page", type=Path, default=None,
-                   help="write the table to this markdown page with date, commit and machine line, for the "
-                        "default sets and seed only (default: none; `make bench-data` writes "
-                        "docs/measured/bench-data.md)")
     d.set_defaults(func=_cmd_data)
