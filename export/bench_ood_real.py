@@ -114,6 +114,14 @@ def _row(name: str, known: list[str], unseen: list[str], report: dict[str, Any],
             "goals_met": report["goals_met"], "date": time.strftime("%Y-%m-%d")}
 
 
+def _check_names(names: tuple[str, ...]) -> None:
+    from fieldid.cli_common import UsageError
+
+    bad = [n for n in names if n not in OOD_REAL_SETS]
+    if bad or not names:
+        raise UsageError(f"unknown set(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(OOD_REAL_SETS)}")
+
+
 def bench_ood_real(work: str | Path, names: tuple[str, ...] = tuple(OOD_REAL_SETS), *,
                    reuse: bool = False) -> list[dict[str, Any]]:
     """Run the benchmark on ``names``; one row per set (also written to ``WORK/bench-ood-real.json``)."""
@@ -122,9 +130,7 @@ def bench_ood_real(work: str | Path, names: tuple[str, ...] = tuple(OOD_REAL_SET
     from .bench_ood import ood_bench
 
     work = Path(work)
-    bad = [n for n in names if n not in OOD_REAL_SETS]
-    if bad:
-        raise ValueError(f"unknown set(s) {', '.join(bad)}; valid: {', '.join(OOD_REAL_SETS)}")
+    _check_names(names)
     _log("building the real sets: " + ", ".join(OTHER_SETS))
     sets = {n: build_real_set(n, work / "data") for n in OTHER_SETS}
     rows = []
@@ -132,8 +138,9 @@ def bench_ood_real(work: str | Path, names: tuple[str, ...] = tuple(OOD_REAL_SET
         root = sets[name]
         classes = _classes(root)
         known, unseen = classes[:OOD_REAL_SETS[name]], classes[OOD_REAL_SETS[name]:]
-        data = _known_set(root, known, work / "data" / f"{name}-known")
-        run = work / "runs" / name
+        # Named by how many classes are known: a folder or run kept from another split never trains on "unseen".
+        data = _known_set(root, known, work / "data" / f"{name}-first{len(known)}")
+        run = work / "runs" / f"{name}-first{len(known)}"
         if reuse and (run / "run.json").is_file() and (run / "export" / "manifest.json").is_file():
             _log(f"{name}: reusing {run} and its export (--reuse)")
         else:
@@ -180,16 +187,17 @@ def run_bench_ood_real(work: str | Path, sets: tuple[str, ...] = tuple(OOD_REAL_
                        page: Path | None = None, command: str = "fieldid bench ood-real") -> int:
     """``fieldid bench ood-real``: :func:`bench_ood_real`, its table, and the page (default sets only); 2 for bad
     input, 1 when a step fails (one line each)."""
+    from fieldid.cli_common import UsageError
     from fieldid.machine import measured_header
-    from fieldid.training.bench_sets import RealSetError
     from fieldid.training.records import atomic_write_text
 
     try:
+        _check_names(sets)
         rows = bench_ood_real(work, sets, reuse=reuse)
-    except (ValueError, RealSetError) as e:
+    except UsageError as e:  # bad --sets, or a set's package missing (RealSetError)
         print(f"bench-ood-real: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except RuntimeError as e:  # a train/export step failed: its log has the rest
         print(f"bench-ood-real: error: {e}", file=sys.stderr)
         return 1
     table = format_table(rows)

@@ -229,6 +229,17 @@ def test_full_check_keeps_a_phash_match_only_when_the_fine_detail_agrees(tmp_pat
     assert "pHash matches left out" in format_report(full)
 
 
+def test_flat_photos_confirm_no_phash_match() -> None:
+    """Two blank frames of different grey share a pHash; with no detail they are not confirmed."""
+    from fieldid.training.neighbours import PHASH_DETAIL, THUMB_SIDE, detail_similarity, thumbnail
+
+    thumbs = np.stack([np.full((THUMB_SIDE, THUMB_SIDE, 3), grey, np.uint8) for grey in (90, 160)]
+                      + [thumbnail(_cell(k)) for k in range(22)])
+    sims = detail_similarity(thumbs, [(0, 1), (2, 3)])
+    assert sims[0] < PHASH_DETAIL and sims[1] < PHASH_DETAIL  # two different cells: no match either
+    assert detail_similarity(thumbs, [(2, 2)])[0] > 0.99  # a photo and itself
+
+
 def test_flat_photos_match_nothing() -> None:
     """Blank frames have no structure to correlate; with the set's mean subtracted (20 photos or
     more) they would otherwise all look alike, whatever their grey."""

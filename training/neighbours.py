@@ -346,12 +346,20 @@ def detail_similarity(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> n
         table = torch.from_numpy(np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT, THUMB_SIDE, THUMB_SIDE)
                                            for lo in range(side) for hi in range(side)]))
         table = table.reshape(side, side, THUMB_SIDE, THUMB_SIDE)
-        x = torch.stack([t[a].flip(1) if flip else t[a] for (a, _, _), (_, _, _, flip) in zip(todo, fine)])
-        tr = torch.tensor([trims for _, _, trims, _ in fine])
-        view = torch.einsum("bvt,btsc,bws->bvwc", table[tr[:, 0], tr[:, 1]], x, table[tr[:, 2], tr[:, 3]])
-        a_rows = _unit(_detail_rows(view) - dmean)
-        b_rows = _unit(_detail_rows(t[[b for _, b, _ in todo]]) - dmean)
-        return (a_rows * b_rows).sum(dim=1).numpy()
+        out = np.zeros(len(todo), dtype=np.float32)
+        for start in range(0, len(todo), 256):  # bounded memory: 256 aligned 48-px views at a time
+            chunk, fine_c = todo[start:start + 256], fine[start:start + 256]
+            x = torch.stack([t[a].flip(1) if flip else t[a] for (a, _, _), (_, _, _, flip) in zip(chunk, fine_c)])
+            tr = torch.tensor([trims for _, _, trims, _ in fine_c])
+            view = torch.einsum("bvt,btsc,bws->bvwc", table[tr[:, 0], tr[:, 1]], x, table[tr[:, 2], tr[:, 3]])
+            a_rows = _unit(_detail_rows(view) - dmean)
+            b_rows = _unit(_detail_rows(t[[b for _, b, _ in chunk]]) - dmean)
+            out[start:start + len(chunk)] = (a_rows * b_rows).sum(dim=1).numpy()
+    # A flat photo has no detail to compare (its row would be the set's mean, or rounding noise):
+    # it confirms nothing, as it matches nothing in near_duplicate_pairs (byte copies stay exact duplicates).
+    flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_SPREAD
+    out[[bool(flat[i] or flat[j]) for i, j in pairs]] = 0.0
+    return out
 
 
 def _same_exposure(a: np.ndarray, b: np.ndarray) -> bool:
