@@ -27,7 +27,6 @@ face vs everything else, so "another kind of thing" is one of its classes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -57,18 +56,13 @@ def _classes(folder: Path) -> list[str]:
 
 def _known_set(root: Path, known: list[str], out: Path) -> Path:
     """``out/{train,test}/<known class>``: hard links (copies where links fail) of ``root``'s photos."""
+    from fieldid.training.bench_sets import link_files
+
     if (out / ".complete").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    for part in ("train", "test"):
-        for cls in known:
-            for src in sorted((root / part / cls).iterdir()):
-                dst = out / part / cls / src.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
+    link_files({src: out / part / cls / src.name for part in ("train", "test") for cls in known
+                for src in sorted((root / part / cls).iterdir())})
     (out / ".complete").touch()
     return out
 
@@ -192,7 +186,6 @@ def run_bench_ood_real(work: str | Path, sets: tuple[str, ...] = tuple(OOD_REAL_
     from fieldid.training.records import atomic_write_text
 
     try:
-        _check_names(sets)
         rows = bench_ood_real(work, sets, reuse=reuse)
     except UsageError as e:  # bad --sets, or a set's package missing (RealSetError)
         print(f"bench-ood-real: error: {e}", file=sys.stderr)

@@ -40,9 +40,9 @@ if TYPE_CHECKING:  # verify.py imports this module; the context is only an annot
     from .verify import ExportContext
 from .phone import onnx_session, preprocess
 
-__all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores", "selection_scores",
-           "score_only_nodes", "upstream_names",
-           "verify_unknown", "manifest_unknown", "int8_unknown_bar", "int8_unknown_parts_met", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT",
+__all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores",
+           "selection_scores", "score_only_nodes", "upstream_names", "verify_unknown", "manifest_unknown",
+           "int8_unknown_bar", "int8_unknown_parts_met", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT",
            "INT8_THRESHOLD_BAND", "INT8_MIN_OVERALL_AGREEMENT", "INT8_MAX_MEDIAN_REL_DIFF"]
 
 log = logging.getLogger("fieldid.export")

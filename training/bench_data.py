@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench_sets import REAL_SETS, RealSetError, build_real_set
+from .bench_sets import REAL_SETS, RealSetError, build_real_set, link_files
 from .records import atomic_write_json, atomic_write_text
 
 __all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "pairs_sheet",
@@ -69,16 +68,6 @@ def _log(msg: str) -> None:
     print(f"bench-data: {msg}", file=sys.stderr, flush=True)
 
 
-def _link_tree(files: dict[Path, Path]) -> None:
-    """Hard-link (or copy, keeping mtimes) ``src -> dst``: the feature cache keys stay valid."""
-    for src, dst in files.items():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-
 def _presplit_demo(name: str, work: Path) -> Path:
     """The demo set laid out as ``train/val/test`` the way ``fieldid train`` splits the flat folder."""
     from .data import make_split
@@ -93,7 +82,7 @@ def _presplit_demo(name: str, work: Path) -> Path:
     split = make_split(flat, exclude={})
     files = {Path(split.root) / rel: out / part / split.labels[y] / Path(rel).name
              for part, rows in split.files.items() for rel, y in rows}
-    _link_tree(files)
+    link_files(files)
     (out / ".complete").touch()
     return out
 
@@ -116,7 +105,7 @@ def _fresh_copy(root: Path, dst: Path, cache_from: Path, cache_to: Path) -> dict
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(cache_to, ignore_errors=True)
     files = {p: dst / p.relative_to(root) for p in _photos(root)}
-    _link_tree(files)
+    link_files(files)
     shutil.copytree(cache_from, cache_to, ignore=shutil.ignore_patterns("check-summary.json"))
     return files
 
@@ -236,10 +225,16 @@ def _dup_row(root: Path, work: Path, name: str, seed: int, set_pairs: set[frozen
     row = {"planted_dups": d, **count_dups(reported, planted, origin, set_pairs)}
     # The pairs the goal counts as false, for a person to judge (the set's own are on their own sheet).
     false_new = [r for r in cross if frozenset((r["a"], r["b"])) not in planted
-                 and frozenset((origin.get(r["a"], r["a"]), origin.get(r["b"], r["b"]))) not in set_pairs]
+                 and not _the_sets_own(frozenset((r["a"], r["b"])), origin, set_pairs)]
     sheet = pairs_sheet(dst, false_new, work / f"false-pairs-{name}.jpg", seed=seed)
     row["false_pairs_sheet"] = sheet.name if sheet else None
     return row
+
+
+def _the_sets_own(pair: frozenset[str], origin: dict[str, str], set_pairs: set[frozenset[str]]) -> bool:
+    """The unplanted check linked this pair, a planted copy standing for its original."""
+    a, b = tuple(pair)
+    return frozenset((origin.get(a, a), origin.get(b, b))) in set_pairs
 
 
 def count_dups(reported: set[frozenset[str]], planted: set[frozenset[str]], origin: dict[str, str],
@@ -259,14 +254,9 @@ def count_dups(reported: set[frozenset[str]], planted: set[frozenset[str]], orig
     """
     found = len(planted & reported)
     false = reported - planted
-
-    def the_sets_own(pair: frozenset[str]) -> bool:
-        a, b = tuple(pair)
-        return frozenset((origin.get(a, a), origin.get(b, b))) in set_pairs
-
-    own = {p for p in false if the_sets_own(p)}
+    own = {p for p in false if _the_sets_own(p, origin, set_pairs)}
     copy_matches = [p for p in reported if any(x in origin for x in p)]
-    copy_false = [p for p in copy_matches if p not in planted and not the_sets_own(p)]
+    copy_false = [p for p in copy_matches if p not in planted and not _the_sets_own(p, origin, set_pairs)]
     return {"found": round(found / max(1, len(planted)), 3), "reported_cross_split": len(reported),
             "false_pairs": round(len(false) / max(1, len(reported)), 3),
             "own_pairs": len(own),

@@ -29,6 +29,7 @@ scenes        22 classes, one per real photo that scikit-image, scikit-learn man
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ import numpy as np
 
 from fieldid.cli_common import UsageError, require_extra
 
-__all__ = ["REAL_SETS", "build_real_set", "build_real_sets", "RealSetError"]
+__all__ = ["REAL_SETS", "build_real_set", "build_real_sets", "link_files", "RealSetError"]
 
 
 class RealSetError(UsageError):
@@ -201,6 +202,17 @@ REAL_SETS: dict[str, Callable[[Path], None]] = {
     "textures": _textures,
     "scenes": _scenes,
 }
+
+
+def link_files(files: dict[Path, Path]) -> None:
+    """Hard-link (or copy, keeping mtimes) each ``src -> dst``: a benchmark's copy of a set costs no disk,
+    and a feature cache keyed on size and mtime stays valid."""
+    for src, dst in files.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
 
 
 def build_real_set(name: str, root: str | Path) -> Path:

@@ -156,9 +156,16 @@ def _sampling(lo: float, hi: float, n_out: int = VIEW_SIDE, n_in: int = THUMB_SI
 _WINDOWS = np.stack([_sampling(a, 1.0 - b) for a in CROP_STEPS for b in CROP_STEPS])
 _COARSE_VIEWS = 2 * len(_WINDOWS) ** 2
 _CROP_UNITS = tuple(round(c / TRIM_UNIT) for c in CROP_STEPS)
-# _TRIM_TABLE[lo, hi]: the window that trims lo and hi units off the two ends of a side.
-_TRIM_TABLE = np.stack([np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT)
-                                  for hi in range(MAX_TRIM_UNITS + 1)]) for lo in range(MAX_TRIM_UNITS + 1)])
+
+
+def _trim_table(n_out: int) -> np.ndarray:
+    """``[lo, hi]``: the ``(n_out, THUMB_SIDE)`` window that trims lo and hi :data:`TRIM_UNIT` off the two
+    ends of a side (``n_out`` cells: the fine search's views, or the full thumbnail)."""
+    return np.stack([np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT, n_out)
+                               for hi in range(MAX_TRIM_UNITS + 1)]) for lo in range(MAX_TRIM_UNITS + 1)])
+
+
+_TRIM_TABLE = _trim_table(VIEW_SIDE)
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -342,10 +349,7 @@ def detail_similarity(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> n
         dmean = torch.zeros(1)
         if centred:
             dmean = sum(_detail_rows(t[k:k + 256]).sum(dim=0) for k in range(0, n, 256)) / n
-        side = MAX_TRIM_UNITS + 1
-        table = torch.from_numpy(np.stack([_sampling(lo * TRIM_UNIT, 1.0 - hi * TRIM_UNIT, THUMB_SIDE, THUMB_SIDE)
-                                           for lo in range(side) for hi in range(side)]))
-        table = table.reshape(side, side, THUMB_SIDE, THUMB_SIDE)
+        table = torch.from_numpy(_trim_table(THUMB_SIDE))  # the same windows as the fine search, at full size
         out = np.zeros(len(todo), dtype=np.float32)
         for start in range(0, len(todo), 256):  # bounded memory: 256 aligned 48-px views at a time
             chunk, fine_c = todo[start:start + 256], fine[start:start + 256]
