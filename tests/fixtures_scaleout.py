@@ -36,9 +36,10 @@ def fieldid_proc(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
     """Start ``fieldid ARGS`` in the background; every process still alive at teardown is killed."""
     procs: list[subprocess.Popen] = []
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(tmp_path / f"proc{len(procs)}.log", "w")
-        p = subprocess.Popen([sys.executable, "-m", "fieldid", *map(str, args)], cwd=ROOT, env=scaleout_env(),
+        p = subprocess.Popen([sys.executable, "-m", "fieldid", *map(str, args)], cwd=ROOT,
+                             env={**scaleout_env(), **(env or {})},
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         p.log_path = tmp_path / f"proc{len(procs)}.log"  # type: ignore[attr-defined]
         procs.append(p)

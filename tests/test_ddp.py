@@ -27,9 +27,14 @@ def _structure(obj: Any) -> Any:
 
 
 def test_two_process_cpu_ddp_run(tmp_path: Path, shapes_dir: Path, tiny_run: Path, fieldid_proc) -> None:
+    from fieldid.serve.config import free_port
+
     run = tmp_path / "ddp"
+    # Left to itself, Lightning takes the rendezvous port from bind(0) -- the kernel's ephemeral range,
+    # which any outgoing connection may take before rank 0 binds it; free_port picks outside that range.
     proc = fieldid_proc("train", "--data", shapes_dir, "--out", run, "--epochs", EPOCHS, "--image-size", 64,
-                        "--batch-size", BATCH, "--accelerator", "cpu", "--devices", 2, "--strategy", "ddp")
+                        "--batch-size", BATCH, "--accelerator", "cpu", "--devices", 2, "--strategy", "ddp",
+                        env={"MASTER_PORT": str(free_port())})
     rc = proc.wait(timeout=540)
     out = Path(proc.log_path).read_text()
     assert rc == 0, out[-3000:]
