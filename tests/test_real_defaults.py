@@ -305,12 +305,17 @@ def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:
     assert r.returncode == 2 and "cannot read rows" in r.stderr
     good = tmp_path / "rows.json"
     good.write_text(json.dumps([{**row, "commit": "abc1234", "date": "2026-12-05 09:00"} for row in _rows(0.8, 250)]))
+    # A later file that re-measured the fieldid row: the page shows that row once, the later one.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps([{**_rows(0.9, 250)[-1], "commit": "def5678", "date": "2026-12-05 10:00"}]))
     page = tmp_path / "page.md"
-    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(good), "--page",
-                        str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(good), str(again),
+                        "--page", str(page)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     text = page.read_text()
-    assert "2026-12-05 09:00 to 2026-12-05 09:00 at commit(s) abc1234" in text and "CPU:" in text and "| elpv | yes |" in text
+    assert "2026-12-05 09:00 to 2026-12-05 10:00 at commit(s) abc1234, def5678" in text and "CPU:" in text
+    fieldid_rows = [line for line in text.splitlines() if line.startswith("| elpv | yes |") and "| fieldid |" in line]
+    assert len(fieldid_rows) == 1 and "| 0.900 |" in fieldid_rows[0], text
     # --sets picks among collected rows (a run stopped part-way into a set it was not meant to publish).
     r = subprocess.run([sys.executable, "-m", "fieldid", "bench", "real", "--collect", str(good), "--sets", "faces"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)

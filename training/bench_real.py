@@ -162,6 +162,12 @@ def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, tr
     return rows
 
 
+def latest_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per set, method and seed: the last one given (collected files may repeat a row re-measured
+    later), in the place of the first."""
+    return list({(r["dataset"], r["method"], r.get("seed", 0)): r for r in rows}.values())
+
+
 def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per set: fieldid vs reference, probe and majority accuracy, and its time ratio to the reference.
 
@@ -171,8 +177,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["dataset"] for r in rows):
-        # One row per method and seed, the last one given (collected files may repeat a row re-measured later).
-        mine = list({(r["method"], r.get("seed", 0)): r for r in rows if r["dataset"] == name}.values())
+        mine = [r for r in latest_rows(rows) if r["dataset"] == name]
         f_rows = [r for r in mine if r["method"] == "fieldid"]
         if not f_rows:
             continue
@@ -270,7 +275,7 @@ def run_bench_real(work: str | Path, sets: tuple[str, ...] = REAL_BENCH_SETS, *,
             print(f"fieldid bench real: error: cannot read rows: {e}", file=sys.stderr)
             return 2
         order = {name: i for i, name in enumerate(REAL_BENCH_SETS)}
-        rows = [r for r in rows if r.get("dataset") in sets]  # --sets picks among the collected rows too
+        rows = latest_rows([r for r in rows if r.get("dataset") in sets])  # --sets picks among them too
         rows.sort(key=lambda r: order.get(r["dataset"], len(order)))
         print(format_real(rows))
         if page:
