@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 # Tests never download: make the hub clients fail fast instead of waiting on a closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +24,19 @@ from fixtures_browser import *  # noqa: F401,F403,E402
 # Under CI=true an unexpected skip fails the run (only `gpu`-marked tests may skip there).
 from fixtures_ci import (pytest_collectreport, pytest_runtest_makereport, pytest_sessionfinish,  # noqa: F401,E402
                          pytest_terminal_summary)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Each test leaves torch's thread count as it found it. Loading a runtime with ``threads=1``
+    (TorchScript, predict, bench) sets it process-wide: the training in later tests then ran on one
+    thread under ``make test`` and on every core alone, a different path for the same test."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,11 @@ def test_a_moved_run_exports_without_its_dataset(tiny_run: Path, shapes_dir: Pat
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((moved / "export" / "manifest.json").read_text())
-    assert m["verification_summary"]["status"] == "passed"
+    # The fp32 file passes; the int8 one passes or is the one file marked (a good int8 file still misses
+    # its 99 % bar now and then, export/verify.py): what this test checks is that no dataset was needed.
+    missed = {x["file"] for x in m["verification_summary"]["missed"]}
+    assert missed <= {"model.int8.onnx"} and m["verification_summary"]["status"] == ("partial" if missed else "passed")
+    assert next(a for a in m["artifacts"] if a["file"] == "model.onnx")["verification"]["status"] == "passed"
     assert "run samples" in m["export_stats"]["total"]["images_source"]
     onnx = next(a for a in m["artifacts"] if a["file"] == "model.onnx")
     # The bar is decided on the stored held-out photos, topped up to 300 images (stored val photos and

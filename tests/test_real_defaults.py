@@ -175,27 +175,69 @@ def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Pa
     assert "val_bal_acc" in header and "val_objective" in header and rows
 
 
+def _epochs_through_stop_when_perfect(vals: list[tuple[float, float]], *, min_epochs: int = 0,
+                                      head_epochs: int = 0) -> tuple[int | None, dict]:
+    """Feed (val_acc, val_objective) epoch by epoch to the rule as Lightning would; (epoch it stopped, state)."""
+    from types import SimpleNamespace
+
+    from fieldid.training.module import StopWhenPerfect
+
+    rule = StopWhenPerfect(head_epochs=head_epochs)
+    for epoch, (acc, objective) in enumerate(vals):
+        trainer = SimpleNamespace(sanity_checking=False, current_epoch=epoch, should_stop=False,
+                                  callback_metrics={"val_acc": torch.tensor(acc), "val_objective": torch.tensor(objective)},
+                                  fit_loop=SimpleNamespace(min_epochs=min_epochs))
+        rule.on_validation_end(trainer, None)
+        if trainer.should_stop:
+            assert rule.stopped_epoch == epoch
+            return epoch, rule.state_dict()
+    return None, rule.state_dict()
+
+
+def test_stop_when_perfect_stops_at_the_first_epoch_after_a_perfect_one_that_does_not_beat_the_best() -> None:
+    # Perfect at epoch 2, loss still falling at 3, risen at 4: stops at 4.
+    vals = [(0.6, 0.59), (0.9, 0.89), (1.0, 0.9990), (1.0, 0.9995), (1.0, 0.9993), (1.0, 0.9999)]
+    assert _epochs_through_stop_when_perfect(vals)[0] == 4
+    # A val photo lost after the perfect epoch is a turn too; before any perfect epoch nothing stops.
+    assert _epochs_through_stop_when_perfect([(0.8, 0.8), (0.7, 0.7), (1.0, 0.99), (0.95, 0.95)])[0] == 3
+    # The loss falling on after 1.0 (the synthetic salmon set): the run goes on.
+    assert _epochs_through_stop_when_perfect([(1.0, 0.990), (1.0, 0.991), (1.0, 0.992)]) == (
+        None, {"best": pytest.approx(0.992), "perfect_seen": True})
+    # Not before min_epochs (Lightning would keep the flag and stop there even after a better epoch).
+    assert _epochs_through_stop_when_perfect(vals, min_epochs=6)[0] is None
+    # Head-only epochs inside Lightning (DDP) are not counted.
+    assert _epochs_through_stop_when_perfect([(1.0, 0.999), (1.0, 0.99), (1.0, 0.9991)], head_epochs=2)[0] is None
+
+
 def test_after_a_perfect_val_score_the_first_epoch_not_beating_the_best_stops(tmp_path: Path) -> None:
+    """The rule wired into a real run: the run's own epochs obey it and its state travels in the checkpoints.
+
+    Whether this run's val loss turns before the cap depends on the training path (CPU kernels, thread
+    count), so the contract is checked on what the run logged: it stopped at the first epoch after a
+    perfect one that did not beat the best, or, where there was none, ran to the cap.
+    """
     data = make_shapes_dataset(tmp_path / "d", {"circle": 20, "square": 20, "triangle": 20}, size=48)
     # patience 6 of 7 fine-tuning epochs: the plateau rule cannot stop the run before this one.
     rec = train(data, tmp_path / "run", TrainConfig(epochs=8, image_size=48, batch_size=16, early_stopping_patience=6,
                                                    val_fraction=0.25, test_fraction=0.25))
-    stopped = rec.extra["stopped"]
-    assert "every val photo has been right" in stopped["reason"] and stopped["epoch"] < 8, stopped
+    stopped = rec.extra.get("stopped")  # absent: the run reached its cap
     lines = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
     head = lines[0].split(",")
     rows = [dict(zip(head, r.split(","))) for r in lines[1:]]
     vals = [(float(r["val_acc"]), float(r["val_objective"])) for r in rows if r.get("val_acc")]
-    first = next(k for k, (acc, _) in enumerate(vals) if acc == 1.0)
-    # Every epoch after the first perfect one beat the best so far, but the last, which did not.
-    for k in range(first + 1, len(vals) - 1):
-        assert vals[k][1] > max(o for _, o in vals[:k]), (k, vals)
-    assert len(vals) - 1 > first and vals[-1][1] <= max(o for _, o in vals[:-1]), vals
+    assert any(acc == 1.0 for acc, _ in vals), vals  # 15 val shapes: every run here gets them all right
+    expected, state = _epochs_through_stop_when_perfect(vals)
+    if expected is None:  # every epoch after the first perfect one beat the best: the cap ended the run
+        assert stopped is None, (stopped, vals)
+    else:
+        assert "every val photo has been right" in stopped["reason"], (stopped, vals)
+        assert len(vals) - 1 == expected, vals  # nothing ran after the epoch that stopped it
     # The rule's state travels in the checkpoints: a --resume'd run stops where this one did.
     states = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
-    (state,) = [v for k, v in states.items() if "StopWhenPerfect" in k]
-    assert state["perfect_seen"] is True and state["best"] == pytest.approx(max(o for _, o in vals), abs=1e-6)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["epochs"] == stopped["epoch"]
+    (saved,) = [v for k, v in states.items() if "StopWhenPerfect" in k]
+    assert saved["perfect_seen"] is True and saved["best"] == pytest.approx(state["best"], abs=1e-6)
+    epochs = json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]["epochs"]
+    assert epochs == (stopped["epoch"] if expected is not None else 8)
 
 
 # --------------------------------------------------------------------------- the real-data benchmark

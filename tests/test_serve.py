@@ -83,9 +83,10 @@ def _batch_lines(served) -> list[list[int]]:
     return [json.loads(m) for m in re.findall(r"batch of \d+: statuses (\[[\d, ]+\])", text)]
 
 
-def _batch_lines_until(served, done, timeout: float = 10.0) -> list[list[int]]:
+def _batch_lines_until(served, done, timeout: float = 60.0) -> list[list[int]]:
     """:func:`_batch_lines` once ``done(lines)`` holds, or after ``timeout``: a batch's log line reaches
-    the file through the worker's stdout and TorchServe's logger, after its answers went out."""
+    the file through the worker's stdout and TorchServe's logger, after its answers went out (it returns as soon as
+    ``done`` holds: the 60 s are only for a loaded machine)."""
     deadline = time.monotonic() + timeout
     while not done(lines := _batch_lines(served)) and time.monotonic() < deadline:
         time.sleep(0.1)

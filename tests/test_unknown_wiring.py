@@ -143,10 +143,21 @@ def test_generated_not_a_fish_examples_come_out_unknown(tiny_bundle: Path, tmp_p
     mode = DemoMode("dive", tiny_bundle, server=None)
     assert [e.path.name for e in mode.unknown_examples] == [Path(e["file"]).name for e in entries]
     assert all(e.label in m.labels for e in mode.examples)  # held-out examples stay apart
+    from fieldid.export.unknown import INT8_THRESHOLD_BAND
+
+    threshold = float(m.unknown["threshold"])
+    assert "fp32" in mode.precisions
     for e in mode.unknown_examples:
-        for precision in mode.precisions:  # the phone's int8 model and the fp32 one
+        fp32_score = None
+        for precision in sorted(mode.precisions, key=lambda p: p != "fp32"):  # fp32 first, then the phone's int8
             out = mode.identify(e.path.read_bytes(), precision)
-            assert out.device.response["unknown"], (e.path.name, precision, out.device.response["unknown_score"])
+            score = out.device.response["unknown_score"]
+            fp32_score = score if precision == "fp32" else fp32_score
+            # int8 may move a score within the band its own bar allows near the threshold (export/unknown.py);
+            # a non-photo fp32 flags clear of it must stay unknown.
+            if precision != "fp32" and fp32_score <= (1 + INT8_THRESHOLD_BAND) * threshold:
+                continue
+            assert out.device.response["unknown"], (e.path.name, precision, score, fp32_score, threshold)
             assert out.true_label == UNKNOWN_LABEL
             assert "not a fish**: ✓ the device knows it does not know it" in _device_text(mode, out)
     # A bundle without a detector gets none (they would read as a species).
