@@ -43,7 +43,7 @@ from .phone import onnx_session, preprocess
 __all__ = ["UNKNOWN_OUTPUT", "output_names", "first_output", "load_unknown_runtime", "reference_scores",
            "selection_scores", "score_only_nodes", "upstream_names", "verify_unknown", "manifest_unknown",
            "int8_unknown_bar", "int8_unknown_parts_met", "FP32_MAX_REL_DIFF", "INT8_MIN_DECISION_AGREEMENT",
-           "INT8_THRESHOLD_BAND", "INT8_MIN_OVERALL_AGREEMENT", "INT8_MAX_MEDIAN_REL_DIFF"]
+           "INT8_THRESHOLD_BAND", "INT8_MIN_OVERALL_AGREEMENT", "INT8_MAX_MEDIAN_REL_DIFF", "image_scorer"]
 
 log = logging.getLogger("fieldid.export")
 
@@ -123,6 +123,15 @@ def _fp32_scores(ctx: ExportContext, x: np.ndarray) -> np.ndarray:
     """PyTorch fp32 ``unknown_score`` of ``ctx.model`` on ``x``, shape ``(N,)``."""
     with torch.no_grad():
         return run_batched(lambda b: ctx.model(torch.from_numpy(b))[1].numpy().reshape(-1, 1), x, _BATCH).reshape(-1)
+
+
+def image_scorer(ctx: ExportContext) -> Callable[[Any], float] | None:
+    """The fp32 model's ``unknown_score`` of one PIL image through the phone's preprocessing (None: no
+    detector): how the export picks the demo's "not a fish" examples (``examples.add_unknown_examples``)."""
+    if not has_unknown(ctx):
+        return None
+    spec = ctx.record.preprocess_spec
+    return lambda img: float(_fp32_scores(ctx, preprocess(img.convert("RGB"), spec))[0])
 
 
 def check_photos(ctx: ExportContext) -> int:

@@ -166,6 +166,39 @@ def test_generated_not_a_fish_examples_come_out_unknown(tiny_bundle: Path, tmp_p
     assert m.examples == [] and not (tmp_path / "stage").exists()
 
 
+def test_the_export_keeps_the_not_a_fish_draw_that_scores_clear_of_the_band(tmp_path: Path, caplog) -> None:
+    """Each kind is drawn until the fp32 score clears (1 + INT8_THRESHOLD_BAND) x threshold; with no clear
+    draw the highest-scoring one is kept and the log says so. (The scores here are scripted: which image
+    is kept is the rule under test; the real model's scores are checked above.)"""
+    from types import SimpleNamespace
+
+    from fieldid.export.examples import UNKNOWN_DRAWS, add_unknown_examples
+    from fieldid.export.unknown import INT8_THRESHOLD_BAND
+
+    def bundle(scores: list[float]) -> tuple[list[bytes], list[np.ndarray]]:
+        m = SimpleNamespace(unknown={"threshold": 1.0}, examples=[])  # the two fields the function reads
+        seen: list[np.ndarray] = []
+
+        def score(img: Image.Image) -> float:
+            seen.append(np.asarray(img))
+            return scores[(len(seen) - 1) % len(scores)]
+
+        stage = tmp_path / f"stage{len(list(tmp_path.iterdir()))}"
+        add_unknown_examples(m, stage, score=score)
+        return [(stage / e["file"]).read_bytes() for e in m.examples], seen
+
+    clear = 1.0 + INT8_THRESHOLD_BAND
+    files, seen = bundle([clear - 0.01, clear + 0.5])  # each kind: the first draw near, the second clear
+    assert len(seen) == 2 * UNKNOWN_EXAMPLES
+    for k, data in enumerate(files):
+        kept = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert np.array_equal(kept, seen[2 * k + 1]) and not np.array_equal(kept, seen[2 * k])
+    with caplog.at_level("WARNING", logger="fieldid.export"):
+        files, seen = bundle([0.5, 0.9, 0.7, 0.6, 0.2, 0.1, 0.3, 0.4])  # never clear: the 0.9 draw is kept
+    assert len(seen) == UNKNOWN_DRAWS * UNKNOWN_EXAMPLES and "may call it a fish" in caplog.text
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(files[0])).convert("RGB")), seen[1])
+
+
 # --------------------------------------------------------------------------- device/server labels
 
 
