@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # only for annotations: the readers below must not import tra
     from .manifest import Manifest
 
 __all__ = ["EXAMPLES_DIR", "PER_CLASS", "MAX_TOTAL", "MAX_SIDE", "COPY_MAX_BYTES", "UNKNOWN_LABEL", "UNKNOWN_KINDS",
-           "UNKNOWN_EXAMPLES", "UNKNOWN_DRAWS", "inside", "check_entries", "add_examples", "add_unknown_examples"]
+           "UNKNOWN_EXAMPLES", "UNKNOWN_DRAWS", "unknown_example_draw", "inside", "check_entries", "add_examples",
+           "add_unknown_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,17 @@ def add_examples(manifest: Manifest, run_dir: str | Path, stage: str | Path, *, 
     log.info("example photos: %d copied into %s/", len(entries), EXAMPLES_DIR)
 
 
+def unknown_example_draw(kind_index: int, draw: int) -> Image.Image:
+    """Draw ``draw`` of the generated non-photo of kind ``UNKNOWN_KINDS[kind_index]`` (seeded: the same
+    image on every machine; draw 0 is the one bundles before the draws carried)."""
+    import numpy as np
+
+    from fieldid.training.negatives import generated_unknown
+
+    seed = [_UNKNOWN_SEED, kind_index, *([draw] if draw else [])]
+    return generated_unknown(UNKNOWN_KINDS[kind_index], np.random.default_rng(seed), _UNKNOWN_SIDE)
+
+
 def add_unknown_examples(manifest: Manifest, stage: str | Path,
                          score: Callable[[Image.Image], float] | None = None) -> None:
     """Add the generated non-photos of :data:`UNKNOWN_KINDS` (``stage/examples/not-a-fish/*.png``) to
@@ -184,7 +196,7 @@ def add_unknown_examples(manifest: Manifest, stage: str | Path,
     The demo offers them as "not a fish" examples that must come out as unknown; without a
     detector (``manifest.unknown == {}``) they would read as a species, so none are added. With
     ``score`` (the fp32 model's ``unknown_score`` of an image), each kind is drawn up to
-    :data:`UNKNOWN_DRAWS` times until one scores more than ``INT8_THRESHOLD_BAND`` above the threshold:
+    :data:`UNKNOWN_DRAWS` times until one scores more than ``(1 + INT8_THRESHOLD_BAND) x threshold``:
     near the threshold, the int8 file may decide either way within its own bar (export/unknown.py),
     and an example the phone's file calls a fish there would show the demo failing where it does not.
     When no draw clears it, the highest-scoring one is kept and the log says so. The
@@ -198,24 +210,22 @@ def add_unknown_examples(manifest: Manifest, stage: str | Path,
     """
     import io
 
-    import numpy as np
-
     from fieldid.records import atomic_write_bytes
-    from fieldid.training.negatives import generated_unknown
-
-    from .unknown import INT8_THRESHOLD_BAND
 
     if not manifest.unknown:
         return
     stage = Path(stage)
     threshold = float(manifest.unknown["threshold"])
-    clear = (1 + INT8_THRESHOLD_BAND) * threshold
+    clear = -float("inf")  # no scorer: the first draw
+    if score is not None:
+        from .unknown import INT8_THRESHOLD_BAND
+
+        clear = (1 + INT8_THRESHOLD_BAND) * threshold
     entries = []
     for i, kind in enumerate(UNKNOWN_KINDS):
         best: tuple[float, Any] | None = None
         for draw in range(UNKNOWN_DRAWS if score is not None else 1):
-            img = generated_unknown(kind, np.random.default_rng([_UNKNOWN_SEED, i, *([draw] if draw else [])]),
-                                    _UNKNOWN_SIDE)
+            img = unknown_example_draw(i, draw)
             value = score(img) if score is not None else float("inf")
             if best is None or value > best[0]:
                 best = (value, img)

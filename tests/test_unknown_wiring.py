@@ -132,10 +132,16 @@ def test_unknown_answer_reads_as_unknown_never_a_species_at_100(tiny_bundle: Pat
     assert _render(shop, shop.identify(datas[0]))[0] == f"Not one of the {n} classes I know"
 
 
+def _fp32_unknown_score(mode: DemoMode, img: Image.Image) -> float:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return float(mode.identify(buf.getvalue(), "fp32").device.response["unknown_score"])
+
+
 def test_generated_not_a_fish_examples_come_out_unknown(tiny_bundle: Path, tmp_path: Path) -> None:
     """The export put generated non-photos in the bundle (no training import in the demo): unknown."""
     from fieldid.edge_demo.app import _device_text
-    from fieldid.export.examples import add_unknown_examples
+    from fieldid.export.examples import UNKNOWN_DRAWS, UNKNOWN_KINDS, add_unknown_examples, unknown_example_draw
 
     m = load_manifest(tiny_bundle)
     entries = [e for e in m.examples if e["label"] == UNKNOWN_LABEL]
@@ -160,6 +166,12 @@ def test_generated_not_a_fish_examples_come_out_unknown(tiny_bundle: Path, tmp_p
             assert out.device.response["unknown"], (e.path.name, precision, score, fp32_score, threshold)
             assert out.true_label == UNKNOWN_LABEL
             assert "not a fish**: ✓ the device knows it does not know it" in _device_text(mode, out)
+        # The export kept this draw because its fp32 score cleared the band, or because no draw's did:
+        # the phone's fp32 file (within its 1e-3 of the threshold to PyTorch) says the same.
+        if fp32_score <= (1 + INT8_THRESHOLD_BAND) * threshold * (1 - 1e-3):
+            kind = UNKNOWN_KINDS.index(e.path.stem)
+            others = [_fp32_unknown_score(mode, unknown_example_draw(kind, d)) for d in range(UNKNOWN_DRAWS)]
+            assert max(others) <= (1 + INT8_THRESHOLD_BAND) * threshold * (1 + 1e-3), (e.path.name, others)
     # A bundle without a detector gets none (they would read as a species).
     m.unknown, m.examples = {}, []
     add_unknown_examples(m, tmp_path / "stage")
@@ -176,7 +188,7 @@ def test_the_export_keeps_the_not_a_fish_draw_that_scores_clear_of_the_band(tmp_
     from fieldid.export.unknown import INT8_THRESHOLD_BAND
 
     def bundle(scores: list[float]) -> tuple[list[bytes], list[np.ndarray]]:
-        m = SimpleNamespace(unknown={"threshold": 1.0}, examples=[])  # the two fields the function reads
+        m = SimpleNamespace(unknown={"threshold": 2.0}, examples=[])  # the two fields the function reads
         seen: list[np.ndarray] = []
 
         def score(img: Image.Image) -> float:
@@ -187,14 +199,17 @@ def test_the_export_keeps_the_not_a_fish_draw_that_scores_clear_of_the_band(tmp_
         add_unknown_examples(m, stage, score=score)
         return [(stage / e["file"]).read_bytes() for e in m.examples], seen
 
-    clear = 1.0 + INT8_THRESHOLD_BAND
-    files, seen = bundle([clear - 0.01, clear + 0.5])  # each kind: the first draw near, the second clear
-    assert len(seen) == 2 * UNKNOWN_EXAMPLES
+    clear = (1.0 + INT8_THRESHOLD_BAND) * 2.0  # a factor on the threshold, not an amount added to it
+    with caplog.at_level("WARNING", logger="fieldid.export"):
+        # each kind: a draw near the threshold, one exactly at the band's edge (not clear), then a clear one
+        files, seen = bundle([2.1, clear, clear + 0.01])
+    assert len(seen) == 3 * UNKNOWN_EXAMPLES and "may call it a fish" not in caplog.text
     for k, data in enumerate(files):
         kept = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        assert np.array_equal(kept, seen[2 * k + 1]) and not np.array_equal(kept, seen[2 * k])
+        assert np.array_equal(kept, seen[3 * k + 2]) and not np.array_equal(kept, seen[3 * k + 1])
+    caplog.clear()
     with caplog.at_level("WARNING", logger="fieldid.export"):
-        files, seen = bundle([0.5, 0.9, 0.7, 0.6, 0.2, 0.1, 0.3, 0.4])  # never clear: the 0.9 draw is kept
+        files, seen = bundle([1.0, 2.4, 1.4, 1.2, 0.4, 0.2, 0.6, 0.8])  # never clear: the 2.4 draw is kept
     assert len(seen) == UNKNOWN_DRAWS * UNKNOWN_EXAMPLES and "may call it a fish" in caplog.text
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(files[0])).convert("RGB")), seen[1])
 
