@@ -26,17 +26,24 @@ from fixtures_ci import (pytest_collectreport, pytest_runtest_makereport, pytest
                          pytest_terminal_summary)
 
 
+_START_THREADS: int | None = None  # torch's thread count when the first test started
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored() -> Iterator[None]:
-    """Each test leaves torch's thread count as it found it. Loading a runtime with ``threads=1``
-    (TorchScript, predict, bench) sets it process-wide: the training in later tests then ran on one
-    thread under ``make test`` and on every core alone, a different path for the same test."""
+    """Each test ends with torch's thread count as the session began. Loading a runtime with
+    ``threads=1`` (TorchScript, predict, bench) sets it process-wide: the training in later tests then
+    ran on one thread under ``make test`` and on every core alone, a different path for the same test.
+    The count is the session's first, not this test's: a shared fixture set up for this test could
+    have changed it already."""
+    global _START_THREADS
     import torch
 
-    before = torch.get_num_threads()
+    if _START_THREADS is None:
+        _START_THREADS = torch.get_num_threads()
     yield
-    if torch.get_num_threads() != before:
-        torch.set_num_threads(before)
+    if torch.get_num_threads() != _START_THREADS:
+        torch.set_num_threads(_START_THREADS)
 
 
 @pytest.fixture(scope="session")
