@@ -465,9 +465,9 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
             manifest.set_artifact(a)
         add_examples(manifest, run_dir, stage, split_file=record.split)  # the demo's photos, inside the bundle
         # and its "not a fish" ones, when there is a detector: ones the fp32 model flags clear of int8's band
-        from .unknown import image_scorer
+        from .unknown import INT8_THRESHOLD_BAND, image_scorer
 
-        add_unknown_examples(manifest, stage, score=image_scorer(ctx))
+        add_unknown_examples(manifest, stage, score=image_scorer(ctx), clear_factor=1 + INT8_THRESHOLD_BAND)
         if any(a.verification.get("status") == "structure_only" for a in artifacts):
             manifest.notes.append("Core ML cannot run on Linux: its artifacts are verified for structure only "
                                   "(spec type, input, labels and order, outputs, op set); see each verification")

@@ -188,15 +188,16 @@ def unknown_example_draw(kind_index: int, draw: int) -> Image.Image:
     return generated_unknown(UNKNOWN_KINDS[kind_index], np.random.default_rng(seed), _UNKNOWN_SIDE)
 
 
-def add_unknown_examples(manifest: Manifest, stage: str | Path,
-                         score: Callable[[Image.Image], float] | None = None) -> None:
+def add_unknown_examples(manifest: Manifest, stage: str | Path, score: Callable[[Image.Image], float] | None = None,
+                         clear_factor: float = 1.0) -> None:
     """Add the generated non-photos of :data:`UNKNOWN_KINDS` (``stage/examples/not-a-fish/*.png``) to
     ``manifest.examples``, labelled :data:`UNKNOWN_LABEL`, when the bundle has an unknown detector.
 
     The demo offers them as "not a fish" examples that must come out as unknown; without a
     detector (``manifest.unknown == {}``) they would read as a species, so none are added. With
     ``score`` (the fp32 model's ``unknown_score`` of an image), each kind is drawn up to
-    :data:`UNKNOWN_DRAWS` times until one scores more than ``(1 + INT8_THRESHOLD_BAND) x threshold``:
+    :data:`UNKNOWN_DRAWS` times until one scores more than ``clear_factor x threshold`` (the export
+    passes ``1 + INT8_THRESHOLD_BAND``):
     near the threshold, the int8 file may decide either way within its own bar (export/unknown.py),
     and an example the phone's file calls a fish there would show the demo failing where it does not.
     When no draw clears it, the highest-scoring one is kept and the log says so. The
@@ -216,11 +217,7 @@ def add_unknown_examples(manifest: Manifest, stage: str | Path,
         return
     stage = Path(stage)
     threshold = float(manifest.unknown["threshold"])
-    clear = -float("inf")  # no scorer: the first draw
-    if score is not None:
-        from .unknown import INT8_THRESHOLD_BAND
-
-        clear = (1 + INT8_THRESHOLD_BAND) * threshold
+    clear = clear_factor * threshold if score is not None else -float("inf")  # no scorer: the first draw
     entries = []
     for i, kind in enumerate(UNKNOWN_KINDS):
         best: tuple[float, Any] | None = None

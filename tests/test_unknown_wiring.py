@@ -196,7 +196,7 @@ def test_the_export_keeps_the_not_a_fish_draw_that_scores_clear_of_the_band(tmp_
             return scores[(len(seen) - 1) % len(scores)]
 
         stage = tmp_path / f"stage{len(list(tmp_path.iterdir()))}"
-        add_unknown_examples(m, stage, score=score)
+        add_unknown_examples(m, stage, score=score, clear_factor=1 + INT8_THRESHOLD_BAND)
         return [(stage / e["file"]).read_bytes() for e in m.examples], seen
 
     clear = (1.0 + INT8_THRESHOLD_BAND) * 2.0  # a factor on the threshold, not an amount added to it
