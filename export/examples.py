@@ -217,13 +217,13 @@ def add_unknown_examples(manifest: Manifest, stage: str | Path, score: Callable[
         return
     stage = Path(stage)
     threshold = float(manifest.unknown["threshold"])
-    clear = clear_factor * threshold if score is not None else -float("inf")  # no scorer: the first draw
+    clear = clear_factor * threshold
     entries = []
     for i, kind in enumerate(UNKNOWN_KINDS):
         best: tuple[float, Any] | None = None
-        for draw in range(UNKNOWN_DRAWS if score is not None else 1):
+        for draw in range(UNKNOWN_DRAWS):
             img = unknown_example_draw(i, draw)
-            value = score(img) if score is not None else float("inf")
+            value = score(img) if score is not None else float("inf")  # no scorer: the first draw is kept
             if best is None or value > best[0]:
                 best = (value, img)
             if value > clear:

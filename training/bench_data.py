@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench_sets import REAL_SETS, RealSetError, build_real_set, link_files
+from .bench_sets import REAL_SETS, RealSetError, build_real_set, check_set_names, link_files
 from .records import atomic_write_json, atomic_write_text
 
 __all__ = ["BENCH_SETS", "bench_data", "count_dups", "format_table", "linked_pairs", "pairs_sheet",
@@ -309,9 +309,7 @@ def bench_data(work: str | Path, names: tuple[str, ...] = BENCH_SETS, *, seed: i
     from fieldid.machine import git_commit
 
     work = Path(work)
-    bad = [n for n in names if n not in BENCH_SETS]
-    if bad:
-        raise ValueError(f"unknown set(s) {', '.join(bad)}; valid: {', '.join(BENCH_SETS)}")
+    check_set_names(names, BENCH_SETS)
     rows = []
     for name in names:
         root = _dataset(name, work)

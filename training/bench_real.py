@@ -36,7 +36,7 @@ from fieldid.machine import busy_load, git_commit, measured_header
 
 from .benchrun import fieldid_train, timed_run
 from .probe import fit_probe, majority_scores, score_predictions
-from .bench_sets import REAL_SETS, RealSetError, build_real_set
+from .bench_sets import REAL_SETS, RealSetError, build_real_set, check_set_names
 from .records import atomic_write_json, atomic_write_text
 
 __all__ = ["bench_real", "format_real", "run_bench_real", "REAL_BENCH_SETS"]
@@ -147,9 +147,7 @@ def bench_real(work: str | Path, names: tuple[str, ...] = REAL_BENCH_SETS, *, tr
     """One row per set, seed and method (majority, probe, reference, fieldid); written as it goes."""
     work = Path(work)
     commit = git_commit()
-    unknown = [n for n in names if n not in REAL_BENCH_SETS]
-    if unknown:
-        raise ValueError(f"unknown set(s) {', '.join(unknown)}; valid: {', '.join(REAL_BENCH_SETS)}")
+    check_set_names(names, REAL_BENCH_SETS)
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
     if seeds > 1 and any(a.split("=")[0] == "--seed" for a in train_args or []):

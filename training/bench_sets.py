@@ -32,13 +32,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
 from fieldid.cli_common import UsageError, require_extra
 
-__all__ = ["REAL_SETS", "build_real_set", "build_real_sets", "link_files", "RealSetError"]
+__all__ = ["REAL_SETS", "build_real_set", "build_real_sets", "link_files", "check_set_names", "RealSetError"]
 
 
 class RealSetError(UsageError):
@@ -202,6 +202,14 @@ REAL_SETS: dict[str, Callable[[Path], None]] = {
     "textures": _textures,
     "scenes": _scenes,
 }
+
+
+def check_set_names(names: tuple[str, ...], valid: Collection[str]) -> None:
+    """A benchmark's ``--sets``: names not in ``valid`` are one line naming the valid ones (a UsageError,
+    which the benchmarks' commands turn into exit 2)."""
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise UsageError(f"unknown set(s) {', '.join(bad)}; valid: {', '.join(valid)}")
 
 
 def link_files(files: dict[Path, Path]) -> None:

@@ -239,6 +239,11 @@ def _whole_descriptors(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return whole_raw, _residual(raw, mean), mean, centred
 
 
+def _flat(thumbs: np.ndarray) -> np.ndarray:
+    """Per thumbnail: its spread is under :data:`FLAT_SPREAD` (no structure to match or confirm)."""
+    return thumbs.reshape(len(thumbs), -1).std(axis=1) < FLAT_SPREAD
+
+
 def _top_neighbours(unit: np.ndarray, m: int) -> np.ndarray:
     """Indices of each row's ``m`` most similar other rows (by dot product)."""
     n = len(unit)
@@ -365,7 +370,7 @@ def detail_similarity(thumbs: np.ndarray, pairs: Sequence[tuple[int, int]]) -> n
             out[start:start + len(chunk)] = (a_rows * b_rows).sum(dim=1).numpy()
     # A flat photo has no detail to compare (its row would be the set's mean, or rounding noise):
     # it confirms nothing, as it matches nothing in near_duplicate_pairs (byte copies stay exact duplicates).
-    flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_SPREAD
+    flat = _flat(thumbs)
     out[[bool(flat[i] or flat[j]) for i, j in pairs]] = 0.0
     return out
 
@@ -421,7 +426,7 @@ def near_duplicate_pairs(thumbs: np.ndarray, features: np.ndarray | None = None,
         whole_raw, whole, mean, centred = _whole_descriptors(thumbs)
         partners: list[set[int]] = [set() for _ in range(n)]
         sources = [whole, _centres(thumbs, centred)] + ([unit_rows(features)] if features is not None else [])
-        flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_SPREAD
+        flat = _flat(thumbs)
         for unit in sources:
             for i, row in enumerate(_top_neighbours(unit, candidates)):
                 for j in row:
