@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldid import __version__
+from fieldid.cli_common import UsageError, http_url
 from fieldid.appmeta import KEY_PATTERN, AppMeta, MetaError, apply_meta, default_meta, load_meta, preset_for_labels
 from fieldid.export.manifest import Artifact, Manifest, ManifestError, bundle_dir_of, file_sha256, load_manifest
 from fieldid.export.phone import (DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, PhoneError, checked_file, onnx_precisions,
@@ -90,9 +91,11 @@ def check_server_url(url: str, flag: str = "--server") -> str:
     Raises:
         AppBuildError: anything else (one line naming ``flag``).
     """
+    try:
+        http_url(url, flag)
+    except UsageError as e:
+        raise AppBuildError(str(e)) from None
     u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise AppBuildError(f"{flag} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
     if u.username or u.password or u.query:
         raise AppBuildError(f"{flag} {url!r}: give only the inference API root; the token is pasted in the app")
     return url.rstrip("/")
@@ -372,6 +375,7 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         say(f"[{i}/{len(modes)}] {mode.key}: bundle {entry['name']!r} ({mode.bundle_dir}), models "
             f"{', '.join(m['precision'] for m in entry['models'])}, default {entry['default_precision']}", flush=True)
 
+    out = out.resolve()  # `--out .` inside an earlier build: the new one is made beside it, not in it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

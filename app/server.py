@@ -62,8 +62,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
-        if not self.proxy or not path.startswith("/predictions/"):
+        if not self.proxy:
             self._reply(405, b'{"error": "this server only serves the app (no --proxy)"}')
+            return
+        if not path.startswith("/predictions/"):
+            self._reply(405, b'{"error": "only POST /predictions/<model> is forwarded to the server"}')
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)

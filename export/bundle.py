@@ -91,21 +91,12 @@ log = logging.getLogger("fieldid.export")
 _MIN_SELECTION = 100  # images to choose int8 recipes on
 
 def _load_model(run_dir: Path, record: RunRecord) -> nn.Module:
-    """The run's fp32 model; a corrupt ``model.pth`` or one that does not fit the backbone is bad input."""
-    weights = run_dir / record.weights
+    """The run's fp32 model; a corrupt ``model.pth`` or one that does not fit the backbone is bad input
+    (:func:`~fieldid.training.models.load_run_model` says which in one line)."""
     try:
         return load_run_model(run_dir, record)
-    except ValueError:  # our own errors (unknown backbone, ...) already read as one clear line
-        raise
-    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/UnpicklingError/EOFError on bad files
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if lines and lines[0].startswith("Error(s) in loading state_dict"):
-            detail = lines[1] if len(lines) > 1 else lines[0]
-            raise ExportError(f"{weights}: does not fit backbone {record.backbone} with {record.num_classes} "
-                              f"classes: {detail[:200]}") from None
-        first = lines[0] if lines else type(e).__name__
-        raise ExportError(f"{weights}: cannot be loaded (corrupt or truncated?): {type(e).__name__}: "
-                          f"{first[:200]}") from None
+    except ValueError as e:  # RunError and the registry's errors: one clear line, as an export error
+        raise ExportError(str(e)) from None
 
 
 def _activation_mb(model: nn.Module, example: torch.Tensor) -> float:
@@ -290,6 +281,8 @@ def parse_formats(formats: list[str] | str | None) -> list[str]:
     """
     if isinstance(formats, str):
         formats = [f.strip() for f in formats.split(",") if f.strip()]
+    if formats is not None and not formats:  # `--formats ""`: no formats named is not every format
+        raise ExportError(f"--formats names no format; valid: {', '.join(ALL_FORMATS)} (leave it out for all)")
     wanted = list(dict.fromkeys(["pytorch"] + [f.strip().lower() for f in (formats or ALL_FORMATS)]))
     unknown = [f for f in wanted if f not in ALL_FORMATS]
     if unknown:
@@ -302,10 +295,10 @@ def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError: the summary just lacks the scores
         return {}
-    return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")}
+    return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")} if isinstance(m, dict) else {}
 
 
 # Extra MB a format's export holds at its peak, above what the process held before it:

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from fieldid.cli_common import first_line
 from fieldid.training.images import ImageError, load_rgb
 from fieldid.training.records import PreprocessSpec, RunRecord, confined_path
 
@@ -54,14 +55,20 @@ class PhoneImages:
     @classmethod
     def from_npy(cls, path: Path, spec: PreprocessSpec, limit: int | None = None) -> "PhoneImages":
         """Rows of a ``(N, crop, crop, 3)`` uint8 ``.npy`` file (a run's samples)."""
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(fh)
-            offset = fh.tell()
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except ValueError as e:  # numpy's "the magic string is not correct", a broken header
+            raise ExportError(f"{path}: not a .npy file ({first_line(e)}); re-train, or export with --data DIR") from None
         c = spec.crop_size
         if dtype != np.uint8 or fortran or len(shape) != 4 or tuple(shape[1:]) != (c, c, 3):
             raise ExportError(f"{path}: expected uint8 (N, {c}, {c}, 3) rows, found {dtype} {shape}")
+        if path.stat().st_size < offset + shape[0] * c * c * 3:  # rows are read lazily: say it now
+            raise ExportError(f"{path}: truncated ({path.stat().st_size} bytes for {shape[0]} rows); re-train, or "
+                              "export with --data DIR")
         return cls(path, offset, min(shape[0], limit) if limit is not None else shape[0], spec)
 
     @classmethod

@@ -4,12 +4,14 @@ serve/ and edge_demo/ read only this file (and the artifact files it names), nev
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # file_sha256 is the manifest's rule for an artifact's ``sha256`` (files and .mlpackage folders).
-from fieldid.records import PreprocessSpec, Record, RecordError, confined_path, file_sha256, labels_difference
+from fieldid.records import (PreprocessSpec, Record, RecordError, check_field_types, confined_path, file_sha256,
+                             labels_difference)
 
 from .examples import check_entries
 
@@ -121,11 +123,19 @@ class Manifest(Record):
             check_entries(self.examples, self.labels, source)
         except ValueError as e:
             raise ManifestError(str(e)) from None
-        for a in self.artifacts:
+        if self.unknown:
+            t = self.unknown.get("threshold")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ManifestError(f"{source}: unknown.threshold must be a number (got {t!r})")
+        for k, a in enumerate(self.artifacts):
             if not isinstance(a, dict):
                 raise ManifestError(f"{source}: every artifact must be a JSON object")
             try:
+                # Types too: a consumer meets "sha256": 5 or "verification": "ok" deep inside a runtime.
+                self.artifacts[k] = check_field_types(Artifact, a, f"{source}: artifact {a.get('file', '?')}")
                 Artifact(**a)
+            except RecordError as e:
+                raise ManifestError(str(e)) from None
             except TypeError as e:  # unknown or missing artifact keys
                 raise ManifestError(f"{source}: artifact {a.get('file', '?')}: {e}") from None
 

@@ -334,6 +334,17 @@ class OnnxRunner:
         self.unknown_output = artifact.unknown_output or ""
         self._outputs = [artifact.output_name] + ([self.unknown_output] if self.unknown_output else [])
         self._input_dtype = input_dtype
+        # The manifest's names against the file's own, here rather than as an ORT error on the first photo.
+        if hasattr(session, "get_inputs"):
+            inputs = [i.name for i in session.get_inputs()]
+            outputs = [o.name for o in session.get_outputs()]
+            if artifact.input_name not in inputs:
+                raise ManifestError(f"{artifact.file}: the manifest's input_name {artifact.input_name!r} is not an "
+                                    f"input of the file (it has {', '.join(map(repr, inputs))})")
+            missing = [o for o in self._outputs if o not in outputs]
+            if missing:
+                raise ManifestError(f"{artifact.file}: the manifest names output(s) {', '.join(map(repr, missing))} "
+                                    f"the file does not have (it has {', '.join(map(repr, outputs))})")
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = np.ascontiguousarray(x, dtype=self._input_dtype)

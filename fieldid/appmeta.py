@@ -153,6 +153,8 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         raise MetaError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise MetaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise MetaError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -64,6 +64,19 @@ def collect_photos(items: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+def _read_photo(f: Path) -> bytes:
+    """The file's bytes, refused as the apps refuse them before reading: not a regular file (a FIFO
+    would block for ever, a device never ends) or larger than any phone photo."""
+    from fieldid.export.phone import MAX_FILE_BYTES
+    from fieldid.intake import ImageInputError
+
+    if not f.is_file():
+        raise OSError(0, "not a regular file")
+    if f.stat().st_size > MAX_FILE_BYTES:
+        raise ImageInputError(f"file is larger than {MAX_FILE_BYTES // 1_000_000} MB", 413)
+    return f.read_bytes()
+
+
 def choose_artifact(manifest: Manifest, name: str | None = None) -> Artifact:
     """The artifact to run: ``name`` (a file in the bundle), else the one the phone ships.
 
@@ -234,7 +247,7 @@ def classify_photos(bundle: str | Path, photos: str | Path | Iterable[str | Path
     try:
         for i, f in enumerate(files, 1):
             try:
-                data = f.read_bytes()
+                data = _read_photo(f)
                 row = _row(f, device.predict(data, k=k), device.artifact.file)
             except ImageInputError as e:
                 row, data = _row(f, None, device.artifact.file, f"HTTP-style {e.status}: {first_line(e)}"), b""
@@ -267,13 +280,15 @@ def _ask(client: Any, data: bytes, labels: Sequence[str]) -> dict[str, Any]:
     """The server's answer, or ``{"error": ...}``: an unreachable or refusing server is a row, not a
     crash, and so is an answer naming classes the device model does not have (a server hosting
     another model under this name: its answer cannot stand in for the device's)."""
+    import http.client
+
     from fieldid.serve.client import PredictionError
 
     try:
         answer = client.predict(data)
     except PredictionError as e:
         return {"error": first_line(e)}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # refused, timed out, a broken HTTP reply
         return {"error": f"server not reachable: {type(e).__name__}: {first_line(e)}"}
     foreign = sorted({t.get("label") for t in answer.get("top_k", [])} - set(labels))
     if foreign:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fieldid import __version__
 from fieldid.cli_common import (HelpFormatter, Parser, Progress, RedactingFilter, UsageError, first_line, is_bad_input,
-                                 redact_url_passwords)
+                                 redact_url_passwords, refuse_output_inside)
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +38,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.out}: is a folder; --out names the result file")
     if args.k < 1:
         raise UsageError(f"--top-k must be >= 1 (got {args.k})")
+    # Never over what it reads: the bundle's files (its manifest, its models), the run's, a photo.
+    bundle_dir = args.bundle if args.bundle is not None else args.run / "export"
+    refuse_output_inside(args.out, bundle_dir, "--out", "the bundle")
+    if args.run is not None:
+        refuse_output_inside(args.out, args.run, "--out", "the run", allowed=lambda t: not t.exists())
+    if any(Path(p).resolve() == args.out.resolve() for p in args.photos):
+        raise UsageError(f"--out {args.out}: is one of the photos to classify; write it elsewhere")
     bar = Progress("predict", 0, enabled=not args.quiet)
     rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
                    server_run=args.server_run, key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
@@ -147,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: a benchmark's page names it
     verbose = args.verbose or os.environ.get("FIELDID_DEBUG") == "1"
+    for stream in (sys.stdout, sys.stderr):
+        # A photo's file name that is not UTF-8 (an old camera, a zip from Windows) is printed as
+        # \xNN escapes instead of failing the whole command on a strict UTF-8 terminal or pipe.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     _configure_logging(verbose)
     try:
         return int(args.func(args) or 0)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, TextIO
+from typing import Callable, NoReturn, TextIO
 
 __all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
-           "is_bad_input", "MissingExtra", "require_extra"]
+           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "http_url"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.
@@ -28,6 +30,52 @@ class UsageError(ValueError):
     A builtin ``ValueError`` (or ``KeyError``, ``IndexError``) is not bad input: raised by a
     library or a slip in fieldid, it is a bug (exit 1). See :func:`is_bad_input`.
     """
+
+
+def refuse_output_inside(out: str | os.PathLike | None, folder: str | os.PathLike, flag: str, what: str, *,
+                         allowed: Callable[[Path], bool] | None = None) -> None:
+    """UsageError when the output file ``out`` lies inside ``folder`` (links and ``..`` resolved), unless
+    ``allowed(resolved out)`` says it may: a command must never overwrite what it reads (a photo of the
+    dataset it checks, the manifest of the bundle it runs, the model of the run it evaluates).
+
+    Example:
+        >>> refuse_output_inside("photos/cat/1.jpg", "photos", "--json", "the dataset")
+        Traceback (most recent call last):
+        ...
+        fieldid.cli_common.UsageError: --json photos/cat/1.jpg: inside the dataset photos; write it outside that folder
+    """
+    if out is None:
+        return
+    target, root = Path(out).resolve(), Path(folder).resolve()
+    if (target == root or root in target.parents) and not (allowed and allowed(target)):
+        raise UsageError(f"{flag} {out}: inside {what} {folder}; write it outside that folder")
+
+
+def http_url(url: str, flag: str = "URL") -> tuple[str, str, int, str]:
+    """``(scheme, host, port, path with query)`` of an http(s) URL, the default port filled in.
+
+    One parser for every URL a user gives (``--server``, ``--proxy``): ``urlsplit`` raises a plain
+    ValueError on a broken one (``http://[::1``, port 99999), which would otherwise read as a bug.
+
+    Example:
+        >>> http_url("http://127.0.0.1:8080/predictions/reef?x=1")
+        ('http', '127.0.0.1', 8080, '/predictions/reef?x=1')
+        >>> http_url("http://127.0.0.1:99999", "--server")
+        Traceback (most recent call last):
+        ...
+        fieldid.cli_common.UsageError: --server 'http://127.0.0.1:99999' is not a valid http(s) URL (port out of range 0-65535)
+    """
+    import urllib.parse
+
+    try:
+        u = urllib.parse.urlsplit(url)
+        port = u.port
+    except ValueError as e:
+        raise UsageError(f"{flag} {url!r} is not a valid http(s) URL ({str(e).lower()})") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UsageError(f"{flag} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
+    return u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80), \
+        (u.path or "/") + (f"?{u.query}" if u.query else "")
 
 
 class MissingExtra(UsageError):
@@ -103,6 +151,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        # No prefixes of long flags: `--epoch 1` was taken as --epochs, and a flag added later
+        # could silently change what an old command line means.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]

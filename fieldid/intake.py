@@ -17,6 +17,7 @@ Torch-free and free of every other fieldid package, so any part can import it.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import IO
@@ -107,6 +108,23 @@ def _too_large(w: int, h: int, max_pixels: int, prefix: str) -> ImageInputError:
                            f"{max_pixels} ({max_pixels / 1e6:.0f} MP)", 413)
 
 
+def _to_8_bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF: inspection and lab cameras) scaled to 8 bits.
+
+    Pillow's ``convert("RGB")`` clips such values at 255 instead of scaling them, so a 16-bit
+    frame came out almost white. ``I;16*`` is 16-bit by definition; a 32-bit ``I`` image (how some
+    Pillow versions open a 16-bit PNG) is taken as 16-bit when a value exceeds 255.
+    """
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    import numpy as np
+
+    a = np.asarray(im.convert("I") if im.mode != "I" else im, dtype=np.int64)
+    if im.mode == "I" and (a.size == 0 or a.max() <= 255):
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+
+
 def _decode(fp: IO[bytes], *, target: int | None, max_pixels: int, prefix: str,
             margin: int = DRAFT_MARGIN) -> Image.Image:
     with warnings.catch_warnings():
@@ -116,9 +134,12 @@ def _decode(fp: IO[bytes], *, target: int | None, max_pixels: int, prefix: str,
         warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         try:
             im = Image.open(fp, formats=list(ACCEPTED_FORMATS))
-        except Image.DecompressionBombError:
-            raise ImageInputError(f"{prefix}image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the "
-                                  f"limit is {max_pixels} ({max_pixels / 1e6:.0f} MP)", 413) from None
+        except Image.DecompressionBombError as e:
+            # Pillow's message carries the real size: "Image size (N pixels) exceeds limit of ...".
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(found.group(1)) / 1e6:.0f} MP" if found else \
+                f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP"
+            raise ImageInputError(f"{prefix}image has {size}; the limit is {max_pixels / 1e6:.0f} MP", 413) from None
         except UnidentifiedImageError:
             other = _identify(fp)
             if other:
@@ -137,7 +158,7 @@ def _decode(fp: IO[bytes], *, target: int | None, max_pixels: int, prefix: str,
                     im.draft("RGB", (side, side))  # DCT scaling 1/2..1/8; both sides stay >= side
                 im.load()
                 # Inside the try: a malformed EXIF block raises here (struct.error, TypeError, ...).
-                out = ImageOps.exif_transpose(im)
+                out = _to_8_bit(ImageOps.exif_transpose(im))
                 return out.convert("RGB") if out.mode != "RGB" or out is im else out
             except ImageInputError:
                 raise

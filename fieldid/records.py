@@ -151,7 +151,7 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
     Raises:
         OSError: the new folder could not be moved in (``out`` is as it was).
     """
-    new, out = Path(new), Path(out)
+    new, out = Path(new).resolve(), Path(out).resolve()  # `--out .` has no name to put ".old-PID" on
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -166,8 +166,11 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, errors: str = "strict") -> Path:
+    """``text`` as UTF-8, atomically. ``errors``: what to do with a file name that is not UTF-8 (Python
+    holds its bytes as surrogates): ``surrogateescape`` writes the original bytes back (a list of paths
+    that must match the disk), ``replace`` a U+FFFD (a page for people)."""
+    return atomic_write_bytes(path, text.encode("utf-8", errors))
 
 
 def labels_difference(first: list[str], second: list[str], *, first_name: str = "device model",
@@ -345,9 +348,11 @@ class Record:
         if not path.is_file():
             raise RecordError(f"{path}: missing")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise RecordError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:  # a binary file where JSON text belongs
+            raise RecordError(f"{path}: not valid JSON (not UTF-8 text: byte {e.start})") from None
         return cls.from_dict(d, source=str(path))
 
     def validate(self, source: str = "record") -> None:  # pragma: no cover - overridden

@@ -16,11 +16,10 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from fieldid.cli_common import UsageError
+from fieldid.cli_common import UsageError, http_url
 
 # read_token lives in keys.py so that state.py (ServerState.token) and this module, which asks
 # state.py which server issued a key file, do not import each other.
@@ -66,10 +65,8 @@ def origin(url: str) -> tuple[str, str, int]:
         >>> origin("http://LocalHost:8080/predictions/reef")
         ('http', 'localhost', 8080)
     """
-    u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise UsageError(f"{url!r} is not an http(s) URL")
-    return u.scheme, u.hostname.lower(), u.port or (443 if u.scheme == "https" else 80)
+    scheme, host, port, _ = http_url(url, "server")
+    return scheme, host.lower(), port
 
 
 def token_for(url: str, key_file: str | Path | None = None, kind: str = "inference") -> str | None:
@@ -153,14 +150,11 @@ class ServeClient:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
                  ca_file: str | Path | None = None) -> None:
-        u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise UsageError(f"{url!r} is not an http(s) URL")
+        scheme, host, port, self._path = http_url(url, "server")
         self.url, self.token, self.timeout = url, token, timeout
-        self._tls = tls_context(ca_file) if u.scheme == "https" else None
-        self._conn_args = (u.hostname, u.port or (443 if u.scheme == "https" else 80))
-        self._https = u.scheme == "https"
-        self._path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        self._tls = tls_context(ca_file) if scheme == "https" else None
+        self._conn_args = (host, port)
+        self._https = scheme == "https"
         self._conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -186,6 +180,11 @@ class ServeClient:
                 self.close()  # the server closed an idle keep-alive connection: retry once on a new one
                 if attempt:
                     raise
+            except BaseException:
+                # Refused, timed out, half-sent: the connection is in an unknown state, and reusing it
+                # would fail the next photo too (http.client's CannotSendRequest). Start afresh.
+                self.close()
+                raise
         raise AssertionError("unreachable")
 
     def predict(self, data: bytes) -> dict[str, Any]:
@@ -232,10 +231,10 @@ def predict(url: str, image_bytes: bytes, *, token: str | None = None, timeout: 
 
 def http_json(method: str, url: str, *, token: str | None = None, timeout: float = 5.0) -> tuple[int, Any]:
     """A body-less request (management/status calls); returns ``(status, parsed body)``."""
-    u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    _, host, port, path = http_url(url)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request(method, (u.path or "/") + (f"?{u.query}" if u.query else ""),
+        conn.request(method, path,
                      headers={"Authorization": f"Bearer {token}"} if token else {})
         resp = conn.getresponse()
         return resp.status, _parse(resp.read())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fieldid.records import Record
+from fieldid.records import Record, RecordError
 
 from .archive import ServeError
 from .keys import read_token
@@ -51,6 +51,15 @@ class ServerState(Record):
     certificate: str = ""  # its certificate (PEM): what a client verifies a self-signed server with
 
     SCHEMA_VERSION = 1
+
+    def validate(self, source: str = "server.json") -> None:
+        """The fields every command reads at once (a hand-edited or damaged file is one line, not a KeyError)."""
+        if isinstance(self.pid, bool) or not isinstance(self.pid, int) or self.pid <= 0:
+            raise RecordError(f"{source}: pid must be a positive integer (got {self.pid!r})")
+        for name in ("inference", "management", "metrics"):
+            port = self.ports.get(name) if isinstance(self.ports, dict) else None
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise RecordError(f"{source}: ports.{name} must be a port number (got {port!r})")
 
     @property
     def inference_url(self) -> str:

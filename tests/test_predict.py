@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path
                                               capsys: pytest.CaptureFixture[str]) -> None:
     photo = tmp_path / "p.png"
     Image.new("RGB", (40, 40), (10, 200, 10)).save(photo)
+    (tmp_path / "nothing").mkdir()
+    named = tmp_path / "q.json"  # a "photo" given by name, with a table's suffix
+    named.write_text("{}")
     cases = [
         (["--bundle", str(tiny_bundle), str(photo), "--out", str(tmp_path / "x.txt")], "must end in .csv or .json"),
         (["--bundle", str(tiny_bundle), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "x.csv")], "no such file"),
@@ -116,14 +120,43 @@ def test_bad_arguments_are_one_line_and_exit_2(tiny_bundle: Path, tmp_path: Path
          "has no artifact 'model.xyz'"),
         (["--bundle", str(tiny_bundle), str(photo), "--artifact", "model.pth", "--out", str(tmp_path / "x.csv")],
          "no runtime for pytorch"),
-        (["--bundle", str(tmp_path), str(photo), "--out", str(tmp_path / "x.csv")], "no manifest.json"),
+        (["--bundle", str(tmp_path / "nothing"), str(photo), "--out", str(tmp_path / "x.csv")], "no manifest.json"),
         ([str(photo), "--out", str(tmp_path / "x.csv")], "exactly one of --run"),
+        # Never over what it reads: the bundle's manifest, a photo given by name.
+        (["--bundle", str(tiny_bundle), str(photo), "--out", str(tiny_bundle / "manifest.json")], "inside the bundle"),
+        (["--bundle", str(tiny_bundle), str(named), "--out", str(named)], "is one of the photos"),
     ]
+    manifest = (tiny_bundle / "manifest.json").read_bytes()
     for argv, message in cases:
         rc, _, err = _predict(capsys, *argv)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert "Traceback" not in err
     assert not (tmp_path / "x.csv").exists()
+    assert (tiny_bundle / "manifest.json").read_bytes() == manifest and named.read_text() == "{}"
+
+
+def test_an_unreachable_server_and_a_pipe_are_rows(tiny_bundle: Path, shapes_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every photo sent to a server that is not there gets its own error row (a refused connection
+    is not reused: the second photo used to end the command with CannotSendRequest and no table),
+    and a FIFO given by name is a row, not a command that waits for ever."""
+    from fieldid.serve.config import free_port
+
+    unsure, _ = _bundle_copy(tiny_bundle, tmp_path / "unsure", _send_all)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in sorted(shapes_dir.rglob("*.png"))[:3]:
+        shutil.copy(f, photos / f.name)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "rows.json"
+    rc, summary, err = _predict(capsys, "--bundle", str(unsure), "--server", f"http://127.0.0.1:{free_port()}",
+                                str(photos), str(fifo), "--out", str(out))
+    assert rc == 0, err
+    rows = {Path(r["path"]).name: r for r in json.loads(out.read_text())}
+    assert "not a regular file" in rows.pop("pipe.png")["error"]
+    assert len(rows) == 3 and summary["sent_to_server"] == summary["server_errors"] == 3
+    assert all("server not reachable" in r["server"]["error"] for r in rows.values()), rows
 
 
 @pytest.mark.slow

@@ -72,6 +72,7 @@ def test_serve_start_adopts_a_new_or_empty_folder(tmp_path: Path) -> None:
 
 def test_stop_server_cleans_only_the_folder_it_is_given(tmp_path: Path) -> None:
     """stop_server used to delete tmp/ and key_file.json in the folder named *inside* server.json."""
+    from fieldid.serve.config import ServeOptions
     from fieldid.serve.server import claim_state_dir, stop_server
     from fieldid.serve.state import ServerState
 
@@ -79,7 +80,7 @@ def test_stop_server_cleans_only_the_folder_it_is_given(tmp_path: Path) -> None:
     files = _users_folder(victim)
     own = claim_state_dir(tmp_path / "own")
     (own / "tmp").mkdir()
-    ServerState(pid=1, create_time=0.0, state_dir=str(victim), host="127.0.0.1", ports={}, models={},
+    ServerState(pid=1, create_time=0.0, state_dir=str(victim), host="127.0.0.1", ports=ServeOptions().ports(), models={},
                 auth=True, key_file=str(victim / "key_file.json"), config="", log_dir="",
                 started="2025-01-01T00:00:00+00:00").to_json(own / "server.json")
     res = stop_server(own)
@@ -92,12 +93,13 @@ def test_stop_server_cleans_only_the_folder_it_is_given(tmp_path: Path) -> None:
 
 
 def test_stop_server_leaves_an_unmarked_folder_alone(tmp_path: Path) -> None:
+    from fieldid.serve.config import ServeOptions
     from fieldid.serve.server import stop_server
     from fieldid.serve.state import ServerState
 
     home = tmp_path / "home"
     files = _users_folder(home)
-    ServerState(pid=1, create_time=0.0, state_dir=str(home), host="127.0.0.1", ports={}, models={},
+    ServerState(pid=1, create_time=0.0, state_dir=str(home), host="127.0.0.1", ports=ServeOptions().ports(), models={},
                 auth=False, key_file="", config="", log_dir="",
                 started="2025-01-01T00:00:00+00:00").to_json(home / "server.json")
     stop_server(home)

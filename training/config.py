@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,18 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (0 <= self.head_epochs <= self.epochs, "head_epochs must be in [0, epochs]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0 and self.head_lr > 0, "learning rates must be > 0"),
+            # math.isfinite: `lr: .inf` in YAML trained to NaN and exited 0.
+            (self.lr > 0 and self.head_lr > 0 and math.isfinite(self.lr) and math.isfinite(self.head_lr),
+             "learning rates must be finite and > 0"),
+            (0 <= self.weight_decay < math.inf, "weight_decay must be finite and >= 0"),
+            (0 <= self.warmup_frac < 1, "warmup_frac must be in [0, 1)"),
+            (self.imbalance_auto_ratio >= 1, "imbalance_auto_ratio must be >= 1"),
+            (0 < self.fallback_target_accuracy <= 1, "fallback_target_accuracy must be in (0, 1]"),
+            (0 <= self.min_fallback_threshold <= 1, "min_fallback_threshold must be in [0, 1]"),
+            (self.limit_train_batches > 0 and math.isfinite(self.limit_train_batches)
+             and (isinstance(self.limit_train_batches, int) or self.limit_train_batches <= 1),
+             "limit_train_batches must be a fraction in (0, 1] or a batch count >= 1"),
+            (self.num_nodes >= 1, "num_nodes must be >= 1"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.imbalance in IMBALANCE_MODES, f"imbalance must be {'|'.join(IMBALANCE_MODES)}"),
             (self.objective in OBJECTIVES, f"objective must be {'|'.join(OBJECTIVES)}"),
@@ -126,6 +138,10 @@ class TrainConfig:
             (self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1"),
             (self.dropout is None or 0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.augment.scale_min <= 1, "augment.scale_min must be in (0, 1]"),
+            (all(0 <= v < math.inf for v in (self.augment.brightness, self.augment.contrast, self.augment.saturation)),
+             "augment.brightness, contrast and saturation must be finite and >= 0"),
+            (0 <= self.augment.blur_prob <= 1, "augment.blur_prob must be in [0, 1]"),
+            (0 <= self.augment.rotate_degrees <= 180, "augment.rotate_degrees must be in [0, 180]"),
             (0 <= self.augment.hue <= 0.5, "augment.hue must be in [0, 0.5]"),
             (0 <= self.augment.noise <= 64, "augment.noise must be in [0, 64] grey levels"),
             (isinstance(self.augment.hflip, bool) or self.augment.hflip == "auto", "augment.hflip must be true|false|auto"),
@@ -192,9 +208,11 @@ def load_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
     try:
         return TrainConfig.from_dict(d, source=str(path))
     except RecordError as e:

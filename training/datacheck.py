@@ -789,4 +789,4 @@ def write_relabel_csv(report: DataReport, path: str | Path) -> Path:
     for r in report.label_issues:
         w.writerow([r["file"], r["given"], r["suggested"], f"{r['score']:.4f}", f"{r['self_confidence']:.4f}",
                     "yes" if r["boundary"] else "no"])
-    return atomic_write_text(path, buf.getvalue())
+    return atomic_write_text(path, buf.getvalue(), errors="surrogateescape")  # file names as on disk

@@ -276,4 +276,4 @@ def render_html(report: "DataReport") -> str:
 
 def write_html_report(report: "DataReport", path: str | Path) -> Path:
     """Write :func:`render_html` to ``path`` atomically."""
-    return atomic_write_text(path, render_html(report))
+    return atomic_write_text(path, render_html(report), errors="replace")

@@ -89,11 +89,15 @@ class DemoSummary:
     seed: int
 
 
+MAX_SCALE = 100.0  # 100x the built-in counts: tens of thousands of photos, a few GB
+
+
 def demo_counts(name: str, scale: float = 1.0) -> dict[str, int]:
     """Images per class for demo ``name`` at ``scale`` (at least ``MIN_PER_CLASS`` each)."""
     _check_name(name)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise UsageError(f"scale must be a positive number, got {scale!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        # 1e9 would generate photos until the disk is full.
+        raise UsageError(f"scale must be a number in (0, {MAX_SCALE:g}], got {scale!r}")
     return {c: max(MIN_PER_CLASS, int(math.floor(n * scale + 0.5))) for c, n in _COUNTS[name].items()}
 
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fieldid.cli_common import first_line
+
 from .calibrate import expected_calibration_error
 from .data import CachedImageDataset, ImageCache, eval_transform, load_split
 from .images import DataError
@@ -223,6 +225,33 @@ def _other_metrics_name(data: Path) -> str:
     return f"metrics-{stem}.json"
 
 
+def _check_out(target: Path, run_dir: Path, record: Any, own: bool) -> None:
+    """Bad ``--out`` before any work: a folder, or a file of the run other than a metrics file
+    (``--out RUN/model.pth`` would replace the model it evaluates)."""
+    if target.is_dir():
+        raise RunError(f"{target}: is a folder; --out names the metrics file")
+    if target.resolve() == (run_dir / record.metrics).resolve() and not own:
+        raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
+    inside = run_dir.resolve() in target.resolve().parents
+    if inside and not (target.resolve().parent == run_dir.resolve() and target.name.startswith("metrics")
+                       and target.suffix == ".json"):
+        raise RunError(f"{target}: inside the run {run_dir}, --out may only name a metrics*.json file there "
+                       "(it would replace a file of the run)")
+
+
+def _training_block(previous: Path) -> Any:
+    """The ``training`` block of the run's held-out metrics (what training recorded), None without one."""
+    import json
+
+    if not previous.is_file():
+        return None
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{previous}: is not valid JSON ({first_line(e)}); restore it or remove it") from None
+    return old.get("training") if isinstance(old, dict) else None
+
+
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_size: int = 64,
              out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run.
@@ -263,8 +292,10 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
             targets += [index[name]] * len(files)
         which = part
     target = Path(out) if out is not None else run_dir / (record.metrics if own else _other_metrics_name(data))
-    if out is not None and target.resolve() == (run_dir / record.metrics).resolve() and not own:
-        raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
+    if out is not None:
+        _check_out(target, run_dir, record, own)
+    previous = run_dir / record.metrics
+    training = _training_block(previous) if own else None  # read before the work: a damaged file fails first
     cache = ImageCache(paths, targets, resize_size=spec.resize_size, interpolation=spec.interpolation)
     if len(cache) == 0:
         raise DataError(f"{data}: no readable images to evaluate")
@@ -273,13 +304,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
     metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature,
                               fallback_threshold=record.fallback_threshold)
     metrics.update({"split": which, "data": str(data), "skipped_unreadable": len(cache.skipped)})
-    previous = run_dir / record.metrics
-    if own and previous.is_file():
-        import json
-
-        old = json.loads(previous.read_text())
-        if isinstance(old, dict) and "training" in old:
-            metrics["training"] = old["training"]
+    if training is not None:
+        metrics["training"] = training
     atomic_write_json(target, metrics)
     suffix = "" if own and out is None else "-" + target.stem.removeprefix("metrics-")
     plot_confusion(metrics, run_dir / "plots" / f"confusion_matrix{suffix}.png", title=f"{run_dir.name} ({which})")

@@ -46,11 +46,14 @@ def read_exclude_file(path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # surrogateescape: a file name that is not UTF-8 was written as its own bytes, and must match them again.
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise DataError(f"{path}: exclude file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read the exclude file ({type(e).__name__})") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: cannot read the exclude file (binary content, not a list of paths)")
     out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -69,7 +72,7 @@ def write_exclude_file(path: str | os.PathLike, entries: Mapping[str, str], *, h
         if "\n" in rel or re.search(r"\s#", rel):
             continue  # a name the format cannot hold; the JSON report still lists it
         lines.append(f"{rel}  # {reason}" if reason else rel)
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+    return atomic_write_text(path, "\n".join(lines) + "\n", errors="surrogateescape")
 
 
 @contextlib.contextmanager

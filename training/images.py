@@ -115,6 +115,12 @@ def scan_image_folder(root: str | Path, *, require_images: bool = True) -> Image
         raise DataError(f"{root}: not a directory")
     presplit = (root / "train").is_dir()
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if presplit else {"all": root}
+    if presplit:
+        # A class folder beside train/ would be dropped without a word (and its photos never seen).
+        stray = sorted(f.name for f in class_folders(root) if f.name not in SPLIT_NAMES and list_images(f))
+        if stray:
+            raise DataError(f"{root}: has train/ and also photo folders {', '.join(stray[:5])} beside it; put every "
+                            f"class under train/ (and val/, test/), or use a flat <class>/ layout without train/")
     splits: dict[str, dict[str, list[Path]]] = {}
     others: list[Path] = []
     for split, sdir in split_dirs.items():

@@ -425,6 +425,21 @@ def load_run_model(run_dir: str | Path, record: RunRecord | None = None) -> torc
     run_dir = Path(run_dir)
     record = record or load_record(run_dir)
     model = create_model(record.backbone, record.num_classes, pretrained=False)
-    sd = torch.load(run_dir / record.weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
+    weights = run_dir / record.weights
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError/UnpicklingError/EOFError on bad files
+        # A damaged or foreign model.pth is bad input for every consumer (evaluate, export, distill), not a bug.
+        from .rundir import RunError
+
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise RunError(f"{weights}: does not fit backbone {record.backbone} with {record.num_classes} "
+                           f"classes: {detail[:200]}") from None
+        first = lines[0] if lines else type(e).__name__
+        raise RunError(f"{weights}: cannot be loaded (corrupt or truncated?): {type(e).__name__}: "
+                       f"{first[:200]}") from None
     return model.eval()

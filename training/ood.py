@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fieldid.cli_common import first_line
+
 from .models import ModelError, classifier_modules
 from .records import RunRecord, atomic_write_bytes
 
@@ -317,9 +319,16 @@ def load_detector(run_dir: str | Path, record: RunRecord) -> UnknownDetector | N
     """The run's detector from ``unknown.pth``, or ``None`` for a run without one (older runs)."""
     if not record.unknown:
         return None
-    sd = torch.load(Path(run_dir) / record.unknown.get("file", UNKNOWN_FILE), map_location="cpu", weights_only=True)
-    normalize = bool(sd.pop("normalize", torch.tensor(True)))
-    return UnknownDetector(sd["basis"], sd["weights"], sd["rest"], sd["means"], normalize=normalize).eval()
+    path = Path(run_dir) / record.unknown.get("file", UNKNOWN_FILE)
+    if not path.is_file():
+        raise ModelError(f"{path}: missing (run.json names an unknown detector); retrain, or restore the file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        normalize = bool(sd.pop("normalize", torch.tensor(True)))
+        return UnknownDetector(sd["basis"], sd["weights"], sd["rest"], sd["means"], normalize=normalize).eval()
+    except Exception as e:  # noqa: BLE001 - torch.load's errors on a damaged file, a dict without the keys
+        raise ModelError(f"{path}: not a fieldid unknown detector (corrupt or truncated?): {type(e).__name__}: "
+                         f"{first_line(e)[:160]}") from None
 
 
 def scored_model(run_dir: str | Path, record: RunRecord, model: nn.Module) -> nn.Module:

@@ -24,7 +24,8 @@ RESUME_SAFE = ("epochs", "num_workers", "cache", "accelerator", "precision")
 
 def _flag_name(key: str) -> str:
     """The ``fieldid train`` flag that sets config ``key``."""
-    return {"pretrained": "--no-pretrained", "augment.hue": "--no-hue", "cache": "--no-cache"}.get(
+    return {"pretrained": "--no-pretrained", "augment.hue": "--no-hue", "cache": "--no-cache",
+            "precision": "--train-precision"}.get(
         key, "--" + key.replace("_", "-"))
 
 

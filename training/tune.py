@@ -181,9 +181,11 @@ def load_space(path: str | Path | None, *, pinned: Iterable[str] = ()) -> dict[s
         if not path.is_file():
             raise TuneError(f"{path}: search-space file not found")
         try:
-            space = yaml.safe_load(path.read_text()) or {}
+            space = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise TuneError(f"{path}: not valid YAML ({first_line(e)})") from None
+        except UnicodeDecodeError as e:
+            raise TuneError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
         if not isinstance(space, dict):
             raise TuneError(f"{path}: expected a mapping of config keys to ranges")
     pinned = set(pinned)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter, first_line
+from fieldid.cli_common import HelpFormatter, first_line, refuse_output_inside
 from fieldid.training.datacheck import (DEFAULT_EXCLUDE_KINDS, DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, EXCLUDE_KINDS,
                                         DeepOptions, check_dataset, exclusions, format_report, write_relabel_csv)
 from fieldid.training.datareport import write_html_report
@@ -82,8 +82,16 @@ def _validate(args: argparse.Namespace) -> list[str]:
                        ("--write-relabel", args.write_relabel)):
         if path is not None and Path(path).is_dir():
             raise DataError(f"{flag} {path}: is a folder; give a file name")
+        # The check reads every file below DIR: an output there could replace one of its photos.
+        refuse_output_inside(path, args.dir, flag, "the dataset")
     if not 2 <= args.folds <= 20:
         raise DataError(f"--folds must be in [2, 20] (got {args.folds})")
+    if args.image_size is not None and not 32 <= args.image_size <= 1024:  # the range `fieldid train` takes
+        raise DataError(f"--image-size must be in [32, 1024] (got {args.image_size}); leave it out for the size "
+                        "training picks")
+    for flag, value in (("--near-threshold", args.near_threshold), ("--min-side", args.min_side)):
+        if value < 0:
+            raise DataError(f"{flag} must be >= 0 (got {value})")
     if not 0 < args.dup_similarity <= 1:
         raise DataError(f"--dup-similarity must be in (0, 1] (got {args.dup_similarity})")
     return kinds

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from fieldid.cli_vocabulary import add_renamed
-from fieldid.cli_common import HelpFormatter, UsageError
+from fieldid.cli_common import HelpFormatter, UsageError, http_url
 
 __all__ = ["register", "assign_modes"]
 
@@ -134,6 +134,18 @@ def _warn_exposure(host: str, modes: list) -> None:
         logging.getLogger("fieldid.edge_demo").warning("%s", exposed)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Flag values out of range, before a bundle is loaded (Gradio cannot bind port 0: it probes the port)."""
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a port number (1-65535)")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1 (got {args.top_k})")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0 seconds (got {args.timeout})")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {args.threads})")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fieldid.edge_demo.modes import DemoMode
 
@@ -141,6 +153,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--key-file {args.key_file} not found")
     if args.ca_file is not None and not args.ca_file.is_file():
         raise UsageError(f"--ca-file {args.ca_file} not found")
+    _check_numbers(args)
+    if args.server:
+        http_url(args.server, "--server")  # a broken URL now, not as "Server unavailable" on every photo
     sources = assign_modes(args.sources or [], _mode_by_labels)
     # A stronger server model per mode (--server-run), matched to modes by the same rules.
     server_sources = assign_modes(args.server_sources, _mode_by_labels) if args.server_sources else {}

@@ -1,0 +1,309 @@
+"""Bad input found by an audit of every command (round 3): outputs that would overwrite what a
+command reads, damaged side files, values without a range, URLs and file names that are not what
+the code assumed. Each is one clear line (exit 2), a row, or the right pixels, never a traceback."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fieldid.cli import main
+from fieldid.cli_common import UsageError, http_url
+
+
+def _folder(root: Path, names: dict[str, list[str]]) -> Path:
+    for cls, files in names.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for k, name in enumerate(files):
+            rng = np.random.default_rng(len(cls) * 100 + k)
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / cls / name)
+    return root
+
+
+# ------------------------------------------------------------------ outputs never over inputs
+@pytest.mark.parametrize("flag", ["--json", "--report", "--write-exclude"])
+def test_data_check_never_writes_into_the_dataset(flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _folder(tmp_path / "photos", {"a": ["1.png", "2.png"], "b": ["1.png", "2.png"]})
+    photo = root / "a" / "1.png"
+    before = photo.read_bytes()
+    assert main(["data", "check", str(root), "--fast", flag, str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert "inside the dataset" in err and len(err.strip().splitlines()) == 1
+    assert photo.read_bytes() == before
+
+
+def test_evaluate_out_may_not_replace_a_file_of_the_run(tiny_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    before = {name: (tiny_run / name).read_bytes() for name in ("run.json", "model.pth")}
+    for name in before:
+        assert main(["evaluate", "--run", str(tiny_run), "--out", str(tiny_run / name)]) == 2
+        assert "may only name a metrics*.json file" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tiny_run), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert {name: (tiny_run / name).read_bytes() for name in before} == before
+
+
+def test_evaluate_reads_a_damaged_metrics_file_before_the_work(tmp_path: Path) -> None:
+    from fieldid.training.evaluate import _training_block
+    from fieldid.training.rundir import RunError
+
+    bad = tmp_path / "metrics.json"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(RunError, match="is not valid JSON"):
+        _training_block(bad)
+    bad.write_text("[1, 2]")
+    assert _training_block(bad) is None
+    assert _training_block(tmp_path / "none.json") is None
+
+
+def test_replace_dir_with_dot_replaces_the_folder_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .` inside an earlier build or bundle: the new folder takes its place (was: empty-name crash)."""
+    from fieldid.records import replace_dir
+
+    out, new = tmp_path / "build", tmp_path / "new"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    monkeypatch.chdir(out)
+    replace_dir(new, ".")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no .old- or staging folder left
+
+
+# ------------------------------------------------------------------ damaged side files
+def _run_record(run: Path, **unknown: object) -> None:
+    from fieldid.records import PreprocessSpec, RunRecord
+
+    run.mkdir()
+    RunRecord(name="r", backbone="mobilenet_v2", num_classes=2, labels=["a", "b"],
+              preprocess=PreprocessSpec(72, 64).to_dict(), unknown=dict(unknown)).to_json(run / "run.json")
+
+
+def test_a_damaged_model_or_detector_is_one_line(tmp_path: Path) -> None:
+    from fieldid.training.models import ModelError, load_run_model
+    from fieldid.training.ood import load_detector
+    from fieldid.records import load_record
+    from fieldid.training.rundir import RunError
+
+    run = tmp_path / "run"
+    _run_record(run, file="unknown.pth", threshold=0.5)
+    (run / "model.pth").write_bytes(b"PK\x03\x04 not a state dict")
+    with pytest.raises(RunError, match="model.pth: cannot be loaded"):
+        load_run_model(run)
+    record = load_record(run)
+    with pytest.raises(ModelError, match="unknown.pth: missing"):
+        load_detector(run, record)
+    (run / "unknown.pth").write_bytes(b"x")
+    with pytest.raises(ModelError, match="not a fieldid unknown detector"):
+        load_detector(run, record)
+
+
+def test_truncated_run_samples_are_refused_when_opened(tmp_path: Path) -> None:
+    from fieldid.export.bundle import ExportError
+    from fieldid.export.inputs import PhoneImages
+    from fieldid.records import PreprocessSpec
+
+    spec = PreprocessSpec(40, 32)
+    path = tmp_path / "heldout.npy"
+    np.save(path, np.zeros((5, 32, 32, 3), np.uint8))
+    assert len(PhoneImages.from_npy(path, spec)) == 5
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ExportError, match="truncated"):
+        PhoneImages.from_npy(path, spec)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ExportError, match="not a .npy file"):
+        PhoneImages.from_npy(path, spec)
+
+
+@pytest.mark.parametrize("what", ["config", "space"])
+def test_binary_text_files_are_one_line(what: str, tmp_path: Path) -> None:
+    from fieldid.training.config import ConfigError, load_config
+    from fieldid.training.tune import TuneError, load_space
+
+    f = tmp_path / "x.yaml"
+    f.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError if what == "config" else TuneError, match="not UTF-8 text"):
+        load_config(f) if what == "config" else load_space(f)
+
+
+def test_binary_and_mistyped_manifests_are_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fieldid.export.manifest import ManifestError, load_manifest
+    from fieldid.records import RecordError
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    good = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(RecordError, match="not UTF-8 text"):
+        load_manifest(b)
+    edits = {"artifact verification": (lambda m: m["artifacts"][0].__setitem__("verification", "ok"),
+                                       "verification must be"),
+             "unknown threshold": (lambda m: m["unknown"].__setitem__("threshold", "high"), "unknown.threshold")}
+    for name, (edit, message) in edits.items():
+        m = json.loads(json.dumps(good))
+        edit(m)
+        (b / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ManifestError, match=message):
+            load_manifest(b)
+
+
+def test_manifest_names_the_onnx_file_does_not_have(tiny_bundle: Path) -> None:
+    from dataclasses import replace
+
+    from fieldid.export.manifest import ManifestError, load_manifest
+    from fieldid.export.phone import OnnxRunner, onnx_session
+
+    art = load_manifest(tiny_bundle).find("onnx", "fp32")
+    session = onnx_session(tiny_bundle / art.file)
+    OnnxRunner(session, art)  # the bundle as exported
+    with pytest.raises(ManifestError, match="input_name 'pixels' is not an input"):
+        OnnxRunner(session, replace(art, input_name="pixels"))
+    with pytest.raises(ManifestError, match="output"):
+        OnnxRunner(session, replace(art, output_name="scores"))
+
+
+def test_damaged_server_state_is_one_line(tmp_path: Path) -> None:
+    from fieldid.serve.config import ServeOptions
+    from fieldid.serve.archive import ServeError
+    from fieldid.serve.state import ServerState, read_server_state
+
+    def state(**changes: object) -> Path:
+        d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        base = dict(pid=1, create_time=0.0, state_dir=str(d), host="127.0.0.1", ports=ServeOptions().ports(),
+                    models={}, auth=False, key_file="", config="", log_dir="", started="2025-01-01T00:00:00+00:00")
+        ServerState(**{**base, **changes}).to_json(d / "server.json")
+        return d
+
+    assert read_server_state(state()).pid == 1
+    for changes, message in (({"ports": {}}, "ports.inference"), ({"pid": -1}, "pid must be")):
+        with pytest.raises(ServeError, match=message):
+            read_server_state(state(**changes))
+
+
+# ------------------------------------------------------------------ values and URLs
+@pytest.mark.parametrize("key, value", [("learning rates", float("inf")), ("weight_decay", -1.0), ("warmup_frac", 1.5),
+                                        ("limit_train_batches", 2.5), ("fallback_target_accuracy", 0.0)])
+def test_config_values_out_of_range(key: str, value: float) -> None:
+    from fieldid.training.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_dict({"lr" if key == "learning rates" else key: value})
+
+
+@pytest.mark.parametrize("key, value", [("brightness", -1.0), ("blur_prob", 1.5), ("rotate_degrees", -5.0)])
+def test_augment_values_out_of_range(key: str, value: float) -> None:
+    from fieldid.training.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_dict({"augment": {key: value}})
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999", "ftp://host/x"])
+def test_broken_urls_are_usage_errors_everywhere(url: str) -> None:
+    from fieldid.app.build import AppBuildError, check_server_url
+    from fieldid.serve.client import ServeClient
+
+    with pytest.raises(UsageError):
+        http_url(url, "--server")
+    with pytest.raises(UsageError):
+        ServeClient(url)
+    with pytest.raises(AppBuildError, match="--proxy"):
+        check_server_url(url, "--proxy")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "--port 0"), (["--port", "70000"], "--port 70000"), (["--top-k", "0"], "--top-k"),
+    (["--timeout", "-1"], "--timeout"), (["--threads", "0"], "--threads"),
+    (["--server", "http://[::1"], "not a valid http(s) URL")])
+def test_demo_flag_values(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--bundle", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_abbreviated_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "x", "--out", "y", "--epoch", "1"])
+    assert e.value.code == 2 and "--epoch" in capsys.readouterr().err
+
+
+def test_formats_naming_nothing_is_refused() -> None:
+    from fieldid.export.bundle import ExportError, parse_formats
+
+    with pytest.raises(ExportError, match="names no format"):
+        parse_formats("")
+    assert parse_formats(None)[0] == "pytorch"
+
+
+# ------------------------------------------------------------------ photos and file names
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    from fieldid.intake import open_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(ramp).save(buf, fmt)
+        got = np.asarray(open_image(buf.getvalue()))
+        assert got.shape == (64, 64, 3)
+        assert np.abs(got[..., 0].astype(int) - (ramp >> 8)).max() == 0, fmt  # was: 99.5 % at 255
+
+
+def test_too_large_message_gives_the_photo_s_size() -> None:
+    from fieldid.intake import ImageInputError, open_image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", 30000, 20000) + bytes(data[24:29])  # a 600-MP header; no pixels are decoded
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(ImageInputError, match="image has 600 MP; the limit is"):
+        open_image(bytes(data))
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Latin-1 name (an old camera, a zip from Windows): the report, the exclude list and stdout work,
+    and the exclude list matches the file on disk again."""
+    import os
+
+    from fieldid.training.exclusions import read_exclude_file
+
+    root = _folder(tmp_path / "photos", {"a": ["x.png", "y.png"], "b": ["x.png", "y.png"]})
+    latin = os.fsdecode(b"caf\xe9.png")
+    (root / "a" / latin).write_bytes((root / "a" / "x.png").read_bytes())  # an exact duplicate
+    ex, report = tmp_path / "exclude.txt", tmp_path / "report.html"
+    assert main(["data", "check", str(root), "--fast", "--report", str(report), "--write-exclude", str(ex),
+                 "--exclude-kinds", "duplicate"]) == 0
+    assert b"caf\xe9.png" in ex.read_bytes()
+    listed = read_exclude_file(ex)
+    assert any((root / rel).is_file() for rel in listed) and report.stat().st_size > 0
+    capsys.readouterr()
+
+
+def test_photo_folders_beside_train_are_refused(tmp_path: Path) -> None:
+    from fieldid.training.images import DataError, scan_image_folder
+
+    root = _folder(tmp_path / "photos", {"train/a": ["1.png"], "train/b": ["1.png"], "test/a": ["2.png"]})
+    scan_image_folder(root)
+    _folder(root, {"c": ["1.png"]})
+    with pytest.raises(DataError, match="photo folders c beside it"):
+        scan_image_folder(root)
+
+
+def test_messages_name_the_flags_users_type() -> None:
+    from fieldid.training.demo_data import demo_counts
+    from fieldid.training.resume import _flag_name
+
+    assert _flag_name("precision") == "--train-precision"  # --precision is the refused old name
+    with pytest.raises(UsageError, match="scale must be a number in"):
+        demo_counts("reef", 1e9)
