@@ -375,7 +375,7 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         say(f"[{i}/{len(modes)}] {mode.key}: bundle {entry['name']!r} ({mode.bundle_dir}), models "
             f"{', '.join(m['precision'] for m in entry['models'])}, default {entry['default_precision']}", flush=True)
 
-    out = out.resolve()  # `--out .` inside an earlier build: the new one is made beside it, not in it
+    out = Path(os.path.abspath(out))  # `--out .` inside an earlier build: the new one is made beside it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

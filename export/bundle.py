@@ -22,6 +22,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -405,7 +406,8 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
         record = load_record(run_dir)
     except RecordError as e:
         raise ExportError(str(e)) from None
-    out = Path(out) if out else run_dir / "export"
+    # Absolute once, for every step (`--out .` has no name; leftovers are found by the same path).
+    out = Path(os.path.abspath(out if out else run_dir / "export"))
     check_writable(out)
     clean_leftovers(out)
     t_start = time.time()

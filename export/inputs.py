@@ -61,7 +61,7 @@ class PhoneImages:
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, dtype = read(fh)
                 offset = fh.tell()
-        except ValueError as e:  # numpy's "the magic string is not correct", a broken header
+        except Exception as e:  # noqa: BLE001 - ValueError, SyntaxError, TokenError: a broken header
             raise ExportError(f"{path}: not a .npy file ({first_line(e)}); re-train, or export with --data DIR") from None
         c = spec.crop_size
         if dtype != np.uint8 or fortran or len(shape) != 4 or tuple(shape[1:]) != (c, c, 3):

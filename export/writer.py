@@ -103,7 +103,6 @@ def check_writable(out: Path) -> None:
 
 def make_stage(out: Path) -> Path:
     """A new, empty staging folder next to ``out`` (same filesystem, so the final rename is atomic)."""
-    out = out.resolve()  # next to it, not inside: `--out .` names the folder by its parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # The pid in the name lets a later export tell a dead process's leftovers from a running one's.

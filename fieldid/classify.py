@@ -334,4 +334,20 @@ def write_table(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
         text = buf.getvalue()
     else:
         raise UsageError(f"{out}: --out must end in {' or '.join(TABLE_FORMATS)}")
-    return atomic_write_text(out, text)
+    return atomic_write_text(out, text, errors="surrogateescape")  # photo names as on disk
+
+
+def is_predict_table(path: str | Path) -> bool:
+    """A table :func:`write_table` wrote (a CSV with its header, a JSON list of rows with a path): what a
+    re-run of ``fieldid predict`` may replace inside a run folder, unlike the run's own files."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                return next(csv.reader(f), None) == list(CSV_COLUMNS)
+        if path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(rows, list) and all(isinstance(r, dict) and "path" in r and "top_k" in r for r in rows)
+    except (OSError, ValueError, csv.Error):
+        return False
+    return False

@@ -38,13 +38,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.out}: is a folder; --out names the result file")
     if args.k < 1:
         raise UsageError(f"--top-k must be >= 1 (got {args.k})")
-    # Never over what it reads: the bundle's files (its manifest, its models), the run's, a photo.
-    bundle_dir = args.bundle if args.bundle is not None else args.run / "export"
-    refuse_output_inside(args.out, bundle_dir, "--out", "the bundle")
-    if args.run is not None:
-        refuse_output_inside(args.out, args.run, "--out", "the run", allowed=lambda t: not t.exists())
-    if any(Path(p).resolve() == args.out.resolve() for p in args.photos):
-        raise UsageError(f"--out {args.out}: is one of the photos to classify; write it elsewhere")
+    _check_predict_out(args)
     bar = Progress("predict", 0, enabled=not args.quiet)
     rows = predict(Bundle(args.run or args.bundle), args.photos, artifact=args.artifact, server=args.server,
                    server_run=args.server_run, key_file=args.key_file, ca_file=args.ca_file, k=args.k, progress=bar)
@@ -57,6 +51,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                       "server_errors": sum(1 for r in sent if "error" in r["server"]),
                       "artifact": rows[0]["artifact"] if rows else None}))
     return 0
+
+
+def _check_predict_out(args: argparse.Namespace) -> None:
+    """``--out`` never over what predict reads: the bundle's files, the run's own files, a photo.
+
+    Inside a run (beside its ``export/``) a new file is fine, and so is a table an earlier predict
+    wrote there; anything else that exists there belongs to the run.
+    """
+    from fieldid.classify import is_predict_table
+    from fieldid.export.manifest import bundle_dir_of
+
+    for source in (args.run or args.bundle, args.server_run):
+        if source is None:
+            continue
+        bundle = bundle_dir_of(source)
+        refuse_output_inside(args.out, bundle, "--out", "the bundle")
+        if (bundle.parent / "run.json").is_file():  # a run's export/: the run around it is read too
+            refuse_output_inside(args.out, bundle.parent, "--out", "the run",
+                                 allowed=lambda t: not t.exists() or is_predict_table(t))
+    out = os.path.realpath(args.out)
+    if any(os.path.realpath(p) == out for p in args.photos):
+        raise UsageError(f"--out {args.out}: is one of the photos to classify; write it elsewhere")
 
 
 def _register_predict(sub: argparse._SubParsersAction) -> None:

@@ -46,7 +46,8 @@ def refuse_output_inside(out: str | os.PathLike | None, folder: str | os.PathLik
     """
     if out is None:
         return
-    target, root = Path(out).resolve(), Path(folder).resolve()
+    # realpath, not Path.resolve: a symlink loop is then just a path (resolve raises RuntimeError).
+    target, root = Path(os.path.realpath(out)), Path(os.path.realpath(folder))
     if (target == root or root in target.parents) and not (allowed and allowed(target)):
         raise UsageError(f"{flag} {out}: inside {what} {folder}; write it outside that folder")
 
@@ -74,7 +75,9 @@ def http_url(url: str, flag: str = "URL") -> tuple[str, str, int, str]:
         raise UsageError(f"{flag} {url!r} is not a valid http(s) URL ({str(e).lower()})") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise UsageError(f"{flag} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080)")
-    return u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80), \
+    if port == 0:  # not "the default port": no server listens on port 0
+        raise UsageError(f"{flag} {url!r} is not a valid http(s) URL (port 0)")
+    return u.scheme, u.hostname, port if port is not None else (443 if u.scheme == "https" else 80), \
         (u.path or "/") + (f"?{u.query}" if u.query else "")
 
 

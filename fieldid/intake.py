@@ -109,20 +109,23 @@ def _too_large(w: int, h: int, max_pixels: int, prefix: str) -> ImageInputError:
 
 
 def _to_8_bit(im: Image.Image) -> Image.Image:
-    """16-bit greyscale (PNG, TIFF: inspection and lab cameras) scaled to 8 bits.
+    """16-bit and float greyscale (PNG, TIFF: inspection and lab cameras) scaled to 8 bits, as a browser does.
 
     Pillow's ``convert("RGB")`` clips such values at 255 instead of scaling them, so a 16-bit
-    frame came out almost white. ``I;16*`` is 16-bit by definition; a 32-bit ``I`` image (how some
-    Pillow versions open a 16-bit PNG) is taken as 16-bit when a value exceeds 255.
+    frame came out almost white (and a float one in [0, 1] black). ``I;16*`` is 16-bit by
+    definition; a 32-bit ``I`` image (how some Pillow versions open a 16-bit PNG) is taken as
+    16-bit when a value exceeds 255; a float ``F`` image in [0, 1] is scaled by 255. Pillow only,
+    one 32-bit copy: a 100-MP frame costs 400 MB, not numpy's int64 copies.
     """
+    if im.mode == "F":
+        lo, hi = im.getextrema()
+        return im.point(lambda v: v * 255.0).convert("L") if 0.0 <= lo and hi <= 1.0 else im.convert("L")
     if not (im.mode.startswith("I;16") or im.mode == "I"):
         return im
-    import numpy as np
-
-    a = np.asarray(im.convert("I") if im.mode != "I" else im, dtype=np.int64)
-    if im.mode == "I" and (a.size == 0 or a.max() <= 255):
-        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
+    wide = im if im.mode == "I" else im.convert("I")
+    if im.mode == "I" and wide.getextrema()[1] <= 255:
+        return wide.convert("L")
+    return wide.point(lambda v: v * (1.0 / 256.0)).convert("L")
 
 
 def _decode(fp: IO[bytes], *, target: int | None, max_pixels: int, prefix: str,

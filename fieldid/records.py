@@ -151,7 +151,9 @@ def replace_dir(new: str | os.PathLike, out: str | os.PathLike) -> None:
     Raises:
         OSError: the new folder could not be moved in (``out`` is as it was).
     """
-    new, out = Path(new).resolve(), Path(out).resolve()  # `--out .` has no name to put ".old-PID" on
+    # Absolute, not resolved: `--out .` gets a name to put ".old-PID" on, and a symlinked --out is
+    # replaced as the link it is (resolving would replace the folder it points to).
+    new, out = Path(os.path.abspath(new)), Path(os.path.abspath(out))
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -53,26 +53,29 @@ class ServerState(Record):
     SCHEMA_VERSION = 1
 
     def validate(self, source: str = "server.json") -> None:
-        """The fields every command reads at once (a hand-edited or damaged file is one line, not a KeyError)."""
+        """The pid every command reads (stop needs only it); the ports are checked where a URL is made."""
         if isinstance(self.pid, bool) or not isinstance(self.pid, int) or self.pid <= 0:
             raise RecordError(f"{source}: pid must be a positive integer (got {self.pid!r})")
-        for name in ("inference", "management", "metrics"):
-            port = self.ports.get(name) if isinstance(self.ports, dict) else None
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise RecordError(f"{source}: ports.{name} must be a port number (got {port!r})")
+
+    def _port(self, name: str) -> int:
+        port = self.ports.get(name) if isinstance(self.ports, dict) else None
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ServeError(f"{self.state_dir}/{STATE_FILE}: ports.{name} must be a port number (got {port!r}); "
+                             "restart the server with `fieldid serve start`")
+        return port
 
     @property
     def inference_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"{'https' if self.tls else 'http'}://{url_host(host)}:{self.ports['inference']}"
+        return f"{'https' if self.tls else 'http'}://{url_host(host)}:{self._port('inference')}"
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['management']}"
+        return f"http://127.0.0.1:{self._port('management')}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['metrics']}"
+        return f"http://127.0.0.1:{self._port('metrics')}"
 
     def prediction_url(self, model: str) -> str:
         """``http://HOST:PORT/predictions/<model>``."""

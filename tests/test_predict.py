@@ -157,6 +157,29 @@ def test_an_unreachable_server_and_a_pipe_are_rows(tiny_bundle: Path, shapes_dir
     assert "not a regular file" in rows.pop("pipe.png")["error"]
     assert len(rows) == 3 and summary["sent_to_server"] == summary["server_errors"] == 3
     assert all("server not reachable" in r["server"]["error"] for r in rows.values()), rows
+    # A photo name that is not UTF-8 (Latin-1 from an old camera) goes into the CSV as its own bytes.
+    latin = photos / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(next(photos.glob("*.png")), latin)
+    rc, _, err = _predict(capsys, "--bundle", str(tiny_bundle), str(latin), "--out", str(tmp_path / "rows.csv"))
+    assert rc == 0 and b"caf\xe9.png" in (tmp_path / "rows.csv").read_bytes(), err
+
+
+def test_predict_may_write_beside_a_run_but_not_over_it(tiny_bundle: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A table inside the run folder is fine, again on a re-run; the run's own files are not."""
+    run = tiny_bundle.parent
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(photo)
+    table = run / "answers-test.csv"
+    try:
+        for source in ("--run", "--bundle", "--run"):  # a run given as --bundle is the same run
+            rc, _, err = _predict(capsys, source, str(run), str(photo), "--out", str(table))
+            assert rc == 0, err
+        for own in ("run.json", "metrics.json"):
+            rc, _, err = _predict(capsys, "--bundle", str(tiny_bundle), str(photo), "--out", str(run / own))
+            assert rc == 2 and "inside the run" in err, err
+    finally:
+        table.unlink(missing_ok=True)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -226,17 +227,26 @@ def _other_metrics_name(data: Path) -> str:
 
 
 def _check_out(target: Path, run_dir: Path, record: Any, own: bool) -> None:
-    """Bad ``--out`` before any work: a folder, or a file of the run other than a metrics file
-    (``--out RUN/model.pth`` would replace the model it evaluates)."""
+    """Bad ``--out`` before any work: a folder, or an existing file that is not a metrics file
+    (``--out RUN/model.pth`` replaced the model it evaluates; ``--out BUNDLE/manifest.json`` a bundle)."""
     if target.is_dir():
         raise RunError(f"{target}: is a folder; --out names the metrics file")
-    if target.resolve() == (run_dir / record.metrics).resolve() and not own:
+    if os.path.realpath(target) == os.path.realpath(run_dir / record.metrics) and not own:
         raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
-    inside = run_dir.resolve() in target.resolve().parents
-    if inside and not (target.resolve().parent == run_dir.resolve() and target.name.startswith("metrics")
-                       and target.suffix == ".json"):
-        raise RunError(f"{target}: inside the run {run_dir}, --out may only name a metrics*.json file there "
-                       "(it would replace a file of the run)")
+    if target.is_file() and not _is_metrics_file(target):
+        raise RunError(f"{target}: exists and is not a metrics file `fieldid evaluate` wrote; choose another --out "
+                       "(it would be replaced)")
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """A file :func:`evaluate` (or training) wrote: a JSON object with the held-out scores."""
+    import json
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"accuracy", "macro_f1", "per_class"} <= set(d)
 
 
 def _training_block(previous: Path) -> Any:
@@ -296,10 +306,10 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
         _check_out(target, run_dir, record, own)
     previous = run_dir / record.metrics
     training = _training_block(previous) if own else None  # read before the work: a damaged file fails first
+    model = load_run_model(run_dir, record)  # a damaged model.pth says so before the photos are decoded
     cache = ImageCache(paths, targets, resize_size=spec.resize_size, interpolation=spec.interpolation)
     if len(cache) == 0:
         raise DataError(f"{data}: no readable images to evaluate")
-    model = load_run_model(run_dir, record)
     logits, y = predict_logits(model, CachedImageDataset(cache, eval_transform(spec)), batch_size=batch_size)
     metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature,
                               fallback_threshold=record.fallback_threshold)

@@ -116,11 +116,12 @@ def scan_image_folder(root: str | Path, *, require_images: bool = True) -> Image
     presplit = (root / "train").is_dir()
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if presplit else {"all": root}
     if presplit:
-        # A class folder beside train/ would be dropped without a word (and its photos never seen).
+        # Photo folders beside train/ (valid/, unlabelled/, a stray class) are not read: say so, once.
         stray = sorted(f.name for f in class_folders(root) if f.name not in SPLIT_NAMES and list_images(f))
         if stray:
-            raise DataError(f"{root}: has train/ and also photo folders {', '.join(stray[:5])} beside it; put every "
-                            f"class under train/ (and val/, test/), or use a flat <class>/ layout without train/")
+            hint = "; fieldid reads val/, not valid/ or validation/" if {"valid", "validation"} & set(stray) else ""
+            log.warning("%s: photo folder(s) %s beside train/ are not used (splits: %s)%s", root,
+                        ", ".join(stray[:5]), ", ".join(SPLIT_NAMES), hint)
     splits: dict[str, dict[str, list[Path]]] = {}
     others: list[Path] = []
     for split, sdir in split_dirs.items():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter, first_line, refuse_output_inside
+from fieldid.cli_common import HelpFormatter, Parser, first_line, refuse_output_inside
+from fieldid.intake import is_image_path
 from fieldid.training.datacheck import (DEFAULT_EXCLUDE_KINDS, DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, EXCLUDE_KINDS,
                                         DeepOptions, check_dataset, exclusions, format_report, write_relabel_csv)
 from fieldid.training.datareport import write_html_report
@@ -59,7 +61,7 @@ def add_check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fieldid data check", formatter_class=HelpFormatter,
         description="Check an image folder (flat <class>/ or pre-split train|val|test/<class>/) for "
                     "files training would skip (unsupported format, unreadable, too large), "
@@ -82,8 +84,10 @@ def _validate(args: argparse.Namespace) -> list[str]:
                        ("--write-relabel", args.write_relabel)):
         if path is not None and Path(path).is_dir():
             raise DataError(f"{flag} {path}: is a folder; give a file name")
-        # The check reads every file below DIR: an output there could replace one of its photos.
-        refuse_output_inside(path, args.dir, flag, "the dataset")
+        # The check reads the photos below DIR: an output in a class folder could replace one. A file
+        # beside the class folders (DIR/report.html) is never read as a photo, so it may go there.
+        refuse_output_inside(path, args.dir, flag, "the dataset's class folders", allowed=lambda t: (
+            t.parent == Path(os.path.realpath(args.dir)) and not is_image_path(t)))
     if not 2 <= args.folds <= 20:
         raise DataError(f"--folds must be in [2, 20] (got {args.folds})")
     if args.image_size is not None and not 32 <= args.image_size <= 1024:  # the range `fieldid train` takes
