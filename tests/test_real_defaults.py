@@ -91,6 +91,26 @@ def test_batchnorm_settings_do_what_they_name(tmp_path: Path, shapes_dir: Path) 
             assert torch.equal(probe_bn, pretrained) == wins
 
 
+def test_draw_loader_seeds_advances_the_rng_as_passes_do() -> None:
+    """The head phase keeps the pretrained-statistics features of its first pass instead of a second
+    pass; the RNG must then stand where the second pass would have left it (the rest of the run's draws)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fieldid.training.head import draw_loader_seeds
+
+    ds = TensorDataset(torch.zeros(10, 2), torch.zeros(10))
+    torch.manual_seed(3)
+    for _ in range(2):
+        for _batch in DataLoader(ds, batch_size=4, shuffle=False):
+            pass
+    after_passes = torch.random.get_rng_state()
+    torch.manual_seed(3)
+    draw_loader_seeds(2)
+    assert torch.equal(after_passes, torch.random.get_rng_state())
+    draw_loader_seeds(1)
+    assert not torch.equal(after_passes, torch.random.get_rng_state())
+
+
 # --------------------------------------------------------------------------- probe and baselines
 def test_probe_fits_separable_features_and_scores_are_right() -> None:
     g = torch.Generator().manual_seed(0)
