@@ -291,6 +291,22 @@ def parse_formats(formats: list[str] | str | None) -> list[str]:
     return wanted
 
 
+def _warn_dropped_formats(out: Path, wanted: list[str]) -> None:
+    """Say so before the work when the bundle at ``out`` holds formats this export will not write: the
+    new bundle replaces it as a whole (`--formats onnx` over a full bundle leaves only ONNX files)."""
+    try:
+        old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        formats = {a["format"] for a in old.get("artifacts", []) if isinstance(a, dict) and "format" in a}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # no bundle there (or not one we can read): nothing of it to lose
+    # An artifact format belongs to the --formats name it starts with (torchscript_lite: torchscript).
+    dropped = sorted(f for f in formats if not any(f == w or f.startswith(w + "_") for w in wanted))
+    if dropped:
+        log.warning("%s holds %s files this export does not write (--formats %s): the new bundle replaces it "
+                    "without them; add them to --formats to keep them, or write to another --out", out,
+                    ", ".join(dropped), ",".join(wanted))
+
+
 def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
     path = run_dir / record.metrics
     if not path.is_file():
@@ -410,6 +426,7 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
     out = Path(os.path.abspath(out if out else run_dir / "export"))
     check_writable(out)
     clean_leftovers(out)
+    _warn_dropped_formats(out, wanted)
     t_start = time.time()
     stats: dict[str, Any] = {}
     # Everything that can reject the run (held-out split, images, weights) runs before the

@@ -116,8 +116,8 @@ class Manifest(Record):
     def validate(self, source: str = "manifest.json") -> None:
         if self.num_classes != len(self.labels) or len(set(self.labels)) != len(self.labels):
             raise ManifestError(f"{source}: labels do not match num_classes or repeat")
-        if not self.temperature > 0 or not 0 <= self.fallback_threshold <= 1:
-            raise ManifestError(f"{source}: temperature must be > 0 and fallback_threshold in [0, 1]")
+        if not 0 < self.temperature < math.inf or not 0 <= self.fallback_threshold <= 1:
+            raise ManifestError(f"{source}: temperature must be finite and > 0 and fallback_threshold in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")
         try:
             check_entries(self.examples, self.labels, source)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fieldid import __version__
 from fieldid.cli_common import (HelpFormatter, Parser, Progress, RedactingFilter, UsageError, first_line, is_bad_input,
-                                 redact_url_passwords, refuse_output_inside)
+                                 check_output_file, redact_url_passwords, refuse_output_inside)
 
 __all__ = ["main", "build_parser"]
 
@@ -70,6 +70,7 @@ def _check_predict_out(args: argparse.Namespace) -> None:
         if (bundle.parent / "run.json").is_file():  # a run's export/: the run around it is read too
             refuse_output_inside(args.out, bundle.parent, "--out", "the run",
                                  allowed=lambda t: not t.exists() or is_predict_table(t))
+    check_output_file(args.out, "--out")
     out = os.path.realpath(args.out)
     if any(os.path.realpath(p) == out for p in args.photos):
         raise UsageError(f"--out {args.out}: is one of the photos to classify; write it elsewhere")

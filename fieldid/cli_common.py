@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Callable, NoReturn, TextIO
 
 __all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
-           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "http_url"]
+           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "check_output_file", "http_url"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.
@@ -50,6 +50,26 @@ def refuse_output_inside(out: str | os.PathLike | None, folder: str | os.PathLik
     target, root = Path(os.path.realpath(out)), Path(os.path.realpath(folder))
     if (target == root or root in target.parents) and not (allowed and allowed(target)):
         raise UsageError(f"{flag} {out}: inside {what} {folder}; write it outside that folder")
+
+
+def check_output_file(out: str | os.PathLike, flag: str) -> None:
+    """UsageError before any work when the output file ``out`` cannot be written: it is a folder, or
+    a folder on its way is a file (was: ``[Errno 17] File exists`` after the whole check or evaluation).
+
+    Example:
+        >>> check_output_file(".", "--json")
+        Traceback (most recent call last):
+        ...
+        fieldid.cli_common.UsageError: --json .: is a folder; give a file name
+    """
+    p = Path(out)
+    if p.is_dir():
+        raise UsageError(f"{flag} {out}: is a folder; give a file name")
+    for parent in Path(os.path.abspath(out)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {out}: {parent} is a file, not a folder")
+            return
 
 
 def http_url(url: str, flag: str = "URL") -> tuple[str, str, int, str]:

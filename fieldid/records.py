@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -361,6 +362,9 @@ class Record:
         pass
 
 
+MAX_RESIZE = 4096  # the largest resize a preprocess spec may ask for (training allows crops up to 1024)
+
+
 @dataclass
 class PreprocessSpec(Record):
     """Eval-time preprocessing, exactly what a phone app must do before the model.
@@ -390,10 +394,14 @@ class PreprocessSpec(Record):
     def validate(self, source: str = "preprocess") -> None:
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise RecordError(f"{source}: interpolation {self.interpolation!r} not supported")
-        if not (0 < self.crop_size <= self.resize_size):
-            raise RecordError(f"{source}: need 0 < crop_size <= resize_size")
+        if not (0 < self.crop_size <= self.resize_size <= MAX_RESIZE):
+            raise RecordError(f"{source}: need 0 < crop_size <= resize_size <= {MAX_RESIZE}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise RecordError(f"{source}: mean/std must be 3 values, std > 0")
+        # What every runtime here and the phone app implement; anything else would be read as this anyway.
+        if (self.layout, self.color, self.scale) != ("NCHW", "RGB", 1.0 / 255.0):
+            raise RecordError(f"{source}: only layout NCHW, color RGB and scale 1/255 are supported "
+                              f"(got {self.layout}, {self.color}, {self.scale})")
 
     @staticmethod
     def for_crop(crop_size: int, crop_pct: float, **kw: Any) -> "PreprocessSpec":
@@ -442,8 +450,8 @@ class RunRecord(Record):
             raise RecordError(f"{source}: num_classes {self.num_classes} != {len(self.labels)} labels")
         if len(set(self.labels)) != len(self.labels):
             raise RecordError(f"{source}: duplicate labels")
-        if not self.temperature > 0:
-            raise RecordError(f"{source}: temperature must be > 0")
+        if not 0 < self.temperature < math.inf:
+            raise RecordError(f"{source}: temperature must be finite and > 0")
         if not 0.0 <= self.fallback_threshold <= 1.0:
             raise RecordError(f"{source}: fallback_threshold must be in [0, 1]")
         PreprocessSpec.from_dict(self.preprocess, source=f"{source}:preprocess")

@@ -145,7 +145,7 @@ def test_binary_text_files_are_one_line(what: str, tmp_path: Path) -> None:
 def test_binary_and_mistyped_manifests_are_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
     import shutil
 
-    from fieldid.export.manifest import ManifestError, load_manifest
+    from fieldid.export.manifest import load_manifest
     from fieldid.records import RecordError
 
     b = tmp_path / "b"
@@ -156,12 +156,16 @@ def test_binary_and_mistyped_manifests_are_one_line(tiny_bundle: Path, tmp_path:
         load_manifest(b)
     edits = {"artifact verification": (lambda m: m["artifacts"][0].__setitem__("verification", "ok"),
                                        "verification must be"),
-             "unknown threshold": (lambda m: m["unknown"].__setitem__("threshold", "high"), "unknown.threshold")}
+             "unknown threshold": (lambda m: m["unknown"].__setitem__("threshold", "high"), "unknown.threshold"),
+             # Accepted before: every answer to the server, every photo an error row blaming the photo.
+             "infinite temperature": (lambda m: m.__setitem__("temperature", float("inf")), "temperature must be finite"),
+             "huge crop": (lambda m: m["preprocess"].update(resize_size=100000, crop_size=100000), "resize_size <="),
+             "NHWC layout": (lambda m: m["preprocess"].__setitem__("layout", "NHWC"), "only layout NCHW")}
     for name, (edit, message) in edits.items():
         m = json.loads(json.dumps(good))
         edit(m)
         (b / "manifest.json").write_text(json.dumps(m))
-        with pytest.raises(ManifestError, match=message):
+        with pytest.raises(RecordError, match=message):  # ManifestError, or the preprocess record's own
             load_manifest(b)
 
 
@@ -202,7 +206,8 @@ def test_damaged_server_state_is_one_line(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ values and URLs
-@pytest.mark.parametrize("key, value", [("learning rates", float("inf")), ("weight_decay", -1.0), ("warmup_frac", 1.5),
+@pytest.mark.parametrize("key, value", [("learning rates", float("inf")), ("distill_temperature", float("inf")),
+                                        ("weight_decay", -1.0), ("warmup_frac", 1.5),
                                         ("limit_train_batches", 2.5), ("fallback_target_accuracy", 0.0)])
 def test_config_values_out_of_range(key: str, value: float) -> None:
     from fieldid.training.config import ConfigError, TrainConfig
@@ -353,3 +358,49 @@ def test_small_guards(tmp_path: Path) -> None:
         f.truncate(31_000_000)  # sparse: no 31 MB written
     with pytest.raises(ImageInputError, match="larger than 30 MB"):
         _read_photo(big)
+
+
+def test_data_check_flag_values_and_output_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _folder(tmp_path / "photos", {"a": ["1.png", "2.png"], "b": ["1.png", "2.png"]})
+    (tmp_path / "afile").write_text("x")
+    for argv, message in ((["--near-threshold", "65"], "--near-threshold must be in [0, 64]"),
+                          (["--exclude-kinds", ""], "names no kind"),
+                          (["--json", str(tmp_path / "afile" / "r.json")], "is a file, not a folder")):
+        assert main(["data", "check", str(root), "--fast", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_links_and_pipes_in_class_folders_are_reported_skipped(tmp_path: Path) -> None:
+    """A broken link or a FIFO named like a photo was dropped while the check said "skipped files: 0"."""
+    import os
+
+    from fieldid.training.datacheck import check_dataset
+
+    root = _folder(tmp_path / "photos", {"a": ["1.png", "2.png"], "b": ["1.png", "2.png"]})
+    os.symlink(tmp_path / "gone.png", root / "a" / "broken.png")
+    os.mkfifo(root / "b" / "pipe.jpg")
+    report = check_dataset(root, progress=False)
+    skipped = {r["file"]: r for r in report.skipped}
+    assert set(skipped) == {"a/broken.png", "b/pipe.jpg"}
+    assert all(r["reason"] == "unreadable" and "not a regular file" in r["detail"] for r in skipped.values())
+
+
+def test_a_split_without_test_says_what_its_scores_are(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fieldid.training.data import make_split
+
+    root = _folder(tmp_path / "photos", {"train/a": ["1.png", "2.png", "3.png"], "train/b": ["1.png", "2.png", "3.png"]})
+    with caplog.at_level("WARNING"):
+        split = make_split(root)
+    assert not split.files["test"] and "pre-split without test/" in caplog.text
+
+
+def test_export_says_which_formats_a_narrower_export_drops(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fieldid.export.bundle import _warn_dropped_formats
+
+    with caplog.at_level("WARNING"):
+        _warn_dropped_formats(tiny_bundle, ["pytorch", "onnx"])
+    assert "does not write" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _warn_dropped_formats(tiny_bundle, ["pytorch"])
+    assert "holds onnx files this export does not write" in caplog.text

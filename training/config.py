@@ -146,7 +146,7 @@ class TrainConfig:
             (0 <= self.augment.noise <= 64, "augment.noise must be in [0, 64] grey levels"),
             (isinstance(self.augment.hflip, bool) or self.augment.hflip == "auto", "augment.hflip must be true|false|auto"),
             (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
-            (self.distill_temperature > 0, "distill_temperature must be > 0"),
+            (0 < self.distill_temperature < math.inf, "distill_temperature must be finite and > 0"),
         ]
         for ok, msg in checks:
             if not ok:

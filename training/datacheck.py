@@ -488,6 +488,10 @@ def check_dataset(root: str | Path, *, near_threshold: int = DEFAULT_NEAR_THRESH
             image.close()
         bar.step(i)
     for path in listing.others:
+        if not path.is_file():  # a broken link, a FIFO: not a photo file whatever its name
+            skipped.append({"file": path.relative_to(root_path).as_posix(), "reason": "unreadable",
+                            "detail": "not a regular file (a broken link, a pipe or a device)"})
+            continue
         kind = path.suffix.lower() or "a file without extension"
         skipped.append({"file": path.relative_to(root_path).as_posix(), "reason": "unsupported format",
                         "detail": f"{kind} files are not read; accepted: {ACCEPTED_NAMES}"})

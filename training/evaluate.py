@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fieldid.cli_common import first_line
+from fieldid.cli_common import check_output_file, first_line
 
 from .calibrate import expected_calibration_error
 from .data import CachedImageDataset, ImageCache, eval_transform, load_split
@@ -231,6 +231,7 @@ def _check_out(target: Path, run_dir: Path, record: Any, own: bool) -> None:
     (``--out RUN/model.pth`` replaced the model it evaluates; ``--out BUNDLE/manifest.json`` a bundle)."""
     if target.is_dir():
         raise RunError(f"{target}: is a folder; --out names the metrics file")
+    check_output_file(target, "--out")
     if os.path.realpath(target) == os.path.realpath(run_dir / record.metrics) and not own:
         raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")
     if target.is_file() and not _is_metrics_file(target):

@@ -74,13 +74,15 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def list_other_files(folder: Path) -> list[Path]:
-    """Visible files below ``folder`` that are not photos by their name (``.gif``, ``.txt``, RAW, ...).
+    """Visible entries below ``folder`` that training does not read: files that are not photos by
+    their name (``.gif``, ``.txt``, RAW, ...), and anything that is neither a file nor a folder
+    (a broken link, a FIFO), whatever its name.
 
-    Training never reads them; ``fieldid data check`` lists them as skipped. Hidden files
-    (``.DS_Store``, ``._IMG_1.jpg``) and files in hidden folders are system clutter, not photos.
+    ``fieldid data check`` lists them as skipped. Hidden files (``.DS_Store``, ``._IMG_1.jpg``) and
+    files in hidden folders are system clutter, not photos.
     """
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not is_image_path(p)
+                  if not p.is_dir() and (not p.is_file() or not is_image_path(p))
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

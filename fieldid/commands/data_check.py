@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter, Parser, first_line, refuse_output_inside
+from fieldid.cli_common import HelpFormatter, Parser, check_output_file, first_line, refuse_output_inside
 from fieldid.intake import is_image_path
 from fieldid.training.datacheck import (DEFAULT_EXCLUDE_KINDS, DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, EXCLUDE_KINDS,
                                         DeepOptions, check_dataset, exclusions, format_report, write_relabel_csv)
@@ -76,14 +76,17 @@ def _validate(args: argparse.Namespace) -> list[str]:
     """Bad flag values as a DataError before any photo is read; returns the exclude kinds."""
     kinds = [k.strip() for k in str(args.exclude_kinds).split(",") if k.strip()]
     bad = sorted(set(kinds) - set(EXCLUDE_KINDS))
+    if not kinds:
+        raise DataError(f"--exclude-kinds names no kind; valid: {', '.join(EXCLUDE_KINDS)}")
     if bad:
         raise DataError(f"--exclude-kinds: unknown kind(s) {', '.join(bad)}; valid: {', '.join(EXCLUDE_KINDS)}")
     if args.fast and args.write_relabel:
         raise DataError("--write-relabel needs the label check; drop --fast")
     for flag, path in (("--json", args.json), ("--report", args.report), ("--write-exclude", args.write_exclude),
                        ("--write-relabel", args.write_relabel)):
-        if path is not None and Path(path).is_dir():
-            raise DataError(f"{flag} {path}: is a folder; give a file name")
+        if path is None:
+            continue
+        check_output_file(path, flag)
         # The check reads the photos below DIR: an output in a class folder could replace one. A file
         # beside the class folders (DIR/report.html) is never read as a photo, so it may go there.
         refuse_output_inside(path, args.dir, flag, "the dataset's class folders", allowed=lambda t: (
@@ -93,9 +96,10 @@ def _validate(args: argparse.Namespace) -> list[str]:
     if args.image_size is not None and not 32 <= args.image_size <= 1024:  # the range `fieldid train` takes
         raise DataError(f"--image-size must be in [32, 1024] (got {args.image_size}); leave it out for the size "
                         "training picks")
-    for flag, value in (("--near-threshold", args.near_threshold), ("--min-side", args.min_side)):
-        if value < 0:
-            raise DataError(f"{flag} must be >= 0 (got {value})")
+    if not 0 <= args.near_threshold <= 64:  # bits that differ between two 64-bit perceptual hashes
+        raise DataError(f"--near-threshold must be in [0, 64] (got {args.near_threshold})")
+    if args.min_side < 0:
+        raise DataError(f"--min-side must be >= 0 (got {args.min_side})")
     if not 0 < args.dup_similarity <= 1:
         raise DataError(f"--dup-similarity must be in (0, 1] (got {args.dup_similarity})")
     return kinds
