@@ -296,7 +296,7 @@ def _warn_dropped_formats(out: Path, wanted: list[str]) -> None:
     new bundle replaces it as a whole (`--formats onnx` over a full bundle leaves only ONNX files)."""
     try:
         old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        formats = {a["format"] for a in old.get("artifacts", []) if isinstance(a, dict) and "format" in a}
+        formats = {a["format"] for a in old.get("artifacts", []) if isinstance(a, dict) and isinstance(a.get("format"), str)}
     except (OSError, ValueError, AttributeError, TypeError):
         return  # no bundle there (or not one we can read): nothing of it to lose
     # An artifact format belongs to the --formats name it starts with (torchscript_lite: torchscript).

@@ -65,10 +65,11 @@ def check_output_file(out: str | os.PathLike, flag: str) -> None:
     p = Path(out)
     if p.is_dir():
         raise UsageError(f"{flag} {out}: is a folder; give a file name")
-    for parent in Path(os.path.abspath(out)).parents:
-        if parent.exists():
+    # absolute(), not abspath(): `f.txt/../o.json` must still meet f.txt; lexists: a dangling link counts.
+    for parent in p.absolute().parents:
+        if os.path.lexists(parent):
             if not parent.is_dir():
-                raise UsageError(f"{flag} {out}: {parent} is a file, not a folder")
+                raise UsageError(f"{flag} {out}: {parent} is not a folder")
             return
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -361,11 +362,16 @@ def test_small_guards(tmp_path: Path) -> None:
 
 
 def test_data_check_flag_values_and_output_parents(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
     root = _folder(tmp_path / "photos", {"a": ["1.png", "2.png"], "b": ["1.png", "2.png"]})
     (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
     for argv, message in ((["--near-threshold", "65"], "--near-threshold must be in [0, 64]"),
                           (["--exclude-kinds", ""], "names no kind"),
-                          (["--json", str(tmp_path / "afile" / "r.json")], "is a file, not a folder")):
+                          (["--json", str(tmp_path / "afile" / "r.json")], "afile is not a folder"),
+                          (["--json", str(tmp_path / "afile" / ".." / "r.json")], "afile is not a folder"),
+                          (["--json", str(tmp_path / "dangling" / "r.json")], "dangling is not a folder")):
         assert main(["data", "check", str(root), "--fast", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
@@ -387,12 +393,14 @@ def test_links_and_pipes_in_class_folders_are_reported_skipped(tmp_path: Path) -
 
 
 def test_a_split_without_test_says_what_its_scores_are(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from fieldid.training.data import make_split
+    from fieldid.training import TrainConfig
+    from fieldid.training.train import train
 
-    root = _folder(tmp_path / "photos", {"train/a": ["1.png", "2.png", "3.png"], "train/b": ["1.png", "2.png", "3.png"]})
+    root = _folder(tmp_path / "photos", {"train/a": [f"{k}.png" for k in range(6)],
+                                        "train/b": [f"{k}.png" for k in range(6)]})
     with caplog.at_level("WARNING"):
-        split = make_split(root)
-    assert not split.files["test"] and "pre-split without test/" in caplog.text
+        train(root, tmp_path / "run", TrainConfig(epochs=1, image_size=32, batch_size=8))
+    assert "pre-split without test/ photos: the run's scores are on val" in caplog.text
 
 
 def test_export_says_which_formats_a_narrower_export_drops(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -404,3 +412,8 @@ def test_export_says_which_formats_a_narrower_export_drops(tiny_bundle: Path, ca
     with caplog.at_level("WARNING"):
         _warn_dropped_formats(tiny_bundle, ["pytorch"])
     assert "holds onnx files this export does not write" in caplog.text
+    damaged = tiny_bundle.parent / "damaged-bundle"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text(json.dumps({"artifacts": [{"format": None}, {"format": "onnx"}]}))
+    _warn_dropped_formats(damaged, ["pytorch"])  # a bundle that is not one: no crash
+    shutil.rmtree(damaged)

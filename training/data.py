@@ -162,9 +162,7 @@ def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fractio
             else:
                 for name, paths in classes.items():
                     files[split] += [(rel(p), index[name]) for p in paths]
-        if "test" not in listing.splits:  # the user's split is kept as it is; say what that means
-            log.warning("%s: pre-split without test/: no held-out test photos, so the run's scores are on val, "
-                        "which also chose the model (an optimistic estimate); add test/ for an honest one", root)
+
     else:
         carve(listing.splits["all"], {"val": val_fraction, "test": test_fraction})
     for k in files:

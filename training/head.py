@@ -251,6 +251,7 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
             # the measured rows of docs/measured/ were made with).
             feats, ys, val_feats, val_ys = pretrained_pass
             draw_loader_seeds(2)
+        del pretrained_pass  # the re-estimated ones won, or its features are feats now: not held twice
         log.info("head phase: BatchNorm statistics %s (linear probe val %s %.4f with the pretrained ones, "
                  "%.4f re-estimated)", choice["used"], cfg.objective, choice["pretrained_probe_val"],
                  choice["re-estimated_probe_val"])

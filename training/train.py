@@ -199,6 +199,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         split = make_split(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            seed=cfg.seed)
         require_validation(split, cfg)
+        if writer and split.presplit and not split.files["test"]:  # the user's split is kept; say what it means
+            log.warning("%s: pre-split without test/ photos: the run's scores are on val, which also chose the "
+                        "model (an optimistic estimate); add test/ for an honest one", data_dir)
         size, size_reason = choose_image_size(split, cfg)
         log.info("image size: %s", size_reason)
         spec = backbone.preprocess(size)
