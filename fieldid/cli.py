@@ -34,8 +34,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --run RUN or --bundle DIR")
     if args.out.suffix.lower() not in TABLE_FORMATS:  # before any work: a typo must not cost a whole run
         raise UsageError(f"{args.out}: --out must end in {' or '.join(TABLE_FORMATS)}")
-    if args.out.is_dir():
-        raise UsageError(f"{args.out}: is a folder; --out names the result file")
     if args.k < 1:
         raise UsageError(f"--top-k must be >= 1 (got {args.k})")
     _check_predict_out(args)

@@ -162,7 +162,6 @@ def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fractio
             else:
                 for name, paths in classes.items():
                     files[split] += [(rel(p), index[name]) for p in paths]
-
     else:
         carve(listing.splits["all"], {"val": val_fraction, "test": test_fraction})
     for k in files:

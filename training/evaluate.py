@@ -227,10 +227,8 @@ def _other_metrics_name(data: Path) -> str:
 
 
 def _check_out(target: Path, run_dir: Path, record: Any, own: bool) -> None:
-    """Bad ``--out`` before any work: a folder, or an existing file that is not a metrics file
+    """Bad ``--out`` before any work: a folder (or a file on its way), or an existing file that is not a metrics file
     (``--out RUN/model.pth`` replaced the model it evaluates; ``--out BUNDLE/manifest.json`` a bundle)."""
-    if target.is_dir():
-        raise RunError(f"{target}: is a folder; --out names the metrics file")
     check_output_file(target, "--out")
     if os.path.realpath(target) == os.path.realpath(run_dir / record.metrics) and not own:
         raise RunError(f"{target}: is the run's held-out metrics file; choose another --out")

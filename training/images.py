@@ -119,7 +119,9 @@ def scan_image_folder(root: str | Path, *, require_images: bool = True) -> Image
     split_dirs = {s: root / s for s in SPLIT_NAMES if (root / s).is_dir()} if presplit else {"all": root}
     if presplit:
         # Photo folders beside train/ (valid/, unlabelled/, a stray class) are not read: say so, once.
-        stray = sorted(f.name for f in class_folders(root) if f.name not in SPLIT_NAMES and list_images(f))
+        # any(): one photo says a folder holds photos; listing all of an unlabelled/ folder would not.
+        stray = sorted(f.name for f in class_folders(root)
+                       if f.name not in SPLIT_NAMES and any(is_image_file(p) for p in f.rglob("*")))
         if stray:
             hint = "; fieldid reads val/, not valid/ or validation/" if {"valid", "validation"} & set(stray) else ""
             log.warning("%s: photo folder(s) %s beside train/ are not used (splits: %s)%s", root,
