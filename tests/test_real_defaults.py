@@ -148,16 +148,45 @@ def test_choose_shipped_takes_the_probe_only_when_strictly_better(tmp_path: Path
 
 def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path, caplog) -> None:
     """A learning rate of 5 wrecks the fine-tune on purpose (the reason the guard exists); the run
-    must say so and ship the probe: the pretrained backbone with the fitted head, scored on val."""
+    must say so and ship the probe: the pretrained backbone with the fitted head, scored on val.
+    The probe is also the score the fine-tuning epochs must beat: with none reaching it, the run stops
+    after `early_stopping_patience` of them, and the shipped probe's unknown detector is the one a
+    pass of its own gives."""
     data = make_shapes_dataset(tmp_path / "d", {"circle": 24, "square": 24, "triangle": 24}, size=48)
     caplog.set_level("INFO", logger="fieldid.train")
-    rec = train(data, tmp_path / "run", TrainConfig(epochs=2, image_size=48, batch_size=16, lr=5.0,
-                                                   val_fraction=0.25, test_fraction=0.25))
+    caplog.set_level("INFO", logger="fieldid.ood")
+    cfg = TrainConfig(epochs=8, image_size=48, batch_size=16, lr=5.0, val_fraction=0.25, test_fraction=0.25,
+                      early_stopping_patience=2)
+    rec = train(data, tmp_path / "run", cfg)
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     base = m["training"]["baselines"]
     assert m["training"]["shipped"] == "probe", base
     assert base["probe"]["accuracy"] > base["fine_tuned"]["accuracy"]
     assert "ships the probe" in caplog.text
+    lines = (tmp_path / "run" / "logs" / "metrics.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), r.split(","))) for r in lines[1:]]
+    vals = [float(r["val_acc"]) for r in rows if r.get("val_acc")]
+    assert vals and max(vals) < base["probe"]["accuracy"], (vals, base)  # lr 5: no epoch reaches the probe
+    # Without the probe as the score to beat, the plateau rule would count from the first epoch.
+    assert len(vals) == cfg.early_stopping_patience and m["training"]["epochs"] == cfg.head_epochs + len(vals)
+    assert "the linear probe's" in rec.extra["stopped"]["reason"], rec.extra["stopped"]
+    assert "head phase's features" in caplog.text
+    from fieldid.training.data import CachedImageDataset, eval_transform, load_split
+    from fieldid.training.models import load_run_model
+    from fieldid.training.ood import fit_run_detector
+    from fieldid.training.train import build_datasets
+
+    spec = rec.preprocess_spec
+    datasets, _ = build_datasets(load_split(tmp_path / "run" / "split.json"), cfg, spec)
+    plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    (tmp_path / "again").mkdir()
+    again = fit_run_detector(load_run_model(tmp_path / "run"), plain, datasets["val"], tmp_path / "again",
+                             heldout_name="val", num_classes=3)
+    assert again["threshold"] == pytest.approx(rec.unknown["threshold"], rel=1e-4)
+    kept = torch.load(tmp_path / "run" / "unknown.pth", weights_only=True)
+    fresh = torch.load(tmp_path / "again" / "unknown.pth", weights_only=True)
+    for key in ("means", "rest"):
+        torch.testing.assert_close(kept[key], fresh[key], rtol=1e-4, atol=1e-5)
     assert rec.extra["shipped"] == "probe" and rec.extra["baselines_val"]["probe"] == base["probe"]
     # The shipped weights are the probe's: the test photos are answered as the probe answers them.
     from fieldid.training.models import classifier_modules, create_model

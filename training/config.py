@@ -58,7 +58,8 @@ class TrainConfig:
     weights: str | None = None  # local state dict overriding the default weight source
     image_size: int | None = None  # crop size; None -> matched to the photos (see image_size_rule)
     # A cap, not a count: early stopping ends the run when the val objective plateaus
-    # (early_stopping_patience epochs without a gain), or once it has reached 1.0, at the first epoch
+    # (early_stopping_patience epochs without a gain over the best so far, the run's linear probe
+    # included: train.seed_early_stopping), or once it has reached 1.0, at the first epoch
     # that does not beat the best (module.StopWhenPerfect). Chosen on make bench-real.
     epochs: int = 8  # total, including the head-only epochs
     head_epochs: int = 1  # backbone frozen, only the new head trains

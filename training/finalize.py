@@ -62,9 +62,14 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
 
 def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datasets: dict, best_path: str, *,
               skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict,
-              logit_offset: torch.Tensor | None = None) -> RunRecord:
+              logit_offset: torch.Tensor | None = None,
+              probe_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> RunRecord:
     """Best weights (or the probe, when it beat them on val) -> model.pth, temperature + fallback
-    threshold + unknown detector on val, metrics on test."""
+    threshold + unknown detector on val, metrics on test.
+
+    ``probe_features``: the head phase's training features, targets and val features (head.HeadPhase):
+    when the probe ships, its unknown detector is fitted on them instead of a pass of its own.
+    """
     spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
     model = create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout)
@@ -109,8 +114,10 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     from .ood import fit_run_detector, model_version
 
     train_eval = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
+    # The shipped probe is the head phase's backbone and BatchNorm statistics: its features are those.
+    reuse = probe_features if baselines["shipped"] == "probe" and cal_name == "val" else None
     record.unknown = fit_run_detector(model, train_eval, datasets[cal_name], out, heldout_name=cal_name,
-                                      num_classes=len(split.labels))
+                                      num_classes=len(split.labels), features=reuse)
     record.model_version = model_version(out, record)
     record.temperature = temperature
     record.fallback_threshold = fallback.threshold

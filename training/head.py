@@ -2,6 +2,7 @@
 (majority answer, linear probe) and the starting head, before Lightning fine-tunes the whole net."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .data import CachedImageDataset, balanced_sample_weights, eval_transform
 from .records import PreprocessSpec
 
 __all__ = ["head_module", "train_head_on_features", "uses_feature_head", "run_feature_head", "mirror_check",
-           "MIRROR_IMAGES", "MIRROR_MIN_LOST", "MIRROR_MAX_DROP"]
+           "HeadPhase", "MIRROR_IMAGES", "MIRROR_MIN_LOST", "MIRROR_MAX_DROP"]
 
 log = logging.getLogger("fieldid.train")
 
@@ -185,6 +186,22 @@ def mirror_check(model: torch.nn.Module, head: torch.nn.Module, cache: Any, spec
                      f"{MIRROR_MAX_DROP:.0%} of the photos checked")}
 
 
+@dataclasses.dataclass
+class HeadPhase:
+    """What the head phase hands the rest of the run.
+
+    ``flips``: the mirror check's decision (``augment.hflip: auto``), else None. ``probe_val``: the
+    linear probe's val scores (the score the fine-tune has to beat). ``features``: the probe's
+    training features, their targets and its val features, computed on the CPU under the BatchNorm
+    statistics the probe keeps: when the run ships the probe they are the shipped model's own, and
+    the unknown detector needs no pass of its own (None when computed on another device).
+    """
+
+    flips: dict[str, Any] | None
+    probe_val: dict[str, float]
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
 def draw_loader_seeds(passes: int) -> None:
     """Advance torch's global RNG as ``passes`` passes over an unshuffled DataLoader do: each iterator
     draws one int64 base seed (torch.utils.data.dataloader._BaseDataLoaderIter); an eval transform
@@ -194,13 +211,12 @@ def draw_loader_seeds(passes: int) -> None:
 
 
 def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
-                      weights: torch.Tensor | None, counts: list[int], mode: str, out: Path) -> dict[str, Any] | None:
+                      weights: torch.Tensor | None, counts: list[int], mode: str, out: Path) -> HeadPhase:
     """The head phase of :func:`train` on cached features of the un-augmented training photos.
 
     The features also give the run its baselines (majority answer and linear probe, scored on val);
     with ``head_init: probe`` (the default) the probe is the head the fine-tuning starts from. With
-    ``augment.hflip: auto`` the probe also decides whether training flips photos (:func:`mirror_check`);
-    that decision is returned (None otherwise).
+    ``augment.hflip: auto`` the probe also decides whether training flips photos (:func:`mirror_check`).
     """
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "cpu"
     plain = CachedImageDataset(datasets["train"].cache, eval_transform(spec, from_cache=True))
@@ -273,4 +289,4 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
         train_head_on_features(model, plain, cfg, class_weights=weights, sample_weights=sample_weights, device=device)
         log.info("head phase: %d epoch(s) on cached features in %.1f s", cfg.head_epochs, time.time() - t)
     model.train()
-    return flips
+    return HeadPhase(flips, dict(probe.val), (feats, ys, val_feats) if device == "cpu" else None)

@@ -275,7 +275,8 @@ def _write_detector(det: UnknownDetector, path: Path) -> None:
 
 
 def fit_run_detector(model: nn.Module, train_ds: Any, heldout_ds: Any, out: Path, *, heldout_name: str,
-                     num_classes: int, quantile: float = ACCEPT_QUANTILE) -> dict[str, Any]:
+                     num_classes: int, quantile: float = ACCEPT_QUANTILE,
+                     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """Fit the detector on training features, its threshold on held-out ones; write ``unknown.pth``.
 
     Args:
@@ -286,6 +287,9 @@ def fit_run_detector(model: nn.Module, train_ds: Any, heldout_ds: Any, out: Path
         heldout_name: which split ``heldout_ds`` is (recorded).
         num_classes: number of classes.
         quantile: share of held-out in-distribution photos to accept.
+        features: ``(training features, their targets, held-out features)`` of ``model``'s body on
+            these photos when already computed (a run that ships its probe has them from its head
+            phase); the two feature passes are then skipped.
 
     Returns:
         The ``unknown`` dict for ``run.json`` (``{}`` when the model has no single linear head).
@@ -297,9 +301,15 @@ def fit_run_detector(model: nn.Module, train_ds: Any, heldout_ds: Any, out: Path
     except ValueError as e:
         log.warning("no unknown detector: %s", e)
         return {}
-    f_train, _, y_train = extract_features(body, head, train_ds, desc="training features")
+    if features is not None:
+        f_train, y_train, f_val = features
+        log.info("unknown detector: the head phase's features of %d training and %d %s photos (the shipped "
+                 "probe's own backbone)", len(f_train), len(f_val), heldout_name)
+    else:
+        f_train, _, y_train = extract_features(body, head, train_ds, desc="training features")
     det, info = fit_detector(f_train, y_train, num_classes)
-    f_val, _, _ = extract_features(body, head, heldout_ds, desc=f"{heldout_name} features")
+    if features is None:
+        f_val, _, _ = extract_features(body, head, heldout_ds, desc=f"{heldout_name} features")
     with torch.no_grad():
         val_scores = det(f_val)
     threshold, rule = fit_threshold(val_scores, quantile=quantile)
