@@ -110,6 +110,25 @@ class MissingExtra(UsageError):
 _DISTRIBUTIONS = {"sklearn": "scikit-learn", "skimage": "scikit-image"}
 
 
+def listen_host(host: str, flag: str = "--host") -> str:
+    """``host`` when this machine can listen on it (a name is looked up), else one :class:`UsageError`
+    naming the flag (a typo'd name was ``[Errno -2] Name or service not known`` after the exposure warning).
+
+    Example:
+        >>> listen_host("127.0.0.1")
+        '127.0.0.1'
+    """
+    import socket
+
+    if not host.strip():
+        raise UsageError(f"{flag} is empty; give an address to listen on, e.g. 127.0.0.1 (this machine only) or 0.0.0.0")
+    try:
+        socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"{flag} {host}: not an address this machine can listen on ({first_line(e)})") from None
+    return host
+
+
 def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
     """Import ``module``, an optional dependency declared in ``fieldid[extra]``.
 

@@ -26,7 +26,7 @@ from fieldid.cli_common import UsageError, http_url
 from .keys import read_token
 
 __all__ = ["PredictionError", "ServeClient", "predict", "read_token", "image_content_type", "http_json",
-           "token_for", "KeyFileError", "origin", "tls_context", "NEEDS_KEY_FILE"]
+           "token_for", "KeyFileError", "CertificateError", "origin", "tls_context", "NEEDS_KEY_FILE"]
 
 # What a client says when a server wants a token it was not given one for.
 NEEDS_KEY_FILE = "this server needs its own key: give --key-file (the key_file.json of that server)"
@@ -34,6 +34,10 @@ NEEDS_KEY_FILE = "this server needs its own key: give --key-file (the key_file.j
 
 class KeyFileError(ValueError):
     """A key file cannot be used for this server (unreadable, or it belongs to another server)."""
+
+
+class CertificateError(ValueError):
+    """The CA file given to verify the server (``--ca-file``) cannot be read as one."""
 
 
 class PredictionError(ValueError):
@@ -123,7 +127,11 @@ def tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
         >>> tls_context().verify_mode == ssl.CERT_REQUIRED
         True
     """
-    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (ssl.SSLError, OSError) as e:  # a typo'd path, a key or a YAML file instead of a PEM certificate
+        raise CertificateError(f"--ca-file {ca_file}: not a PEM certificate this machine can read "
+                               f"({getattr(e, 'reason', None) or getattr(e, 'strerror', None) or e})") from None
     if ca_file:
         # Trust the given certificate itself even when it is a leaf, not a CA (a pinned server).
         ctx.verify_flags |= getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)

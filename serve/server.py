@@ -530,7 +530,8 @@ def stop_server(state_dir: str | Path, timeout: float = 30.0) -> dict[str, Any]:
         state.status = "stopped"
         state.to_json(sd / STATE_FILE)
     else:
-        log.warning("%s has no %s: stopped the server, left the folder as it is", sd, STATE_MARKER)
+        log.warning("%s has no %s: %s, left the folder as it is", sd, STATE_MARKER,
+                    "stopped the server" if was_running else "no server of it was running")
     return {"state_dir": str(sd), "was_running": was_running, "stopped_pids": sorted(p.pid for p in procs)}
 
 

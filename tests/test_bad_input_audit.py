@@ -417,3 +417,86 @@ def test_export_says_which_formats_a_narrower_export_drops(tiny_bundle: Path, ca
     (damaged / "manifest.json").write_text(json.dumps({"artifacts": [{"format": None}, {"format": "onnx"}]}))
     _warn_dropped_formats(damaged, ["pytorch"])  # a bundle that is not one: no crash
     shutil.rmtree(damaged)
+
+
+def test_data_ood_checks_everything_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`data ood` wrote other/ before finding a missing --unseen folder, wrote into anyone's folder,
+    copied files no photo reader opens and left HEIC photos out."""
+    import pillow_heif
+
+    src = _folder(tmp_path / "src", {"fish": ["1.png", "2.png"]})
+    (src / "fish" / "notes.jpg").write_text("not a photo")
+    (src / "fish" / "empty.png").write_bytes(b"")
+    pillow_heif.from_pillow(Image.open(src / "fish" / "1.png").convert("RGB")).save(str(src / "fish" / "3.heic"))
+    out = tmp_path / "ood"
+    for argv, message in ((["--unseen", str(tmp_path / "nope")], "--unseen"), (["--generated", "-5"], "--generated")):
+        assert main(["data", "ood", str(out), "--generated", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()  # nothing written before the refusal
+    mine = tmp_path / "mine"
+    (mine / "keep").mkdir(parents=True)
+    assert main(["data", "ood", str(mine), "--generated", "2"]) == 2
+    assert "not a folder `fieldid data ood` made" in capsys.readouterr().err and sorted(mine.iterdir()) == [mine / "keep"]
+    # The readable photos are copied, HEIC included; the two files no reader opens are counted, not copied.
+    assert main(["data", "ood", str(out), "--generated", "2", "--unseen", str(src / "fish")]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert counts["unseen/fish"] == 3 and counts["skipped"] == 2, counts
+    assert sorted(p.name for p in (out / "unseen" / "fish").iterdir()) == ["1.png", "2.png", "3.heic"]
+    # Its own folder may be written again.
+    assert main(["data", "ood", str(out), "--generated", "2"]) == 0
+    capsys.readouterr()
+
+
+def test_listen_addresses_and_ca_files_are_named_by_their_flag(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo'd --host was '[Errno -2] Name or service not known' after the exposure warning; a --ca-file
+    that is no certificate was an OpenSSL code naming neither the file nor the flag."""
+    from fieldid.serve.client import CertificateError, tls_context
+
+    for argv in (["app", "serve", str(tmp_path), "--host", "no.such.host.invalid"],
+                 ["app", "serve", str(tmp_path), "--host", ""],
+                 ["serve", "start", "--bundle", str(tmp_path), "--host", "no.such.host.invalid"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--host" in err and len(err.strip().splitlines()) == 1 and "warning" not in err, err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("server: x\n")
+    for bad in (typo, tmp_path / "missing.pem"):
+        with pytest.raises(CertificateError, match=f"--ca-file {bad}: not a PEM certificate"):
+            tls_context(bad)
+
+
+def test_server_state_folders_are_claimed_before_writing(tmp_path: Path, tiny_bundle: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """`serve archive --state-dir` wrote model-store/ into any non-empty folder; `serve stop` on a
+    folder without the marker said it had stopped a server that was not running."""
+    from fieldid.serve.config import ServeOptions
+    from fieldid.serve.state import ServerState
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["serve", "archive", "--bundle", str(tiny_bundle), "--state-dir", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # Not running, no marker: the warning says so instead of "stopped the server".
+    ServerState(pid=2 ** 22 + 7, create_time=0.0, state_dir=str(mine), host="127.0.0.1", ports=ServeOptions().ports(),
+                models={}, auth=False, key_file="", config="", log_dir="",
+                started="2025-01-01T00:00:00+00:00").to_json(mine / "server.json")
+    caplog.set_level("WARNING")
+    assert main(["serve", "stop", "--state-dir", str(mine)]) == 0
+    assert "no server of it was running" in caplog.text and "stopped the server" not in caplog.text
+
+
+def test_the_training_log_names_the_commonest_class(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The baselines line said "always '0'": a class index, not the class."""
+    import torch
+
+    from fieldid.training.baselines import fit_run_baselines
+    from fieldid.training.config import TrainConfig
+
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1] * 10 + [0] * 30)
+    caplog.set_level("INFO", logger="fieldid.train")
+    fit_run_baselines(x, y, x, y, 2, TrainConfig(), tmp_path, labels=["scratch", "dent"])
+    assert "always 'scratch' accuracy" in caplog.text

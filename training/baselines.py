@@ -150,7 +150,7 @@ def set_head(head: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor) ->
 def fit_run_baselines(train_features: torch.Tensor, train_targets: torch.Tensor, val_features: torch.Tensor,
                       val_targets: torch.Tensor, num_classes: int, cfg: TrainConfig, out: Path,
                       batchnorm: dict[str, torch.Tensor] | None = None,
-                      batchnorm_choice: dict[str, Any] | None = None) -> LinearProbe:
+                      batchnorm_choice: dict[str, Any] | None = None, labels: list[str] | None = None) -> LinearProbe:
     """Fit the probe and the majority answer, write them into the run, log their val scores.
 
     ``batchnorm`` (the adapted BatchNorm buffers the features were computed with) is stored with
@@ -165,7 +165,8 @@ def fit_run_baselines(train_features: torch.Tensor, train_targets: torch.Tensor,
                                              "majority": majority, "probe": {**probe.val, "l2": probe.l2},
                                              **({"batchnorm": batchnorm_choice} if batchnorm_choice else {})})
     log.info("baselines on val (%d photos): always '%s' accuracy %.4f; linear probe accuracy %.4f, balanced %.4f "
-             "(L2 %g)", len(val_targets), majority["class"], majority["accuracy"], probe.val["accuracy"],
+             "(L2 %g)", len(val_targets), labels[majority["class"]] if labels else majority["class"],
+             majority["accuracy"], probe.val["accuracy"],
              probe.val["balanced_accuracy"], probe.l2)
     return probe
 

@@ -211,7 +211,8 @@ def draw_loader_seeds(passes: int) -> None:
 
 
 def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, spec: PreprocessSpec,
-                      weights: torch.Tensor | None, counts: list[int], mode: str, out: Path) -> HeadPhase:
+                      weights: torch.Tensor | None, counts: list[int], mode: str, out: Path,
+                      labels: list[str] | None = None) -> HeadPhase:
     """The head phase of :func:`train` on cached features of the un-augmented training photos.
 
     The features also give the run its baselines (majority answer and linear probe, scored on val);
@@ -272,7 +273,7 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
                  "%.4f re-estimated)", choice["used"], cfg.objective, choice["pretrained_probe_val"],
                  choice["re-estimated_probe_val"])
     probe = fit_run_baselines(feats, ys, val_feats, val_ys, len(counts), cfg, out, batchnorm_state(model),
-                              batchnorm_choice=choice)
+                              batchnorm_choice=choice, labels=labels)
     flips: dict[str, Any] | None = None
     if cfg.augment.hflip == "auto":
         with torch.random.fork_rng(devices=[]):  # the run's RNG stream stays the one a fixed setting gives

@@ -130,30 +130,90 @@ def _distinct_names(folders: list[Path]) -> list[str]:
     return out
 
 
+# What ``data ood`` writes: a folder holding anything else is a user's, not ours to write into.
+OOD_PARTS = ("other", "unseen")
+MAX_GENERATED = 10_000
+
+
+def _ood_out(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder holding more than ``other/`` and ``unseen/``."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: is a file; give a new or empty folder, or one `fieldid data ood` made")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OOD_PARTS or not p.is_dir())
+        if foreign:
+            raise UsageError(f"{out}: not empty and not a folder `fieldid data ood` made (it holds "
+                             f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); give a new or empty folder")
+
+
+def _readable_photos(folder: Path) -> tuple[list[Path], int]:
+    """The photos under ``folder`` that the phone's intake decodes (sorted), and how many others it skipped."""
+    from fieldid.intake import ImageInputError, is_image_path, open_image
+
+    kept, skipped = [], 0
+    for p in sorted(folder.rglob("*")):
+        if not is_image_path(p) or not p.is_file():
+            continue
+        try:
+            open_image(p, target=64)
+        except (ImageInputError, OSError):
+            skipped += 1
+            continue
+        kept.append(p)
+    return kept, skipped
+
+
 def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[str | Path] = (),
                  generated: int = 120, per_folder: int = 200, seed: int = 0, skimage: bool = True) -> dict[str, int]:
     """Write the ``fieldid bench --ood`` folder: ``OUT/other/`` and ``OUT/unseen/``.
 
+    Every argument is checked before anything is written. Only photos the phone's intake decodes
+    are copied (any format it accepts, HEIC included); the others are counted in ``skipped``.
+
     Args:
-        out: output folder (created; files are written atomically, existing ones replaced).
+        out: output folder: new, empty, or one made by this function (files are written
+            atomically, existing ones replaced).
         unseen: folders of classes of the same kind the model was *not* trained on
             (copied to ``unseen/<folder name>/``).
         other: folders of other datasets (copied to ``other/<folder name>/``, at most ``per_folder`` each).
-        generated: generated gradients / noise / stripes images (``other/generated/``).
+        generated: generated gradients / noise / stripes images (``other/generated/``), 0 to
+            :data:`MAX_GENERATED`.
         per_folder: most images copied from one ``--other`` / ``--unseen`` folder.
         seed: seed of the generated images and of the subsampling.
         skimage: also scikit-image's bundled photos (``other/skimage/``); off for a model trained on
             crops of them.
 
     Returns:
-        Image counts per sub-folder.
+        Image counts per sub-folder, and ``skipped`` (files with a photo's name that did not decode).
 
     Raises:
-        ValueError: a named folder does not exist or holds no images.
+        UsageError: a bad count, an output that is a file or someone else's folder, a named folder
+            that does not exist or holds no readable photo.
     """
     import io
 
     out = Path(out)
+    if isinstance(generated, bool) or not isinstance(generated, int) or not 0 <= generated <= MAX_GENERATED:
+        raise UsageError(f"--generated must be an integer in [0, {MAX_GENERATED}], got {generated!r}")
+    if isinstance(per_folder, bool) or not isinstance(per_folder, int) or per_folder < 1:
+        raise UsageError(f"per_folder must be a positive integer, got {per_folder!r}")
+    _ood_out(out)
+    rng = np.random.default_rng(seed)
+    chosen: list[tuple[str, str, Path, list[Path]]] = []
+    skipped = 0
+    for group, folders in (("other", other), ("unseen", unseen)):
+        names = _distinct_names([Path(f) for f in folders])
+        for folder, name in zip(folders, names):
+            folder = Path(folder)
+            files, bad = _readable_photos(folder) if folder.is_dir() else ([], 0)
+            if not files:
+                why = "no such folder" if not folder.is_dir() else (
+                    f"none of its {bad} photo file(s) decodes" if bad else "no photos in it")
+                raise UsageError(f"--{group} {folder}: {why}")
+            skipped += bad
+            if len(files) > per_folder:
+                files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
+            chosen.append((group, name, folder, files))
     counts: dict[str, int] = {}
     photos = _skimage_photos() if skimage else []
     for name, img in photos:
@@ -163,20 +223,9 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
     if skimage:
         counts["other/skimage"] = len(photos)
     counts["other/generated"] = len(write_generated_unknowns(out / "other" / "generated", generated, seed=seed))
-    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-    rng = np.random.default_rng(seed)
-    for group, folders in (("other", other), ("unseen", unseen)):
-        names = _distinct_names([Path(f) for f in folders])
-        for folder, name in zip(folders, names):
-            folder = Path(folder)
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts) \
-                if folder.is_dir() else []
-            if not files:
-                raise UsageError(f"{folder}: no such folder or no images in it")
-            if len(files) > per_folder:
-                files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
-            for p in files:
-                rel = p.relative_to(folder)
-                atomic_write_bytes(out / group / name / rel, p.read_bytes())
-            counts[f"{group}/{name}"] = len(files)
+    for group, name, folder, files in chosen:
+        for p in files:
+            atomic_write_bytes(out / group / name / p.relative_to(folder), p.read_bytes())
+        counts[f"{group}/{name}"] = len(files)
+    counts["skipped"] = skipped
     return counts

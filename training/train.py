@@ -315,7 +315,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         if new_run is not None:
             write_new_run(out, cfg, split, spec, record)
         if feature_head and fresh:
-            phase = run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out)
+            phase = run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out, labels=split.labels)
             if phase.flips is not None:
                 _apply_flips(phase.flips, datasets["train"], cfg, spec, record, out)
             if len(datasets["val"]):

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter, UsageError
+from fieldid.cli_common import HelpFormatter, UsageError, listen_host
 
 __all__ = ["register"]
 
@@ -28,6 +28,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is not a port number (0-65535)")
     if args.keyfile and not args.certfile:
         raise UsageError("--keyfile needs --certfile")
+    listen_host(args.host)
     exposed = exposure_warning("the app", args.host, " (it holds no secrets: the token stays on each phone)")
     if exposed:
         print(f"warning: {exposed}", file=sys.stderr, flush=True)

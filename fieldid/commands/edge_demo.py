@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from fieldid.cli_vocabulary import add_renamed
-from fieldid.cli_common import HelpFormatter, UsageError, http_url
+from fieldid.cli_common import HelpFormatter, UsageError, http_url, listen_host
 
 __all__ = ["register", "assign_modes"]
 
@@ -144,6 +144,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--timeout must be > 0 seconds (got {args.timeout})")
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {args.threads})")
+    listen_host(args.host)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -28,7 +28,10 @@ def _state_dir(args: argparse.Namespace) -> Path:
 def _cmd_archive(args: argparse.Namespace) -> int:
     from fieldid.serve.archive import build_model_store
 
-    store = args.out or Path(_state_dir(args)) / "model-store"
+    from fieldid.serve.server import claim_state_dir
+
+    # Into a server state folder only when it is one (or new): its model-store/ is replaced.
+    store = args.out or claim_state_dir(_state_dir(args)) / "model-store"
     mars = build_model_store(_bundles(args), store, devices=args.device_run)
     for name, path in mars.items():
         print(f"{name}: {path}")
@@ -53,7 +56,9 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _cmd_start(args: argparse.Namespace) -> int:
     from fieldid.api import serve_bundles
+    from fieldid.cli_common import listen_host
 
+    listen_host(args.host)
     if args.device_run:  # before anything starts: a server that answers with other labels is refused
         from fieldid.serve.archive import check_device_pairs
 
