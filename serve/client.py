@@ -130,7 +130,7 @@ def tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (ssl.SSLError, OSError) as e:  # a typo'd path, a key or a YAML file instead of a PEM certificate
-        raise CertificateError(f"--ca-file {ca_file}: not a PEM certificate this machine can read "
+        raise CertificateError(f"CA file {ca_file}: not a PEM certificate this machine can read "
                                f"({getattr(e, 'reason', None) or getattr(e, 'strerror', None) or e})") from None
     if ca_file:
         # Trust the given certificate itself even when it is a leaf, not a CA (a pinned server).

@@ -443,9 +443,18 @@ def test_data_ood_checks_everything_before_writing(tmp_path: Path, capsys: pytes
     counts = json.loads(capsys.readouterr().out)["counts"]
     assert counts["unseen/fish"] == 3 and counts["skipped"] == 2, counts
     assert sorted(p.name for p in (out / "unseen" / "fish").iterdir()) == ["1.png", "2.png", "3.heic"]
-    # Its own folder may be written again.
+    # Its own folder may be written again, with a Finder .DS_Store in it.
+    (out / ".DS_Store").write_bytes(b"\0")
     assert main(["data", "ood", str(out), "--generated", "2"]) == 0
     capsys.readouterr()
+    # A sample of a larger folder is topped up past the photos that do not decode; only tried files are decoded.
+    from fieldid.training.negatives import make_ood_set
+
+    counts = make_ood_set(tmp_path / "ood2", other=[src / "fish"], generated=0, per_folder=3, skimage=False)
+    assert counts["other/fish"] == 3 and counts["skipped"] <= 2, counts
+    assert sorted(p.name for p in (tmp_path / "ood2" / "other" / "fish").iterdir()) == ["1.png", "2.png", "3.heic"]
+    counts = make_ood_set(tmp_path / "ood3", other=[src / "fish"], generated=0, per_folder=1, skimage=False)
+    assert counts["other/fish"] == 1 and counts["skipped"] <= 2, counts
 
 
 def test_listen_addresses_and_ca_files_are_named_by_their_flag(tmp_path: Path,
@@ -463,8 +472,11 @@ def test_listen_addresses_and_ca_files_are_named_by_their_flag(tmp_path: Path,
     typo = tmp_path / "typo.yaml"
     typo.write_text("server: x\n")
     for bad in (typo, tmp_path / "missing.pem"):
-        with pytest.raises(CertificateError, match=f"--ca-file {bad}: not a PEM certificate"):
+        with pytest.raises(CertificateError, match=f"CA file {bad}: not a PEM certificate"):
             tls_context(bad)
+    assert main(["demo", "--bundle", str(tmp_path), "--ca-file", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ca-file: CA file {typo}: not a PEM certificate" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_server_state_folders_are_claimed_before_writing(tmp_path: Path, tiny_bundle: Path,

@@ -144,6 +144,28 @@ def test_choose_shipped_takes_the_probe_only_when_strictly_better(tmp_path: Path
     # The objective decides which score counts.
     assert choose_shipped({"accuracy": 0.79, "balanced_accuracy": 0.9}, tmp_path, "balanced")[0] == "fine-tuned"
     assert choose_shipped({"accuracy": 0.7, "balanced_accuracy": 0.4}, tmp_path, "balanced")[0] == "probe"
+    # A probe on a random backbone (no pretrained weights) is a score, never a model: that backbone is gone.
+    assert choose_shipped({"accuracy": 0.7, "balanced_accuracy": 0.4}, tmp_path, "balanced",
+                          probe_shippable=False)[0] == "fine-tuned"
+
+
+def test_the_probe_s_early_stopping_bar_is_scored_as_validation_scores() -> None:
+    """The seed is the probe's val_bal_acc as torchmetrics computes it: a class without val photos
+    that the model predicts counts as recall 0 there (the probe's own balanced accuracy skips it)."""
+    from types import SimpleNamespace
+
+    from fieldid.training.module import monitor_scores
+    from fieldid.training.probe import score_predictions
+    from fieldid.training.train import seed_early_stopping
+
+    targets = torch.tensor([0, 0, 1, 1])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1]), 3).float()
+    scores = monitor_scores(logits, targets, 3)
+    assert scores["val_acc"] == pytest.approx(0.75) and scores["val_bal_acc"] == pytest.approx(0.5)
+    assert score_predictions(logits.argmax(1), targets, 3)["balanced_accuracy"] == 0.75  # the other definition
+    early = SimpleNamespace(monitor="val_bal_acc", best_score=None)
+    assert seed_early_stopping(early, scores) == pytest.approx(0.5)
+    assert float(early.best_score) < 0.5 < float(early.best_score) + 1e-5  # equal to the probe counts as reaching it
 
 
 def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path, caplog) -> None:

@@ -179,8 +179,12 @@ def _tensor_bytes(obj: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str) -> tuple[str, dict[str, Any]]:
+def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str, *,
+                   probe_shippable: bool = True) -> tuple[str, dict[str, Any]]:
     """``("fine-tuned" | "probe", baselines)``: the probe wins only when strictly better on val.
+
+    ``probe_shippable``: False when the probe's backbone cannot be rebuilt (no pretrained weights:
+    its random initial weights are gone); the probe's scores are then recorded, never shipped.
 
     ``baselines`` is what the run records: the majority's, the probe's and the fine-tuned model's
     val scores, the objective and which model shipped. Runs without a probe (head phase through
@@ -193,7 +197,7 @@ def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str) 
     base["fine_tuned"] = fine_tuned_val
     shipped = "fine-tuned"
     probe = base.get("probe")
-    if probe is not None and (out / PROBE_HEAD_FILE).is_file() and objective_score(probe, objective) > objective_score(
+    if probe_shippable and probe is not None and (out / PROBE_HEAD_FILE).is_file() and objective_score(probe, objective) > objective_score(
             fine_tuned_val, objective):
         shipped = "probe"
     base["shipped"] = shipped

@@ -28,7 +28,9 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
                  split: Split, val_dataset: Any) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     """The fine-tuned model, or the run's linear probe when that scored higher on val; logged beside the baselines."""
     n = len(split.labels)
-    shipped, baselines = choose_shipped(val_scores(val_logits, val_y, n), out, cfg.objective)
+    # Without pretrained weights the probe sat on a random backbone that cannot be made again.
+    shipped, baselines = choose_shipped(val_scores(val_logits, val_y, n), out, cfg.objective,
+                                        probe_shippable=cfg.pretrained)
     baselines.setdefault("majority", majority_scores(torch.tensor(split.targets("train")), val_y, n))
     if shipped == "probe":
         probe_model = create_model(cfg.model, n, pretrained=cfg.pretrained, weights_file=cfg.weights,

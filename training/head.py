@@ -191,7 +191,8 @@ class HeadPhase:
     """What the head phase hands the rest of the run.
 
     ``flips``: the mirror check's decision (``augment.hflip: auto``), else None. ``probe_val``: the
-    linear probe's val scores (the score the fine-tune has to beat). ``features``: the probe's
+    linear probe's val scores; ``probe_monitor``: its ``val_acc`` and ``val_bal_acc`` as Lightning's
+    validation computes them (the scores the fine-tuning epochs have to beat). ``features``: the probe's
     training features, their targets and its val features, computed on the CPU under the BatchNorm
     statistics the probe keeps: when the run ships the probe they are the shipped model's own, and
     the unknown detector needs no pass of its own (None when computed on another device).
@@ -199,6 +200,7 @@ class HeadPhase:
 
     flips: dict[str, Any] | None
     probe_val: dict[str, float]
+    probe_monitor: dict[str, float]
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
@@ -290,4 +292,7 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
         train_head_on_features(model, plain, cfg, class_weights=weights, sample_weights=sample_weights, device=device)
         log.info("head phase: %d epoch(s) on cached features in %.1f s", cfg.head_epochs, time.time() - t)
     model.train()
-    return HeadPhase(flips, dict(probe.val), (feats, ys, val_feats) if device == "cpu" else None)
+    from .module import monitor_scores
+
+    monitor = monitor_scores(probe.logits(val_feats), val_ys, len(counts)) if len(val_ys) else {}
+    return HeadPhase(flips, dict(probe.val), monitor, (feats, ys, val_feats) if device == "cpu" else None)

@@ -149,6 +149,16 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def monitor_scores(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """``val_acc`` and ``val_bal_acc`` of ``logits`` exactly as validation computes them (torchmetrics),
+    for a model scored outside Lightning (the run's linear probe). The probe's own ``balanced_accuracy``
+    (probe.score_predictions) skips classes without val photos, torchmetrics counts a predicted one as
+    recall 0: compared with each other they could differ by a class."""
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    bal = MulticlassAccuracy(num_classes=num_classes, average="macro")
+    return {"val_acc": float(acc(logits, targets)), "val_bal_acc": float(bal(logits, targets))}
+
+
 class StopWhenPerfect(L.Callback):
     """Once every val photo has been right, stop at the first epoch that does not beat the best.
 

@@ -136,31 +136,50 @@ MAX_GENERATED = 10_000
 
 
 def _ood_out(out: Path) -> None:
-    """Refuse an output that is a file, or a non-empty folder holding more than ``other/`` and ``unseen/``."""
+    """Refuse an output that is a file, or a non-empty folder holding more than ``other/`` and ``unseen/``
+    (hidden files such as Finder's ``.DS_Store`` do not count)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: is a file; give a new or empty folder, or one `fieldid data ood` made")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OOD_PARTS or not p.is_dir())
+        foreign = sorted(p.name for p in out.iterdir()
+                         if not p.name.startswith(".") and (p.name not in OOD_PARTS or not p.is_dir()))
         if foreign:
             raise UsageError(f"{out}: not empty and not a folder `fieldid data ood` made (it holds "
                              f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); give a new or empty folder")
 
 
-def _readable_photos(folder: Path) -> tuple[list[Path], int]:
-    """The photos under ``folder`` that the phone's intake decodes (sorted), and how many others it skipped."""
+def _pick_readable(folder: Path, most: int, rng: np.random.Generator) -> tuple[list[Path], int]:
+    """Up to ``most`` photos under ``folder`` that the phone's intake decodes (in name order), and how
+    many photo files it tried and skipped. Only the photos picked are decoded (a folder of 50,000 costs
+    ``most`` decodes, not 50,000): a seeded sample, topped up from the rest in a seeded order when
+    some of it does not decode."""
     from fieldid.intake import ImageInputError, is_image_path, open_image
 
-    kept, skipped = [], 0
-    for p in sorted(folder.rglob("*")):
-        if not is_image_path(p) or not p.is_file():
-            continue
-        try:
-            open_image(p, target=64)
-        except (ImageInputError, OSError):
-            skipped += 1
-            continue
-        kept.append(p)
-    return kept, skipped
+    files = sorted(p for p in folder.rglob("*") if is_image_path(p) and p.is_file())
+    kept: list[int] = []
+    skipped = 0
+
+    def take(order: list[int]) -> None:
+        nonlocal skipped
+        for i in order:
+            if len(kept) == most:
+                return
+            try:
+                open_image(files[i], target=64)
+            except (ImageInputError, OSError):
+                skipped += 1
+                continue
+            kept.append(i)
+
+    if len(files) <= most:
+        take(list(range(len(files))))
+    else:
+        first = [int(i) for i in sorted(rng.choice(len(files), most, replace=False))]
+        take(first)
+        if len(kept) < most:  # drawn only then: the seeded sample of a readable folder stays the one it was
+            tried = set(first)
+            take([int(i) for i in rng.permutation(len(files)) if int(i) not in tried])
+    return [files[i] for i in sorted(kept)], skipped
 
 
 def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[str | Path] = (),
@@ -168,7 +187,7 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
     """Write the ``fieldid bench --ood`` folder: ``OUT/other/`` and ``OUT/unseen/``.
 
     Every argument is checked before anything is written. Only photos the phone's intake decodes
-    are copied (any format it accepts, HEIC included); the others are counted in ``skipped``.
+    are copied (any format it accepts, HEIC included); the others tried are counted in ``skipped``.
 
     Args:
         out: output folder: new, empty, or one made by this function (files are written
@@ -193,9 +212,9 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
     import io
 
     out = Path(out)
-    if isinstance(generated, bool) or not isinstance(generated, int) or not 0 <= generated <= MAX_GENERATED:
+    if isinstance(generated, bool) or not isinstance(generated, (int, np.integer)) or not 0 <= generated <= MAX_GENERATED:
         raise UsageError(f"--generated must be an integer in [0, {MAX_GENERATED}], got {generated!r}")
-    if isinstance(per_folder, bool) or not isinstance(per_folder, int) or per_folder < 1:
+    if isinstance(per_folder, bool) or not isinstance(per_folder, (int, np.integer)) or per_folder < 1:
         raise UsageError(f"per_folder must be a positive integer, got {per_folder!r}")
     _ood_out(out)
     rng = np.random.default_rng(seed)
@@ -205,14 +224,12 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
         names = _distinct_names([Path(f) for f in folders])
         for folder, name in zip(folders, names):
             folder = Path(folder)
-            files, bad = _readable_photos(folder) if folder.is_dir() else ([], 0)
+            files, bad = _pick_readable(folder, int(per_folder), rng) if folder.is_dir() else ([], 0)
             if not files:
                 why = "no such folder" if not folder.is_dir() else (
                     f"none of its {bad} photo file(s) decodes" if bad else "no photos in it")
                 raise UsageError(f"--{group} {folder}: {why}")
             skipped += bad
-            if len(files) > per_folder:
-                files = [files[i] for i in sorted(rng.choice(len(files), per_folder, replace=False))]
             chosen.append((group, name, folder, files))
     counts: dict[str, int] = {}
     photos = _skimage_photos() if skimage else []
@@ -222,7 +239,7 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
         atomic_write_bytes(out / "other" / "skimage" / f"{name}.png", buf.getvalue())
     if skimage:
         counts["other/skimage"] = len(photos)
-    counts["other/generated"] = len(write_generated_unknowns(out / "other" / "generated", generated, seed=seed))
+    counts["other/generated"] = len(write_generated_unknowns(out / "other" / "generated", int(generated), seed=seed))
     for group, name, folder, files in chosen:
         for p in files:
             atomic_write_bytes(out / group / name / p.relative_to(folder), p.read_bytes())

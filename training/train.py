@@ -100,23 +100,22 @@ def require_validation(split: Split, cfg: TrainConfig) -> None:
                           "or give the dataset a val/ folder")
 
 
-# A val score equal to the probe's counts as reaching it: the probe's scores are rounded to 4 places.
-PROBE_SCORE_TOLERANCE = 1e-4
+# A val score equal to the probe's counts as reaching it (the same torchmetrics sum, in float32).
+PROBE_SCORE_TOLERANCE = 1e-6
 
 
-def seed_early_stopping(early: Any, probe_val: dict[str, float], objective: str) -> float:
+def seed_early_stopping(early: Any, probe_monitor: dict[str, float]) -> float:
     """Make the linear probe the score the fine-tuning epochs must beat; returns that score.
 
-    The run ships the better of the fine-tuned model and the probe (finalize), so an epoch that
-    does not reach the probe on val is no more progress than one that does not beat the best epoch:
-    the plateau rule counts both. On the inspection set (elpv) the fine-tune stayed below its probe
-    from the first epoch (0.681, 0.722, 0.719, 0.722 against 0.749) and four epochs of ~150 s ran
-    before the run shipped the probe anyway; on the sets whose fine-tune beats the probe it does so
-    within its first two epochs (docs/measured/bench-real-quick.md), where this changes nothing.
+    ``probe_monitor``: the probe's val scores as validation computes them (head.HeadPhase). The run
+    ships the better of the fine-tuned model and the probe (finalize), so an epoch that does not
+    reach the probe on val is no more progress than one that does not beat the best epoch: the
+    plateau rule counts both. On the inspection set (elpv) the fine-tune stayed below its probe from
+    the first epoch (0.681, 0.722, 0.719, 0.722 against 0.749) and four epochs of ~150 s ran before
+    the run shipped the probe anyway; on the sets whose fine-tune beats the probe it does so within
+    its first two epochs (docs/measured/bench-real-quick.md), where this changes nothing.
     """
-    from .probe import objective_score
-
-    score = float(objective_score(probe_val, objective))
+    score = float(probe_monitor[early.monitor])
     early.best_score = torch.tensor(score - PROBE_SCORE_TOLERANCE)
     return score
 
@@ -318,8 +317,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
             phase = run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out, labels=split.labels)
             if phase.flips is not None:
                 _apply_flips(phase.flips, datasets["train"], cfg, spec, record, out)
-            if len(datasets["val"]):
-                probe_score = seed_early_stopping(early, phase.probe_val, cfg.objective)
+            # Only a probe the run can ship sets the bar: without pretrained weights its random backbone
+            # is not rebuilt at the end (finalize compares, and ships the fine-tuned model).
+            if phase.probe_monitor and cfg.pretrained:
+                probe_score = seed_early_stopping(early, phase.probe_monitor)
         elif cfg.augment.hflip == "auto" and fresh:
             record.extra["hflip"] = {"setting": "auto", "used": True,
                                      "rule": "no head phase on cached features to check mirror images: flips on"}

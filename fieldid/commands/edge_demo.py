@@ -154,6 +154,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--key-file {args.key_file} not found")
     if args.ca_file is not None and not args.ca_file.is_file():
         raise UsageError(f"--ca-file {args.ca_file} not found")
+    if args.ca_file is not None:  # read now: a YAML or key file given by mistake is one line, not an error per photo
+        from fieldid.serve.client import CertificateError, tls_context
+
+        try:
+            tls_context(args.ca_file)
+        except CertificateError as e:
+            raise UsageError(f"--ca-file: {e}") from None
     _check_numbers(args)
     if args.server:
         http_url(args.server, "--server")  # a broken URL now, not as "Server unavailable" on every photo
