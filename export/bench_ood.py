@@ -137,7 +137,7 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
 
     run_dir, ood_dir = Path(run_dir), Path(ood_dir)
     if not ood_dir.is_dir():
-        raise OodBenchError(f"{ood_dir}: no such folder")
+        raise OodBenchError(f"{ood_dir}: {'is a file, not a folder' if ood_dir.exists() else 'no such folder'}")
     groups = {g: _images(ood_dir / g) for g in ("other", "unseen") if (ood_dir / g).is_dir()}
     if not any(groups.values()):
         raise OodBenchError(f"{ood_dir}: needs images under other/ and/or unseen/")

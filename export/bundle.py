@@ -172,7 +172,8 @@ def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int,
             raise ExportError(f"{split_path}: malformed split file ({type(e).__name__}: {e})") from None
     if data is not None:
         if not Path(data).is_dir():
-            raise ExportError(f"--data {data}: no such folder")
+            raise ExportError(f"--data {data}: {'is a file, not a folder' if Path(data).exists() else 'no such folder'} "
+                              "(give the dataset folder the run was trained on)")
         split = _rebased_split(Path(data), record, run_split)
     elif run_split is None:
         raise ExportError(f"{run_dir}: {record.split} missing and the run kept no samples; cannot verify without "

@@ -162,8 +162,8 @@ class Manifest(Record):
 
 
 def bundle_dir_of(path: str | Path) -> Path:
-    """A bundle folder, or a run folder -> its default ``export/`` bundle: the one rule serve/,
-    edge_demo/ and the API all use.
+    """A bundle folder (or its ``manifest.json``), or a run folder -> its default ``export/`` bundle:
+    the one rule serve/, edge_demo/ and the API all use.
 
     Raises:
         ManifestError: neither holds a ``manifest.json``.
@@ -173,6 +173,8 @@ def bundle_dir_of(path: str | Path) -> Path:
         PosixPath('runs/reef/export')
     """
     path = Path(path)
+    if path.name == "manifest.json" and path.is_file():  # the file itself given (tab completion ends there)
+        return path.parent
     if (path / "manifest.json").is_file():
         return path
     if (path / "export" / "manifest.json").is_file():

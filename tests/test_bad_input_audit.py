@@ -512,3 +512,31 @@ def test_the_training_log_names_the_commonest_class(tmp_path: Path, caplog: pyte
     caplog.set_level("INFO", logger="fieldid.train")
     fit_run_baselines(x, y, x, y, 2, TrainConfig(), tmp_path, labels=["scratch", "dent"])
     assert "always 'scratch' accuracy" in caplog.text
+
+
+def test_evaluate_takes_a_folder_of_one_class(tiny_run: Path, shapes_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Field photos of one species are a fair test set; training's two-class rule refused them."""
+    one = tmp_path / "field"
+    cls = json.loads((tiny_run / "labels.json").read_text())[0]
+    shutil.copytree(next(p for p in shapes_dir.rglob(cls) if p.is_dir()), one / cls)
+    assert main(["evaluate", "--run", str(tiny_run), "--data", str(one), "--out", str(tmp_path / "m.json")]) == 0
+    capsys.readouterr()
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["num_images"] == len(list((one / cls).iterdir())) and 0 <= m["accuracy"] <= 1, m
+
+
+def test_export_data_that_is_a_file_says_so(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "config.yaml"
+    typo.write_text("x: 1\n")
+    assert main(["export", "--run", str(tiny_run), "--data", str(typo), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {typo}: is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_named_by_its_manifest_file(tiny_bundle: Path) -> None:
+    from fieldid.export.manifest import bundle_dir_of, load_manifest
+
+    assert bundle_dir_of(tiny_bundle / "manifest.json") == tiny_bundle
+    assert load_manifest(tiny_bundle / "manifest.json").labels == load_manifest(tiny_bundle).labels

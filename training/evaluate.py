@@ -288,7 +288,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
     else:
         from .images import scan_image_folder
 
-        listing = scan_image_folder(data)
+        listing = scan_image_folder(data, min_classes=1)
         part = "test" if "test" in listing.splits else ("all" if "all" in listing.splits else "val")
         if part not in listing.splits:
             raise DataError(f"{data}: no test/ or val/ split to evaluate")

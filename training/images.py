@@ -104,11 +104,13 @@ class ImageFolderListing:
         return sorted(names)
 
 
-def scan_image_folder(root: str | Path, *, require_images: bool = True) -> ImageFolderListing:
+def scan_image_folder(root: str | Path, *, require_images: bool = True, min_classes: int = 2) -> ImageFolderListing:
     """List an ImageFolder tree, pre-split (``train/`` [``val/``, ``test/``]) or flat.
 
+    ``min_classes``: 2 to train on; 1 to evaluate on (field photos of one species are a fair test).
+
     Raises:
-        DataError: missing/empty directory, a class folder without images, fewer than 2 classes.
+        DataError: missing/empty directory, a class folder without images, fewer than ``min_classes`` classes.
     """
     root = Path(root)
     if not root.exists():
@@ -144,8 +146,9 @@ def scan_image_folder(root: str | Path, *, require_images: bool = True) -> Image
         splits[split] = classes
     listing = ImageFolderListing(root=root, presplit=presplit, splits=splits, others=others)
     main = splits["train" if presplit else "all"]
-    if len(main) < 2:
-        raise DataError(f"{root}: found {len(main)} class ({', '.join(main)}); need at least 2 classes")
+    if len(main) < min_classes:
+        raise DataError(f"{root}: found {len(main)} class{'' if len(main) == 1 else 'es'} ({', '.join(main)}); "
+                        f"need at least {min_classes} class{'' if min_classes == 1 else 'es'}")
     if presplit:
         for split, classes in splits.items():
             extra = sorted(set(classes) - set(main))
