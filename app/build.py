@@ -356,8 +356,10 @@ def build_app(modes: list[AppMode], out: str | Path, *, server: str = "", precis
         raise AppBuildError("give a model: --run RUN or --bundle DIR")
     if precision not in ("auto", *BROWSER_PRECISIONS):
         raise AppBuildError(f"precision {precision!r} is not one of: auto, {', '.join(BROWSER_PRECISIONS)}")
-    if not 1 <= int(top_k) <= 20 or not 0 < float(timeout_s) <= 120:
-        raise AppBuildError("--top-k must be 1..20 and --timeout in (0, 120] seconds")
+    if not 1 <= int(top_k) <= 20:
+        raise AppBuildError(f"--top-k must be 1..20 (got {top_k})")
+    if not 0 < float(timeout_s) <= 120:
+        raise AppBuildError(f"--timeout must be in (0, 120] seconds (got {timeout_s})")
     server = server if server in ("", SAME_ORIGIN) else check_server_url(server)
     ort_dir = Path(ort_dir) if ort_dir else default_ort_dir()
     missing = [f for f in ORT_FILES if not (ort_dir / f).is_file()]

@@ -111,14 +111,11 @@ def _row(name: str, known: list[str], unseen: list[str], report: dict[str, Any],
 def bench_ood_real(work: str | Path, names: tuple[str, ...] = tuple(OOD_REAL_SETS), *,
                    reuse: bool = False) -> list[dict[str, Any]]:
     """Run the benchmark on ``names``; one row per set (also written to ``WORK/bench-ood-real.json``)."""
-    from fieldid.cli_common import UsageError
     from fieldid.training.bench_sets import build_real_set, check_set_names
 
     from .bench_ood import ood_bench
 
     work = Path(work)
-    if not names:
-        raise UsageError(f"unknown set(s) (none given); valid: {', '.join(OOD_REAL_SETS)}")
     check_set_names(names, OOD_REAL_SETS)
     _log("building the real sets: " + ", ".join(OTHER_SETS))
     sets = {n: build_real_set(n, work / "data") for n in OTHER_SETS}

@@ -371,7 +371,8 @@ def test_data_check_flag_values_and_output_parents(tmp_path: Path, capsys: pytes
                           (["--exclude-kinds", ""], "names no kind"),
                           (["--json", str(tmp_path / "afile" / "r.json")], "afile is not a folder"),
                           (["--json", str(tmp_path / "afile" / ".." / "r.json")], "afile is not a folder"),
-                          (["--json", str(tmp_path / "dangling" / "r.json")], "dangling is not a folder")):
+                          (["--json", str(tmp_path / "dangling" / "r.json")], "dangling is not a folder"),
+                          (["--cache-dir", str(tmp_path / "afile")], "afile: is a file, not a folder")):
         assert main(["data", "check", str(root), "--fast", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
@@ -540,3 +541,11 @@ def test_a_bundle_named_by_its_manifest_file(tiny_bundle: Path) -> None:
 
     assert bundle_dir_of(tiny_bundle / "manifest.json") == tiny_bundle
     assert load_manifest(tiny_bundle / "manifest.json").labels == load_manifest(tiny_bundle).labels
+
+
+@pytest.mark.parametrize("what", ["real", "data", "ood-real"])
+def test_benchmark_sets_naming_nothing(what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", what, "--sets", ",", "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "--sets names no set; valid:" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "w").exists()

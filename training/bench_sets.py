@@ -207,6 +207,8 @@ REAL_SETS: dict[str, Callable[[Path], None]] = {
 def check_set_names(names: tuple[str, ...], valid: Collection[str]) -> None:
     """A benchmark's ``--sets``: names not in ``valid`` are one line naming the valid ones (a UsageError,
     which the benchmarks' commands turn into exit 2)."""
+    if not names:
+        raise UsageError(f"--sets names no set; valid: {', '.join(valid)}")
     bad = [n for n in names if n not in valid]
     if bad:
         raise UsageError(f"unknown set(s) {', '.join(bad)}; valid: {', '.join(valid)}")

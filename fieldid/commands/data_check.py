@@ -102,6 +102,8 @@ def _validate(args: argparse.Namespace) -> list[str]:
         raise DataError(f"--min-side must be >= 0 (got {args.min_side})")
     if not 0 < args.dup_similarity <= 1:
         raise DataError(f"--dup-similarity must be in (0, 1] (got {args.dup_similarity})")
+    if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
+        raise DataError(f"--cache-dir {args.cache_dir}: is a file, not a folder")  # found before the feature pass
     return kinds
 
 
