@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Callable, NoReturn, TextIO
 
 __all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
-           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "check_output_file", "http_url"]
+           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "check_output_file", "http_url", "listen_host"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.

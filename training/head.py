@@ -190,16 +190,14 @@ def mirror_check(model: torch.nn.Module, head: torch.nn.Module, cache: Any, spec
 class HeadPhase:
     """What the head phase hands the rest of the run.
 
-    ``flips``: the mirror check's decision (``augment.hflip: auto``), else None. ``probe_val``: the
-    linear probe's val scores; ``probe_monitor``: its ``val_acc`` and ``val_bal_acc`` as Lightning's
-    validation computes them (the scores the fine-tuning epochs have to beat). ``features``: the probe's
+    ``flips``: the mirror check's decision (``augment.hflip: auto``), else None. ``probe_monitor``: the
+    linear probe's ``val_acc`` and ``val_bal_acc`` as Lightning's validation computes them (the scores the fine-tuning epochs have to beat). ``features``: the probe's
     training features, their targets and its val features, computed on the CPU under the BatchNorm
     statistics the probe keeps: when the run ships the probe they are the shipped model's own, and
     the unknown detector needs no pass of its own (None when computed on another device).
     """
 
     flips: dict[str, Any] | None
-    probe_val: dict[str, float]
     probe_monitor: dict[str, float]
     features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
@@ -295,4 +293,4 @@ def run_feature_head(model: torch.nn.Module, datasets: dict, cfg: TrainConfig, s
     from .module import monitor_scores
 
     monitor = monitor_scores(probe.logits(val_feats), val_ys, len(counts)) if len(val_ys) else {}
-    return HeadPhase(flips, dict(probe.val), monitor, (feats, ys, val_feats) if device == "cpu" else None)
+    return HeadPhase(flips, monitor, (feats, ys, val_feats) if device == "cpu" else None)

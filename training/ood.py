@@ -301,15 +301,14 @@ def fit_run_detector(model: nn.Module, train_ds: Any, heldout_ds: Any, out: Path
     except ValueError as e:
         log.warning("no unknown detector: %s", e)
         return {}
-    if features is not None:
+    if features is None:
+        f_train, _, y_train = extract_features(body, head, train_ds, desc="training features")
+        f_val, _, _ = extract_features(body, head, heldout_ds, desc=f"{heldout_name} features")
+    else:
         f_train, y_train, f_val = features
         log.info("unknown detector: the head phase's features of %d training and %d %s photos (the shipped "
                  "probe's own backbone)", len(f_train), len(f_val), heldout_name)
-    else:
-        f_train, _, y_train = extract_features(body, head, train_ds, desc="training features")
     det, info = fit_detector(f_train, y_train, num_classes)
-    if features is None:
-        f_val, _, _ = extract_features(body, head, heldout_ds, desc=f"{heldout_name} features")
     with torch.no_grad():
         val_scores = det(f_val)
     threshold, rule = fit_threshold(val_scores, quantile=quantile)

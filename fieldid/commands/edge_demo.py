@@ -134,8 +134,9 @@ def _warn_exposure(host: str, modes: list) -> None:
         logging.getLogger("fieldid.edge_demo").warning("%s", exposed)
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    """Flag values out of range, before a bundle is loaded (Gradio cannot bind port 0: it probes the port)."""
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag values out of range and a --host this machine cannot listen on, before a bundle is loaded
+    (Gradio cannot bind port 0: it probes the port)."""
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number (1-65535)")
     if args.top_k < 1:
@@ -161,7 +162,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             tls_context(args.ca_file)
         except CertificateError as e:
             raise UsageError(f"--ca-file: {e}") from None
-    _check_numbers(args)
+    _check_flags(args)
     if args.server:
         http_url(args.server, "--server")  # a broken URL now, not as "Server unavailable" on every photo
     sources = assign_modes(args.sources or [], _mode_by_labels)
