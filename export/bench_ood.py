@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fieldid.cli_common import not_a_folder
 from fieldid.training.records import atomic_write_json, atomic_write_text
 
 from .manifest import ManifestError, load_manifest
@@ -137,7 +138,7 @@ def ood_bench(run_dir: str | Path, ood_dir: str | Path, *, bundle: str | Path | 
 
     run_dir, ood_dir = Path(run_dir), Path(ood_dir)
     if not ood_dir.is_dir():
-        raise OodBenchError(f"{ood_dir}: {'is a file, not a folder' if ood_dir.exists() else 'no such folder'}")
+        raise OodBenchError(f"{ood_dir}: {not_a_folder(ood_dir)}")
     groups = {g: _images(ood_dir / g) for g in ("other", "unseen") if (ood_dir / g).is_dir()}
     if not any(groups.values()):
         raise OodBenchError(f"{ood_dir}: needs images under other/ and/or unseen/")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fieldid.cli_common import not_a_folder
 from fieldid.training.data import load_split, make_split
 from fieldid.training.images import DataError
 from fieldid.training.records import RecordError, RunRecord, load_record
@@ -172,7 +173,7 @@ def _inputs(run_dir: Path, record: RunRecord, *, calibration_size: int,
             raise ExportError(f"{split_path}: malformed split file ({type(e).__name__}: {e})") from None
     if data is not None:
         if not Path(data).is_dir():
-            raise ExportError(f"--data {data}: {'is a file, not a folder' if Path(data).exists() else 'no such folder'} "
+            raise ExportError(f"--data {data}: {not_a_folder(data)} "
                               "(give the dataset folder the run was trained on)")
         split = _rebased_split(Path(data), record, run_split)
     elif run_split is None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from fieldid.cli_common import read_yaml
+
 __all__ = ["AppMeta", "DEMO_PRESETS", "META_KEYS", "MetaError", "preset_for_labels", "default_meta", "load_meta",
            "apply_meta", "pretty_label", "KEY_PATTERN"]
 
@@ -144,17 +146,8 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     Raises:
         MetaError: unreadable, not a mapping, an unknown key, or a value of the wrong type.
     """
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise MetaError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise MetaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except UnicodeDecodeError as e:
-        raise MetaError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
+    data = read_yaml(path, MetaError)
     if data is None:
         return {}
     if not isinstance(data, dict):

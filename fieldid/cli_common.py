@@ -16,7 +16,8 @@ from types import ModuleType
 from typing import Callable, NoReturn, TextIO
 
 __all__ = ["HelpFormatter", "Parser", "first_line", "Progress", "redact_url_passwords", "RedactingFilter", "UsageError",
-           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "check_output_file", "http_url", "listen_host"]
+           "is_bad_input", "MissingExtra", "require_extra", "refuse_output_inside", "check_output_file", "http_url", "listen_host",
+           "read_yaml", "not_a_folder"]
 
 # scheme://user:PASSWORD@ (SQLAlchemy's rule: the password runs to the next '@'); not across
 # white space or quotes, so a URL inside a sentence or a repr() is matched alone.
@@ -220,6 +221,35 @@ def first_line(e: BaseException | str, default: str | None = None) -> str:
     if text:
         return text.splitlines()[0].strip()
     return default if default is not None else (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def read_yaml(path: str | os.PathLike, error: Callable[[str], Exception]) -> object:
+    """The parsed contents of a YAML file the user named (a config, a search space, app metadata).
+
+    Every way the file can be unreadable is one line naming it, raised as ``error(message)``: the
+    callers' own error types keep their exit codes, and the wording is the same for all of them.
+
+    Example:
+        >>> import tempfile; f = Path(tempfile.mkdtemp()) / "x.yaml"; _ = f.write_bytes(b"\\xff")
+        >>> read_yaml(f, ValueError)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ...x.yaml: not valid YAML (not UTF-8 text: byte 0)
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a binary file where YAML text belongs (a ValueError, not an OSError)
+        raise error(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({first_line(e)})") from None
+
+
+def not_a_folder(path: str | os.PathLike) -> str:
+    """Why ``path`` is no folder, for a one-line error: 'is a file, not a folder' or 'no such folder'."""
+    return "is a file, not a folder" if Path(path).exists() else "no such folder"
 
 
 def redact_url_passwords(text: str) -> str:

@@ -132,15 +132,28 @@ def test_truncated_run_samples_are_refused_when_opened(tmp_path: Path) -> None:
         PhoneImages.from_npy(path, spec)
 
 
-@pytest.mark.parametrize("what", ["config", "space"])
-def test_binary_text_files_are_one_line(what: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["config", "space", "app meta"])
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe\x00binary", "not valid YAML \\(not UTF-8 text: byte 0\\)"),
+                                              (b"a: [unclosed\n", "not valid YAML \\(while parsing"),
+                                              (None, "cannot read|not found")])
+def test_unreadable_yaml_files_are_one_line(what: str, content: bytes | None, message: str, tmp_path: Path) -> None:
+    """A training config, a search space and the app's metadata are read by one function: each way a
+    file can be unreadable (binary, broken YAML, a folder where the file belongs) is one line naming it,
+    raised as the reader's own error type."""
+    from fieldid.appmeta import MetaError, load_meta
     from fieldid.training.config import ConfigError, load_config
     from fieldid.training.tune import TuneError, load_space
 
     f = tmp_path / "x.yaml"
-    f.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(ConfigError if what == "config" else TuneError, match="not UTF-8 text"):
-        load_config(f) if what == "config" else load_space(f)
+    if content is None:
+        f.mkdir()
+    else:
+        f.write_bytes(content)
+    error, read = {"config": (ConfigError, load_config), "space": (TuneError, load_space),
+                   "app meta": (MetaError, load_meta)}[what]
+    with pytest.raises(error, match=message) as e:
+        read(f)
+    assert str(e.value).startswith(str(f)) and "\n" not in str(e.value)
 
 
 def test_binary_and_mistyped_manifests_are_one_line(tiny_bundle: Path, tmp_path: Path) -> None:

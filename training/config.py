@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from fieldid.cli_common import first_line
+from fieldid.cli_common import read_yaml
 
 from .records import RecordError, atomic_write_text, check_field_types
 
@@ -208,12 +208,7 @@ def load_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
+    d = read_yaml(path, ConfigError) or {}
     try:
         return TrainConfig.from_dict(d, source=str(path))
     except RecordError as e:

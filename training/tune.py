@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from fieldid.cli_common import first_line, redact_url_passwords
+from fieldid.cli_common import first_line, read_yaml, redact_url_passwords
 
 from .config import AugmentConfig, ConfigError, TrainConfig, load_config
 from .records import atomic_write_bytes, atomic_write_text
@@ -180,12 +180,7 @@ def load_space(path: str | Path | None, *, pinned: Iterable[str] = ()) -> dict[s
         path = Path(path)
         if not path.is_file():
             raise TuneError(f"{path}: search-space file not found")
-        try:
-            space = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise TuneError(f"{path}: not valid YAML ({first_line(e)})") from None
-        except UnicodeDecodeError as e:
-            raise TuneError(f"{path}: not valid YAML (not UTF-8 text: byte {e.start})") from None
+        space = read_yaml(path, TuneError) or {}
         if not isinstance(space, dict):
             raise TuneError(f"{path}: expected a mapping of config keys to ranges")
     pinned = set(pinned)

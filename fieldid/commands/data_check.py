@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fieldid.cli_common import HelpFormatter, Parser, check_output_file, first_line, refuse_output_inside
+from fieldid.cli_common import HelpFormatter, Parser, check_output_file, first_line, not_a_folder, refuse_output_inside
 from fieldid.intake import is_image_path
 from fieldid.training.datacheck import (DEFAULT_EXCLUDE_KINDS, DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, EXCLUDE_KINDS,
                                         DeepOptions, check_dataset, exclusions, format_report, write_relabel_csv)
@@ -103,7 +103,7 @@ def _validate(args: argparse.Namespace) -> list[str]:
     if not 0 < args.dup_similarity <= 1:
         raise DataError(f"--dup-similarity must be in (0, 1] (got {args.dup_similarity})")
     if args.cache_dir is not None and args.cache_dir.exists() and not args.cache_dir.is_dir():
-        raise DataError(f"--cache-dir {args.cache_dir}: is a file, not a folder")  # found before the feature pass
+        raise DataError(f"--cache-dir {args.cache_dir}: {not_a_folder(args.cache_dir)}")  # found before the feature pass
     return kinds
 
 
