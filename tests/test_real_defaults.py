@@ -222,6 +222,34 @@ def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path
     assert m["accuracy"] >= 2 / 3  # the probe of a pretrained backbone tells shapes apart
 
 
+def test_a_resumed_run_still_names_the_probe_it_had_to_beat(tmp_path: Path) -> None:
+    """The probe's score is the bar in the checkpointed early-stopping state; a run interrupted after
+    its first fine-tuning epoch and resumed stops on that bar and says so, as an uninterrupted run does
+    (the resumed process has no head phase of its own: it reads the bar from baselines.json)."""
+    import lightning as L
+
+    data = make_shapes_dataset(tmp_path / "d", {"circle": 24, "square": 24, "triangle": 24}, size=48)
+    cfg = TrainConfig(epochs=8, image_size=48, batch_size=16, lr=5.0, val_fraction=0.25, test_fraction=0.25,
+                      early_stopping_patience=2)
+
+    class Stop(Exception):
+        pass
+
+    class SecondEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            if trainer.current_epoch == 1:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train(data, tmp_path / "run", cfg, callbacks=[SecondEpoch()])
+    bar = json.loads((tmp_path / "run" / "baselines.json").read_text())["early_stopping_bar"]
+    assert bar["monitor"] == "val_acc" and bar["score"] > 0
+    rec = train(None, None, resume=tmp_path / "run")
+    reason = rec.extra["stopped"]["reason"]
+    assert f"the linear probe's {bar['score']:.4f} included" in reason, reason
+    assert rec.extra["stopped"]["epoch"] == cfg.head_epochs + cfg.early_stopping_patience, rec.extra["stopped"]
+
+
 def test_plateau_stops_before_the_cap_and_the_objective_is_recorded(tmp_path: Path) -> None:
     # Two circles labelled "square" in val/: no model scores 1.0 there, so only the plateau can stop it.
     shapes = make_shapes_dataset(tmp_path / "shapes", {"circle": 28, "square": 28, "triangle": 28}, size=48)

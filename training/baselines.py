@@ -24,7 +24,7 @@ from .records import atomic_write_bytes, atomic_write_json
 
 __all__ = ["imbalance_plan", "backbone_features", "adapt_batchnorm", "batchnorm_state", "fit_run_baselines", "choose_shipped", "set_head", "load_probe_head",
            "val_scores",
-           "BALANCED_AUTO_MODE", "PROBE_HEAD_FILE", "BASELINES_FILE"]
+           "BALANCED_AUTO_MODE", "PROBE_HEAD_FILE", "BASELINES_FILE", "record_probe_bar", "probe_bar"]
 
 log = logging.getLogger("fieldid.train")
 
@@ -169,6 +169,30 @@ def fit_run_baselines(train_features: torch.Tensor, train_targets: torch.Tensor,
              majority["accuracy"], probe.val["accuracy"],
              probe.val["balanced_accuracy"], probe.l2)
     return probe
+
+
+def record_probe_bar(out: Path, monitor: str, score: float) -> None:
+    """Write into ``baselines.json`` that the probe's ``score`` on ``monitor`` is the score the
+    fine-tuning epochs must beat (train.seed_early_stopping): a ``--resume`` of the run reads it back
+    (:func:`probe_bar`) to say why the run stopped, as the first process would have."""
+    import json
+
+    path = out / BASELINES_FILE
+    base = json.loads(path.read_text(encoding="utf-8"))
+    base["early_stopping_bar"] = {"monitor": monitor, "score": score}
+    atomic_write_json(path, base)
+
+
+def probe_bar(out: Path, monitor: str) -> float | None:
+    """The probe score :func:`record_probe_bar` wrote for ``monitor``; None when the run has none
+    (no head phase on cached features, no pretrained weights, or another monitor)."""
+    import json
+
+    try:
+        bar = json.loads((out / BASELINES_FILE).read_text(encoding="utf-8")).get("early_stopping_bar")
+    except (OSError, ValueError):
+        return None
+    return float(bar["score"]) if isinstance(bar, dict) and bar.get("monitor") == monitor else None
 
 
 def _tensor_bytes(obj: dict[str, torch.Tensor]) -> bytes:

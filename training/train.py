@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .baselines import imbalance_plan
+from .baselines import imbalance_plan, probe_bar, record_probe_bar
 from .checkpoints import CheckpointError, atomic_checkpoint_io, load_checkpoint
 from .compute import (cpu_supports_bf16, launch_rank, lightning_devices, lightning_strategy, make_trainer,
                       resolve_num_workers, resolve_precision)
@@ -309,7 +309,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         default_root_dir=str(out),
     )
     phase: HeadPhase | None = None
-    probe_score: float | None = None  # on --resume the seeded score comes back with the callback's state
+    probe_score: float | None = None  # the probe's val score, when it is the score to beat
     try:
         if new_run is not None:
             write_new_run(out, cfg, split, spec, record)
@@ -321,6 +321,9 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
             # is not rebuilt at the end (finalize compares, and ships the fine-tuned model).
             if phase.probe_monitor and cfg.pretrained:
                 probe_score = seed_early_stopping(early, phase.probe_monitor)
+                record_probe_bar(out, early.monitor, probe_score)
+        elif not fresh:
+            probe_score = probe_bar(out, early.monitor)  # the seeded score itself is in the checkpoint
         elif cfg.augment.hflip == "auto" and fresh:
             record.extra["hflip"] = {"setting": "auto", "used": True,
                                      "rule": "no head phase on cached features to check mirror images: flips on"}
