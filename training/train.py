@@ -324,7 +324,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
                 record_probe_bar(out, early.monitor, probe_score)
         elif not fresh:
             probe_score = probe_bar(out, early.monitor)  # the seeded score itself is in the checkpoint
-        elif cfg.augment.hflip == "auto" and fresh:
+        elif cfg.augment.hflip == "auto":  # a fresh run (a resumed one took the branch above)
             record.extra["hflip"] = {"setting": "auto", "used": True,
                                      "rule": "no head phase on cached features to check mirror images: flips on"}
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
