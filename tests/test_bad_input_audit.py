@@ -443,7 +443,8 @@ def test_data_ood_checks_everything_before_writing(tmp_path: Path, capsys: pytes
     (src / "fish" / "empty.png").write_bytes(b"")
     pillow_heif.from_pillow(Image.open(src / "fish" / "1.png").convert("RGB")).save(str(src / "fish" / "3.heic"))
     out = tmp_path / "ood"
-    for argv, message in ((["--unseen", str(tmp_path / "nope")], "--unseen"), (["--generated", "-5"], "--generated")):
+    for argv, message in ((["--unseen", str(tmp_path / "nope")], "--unseen"), (["--generated", "-5"], "--generated"),
+                          (["--other", str(src / "fish" / "1.png")], "is a file, not a folder")):
         assert main(["data", "ood", str(out), "--generated", "2", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

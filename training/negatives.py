@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fieldid.cli_common import UsageError, require_extra
+from fieldid.cli_common import UsageError, not_a_folder, require_extra
 
 from .records import atomic_write_bytes
 
@@ -226,7 +226,7 @@ def make_ood_set(out: str | Path, *, unseen: list[str | Path] = (), other: list[
             folder = Path(folder)
             files, bad = _pick_readable(folder, int(per_folder), rng) if folder.is_dir() else ([], 0)
             if not files:
-                why = "no such folder" if not folder.is_dir() else (
+                why = not_a_folder(folder) if not folder.is_dir() else (
                     f"none of its {bad} photo file(s) decodes" if bad else "no photos in it")
                 raise UsageError(f"--{group} {folder}: {why}")
             skipped += bad
