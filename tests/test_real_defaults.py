@@ -135,12 +135,14 @@ def test_probe_weight_applies_to_raw_features() -> None:
     assert torch.equal((x @ w.T + b).argmax(1), y)
 
 
-def test_choose_shipped_takes_the_probe_only_when_strictly_better(tmp_path: Path) -> None:
+def test_choose_shipped_takes_the_probe_when_at_least_as_good(tmp_path: Path) -> None:
     (tmp_path / "baselines.json").write_text(json.dumps({"probe": {"accuracy": 0.8, "balanced_accuracy": 0.5},
                                                          "majority": {"accuracy": 0.6, "balanced_accuracy": 0.25}}))
     (tmp_path / "probe_head.pt").write_bytes(b"x")
-    assert choose_shipped({"accuracy": 0.8, "balanced_accuracy": 0.4}, tmp_path, "accuracy")[0] == "fine-tuned"
+    assert choose_shipped({"accuracy": 0.8001, "balanced_accuracy": 0.4}, tmp_path, "accuracy")[0] == "fine-tuned"
     assert choose_shipped({"accuracy": 0.79, "balanced_accuracy": 0.9}, tmp_path, "accuracy")[0] == "probe"
+    # A tie ships the probe: the same val score from the pretrained backbone left as it was.
+    assert choose_shipped({"accuracy": 0.8, "balanced_accuracy": 0.9}, tmp_path, "accuracy")[0] == "probe"
     # The objective decides which score counts.
     assert choose_shipped({"accuracy": 0.79, "balanced_accuracy": 0.9}, tmp_path, "balanced")[0] == "fine-tuned"
     assert choose_shipped({"accuracy": 0.7, "balanced_accuracy": 0.4}, tmp_path, "balanced")[0] == "probe"

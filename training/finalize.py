@@ -1,4 +1,4 @@
-"""Finishing a run: the shipped model (fine-tuned, or the probe when it scored higher on val),
+"""Finishing a run: the shipped model (fine-tuned, or the probe when it scored as high on val),
 temperature, fallback threshold, held-out metrics, plots, the unknown detector and ``run.json``."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ log = logging.getLogger("fieldid.train")
 
 def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.Tensor, cfg: TrainConfig, out: Path,
                  split: Split, val_dataset: Any) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
-    """The fine-tuned model, or the run's linear probe when that scored higher on val; logged beside the baselines."""
+    """The fine-tuned model, or the run's linear probe when that scored as high on val; logged beside the baselines."""
     n = len(split.labels)
     # Without pretrained weights the probe sat on a random backbone that cannot be made again.
     shipped, baselines = choose_shipped(val_scores(val_logits, val_y, n), out, cfg.objective,
@@ -51,7 +51,10 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
     if "majority" in baselines:
         parts.append(f"always the commonest class {baselines['majority'][key]:.4f}")
     log.info("val %s: %s -> shipping the %s model", key.replace("_", " "), ", ".join(parts), shipped)
-    if shipped == "probe":
+    if shipped == "probe" and baselines["fine_tuned"][key] == baselines["probe"][key]:
+        log.info("the fine-tuned model tied the linear probe on val: the run ships the probe (pretrained backbone "
+                 "+ fitted linear head), which moved fewer weights for the same score")
+    elif shipped == "probe":
         log.warning("the fine-tuned model scored lower on val than the linear probe on its frozen backbone; "
                     "the run ships the probe (backbone + fitted linear head)")
     shipped_scores = val_scores(val_logits, val_y, n)
@@ -66,7 +69,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
               skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict,
               logit_offset: torch.Tensor | None = None,
               probe_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> RunRecord:
-    """Best weights (or the probe, when it beat them on val) -> model.pth, temperature + fallback
+    """Best weights (or the probe, when it scored as high on val) -> model.pth, temperature + fallback
     threshold + unknown detector on val, metrics on test.
 
     ``probe_features``: the head phase's training features, targets and val features (head.HeadPhase):
