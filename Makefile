@@ -190,8 +190,10 @@ bench-real-batchnorm-seeds: elpv-data
 # Ties on val ship the linear probe (training/baselines.py choose_shipped): the sets where the probe and
 # the fine-tune tie, over three seeds, then the int8 bars of the seed-0 models' exports.
 TIE_RUNS := faces textures salmon
+empty :=
+comma := ,
 bench-real-tie: $(STAMP)
-	$(FIELDID) bench real --work $(RUNS)/bench-real-tie --sets faces,textures,salmon --seeds 3 \
+	$(FIELDID) bench real --work $(RUNS)/bench-real-tie --sets $(subst $(empty) $(empty),$(comma),$(TIE_RUNS)) --seeds 3 \
 	  --skip reference
 	$(FIELDID) bench real --page $(MEASURED)/bench-real-tie.md \
 	  --page-title "Ties on val ship the probe: faces, textures and salmon over three seeds" \

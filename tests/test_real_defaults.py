@@ -167,7 +167,7 @@ def test_the_probe_s_early_stopping_bar_is_scored_as_validation_scores() -> None
     assert score_predictions(logits.argmax(1), targets, 3)["balanced_accuracy"] == 0.75  # the other definition
     early = SimpleNamespace(monitor="val_bal_acc", best_score=None)
     assert seed_early_stopping(early, scores) == pytest.approx(0.5)
-    assert float(early.best_score) < 0.5 < float(early.best_score) + 1e-5  # equal to the probe counts as reaching it
+    assert float(early.best_score) < 0.5 < float(early.best_score) + 1e-5  # equal to the probe reaches it: the run goes on
 
 
 def test_a_run_whose_fine_tune_loses_to_its_probe_ships_the_probe(tmp_path: Path, caplog) -> None:

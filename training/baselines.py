@@ -3,8 +3,8 @@
 The head phase computes frozen backbone features of every training photo anyway; one more
 pass over the (small) val split and an L-BFGS fit give, in seconds, the two baselines a
 fine-tuned model must beat. The probe also *is* the head phase (LP-FT), and it is a complete
-model (backbone + linear head): when the fine-tuned model scores lower on val, the run ships the
-probe instead and says so (:func:`choose_shipped`).
+model (backbone + linear head): when the fine-tuned model scores no higher on val (a tie included),
+the run ships the probe instead and says so (:func:`choose_shipped`).
 
 Also here: how class imbalance is handled (:func:`imbalance_plan`), since the same choice shapes
 the probe, the loss and the shipped logits.

@@ -1,7 +1,7 @@
 """The linear probe: multinomial logistic regression on frozen backbone features, fitted by L-BFGS.
 
 Every run fits it on the features its head phase computes anyway (seconds on a CPU), records its
-val score beside the fine-tuned model's and keeps it when fine-tuning did worse; the fine-tune's
+val score beside the fine-tuned model's and keeps it when fine-tuning did no better; the fine-tune's
 head also starts from it (LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained Features",
 ICLR 2022 — a fitted head sends small, informative gradients into the backbone instead of a random
 head's large ones). ``fieldid data check`` uses it for out-of-sample probabilities and the real-data
