@@ -300,7 +300,7 @@ docs: $(STAMP)
 # Only what make made: the demo data, the demo and benchmark runs, the app build. A run of your own
 # under runs/ (make train DATA_DIR=..., fieldid train --out runs/x) is never deleted.
 DEMO_RUNS := reef salmon reef-server salmon-server reef-alone salmon-alone reef224 bench-export bench-train \
-	bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-batchnorm-seeds bench-export-real bench-data bench-ood-real tune-salmon tune.db
+	bench-real bench-real-seeds bench-real-image-size bench-real-batchnorm bench-real-batchnorm-seeds bench-real-tie bench-export-real bench-data bench-ood-real tune-salmon tune.db
 clean:
 	rm -rf $(addprefix $(RUNS)/,$(DEMO_RUNS)) $(addprefix $(DATA)/,reef salmon reef224) $(APP_OUT) .pytest_cache \
 	  build/site build/api-src
