@@ -192,6 +192,39 @@ def test_bench_ood_prints_the_goals_table(tiny_run: Path, tiny_bundle: Path, tmp
     assert report["artifact"] == phone_file and {r["measure"] for r in report["rows"]} >= {"flagged unknown"}
     other = next(r for r in report["rows"] if r["set"].startswith("other"))
     assert other["images"] == counts["other/generated"] + counts["other/skimage"]
+    # Every method also reports the share flagged with its cut moved to answer 95 % of the known photos.
+    assert all(0.0 <= per["other"]["flagged_at_goal"] <= 1.0 for per in report["methods"].values())
+    assert "@95%" in res.stdout
+
+
+def test_flagged_at_moves_the_cut_to_the_acceptance_asked_for() -> None:
+    """The share flagged at a fixed acceptance: the cut answers at least that share of the known scores."""
+    from fieldid.export.bench_ood import flagged_at
+
+    known = np.arange(100.0)  # 0..99
+    out = np.array([50.0, 94.0, 94.5, 95.0, 120.0])
+    assert flagged_at(known, out, 0.95) == 3 / 5  # cut 94 (95 of 100 known at or below it): 94 is answered
+    assert flagged_at(known, out, 1.0) == 1 / 5  # cut 99: only 120 flagged
+    assert flagged_at(known, out, 0.5) == 1.0  # cut 49: 50 is flagged too
+    # Where the recorded threshold answers more than 95 %, moving the cut can only flag more, never fewer.
+    assert flagged_at(known, out, 0.95) >= float((out > 99.0).mean())
+    assert np.isnan(flagged_at(np.array([]), out, 0.95))
+
+
+def test_bench_ood_real_page_shows_the_share_flagged_at_the_goals_acceptance() -> None:
+    from fieldid.export.bench_ood_real import format_table
+
+    row = {"dataset": "digits", "known": ["0", "1"], "unseen": ["2"], "artifact": "model.onnx", "known_photos": 40,
+           "answered": 0.975, "answered_accuracy": 1.0, "unseen_photos": 20, "unseen_flagged": 0.4,
+           "other_photos": 10, "other_flagged": 1.0, "unseen_auroc": 0.9, "other_auroc": 1.0, "goals_met": False,
+           "unseen_flagged_at_goal": 0.55, "other_flagged_at_goal": 1.0}
+    table = format_table([row])
+    header, _, line = table.splitlines()
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    assert names[10] == names[14] == "flagged at 95% answered" and cells[10] == "55.0 %" and cells[14] == "100.0 %"
+    assert len(cells) == len(names)
+    assert format_table([{k: v for k, v in row.items() if not k.endswith("_at_goal")}]).splitlines()[2].count("| - |") == 2
 
 
 def test_bench_ood_bad_folder_is_one_line_and_exit_2(tiny_run: Path, tmp_path: Path) -> None:
