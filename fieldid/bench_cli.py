@@ -342,7 +342,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = what.add_parser("ood", help="the unknown answer of the phone's file on other and unseen photos",
                         description="DIR/other/ (other kinds of things, goal >= 95% flagged) and DIR/unseen/ (same "
                                     "kind, not trained on, >= 80%) vs the held-out split (>= 95% answered, >= 99% "
-                                    "accurate); `fieldid data ood` makes such a folder; writes ood.json and ood.md.")
+                                    "accurate); `fieldid data ood` makes such a folder; writes ood.json and ood.md. "
+                                    "Each score (the detector, energy, max-logit, softmax) is also shown at the "
+                                    "goal's acceptance: the share flagged with the cut moved to answer 95% of the "
+                                    "held-out photos, whatever threshold training recorded.")
     o.add_argument("--run", type=Path, required=True, help="run directory")
     o.add_argument("--dir", type=Path, required=True, help="folder with other/ and/or unseen/ photos")
     o.add_argument("--bundle", type=Path, default=None, help="export bundle (default: RUN/export)")
