@@ -228,8 +228,8 @@ def choose_shipped(fine_tuned_val: dict[str, float], out: Path, objective: str, 
     base["fine_tuned"] = fine_tuned_val
     shipped = "fine-tuned"
     probe = base.get("probe")
-    if probe_shippable and probe is not None and (out / PROBE_HEAD_FILE).is_file() and objective_score(probe, objective) >= objective_score(
-            fine_tuned_val, objective):
+    if (probe_shippable and probe is not None and (out / PROBE_HEAD_FILE).is_file()
+            and objective_score(probe, objective) >= objective_score(fine_tuned_val, objective)):
         shipped = "probe"
     base["shipped"] = shipped
     return shipped, base

@@ -15,7 +15,7 @@ from .config import TrainConfig
 from .data import CachedImageDataset, Split, eval_transform
 from .evaluate import compute_metrics, noise_stability, plot_confusion, plot_curves, predict_logits
 from .models import classifier_modules, create_model
-from .probe import majority_scores
+from .probe import majority_scores, objective_key
 from .records import RunRecord, atomic_write_json
 from .samples import write_samples
 
@@ -44,7 +44,7 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
             probe_model.load_state_dict(bn, strict=False)
         model = probe_model
         val_logits, _ = predict_logits(model, val_dataset)
-    key = "balanced_accuracy" if cfg.objective == "balanced" else "accuracy"
+    key = objective_key(cfg.objective)  # the score choose_shipped compared
     parts = [f"fine-tuned {baselines['fine_tuned'][key]:.4f}"]
     if "probe" in baselines:
         parts.append(f"linear probe {baselines['probe'][key]:.4f}")

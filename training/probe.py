@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LinearProbe", "fit_logistic", "fit_probe", "score_predictions", "majority_scores", "objective_score", "L2_GRID"]
+__all__ = ["LinearProbe", "fit_logistic", "fit_probe", "score_predictions", "majority_scores", "objective_key",
+           "objective_score", "L2_GRID"]
 
 # Weight-decay strengths tried; the one with the best val score wins (ties: the stronger one).
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -98,9 +99,14 @@ def majority_scores(train_targets: torch.Tensor, targets: torch.Tensor, num_clas
             "class": commonest}
 
 
+def objective_key(objective: str) -> str:
+    """The key of :func:`score_predictions` that ``--objective`` optimises (``accuracy`` or ``balanced_accuracy``)."""
+    return "balanced_accuracy" if objective == "balanced" else "accuracy"
+
+
 def objective_score(scores: dict[str, float], objective: str) -> float:
     """The score ``--objective`` optimises (accuracy or balanced accuracy): what every choice of a run compares."""
-    return scores["balanced_accuracy"] if objective == "balanced" else scores["accuracy"]
+    return scores[objective_key(objective)]
 
 
 def fit_probe(train_features: torch.Tensor, train_targets: torch.Tensor, val_features: torch.Tensor,
