@@ -14,7 +14,8 @@ scores (AUROC, and the share flagged when each is set to answer as many in-distr
 photos as the detector does) — the measurement behind the choice of method. And for every
 method the share flagged at the goal's acceptance (a cut that answers 95% of the in-distribution
 photos, :func:`flagged_at`): what the score's ranking could reach with the threshold moved there,
-apart from where training put it (a val split of 22 photos puts it at their highest score).
+apart from where training put it (with 66 val photos or fewer, training's 98.5 % quantile is
+their highest score).
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         auroc = [("-" if v is None else f"{v:.3f}") for v in (r["unseen_auroc"], r["other_auroc"])]
-        # A row without the value (a bundle benched before it existed) shows "-".
+        # A set without unseen/ or other/ photos has no value there: "-".
         at = [_pct(r.get(k)) for k in ("unseen_flagged_at_goal", "other_flagged_at_goal")]
         lines.append(f"| {r['dataset']} | {len(r['known'])} classes ({', '.join(r['known'])}) | "
                      f"{len(r['unseen'])} | {r['artifact']} | {r['known_photos']} | {_pct(r['answered'])} | "

@@ -195,6 +195,11 @@ def test_bench_ood_prints_the_goals_table(tiny_run: Path, tiny_bundle: Path, tmp
     # Every method also reports the share flagged with its cut moved to answer 95 % of the known photos.
     assert all(0.0 <= per["other"]["flagged_at_goal"] <= 1.0 for per in report["methods"].values())
     assert "@95%" in res.stdout
+    # The recorded threshold answers more (fewer) known photos than 95 %: the moved cut is lower (higher),
+    # so it flags at least (at most) as many.
+    answered = next(r for r in report["rows"] if r["measure"] == "answered on device")["value"]
+    det = report["methods"]["mahalanobis (in the artifact)"]["other"]
+    assert det["flagged_at_goal"] >= det["flagged"] if answered >= 0.95 else det["flagged_at_goal"] <= det["flagged"]
 
 
 def test_flagged_at_moves_the_cut_to_the_acceptance_asked_for() -> None:
@@ -209,6 +214,9 @@ def test_flagged_at_moves_the_cut_to_the_acceptance_asked_for() -> None:
     # Where the recorded threshold answers more than 95 %, moving the cut can only flag more, never fewer.
     assert flagged_at(known, out, 0.95) >= float((out > 99.0).mean())
     assert np.isnan(flagged_at(np.array([]), out, 0.95))
+    # Tied known scores: the cut is the tied value (96 of 100 answered at it), and a score equal to it is answered.
+    tied = np.array([0.0] * 96 + [1.0, 2.0, 3.0, 4.0])
+    assert flagged_at(tied, np.array([0.0, 0.5, 1.0]), 0.95) == 2 / 3
 
 
 def test_bench_ood_real_page_shows_the_share_flagged_at_the_goals_acceptance() -> None:
@@ -223,7 +231,7 @@ def test_bench_ood_real_page_shows_the_share_flagged_at_the_goals_acceptance() -
     cells = [c.strip() for c in line.strip("|").split("|")]
     names = [c.strip() for c in header.strip("|").split("|")]
     assert names[10] == names[14] == "flagged at 95% answered" and cells[10] == "55.0 %" and cells[14] == "100.0 %"
-    assert len(cells) == len(names)
+    assert len(cells) == len(names) == len(table.splitlines()[1].strip("|").split("|"))
     assert format_table([{k: v for k, v in row.items() if not k.endswith("_at_goal")}]).splitlines()[2].count("| - |") == 2
 
 
