@@ -463,7 +463,7 @@ def bench_run(run_dir: str | Path, *, data: str | Path | None = None, bundle: st
 
     Example:
         >>> r = bench_run("runs/reef")  # doctest: +SKIP
-        >>> r["rows"][0]["name"]
+        >>> r["rows"][0]["name"]  # doctest: +SKIP
         'eager pytorch fp32'
     """
     from . import _import_exporters

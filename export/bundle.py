@@ -403,7 +403,7 @@ def export_run(run_dir: str | Path, *, formats: list[str] | str | None = None, o
 
     Example:
         >>> m = export_run("runs/salmon", formats=["onnx"])  # doctest: +SKIP
-        >>> [a["file"] for a in m.artifacts]
+        >>> [a["file"] for a in m.artifacts]  # doctest: +SKIP
         ['model.pth', 'model.onnx', 'model.int8.onnx']
     """
     from . import _import_exporters

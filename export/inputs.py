@@ -42,7 +42,7 @@ class PhoneImages:
 
     Example:
         >>> imgs = PhoneImages.from_array(pixels, spec)  # doctest: +SKIP
-        >>> next(imgs.batches(8)).shape
+        >>> next(imgs.batches(8)).shape  # doctest: +SKIP
         (8, 3, 224, 224)
     """
 

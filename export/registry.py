@@ -78,7 +78,7 @@ def load_runtime(path: str | Path, format: str, *, threads: int = 0) -> Runner:
 
     Example:
         >>> run = load_runtime("runs/salmon/export/model.onnx", "onnx", threads=1)  # doctest: +SKIP
-        >>> run(x).shape
+        >>> run(x).shape  # doctest: +SKIP
         (8, 2)
     """
     if format not in RUNTIMES:

@@ -94,7 +94,7 @@ def measure(name: str) -> Iterator[FormatStats]:
     Example:
         >>> with measure("onnx") as st:  # doctest: +SKIP
         ...     export_onnx(ctx)
-        >>> st.peak_rss_mb
+        >>> st.peak_rss_mb  # doctest: +SKIP
         812.0
     """
     free_memory()

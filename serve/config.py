@@ -231,11 +231,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _prop(value: str) -> str:
-    """``value`` escaped for Java's ``Properties.load``, which TorchServe reads as ISO-8859-1.
+    r"""``value`` escaped for Java's ``Properties.load``, which TorchServe reads as ISO-8859-1.
 
     Backslashes, line breaks, ``=``, ``:`` and ``,`` are escaped (the last three are harmless to
     escape and keep a path like ``/data/a=b, c`` readable as one value), leading spaces kept, and
-    every non-ASCII character written as ``\\uXXXX`` (UTF-16 surrogate pairs beyond the BMP), so a
+    every non-ASCII character written as ``\uXXXX`` (UTF-16 surrogate pairs beyond the BMP), so a
     state folder named ``Fotos Zoë, 2026`` is the same path to Java as to Python.
 
     Example:

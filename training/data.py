@@ -129,7 +129,7 @@ def make_split(data_dir: str | Path, *, val_fraction: float = 0.15, test_fractio
 
     Example:
         >>> s = make_split("data/reef", seed=0)  # doctest: +SKIP
-        >>> sorted(s.files)
+        >>> sorted(s.files)  # doctest: +SKIP
         ['test', 'train', 'val']
     """
     listing = scan_image_folder(data_dir)

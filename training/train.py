@@ -176,7 +176,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
 
     Example:
         >>> rec = train("data/salmon", "runs/salmon", TrainConfig(epochs=3, image_size=128))  # doctest: +SKIP
-        >>> rec.labels
+        >>> rec.labels  # doctest: +SKIP
         ['farmed', 'wild']
     """
     import lightning as L

@@ -507,7 +507,7 @@ def tune(data_dir: str | Path, trials: int, *, base: TrainConfig | None = None,
 
     Example:
         >>> r = tune("data/salmon", 20, base=TrainConfig(epochs=6))  # doctest: +SKIP
-        >>> r.best_config
+        >>> r.best_config  # doctest: +SKIP
         PosixPath('runs/tune-salmon/best.yaml')
     """
     import optuna
