@@ -30,8 +30,9 @@ def noise_note(unchanged: float, batchnorm: dict[str, Any] | None) -> str:
     pretrained ones. Re-estimated statistics are the ones the benchmark's less steady models had: over
     three seeds the elpv_few, scenes, faces and textures models kept 65-100 % of their answers, every
     ``frozen`` one 96.7 % or more (docs/measured/bench-real-batchnorm-seeds.md). It is the statistics, not
-    the fine-tuning: the scenes set's seed-0 linear probe kept 87.6-89.5 % of its test answers under the
-    re-estimated ones and 98.1-99.0 % under the pretrained ones (three noise draws each).
+    the fine-tuning: on that page's scenes rows the default runs that shipped the linear probe (seeds 1
+    and 2, the pretrained backbone on re-estimated statistics) kept 88.6 % and 89.5 %, the seed-0
+    fine-tune 87.6 %, the ``frozen`` runs that shipped the probe 100 % and 97.1 %.
 
     Example:
         >>> noise_note(0.995, {"used": "re-estimated"})
