@@ -277,6 +277,19 @@ def fp32_noise_agreement(ctx: ExportContext) -> float:
     return ctx.noise_agreement
 
 
+def _run_batchnorm(ctx: ExportContext) -> dict[str, Any] | None:
+    """The run's BatchNorm choice (``metrics.json`` ``training.baselines.batchnorm``; None when absent or
+    unreadable: the miss line then just leaves the advice out)."""
+    import json
+
+    try:
+        m = json.loads((ctx.run_dir / ctx.record.metrics).read_text(encoding="utf-8"))
+        choice = m["training"]["baselines"]["batchnorm"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return choice if isinstance(choice, dict) else None
+
+
 def verify_logits(ctx: ExportContext, logits: np.ndarray, *, precision: str, name: str) -> dict[str, Any]:
     """Compare an artifact's logits on the bar images with PyTorch's; record pass/fail against the bars.
 
@@ -311,13 +324,15 @@ def verify_logits(ctx: ExportContext, logits: np.ndarray, *, precision: str, nam
         "accuracy": acc, "reference_accuracy": ctx.reference_accuracy, "accuracy_drop": drop,
     }
     if not passed and precision != "fp32":
-        from fieldid.training.evaluate import NOISE_GREY_LEVELS
+        from fieldid.training.evaluate import NOISE_GREY_LEVELS, batchnorm_hint
 
         result["fp32_noise_agreement"] = kept = fp32_noise_agreement(ctx)
         miss += (f"; the fp32 model itself keeps {kept:.1%} of its answers on these images when each pixel moves "
-                 f"by up to {NOISE_GREY_LEVELS:g} grey level (about int8's rounding of the input alone)"
-                 + (", below the bar: no int8 recipe can be expected to meet it on this model"
-                    if kept < INT8_MIN_AGREEMENT else ""))
+                 f"by up to {NOISE_GREY_LEVELS:g} grey level (about int8's rounding of the input alone)")
+        if kept < INT8_MIN_AGREEMENT:
+            hint = batchnorm_hint(_run_batchnorm(ctx))
+            miss += (", below the bar: no int8 recipe can be expected to meet it on this model"
+                     + (f"; {hint}" if hint else ""))
     if not passed:
         ctx.failures.append(f"{name} missed its bar: {miss}")
     log.info("verified %-22s agreement %.4f  acc %.4f (ref %.4f)  max|diff| %.2e  %s", name, agree, acc,

@@ -257,10 +257,28 @@ def test_an_int8_miss_is_a_partial_bundle_and_exit_0(capsys, tiny_run: Path, tmp
     # The miss says how stable the fp32 model itself is under pixel noise (here below the impossible bar).
     assert 0.0 <= ver["fp32_noise_agreement"] <= 1.0
     assert "the fp32 model itself keeps" in partial[0] and "no int8 recipe can be expected" in partial[0]
+    # ... and, where the run re-estimated its BatchNorm statistics, what to retrain with.
+    used = json.loads((tiny_run / "metrics.json").read_text())["training"]["baselines"]["batchnorm"]["used"]
+    assert ("retraining with --batchnorm frozen" in partial[0]) is (used == "re-estimated"), (used, partial[0])
     # What the phone and predict pick by default is the verified fp32 file.
     from fieldid.classify import choose_artifact
 
     assert choose_artifact(m).file == "model.onnx"
+
+
+def test_the_runs_batchnorm_choice_is_read_or_left_out(tmp_path: Path) -> None:
+    """The int8 miss line's advice reads metrics.json's BatchNorm choice; without one it says nothing more."""
+    from types import SimpleNamespace
+
+    from fieldid.export.verify import _run_batchnorm
+
+    ctx = SimpleNamespace(run_dir=tmp_path, record=SimpleNamespace(metrics="metrics.json"))
+    assert _run_batchnorm(ctx) is None  # no metrics.json
+    for text in ("{", '{"training": []}', '{"training": {"baselines": {}}}'):
+        (tmp_path / "metrics.json").write_text(text)
+        assert _run_batchnorm(ctx) is None, text
+    (tmp_path / "metrics.json").write_text(json.dumps({"training": {"baselines": {"batchnorm": {"used": "re-estimated"}}}}))
+    assert _run_batchnorm(ctx) == {"used": "re-estimated"}
 
 
 def test_label_order_mismatch_in_a_file_is_caught(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:

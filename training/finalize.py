@@ -13,7 +13,7 @@ from .calibrate import choose_fallback_threshold, fit_temperature
 from .checkpoints import load_checkpoint, write_state_dict
 from .config import TrainConfig
 from .data import CachedImageDataset, Split, eval_transform
-from .evaluate import compute_metrics, noise_stability, plot_confusion, plot_curves, predict_logits
+from .evaluate import batchnorm_hint, compute_metrics, noise_stability, plot_confusion, plot_curves, predict_logits
 from .models import classifier_modules, create_model
 from .probe import majority_scores, objective_key
 from .records import RunRecord, atomic_write_json
@@ -26,13 +26,8 @@ log = logging.getLogger("fieldid.train")
 
 def noise_note(unchanged: float, batchnorm: dict[str, Any] | None) -> str:
     """What the noise check's log line adds when fewer than 99 % of the answers held: that int8 will not
-    hold either, and, when the run re-estimated its BatchNorm statistics, the setting that keeps the
-    pretrained ones. Re-estimated statistics are the ones the benchmark's less steady models had: over
-    three seeds the elpv_few, scenes, faces and textures models kept 65-100 % of their answers, every
-    ``frozen`` one 96.7 % or more (docs/measured/bench-real-batchnorm-seeds.md). It is the statistics, not
-    the fine-tuning: on that page's scenes rows the default runs that shipped the linear probe (seeds 1
-    and 2, the pretrained backbone on re-estimated statistics) kept 88.6 % and 89.5 %, the seed-0
-    fine-tune 87.6 %, the ``frozen`` runs that shipped the probe 100 % and 97.1 %.
+    hold either, and what to change when the run re-estimated its BatchNorm statistics
+    (:func:`~fieldid.training.evaluate.batchnorm_hint`).
 
     Example:
         >>> noise_note(0.995, {"used": "re-estimated"})
@@ -44,12 +39,9 @@ def noise_note(unchanged: float, batchnorm: dict[str, Any] | None) -> str:
     """
     if unchanged >= 0.99:
         return ""
-    note = " (below 99 %: an int8 file of this model rarely keeps 99 % of its answers"
-    if (batchnorm or {}).get("used") == "re-estimated":
-        note += ("; its BatchNorm statistics were re-estimated on the training photos, which made the benchmark's "
-                 "models less steady: --batchnorm frozen keeps the pretrained ones, at some accuracy on three of "
-                 "its sets")
-    return note + "; docs/training.md)"
+    hint = batchnorm_hint(batchnorm)
+    return (" (below 99 %: an int8 file of this model rarely keeps 99 % of its answers"
+            + (f"; {hint}" if hint else "") + "; docs/training.md)")
 
 
 def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.Tensor, cfg: TrainConfig, out: Path,
