@@ -277,7 +277,8 @@ def test_the_runs_batchnorm_choice_is_read_or_left_out(tmp_path: Path) -> None:
     for text in ("{", '{"training": []}', '{"training": {"baselines": {}}}'):
         (tmp_path / "metrics.json").write_text(text)
         assert _run_batchnorm(ctx) is None, text
-    (tmp_path / "metrics.json").write_text(json.dumps({"training": {"baselines": {"batchnorm": {"used": "re-estimated"}}}}))
+    choice = {"training": {"baselines": {"batchnorm": {"used": "re-estimated"}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(choice))
     assert _run_batchnorm(ctx) == {"used": "re-estimated"}
 
 

@@ -20,8 +20,8 @@ from .models import load_run_model
 from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
-__all__ = ["predict_logits", "noise_stability", "batchnorm_hint", "NOISE_GREY_LEVELS", "NOISE_MAX_IMAGES", "compute_metrics",
-           "plot_confusion", "plot_curves", "evaluate"]
+__all__ = ["predict_logits", "noise_stability", "batchnorm_hint", "NOISE_GREY_LEVELS", "NOISE_MAX_IMAGES",
+           "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
