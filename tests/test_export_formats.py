@@ -269,6 +269,16 @@ def test_manifest_rejects_tampering(full_bundle: Path, tmp_path: Path) -> None:
         load_manifest(tmp_path)  # names files that are not there
 
 
+def test_executorch_files_are_delegated_to_xnnpack(manifest: Manifest) -> None:
+    """The XNNPACK lowering really took the network, in the fp32 and the int8 ``.pte`` alike (export
+    fails a file whose lowering delegated nothing; most of the nodes must go, not a handful)."""
+    ptes = [a for a in manifest.artifact_list() if a.format == "executorch"]
+    assert sorted(a.precision for a in ptes) == ["fp32", "int8"]
+    for a in ptes:
+        d = a.verification["delegation"]
+        assert d["delegated_subgraphs"] >= 1 and d["delegated_nodes"] > d["non_delegated_nodes"], (a.file, d)
+
+
 def test_pte_methods_and_executorchs_process_wide_threadpool(full_bundle: Path, manifest: Manifest, eager) -> None:
     """A pool reset frees the pool earlier methods run on (CI segfaulted in ``fieldid predict``).
 
