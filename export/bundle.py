@@ -50,8 +50,8 @@ from .registry import (EXPORTERS, LABEL_READERS, RUNTIMES, ExportError, Runner, 
                        runtime_name, unsupported_op)
 from .resources import MemoryRefusal, check_memory, measure
 from .verify import (EVAL_BATCH, FP32_MAX_ABS_DIFF, INT8_MAX_ACCURACY_DROP, INT8_MIN_AGREEMENT, MIN_BAR_IMAGES,
-                     ExportContext, LogitsModel, bar_images, check_labels, input_spec, make_artifact, verify_artifact,
-                     verify_logits)
+                     ExportContext, LogitsModel, bar_images, check_labels, input_spec, make_artifact, run_metrics,
+                     verify_artifact, verify_logits)
 from .writer import check_writable, clean_leftovers, make_stage, swap_in
 
 __all__ = [
@@ -310,14 +310,8 @@ def _warn_dropped_formats(out: Path, wanted: list[str]) -> None:
 
 
 def _run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    path = run_dir / record.metrics
-    if not path.is_file():
-        return {}
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError: the summary just lacks the scores
-        return {}
-    return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")} if isinstance(m, dict) else {}
+    m = run_metrics(run_dir, record)  # None when missing or unreadable: the summary just lacks the scores
+    return {k: m.get(k) for k in ("split", "accuracy", "macro_f1", "num_images")} if m is not None else {}
 
 
 # Extra MB a format's export holds at its peak, above what the process held before it:

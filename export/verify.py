@@ -27,7 +27,7 @@ from .registry import LABEL_READERS, converting, load_runtime, runtime_name
 
 __all__ = ["ExportContext", "LogitsModel", "verify_logits", "verify_artifact", "check_labels", "input_spec",
            "make_artifact", "bar_images", "augmented_views", "EVAL_BATCH", "FP32_MAX_ABS_DIFF", "INT8_MIN_AGREEMENT",
-           "INT8_MAX_ACCURACY_DROP", "MIN_BAR_IMAGES"]
+           "INT8_MAX_ACCURACY_DROP", "MIN_BAR_IMAGES", "run_metrics"]
 
 log = logging.getLogger("fieldid.export")
 
@@ -277,16 +277,24 @@ def fp32_noise_agreement(ctx: ExportContext) -> float:
     return ctx.noise_agreement
 
 
-def _run_batchnorm(ctx: ExportContext) -> dict[str, Any] | None:
-    """The run's BatchNorm choice (``metrics.json`` ``training.baselines.batchnorm``; None when absent or
-    unreadable: the miss line then just leaves the advice out)."""
+def run_metrics(run_dir: Path, record: RunRecord) -> dict[str, Any] | None:
+    """The run's ``metrics.json``; None when it is missing, unreadable or not an object: what export takes
+    from it (the manifest's scores, the advice of an int8 miss) is only ever a summary."""
     import json
 
     try:
-        m = json.loads((ctx.run_dir / ctx.record.metrics).read_text(encoding="utf-8"))
-        choice = m["training"]["baselines"]["batchnorm"]
-    except (OSError, ValueError, KeyError, TypeError):
+        m = json.loads((run_dir / record.metrics).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError too
         return None
+    return m if isinstance(m, dict) else None
+
+
+def _run_batchnorm(ctx: ExportContext) -> dict[str, Any] | None:
+    """The run's BatchNorm choice (``metrics.json`` ``training.baselines.batchnorm``; None when absent or
+    unreadable: the miss line then just leaves the advice out)."""
+    choice: Any = run_metrics(ctx.run_dir, ctx.record)
+    for key in ("training", "baselines", "batchnorm"):
+        choice = choice.get(key) if isinstance(choice, dict) else None
     return choice if isinstance(choice, dict) else None
 
 
