@@ -318,6 +318,61 @@ def test_fp32_unknown_decision_on_a_threshold_tie_may_go_either_way(tmp_path: Pa
     assert check(clear)["status"] == "failed"
 
 
+def test_an_int8_score_miss_says_how_steady_the_fp32_decisions_are(tmp_path: Path) -> None:
+    """An int8 file that misses the unknown_score bar says why: either the fp32 model's own decisions give way
+    under half a grey level of pixel noise (then no recipe can be expected to meet the bar), or how many times
+    more than that noise the int8 file moves the score."""
+    from types import SimpleNamespace
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from fieldid.export.unknown import verify_unknown
+
+    # Channel 0 of an input is the fp32 model's score (ctx.model below), channel 1 the written file's:
+    # a real ONNX file read by the real runtime, and pixel noise that moves the fp32 score as it would a photo's.
+    idx = helper.make_tensor("idx", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph([helper.make_node("Gather", ["input", "idx"], ["unknown_score"], axis=1)], "score",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 1, 1])],
+                              [helper.make_tensor_value_info("unknown_score", TensorProto.FLOAT, ["N", 1, 1, 1])],
+                              [idx])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+
+    class Fp32(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[:, :1].flatten(1), x[:, 0].flatten()
+
+    thr, n = 2.0, 300
+    noise = 0.5 / 255  # the check's half a grey level, at std 1
+
+    def check(fp32: np.ndarray, written: np.ndarray) -> tuple[dict, str]:
+        x = np.stack([fp32, written], axis=1).astype(np.float32)[:, :, None, None]
+        ctx = SimpleNamespace(record=SimpleNamespace(unknown={"threshold": thr},
+                                                     preprocess_spec=SimpleNamespace(mean=(0.0, 0.0), std=(1.0, 1.0))),
+                              heldout=x, model=Fp32(),
+                              unknown_probe={"probes": np.zeros((0, 2, 1, 1), np.float32), "reference": fp32},
+                              stage=tmp_path, failures=[])
+        result = verify_unknown(ctx, "m.onnx", "onnx", "int8")
+        assert result["status"] == "failed" and len(ctx.failures) == 1
+        return result, ctx.failures[0]
+
+    rng = np.random.default_rng(0)
+    clear = thr + rng.choice([-1, 1], n) * rng.uniform(0.1, 1.0, n)  # every score well away from the threshold
+    moved = clear.copy()
+    moved[:30] = 2 * thr - moved[:30]  # the written file turns 10 % of the clear decisions
+    result, line = check(clear, moved)
+    assert result["fp32_noise_decision_agreement"] == 1.0
+    assert 0 < result["fp32_noise_median_diff_over_threshold"] < noise / thr
+    assert "the fp32 model itself keeps 100.0% of these decisions" in line and "x as much" in line
+    assert "no int8 recipe" not in line
+
+    crowded = clear.copy()
+    crowded[:150] = thr + rng.uniform(-noise / 4, noise / 4, 150)  # half the images on the threshold
+    result, line = check(crowded, moved)
+    assert result["fp32_noise_decision_agreement"] < 0.97
+    assert "below the bar's 97%: no int8 recipe can be expected to meet it on this model" in line
+
+
 def test_ood_set_keeps_folders_that_share_a_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--other faces/test scenes/test`: both are copied, under names that tell them apart (the second used to
     land in other/test among the first one's files, overwriting those with the same name)."""

@@ -5,7 +5,7 @@ import csv
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +20,8 @@ from .models import load_run_model
 from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
-__all__ = ["predict_logits", "noise_stability", "batchnorm_hint", "NOISE_GREY_LEVELS", "NOISE_MAX_IMAGES",
-           "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
+__all__ = ["predict_logits", "top1", "noisy_answers", "noise_stability", "batchnorm_hint", "NOISE_GREY_LEVELS",
+           "NOISE_MAX_IMAGES", "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +74,45 @@ def batchnorm_hint(batchnorm: dict[str, Any] | None) -> str:
             "on three of its sets")
 
 
-@torch.no_grad()
-def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
-                    mean_std: tuple[Sequence[float], Sequence[float]], *, grey_levels: float = NOISE_GREY_LEVELS,
-                    max_images: int | None = NOISE_MAX_IMAGES, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
-    """Share of ``dataset``'s answers (``logits``: the model's clean ones) unchanged when every pixel
-    moves by uniform noise of up to ``grey_levels`` of 255 (seeded, so a run is reproducible), on at
-    most ``max_images`` of its items, evenly spaced (``None``: all).
+def top1(out: Any) -> torch.Tensor:
+    """The answer of a model output: top-1 of the logits (``(logits, unknown_score)`` is judged by its logits)."""
+    return (out[0] if isinstance(out, tuple) else out).float().argmax(1)
 
-    ``mean_std``: the normalisation the dataset applied (the noise is added to normalised tensors, in
-    pixel units). A model with the outputs ``(logits, unknown_score)`` (``ood.ScoredModel``) is judged
-    by its logits. Returns ``{"grey_levels", "unchanged", "images"}``.
+
+@torch.no_grad()
+def noisy_answers(model: nn.Module, dataset: Dataset, mean_std: tuple[Sequence[float], Sequence[float]],
+                  answer: Callable[[Any], torch.Tensor] = top1, *, grey_levels: float = NOISE_GREY_LEVELS,
+                  max_images: int | None = NOISE_MAX_IMAGES, seed: int = 0,
+                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, answers)``: ``answer(model(x + noise))`` on at most ``max_images`` of ``dataset``'s items,
+    evenly spaced (``None``: all), every pixel moved by uniform noise of up to ``grey_levels`` of 255
+    (seeded, so a run is reproducible). ``mean_std``: the normalisation the dataset applied (the noise
+    is added to normalised tensors, in pixel units). The one noise pass of :func:`noise_stability` and
+    of the export's check of its ``unknown_score`` decisions.
     """
     model = model.eval()
-    total = int(logits.shape[0])
+    total = len(dataset)  # type: ignore[arg-type]
     idx = torch.linspace(0, total - 1, min(total, max_images or total)).round().long().unique()
     std = torch.tensor(mean_std[1], dtype=torch.float32).view(1, -1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
     answers = []
     for x, _ in DataLoader(Subset(dataset, idx.tolist()), batch_size=batch_size, shuffle=False):
         noise = (torch.rand(x.shape, generator=gen) * 2 - 1) * (grey_levels / 255.0) / std
-        out = model(x + noise)
-        answers.append((out[0] if isinstance(out, tuple) else out).float().argmax(1))
+        answers.append(answer(model(x + noise)))
+    return idx, (torch.cat(answers) if answers else torch.empty(0))
+
+
+def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
+                    mean_std: tuple[Sequence[float], Sequence[float]], *, grey_levels: float = NOISE_GREY_LEVELS,
+                    max_images: int | None = NOISE_MAX_IMAGES, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
+    """Share of ``dataset``'s answers (``logits``: the model's clean ones) unchanged under pixel noise
+    (:func:`noisy_answers`). A model with the outputs ``(logits, unknown_score)`` (``ood.ScoredModel``)
+    is judged by its logits. Returns ``{"grey_levels", "unchanged", "images"}``.
+    """
+    idx, answers = noisy_answers(model, dataset, mean_std, grey_levels=grey_levels, max_images=max_images,
+                                 seed=seed, batch_size=batch_size)
     n = int(idx.numel())
-    same = float((torch.cat(answers) == logits[idx].argmax(1)).float().mean()) if n else 1.0
+    same = float((answers == logits[idx].argmax(1)).float().mean()) if n else 1.0
     return {"grey_levels": grey_levels, "unchanged": same, "images": n}
 
 
