@@ -377,6 +377,17 @@ def test_bench_real_goals_and_table() -> None:
     assert "30% of test photos to the server (device answers 0.970 right)" in format_real(rows)
     rows[-1].update(to_server=0.1)
     assert "<= 25% to server: met" in format_real(rows)
+    # With the run's target and the coverage curve the goal is the issue's: the device's answers must meet
+    # the target too (a binomial test on the test photos), and a model whose most confident 75 % of answers
+    # fall short of it cannot meet it at all: no met / NOT met, the numbers instead.
+    rows[-1].update(test=400, kept_accuracy=0.995, kept_target=0.99, coverage_curve=[[0.75, 1.0], [1.0, 0.95]])
+    assert goals(rows)["elpv"]["<= 25% to server"] is True  # 2 wrong of 360 kept: within a 99 % target
+    rows[-1].update(kept_accuracy=0.95)  # 18 wrong of 360: more than chance lets a 99 % target make
+    assert goals(rows)["elpv"]["<= 25% to server"] is False
+    rows[-1].update(coverage_curve=[[0.75, 0.9], [1.0, 0.85]])
+    g = goals(rows)["elpv"]
+    assert "<= 25% to server" not in g and "0.900 right (target 0.99)" in g["server_judged"]
+    assert "to server: not possible for this model" in format_real(rows)
     # The run's noise check (metrics.json noise_stability) is shown where the row has it.
     assert "grey level" not in format_real(rows)
     rows[-1].update(noise_unchanged=0.903)
@@ -439,6 +450,12 @@ def test_metrics_carry_the_fallback_share() -> None:
     # The near-tie (second photo) goes to the server; of the three kept, two are right.
     assert m["fallback"]["sent_to_server"] == 0.25 and abs(m["fallback"]["kept_accuracy"] - 2 / 3) < 1e-6
     assert "fallback" not in compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"])
+    # How right the phone could be at each share it keeps: the most confident answers first.
+    curve = dict((share, acc) for share, acc in m["fallback"]["coverage_curve"])
+    assert len(curve) == 20 and curve[0.5] == 1.0 and curve[0.75] == 0.6667 and curve[1.0] == 0.5
+    assert "target_accuracy" not in m["fallback"]
+    m = compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"], fallback_threshold=0.8, fallback_target=0.99)
+    assert m["fallback"]["target_accuracy"] == 0.99
 
 
 def test_bench_real_bad_arguments_and_collect(tmp_path: Path) -> None:

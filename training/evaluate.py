@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +22,7 @@ from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
 __all__ = ["predict_logits", "top1", "noisy_answers", "noise_stability", "batchnorm_hint", "NOISE_GREY_LEVELS",
-           "NOISE_MAX_IMAGES", "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
+           "NOISE_MAX_IMAGES", "coverage_curve", "compute_metrics", "plot_confusion", "plot_curves", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,37 @@ def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
     return {"grey_levels": grey_levels, "unchanged": same, "images": n}
 
 
+def coverage_curve(confidence: torch.Tensor, correct: torch.Tensor, steps: int = 20) -> list[list[float]]:
+    """``[[share, accuracy], ...]``: the accuracy of the ``share`` most confident answers, for shares
+    ``1/steps .. 1`` -- what any fallback threshold can achieve on these photos while the phone keeps
+    that share (the risk-coverage curve of selective prediction). Ties in confidence keep their order.
+
+    Example:
+        >>> coverage_curve(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, True, False, True]), steps=4)
+        [[0.25, 1.0], [0.5, 1.0], [0.75, 0.6667], [1.0, 0.75]]
+    """
+    n = int(confidence.numel())
+    if not n:
+        return []
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    right = correct[order].float().cumsum(0)
+    out = []
+    for i in range(1, steps + 1):
+        k = max(1, math.ceil(n * i / steps - 1e-9))
+        out.append([round(i / steps, 4), round(float(right[k - 1]) / k, 4)])
+    return out
+
+
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str], *,
-                    temperature: float = 1.0, fallback_threshold: float | None = None) -> dict[str, Any]:
+                    temperature: float = 1.0, fallback_threshold: float | None = None,
+                    fallback_target: float | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1, top-k, confusion matrix and ECE (raw and calibrated).
 
     With ``fallback_threshold``, also ``fallback``: the share of photos whose calibrated top-1
     probability is below it (the phone asks the server about those; photos flagged unknown add to
-    them) and the accuracy of the answers kept on the device.
+    them), the accuracy of the answers kept on the device, the :func:`coverage_curve` of these photos
+    (how right the phone could be at each share it keeps) and ``fallback_target``, the accuracy the
+    threshold was chosen to keep (``target_accuracy``, when given).
 
     Example:
         >>> m = compute_metrics(torch.eye(2) * 5, torch.tensor([0, 1]), ["a", "b"])
@@ -160,6 +185,8 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequenc
             "threshold": fallback_threshold,
             "sent_to_server": float(1.0 - kept.float().mean()) if n else 0.0,
             "kept_accuracy": float((pred[kept] == targets[kept]).float().mean()) if int(kept.sum()) else None,
+            "coverage_curve": coverage_curve(probs_cal.max(1).values, pred == targets),
+            **({"target_accuracy": fallback_target} if fallback_target is not None else {}),
         }
     return {
         "num_images": n,
@@ -299,6 +326,17 @@ def _training_block(previous: Path) -> Any:
     return old.get("training") if isinstance(old, dict) else None
 
 
+def _fallback_target(run_dir: Path, record: Any) -> float | None:
+    """The accuracy the run's fallback threshold was chosen to keep (its ``config.yaml``), None when unreadable:
+    the metrics then leave ``target_accuracy`` out, as older runs' do."""
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(run_dir / record.config).fallback_target_accuracy
+    except (OSError, ConfigError):
+        return None
+
+
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_size: int = 64,
              out: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run.
@@ -349,7 +387,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
         raise DataError(f"{data}: no readable images to evaluate")
     logits, y = predict_logits(model, CachedImageDataset(cache, eval_transform(spec)), batch_size=batch_size)
     metrics = compute_metrics(logits, y, record.labels, temperature=record.temperature,
-                              fallback_threshold=record.fallback_threshold)
+                              fallback_threshold=record.fallback_threshold,
+                              fallback_target=_fallback_target(run_dir, record))
     metrics.update({"split": which, "data": str(data), "skipped_unreadable": len(cache.skipped)})
     if training is not None:
         metrics["training"] = training

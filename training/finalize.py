@@ -124,7 +124,8 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     })
     eval_name = "test" if len(datasets["test"]) else cal_name
     logits, y = (val_logits, val_y) if eval_name == cal_name else predict_logits(model, datasets[eval_name])
-    metrics = compute_metrics(logits, y, split.labels, temperature=temperature, fallback_threshold=fallback.threshold)
+    metrics = compute_metrics(logits, y, split.labels, temperature=temperature, fallback_threshold=fallback.threshold,
+                              fallback_target=cfg.fallback_target_accuracy)
     metrics["noise_stability"] = noise_stability(model, datasets[eval_name], logits, (spec.mean, spec.std))
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
                     "training": {"seconds": round(seconds, 1), "epochs": epochs_run, "speed": head_phase,

@@ -41,6 +41,7 @@ from .probe import L2_GRID, fit_logistic
 __all__ = [
     "LabelCheck",
     "RANK_BY",
+    "binomial_sf",
     "confident_learning",
     "confused_pairs",
     "find_label_issues",
@@ -176,7 +177,7 @@ def confident_learning(probs: np.ndarray, labels: Sequence[int]) -> tuple[np.nda
     return thresholds, joint, suggested
 
 
-def _binom_sf(count: int, n: int, p: float) -> float:
+def binomial_sf(count: int, n: int, p: float) -> float:
     """P(X >= count) for X ~ Binomial(n, p), in log space (no scipy)."""
     if count <= 0:
         return 1.0
@@ -217,7 +218,7 @@ def confused_pairs(joint: np.ndarray, counts: Sequence[int], class_names: Sequen
             for a, b in ((i, j), (j, i)):
                 rest = total - counts[a]
                 q = counts[b] / rest if rest > 0 else 0.0
-                stats.append((int(off[a, b]), float(flagged[a] * q), _binom_sf(int(off[a, b]), int(flagged[a]), q)))
+                stats.append((int(off[a, b]), float(flagged[a] * q), binomial_sf(int(off[a, b]), int(flagged[a]), q)))
             if all(c >= min_count and c > e and p < alpha / n_pairs for c, e, p in stats):
                 out.append({"classes": [class_names[i], class_names[j]],
                             "counts": [stats[0][0], stats[1][0]],
