@@ -358,13 +358,14 @@ def test_an_int8_score_miss_says_how_steady_the_fp32_decisions_are(tmp_path: Pat
 
     rng = np.random.default_rng(0)
     clear = thr + rng.choice([-1, 1], n) * rng.uniform(0.1, 1.0, n)  # every score well away from the threshold
-    moved = clear.copy()
-    moved[:30] = 2 * thr - moved[:30]  # the written file turns 10 % of the clear decisions
+    moved = clear + 10 * noise  # the written file moves every score by 10 grey levels' worth of noise ...
+    moved[:30] = 2 * thr - moved[:30]  # ... and turns 10 % of the clear decisions
     result, line = check(clear, moved)
     assert result["fp32_noise_decision_agreement"] == 1.0
-    assert 0 < result["fp32_noise_median_diff_over_threshold"] < noise / thr
-    assert "the fp32 model itself keeps 100.0% of these decisions" in line and "x as much" in line
-    assert "no int8 recipe" not in line
+    ratio = result["median_abs_score_diff"] / thr / result["fp32_noise_median_diff_over_threshold"]
+    assert 0 < result["fp32_noise_median_diff_over_threshold"] < noise / thr and ratio > 15  # noise median: half, so 20x
+    assert "the fp32 model itself keeps 100.0% of these decisions" in line
+    assert f"the int8 file moves the score {ratio:.0f}x as much" in line and "no int8 recipe" not in line
 
     crowded = clear.copy()
     crowded[:150] = thr + rng.uniform(-noise / 4, noise / 4, 150)  # half the images on the threshold

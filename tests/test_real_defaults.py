@@ -388,6 +388,14 @@ def test_bench_real_goals_and_table() -> None:
     g = goals(rows)["elpv"]
     assert "<= 25% to server" not in g and "0.900 right (target 0.99)" in g["server_judged"]
     assert "to server: not possible for this model" in format_real(rows)
+    # Seeds are pooled; a run that kept nothing on the phone (kept_accuracy None) misses where it was possible.
+    from fieldid.training.bench_real import server_goal
+
+    seed = {"to_server": 0.1, "kept_accuracy": 0.99, "test_images": 100, "kept_target": 0.99,
+            "coverage_curve": [[0.75, 1.0], [1.0, 0.97]]}
+    assert server_goal([seed, {**seed, "kept_accuracy": 1.0}]) == {"<= 25% to server": True}
+    assert server_goal([seed, {**seed, "kept_accuracy": 0.9}]) == {"<= 25% to server": False}  # 10 of 180 wrong
+    assert server_goal([{**seed, "to_server": 1.0, "kept_accuracy": None}]) == {"<= 25% to server": False}
     # The run's noise check (metrics.json noise_stability) is shown where the row has it.
     assert "grey level" not in format_real(rows)
     rows[-1].update(noise_unchanged=0.903)
@@ -451,8 +459,8 @@ def test_metrics_carry_the_fallback_share() -> None:
     assert m["fallback"]["sent_to_server"] == 0.25 and abs(m["fallback"]["kept_accuracy"] - 2 / 3) < 1e-6
     assert "fallback" not in compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"])
     # How right the phone could be at each share it keeps: the most confident answers first.
-    curve = dict((share, acc) for share, acc in m["fallback"]["coverage_curve"])
-    assert len(curve) == 20 and curve[0.5] == 1.0 and curve[0.75] == 0.6667 and curve[1.0] == 0.5
+    # The third and fourth photos tie in confidence: no threshold keeps one without the other.
+    assert m["fallback"]["coverage_curve"] == [[0.25, 1.0], [0.75, 0.6667], [1.0, 0.5]]
     assert "target_accuracy" not in m["fallback"]
     m = compute_metrics(logits, torch.tensor([0, 1, 1, 1]), ["a", "b"], fallback_threshold=0.8, fallback_target=0.99)
     assert m["fallback"]["target_accuracy"] == 0.99

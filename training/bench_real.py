@@ -102,6 +102,7 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
             "flips": (record.get("extra", {}).get("hflip") or {}).get("used"),
             "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy"),
             "kept_target": fallback.get("target_accuracy"), "coverage_curve": fallback.get("coverage_curve"),
+            "test_images": metrics.get("num_images"),  # the photos the shares are of (unreadable ones skipped)
             "noise_unchanged": (metrics.get("noise_stability") or {}).get("unchanged")}
 
 
@@ -179,38 +180,45 @@ def _consistent(wrong: int, answers: int, target: float) -> bool:
     return binomial_sf(wrong, answers, 1.0 - target) >= SERVER_ALPHA
 
 
+def _photos(row: dict[str, Any]) -> int:
+    """The test photos a fieldid row's shares are of (the split's count for rows from before it was recorded)."""
+    return int(row.get("test_images") or row.get("test") or 0)
+
+
 def server_goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The fallback goal as the issue words it: at most :data:`SERVER_GOAL` of the test photos go to the
-    server *while the answers kept on the device meet the run's accuracy target*, on every set where the
-    model is good enough for that to be possible. Possible means that even the model's most confident
-    ``1 - SERVER_GOAL`` of the test answers (the best any threshold could keep, ``coverage_curve``) meet the
-    target; where they do not, ``server_judged`` says so with the numbers and no met / NOT met is given.
-    Both "meet" tests are :func:`_consistent` over the seeds' rows pooled. Rows measured before the curve
-    was recorded judge the share alone.
+    server *while the answers kept on the device meet the run's accuracy target* (:func:`_consistent`, the
+    seeds' rows pooled), on every set where the model is good enough for that to be possible. A run that
+    misses it is judged possible when some threshold keeping at least ``1 - SERVER_GOAL`` of the test photos
+    would have met the target (its ``coverage_curve``); where none would, ``server_judged`` says so with the
+    numbers and no met / NOT met is given. Rows measured before the curve was recorded judge the share alone.
 
     Example:
         >>> row = {"to_server": 0.1, "kept_accuracy": 1.0, "test": 100, "kept_target": 0.99,
         ...        "coverage_curve": [[0.75, 1.0], [1.0, 0.95]]}
         >>> server_goal([row])
         {'<= 25% to server': True}
-        >>> server_goal([{**row, "coverage_curve": [[0.75, 0.9], [1.0, 0.85]]}])["server_judged"]
+        >>> server_goal([{**row, "kept_accuracy": 0.9, "coverage_curve": [[0.75, 0.9], [1.0, 0.85]]}])["server_judged"]
         'not possible for this model: its most confident 75% of test answers are 0.900 right (target 0.99)'
     """
     key = f"<= {SERVER_GOAL:.0%} to server"
     share_met = fmean([r["to_server"] for r in rows]) <= SERVER_GOAL
-    if not all(r.get("coverage_curve") and r.get("kept_target") and r.get("test") for r in rows):
+    if not all(r.get("coverage_curve") and r.get("kept_target") and _photos(r) for r in rows):
         return {key: share_met}
-    target = float(rows[0]["kept_target"])
+    target = max(float(r["kept_target"]) for r in rows)  # the seeds share one config; the strictest if not
+    kept = [round((1.0 - r["to_server"]) * _photos(r)) for r in rows]
+    wrong = sum(round(k * (1.0 - (r["kept_accuracy"] or 0.0))) for k, r in zip(kept, rows))
+    if share_met and _consistent(wrong, sum(kept), target):
+        return {key: True}
+    # Missed: could any threshold keeping 1 - SERVER_GOAL or more of the photos have met the target?
     best = [max((p for p in r["coverage_curve"] if p[0] >= 1.0 - SERVER_GOAL - 1e-9), key=lambda p: p[1])
             for r in rows]
-    top = [max(1, math.ceil(p[0] * r["test"] - 1e-9)) for p, r in zip(best, rows)]
-    if not _consistent(sum(round(k * (1.0 - p[1])) for k, p in zip(top, best)), sum(top), target):
-        right = fmean([p[1] for p in best])
-        return {"server_judged": f"not possible for this model: its most confident {1.0 - SERVER_GOAL:.0%} of "
-                                 f"test answers are {right:.3f} right (target {target:g})"}
-    kept = [round((1.0 - r["to_server"]) * r["test"]) for r in rows]
-    wrong = sum(round(k * (1.0 - (r["kept_accuracy"] or 0.0))) for k, r in zip(kept, rows))
-    return {key: share_met and _consistent(wrong, sum(kept), target)}
+    top = [max(1, round(p[0] * _photos(r))) for p, r in zip(best, rows)]
+    if _consistent(sum(round(k * (1.0 - p[1])) for k, p in zip(top, best)), sum(top), target):
+        return {key: False}
+    right = fmean([p[1] for p in best])
+    return {"server_judged": f"not possible for this model: its most confident {1.0 - SERVER_GOAL:.0%} of "
+                             f"test answers are {right:.3f} right (target {target:g})"}
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

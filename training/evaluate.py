@@ -118,23 +118,25 @@ def noise_stability(model: nn.Module, dataset: Dataset, logits: torch.Tensor,
 
 
 def coverage_curve(confidence: torch.Tensor, correct: torch.Tensor, steps: int = 20) -> list[list[float]]:
-    """``[[share, accuracy], ...]``: the accuracy of the ``share`` most confident answers, for shares
-    ``1/steps .. 1`` -- what any fallback threshold can achieve on these photos while the phone keeps
-    that share (the risk-coverage curve of selective prediction). Ties in confidence keep their order.
+    """``[[share, accuracy], ...]``: for ``k`` = 1/``steps`` .. all of the answers, the share a threshold at the
+    ``k``-th highest confidence keeps and the accuracy of what it keeps -- what a fallback threshold can
+    achieve on these photos (the risk-coverage curve of selective prediction). No threshold splits answers
+    of equal confidence, so a tie at the cut is kept whole and the share can be larger than ``k``'s.
 
     Example:
         >>> coverage_curve(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([True, True, False, True]), steps=4)
         [[0.25, 1.0], [0.5, 1.0], [0.75, 0.6667], [1.0, 0.75]]
+        >>> coverage_curve(torch.tensor([0.9, 0.8, 0.8, 0.6]), torch.tensor([True, True, False, True]), steps=4)
+        [[0.25, 1.0], [0.75, 0.6667], [1.0, 0.75]]
     """
     n = int(confidence.numel())
-    if not n:
-        return []
-    order = torch.sort(confidence, descending=True, stable=True).indices
-    right = correct[order].float().cumsum(0)
-    out = []
-    for i in range(1, steps + 1):
+    out: list[list[float]] = []
+    for i in range(1, steps + 1) if n else ():
         k = max(1, math.ceil(n * i / steps - 1e-9))
-        out.append([round(i / steps, 4), round(float(right[k - 1]) / k, 4)])
+        kept = confidence >= torch.topk(confidence, k).values[-1]
+        point = [round(int(kept.sum()) / n, 4), round(float(correct[kept].float().mean()), 4)]
+        if not out or out[-1] != point:
+            out.append(point)
     return out
 
 
