@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .verify import ExportContext
 
 __all__ = ["ExportError", "EXPORTERS", "RUNTIMES", "LABEL_READERS", "register_exporter", "register_runtime",
-           "register_label_reader", "load_runtime", "batch_size", "run_batched", "runtime_name", "unsupported_op", "converting",
-           "quiet_third_party", "Runner"]
+           "register_label_reader", "load_runtime", "batch_size", "run_batched", "runtime_name", "unsupported_op",
+           "converting", "quiet_third_party", "Runner"]
 
 log = logging.getLogger("fieldid.export")
 

@@ -25,7 +25,6 @@ page with date, commit and machine line.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from statistics import fmean, stdev
