@@ -131,7 +131,9 @@ def coverage_curve(confidence: torch.Tensor, correct: torch.Tensor, steps: int =
     """
     n = int(confidence.numel())
     out: list[list[float]] = []
-    for i in range(1, steps + 1) if n else ():
+    if not n:
+        return out
+    for i in range(1, steps + 1):
         k = max(1, math.ceil(n * i / steps - 1e-9))
         kept = confidence >= torch.topk(confidence, k).values[-1]
         point = [round(int(kept.sum()) / n, 4), round(float(correct[kept].float().mean()), 4)]
@@ -182,12 +184,13 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, labels: Sequenc
     probs_cal = (logits / temperature).softmax(1)
     extra: dict[str, Any] = {}
     if fallback_threshold is not None:
-        kept = probs_cal.max(1).values >= fallback_threshold
+        confidence = probs_cal.max(1).values
+        kept = confidence >= fallback_threshold
         extra["fallback"] = {
             "threshold": fallback_threshold,
             "sent_to_server": float(1.0 - kept.float().mean()) if n else 0.0,
             "kept_accuracy": float((pred[kept] == targets[kept]).float().mean()) if int(kept.sum()) else None,
-            "coverage_curve": coverage_curve(probs_cal.max(1).values, pred == targets),
+            "coverage_curve": coverage_curve(confidence, pred == targets),
             **({"target_accuracy": fallback_target} if fallback_target is not None else {}),
         }
     return {
