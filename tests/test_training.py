@@ -374,6 +374,10 @@ def test_train_writes_complete_run(tiny_run: Path) -> None:
     assert m["training"]["epochs"] == 3 or (m["training"]["epochs"] < 3 and "every val photo" in reason), reason
     sd = torch.load(tiny_run / "model.pth", weights_only=True)
     assert any(k.startswith("classifier") for k in sd)
+    # Where the run's time went, step by step, in the order they ran (fieldid bench real prints it).
+    steps = rec.extra["seconds_by_step"]
+    assert list(steps)[0] == "read photos" and list(steps)[-1] == "samples" and "fine-tune" in steps, steps
+    assert all(v >= 0 for v in steps.values()) and steps["fine-tune"] > 0
 
 
 def test_imbalance_and_corrupt_files_are_handled(tmp_path: Path) -> None:

@@ -102,7 +102,23 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
             "to_server": fallback.get("sent_to_server"), "kept_accuracy": fallback.get("kept_accuracy"),
             "kept_target": fallback.get("target_accuracy"), "coverage_curve": fallback.get("coverage_curve"),
             "test_images": metrics.get("num_images"),  # the photos the shares are of (unreadable ones skipped)
-            "noise_unchanged": (metrics.get("noise_stability") or {}).get("unchanged")}
+            "noise_unchanged": (metrics.get("noise_stability") or {}).get("unchanged"),
+            "seconds_by_step": record.get("extra", {}).get("seconds_by_step")}
+
+
+def time_steps(row: dict[str, Any]) -> str:
+    """Where a fieldid row's wall time went: the process's start-up (its wall time less the run's steps:
+    Python, torch and Lightning imports), then each step of the run, in whole seconds.
+
+    Example:
+        >>> time_steps({"seconds": 20.0, "seconds_by_step": {"read photos": 4.0, "fine-tune": 10.2}})
+        'start-up 6 s, read photos 4 s, fine-tune 10 s'
+    """
+    steps = row.get("seconds_by_step") or {}
+    if not steps:
+        return ""
+    parts = {"start-up": max(0.0, row["seconds"] - sum(steps.values())), **steps}
+    return ", ".join(f"{k} {v:.0f} s" if v >= 0.5 else f"{k} <1 s" for k, v in parts.items())
 
 
 # A row whose 1-minute load average ended above this many times the cores ran beside other work: its own
@@ -292,6 +308,17 @@ def format_real(rows: list[dict[str, Any]]) -> str:
         acc = f"{g['accuracy']:.3f}" + (f" ± {g['accuracy_sd']:.3f}" if g["seeds"] > 1 else "")
         ref = f"{g['reference_accuracy']:.3f}" if "reference_accuracy" in g else "-"
         lines.append(f"| {name} | {g['seeds']} | {acc} | {ref} | {g.get('time_ratio', '-')} | {checks} |")
+    timed = [r for r in rows if r["method"] == "fieldid" and r.get("seconds_by_step")]
+    if timed:  # rows from before the run recorded its steps have none
+        lines += ["", "Where fieldid's wall time goes (its defaults' rows; the reference's time is one process too: "
+                  "start-up, three epochs, the test answers):", "",
+                  "| set | fieldid s | reference s | steps |", "|---|---:|---:|---|"]
+        refs = {(r["dataset"], r.get("seed", 0)): r["seconds"] for r in rows if r["method"] == "reference"}
+        for r in timed:
+            seed = r.get("seed", 0)
+            ref = refs.get((r["dataset"], seed))
+            lines.append(f"| {r['dataset']}{f' (seed {seed})' if seed else ''} | {r['seconds']:.0f} | "
+                         f"{'-' if ref is None else f'{ref:.0f}'} | {time_steps(r)} |")
     return "\n".join(lines)
 
 

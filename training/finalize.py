@@ -11,6 +11,7 @@ import torch
 from .baselines import choose_shipped, load_probe_head, set_head, val_scores
 from .calibrate import choose_fallback_threshold, fit_temperature
 from .checkpoints import load_checkpoint, write_state_dict
+from .clock import StepClock
 from .config import TrainConfig
 from .data import CachedImageDataset, Split, eval_transform
 from .evaluate import batchnorm_hint, compute_metrics, noise_stability, plot_confusion, plot_curves, predict_logits
@@ -88,12 +89,14 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
 def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datasets: dict, best_path: str, *,
               skipped: int, imbalance: dict, seconds: float, epochs_run: int, head_phase: dict,
               logit_offset: torch.Tensor | None = None,
-              probe_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> RunRecord:
+              probe_features: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              clock: StepClock) -> RunRecord:
     """Best weights (or the probe, when it scored as high on val) -> model.pth, temperature + fallback
     threshold + unknown detector on val, metrics on test.
 
     ``probe_features``: the head phase's training features, targets and val features (head.HeadPhase):
     when the probe ships, its unknown detector is fitted on them instead of a pass of its own.
+    ``clock``: the run's step clock (train's steps so far); finalize adds its own and records them all.
     """
     spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
@@ -122,11 +125,14 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
         "fallback_accepted_fraction": fallback.accepted_fraction,
         "fallback_accepted_accuracy": fallback.accepted_accuracy,
     })
+    clock.lap("val answers + calibration")
     eval_name = "test" if len(datasets["test"]) else cal_name
     logits, y = (val_logits, val_y) if eval_name == cal_name else predict_logits(model, datasets[eval_name])
     metrics = compute_metrics(logits, y, split.labels, temperature=temperature, fallback_threshold=fallback.threshold,
                               fallback_target=cfg.fallback_target_accuracy)
+    clock.lap(f"{eval_name} answers")
     metrics["noise_stability"] = noise_stability(model, datasets[eval_name], logits, (spec.mean, spec.std))
+    clock.lap("noise check")
     metrics.update({"split": eval_name, "val": {k: val_metrics[k] for k in ("accuracy", "macro_f1")},
                     "training": {"seconds": round(seconds, 1), "epochs": epochs_run, "speed": head_phase,
                                  "skipped_unreadable": skipped, "imbalance": imbalance,
@@ -136,6 +142,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     atomic_write_json(out / record.metrics, metrics)
     plot_confusion(metrics, out / "plots" / "confusion_matrix.png", title=f"{out.name} ({eval_name})")
     plot_curves(out / "logs" / "metrics.csv", out / "plots" / "curves.png")
+    clock.lap("plots")
 
     from .ood import fit_run_detector, model_version
 
@@ -144,6 +151,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     reuse = probe_features if baselines["shipped"] == "probe" and cal_name == "val" else None
     record.unknown = fit_run_detector(model, train_eval, datasets[cal_name], out, heldout_name=cal_name,
                                       num_classes=len(split.labels), features=reuse)
+    clock.lap("unknown detector")
     record.model_version = model_version(out, record)
     record.temperature = temperature
     record.fallback_threshold = fallback.threshold
@@ -155,6 +163,8 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
                     "baselines_val": {k: baselines[k] for k in ("majority", "probe", "fine_tuned") if k in baselines},
                     "test_macro_f1": metrics["macro_f1"], "image_size": record.preprocess["crop_size"]}
     record.extra["samples"] = write_samples(out, split, record.preprocess_spec, datasets)  # export needs no dataset
+    clock.lap("samples")
+    record.extra["seconds_by_step"] = clock.rounded()
     record.to_json(out / "run.json")
     stable = metrics["noise_stability"]
     log.info("%s answers unchanged when each pixel moves by up to %g grey level: %.1f %% of %d%s", eval_name,
@@ -162,5 +172,6 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
              noise_note(stable["unchanged"], baselines.get("batchnorm")))
     log.info("run %s: %s accuracy %.4f macro-F1 %.4f (T=%.3f; below %.2f confidence, %.1f %% of the %s photos go "
              "to the server) in %.0f s", out, eval_name, metrics["accuracy"], metrics["macro_f1"], temperature,
-             fallback.threshold, 100 * metrics["fallback"]["sent_to_server"], eval_name, seconds)
+             fallback.threshold, 100 * metrics["fallback"]["sent_to_server"], eval_name, clock.total)
+    log.info("time by step: %s", clock.summary())
     return record

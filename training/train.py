@@ -27,6 +27,7 @@ import torch
 
 from .baselines import imbalance_plan, probe_bar, record_probe_bar
 from .checkpoints import CheckpointError, atomic_checkpoint_io, load_checkpoint
+from .clock import StepClock
 from .compute import (cpu_supports_bf16, launch_rank, lightning_devices, lightning_strategy, make_trainer,
                       resolve_num_workers, resolve_precision)
 from .config import ConfigError, TrainConfig, load_config
@@ -186,6 +187,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     from .module import Classifier, LogProgress
 
     t0 = time.time()
+    clock = StepClock()  # where the run's time goes (run.json extra.seconds_by_step)
     history: list[dict[str, str]] = []  # log rows of the epochs a resumed checkpoint already holds
     new_run: NewRun | None = None  # set when this call creates the run directory
     if resume is not None:
@@ -240,6 +242,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     spec = record.preprocess_spec
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datasets, skipped = build_datasets(split, cfg, spec)
+    clock.lap("read photos")
     counts = [0] * len(split.labels)
     for y in datasets["train"].cache.targets:
         counts[y] += 1
@@ -315,6 +318,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     try:
         if new_run is not None:
             write_new_run(out, cfg, split, spec, record)
+        clock.lap("set-up")
         if feature_head and fresh:
             phase = run_feature_head(model, datasets, cfg, spec, weights, counts, mode, out, labels=split.labels)
             if phase.flips is not None:
@@ -329,7 +333,10 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         elif cfg.augment.hflip == "auto":  # a fresh run (a resumed one took the branch above)
             record.extra["hflip"] = {"setting": "auto", "used": True,
                                      "rule": "no head phase on cached features to check mirror images: flips on"}
+        if phase is not None:
+            clock.lap("head phase")
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        clock.lap("fine-tune")
     except Exception:
         # Failed before a single optimizer step (strategy setup, a DDP launch, the data loaders):
         # nothing to resume, and a half-made run would only make the rerun ask for --resume.
@@ -346,4 +353,4 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
                      logit_offset=logit_offset, probe_features=phase.features if phase else None,
                      seconds=time.time() - t0, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
                      head_phase={"head_phase": "cached features" if feature_head else "through the backbone",
-                                 "precision": precision, "num_workers": resolve_num_workers(cfg)})
+                                 "precision": precision, "num_workers": resolve_num_workers(cfg)}, clock=clock)
