@@ -164,7 +164,7 @@ def _cmd_train_augment(args: argparse.Namespace) -> int:
 def _cmd_train_choices(args: argparse.Namespace) -> int:
     from fieldid.training.bench import run_bench_choices
 
-    return _teed(args, "Training: the CPU speed choices (seconds per step)", run_bench_choices)
+    return _teed(args, "Training: the CPU speed choices (seconds per step and per inference pass)", run_bench_choices)
 
 
 def _cmd_train_cache(args: argparse.Namespace) -> int:

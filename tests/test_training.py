@@ -669,3 +669,24 @@ def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path: Path) -> None:
     assert (tmp_path / "atomic.txt").read_text() == "y"
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_speed_choices_time_a_training_step_and_an_inference_pass_per_layout() -> None:
+    """`fieldid bench train choices` (the evidence for training's channels-last layout) times both a step
+    and an inference pass under each setting, and a channels-last model gives the contiguous one's answers."""
+    from fieldid.training.bench import bench_choices
+    from fieldid.training.models import create_model, fast_layout
+
+    rows = bench_choices(image_size=32, batch_size=2, steps=1)
+    assert [r["setting"] for r in rows[:-1]] == ["fp32", "fp32 channels-last", "bf16 autocast",
+                                                 "bf16 autocast channels-last"]
+    assert all(r["s_per_step"] > 0 and r["s_per_inference"] > 0 for r in rows[:-1])
+    assert rows[0]["vs_fp32"] == rows[0]["inference_vs_fp32"] == 1.0
+    torch.manual_seed(0)
+    plain = create_model("mobilenet_v2", 3, pretrained=False).eval()
+    fast = fast_layout(create_model("mobilenet_v2", 3, pretrained=False).eval())
+    fast.load_state_dict(plain.state_dict())
+    assert fast.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)

@@ -89,7 +89,7 @@ def teacher_logits(teacher_run: str | Path, paths: list[Path], labels: list[str]
     """
     from .data import CachedImageDataset, ImageCache, eval_transform
     from .records import RecordError, load_record
-    from .models import load_run_model
+    from .models import fast_layout, load_run_model
 
     try:
         rec = load_record(teacher_run)
@@ -101,7 +101,7 @@ def teacher_logits(teacher_run: str | Path, paths: list[Path], labels: list[str]
                        desc="teacher")
     if len(cache) != len(paths):
         raise DistillError(f"teacher: {len(paths) - len(cache)} training image(s) became unreadable")
-    model = load_run_model(teacher_run, rec)
+    model = fast_layout(load_run_model(teacher_run, rec))
     ds = CachedImageDataset(cache, eval_transform(spec, from_cache=True))
     out = []
     for i in range(0, len(ds), batch_size):

@@ -17,7 +17,7 @@ from fieldid.cli_common import check_output_file, first_line
 from .calibrate import expected_calibration_error
 from .data import CachedImageDataset, ImageCache, eval_transform, load_split
 from .images import DataError
-from .models import load_run_model
+from .models import fast_layout, load_run_model
 from .records import atomic_write_bytes, atomic_write_json, load_record
 from .rundir import RunError
 
@@ -386,7 +386,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, *, batch_s
         _check_out(target, run_dir, record, own)
     previous = run_dir / record.metrics
     training = _training_block(previous) if own else None  # read before the work: a damaged file fails first
-    model = load_run_model(run_dir, record)  # a damaged model.pth says so before the photos are decoded
+    model = fast_layout(load_run_model(run_dir, record))  # a damaged model.pth says so before the photos are decoded
     cache = ImageCache(paths, targets, resize_size=spec.resize_size, interpolation=spec.interpolation)
     if len(cache) == 0:
         raise DataError(f"{data}: no readable images to evaluate")

@@ -31,7 +31,7 @@ from PIL import Image
 
 from .data import eval_transform
 from .images import load_rgb
-from .models import classifier_modules, create_model, get_backbone
+from .models import classifier_modules, create_model, fast_layout, get_backbone
 from .records import PreprocessSpec, atomic_write_bytes
 
 __all__ = [
@@ -190,8 +190,8 @@ class FeatureExtractor:
 
     def _ensure_model(self) -> None:
         if self._model is None:
-            self._model = create_model(self.backbone, None, pretrained=self.pretrained,
-                                       weights_file=self.weights_file).eval()
+            self._model = fast_layout(create_model(self.backbone, None, pretrained=self.pretrained,
+                                                   weights_file=self.weights_file)).eval()
             self._head = self._model.get_submodule(classifier_modules(self._model)[0][0])
 
     @torch.inference_mode()

@@ -15,7 +15,7 @@ from .clock import StepClock
 from .config import TrainConfig
 from .data import CachedImageDataset, Split, eval_transform
 from .evaluate import batchnorm_hint, compute_metrics, noise_stability, plot_confusion, plot_curves, predict_logits
-from .models import classifier_modules, create_model
+from .models import classifier_modules, create_model, fast_layout
 from .probe import majority_scores, objective_key
 from .records import RunRecord, atomic_write_json
 from .samples import write_samples
@@ -54,8 +54,8 @@ def _ship_better(model: torch.nn.Module, val_logits: torch.Tensor, val_y: torch.
                                         probe_shippable=cfg.pretrained)
     baselines.setdefault("majority", majority_scores(torch.tensor(split.targets("train")), val_y, n))
     if shipped == "probe":
-        probe_model = create_model(cfg.model, n, pretrained=cfg.pretrained, weights_file=cfg.weights,
-                                   dropout=cfg.dropout).eval()
+        probe_model = fast_layout(create_model(cfg.model, n, pretrained=cfg.pretrained, weights_file=cfg.weights,
+                                               dropout=cfg.dropout)).eval()
         _, head = classifier_modules(probe_model)[0]
         head_state = load_probe_head(out)
         set_head(head, head_state["weight"], head_state["bias"])
@@ -100,7 +100,7 @@ def finalize(out: Path, record: RunRecord, cfg: TrainConfig, split: Split, datas
     """
     spec = record.preprocess_spec
     ckpt = load_checkpoint(best_path)
-    model = create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout)
+    model = fast_layout(create_model(cfg.model, len(split.labels), pretrained=False, dropout=cfg.dropout))
     model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     model.eval()
     if logit_offset is not None:  # post-hoc logit adjustment ships inside the head's bias

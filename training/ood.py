@@ -379,7 +379,7 @@ def refit_run_detector(run_dir: str | Path, *, quantile: float = ACCEPT_QUANTILE
     """
     from .data import CachedImageDataset, ImageCache, eval_transform, load_split
     from .records import load_record
-    from .models import load_run_model
+    from .models import fast_layout, load_run_model
 
     run_dir = Path(run_dir)
     record = load_record(run_dir)
@@ -392,7 +392,7 @@ def refit_run_detector(run_dir: str | Path, *, quantile: float = ACCEPT_QUANTILE
                            interpolation=spec.interpolation, desc=part)
         return CachedImageDataset(cache, eval_transform(spec, from_cache=True))
 
-    model = load_run_model(run_dir, record)
+    model = fast_layout(load_run_model(run_dir, record))
     record.unknown = fit_run_detector(model, dataset("train"), dataset(name), run_dir, heldout_name=name,
                                       num_classes=record.num_classes, quantile=quantile)
     record.model_version = model_version(run_dir, record)

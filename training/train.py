@@ -37,7 +37,7 @@ from .finalize import finalize
 from .head import HeadPhase, run_feature_head, uses_feature_head
 from .image_size import choose_image_size
 from .images import DataError
-from .models import create_model, get_backbone
+from .models import create_model, fast_layout, get_backbone
 from .module import StopWhenPerfect
 from .records import PreprocessSpec, RunRecord
 from .resume import apply_resume_overrides, prepend_log_rows, read_log_rows
@@ -260,8 +260,8 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
 
     # Resuming from a checkpoint restores every weight, so the pretrained file is not needed then.
     fresh = ckpt_path is None
-    model = create_model(cfg.model, len(split.labels), pretrained=cfg.pretrained and fresh,
-                         weights_file=cfg.weights if fresh else None, dropout=cfg.dropout)
+    model = fast_layout(create_model(cfg.model, len(split.labels), pretrained=cfg.pretrained and fresh,
+                                     weights_file=cfg.weights if fresh else None, dropout=cfg.dropout))
     # The head-only epochs run on cached backbone features before Lightning starts; Lightning
     # then runs only the full fine-tuning epochs (same decision on --resume: it depends on cfg).
     feature_head = uses_feature_head(cfg, model)
