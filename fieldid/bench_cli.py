@@ -271,9 +271,11 @@ def _register_train(what: argparse._SubParsersAction) -> None:
     _add_page(a, "train-augment")
     a.set_defaults(func=_cmd_train_augment)
 
-    h = modes.add_parser("choices", help="seconds per training step: fp32, bf16 autocast, channels-last",
-                         description="Seconds per MobileNetV2 training step (160 px, batch 32) under each CPU "
-                                     "setting training could pick, and whether the CPU supports bf16.")
+    h = modes.add_parser("choices", help="seconds per training step and inference pass: fp32, bf16 autocast, "
+                                         "channels-last",
+                         description="Seconds per MobileNetV2 training step and per inference pass (160 px, batch "
+                                     "32) under each CPU setting training could pick, and whether the CPU supports "
+                                     "bf16.")
     _add_page(h, "train-choices")
     h.set_defaults(func=_cmd_train_choices)
 

@@ -400,10 +400,10 @@ def test_bench_real_goals_and_table() -> None:
     assert "grey level" not in format_real(rows)
     rows[-1].update(noise_unchanged=0.903)
     assert "90.3% of test answers kept under half a grey level of pixel noise" in format_real(rows)
-    # Where the time goes: the run's steps (run.json), the process's start-up the wall time they leave over.
+    # Where the time goes: the run's steps (run.json), the process's start-up and exit the wall time they leave.
     assert "Where fieldid's wall time goes" not in format_real(rows)
     rows[-1].update(seconds_by_step={"read photos": 40.0, "fine-tune": 150.2, "samples": 0.3})
-    assert "| elpv | 250 | 100 | start-up 60 s, read photos 40 s, fine-tune 150 s, samples <1 s |" in format_real(rows)
+    assert "| elpv | 250 | 100 | start-up + exit 60 s, read photos 40 s, fine-tune 150 s, samples <1 s |" in format_real(rows)
 
 
 def test_bench_real_judges_several_seeds_on_their_means() -> None:

@@ -677,7 +677,7 @@ def test_speed_choices_time_a_training_step_and_an_inference_pass_per_layout() -
     from fieldid.training.bench import bench_choices
     from fieldid.training.models import create_model, fast_layout
 
-    rows = bench_choices(image_size=32, batch_size=2, steps=1)
+    rows = bench_choices(image_size=64, batch_size=4, steps=1)
     assert [r["setting"] for r in rows[:-1]] == ["fp32", "fp32 channels-last", "bf16 autocast",
                                                  "bf16 autocast channels-last"]
     assert all(r["s_per_step"] > 0 and r["s_per_inference"] > 0 for r in rows[:-1])

@@ -40,7 +40,7 @@ from fieldid.cli_common import UsageError, is_bad_input, require_extra
 
 from .config import TrainConfig
 from .data import CachedImageDataset, ImageCache, make_split, train_transform
-from .models import create_model, get_backbone
+from .models import create_model, fast_layout, get_backbone
 from .benchrun import fieldid_train, timed_run
 from .records import atomic_write_json
 
@@ -52,7 +52,7 @@ BENCH_SETS = ("digits", "faces", "textures", "reef", "salmon")
 
 def _images_per_second(dataset: CachedImageDataset, cfg: TrainConfig, batches: int) -> float:
     torch.manual_seed(0)
-    model = create_model(cfg.model, len(set(dataset.cache.targets)), pretrained=False).train()
+    model = fast_layout(create_model(cfg.model, len(set(dataset.cache.targets)), pretrained=False)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                         drop_last=True)
@@ -326,15 +326,14 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
     for name, channels_last, bf16 in (("fp32", False, False), ("fp32 channels-last", True, False),
                                       ("bf16 autocast", False, True), ("bf16 autocast channels-last", True, True)):
         model = create_model("mobilenet_v2", 10, pretrained=False).train()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        xx = x.contiguous(memory_format=fmt)
+        if channels_last:  # the weights only, as training lays them out (fast_layout): the input stays as loaded
+            model = fast_layout(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         times = []
         for i in range(steps + 1):
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(model(xx), y)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -345,17 +344,18 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for i in range(3 * steps + 1):  # a pass is a fifth of a step: more of them for a steady median
                 t0 = time.perf_counter()
-                model(xx)
+                model(x)
                 if i:
                     passes.append(time.perf_counter() - t0)
-        rows.append({"setting": name, "s_per_step": round(float(np.median(times)), 3),
-                     "s_per_inference": round(float(np.median(passes)), 3)})
+        rows.append({"setting": name, "s_per_step": float(np.median(times)),
+                     "s_per_inference": float(np.median(passes))})
         print(f"  {name:<28} {rows[-1]['s_per_step']:.3f} s/step, {rows[-1]['s_per_inference']:.3f} s/inference pass",
               flush=True)
     base, base_inf = rows[0]["s_per_step"], rows[0]["s_per_inference"]
-    for r in rows:
+    for r in rows:  # the ratios of the unrounded medians (a small pass can round to 0.000 s)
         r["vs_fp32"] = round(r["s_per_step"] / base, 2)
         r["inference_vs_fp32"] = round(r["s_per_inference"] / base_inf, 2)
+        r["s_per_step"], r["s_per_inference"] = round(r["s_per_step"], 4), round(r["s_per_inference"], 4)
     rows.append({"setting": f"CPU bf16 support (avx512_bf16/amx_bf16): {'yes' if cpu_supports_bf16() else 'no'}; "
                             f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"})
     return rows

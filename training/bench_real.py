@@ -107,17 +107,18 @@ def _fieldid_row(folder: Path, work: Path, name: str, flags: list[str]) -> dict[
 
 
 def time_steps(row: dict[str, Any]) -> str:
-    """Where a fieldid row's wall time went: the process's start-up (its wall time less the run's steps:
-    Python, torch and Lightning imports), then each step of the run, in whole seconds.
+    """Where a fieldid row's wall time went: the process's start-up and exit (its wall time less the run's
+    steps: Python, torch and Lightning imports, the command's checks before training, writing run.json,
+    the interpreter's exit), then each step of the run, in whole seconds.
 
     Example:
         >>> time_steps({"seconds": 20.0, "seconds_by_step": {"read photos": 4.0, "fine-tune": 10.2}})
-        'start-up 6 s, read photos 4 s, fine-tune 10 s'
+        'start-up + exit 6 s, read photos 4 s, fine-tune 10 s'
     """
     steps = row.get("seconds_by_step") or {}
     if not steps:
         return ""
-    parts = {"start-up": max(0.0, row["seconds"] - sum(steps.values())), **steps}
+    parts = {"start-up + exit": max(0.0, row["seconds"] - sum(steps.values())), **steps}
     return ", ".join(f"{k} {v:.0f} s" if v >= 0.5 else f"{k} <1 s" for k, v in parts.items())
 
 
@@ -311,7 +312,7 @@ def format_real(rows: list[dict[str, Any]]) -> str:
     timed = [r for r in rows if r["method"] == "fieldid" and r.get("seconds_by_step")]
     if timed:  # rows from before the run recorded its steps have none
         lines += ["", "Where fieldid's wall time goes (its defaults' rows; the reference's time is one process too: "
-                  "start-up, three epochs, the test answers):", "",
+                  "start-up, decoding, three epochs, the test answers):", "",
                   "| set | fieldid s | reference s | steps |", "|---|---:|---:|---|"]
         refs = {(r["dataset"], r.get("seed", 0)): r["seconds"] for r in rows if r["method"] == "reference"}
         for r in timed:

@@ -251,6 +251,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
         from .distill import with_teacher
 
         datasets["train"], record.distillation = with_teacher(datasets["train"], cfg, split.labels)
+        clock.lap("teacher answers")
     mode, weights, logit_offset = imbalance_plan(cfg, counts)
     log.info("train %d / val %d / test %d images, %d classes; imbalance ratio %.2f; objective %s -> imbalance: %s",
              len(datasets["train"]), len(datasets["val"]), len(datasets["test"]), len(counts), ratio, cfg.objective,
