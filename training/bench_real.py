@@ -36,6 +36,7 @@ import torch
 from fieldid.machine import busy_load, git_commit, measured_header
 
 from .benchrun import fieldid_train, timed_run
+from .clock import format_steps
 from .probe import fit_probe, majority_scores, score_predictions
 from .labelissues import binomial_sf
 from .bench_sets import REAL_SETS, RealSetError, build_real_set, check_set_names
@@ -118,8 +119,7 @@ def time_steps(row: dict[str, Any]) -> str:
     steps = row.get("seconds_by_step") or {}
     if not steps:
         return ""
-    parts = {"start-up + exit": max(0.0, row["seconds"] - sum(steps.values())), **steps}
-    return ", ".join(f"{k} {v:.0f} s" if v >= 0.5 else f"{k} <1 s" for k, v in parts.items())
+    return format_steps({"start-up + exit": max(0.0, row["seconds"] - sum(steps.values())), **steps})
 
 
 # A row whose 1-minute load average ended above this many times the cores ran beside other work: its own

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["StepClock"]
+__all__ = ["StepClock", "format_steps"]
+
+
+def format_steps(steps: dict[str, float]) -> str:
+    """``"decode 5 s, head phase 8 s, ..."`` in whole seconds; a step that rounds to 0 reads ``<1 s``.
+
+    Example:
+        >>> format_steps({"read photos": 0.5, "fine-tune": 1.5, "samples": 0.04})
+        'read photos <1 s, fine-tune 2 s, samples <1 s'
+    """
+    return ", ".join(f"{k} {v:.0f} s" if round(v) >= 1 else f"{k} <1 s" for k, v in steps.items())
 
 
 class StepClock:
@@ -42,5 +52,5 @@ class StepClock:
         return {k: round(v, 1) for k, v in self.steps.items()}
 
     def summary(self) -> str:
-        """``"decode 5 s, head phase 8 s, ..."``, whole seconds (a step under one second reads ``<1 s``)."""
-        return ", ".join(f"{k} {v:.0f} s" if v >= 0.5 else f"{k} <1 s" for k, v in self.steps.items())
+        """The steps so far, as :func:`format_steps` writes them."""
+        return format_steps(self.steps)
