@@ -127,8 +127,8 @@ elpv-data: $(STAMP)
 bench-real: elpv-data
 	$(FIELDID) bench real --work $(RUNS)/bench-real --page $(MEASURED)/bench-real.md
 
-# Every set but the large inspection set in one run on one machine (bench-real took 26 minutes at 73abea1 on
-# a 2-core AMD EPYC, 13 of them the inspection set):
+# Every set but the large inspection set in one run on one machine (bench-real took 19 minutes at bdefb1b on
+# a 2-core AMD EPYC, 9 of them the inspection set):
 # the check of the defaults after a change, every row under the same load, so the time goal is judged.
 QUICK_SETS := elpv_few,digits,faces,textures,scenes,reef,salmon
 bench-real-quick: elpv-data
