@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +185,7 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
 
     from .module import Classifier, LogProgress
 
-    t0 = time.time()
-    clock = StepClock()  # where the run's time goes (run.json extra.seconds_by_step)
+    clock = StepClock()  # where the run's time goes (run.json extra.seconds_by_step; its total: training.seconds)
     history: list[dict[str, str]] = []  # log rows of the epochs a resumed checkpoint already holds
     new_run: NewRun | None = None  # set when this call creates the run directory
     if resume is not None:
@@ -352,6 +350,6 @@ def train(data_dir: str | Path | None, out_dir: str | Path | None, cfg: TrainCon
     return finalize(out, record, cfg, split, datasets, ckpt_cb.best_model_path or str(out / "checkpoints/last.ckpt"),
                      skipped=skipped, imbalance={"ratio": ratio, "mode": mode, "train_counts": counts},
                      logit_offset=logit_offset, probe_features=phase.features if phase else None,
-                     seconds=time.time() - t0, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
+                     seconds=clock.total, epochs_run=trainer.current_epoch + cfg.epochs - fit_cfg.epochs,
                      head_phase={"head_phase": "cached features" if feature_head else "through the backbone",
                                  "precision": precision, "num_workers": resolve_num_workers(cfg)}, clock=clock)
