@@ -187,7 +187,7 @@ class PteInt8Recipe:
     # True: the feature conv is among them, over the size budget, because unknown_score needed it
     for_unknown: bool = False
     weights: str = "int8 symmetric, per output channel (PerChannelMinMaxObserver)"
-    activations: str = "int8 per tensor (HistogramObserver)"
+    activations: str = "int8 per tensor (HistogramObserver), a conv's ReLU6 quantized with it"
 
     def describe(self) -> str:
         why = " (for unknown_score, over the size budget)" if self.for_unknown else ""
@@ -232,18 +232,74 @@ def score_only_nodes(gm: torch.fx.GraphModule) -> set[str]:
     return {n.name for n in gm.graph.nodes if n.op == "call_function" and n.name not in needed}
 
 
-def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recipe) -> torch.fx.GraphModule:
-    """Prepare a copy of the exported graph, calibrate on the training images, convert."""
+_CLAMPS = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
+
+
+def annotate_conv_clamps(gm: torch.fx.GraphModule, config: Any, keep: Callable[[torch.fx.Node], bool]) -> int:
+    """Annotate every conv -> hardtanh (ReLU6) pair as one quantized op, as XNNPACKQuantizer does conv -> ReLU.
+
+    Why: ExecuTorch 1.5's XNNPACKQuantizer fuses only ReLU into a conv. After a ReLU6 -- every block of
+    MobileNetV2 -- the conv's own output is quantized (before the clamp, over the pre-activation range)
+    and the clamp then shares that range, where XNNPACK runs a conv with a fused clamp and needs only the
+    clamped output's range. Annotated as a pair, the output is observed after the clamp, and
+    XNNPACK's FuseActivationPass still folds the clamp into the conv when lowering. Measured on the
+    inspection benchmark's model (fully int8, 500 bar images): top-1 agreement with fp32 0.828 -> 0.876,
+    mean |logit diff| 0.318 -> 0.237 of the logits' spread.
+
+    ``keep``: the quantizer's filter (False: a node that stays fp32); a pair any of whose nodes it
+    rejects is left to the stock annotators. Returns how many pairs were annotated.
+    """
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer_utils as xq
+
+    pairs = 0
+    for clamp in gm.graph.nodes:
+        if clamp.op != "call_function" or clamp.target not in _CLAMPS:
+            continue
+        conv = clamp.args[0]
+        if not isinstance(conv, torch.fx.Node) or not xq._is_conv_node(conv) or len(conv.users) > 1:
+            continue
+        part = [clamp, conv, conv.args[1]]
+        qspecs = {conv.args[0]: xq.get_input_act_qspec(config), conv.args[1]: xq.get_weight_qspec(config)}
+        bias = conv.args[2] if len(conv.args) > 2 else None
+        if isinstance(bias, torch.fx.Node):
+            qspecs[bias] = xq.get_bias_qspec(config)
+            part.append(bias)
+        if xq._is_annotated(part) or not all(keep(n) for n in part):
+            continue
+        conv.meta[xq.Q_ANNOTATION_KEY] = xq.QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
+        clamp.meta[xq.Q_ANNOTATION_KEY] = xq.QuantizationAnnotation(output_qspec=xq.get_output_act_qspec(config),
+                                                                    _annotated=True)
+        xq._mark_nodes_as_annotated(part)
+        pairs += 1
+    return pairs
+
+
+def _quantizer(skip: set[str]) -> Any:
+    """XNNPACKQuantizer (symmetric, per-channel weights) that leaves ``skip`` in fp32 and quantizes conv ->
+    ReLU6 as one op (:func:`annotate_conv_clamps`)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                         get_symmetric_quantization_config)
+
+    def keep(node: torch.fx.Node) -> bool:
+        return node.name not in skip
+
+    class _Quantizer(XNNPACKQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            annotate_conv_clamps(model, self.global_config, keep)
+            return super().annotate(model)
+
+    quantizer = _Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    if skip:
+        quantizer.set_filter_function(keep)
+    return quantizer
+
+
+def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recipe) -> torch.fx.GraphModule:
+    """Prepare a copy of the exported graph, calibrate on the training images, convert."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm = copy.deepcopy(gm)  # prepare_pt2e rewrites the graph in place
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    skip = set(recipe.float_nodes) | score_only_nodes(gm)
-    if skip:
-        quantizer.set_filter_function(lambda node: node.name not in skip)
-    prepared = prepare_pt2e(gm, quantizer)
+    prepared = prepare_pt2e(gm, _quantizer(set(recipe.float_nodes) | score_only_nodes(gm)))
     with torch.no_grad():
         for batch in ctx.calibration.batches(_EVAL_BATCH):  # read lazily: observers keep only running min/max
             prepared(torch.from_numpy(batch))

@@ -3,6 +3,7 @@
 The tiny run's int8 score may well hold, so a score that misses is made by the bar itself saying so
 (its numbers are the real ones; only ``passed`` is forced to False): what is tested here is the
 search's order, with real quantization, real runtimes and the real candidates' files.
+The ExecuTorch quantizer's conv + ReLU6 pairing is tested on a small graph of its own.
 """
 from __future__ import annotations
 
@@ -126,3 +127,65 @@ def test_pte_search_goes_through_the_stem_before_the_feature_conv(tiny_run: Path
         # The logits never held (int8 kernels differ between CPUs): the whole queue, stems included,
         # and no last resort, which is only for a score that misses beside faithful logits.
         assert len(tried) == 6 and not any("over the size budget" in t for t in tried), tried
+
+
+def _conv_relu6_graph() -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6()).eval()
+    with torch.no_grad():  # a wide pre-activation range, as BatchNorm folding gives MobileNetV2's stem
+        model[1].weight.mul_(20)
+    return model, torch.export.export(model, (torch.randn(64, 3, 8, 8),)).module()  # static batch 64
+
+
+def _quantized(skip: set[str]) -> tuple[Any, Any, Any]:
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from fieldid.export.executorch_export import _quantizer
+
+    model, gm = _conv_relu6_graph()
+    prepared = prepare_pt2e(gm, _quantizer(skip))
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        prepared(x)
+        return model, convert_pt2e(prepared), x
+
+
+def test_pte_quantizer_quantizes_a_conv_with_its_relu6_as_one_op() -> None:
+    """The clamp's output, not the conv's pre-activation, is quantized (in [0, 6]); nothing sits between them."""
+    import torch
+
+    model, q, x = _quantized(set())
+    clamps = [n for n in q.graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
+    assert len(clamps) == 2
+    for clamp in clamps:
+        assert "conv" in str(clamp.args[0].target)  # no quantize / dequantize pair in between
+        (after,) = clamp.users
+        assert "quantize_per_tensor" in str(after.target)
+        scale, zero_point = float(after.args[1]), int(after.args[2])
+        assert zero_point == -128 and 0 < scale * 255 <= 6 + 1e-3  # the range [0, <= 6], all of it used
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    # Each output step is 1/255 of the clamped range: two layers of rounding stay within a few steps.
+    assert float((got - ref).abs().max()) < 0.2
+
+
+def test_pte_quantizer_leaves_a_skipped_conv_and_its_relu6_in_fp32() -> None:
+    """A conv the recipe keeps in fp32 is not pulled into a quantized pair by its clamp."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    from fieldid.export.executorch_export import annotate_conv_clamps
+
+    _, gm = _conv_relu6_graph()
+    first = next(n.name for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target))
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    assert annotate_conv_clamps(gm, config, lambda n: n.name != first) == 1
+    _, q, _ = _quantized({first})
+    weights = [n for n in q.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    # The kept conv's weight is a plain tensor; the quantized one's comes through a dequantize.
+    assert [("dequantize" in str(w.args[1].target)) if w.args[1].op == "call_function" else False
+            for w in weights] == [False, True]
