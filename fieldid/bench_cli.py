@@ -272,10 +272,12 @@ def _register_train(what: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_cmd_train_augment)
 
     h = modes.add_parser("choices", help="seconds per training step and inference pass: fp32, bf16 autocast, "
-                                         "channels-last",
+                                         "channels-last, the allocator",
                          description="Seconds per MobileNetV2 training step and per inference pass (160 px, batch "
                                      "32) under each CPU setting training could pick, and whether the CPU supports "
-                                     "bf16.")
+                                     "bf16; then glibc's malloc defaults against fieldid's (freed memory kept): "
+                                     "seconds and page faults per step and peak RSS at 224 px, each in a fresh "
+                                     "process.")
     _add_page(h, "train-choices")
     h.set_defaults(func=_cmd_train_choices)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from fieldid import __version__
 from fieldid.cli_common import (HelpFormatter, Parser, Progress, RedactingFilter, UsageError, first_line, is_bad_input,
                                  check_output_file, redact_url_passwords, refuse_output_inside)
+from fieldid.machine import keep_freed_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     _configure_logging(verbose)
+    # fieldid's own processes only (never on import): PyTorch's CPU steps stop page-faulting their
+    # activations back in each step, at the price of a higher peak RSS (fieldid.machine explains it).
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

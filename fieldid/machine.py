@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["busy_load", "cpu_features", "describe_machine", "git_commit", "measured_header"]
+__all__ = ["busy_load", "cpu_features", "describe_machine", "git_commit", "keep_freed_memory", "measured_header"]
 
 # /proc/cpuinfo flags that decide int8 / bf16 kernel speed, in the order they are printed.
 _FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -49,7 +49,48 @@ def describe_machine() -> str:
     model, flags = _cpuinfo()  # one read of /proc/cpuinfo for both
     features = _features(flags)
     return (f"CPU: {model}, {os.cpu_count()} logical cores visible; int8/bf16 features: "
-            f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}")
+            f"{' '.join(features) if features else 'none of ' + ', '.join(_FEATURES)}"
+            f"{'; malloc keeps freed memory (fieldid processes)' if _kept_freed_memory else ''}")
+
+
+# glibc's mallopt() parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_kept_freed_memory = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the process's next allocation; True if it now does.
+
+    PyTorch's CPU allocator keeps no cache: each training or inference step mallocs its activations
+    afresh and frees them. glibc serves such large blocks with ``mmap`` and returns them with
+    ``munmap``, so the next step page-faults the same megabytes back in, each page zeroed by the
+    kernel -- on a virtual machine where faults are dear that is much of a step's time (``fieldid
+    bench train choices`` prints the faults, seconds per step and peak RSS both ways). With
+    ``mmap`` off and a 1 GB trim threshold, freed blocks stay in the heap and are reused; the price
+    is a higher peak RSS, since the heap does not shrink back between steps.
+
+    Only for fieldid's own command-line processes (a library import must not change its host's
+    allocator); left alone where the user tuned malloc already (``MALLOC_*_`` or
+    ``GLIBC_TUNABLES``), where ``FIELDID_MALLOC=system`` asks for glibc's defaults, and off glibc.
+    """
+    global _kept_freed_memory
+    if _kept_freed_memory:
+        return True
+    env = os.environ
+    if env.get("FIELDID_MALLOC", "").lower() == "system" or "glibc.malloc" in env.get("GLIBC_TUNABLES", "") \
+            or any(k.startswith("MALLOC_") and k.endswith("_") for k in env):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+    _kept_freed_memory = ok
+    return ok
 
 
 def busy_load() -> tuple[float, int]:

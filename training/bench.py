@@ -361,6 +361,67 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
     return rows
 
 
+def allocator_probe(image_size: int = 224, batch_size: int = 32, steps: int = 4) -> dict:
+    """One process's training steps and inference passes (MobileNetV2, fp32 channels-last, as training runs
+    on CPU) with the page faults they cost: :func:`bench_allocator` runs it in a fresh process per allocator
+    setting, since glibc's malloc settings hold for a whole process."""
+    import resource
+
+    from fieldid.machine import keep_freed_memory
+
+    kept = keep_freed_memory()  # a no-op under FIELDID_MALLOC=system, the comparison's other side
+    torch.manual_seed(0)
+    x, y = torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 10, (batch_size,))
+    model = fast_layout(create_model("mobilenet_v2", 10, pretrained=False)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    times, step_faults = [], []
+    for i in range(steps + 1):
+        t0, f0 = time.perf_counter(), faults()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms up kernels and the heap
+            times.append(time.perf_counter() - t0)
+            step_faults.append(faults() - f0)
+    model.eval()
+    passes = []
+    with torch.no_grad():
+        for i in range(2 * steps + 1):
+            t0 = time.perf_counter()
+            model(x)
+            if i:
+                passes.append(time.perf_counter() - t0)
+    return {"malloc": "keeps freed memory" if kept else "glibc defaults", "s_per_step": float(np.median(times)),
+            "faults_per_step": int(np.median(step_faults)), "s_per_inference": float(np.median(passes)),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_allocator(rounds: int = 2) -> list[dict]:
+    """:func:`allocator_probe` with glibc's malloc defaults and with fieldid's setting
+    (:func:`fieldid.machine.keep_freed_memory`), alternated ``rounds`` times so a drift in the machine's
+    speed hits both sides."""
+    import os
+    import subprocess
+
+    rows = []
+    for _ in range(rounds):
+        for setting in ("system", "keep"):
+            env = {**os.environ, "FIELDID_MALLOC": setting}
+            out = subprocess.run([sys.executable, "-c", "import json; from fieldid.training.bench import "
+                                  "allocator_probe; print(json.dumps(allocator_probe()))"],
+                                 env=env, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"  {r['malloc']:<20} {r['s_per_step']:.3f} s/step, {r['faults_per_step']} page faults/step, "
+                  f"{r['s_per_inference']:.3f} s/inference pass, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
 def run_bench_compare(work: str | Path, sets: tuple[str, ...] = BENCH_SETS, *, demo_scale: float = 0.12,
                       train_args: list[str] | None = None) -> int:
     """``fieldid bench train compare``: :func:`bench_compare`, then its table; 2 for bad input (one line)."""
@@ -397,6 +458,19 @@ def run_bench_choices() -> int:
         print(f"| {r['setting']} | {r['s_per_step']} | {r['vs_fp32']} | {r['s_per_inference']} | "
               f"{r['inference_vs_fp32']} |")
     print(rows[-1]["setting"])
+    print("\nThe allocator (MobileNetV2 fp32 channels-last, a batch of 32 at 224 px, each row a fresh process): "
+          "glibc's defaults against fieldid's commands, whose malloc keeps freed memory "
+          "(fieldid.machine.keep_freed_memory; FIELDID_MALLOC=system turns it off).\n")
+    alloc = bench_allocator()
+    print("| malloc | s/step | page faults/step | s/inference pass | peak RSS MB |\n|---|---:|---:|---:|---:|")
+    for r in alloc:
+        print(f"| {r['malloc']} | {r['s_per_step']:.3f} | {r['faults_per_step']} | {r['s_per_inference']:.3f} | "
+              f"{r['peak_rss_mb']:.0f} |")
+    sides = {m: [r for r in alloc if r["malloc"] == m] for m in ("glibc defaults", "keeps freed memory")}
+    if all(sides.values()):  # off glibc both sides are the defaults: nothing to compare
+        (s0, m0), (s1, m1) = ((float(np.mean([r["s_per_step"] for r in rs])),
+                               float(np.mean([r["peak_rss_mb"] for r in rs]))) for rs in sides.values())
+        print(f"kept freed memory: {s1 / s0:.2f}x the seconds per training step, {m1 / m0:.2f}x the peak RSS")
     return 0
 
 
