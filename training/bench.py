@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -314,6 +315,39 @@ def format_augment(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------- speed choices
+def _timed_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, *, bf16: bool = False,
+                 counter: Callable[[], int] | None = None) -> tuple[list[float], list[int]]:
+    """Seconds (and ``counter``'s increase, e.g. page faults) of ``steps`` training steps (forward, backward,
+    AdamW), after one more that is dropped: the first step warms up kernels and the heap."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times, counts = [], []
+    for i in range(steps + 1):
+        t0, c0 = time.perf_counter(), counter() if counter else 0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+            counts.append(counter() - c0 if counter else 0)
+    return times, counts
+
+
+def _timed_passes(model: torch.nn.Module, x: torch.Tensor, passes: int, *, bf16: bool = False) -> list[float]:
+    """Seconds of ``passes`` inference passes (eval mode, no gradients), after one more that is dropped."""
+    model.eval()
+    times = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(passes + 1):
+            t0 = time.perf_counter()
+            model(x)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
 def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4) -> list[dict]:
     """Seconds per training step of MobileNetV2 under each CPU setting training could pick, and per
     inference pass over the same batch (eval mode, no gradients: the run's evaluation and feature passes)."""
@@ -325,28 +359,12 @@ def bench_choices(*, image_size: int = 160, batch_size: int = 32, steps: int = 4
     rows = []
     for name, channels_last, bf16 in (("fp32", False, False), ("fp32 channels-last", True, False),
                                       ("bf16 autocast", False, True), ("bf16 autocast channels-last", True, True)):
-        model = create_model("mobilenet_v2", 10, pretrained=False).train()
+        model = create_model("mobilenet_v2", 10, pretrained=False)
         if channels_last:  # the weights only, as training lays them out (fast_layout): the input stays as loaded
             model = fast_layout(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        times = []
-        for i in range(steps + 1):
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:  # the first step warms up kernels and allocators
-                times.append(time.perf_counter() - t0)
-        model.eval()
-        passes = []
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for i in range(3 * steps + 1):  # a pass is a fifth of a step: more of them for a steady median
-                t0 = time.perf_counter()
-                model(x)
-                if i:
-                    passes.append(time.perf_counter() - t0)
+        times, _ = _timed_steps(model, x, y, steps, bf16=bf16)
+        # a pass is a fifth of a step: more of them for a steady median
+        passes = _timed_passes(model, x, 3 * steps, bf16=bf16)
         rows.append({"setting": name, "s_per_step": float(np.median(times)),
                      "s_per_inference": float(np.median(passes))})
         print(f"  {name:<28} {rows[-1]['s_per_step']:.3f} s/step, {rows[-1]['s_per_inference']:.3f} s/inference pass",
@@ -372,30 +390,10 @@ def allocator_probe(image_size: int = 224, batch_size: int = 32, steps: int = 4)
     kept = keep_freed_memory()  # a no-op under FIELDID_MALLOC=system, the comparison's other side
     torch.manual_seed(0)
     x, y = torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 10, (batch_size,))
-    model = fast_layout(create_model("mobilenet_v2", 10, pretrained=False)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def faults() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-    times, step_faults = [], []
-    for i in range(steps + 1):
-        t0, f0 = time.perf_counter(), faults()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up kernels and the heap
-            times.append(time.perf_counter() - t0)
-            step_faults.append(faults() - f0)
-    model.eval()
-    passes = []
-    with torch.no_grad():
-        for i in range(2 * steps + 1):
-            t0 = time.perf_counter()
-            model(x)
-            if i:
-                passes.append(time.perf_counter() - t0)
+    model = fast_layout(create_model("mobilenet_v2", 10, pretrained=False))
+    times, step_faults = _timed_steps(model, x, y, steps,
+                                      counter=lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    passes = _timed_passes(model, x, 2 * steps)
     return {"malloc": "keeps freed memory" if kept else "glibc defaults", "s_per_step": float(np.median(times)),
             "faults_per_step": int(np.median(step_faults)), "s_per_inference": float(np.median(passes)),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
