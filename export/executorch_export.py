@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -294,15 +294,54 @@ def _quantizer(skip: set[str]) -> Any:
     return quantizer
 
 
-def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recipe) -> torch.fx.GraphModule:
-    """Prepare a copy of the exported graph, calibrate on the training images, convert."""
+ObserverStats = dict[tuple[str, str, str, str], dict[str, torch.Tensor]]
+
+
+def _observers(prepared: torch.fx.GraphModule) -> dict[tuple[str, str, str, str], list[torch.nn.Module]]:
+    """The prepared graph's observers by what they watch: (observed node, observer class, dtype, qscheme).
+
+    Observers pass their input through unchanged during calibration (this is PTQ, not QAT), so the
+    same tensor watched by the same kind of observer ends with the same statistics in every
+    candidate's graph, whichever layers that candidate keeps in fp32. Their module names do not
+    match across graphs (they are numbered in order), their observed nodes do.
+    """
+    out: dict[tuple[str, str, str, str], list[torch.nn.Module]] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        module = getattr(prepared, str(node.target))
+        if not hasattr(module, "calculate_qparams"):
+            continue  # not an observer (export's guard module)
+        key = (node.args[0].name, type(module).__name__, str(getattr(module, "dtype", "")),
+               str(getattr(module, "qscheme", "")))
+        out.setdefault(key, []).append(module)
+    return out
+
+
+def _quantize(gm: torch.fx.GraphModule, ctx: ExportContext, recipe: PteInt8Recipe,
+              stats: ObserverStats | None = None) -> torch.fx.GraphModule:
+    """Prepare a copy of the exported graph, calibrate on the training images, convert.
+
+    ``stats``: observer statistics of an earlier candidate's calibration (filled by the first call,
+    one whose graph watches every tensor: fully int8). A later candidate whose every observer is among
+    them takes them instead of another pass over the calibration images (elpv, 200 photos at 224 px:
+    21 s of a candidate's 56 s here); the converted graph is the same (tests/test_int8_search.py).
+    """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm = copy.deepcopy(gm)  # prepare_pt2e rewrites the graph in place
     prepared = prepare_pt2e(gm, _quantizer(set(recipe.float_nodes) | score_only_nodes(gm)))
-    with torch.no_grad():
-        for batch in ctx.calibration.batches(_EVAL_BATCH):  # read lazily: observers keep only running min/max
-            prepared(torch.from_numpy(batch))
+    observers = _observers(prepared)
+    if stats and all(key in stats for key in observers):
+        for key, modules in observers.items():
+            for module in modules:
+                module.load_state_dict(stats[key])
+    else:
+        with torch.no_grad():
+            for batch in ctx.calibration.batches(_EVAL_BATCH):  # read lazily: observers keep only running min/max
+                prepared(torch.from_numpy(batch))
+        if stats is not None and not stats:
+            stats.update({key: copy.deepcopy(modules[0].state_dict()) for key, modules in observers.items()})
     return convert_pt2e(prepared)
 
 
@@ -314,6 +353,49 @@ def _logits(fn: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray) -> np.nda
 def _feature_conv(layers: list[tuple[str, str]]) -> int | None:
     """Index in ``layers`` of the last conv before the classifier: it makes the pooled features."""
     return len(layers) - 2 if len(layers) >= 2 else None
+
+
+def pte_recipe(layers: list[tuple[str, str]], sizes: list[int], idx: Sequence[int], *,
+               for_unknown: bool = False) -> PteInt8Recipe | None:
+    """The recipe that keeps ``layers[i]`` (``i`` in ``idx``, negative from the end) in fp32; ``None`` when
+    they hold more than :data:`FLOAT_PARAM_BUDGET` of the weights (``for_unknown`` may exceed it).
+
+    A classifier over the budget on its own is left out rather than the whole recipe: with many
+    classes it is (MobileNetV2's 1280 x 21 head is 1.2 % of the weights, the scenes set), and it
+    used to take every candidate with it, so such a run tried fully int8 alone. The stem, where the
+    int8 error sits, holds 0.05 %; the classifier in fp32 left selection agreement where it was on
+    every benchmark set that tried both (bench-export-real at a8d0998: digits, faces, elpv, elpv_few),
+    and the stem in fp32 raised it (faces 0.98 -> 1.0, elpv 0.835 -> 0.92, elpv_few 0.73 -> 1.0).
+    """
+    chosen = sorted({i % len(layers) for i in idx})
+    if not for_unknown and sum(sizes[i] for i in chosen) > FLOAT_PARAM_BUDGET * sum(sizes):
+        chosen = [i for i in chosen if i != len(layers) - 1]
+        if sum(sizes[i] for i in chosen) > FLOAT_PARAM_BUDGET * sum(sizes):
+            return None  # too much fp32: the int8 file would not be small any more
+    return PteInt8Recipe(float_layers=[layers[i][1] for i in chosen], float_nodes=[layers[i][0] for i in chosen],
+                         for_unknown=for_unknown)
+
+
+def pte_queue(layers: list[tuple[str, str]], sizes: list[int], *, with_score: bool) -> list[PteInt8Recipe]:
+    """The candidates :func:`_choose_int8` tries in order (each once), before its last resort."""
+    if not layers:
+        return [PteInt8Recipe()]
+    # The stem conv sees raw normalised pixels and the classifier decides the label: the usual
+    # places where int8 error concentrates in MobileNet-style networks. The stem's first 2-3 layers
+    # also carry most of the int8 noise in the pooled features that unknown_score reads (textures,
+    # converted model on the check's images: median |score diff| 24% of the threshold fully int8,
+    # 22% with the stem conv in fp32, 16% with the stem conv and the first depthwise conv), so
+    # the queue goes on through them while the score misses (a third stem layer only for the score).
+    # digits (8x8 scans scaled up), converted model on the check's images: the first 3 in fp32 left
+    # decisions at 89% (14% of known photos called unknown, fp32 2.4%); the first 5 (through the
+    # second block's depthwise conv, still 0.2% of the weights) 98.7% and 3.8%.
+    stems = ((0, 1, 2, -1), (0, 1, 2, 3, 4, -1)) if with_score else ()
+    queue: dict[tuple[str, ...], PteInt8Recipe] = {}
+    for idx in ((), (-1,), (0, -1), (0, 1, -1), *stems):
+        recipe = pte_recipe(layers, sizes, idx)
+        if recipe is not None:  # a classifier left out can make two recipes one
+            queue.setdefault(tuple(recipe.float_nodes), recipe)
+    return list(queue.values())
 
 
 def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recipe, RecipeSearch]:
@@ -338,34 +420,27 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
     scored = selection_scores(ctx, sel)
 
     sizes = [_weight_count(ctx.model, path) for _, path in layers]
-    budget = FLOAT_PARAM_BUDGET * sum(sizes)
 
     def keep(*idx: int, for_unknown: bool = False) -> PteInt8Recipe | None:
-        if not for_unknown and sum(sizes[i] for i in idx) > budget:
-            return None  # too much fp32: the int8 file would not be small any more
-        chosen = [layers[i] for i in idx]
-        return PteInt8Recipe(float_layers=[p for _, p in chosen], float_nodes=[n for n, _ in chosen],
-                             for_unknown=for_unknown)
+        return pte_recipe(layers, sizes, idx, for_unknown=for_unknown)
 
-    def unknown_bar(q: torch.fx.GraphModule) -> dict[str, Any] | None:
+    def judge(q: torch.fx.GraphModule) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """A candidate's logits on ``sel`` and its ``unknown_score`` bar: one pass, as the score's inputs
+        begin with ``sel`` (:func:`unknown.selection_scores`)."""
         if scored is None:
-            return None
+            return _logits(q, sel), None
         x, ref_scores = scored
-        with torch.no_grad():
-            got = run_batched(lambda b: q(torch.from_numpy(b))[1].numpy().reshape(-1, 1), x, _EVAL_BATCH)
-        return int8_unknown_bar(got.reshape(-1), ref_scores, float(ctx.record.unknown["threshold"]))
 
-    # The stem conv sees raw normalised pixels and the classifier decides the label: the usual
-    # places where int8 error concentrates in MobileNet-style networks. The stem's first 2-3 layers
-    # also carry most of the int8 noise in the pooled features that unknown_score reads (textures,
-    # converted model on the check's images: median |score diff| 24% of the threshold fully int8,
-    # 22% with the stem conv in fp32, 16% with the stem conv and the first depthwise conv), so
-    # the queue goes on through them while the score misses (a third stem layer only for the score).
-    # digits (8x8 scans scaled up), converted model on the check's images: the first 3 in fp32 left
-    # decisions at 89% (14% of known photos called unknown, fp32 2.4%); the first 5 (through the
-    # second block's depthwise conv, still 0.2% of the weights) 98.7% and 3.8%.
-    stems = (keep(0, 1, 2, -1), keep(0, 1, 2, 3, 4, -1)) if scored is not None else ()
-    queue = [r for r in (PteInt8Recipe(), keep(-1), keep(0, -1), keep(0, 1, -1), *stems) if r is not None]
+        def both(b: np.ndarray) -> np.ndarray:
+            logits, score = q(torch.from_numpy(b))[:2]
+            return torch.cat([logits, score.reshape(-1, 1)], dim=1).numpy()
+
+        with torch.no_grad():
+            got = run_batched(both, x, _EVAL_BATCH)
+        return got[:len(sel), :-1], int8_unknown_bar(got[:, -1], ref_scores, float(ctx.record.unknown["threshold"]))
+
+    queue = pte_queue(layers, sizes, with_score=scored is not None)
+    stats: ObserverStats = {}  # the first candidate's calibration, for the others (:func:`_quantize`)
     feature = _feature_conv(layers)
     search = RecipeSearch("pte int8", SELECTION_TARGET, INT8_MIN_AGREEMENT)
     last_faithful: PteInt8Recipe | None = None  # the last candidate whose logits cleared the target
@@ -377,9 +452,8 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
         recipe = queue.pop(0)
         t0 = time.time()
         with converting("executorch int8"):
-            q = _quantize(gm, ctx, recipe)
-            logits = _logits(q, sel)
-            unknown = unknown_bar(q)
+            q = _quantize(gm, ctx, recipe, stats)
+            logits, unknown = judge(q)
         passed = unknown is None or unknown["passed"]
         agreement = search.add(recipe, logits, ref, t0, q, unknown=unknown)
         if agreement >= SELECTION_TARGET and passed:

@@ -189,3 +189,62 @@ def test_pte_quantizer_leaves_a_skipped_conv_and_its_relu6_in_fp32() -> None:
     # The kept conv's weight is a plain tensor; the quantized one's comes through a dequantize.
     assert [("dequantize" in str(w.args[1].target)) if w.args[1].op == "call_function" else False
             for w in weights] == [False, True]
+
+
+@pytest.mark.parametrize("classes", [10, 21])
+def test_pte_queue_keeps_the_stem_candidates_when_the_classifier_is_over_the_budget(classes: int) -> None:
+    """MobileNetV2's classifier holds 1280 x classes weights: over the 1 % fp32 budget from 18 classes on.
+    With 21 (the scenes set) the stem candidates are still tried, without the classifier; with 10, with it."""
+    import torch
+    import torchvision
+
+    from fieldid.export.executorch_export import PteInt8Recipe, _weight_count, _weighted_nodes, pte_queue
+    from fieldid.export.onnx_export import FLOAT_PARAM_BUDGET
+
+    model = torchvision.models.mobilenet_v2(num_classes=classes).eval()
+    gm = torch.export.export(model, (torch.randn(2, 3, 64, 64),)).module()
+    layers = _weighted_nodes(gm)
+    sizes = [_weight_count(model, path) for _, path in layers]
+    head_over = sizes[-1] > FLOAT_PARAM_BUDGET * sum(sizes)
+    assert head_over == (classes == 21)
+    queue = pte_queue(layers, sizes, with_score=True)
+    kept = [r.float_layers for r in queue]
+    assert queue[0] == PteInt8Recipe() and len(set(map(tuple, kept))) == len(kept)  # fully int8 first, no repeats
+    stems = [k for k in kept if "features.0.0" in k]
+    assert [len([p for p in k if p.startswith("features.")]) for k in stems] == [1, 2, 3, 5]
+    assert all(("classifier.1" in k) != head_over for k in stems), kept
+    assert len(queue) == (5 if head_over else 6)
+    assert all(sum(sizes[[p for _, p in layers].index(p)] for p in k) <= FLOAT_PARAM_BUDGET * sum(sizes)
+               for k in kept)
+    assert pte_queue(layers, sizes, with_score=False)[-1].float_layers == stems[1]  # (0, 1): no score, no more
+
+
+def test_pte_candidates_share_one_calibration_pass_and_convert_the_same(tiny_run: Path, tmp_path: Path) -> None:
+    """A stem-in-fp32 candidate that takes the fully-int8 candidate's observer statistics converts to the
+    same graph as one calibrated on its own: the same outputs, bit for bit; and it reads no image."""
+    import torch
+
+    from fieldid.export.executorch_export import (PteInt8Recipe, _export_for_quantization, _quantize,
+                                                  _weighted_nodes)
+
+    ctx = _ctx(tiny_run, tmp_path)
+    gm = _export_for_quantization(ctx.model, ctx)
+    layers = _weighted_nodes(gm)
+    stem = PteInt8Recipe(float_layers=[p for _, p in layers[:2]], float_nodes=[n for n, _ in layers[:2]])
+    alone = _quantize(gm, ctx, stem)
+    stats: dict = {}
+    _quantize(gm, ctx, PteInt8Recipe(), stats)
+    assert stats and any("Histogram" in key[1] for key in stats)
+    passes = []
+    real = type(ctx.calibration).batches
+    ctx.calibration.batches = lambda *a, **k: (passes.append(1), real(ctx.calibration, *a, **k))[1]
+    shared = _quantize(gm, ctx, stem, stats)
+    assert passes == []
+    x = torch.from_numpy(ctx.heldout[:32])
+    with torch.no_grad():
+        a, b = alone(x), shared(x)
+    for got, ref in zip(b, a):
+        assert torch.equal(got, ref)
+    # A candidate watching a tensor the statistics do not hold calibrates on its own.
+    assert _quantize(gm, ctx, stem, {("elsewhere", "HistogramObserver", "torch.int8", "x"): {}}) is not None
+    assert passes
