@@ -371,10 +371,11 @@ def pte_recipe(layers: list[tuple[str, str]], sizes: list[int], idx: Sequence[in
     """
     if not layers:
         return PteInt8Recipe()
+    budget = FLOAT_PARAM_BUDGET * sum(sizes)
     chosen = sorted({i % len(layers) for i in idx})
-    if not for_unknown and sum(sizes[i] for i in chosen) > FLOAT_PARAM_BUDGET * sum(sizes):
+    if not for_unknown and sum(sizes[i] for i in chosen) > budget:
         chosen = [i for i in chosen if i != len(layers) - 1]
-        if sum(sizes[i] for i in chosen) > FLOAT_PARAM_BUDGET * sum(sizes):
+        if sum(sizes[i] for i in chosen) > budget:
             return None  # too much fp32: the int8 file would not be small any more
     return PteInt8Recipe(float_layers=[layers[i][1] for i in chosen], float_nodes=[layers[i][0] for i in chosen],
                          for_unknown=for_unknown)
@@ -423,9 +424,6 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
 
     sizes = [_weight_count(ctx.model, path) for _, path in layers]
 
-    def keep(*idx: int, for_unknown: bool = False) -> PteInt8Recipe | None:
-        return pte_recipe(layers, sizes, idx, for_unknown=for_unknown)
-
     def judge(q: torch.fx.GraphModule) -> tuple[np.ndarray, dict[str, Any] | None]:
         """A candidate's logits on ``sel`` and its ``unknown_score`` bar: one pass, as the score's inputs
         begin with ``sel`` (:func:`unknown.selection_scores`)."""
@@ -468,7 +466,8 @@ def _choose_int8(ctx: ExportContext) -> tuple[torch.fx.GraphModule, PteInt8Recip
         if not queue and last_faithful is not None and feature is not None:
             idx = sorted({feature, len(layers) - 1, *(layers.index(l) for l in zip(last_faithful.float_nodes,
                                                                                       last_faithful.float_layers))})
-            queue = [keep(*idx, for_unknown=True)]  # the score is what failed: fp32 features last
+            # the score is what failed: fp32 features last (over the budget, which for_unknown allows)
+            queue = [pte_recipe(layers, sizes, idx, for_unknown=True)]
             feature = None
     recipe, q = search.best
     return q, recipe, search
