@@ -119,7 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     from fieldid import bench_cli  # every benchmark, across the stages: fieldid bench <what>
 
     bench_cli.register(sub)
+    _verbose_after_the_command(parser)
     return parser
+
+
+def _verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``fieldid export ... -v`` as well as ``fieldid -v export ...``: people add -v at the end of a
+    command that just failed. Each command's own flag has its own ``dest`` (main reads both): a
+    sub-parser's defaults are copied over the top-level namespace, so ``dest="verbose"`` with a
+    False default would undo ``fieldid -v export``. Only commands, not groups (``bench``,
+    ``serve``), get it: a group's flag would be overwritten by its command's default the same way."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in action.choices.values():
+            if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+                _verbose_after_the_command(sub)
+            elif "--verbose" not in sub._option_string_actions:
+                sub.add_argument("-v", "--verbose", dest="verbose_here", action="store_true",
+                                 help="debug logging and full tracebacks (also `fieldid -v COMMAND`)")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: a benchmark's page names it
-    verbose = args.verbose or os.environ.get("FIELDID_DEBUG") == "1"
+    verbose = args.verbose or getattr(args, "verbose_here", False) or os.environ.get("FIELDID_DEBUG") == "1"
     for stream in (sys.stdout, sys.stderr):
         # A photo's file name that is not UTF-8 (an old camera, a zip from Windows) is printed as
         # \xNN escapes instead of failing the whole command on a strict UTF-8 terminal or pipe.

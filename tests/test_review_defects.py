@@ -293,6 +293,27 @@ def test_cli_bad_input_is_still_one_line_and_exit_2(monkeypatch, capsys, tmp_pat
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "internal" not in lines[0], lines
 
 
+@pytest.mark.parametrize("argv", [["-v", "predict", "p.jpg", "--bundle", "b", "--run", "r", "--out", "o.csv"],
+                                  ["predict", "p.jpg", "--bundle", "b", "--run", "r", "--out", "o.csv", "-v"],
+                                  ["predict", "--verbose", "p.jpg", "--bundle", "b", "--run", "r", "--out", "o.csv"]],
+                         ids=["before the command", "at the end", "long, among the flags"])
+def test_verbose_before_or_after_the_command_prints_the_traceback(monkeypatch, capsys, argv) -> None:
+    code, lines = _main(monkeypatch, capsys, argv=argv)
+    assert code == 2 and lines[0] == "Traceback (most recent call last):", lines
+    assert lines[-1] == "error: give exactly one of --run RUN or --bundle DIR", lines
+
+
+def test_verbose_is_taken_by_every_command_and_kept_from_before_it() -> None:
+    from fieldid.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["bench", "real", "-v"], ["serve", "stop", "-v"], ["data", "check", "d", "-v"]):
+        args = parser.parse_args(argv)
+        assert args.verbose_here and not args.verbose, argv
+    args = parser.parse_args(["-v", "bench", "real"])
+    assert args.verbose and not args.verbose_here  # the command's own default does not undo it
+
+
 def test_every_fieldid_error_type_counts_as_bad_input() -> None:
     from fieldid.cli_common import UsageError, is_bad_input
     from fieldid.records import RecordError
