@@ -151,7 +151,13 @@ def archive_bundle(bundle: str | Path, store: str | Path) -> Path:
             "--serialized-file", str(bundle / arts[0].file), "--extra-files", ",".join(map(str, extra)),
             "--export-path", str(out), "--force",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # torch-model-archiver copies the files to TMP/<model name>, deleting whatever folder of that
+        # name was there first: a user's /tmp/reef, or another archiving of a same-named model at the
+        # same time (two `fieldid serve start` of runs named alike met there). A private TMPDIR keeps
+        # that folder ours.
+        private = staging / "archiver-tmp"
+        private.mkdir()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(private)})
         if proc.returncode != 0:
             last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
             raise ServeError(f"torch-model-archiver failed for {m.name}: {last}")

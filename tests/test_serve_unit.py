@@ -162,6 +162,25 @@ def test_archive_holds_handler_weights_and_reduced_manifest(tiny_bundle: Path, t
     assert json.loads(cli.stdout.splitlines()[-1])["models"] == {m.name: str(tmp_path / "cli-store" / f"{m.name}.mar")}
 
 
+def test_archiving_leaves_a_same_named_temp_folder_alone(tiny_bundle: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch-model-archiver stages in TMP/<model name> and deletes what was there: a user's folder of
+    that name, or a second archiving of a same-named model running at the same time (two servers of
+    runs named alike; the suite run in two processes met there and lost 17 tests)."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    theirs = tmp / load_manifest(tiny_bundle).name
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("someone else's")
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR in this process too
+    mar = archive_bundle(tiny_bundle, tmp_path / "store")
+    assert zipfile.is_zipfile(mar)
+    assert (theirs / "notes.txt").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp.iterdir()) == [theirs.name]  # and nothing of ours is left there
+
+
 def _java_props(text: str) -> dict[str, str]:
     """Enough of java.util.Properties.load for our file: key=value, one pass over the backslash
     escapes (\\uXXXX with surrogate pairs, \\n \\t \\r \\f, any other char taken literally)."""
