@@ -124,7 +124,16 @@ def test_probe_fits_separable_features_and_scores_are_right() -> None:
     s = score_predictions(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 0, 0, 1, 1]), 2)
     assert s == {"accuracy": 0.8, "macro_f1": pytest.approx((6 / 7 + 2 / 3) / 2, abs=1e-4), "balanced_accuracy": 0.75}
     m = majority_scores(torch.tensor([1, 1, 0]), torch.tensor([0, 1, 1, 1]), 2)
-    assert m["class"] == 1 and m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5
+    assert m["class"] == 1 and m["accuracy"] == 0.75 and m["balanced_accuracy"] == 0.5 and "tied_classes" not in m
+    # A balanced training set: every class is the commonest, and the first by index (the folder name
+    # that sorts first) says nothing. The rule's score is the mean over the tied answers.
+    test = torch.tensor([0] * 6 + [1] * 3 + [2])
+    m = majority_scores(torch.tensor([0, 1, 2, 0, 1, 2]), test, 3)
+    assert m["tied_classes"] == [0, 1, 2] and m["class"] == 0
+    assert m["accuracy"] == pytest.approx((0.6 + 0.3 + 0.1) / 3, abs=1e-4)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 3, abs=1e-4)
+    m = majority_scores(torch.tensor([0, 1, 2, 2, 1]), test, 3)  # two of three tie
+    assert m["tied_classes"] == [1, 2] and m["accuracy"] == pytest.approx(0.2, abs=1e-4)
 
 
 def test_probe_weight_applies_to_raw_features() -> None:

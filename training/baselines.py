@@ -164,9 +164,11 @@ def fit_run_baselines(train_features: torch.Tensor, train_targets: torch.Tensor,
                                              "val_images": int(len(val_targets)),
                                              "majority": majority, "probe": {**probe.val, "l2": probe.l2},
                                              **({"batchnorm": batchnorm_choice} if batchnorm_choice else {})})
-    log.info("baselines on val (%d photos): always '%s' accuracy %.4f; linear probe accuracy %.4f, balanced %.4f "
-             "(L2 %g)", len(val_targets), labels[majority["class"]] if labels else majority["class"],
-             majority["accuracy"], probe.val["accuracy"],
+    tied = majority.get("tied_classes")
+    answer = (f"one of the {len(tied)} classes tied for commonest" if tied else
+              f"'{labels[majority['class']] if labels else majority['class']}'")
+    log.info("baselines on val (%d photos): always %s accuracy %.4f; linear probe accuracy %.4f, balanced %.4f "
+             "(L2 %g)", len(val_targets), answer, majority["accuracy"], probe.val["accuracy"],
              probe.val["balanced_accuracy"], probe.l2)
     return probe
 

@@ -7,7 +7,8 @@ alone), on the split ``fieldid train`` makes with its default seed, one after th
 ``--seeds N``, N times: seed k is the split and the training seed of ``fieldid train --seed k``, the
 reference's seed too, and the goals are judged on the means over the seeds):
 
-- **majority**: always the commonest training class (scikit-learn's DummyClassifier);
+- **majority**: always the commonest training class (scikit-learn's DummyClassifier), averaged over
+  the classes tied for commonest (a balanced training set: :func:`fieldid.training.probe.majority_scores`);
 - **linear probe**: L2 logistic regression on frozen ImageNet MobileNetV2 features at 224 px, its L2
   strength chosen on the val photos (:mod:`fieldid.training.probe`);
 - **reference**: the plain 30-line fine-tune (:mod:`fieldid.training.bench_reference`);
